@@ -1,0 +1,124 @@
+//! The command line: verbs, their options and their exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config;
+use crate::logging::{self, LogFormat};
+use crate::replicate;
+
+/// Keeps live replicas of btrfs subvolumes and ZFS datasets on other machines by shipping
+/// snapshot send streams.
+#[derive(Debug, Parser)]
+#[command(name = "snapship", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    log_format: LogFormat,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check the node config and every policy it lists; exit 0 when all are valid.
+    Check(ConfigArg),
+    /// Snapshot a file set now and ship it to every replica; exit 0 when every replica has it.
+    Sync {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The file set (the policy's `fileset`).
+        fileset: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// The node config (node.yaml).
+    #[arg(short, long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format, if cli.quiet { -1 } else { cli.verbose.min(2) as i8 });
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Check(args) => check(&args.config),
+        Command::Sync { config, fileset } => sync(&config.config, &fileset).await,
+    }
+}
+
+fn check(path: &std::path::Path) -> Result<ExitCode> {
+    let loaded = config::load(path)?;
+    for e in &loaded.errors {
+        eprintln!("error: {e}");
+    }
+    if !loaded.errors.is_empty() {
+        eprintln!("{} error(s); fix them and run check again", loaded.errors.len());
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("{}: node `{}`, {} polic{} valid", path.display(), loaded.node.node, loaded.policies.len(), if loaded.policies.len() == 1 { "y" } else { "ies" });
+    for p in &loaded.policies {
+        let role = if p.origin.node == loaded.node.node { "origin" } else if p.replica_on(&loaded.node.node).is_some() { "replica" } else { "not involved" };
+        println!("  {} ({:?}, {:?}): {role}", p.fileset, p.backend, p.mode);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
+    let loaded = config::load(path)?;
+    let Some(policy) = loaded.policy(fileset) else {
+        if let Some(e) = loaded.errors.iter().find(|e| e.file.to_string_lossy().contains(fileset)) {
+            bail!("file set `{fileset}` did not load: {e}");
+        }
+        let known: Vec<&str> = loaded.policies.iter().map(|p| p.fileset.0.as_str()).collect();
+        bail!("no file set `{fileset}` in the policies of {} (known: {})", path.display(), if known.is_empty() { "none".into() } else { known.join(", ") });
+    };
+    for e in &loaded.errors {
+        tracing::warn!("skipping a broken policy: {e}");
+    }
+    let report = replicate::sync(&loaded, policy).await?;
+    for (node, result) in &report.replicas {
+        match result {
+            Ok(r) => println!(
+                "{}: {} -> {node}: {} ({} bytes in {:.2}s)",
+                report.fileset,
+                r.snapshot,
+                match &r.base { Some(b) => format!("incremental from {b}"), None if r.bytes == 0 => "already there".into(), None => "full".into() },
+                r.bytes,
+                r.elapsed.as_secs_f64()
+            ),
+            Err(e) => println!("{}: {} -> {node}: FAILED: {e:#}", report.fileset, report.snapshot.name),
+        }
+    }
+    if report.failures() > 0 {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,483 @@
+//! The files an admin writes: the node config and the per-file-set policies.
+//!
+//! Loading happens in two passes. serde reads each file into the types below, whose value
+//! types (durations, rates, cron, names) check themselves, so a bad value is reported with
+//! its key and position. Then [`validate_policy`] checks what spans several keys or files
+//! (modes, nodes known in `peers`, paths) and locates its complaints with [`locate::KeyIndex`].
+//! A broken policy file never stops the others from loading: its errors are collected.
+
+pub mod locate;
+pub mod units;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::schedule::cron::CronSchedule;
+use locate::KeyIndex;
+use units::{ByteRate, Compression, HumanDuration, Name};
+
+/// `snapship run --config node.yaml`: who this node is and how it reaches the others.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's name; must match the name in its certificate.
+    pub node: Name,
+    /// Where this node listens for peers; needed where it is a replica of a remote origin.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Spool, local state and the control socket.
+    pub state_dir: PathBuf,
+    /// mTLS files; needed as soon as any policy involves another node.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    /// How to reach the other nodes: name -> host:port.
+    #[serde(default)]
+    pub peers: BTreeMap<Name, String>,
+    /// Policy files or globs, relative to this file.
+    #[serde(default)]
+    pub policies: Vec<String>,
+    /// The file this was read from.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One file set: where it lives, where it goes, when and how.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub fileset: Name,
+    pub backend: BackendKind,
+    pub mode: Mode,
+    #[serde(default)]
+    pub schedule: Option<CronSchedule>,
+    #[serde(default)]
+    pub continuous: Option<Continuous>,
+    pub origin: Origin,
+    pub replicas: Vec<ReplicaSpec>,
+    #[serde(default)]
+    pub retention: RetentionSides,
+    #[serde(default)]
+    pub transfer: Transfer,
+    /// The file this was read from.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Btrfs,
+    Zfs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Snapshot on the cron `schedule`, then ship.
+    Snapshot,
+    /// Snapshot and ship as soon as data changes.
+    Continuous,
+    /// Continuous shipping plus cron snapshots kept for history.
+    Hybrid,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Continuous {
+    /// At most one snapshot per interval; changes within it coalesce.
+    #[serde(default = "default_min_interval")]
+    pub min_interval: HumanDuration,
+}
+
+fn default_min_interval() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(1))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    pub node: Name,
+    /// btrfs: the subvolume's path; zfs: the dataset (`tank/projects`).
+    pub path: String,
+    /// btrfs only: where snapshots are kept (default: `.snapship/FILESET` beside `path`).
+    #[serde(default)]
+    pub snapshot_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaSpec {
+    pub node: Name,
+    /// btrfs: directory of received snapshots; zfs: dataset.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSides {
+    #[serde(default)]
+    pub origin: Retention,
+    #[serde(default)]
+    pub replica: Retention,
+}
+
+/// Which snapshots to keep; absent keys keep nothing extra. The common base and the newest
+/// snapshot are always kept, whatever this says.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    pub within: Option<HumanDuration>,
+    pub last: Option<u32>,
+    pub hourly: Option<u32>,
+    pub daily: Option<u32>,
+    pub weekly: Option<u32>,
+    pub monthly: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Transfer {
+    #[serde(default)]
+    pub compression: Compression,
+    #[serde(default)]
+    pub bandwidth_limit: Option<ByteRate>,
+}
+
+impl Policy {
+    /// The btrfs snapshot directory: as configured, or `.snapship/FILESET` beside the subvolume.
+    pub fn snapshot_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.origin.snapshot_dir {
+            return dir.clone();
+        }
+        let path = Path::new(&self.origin.path);
+        path.parent().unwrap_or(Path::new("/")).join(".snapship").join(&self.fileset.0)
+    }
+
+    /// Every node this policy names, origin first.
+    pub fn nodes(&self) -> impl Iterator<Item = &Name> {
+        std::iter::once(&self.origin.node).chain(self.replicas.iter().map(|r| &r.node))
+    }
+
+    /// The replica entry for `node`, if it is one.
+    pub fn replica_on(&self, node: &Name) -> Option<&ReplicaSpec> {
+        self.replicas.iter().find(|r| &r.node == node)
+    }
+}
+
+/// A problem in a config file, located as precisely as we can.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line and column.
+    pub position: Option<(usize, usize)>,
+    /// The key, as a path like `retention.origin.within`.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, col)) = self.position {
+            write!(f, ":{line}:{col}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A node config with the policies that loaded, and the errors of those that did not.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    pub node: NodeConfig,
+    pub policies: Vec<Policy>,
+    pub errors: Vec<ConfigError>,
+}
+
+impl LoadedConfig {
+    pub fn policy(&self, fileset: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.fileset.0 == fileset)
+    }
+}
+
+/// Reads the node config at `path` and every policy it lists. An unreadable or invalid node
+/// config is an `Err`; policy problems are collected in [`LoadedConfig::errors`] and the
+/// policy is left out, so that one broken file never stops the others.
+pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
+    let text = read(path)?;
+    let mut node: NodeConfig = parse_yaml(path, &text)?;
+    let index = KeyIndex::new(&text);
+    node.file = path.to_path_buf();
+    let base = path.parent().unwrap_or(Path::new("."));
+    node.state_dir = base.join(&node.state_dir);
+    if let Some(tls) = &mut node.tls {
+        tls.ca = base.join(&tls.ca);
+        tls.cert = base.join(&tls.cert);
+        tls.key = base.join(&tls.key);
+    }
+    if let Some(peer) = node.peers.keys().find(|p| **p == node.node) {
+        return Err(located(path, &index, &format!("peers.{peer}"), format!("`{peer}` is this node itself; list only the other nodes under `peers`")));
+    }
+    for (peer, addr) in &node.peers {
+        if !looks_like_host_port(addr) {
+            return Err(located(path, &index, &format!("peers.{peer}"), format!("address {addr:?} is not HOST:PORT, like 192.0.2.7:7441 or backup.lan:7441")));
+        }
+    }
+
+    let mut errors = Vec::new();
+    let mut files = Vec::new();
+    for (i, pattern) in node.policies.iter().enumerate() {
+        let full = base.join(pattern);
+        let key = format!("policies[{i}]");
+        match glob::glob(&full.to_string_lossy()) {
+            Err(e) => errors.push(located(path, &index, &key, format!("bad glob {pattern:?}: {e}"))),
+            Ok(paths) => {
+                let mut matched: Vec<PathBuf> = paths.filter_map(Result::ok).collect();
+                if matched.is_empty() {
+                    errors.push(located(path, &index, &key, format!("{pattern:?} matches no file (looked for {})", full.display())));
+                }
+                matched.sort();
+                files.extend(matched);
+            }
+        }
+    }
+    files.dedup();
+
+    let mut policies: Vec<Policy> = Vec::new();
+    for file in files {
+        match load_policy(&file, &node) {
+            Err(e) => errors.extend(e),
+            Ok(policy) => {
+                if let Some(other) = policies.iter().find(|p| p.fileset == policy.fileset) {
+                    let index = KeyIndex::new(&read(&file).unwrap_or_default());
+                    errors.push(located(&file, &index, "fileset", format!(
+                        "file set `{}` is already defined in {}; each file set needs its own name",
+                        policy.fileset, other.file.display()
+                    )));
+                } else {
+                    policies.push(policy);
+                }
+            }
+        }
+    }
+    Ok(LoadedConfig { node, policies, errors })
+}
+
+/// Reads and checks one policy file against the node config it is loaded for.
+pub fn load_policy(path: &Path, node: &NodeConfig) -> Result<Policy, Vec<ConfigError>> {
+    let text = read(path).map_err(|e| vec![e])?;
+    let mut policy: Policy = parse_yaml(path, &text).map_err(|e| vec![e])?;
+    policy.file = path.to_path_buf();
+    let errors = validate_policy(&policy, node, &KeyIndex::new(&text));
+    if errors.is_empty() { Ok(policy) } else { Err(errors) }
+}
+
+/// The checks that span several keys, or the policy and the node config.
+pub fn validate_policy(p: &Policy, node: &NodeConfig, index: &KeyIndex) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let mut err = |key: &str, message: String| errors.push(located(&p.file, index, key, message));
+
+    match p.mode {
+        Mode::Snapshot | Mode::Hybrid if p.schedule.is_none() => {
+            err("mode", format!("mode `{}` needs a `schedule` (a cron expression, like \"*/15 * * * *\")", mode_name(p.mode)))
+        }
+        Mode::Continuous if p.schedule.is_some() => err(
+            "schedule",
+            "`schedule` is only used in snapshot and hybrid mode; remove it, or set `mode: hybrid` to also keep scheduled snapshots".into(),
+        ),
+        Mode::Snapshot if p.continuous.is_some() => err(
+            "continuous",
+            "`continuous` settings are only used in continuous and hybrid mode; remove them, or change `mode`".into(),
+        ),
+        _ => {}
+    }
+
+    let known = |n: &Name| *n == node.node || node.peers.contains_key(n);
+    let peers_hint = || {
+        let list: Vec<&str> = node.peers.keys().map(|n| n.0.as_str()).collect();
+        format!(
+            "this node is `{}` and {} lists {}; add the node under `peers:` there, or fix the name",
+            node.node,
+            node.file.display(),
+            if list.is_empty() { "no peers".to_string() } else { format!("peers {}", list.join(", ")) }
+        )
+    };
+    if !known(&p.origin.node) {
+        err("origin.node", format!("unknown node `{}`: {}", p.origin.node, peers_hint()));
+    }
+    if p.replicas.is_empty() {
+        err("replicas", "a file set needs at least one replica (a `node` and a `path`)".into());
+    }
+    let mut seen = BTreeSet::new();
+    for (i, r) in p.replicas.iter().enumerate() {
+        if !known(&r.node) {
+            err(&format!("replicas[{i}].node"), format!("unknown node `{}`: {}", r.node, peers_hint()));
+        }
+        if !seen.insert(&r.node) {
+            err(&format!("replicas[{i}].node"), format!("node `{}` is listed twice; a node holds one replica of a file set", r.node));
+        }
+    }
+
+    let involves_remote = {
+        let here = &node.node;
+        let origin_here = &p.origin.node == here;
+        (origin_here && p.replicas.iter().any(|r| &r.node != here)) || (!origin_here && p.replica_on(here).is_some())
+    };
+    if involves_remote && node.tls.is_none() {
+        err("origin.node", format!(
+            "this file set crosses nodes, so {} needs a `tls:` section (ca, cert, key; `snapship certs` makes them)",
+            node.file.display()
+        ));
+    }
+
+    match p.backend {
+        BackendKind::Btrfs => {
+            if let Err(m) = check_abs_path(&p.origin.path) {
+                err("origin.path", m);
+            }
+            if let Some(dir) = &p.origin.snapshot_dir {
+                if let Err(m) = check_abs_path(&dir.to_string_lossy()) {
+                    err("origin.snapshot_dir", m);
+                }
+            }
+            let origin = Path::new(&p.origin.path);
+            let snapdir = p.snapshot_dir();
+            if snapdir.starts_with(origin) {
+                err("origin.snapshot_dir", format!("{} is inside the file set {}; keep snapshots outside it", snapdir.display(), origin.display()));
+            }
+            for (i, r) in p.replicas.iter().enumerate() {
+                let key = format!("replicas[{i}].path");
+                if let Err(m) = check_abs_path(&r.path) {
+                    err(&key, m);
+                } else if r.node == p.origin.node {
+                    let rp = Path::new(&r.path);
+                    if rp.starts_with(origin) || origin.starts_with(rp) || rp.starts_with(&snapdir) || snapdir.starts_with(rp) {
+                        err(&key, format!("a replica on the origin node must not overlap the file set ({}) or its snapshots ({})", origin.display(), snapdir.display()));
+                    }
+                }
+            }
+        }
+        BackendKind::Zfs => {
+            if let Err(m) = check_dataset(&p.origin.path) {
+                err("origin.path", m);
+            }
+            if p.origin.snapshot_dir.is_some() {
+                err("origin.snapshot_dir", "`snapshot_dir` is for btrfs; ZFS keeps snapshots in the dataset".into());
+            }
+            for (i, r) in p.replicas.iter().enumerate() {
+                if let Err(m) = check_dataset(&r.path) {
+                    err(&format!("replicas[{i}].path"), m);
+                } else if r.node == p.origin.node && (r.path == p.origin.path || r.path.starts_with(&format!("{}/", p.origin.path))) {
+                    err(&format!("replicas[{i}].path"), format!("a replica on the origin node must not be the dataset {} or inside it", p.origin.path));
+                }
+            }
+        }
+    }
+    errors
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Snapshot => "snapshot",
+        Mode::Continuous => "continuous",
+        Mode::Hybrid => "hybrid",
+    }
+}
+
+fn check_abs_path(path: &str) -> Result<(), String> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(format!("path {path:?} must be absolute, like /srv/projects"));
+    }
+    if p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) || p.parent().is_none() {
+        return Err(format!("path {path:?} must be a plain absolute path below / (no `.` or `..`)"));
+    }
+    Ok(())
+}
+
+fn check_dataset(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/');
+    let parts_ok = name.split('/').all(|part| !part.is_empty());
+    if name.starts_with('/') || !name.chars().all(ok_char) || !parts_ok {
+        return Err(format!("{name:?} is not a ZFS dataset name; write POOL/DATASET, like tank/projects"));
+    }
+    Ok(())
+}
+
+fn looks_like_host_port(addr: &str) -> bool {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        position: None,
+        key: None,
+        message: format!("cannot read: {e}"),
+    })
+}
+
+fn located(file: &Path, index: &KeyIndex, key: &str, message: String) -> ConfigError {
+    ConfigError { file: file.to_path_buf(), position: index.position(key), key: Some(key.to_string()), message }
+}
+
+/// Parses YAML into `T`, turning serde's error into one that names file, line, column and key.
+fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    if text.trim().is_empty() {
+        return Err(ConfigError { file: file.to_path_buf(), position: None, key: None, message: "the file is empty".into() });
+    }
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        // serde_path_to_error writes `?` for a segment it could not name.
+        let path = e.path().to_string();
+        let path = path.trim_end_matches(".?").trim_end_matches('?');
+        let key = (path != "." && !path.is_empty()).then(|| path.to_string());
+        let inner = e.into_inner();
+        let serde_pos = inner.location().map(|l| (l.line(), l.column()));
+        let message = bare_message(&inner.to_string(), key.as_deref(), serde_pos);
+        // serde_yaml places value errors at the enclosing mapping; the key itself is better.
+        let position = key.as_deref().and_then(|k| KeyIndex::new(text).position(k)).or(serde_pos);
+        ConfigError { file: file.to_path_buf(), position, key, message }
+    })
+}
+
+/// serde_yaml's message without the parts [`ConfigError`] prints itself: the path prefix
+/// and the " at line L column C" of the error's own position.
+fn bare_message(full: &str, key: Option<&str>, pos: Option<(usize, usize)>) -> String {
+    let mut msg = full.to_string();
+    if let Some((line, col)) = pos {
+        let own = format!(" at line {line} column {col}");
+        if let Some(at) = msg.find(&own) {
+            msg.replace_range(at..at + own.len(), "");
+        }
+    }
+    if let (Some(key), Some((prefix, rest))) = (key, msg.split_once(": ")) {
+        if key.starts_with(prefix) {
+            msg = rest.to_string();
+        }
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,201 @@
+//! Loading real files from a temp dir: good configs load, and every kind of mistake is
+//! reported with file, line, column and key.
+
+use super::*;
+use std::fs;
+
+const NODE: &str = "\
+node: alpha
+listen: 127.0.0.1:7441
+state_dir: state
+tls:
+  ca: certs/ca.pem
+  cert: certs/alpha.pem
+  key: certs/alpha.key
+peers:
+  beta: 127.0.0.1:7442
+policies:
+  - policies/*.yaml
+";
+
+const GOOD: &str = "\
+fileset: projects
+backend: btrfs
+mode: hybrid
+schedule: \"*/15 * * * *\"
+continuous:
+  min_interval: 1s
+origin:
+  node: alpha
+  path: /srv/projects
+replicas:
+  - node: beta
+    path: /backup/projects
+retention:
+  origin:  { within: 1h, last: 10, hourly: 24, daily: 7 }
+  replica: { within: 1h, hourly: 48, daily: 30, weekly: 8, monthly: 12 }
+transfer:
+  compression: zstd:5
+  bandwidth_limit: 100MiB/s
+";
+
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new(policies: &[(&str, &str)]) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("policies")).unwrap();
+        fs::write(dir.path().join("node.yaml"), NODE).unwrap();
+        for (name, text) in policies {
+            fs::write(dir.path().join("policies").join(name), text).unwrap();
+        }
+        Setup { dir }
+    }
+
+    fn load(&self) -> LoadedConfig {
+        load(&self.dir.path().join("node.yaml")).unwrap()
+    }
+
+    /// The single error that loading reports, printed.
+    fn only_error(&self) -> String {
+        let loaded = self.load();
+        assert_eq!(loaded.errors.len(), 1, "{:#?}", loaded.errors);
+        loaded.errors[0].to_string()
+    }
+}
+
+fn expect(err: &str, file: &str, line: usize, key: &str, words: &str) {
+    assert!(err.contains(&format!("{file}:{line}:")), "wanted {file}:{line}: in {err}");
+    assert!(err.contains(&format!("key `{key}`")), "wanted key `{key}` in {err}");
+    assert!(err.contains(words), "wanted {words:?} in {err}");
+}
+
+#[test]
+fn good_policy_loads_with_every_value() {
+    let s = Setup::new(&[("projects.yaml", GOOD)]);
+    let loaded = s.load();
+    assert!(loaded.errors.is_empty(), "{:#?}", loaded.errors);
+    let p = loaded.policy("projects").unwrap();
+    assert_eq!(p.mode, Mode::Hybrid);
+    assert_eq!(p.continuous.as_ref().unwrap().min_interval.0.as_secs(), 1);
+    assert_eq!(p.transfer.compression, Compression::Zstd(5));
+    assert_eq!(p.transfer.bandwidth_limit.unwrap().0, 100 << 20);
+    assert_eq!(p.retention.replica.monthly, Some(12));
+    assert_eq!(p.snapshot_dir(), PathBuf::from("/srv/.snapship/projects"));
+    assert_eq!(loaded.node.tls.as_ref().unwrap().ca, s.dir.path().join("certs/ca.pem"));
+}
+
+#[test]
+fn malformed_yaml_names_file_and_line() {
+    let bad = GOOD.replace("\"*/15 * * * *\"", "\"*/15 * * * *");
+    let s = Setup::new(&[("projects.yaml", &bad)]);
+    let err = s.only_error();
+    assert!(err.contains("projects.yaml:") && err.contains("key `schedule`") && err.contains("quoted scalar"), "{err}");
+    // Bad indentation: the line of the offending key.
+    let bad = GOOD.replace("  path: /srv/projects\n", "  path /srv/projects\n");
+    let s = Setup::new(&[("projects.yaml", &bad)]);
+    let err = s.only_error();
+    assert!(err.contains("projects.yaml:10:1: key `origin`: could not find expected ':', while scanning a simple key at line 9 column 3"), "{err}");
+}
+
+#[test]
+fn unknown_key_is_rejected_with_what_is_valid() {
+    let bad = GOOD.replace("  min_interval: 1s\n", "  min_interval: 1s\n  max_interval: 5s\n");
+    let s = Setup::new(&[("projects.yaml", &bad)]);
+    expect(&s.only_error(), "projects.yaml", 7, "continuous.max_interval", "unknown field `max_interval`, expected `min_interval`");
+}
+
+#[test]
+fn bad_cron_names_the_key() {
+    let bad = GOOD.replace("\"*/15 * * * *\"", "\"every 15 minutes\"");
+    let s = Setup::new(&[("projects.yaml", &bad)]);
+    expect(&s.only_error(), "projects.yaml", 4, "schedule", "valid: 5 fields");
+}
+
+#[test]
+fn bad_duration_names_the_nested_key() {
+    let bad = GOOD.replace("within: 1h, last: 10", "within: 1 fortnight, last: 10");
+    let s = Setup::new(&[("projects.yaml", &bad)]);
+    expect(&s.only_error(), "projects.yaml", 14, "retention.origin.within", "like 500ms, 1s, 15m");
+}
+
+#[test]
+fn bad_rate_and_compression() {
+    let s = Setup::new(&[("projects.yaml", &GOOD.replace("100MiB/s", "fast"))]);
+    expect(&s.only_error(), "projects.yaml", 18, "transfer.bandwidth_limit", "100MiB/s");
+    let s = Setup::new(&[("projects.yaml", &GOOD.replace("zstd:5", "lz4"))]);
+    expect(&s.only_error(), "projects.yaml", 17, "transfer.compression", "valid: none, zstd");
+}
+
+#[test]
+fn node_missing_from_peers() {
+    let bad = GOOD.replace("  - node: beta\n", "  - node: gamma\n");
+    let s = Setup::new(&[("projects.yaml", &bad)]);
+    let err = s.only_error();
+    expect(&err, "projects.yaml", 11, "replicas[0].node", "unknown node `gamma`");
+    assert!(err.contains("peers beta") && err.contains("node.yaml"), "{err}");
+}
+
+#[test]
+fn mode_needs_schedule_and_continuous_refuses_one() {
+    let s = Setup::new(&[("projects.yaml", &GOOD.replace("schedule: \"*/15 * * * *\"\n", ""))]);
+    expect(&s.only_error(), "projects.yaml", 3, "mode", "needs a `schedule`");
+    let s = Setup::new(&[("projects.yaml", &GOOD.replace("mode: hybrid", "mode: continuous"))]);
+    expect(&s.only_error(), "projects.yaml", 4, "schedule", "only used in snapshot and hybrid");
+    let s = Setup::new(&[("projects.yaml", &GOOD.replace("mode: hybrid", "mode: sometimes"))]);
+    expect(&s.only_error(), "projects.yaml", 3, "mode", "expected one of `snapshot`, `continuous`, `hybrid`");
+}
+
+#[test]
+fn paths_must_be_absolute_and_not_overlap() {
+    let s = Setup::new(&[("projects.yaml", &GOOD.replace("path: /backup/projects", "path: backup/projects"))]);
+    expect(&s.only_error(), "projects.yaml", 12, "replicas[0].path", "must be absolute");
+    let local = GOOD.replace("  - node: beta\n", "  - node: alpha\n").replace("/backup/projects", "/srv/projects/copy");
+    let s = Setup::new(&[("projects.yaml", &local)]);
+    expect(&s.only_error(), "projects.yaml", 12, "replicas[0].path", "must not overlap");
+}
+
+#[test]
+fn missing_required_key() {
+    let s = Setup::new(&[("projects.yaml", &GOOD.replace("backend: btrfs\n", ""))]);
+    let err = s.only_error();
+    assert!(err.contains("projects.yaml:") && err.contains("missing field `backend`"), "{err}");
+}
+
+#[test]
+fn one_broken_policy_does_not_stop_the_others() {
+    let other = GOOD.replace("fileset: projects", "fileset: mail").replace("/projects", "/mail");
+    let s = Setup::new(&[("a-broken.yaml", "fileset: [oops\n"), ("mail.yaml", &other), ("projects.yaml", GOOD)]);
+    let loaded = s.load();
+    assert_eq!(loaded.errors.len(), 1, "{:#?}", loaded.errors);
+    assert!(loaded.errors[0].file.ends_with("a-broken.yaml"));
+    let names: Vec<_> = loaded.policies.iter().map(|p| p.fileset.0.clone()).collect();
+    assert_eq!(names, ["mail", "projects"]);
+}
+
+#[test]
+fn duplicate_fileset_names() {
+    let s = Setup::new(&[("a.yaml", GOOD), ("b.yaml", GOOD)]);
+    let err = s.only_error();
+    expect(&err, "b.yaml", 1, "fileset", "already defined in");
+}
+
+#[test]
+fn node_config_errors_are_fatal_and_located() {
+    let s = Setup::new(&[]);
+    fs::write(s.dir.path().join("node.yaml"), NODE.replace("state_dir", "statedir")).unwrap();
+    let err = load(&s.dir.path().join("node.yaml")).unwrap_err().to_string();
+    assert!(err.contains("node.yaml:3:") && err.contains("unknown field `statedir`"), "{err}");
+    fs::write(s.dir.path().join("node.yaml"), NODE.replace("127.0.0.1:7442", "nowhere")).unwrap();
+    let err = load(&s.dir.path().join("node.yaml")).unwrap_err().to_string();
+    expect(&err, "node.yaml", 9, "peers.beta", "HOST:PORT");
+}
+
+#[test]
+fn glob_that_matches_nothing_is_reported() {
+    let s = Setup::new(&[]);
+    let err = s.only_error();
+    expect(&err, "node.yaml", 11, "policies[0]", "matches no file");
+}

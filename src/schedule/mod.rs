@@ -1,0 +1,3 @@
+//! When to snapshot, ship and prune. So far: cron expressions as policies write them.
+
+pub mod cron;

@@ -1,0 +1,25 @@
+//! Moving send streams from an origin to its replicas.
+//!
+//! The replication logic talks to every replica through [`ReplicaEndpoint`]: list what you
+//! hold, receive this stream. A replica on this very node is served by a local pipe
+//! ([`local::LocalReplica`]); remote replicas go over QUIC.
+
+pub mod local;
+pub mod meter;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use tokio::io::AsyncRead;
+
+use crate::snapshot::{Incoming, Snapshot};
+
+/// One replica of one file set, as the origin reaches it.
+#[async_trait]
+pub trait ReplicaEndpoint: Send + Sync {
+    /// The replica's node name, for logs and reports.
+    fn node(&self) -> &str;
+    /// The complete snapshots the replica holds, with their identities.
+    async fn list(&self) -> Result<Vec<Snapshot>>;
+    /// Ships `stream` to the replica, which receives it; returns the received snapshot.
+    async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot>;
+}

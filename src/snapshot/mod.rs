@@ -1,0 +1,152 @@
+//! Snapshot backends: the filesystems snapshot, send and receive.
+//!
+//! A file set is seen from two sides. The origin side ([`OriginSide`]) takes snapshots, lists
+//! them with their identity and opens send streams; the replica side ([`ReplicaSide`]) lists
+//! what it received and receives a stream so that the new snapshot only becomes visible once
+//! it is complete and checked. Each backend (btrfs, later zfs) implements both; the
+//! replication logic in `replicate` only speaks these traits.
+
+pub mod btrfs;
+pub mod name;
+pub mod runner;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use tokio::io::AsyncRead;
+
+use crate::config::{BackendKind, Policy, ReplicaSpec};
+pub use name::SnapshotName;
+
+/// A snapshot that snapship made, as one side sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub name: SnapshotName,
+    /// What the origin snapshot and every copy received from it share: on btrfs the origin
+    /// snapshot's uuid (a replica's `received_uuid`), on ZFS the guid. Common bases are
+    /// found by this, never by name.
+    pub identity: String,
+    /// This copy's own identity on its filesystem (btrfs uuid), for diagnostics.
+    pub local_id: String,
+    /// The local snapshot this one was created from, if any (btrfs parent uuid): on a
+    /// replica, an incremental receive has the base's local id here.
+    pub parent_local_id: Option<String>,
+}
+
+/// An open send stream: read it to the end, then call [`SendStream::finish`].
+pub struct SendStream {
+    pub reader: Box<dyn AsyncRead + Send + Unpin>,
+    process: runner::Running,
+}
+
+impl SendStream {
+    /// Waits for the sending process; an error if it failed (then the stream was not whole).
+    pub async fn finish(self) -> Result<()> {
+        drop(self.reader);
+        self.process.wait().await?;
+        Ok(())
+    }
+
+    /// Stops the sending process (the receiving side failed).
+    pub async fn abort(self) {
+        drop(self.reader);
+        self.process.kill().await;
+    }
+}
+
+/// What the receiver is told about an incoming stream.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub name: SnapshotName,
+    /// The identity the received snapshot must end up with.
+    pub identity: String,
+    /// The identity of the base it is incremental from, if any.
+    pub base: Option<String>,
+}
+
+/// The origin's side of a file set.
+#[async_trait]
+pub trait OriginSide: Send + Sync {
+    /// Takes a read-only snapshot of the file set now.
+    async fn take_snapshot(&self) -> Result<Snapshot>;
+    /// Every snapshot snapship made of this file set, oldest first.
+    async fn list(&self) -> Result<Vec<Snapshot>>;
+    /// Opens a stream of `snapshot`, incremental from `base` when given.
+    async fn send(&self, snapshot: &Snapshot, base: Option<&Snapshot>) -> Result<SendStream>;
+    async fn delete(&self, snapshot: &Snapshot) -> Result<()>;
+}
+
+/// A replica's side of a file set.
+#[async_trait]
+pub trait ReplicaSide: Send + Sync {
+    /// Every complete snapshot received, oldest first.
+    async fn list(&self) -> Result<Vec<Snapshot>>;
+    /// Receives `stream`; the snapshot is visible only once complete and checked, and
+    /// nothing partial remains on failure.
+    async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot>;
+    async fn delete(&self, snapshot: &Snapshot) -> Result<()>;
+}
+
+/// The origin side of `policy` on this node.
+pub fn origin_for(policy: &Policy) -> Result<Box<dyn OriginSide>> {
+    match policy.backend {
+        BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsOrigin::new(PathBuf::from(&policy.origin.path), policy.snapshot_dir()))),
+        BackendKind::Zfs => anyhow::bail!("{}: the zfs backend is not available yet", policy.file.display()),
+    }
+}
+
+/// The replica side of `policy` held at `replica` on this node.
+pub fn replica_for(policy: &Policy, replica: &ReplicaSpec) -> Result<Box<dyn ReplicaSide>> {
+    match policy.backend {
+        BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsReplica::new(PathBuf::from(&replica.path)))),
+        BackendKind::Zfs => anyhow::bail!("{}: the zfs backend is not available yet", policy.file.display()),
+    }
+}
+
+/// The newest origin snapshot that `replica` also holds: the base for the next incremental
+/// send. Matched by identity, so a renamed or same-named-but-different snapshot never counts.
+pub fn common_base<'a>(origin: &'a [Snapshot], replica: &[Snapshot]) -> Option<&'a Snapshot> {
+    origin.iter().rev().find(|o| replica.iter().any(|r| r.identity == o.identity))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(name: &str, identity: &str) -> Snapshot {
+        Snapshot { name: SnapshotName::parse(name).unwrap(), identity: identity.into(), local_id: identity.into(), parent_local_id: None }
+    }
+
+    const A: &str = "snapship-20260101T000000.000Z";
+    const B: &str = "snapship-20260101T010000.000Z";
+    const C: &str = "snapship-20260101T020000.000Z";
+
+    #[test]
+    fn base_is_newest_shared_identity() {
+        let origin = [snap(A, "a"), snap(B, "b"), snap(C, "c")];
+        assert_eq!(common_base(&origin, &[snap(A, "a"), snap(B, "b")]).unwrap().identity, "b");
+        assert_eq!(common_base(&origin, &[snap(A, "a")]).unwrap().identity, "a");
+        assert!(common_base(&origin, &[]).is_none());
+    }
+
+    #[test]
+    fn base_ignores_names() {
+        // The replica's copy of B came from a different snapshot that happened to share the name.
+        let origin = [snap(A, "a"), snap(B, "b")];
+        let replica = [snap(A, "a"), snap(B, "other")];
+        assert_eq!(common_base(&origin, &replica).unwrap().identity, "a");
+        // And an identity match under another name still counts.
+        let replica = [snap(C, "b")];
+        assert_eq!(common_base(&origin, &replica).unwrap().identity, "b");
+    }
+
+    #[test]
+    fn base_survives_deleted_newest_on_either_side() {
+        let origin = [snap(A, "a"), snap(C, "c")]; // B deleted on the origin
+        let replica = [snap(A, "a"), snap(B, "b"), snap(C, "c")];
+        assert_eq!(common_base(&origin, &replica).unwrap().identity, "c");
+        let replica = [snap(A, "a"), snap(B, "b")]; // C deleted on the replica
+        assert_eq!(common_base(&origin, &replica).unwrap().identity, "a");
+    }
+}
