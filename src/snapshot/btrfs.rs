@@ -10,7 +10,8 @@
 //! identity = received_uuid) and `<path>/latest` links to the newest. A stream is received
 //! into `<path>/.snapship-staging/`, checked, then renamed into place, so an interrupted
 //! receive is never visible as a snapshot; leftovers in staging are removed before the next
-//! receive. A lock file in staging keeps two receives from sharing it.
+//! receive (see [`BtrfsReplica::publish`] for how a read-only subvolume gets moved). A lock
+//! file in staging keeps two receives from sharing it.
 
 use std::fs::File;
 use std::io::ErrorKind;
@@ -29,6 +30,8 @@ use super::{Incoming, OriginSide, ReplicaSide, SendStream, Snapshot, SnapshotNam
 
 pub const STAGING_DIR: &str = ".snapship-staging";
 pub const LATEST: &str = "latest";
+/// Prefix of the hidden name a snapshot has for a moment while being moved into place.
+const PUBLISHING: &str = ".snapship-publishing-";
 
 /// Runs a blocking libbtrfsutil call off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -210,6 +213,13 @@ impl BtrfsReplica {
             tracing::info!(path = %path.display(), "removing what an interrupted receive left");
             remove_any(&path)?;
         }
+        for entry in std::fs::read_dir(&self.dir).with_context(|| format!("cannot list {}", self.dir.display()))? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(PUBLISHING) {
+                tracing::info!(path = %entry.path().display(), "removing a snapshot whose move into place was interrupted");
+                remove_any(&entry.path())?;
+            }
+        }
         Ok(lock)
     }
 
@@ -253,6 +263,11 @@ fn remove_any(path: &Path) -> Result<()> {
     } else {
         std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))
     }
+}
+
+fn set_read_only(path: &Path, read_only: bool) -> Result<()> {
+    libbtrfsutil::set_subvolume_read_only(path, read_only)
+        .map_err(|e| util_error(format!("cannot set read-only={read_only} on {}", path.display()), e))
 }
 
 fn sync_fs(path: &Path) -> Result<()> {
@@ -321,6 +336,13 @@ impl BtrfsReplica {
     }
 
     /// Checks the staged snapshot and moves it into place (blocking).
+    ///
+    /// btrfs refuses to move a read-only subvolume to another directory (its `..` would
+    /// change), so the snapshot is made writable for one rename into a hidden name beside its
+    /// final place, made read-only again, and then renamed within that directory, which btrfs
+    /// allows. The kernel keeps `received_uuid` and the send transid across the flip (it is
+    /// `btrfs property set ro false` that clears them), so later incremental receives still
+    /// find it as their parent. It is never visible while writable.
     fn publish(&self, staged: &Path, name: SnapshotName, identity: &str) -> Result<Snapshot> {
         let got = describe(staged, name.clone(), true)?
             .ok_or_else(|| anyhow!("received {} is incomplete: not read-only or without received_uuid", staged.display()))?;
@@ -332,7 +354,19 @@ impl BtrfsReplica {
             bail!("{} already exists and is a different snapshot; move it away to receive this one", target.display());
         }
         sync_fs(staged)?;
-        std::fs::rename(staged, &target).with_context(|| format!("cannot move {} to {}", staged.display(), target.display()))?;
+        let hidden = self.dir.join(format!("{PUBLISHING}{name}"));
+        set_read_only(staged, false)?;
+        std::fs::rename(staged, &hidden).with_context(|| format!("cannot move {} to {}", staged.display(), hidden.display()))?;
+        let placed = set_read_only(&hidden, true).and_then(|()| {
+            describe(&hidden, name.clone(), true)?
+                .filter(|s| s.identity == identity)
+                .ok_or_else(|| anyhow!("{} lost its received identity while being moved into place", hidden.display()))?;
+            std::fs::rename(&hidden, &target).with_context(|| format!("cannot move {} to {}", hidden.display(), target.display()))
+        });
+        if let Err(e) = placed {
+            let _ = remove_any(&hidden);
+            return Err(e);
+        }
         self.update_latest()?;
         sync_fs(&self.dir)?;
         Ok(Snapshot { name, ..got })

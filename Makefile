@@ -1,0 +1,29 @@
+# snapship: build, test and demo. `make test` is what CI runs (.ci/run).
+
+CARGO ?= cargo
+# Debian packages the build and the tests need: btrfs tools, the libbtrfsutil C library,
+# and libclang for the bindgen run of libbtrfsutil-sys.
+DEBS := btrfs-progs libbtrfsutil-dev libclang-dev pkg-config
+
+.PHONY: all deps build test demo clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh $(DEBS)
+
+build: deps
+	$(CARGO) build --release
+
+# Unit tests, then the integration tests on loop-mounted btrfs images. Everything they
+# mount is torn down on exit, failures included.
+test: deps
+	$(CARGO) build --all-targets
+	scripts/with-scratch.sh $(CARGO) test --all-targets
+
+# The main job on two loop btrfs images: files written on the origin appear on the replica.
+demo: build
+	scripts/with-scratch.sh scripts/demo.sh target/release/snapship
+
+clean:
+	$(CARGO) clean

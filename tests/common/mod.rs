@@ -1,0 +1,227 @@
+//! Test fixtures on real filesystems: loop-mounted btrfs images, node configs and policies
+//! written to disk, the `snapship` binary, and tree comparison.
+//!
+//! Every fixture gets its own names (test name + pid + counter), so tests run in parallel.
+//! Fixtures clean up in `Drop`; `scripts/with-scratch.sh` (what `make test` runs under) sweeps
+//! whatever a killed test left under its scratch directory.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Set by `make test`: tests that need root must run, and fail loudly when they cannot.
+pub const REQUIRE_ENV: &str = "SNAPSHIP_REQUIRE_ROOT_TESTS";
+/// Set by `make test`: where fixtures put images and mount points.
+pub const SCRATCH_ENV: &str = "SNAPSHIP_TEST_TMP";
+
+/// Whether this test can use root, loop devices and btrfs. Without root, under plain
+/// `cargo test`, it says it skips; under `make test` it panics instead.
+pub fn have_root(test: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let tools = Command::new("mkfs.btrfs").arg("--version").output().is_ok_and(|o| o.status.success());
+    if root && tools {
+        return true;
+    }
+    let why = if !root { "needs root" } else { "needs mkfs.btrfs (btrfs-progs)" };
+    if std::env::var_os(REQUIRE_ENV).is_some() {
+        panic!("{test}: {why}, and {REQUIRE_ENV} is set: run `make test` as root on a machine with loop devices");
+    }
+    eprintln!("SKIPPED {test}: {why} (run `make test` as root to include it)");
+    false
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh directory for one test, removed on drop.
+pub struct Scratch {
+    pub dir: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(test: &str) -> Scratch {
+        let base = std::env::var_os(SCRATCH_ENV).map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = base.join(format!("{test}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch { dir }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!("{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    out
+}
+
+pub fn sh(script: &str) -> String {
+    String::from_utf8(run(Command::new("sh").arg("-ec").arg(script)).stdout).unwrap()
+}
+
+/// A btrfs filesystem in a sparse image file, loop-mounted (with zstd compression) at
+/// `mnt` until dropped.
+pub struct LoopBtrfs {
+    pub image: PathBuf,
+    pub mnt: PathBuf,
+}
+
+impl LoopBtrfs {
+    pub fn new(scratch: &Scratch, label: &str, size_mib: u64) -> LoopBtrfs {
+        let image = scratch.dir.join(format!("{label}.img"));
+        let mnt = scratch.dir.join(label);
+        std::fs::create_dir_all(&mnt).unwrap();
+        run(Command::new("truncate").arg("-s").arg(format!("{size_mib}M")).arg(&image));
+        run(Command::new("mkfs.btrfs").arg("-q").arg("-L").arg(label).arg(&image));
+        run(Command::new("mount").arg("-o").arg("loop,compress=zstd").arg(&image).arg(&mnt));
+        LoopBtrfs { image, mnt }
+    }
+
+    pub fn subvolume(&self, name: &str) -> PathBuf {
+        let path = self.mnt.join(name);
+        run(Command::new("btrfs").arg("-q").arg("subvolume").arg("create").arg(&path));
+        path
+    }
+}
+
+impl Drop for LoopBtrfs {
+    fn drop(&mut self) {
+        // A process killed by the test may still hold the mount for a moment.
+        for _ in 0..50 {
+            let ok = Command::new("umount").arg(&self.mnt).output().is_ok_and(|o| o.status.success());
+            if ok {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).output();
+        }
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let p = path.to_string_lossy();
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(&*p))
+}
+
+/// Writes `len` bytes of deterministic pseudo-random (incompressible) data.
+pub fn write_random(path: &Path, len: usize, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut data = Vec::with_capacity(len + 8);
+    while data.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(len);
+    std::fs::write(path, data).unwrap();
+}
+
+/// Everything under `root` that a replica must reproduce: type, mode, size, content, link
+/// targets, by relative path.
+pub fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        for path in entries {
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            let mode = meta.permissions().mode();
+            let desc = if meta.file_type().is_symlink() {
+                format!("link -> {}", std::fs::read_link(&path).unwrap().display())
+            } else if meta.is_dir() {
+                walk(root, &path, out);
+                format!("dir {mode:o}")
+            } else {
+                let data = std::fs::read(&path).unwrap();
+                format!("file {mode:o} {} {:016x} uid {}", data.len(), fnv(&data), meta.uid())
+            };
+            out.insert(rel, desc);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+}
+
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let (ta, tb) = (tree(a), tree(b));
+    assert!(!ta.is_empty(), "{} is empty", a.display());
+    if ta != tb {
+        let only_a: Vec<_> = ta.iter().filter(|(k, v)| tb.get(*k) != Some(v)).take(5).collect();
+        let only_b: Vec<_> = tb.iter().filter(|(k, v)| ta.get(*k) != Some(v)).take(5).collect();
+        panic!("{} and {} differ:\n  {only_a:?}\n  {only_b:?}", a.display(), b.display());
+    }
+}
+
+/// Names in `dir` that do not start with a dot: what a user sees with `ls`.
+pub fn visible(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+/// uuid, received uuid and parent uuid of a subvolume, from libbtrfsutil.
+pub struct SubvolFacts {
+    pub uuid: String,
+    pub received: Option<String>,
+    pub parent: Option<String>,
+    pub read_only: bool,
+}
+
+pub fn subvol(path: &Path) -> SubvolFacts {
+    let info = libbtrfsutil::subvolume_info(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    SubvolFacts {
+        uuid: info.uuid().to_string(),
+        received: info.received_uuid().map(|u| u.to_string()),
+        parent: info.parent_uuid().map(|u| u.to_string()),
+        read_only: libbtrfsutil::subvolume_read_only(path).unwrap(),
+    }
+}
+
+/// The `snapship` binary under test.
+pub fn snapship() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_snapship"))
+}
+
+/// Writes a node config (no peers: a single node with local replicas) and returns its path.
+pub fn single_node_config(scratch: &Scratch, node: &str, policies: &[(&str, String)]) -> PathBuf {
+    let pdir = scratch.dir.join("policies");
+    std::fs::create_dir_all(&pdir).unwrap();
+    for (name, text) in policies {
+        std::fs::write(pdir.join(format!("{name}.yaml")), text).unwrap();
+    }
+    let path = scratch.dir.join("node.yaml");
+    std::fs::write(&path, format!("node: {node}\nstate_dir: state\npolicies:\n  - policies/*.yaml\n")).unwrap();
+    path
+}
+
+/// A btrfs policy with one replica on `node` itself.
+pub fn local_policy(fileset: &str, node: &str, origin: &Path, replica: &Path) -> String {
+    format!(
+        "fileset: {fileset}\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: {node}\n  path: {}\nreplicas:\n  - node: {node}\n    path: {}\n",
+        origin.display(),
+        replica.display()
+    )
+}
