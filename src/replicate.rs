@@ -100,16 +100,9 @@ pub async fn ship_to(origin: &dyn OriginSide, held: &[Snapshot], snapshot: &Snap
     }
     let base = common_base(held, &replica_has).filter(|b| b.name < snapshot.name);
     let incoming = Incoming { name: snapshot.name.clone(), identity: snapshot.identity.clone(), base: base.map(|b| b.identity.clone()) };
-    let mut send = origin.send(snapshot, base).await?;
-    let mut reader = Metered::new(&mut send.reader);
-    let received = ep.receive(&incoming, &mut reader).await;
+    // Dropping the stream (on error) kills the sending process.
+    let mut reader = Metered::new(origin.send(snapshot, base).await?);
+    ep.receive(&incoming, &mut reader).await?;
     let bytes = reader.bytes();
-    match received {
-        Ok(_) => send.finish().await.context("the send side failed after the replica had received the stream")?,
-        Err(e) => {
-            send.abort().await;
-            return Err(e);
-        }
-    }
     Ok(ReplicaReport { node: ep.node().into(), snapshot: snapshot.name.to_string(), base: base.map(|b| b.name.to_string()), bytes, elapsed: start.elapsed() })
 }

@@ -28,7 +28,7 @@ impl ReplicaEndpoint for LocalReplica {
         self.side.list().await
     }
 
-    async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot> {
-        self.side.receive(incoming, stream).await
+    async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+        self.side.receive(incoming, stream).await.map(drop)
     }
 }

@@ -1,12 +1,12 @@
-//! A reader that counts the bytes of a stream as they pass.
+//! A reader that counts (and optionally hashes) the bytes of a stream as they pass.
 //!
 //! It also carries the test hook that stalls a stream part way (`SNAPSHIP_TEST_STALL`), so
 //! tests can kill a process in the middle of a transfer deterministically instead of racing
 //! it. The hook is read once per stream and does nothing unless the variable is set.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
@@ -17,32 +17,67 @@ pub const STALL_ENV: &str = "SNAPSHIP_TEST_STALL";
 
 pub struct Metered<R> {
     inner: R,
-    bytes: Arc<AtomicU64>,
+    tally: Arc<Tally>,
     stall: Option<(u64, String)>,
 }
 
+/// What a [`Metered`] reader has seen so far; shareable while the stream flows.
+#[derive(Default)]
+pub struct Tally {
+    bytes: AtomicU64,
+    hasher: Option<Mutex<blake3::Hasher>>,
+}
+
+impl Tally {
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// BLAKE3 of the bytes so far, in hex, if this tally hashes.
+    pub fn digest(&self) -> Option<String> {
+        self.hasher.as_ref().map(|h| h.lock().expect("hasher lock").finalize().to_hex().to_string())
+    }
+
+    fn add(&self, data: &[u8]) {
+        self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(h) = &self.hasher {
+            h.lock().expect("hasher lock").update(data);
+        }
+    }
+}
+
 impl<R> Metered<R> {
+    /// Counts bytes.
     pub fn new(inner: R) -> Self {
+        Self::with_tally(inner, Tally::default())
+    }
+
+    /// Counts and hashes bytes.
+    pub fn hashing(inner: R) -> Self {
+        Self::with_tally(inner, Tally { bytes: AtomicU64::new(0), hasher: Some(Mutex::new(blake3::Hasher::new())) })
+    }
+
+    fn with_tally(inner: R, tally: Tally) -> Self {
         let stall = std::env::var(STALL_ENV).ok().and_then(|v| {
             let (bytes, marker) = v.split_once(':')?;
             Some((bytes.parse().ok()?, marker.to_string()))
         });
-        Metered { inner, bytes: Arc::new(AtomicU64::new(0)), stall }
+        Metered { inner, tally: Arc::new(tally), stall }
     }
 
-    /// A handle on the running count, readable while the stream flows.
-    pub fn counter(&self) -> Arc<AtomicU64> {
-        self.bytes.clone()
+    /// A handle on the running tally, readable while the stream flows.
+    pub fn tally(&self) -> Arc<Tally> {
+        self.tally.clone()
     }
 
     pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
+        self.tally.bytes()
     }
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let so_far = self.bytes.load(Ordering::Relaxed);
+        let so_far = self.tally.bytes();
         if let Some((limit, marker)) = &self.stall {
             if so_far >= *limit {
                 if !std::path::Path::new(marker).exists() {
@@ -55,8 +90,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = poll {
-            let n = (buf.filled().len() - before) as u64;
-            self.bytes.fetch_add(n, Ordering::Relaxed);
+            self.tally.add(&buf.filled()[before..]);
         }
         poll
     }
@@ -75,5 +109,14 @@ mod tests {
         m.read_to_end(&mut out).await.unwrap();
         assert_eq!(m.bytes(), 100_000);
         assert_eq!(out, data);
+        assert_eq!(m.tally().digest(), None);
+    }
+
+    #[tokio::test]
+    async fn hashes_what_it_counts() {
+        let data = b"snapship".repeat(1000);
+        let mut m = Metered::hashing(&data[..]);
+        tokio::io::copy(&mut m, &mut tokio::io::sink()).await.unwrap();
+        assert_eq!(m.tally().digest().unwrap(), blake3::hash(&data).to_hex().to_string());
     }
 }

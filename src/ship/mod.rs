@@ -4,8 +4,12 @@
 //! hold, receive this stream. A replica on this very node is served by a local pipe
 //! ([`local::LocalReplica`]); remote replicas go over QUIC.
 
+pub mod frame;
 pub mod local;
 pub mod meter;
+pub mod protocol;
+pub mod tls;
+pub mod transfer;
 
 use anyhow::Result;
 use async_trait::async_trait;
@@ -20,6 +24,7 @@ pub trait ReplicaEndpoint: Send + Sync {
     fn node(&self) -> &str;
     /// The complete snapshots the replica holds, with their identities.
     async fn list(&self) -> Result<Vec<Snapshot>>;
-    /// Ships `stream` to the replica, which receives it; returns the received snapshot.
-    async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot>;
+    /// Ships `stream` to the replica, which receives it; `Ok` once the replica has the
+    /// snapshot complete, checked and visible.
+    async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()>;
 }

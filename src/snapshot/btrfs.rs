@@ -77,7 +77,7 @@ fn describe(path: &Path, name: SnapshotName, received: bool) -> Result<Option<Sn
         }
         info.uuid().to_string()
     };
-    Ok(Some(Snapshot { name, identity, local_id: info.uuid().to_string(), parent_local_id: info.parent_uuid().map(|u| u.to_string()) }))
+    Ok(Some(Snapshot { name, identity, local_id: Some(info.uuid().to_string()), parent_local_id: info.parent_uuid().map(|u| u.to_string()) }))
 }
 
 fn delete_subvolume(path: &Path) -> Result<()> {
@@ -170,7 +170,7 @@ impl OriginSide for BtrfsOrigin {
             cmd = cmd.arg("-p").arg(self.path_of(base));
         }
         let mut process = cmd.arg(self.path_of(snapshot)).spawn(Pipe::Out)?;
-        Ok(SendStream { reader: Box::new(process.stdout()), process })
+        Ok(SendStream::new(Box::new(process.stdout()), process))
     }
 
     async fn delete(&self, snapshot: &Snapshot) -> Result<()> {

@@ -12,9 +12,13 @@ pub mod runner;
 
 use std::path::PathBuf;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use anyhow::Result;
 use async_trait::async_trait;
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::config::{BackendKind, Policy, ReplicaSpec};
 pub use name::SnapshotName;
@@ -27,31 +31,46 @@ pub struct Snapshot {
     /// snapshot's uuid (a replica's `received_uuid`), on ZFS the guid. Common bases are
     /// found by this, never by name.
     pub identity: String,
-    /// This copy's own identity on its filesystem (btrfs uuid), for diagnostics.
-    pub local_id: String,
+    /// This copy's own identity on its filesystem (btrfs uuid), where known.
+    pub local_id: Option<String>,
     /// The local snapshot this one was created from, if any (btrfs parent uuid): on a
     /// replica, an incremental receive has the base's local id here.
     pub parent_local_id: Option<String>,
 }
 
-/// An open send stream: read it to the end, then call [`SendStream::finish`].
+/// An open send stream. It reads as the stream's bytes, and its end (EOF) is only reported
+/// once the sending process has exited successfully: a reader that saw EOF saw the whole
+/// stream, and a failed send surfaces as a read error, never as a short stream. Dropping it
+/// early kills the sending process.
 pub struct SendStream {
-    pub reader: Box<dyn AsyncRead + Send + Unpin>,
-    process: runner::Running,
+    reader: Box<dyn AsyncRead + Send + Unpin>,
+    process: Option<runner::Running>,
+    exit: Option<Pin<Box<dyn Future<Output = Result<(), runner::CommandError>> + Send>>>,
 }
 
 impl SendStream {
-    /// Waits for the sending process; an error if it failed (then the stream was not whole).
-    pub async fn finish(self) -> Result<()> {
-        drop(self.reader);
-        self.process.wait().await?;
-        Ok(())
+    pub fn new(reader: Box<dyn AsyncRead + Send + Unpin>, process: runner::Running) -> Self {
+        SendStream { reader, process: Some(process), exit: None }
     }
+}
 
-    /// Stops the sending process (the receiving side failed).
-    pub async fn abort(self) {
-        drop(self.reader);
-        self.process.kill().await;
+impl AsyncRead for SendStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.exit.is_none() {
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut self.reader).poll_read(cx, buf))?;
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+            match self.process.take() {
+                Some(process) => self.exit = Some(Box::pin(process.wait())),
+                None => return Poll::Ready(Ok(())), // already reported the end
+            }
+        }
+        let exit = self.exit.as_mut().expect("set above");
+        let status = ready!(exit.as_mut().poll(cx));
+        self.exit = None;
+        Poll::Ready(status.map_err(std::io::Error::other))
     }
 }
 
@@ -82,8 +101,8 @@ pub trait OriginSide: Send + Sync {
 pub trait ReplicaSide: Send + Sync {
     /// Every complete snapshot received, oldest first.
     async fn list(&self) -> Result<Vec<Snapshot>>;
-    /// Receives `stream`; the snapshot is visible only once complete and checked, and
-    /// nothing partial remains on failure.
+    /// Receives `stream` (read to its end, which must come without error); the snapshot is
+    /// visible only once complete and checked, and nothing partial remains on failure.
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot>;
     async fn delete(&self, snapshot: &Snapshot) -> Result<()>;
 }
@@ -115,7 +134,7 @@ mod tests {
     use super::*;
 
     fn snap(name: &str, identity: &str) -> Snapshot {
-        Snapshot { name: SnapshotName::parse(name).unwrap(), identity: identity.into(), local_id: identity.into(), parent_local_id: None }
+        Snapshot { name: SnapshotName::parse(name).unwrap(), identity: identity.into(), local_id: None, parent_local_id: None }
     }
 
     const A: &str = "snapship-20260101T000000.000Z";

@@ -1,0 +1,186 @@
+//! Length-prefixed frames, the unit of everything on a snapship stream.
+//!
+//! ```text
+//! kind: u8 | length: u32 big-endian | payload: length bytes
+//! kind 1 (message): payload is one protocol message as JSON
+//! kind 2 (data):    payload is crc32c: u32 big-endian | a chunk of the (compressed) stream
+//! ```
+//! The decoder is a pure function over a buffer, so it can be fuzzed and tested without I/O;
+//! [`FrameReader`] feeds it from an async stream. Every data frame carries a CRC of its
+//! bytes, checked before they go anywhere: a corrupted chunk never reaches `btrfs receive`.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Larger frames are refused as malformed: this bounds what one frame can make us buffer.
+pub const MAX_PAYLOAD: usize = 4 << 20;
+const HEADER: usize = 5;
+const KIND_MESSAGE: u8 = 1;
+const KIND_DATA: u8 = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A protocol message, JSON-encoded.
+    Message(Bytes),
+    /// A chunk of stream data; its CRC has been checked.
+    Data(Bytes),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame of {0} bytes exceeds the limit of {MAX_PAYLOAD}")]
+    TooLarge(usize),
+    #[error("data frame of {0} bytes is too short to hold its checksum")]
+    ShortData(usize),
+    #[error("data frame checksum mismatch: sent {sent:08x}, received bytes give {got:08x} (corrupted in flight)")]
+    Checksum { sent: u32, got: u32 },
+    #[error("stream ended inside a frame ({0} bytes of it received)")]
+    Truncated(usize),
+}
+
+impl Frame {
+    /// Encodes a message frame.
+    pub fn message(json: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(HEADER + json.len());
+        out.put_u8(KIND_MESSAGE);
+        out.put_u32(json.len() as u32);
+        out.put_slice(json);
+        out.freeze()
+    }
+
+    /// Encodes the header of a data frame for `chunk` (checksum included); the chunk follows.
+    pub fn data_header(chunk: &[u8]) -> [u8; HEADER + 4] {
+        let mut out = [0u8; HEADER + 4];
+        out[0] = KIND_DATA;
+        out[1..5].copy_from_slice(&((chunk.len() + 4) as u32).to_be_bytes());
+        out[5..9].copy_from_slice(&crc32c::crc32c(chunk).to_be_bytes());
+        out
+    }
+
+    /// Decodes one frame from the front of `buf`, consuming it. `Ok(None)`: need more bytes.
+    pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if buf.len() < HEADER {
+            return Ok(None);
+        }
+        let kind = buf[0];
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if kind != KIND_MESSAGE && kind != KIND_DATA {
+            return Err(FrameError::UnknownKind(kind));
+        }
+        if len > MAX_PAYLOAD {
+            return Err(FrameError::TooLarge(len));
+        }
+        if buf.len() < HEADER + len {
+            buf.reserve(HEADER + len - buf.len());
+            return Ok(None);
+        }
+        buf.advance(HEADER);
+        let mut payload = buf.split_to(len).freeze();
+        if kind == KIND_MESSAGE {
+            return Ok(Some(Frame::Message(payload)));
+        }
+        if payload.len() < 4 {
+            return Err(FrameError::ShortData(payload.len()));
+        }
+        let sent = payload.get_u32();
+        let got = crc32c::crc32c(&payload);
+        if sent != got {
+            return Err(FrameError::Checksum { sent, got });
+        }
+        Ok(Some(Frame::Data(payload)))
+    }
+}
+
+/// Reads frames from an async byte stream.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R) -> Self {
+        FrameReader { inner, buf: BytesMut::with_capacity(64 * 1024) }
+    }
+
+    /// The next frame; `Ok(None)` when the stream ended cleanly between frames.
+    pub async fn next(&mut self) -> std::io::Result<Option<Frame>> {
+        loop {
+            if let Some(frame) = Frame::decode(&mut self.buf).map_err(invalid)? {
+                return Ok(Some(frame));
+            }
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() { Ok(None) } else { Err(invalid(FrameError::Truncated(self.buf.len()))) };
+            }
+        }
+    }
+}
+
+fn invalid(e: FrameError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_frame(chunk: &[u8]) -> Vec<u8> {
+        let mut v = Frame::data_header(chunk).to_vec();
+        v.extend_from_slice(chunk);
+        v
+    }
+
+    #[test]
+    fn round_trip_in_any_split() {
+        let mut wire = Frame::message(b"{\"type\":\"ready\"}").to_vec();
+        wire.extend(data_frame(b"hello world"));
+        wire.extend(data_frame(b""));
+        // Feed the bytes in every possible two-part split.
+        for cut in 0..=wire.len() {
+            let mut buf = BytesMut::from(&wire[..cut]);
+            let mut frames = Vec::new();
+            while let Some(f) = Frame::decode(&mut buf).unwrap() {
+                frames.push(f);
+            }
+            buf.extend_from_slice(&wire[cut..]);
+            while let Some(f) = Frame::decode(&mut buf).unwrap() {
+                frames.push(f);
+            }
+            assert_eq!(
+                frames,
+                [Frame::Message(Bytes::from_static(b"{\"type\":\"ready\"}")), Frame::Data(Bytes::from_static(b"hello world")), Frame::Data(Bytes::new())],
+                "cut at {cut}"
+            );
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn flipped_byte_is_caught() {
+        let mut wire = data_frame(b"some stream bytes");
+        let last = wire.len() - 1;
+        wire[last] ^= 0x01;
+        let err = Frame::decode(&mut BytesMut::from(&wire[..])).unwrap_err();
+        assert!(matches!(err, FrameError::Checksum { .. }), "{err}");
+    }
+
+    #[test]
+    fn malformed_headers_are_refused() {
+        assert_eq!(Frame::decode(&mut BytesMut::from(&[9u8, 0, 0, 0, 0][..])), Err(FrameError::UnknownKind(9)));
+        let huge = [1u8, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(Frame::decode(&mut BytesMut::from(&huge[..])), Err(FrameError::TooLarge(u32::MAX as usize)));
+        assert_eq!(Frame::decode(&mut BytesMut::from(&[2u8, 0, 0, 0, 2, 0, 0][..])), Err(FrameError::ShortData(2)));
+    }
+
+    #[tokio::test]
+    async fn reader_reports_truncation_and_clean_end() {
+        let wire = data_frame(b"abc");
+        let mut r = FrameReader::new(&wire[..wire.len() - 1]);
+        let err = r.next().await.unwrap_err();
+        assert!(err.to_string().contains("ended inside a frame"), "{err}");
+        let mut r = FrameReader::new(&wire[..]);
+        assert_eq!(r.next().await.unwrap(), Some(Frame::Data(Bytes::from_static(b"abc"))));
+        assert_eq!(r.next().await.unwrap(), None);
+    }
+}

@@ -1,0 +1,316 @@
+//! A send stream on the wire, both ways: hashing, compression, framing and pacing.
+//!
+//! ```text
+//! origin:  send stream -> BLAKE3 -> zstd -> data frames (crc32c each) -> pacer -> QUIC
+//! replica: QUIC -> frames (crc checked) -> bounded channel -> unzstd -> BLAKE3 check at end -> receive
+//! ```
+//! Memory stays bounded whatever the stream size: one chunk in flight on the sending side,
+//! a small bounded channel on the receiving side, QUIC flow control in between.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_compression::Level;
+use async_compression::tokio::bufread::{ZstdDecoder, ZstdEncoder};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::io::StreamReader;
+
+use super::frame::{Frame, FrameReader};
+use super::meter::{Metered, Tally};
+use super::protocol::{ErrorCode, Message, WireCompression};
+use crate::config::units::{ByteRate, Compression};
+
+/// Bytes of stream per data frame.
+pub const CHUNK: usize = 256 * 1024;
+/// Data frames buffered between the network and `btrfs receive`.
+const CHANNEL_FRAMES: usize = 8;
+
+/// `SNAPSHIP_TEST_FLIP_BYTE=N`: the first transfer of this process flips the wire byte at
+/// offset N after computing its frame's checksum, as corruption in flight would.
+pub const FLIP_ENV: &str = "SNAPSHIP_TEST_FLIP_BYTE";
+
+pub async fn write_message<W: AsyncWrite + Unpin>(out: &mut W, msg: &Message) -> io::Result<()> {
+    out.write_all(&Frame::message(&msg.to_json())).await
+}
+
+/// Reads the next frame, which must be a message.
+pub async fn read_message<R: AsyncRead + Unpin>(frames: &mut FrameReader<R>) -> Result<Message> {
+    match frames.next().await? {
+        Some(Frame::Message(json)) => Message::from_json(&json).map_err(|e| anyhow!(e)),
+        Some(Frame::Data(_)) => bail!("protocol error: data where a message was expected"),
+        None => bail!("the peer closed the stream"),
+    }
+}
+
+/// Keeps a transfer under its bandwidth limit by sleeping before chunks that came too early.
+pub struct Pacer {
+    rate: Option<u64>,
+    start: Instant,
+    sent: u64,
+}
+
+impl Pacer {
+    pub fn new(limit: Option<ByteRate>) -> Pacer {
+        Pacer { rate: limit.map(|r| r.0), start: Instant::now(), sent: 0 }
+    }
+
+    /// When `n` more bytes may go: the limit is kept on average since the start.
+    fn due(&mut self, n: usize) -> Option<Instant> {
+        let rate = self.rate?;
+        let due = self.start + Duration::from_secs_f64(self.sent as f64 / rate as f64);
+        self.sent += n as u64;
+        Some(due)
+    }
+
+    pub async fn wait(&mut self, n: usize) {
+        if let Some(due) = self.due(n) {
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+}
+
+/// What the sender learned about a stream it wrote.
+pub struct Sent {
+    /// Uncompressed bytes, and their BLAKE3.
+    pub bytes: u64,
+    pub blake3: String,
+    /// Bytes on the wire (compressed, framed).
+    pub wire_bytes: u64,
+}
+
+/// Writes `stream` (to its end) as data frames to `out`. The caller sends `End` afterwards.
+pub async fn write_data<W: AsyncWrite + Unpin>(
+    stream: &mut (dyn AsyncRead + Send + Unpin),
+    compression: Compression,
+    limit: Option<ByteRate>,
+    out: &mut W,
+) -> Result<Sent> {
+    let raw = Metered::hashing(stream);
+    let tally: Arc<Tally> = raw.tally();
+    let mut source: Box<dyn AsyncRead + Send + Unpin + '_> = match compression.zstd_level() {
+        None => Box::new(raw),
+        Some(level) => Box::new(ZstdEncoder::with_quality(BufReader::with_capacity(CHUNK, raw), Level::Precise(level))),
+    };
+    let mut pacer = Pacer::new(limit);
+    let mut flip = flip_hook();
+    let mut wire_bytes = 0u64;
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    loop {
+        buf.clear();
+        // Fill a chunk (fewer, larger frames), but send what there is at the end.
+        while buf.len() < CHUNK / 2 {
+            if source.read_buf(&mut buf).await.context("reading the send stream")? == 0 {
+                break;
+            }
+        }
+        if buf.is_empty() {
+            break;
+        }
+        let header = Frame::data_header(&buf);
+        if let Some(offset) = flip {
+            if offset < wire_bytes + buf.len() as u64 {
+                let i = (offset - wire_bytes) as usize;
+                buf[i] ^= 0x01;
+                tracing::warn!(offset, "test hook: flipped one byte in flight");
+                flip = None;
+            }
+        }
+        pacer.wait(header.len() + buf.len()).await;
+        out.write_all(&header).await.context("sending to the replica")?;
+        out.write_all(&buf).await.context("sending to the replica")?;
+        wire_bytes += buf.len() as u64;
+    }
+    drop(source);
+    Ok(Sent { bytes: tally.bytes(), blake3: tally.digest().expect("hashing tally"), wire_bytes })
+}
+
+/// The flip test hook's offset, for the first transfer of the process only.
+fn flip_hook() -> Option<u64> {
+    static USED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let offset = std::env::var(FLIP_ENV).ok()?.parse().ok()?;
+    (!USED.swap(true, std::sync::atomic::Ordering::SeqCst)).then_some(offset)
+}
+
+/// Why an incoming stream failed, so the replica can answer with the right code.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("stream checksum mismatch: {bytes} bytes with BLAKE3 {got}, the origin sent {sent_bytes} bytes with {sent} (corrupted in flight)")]
+    Checksum { bytes: u64, got: String, sent_bytes: u64, sent: String },
+    #[error("the stream ended before its end marker (connection lost?)")]
+    Truncated,
+    #[error("the origin aborted the transfer: {0}")]
+    Aborted(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl IncomingError {
+    /// The protocol code for an error chain that went through an incoming stream.
+    pub fn code_of(err: &anyhow::Error) -> ErrorCode {
+        for cause in err.chain() {
+            let found = cause
+                .downcast_ref::<IncomingError>()
+                .or_else(|| cause.downcast_ref::<io::Error>().and_then(|e| e.get_ref()).and_then(|e| e.downcast_ref::<IncomingError>()));
+            if let Some(e) = found {
+                return match e {
+                    IncomingError::Checksum { .. } => ErrorCode::Checksum,
+                    IncomingError::Aborted(_) | IncomingError::Truncated => ErrorCode::Aborted,
+                    IncomingError::Protocol(_) => ErrorCode::BadRequest,
+                };
+            }
+            let frame_error = cause.downcast_ref::<io::Error>().and_then(|e| e.get_ref()).and_then(|e| e.downcast_ref::<super::frame::FrameError>());
+            if let Some(super::frame::FrameError::Checksum { .. }) = frame_error {
+                return ErrorCode::Checksum;
+            }
+        }
+        ErrorCode::ReceiveFailed
+    }
+}
+
+/// The replica's view of an incoming stream: frames are read by a task into a bounded
+/// channel; the returned reader decompresses and, at its end, checks length and BLAKE3
+/// against the origin's `End`. Any failure is a read error, never a clean short stream.
+pub fn incoming_data<R>(mut frames: FrameReader<R>, compression: WireCompression) -> Box<dyn AsyncRead + Send + Unpin>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+{
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_FRAMES);
+    let trailer: Arc<Mutex<Option<(u64, String)>>> = Arc::default();
+    let trailer_in = trailer.clone();
+    tokio::spawn(async move {
+        let failure = loop {
+            let item = match frames.next().await {
+                Ok(Some(Frame::Data(chunk))) => Ok(chunk),
+                Ok(Some(Frame::Message(json))) => match Message::from_json(&json) {
+                    Ok(Message::End { bytes, blake3 }) => {
+                        *trailer_in.lock().expect("trailer lock") = Some((bytes, blake3));
+                        return; // dropping tx ends the stream
+                    }
+                    Ok(Message::Error { message, .. }) => break IncomingError::Aborted(message),
+                    Ok(other) => break IncomingError::Protocol(format!("unexpected {other:?} inside a stream")),
+                    Err(e) => break IncomingError::Protocol(e),
+                },
+                Ok(None) => break IncomingError::Truncated,
+                Err(e) => Err(e),
+            };
+            if tx.send(item).await.is_err() {
+                return; // the receiver gave up
+            }
+        };
+        let _ = tx.send(Err(io::Error::other(failure))).await;
+    });
+    let reader = StreamReader::new(ReceiverStream::new(rx));
+    let decoded: Box<dyn AsyncRead + Send + Unpin> = match compression {
+        WireCompression::None => Box::new(reader),
+        WireCompression::Zstd => Box::new(ZstdDecoder::new(reader)),
+    };
+    Box::new(CheckedAtEnd { inner: Metered::hashing(decoded), trailer, checked: false })
+}
+
+/// Checks length and hash against the trailer when the inner stream ends.
+struct CheckedAtEnd<R> {
+    inner: Metered<R>,
+    trailer: Arc<Mutex<Option<(u64, String)>>>,
+    checked: bool,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for CheckedAtEnd<R> {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        if buf.filled().len() > before || self.checked {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        self.checked = true;
+        let tally = self.inner.tally();
+        let (bytes, got) = (tally.bytes(), tally.digest().expect("hashing tally"));
+        let result = match self.trailer.lock().expect("trailer lock").clone() {
+            None => Err(io::Error::other(IncomingError::Truncated)),
+            Some((sent_bytes, sent)) if sent_bytes != bytes || sent != got => {
+                Err(io::Error::other(IncomingError::Checksum { bytes, got, sent_bytes, sent }))
+            }
+            Some(_) => Ok(()),
+        };
+        std::task::Poll::Ready(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn round_trip(data: &[u8], compression: Compression) -> Result<Vec<u8>> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        let _ = &mut client_read;
+        let data = data.to_vec();
+        let sender = tokio::spawn(async move {
+            let mut src = &data[..];
+            let sent = write_data(&mut src, compression, None, &mut client_write).await.unwrap();
+            write_message(&mut client_write, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await.unwrap();
+            sent.wire_bytes
+        });
+        let mut reader = incoming_data(FrameReader::new(server), compression.into());
+        let mut out = Vec::new();
+        let result = reader.read_to_end(&mut out).await;
+        sender.await.unwrap();
+        result?;
+        Ok(out)
+    }
+
+    fn sample() -> Vec<u8> {
+        (0..3_000_000u32).map(|i| (i % 251) as u8 ^ (i / 7000) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn streams_arrive_whole_with_and_without_compression() {
+        let data = sample();
+        assert_eq!(round_trip(&data, Compression::None).await.unwrap(), data);
+        assert_eq!(round_trip(&data, Compression::Zstd(3)).await.unwrap(), data);
+        assert_eq!(round_trip(b"", Compression::Zstd(1)).await.unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_trailer_is_a_checksum_error() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (_r, mut w) = tokio::io::split(client);
+        tokio::spawn(async move {
+            let mut src: &[u8] = b"abcdef";
+            let sent = write_data(&mut src, Compression::None, None, &mut w).await.unwrap();
+            write_message(&mut w, &Message::End { bytes: sent.bytes, blake3: blake3::hash(b"other").to_hex().to_string() }).await.unwrap();
+        });
+        let mut reader = incoming_data(FrameReader::new(server), WireCompression::None);
+        let err = reader.read_to_end(&mut Vec::new()).await.unwrap_err();
+        let err = anyhow::Error::from(err);
+        assert_eq!(IncomingError::code_of(&err), ErrorCode::Checksum, "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_before_its_end_is_not_a_clean_end() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(client);
+            let mut src: &[u8] = b"abcdef";
+            write_data(&mut src, Compression::None, None, &mut w).await.unwrap();
+            drop((r, w)); // the connection closes without End
+        });
+        let mut reader = incoming_data(FrameReader::new(server), WireCompression::None);
+        let err = reader.read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert!(err.to_string().contains("before its end marker"), "{err}");
+    }
+
+    #[test]
+    fn pacer_spaces_chunks_by_the_rate() {
+        let mut p = Pacer::new(Some(ByteRate(1000)));
+        let start = p.start;
+        assert_eq!(p.due(500), Some(start));
+        assert_eq!(p.due(500), Some(start + Duration::from_millis(500)));
+        assert_eq!(p.due(10), Some(start + Duration::from_secs(1)));
+        assert_eq!(Pacer::new(None).due(1 << 30), None);
+    }
+}
