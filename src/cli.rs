@@ -30,6 +30,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run in the foreground: receive as replica (and, as origin, schedule and ship); stop with
+    /// SIGINT or SIGTERM.
+    Run(ConfigArg),
     /// Check the node config and every policy it lists; exit 0 when all are valid.
     Check(ConfigArg),
     /// Snapshot a file set now and ship it to every replica; exit 0 when every replica has it.
@@ -38,6 +41,16 @@ enum Command {
         config: ConfigArg,
         /// The file set (the policy's `fileset`).
         fileset: String,
+    },
+    /// Make a CA and a certificate and key per node for mutual TLS: DIR/ca.pem, DIR/ca.key,
+    /// DIR/NODE.pem, DIR/NODE.key. An existing CA in DIR is reused, so nodes can be added later.
+    Certs {
+        /// Where to write the files.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Node names (as in `node:` of each node config).
+        #[arg(required = true, value_name = "NODE")]
+        nodes: Vec<String>,
     },
 }
 
@@ -69,8 +82,10 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
+        Command::Run(args) => crate::daemon::run(&args.config).await.map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check(&args.config),
         Command::Sync { config, fileset } => sync(&config.config, &fileset).await,
+        Command::Certs { out, nodes } => certs(&out, &nodes),
     }
 }
 
@@ -119,6 +134,17 @@ async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     }
     if report.failures() > 0 {
         return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn certs(out: &std::path::Path, nodes: &[String]) -> Result<ExitCode> {
+    let names = nodes
+        .iter()
+        .map(|n| n.parse::<crate::config::units::Name>().map_err(|e| anyhow::anyhow!("node {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    for path in crate::ship::tls::make_certs(out, &names)? {
+        println!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod logging;
 pub mod replicate;
 pub mod schedule;

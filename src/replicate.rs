@@ -6,14 +6,16 @@
 //! the others. This module knows nothing of filesystems or networks: it drives the
 //! [`OriginSide`] and [`ReplicaEndpoint`] traits.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 
 use crate::config::{LoadedConfig, Policy};
 use crate::ship::ReplicaEndpoint;
 use crate::ship::local::LocalReplica;
 use crate::ship::meter::Metered;
+use crate::ship::quic::{Connector, RemoteReplica};
 use crate::snapshot::{self, Incoming, OriginSide, Snapshot, common_base};
 
 /// What one replica got.
@@ -41,20 +43,22 @@ impl SyncReport {
     }
 }
 
-/// The endpoints of `policy`'s replicas as seen from this node, the origin.
-pub fn endpoints(config: &LoadedConfig, policy: &Policy) -> Result<Vec<Box<dyn ReplicaEndpoint>>> {
+/// The endpoints of `policy`'s replicas as seen from this node, the origin: a local pipe
+/// for a replica on this node, QUIC for the others (through `connector`, made on first need).
+pub fn endpoints(config: &LoadedConfig, policy: &Policy, connector: &mut Option<Arc<Connector>>) -> Result<Vec<Box<dyn ReplicaEndpoint>>> {
     let here = &config.node.node;
     let mut out: Vec<Box<dyn ReplicaEndpoint>> = Vec::new();
     for replica in &policy.replicas {
         if &replica.node == here {
             out.push(Box::new(LocalReplica::new(replica.node.0.clone(), snapshot::replica_for(policy, replica)?)));
-        } else {
-            bail!(
-                "file set `{}`: replica `{}` is on another node, and shipping over the network is not available in this build",
-                policy.fileset,
-                replica.node
-            );
+            continue;
         }
+        let addr = config.node.peers.get(&replica.node).ok_or_else(|| anyhow!("replica `{}` is not in peers", replica.node))?;
+        let connector = match connector {
+            Some(c) => c.clone(),
+            None => connector.insert(Arc::new(Connector::new(&config.node)?)).clone(),
+        };
+        out.push(Box::new(RemoteReplica::new(replica.node.0.clone(), addr.clone(), policy.fileset.0.clone(), policy.transfer.clone(), connector)));
     }
     Ok(out)
 }
@@ -70,7 +74,7 @@ pub async fn sync(config: &LoadedConfig, policy: &Policy) -> Result<SyncReport> 
         );
     }
     let origin = snapshot::origin_for(policy)?;
-    let endpoints = endpoints(config, policy)?;
+    let endpoints = endpoints(config, policy, &mut None)?;
     let snap = origin.take_snapshot().await.with_context(|| format!("file set `{}`: cannot take a snapshot", policy.fileset))?;
     tracing::info!(fileset = %policy.fileset, snapshot = %snap.name, "snapshot taken");
     let held = origin.list().await?;

@@ -2,12 +2,16 @@
 //!
 //! The replication logic talks to every replica through [`ReplicaEndpoint`]: list what you
 //! hold, receive this stream. A replica on this very node is served by a local pipe
-//! ([`local::LocalReplica`]); remote replicas go over QUIC.
+//! ([`local::LocalReplica`]); remote replicas go over QUIC ([`quic::RemoteReplica`] on the
+//! origin, [`server`] on the replica), speaking [`protocol`] in [`frame`]s, with streams
+//! shaped by [`transfer`] and peers authenticated by [`tls`].
 
 pub mod frame;
 pub mod local;
 pub mod meter;
 pub mod protocol;
+pub mod quic;
+pub mod server;
 pub mod tls;
 pub mod transfer;
 

@@ -207,7 +207,13 @@ where
     let reader = StreamReader::new(ReceiverStream::new(rx));
     let decoded: Box<dyn AsyncRead + Send + Unpin> = match compression {
         WireCompression::None => Box::new(reader),
-        WireCompression::Zstd => Box::new(ZstdDecoder::new(reader)),
+        WireCompression::Zstd => {
+            // Read on past the end of the zstd frame, to the end of the stream: only then has
+            // the end marker (with the hash to check) arrived, and trailing junk is an error.
+            let mut decoder = ZstdDecoder::new(reader);
+            decoder.multiple_members(true);
+            Box::new(decoder)
+        }
     };
     Box::new(CheckedAtEnd { inner: Metered::hashing(decoded), trailer, checked: false })
 }
@@ -245,6 +251,11 @@ mod tests {
     use super::*;
 
     async fn round_trip(data: &[u8], compression: Compression) -> Result<Vec<u8>> {
+        round_trip_with_late_end(data, compression, Duration::ZERO).await
+    }
+
+    /// `delay`: how long the end marker takes after the last data frame.
+    async fn round_trip_with_late_end(data: &[u8], compression: Compression, delay: Duration) -> Result<Vec<u8>> {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (mut client_read, mut client_write) = tokio::io::split(client);
         let _ = &mut client_read;
@@ -252,6 +263,7 @@ mod tests {
         let sender = tokio::spawn(async move {
             let mut src = &data[..];
             let sent = write_data(&mut src, compression, None, &mut client_write).await.unwrap();
+            tokio::time::sleep(delay).await;
             write_message(&mut client_write, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await.unwrap();
             sent.wire_bytes
         });
@@ -273,6 +285,17 @@ mod tests {
         assert_eq!(round_trip(&data, Compression::None).await.unwrap(), data);
         assert_eq!(round_trip(&data, Compression::Zstd(3)).await.unwrap(), data);
         assert_eq!(round_trip(b"", Compression::Zstd(1)).await.unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn the_end_is_awaited_even_when_the_data_is_complete() {
+        // A zstd frame is complete before the end marker arrives: the reader must still wait
+        // for the marker (and its hash) before reporting the end.
+        let data = b"small incremental stream".repeat(10);
+        for c in [Compression::Zstd(3), Compression::None] {
+            let got = round_trip_with_late_end(&data, c, Duration::from_millis(100)).await.unwrap();
+            assert_eq!(got, data);
+        }
     }
 
     #[tokio::test]

@@ -323,10 +323,14 @@ impl BtrfsReplica {
         };
         drop(stdin);
         if let Err(e) = flushed {
+            // Keep the stream's error as the cause (it says why: checksum, cut, abort); the
+            // receive process, which failed on the broken stream, only adds detail.
             let cmdline = process.cmdline().to_string();
-            // The receive may have failed first (and closed its stdin): prefer its message.
-            process.wait().await.with_context(|| format!("stream into `{cmdline}` broke: {e:#}"))?;
-            return Err(e.context(format!("stream into `{cmdline}` broke")));
+            let detail = match process.wait().await {
+                Err(pe) => format!(" ({pe})"),
+                Ok(()) => String::new(),
+            };
+            return Err(e.context(format!("stream into `{cmdline}` broke{detail}")));
         }
         process.wait().await?;
         if !staged.exists() {

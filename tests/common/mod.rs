@@ -225,3 +225,58 @@ pub fn local_policy(fileset: &str, node: &str, origin: &Path, replica: &Path) ->
         replica.display()
     )
 }
+
+/// A `snapship run` daemon, stopped with SIGTERM (then SIGKILL) on drop.
+pub struct Daemon {
+    pub child: Option<std::process::Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `snapship run --config CONFIG` and waits until its log contains `ready`.
+    pub fn start(config: &Path, log: &Path, ready: &str) -> Daemon {
+        let file = std::fs::File::create(log).unwrap();
+        let child = snapship().arg("run").arg("--config").arg(config).stderr(file).spawn().unwrap();
+        let mut d = Daemon { child: Some(child), log: log.to_path_buf() };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.contains(ready) {
+                return d;
+            }
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("snapship run exited ({status}) before `{ready}`:\n{text}");
+            }
+            assert!(std::time::Instant::now() < deadline, "snapship run never logged `{ready}`:\n{text}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Stops with SIGTERM and returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,206 @@
+//! The origin's side of QUIC: reaching a remote replica and speaking the protocol to it.
+//!
+//! [`Connector`] holds one s2n-quic client (one UDP socket) for a run; [`RemoteReplica`]
+//! is a [`ReplicaEndpoint`] that connects on first use (checking that the server's
+//! certificate names the node it meant to reach) and opens one stream per request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_trait::async_trait;
+use s2n_quic::client::Connect;
+use s2n_quic::provider::limits::Limits;
+use s2n_quic::{Client, Connection};
+use tokio::io::AsyncRead;
+use tokio::sync::Mutex;
+
+use super::ReplicaEndpoint;
+use super::frame::FrameReader;
+use super::protocol::{ErrorCode, Message, VERSION};
+use super::tls;
+use super::transfer::{self, read_message, write_message};
+use crate::config::{NodeConfig, Transfer};
+use crate::snapshot::{Incoming, Snapshot, SnapshotName};
+
+/// Connection limits shared by both sides.
+pub fn limits() -> Result<Limits> {
+    Ok(Limits::new()
+        .with_max_handshake_duration(Duration::from_secs(5))?
+        .with_max_idle_timeout(Duration::from_secs(30))?)
+}
+
+/// An error the replica answered with.
+#[derive(Debug, thiserror::Error)]
+#[error("replica `{node}` refused: {message} ({code:?})")]
+pub struct Refused {
+    pub node: String,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+pub struct Connector {
+    client: Client,
+}
+
+impl Connector {
+    pub fn new(node: &NodeConfig) -> Result<Connector> {
+        let files = node.tls.as_ref().ok_or_else(|| anyhow!("{} has no `tls:` section; it is needed to reach other nodes", node.file.display()))?;
+        let client = Client::builder()
+            .with_tls(tls::client_tls(files)?)?
+            .with_limits(limits()?)?
+            .with_io("0.0.0.0:0")?
+            .start()
+            .map_err(|e| anyhow!("cannot start the QUIC client: {e}"))?;
+        Ok(Connector { client })
+    }
+
+    /// Connects to `node` at `addr` (HOST:PORT), requiring its certificate to name `node`.
+    pub async fn connect(&self, node: &str, addr: &str) -> Result<Connection> {
+        let sock: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .with_context(|| format!("cannot resolve `{addr}` (peer `{node}`)"))?
+            .next()
+            .ok_or_else(|| anyhow!("`{addr}` (peer `{node}`) resolves to no address"))?;
+        let mut conn = self
+            .client
+            .connect(Connect::new(sock).with_server_name(node))
+            .await
+            .map_err(|e| anyhow!("cannot connect to `{node}` at {sock}: {e}"))?;
+        conn.keep_alive(true).ok();
+        Ok(conn)
+    }
+}
+
+/// What to check when a handshake failed on certificates.
+fn tls_hint(error: &str) -> &'static str {
+    if error.contains("HANDSHAKE_FAILURE") || error.contains("untrusted") || error.contains("Certificate") {
+        " (the nodes refused each other's certificates: both need certificates from the same CA, made by `snapship certs`, naming the node in `node:`)"
+    } else {
+        ""
+    }
+}
+
+fn with_tls_hint(e: anyhow::Error) -> anyhow::Error {
+    match tls_hint(&format!("{e:#}")) {
+        "" => e,
+        hint => e.context(hint.trim_start().trim_start_matches('(').trim_end_matches(')').to_string()),
+    }
+}
+
+pub struct RemoteReplica {
+    node: String,
+    addr: String,
+    fileset: String,
+    transfer: Transfer,
+    connector: Arc<Connector>,
+    connection: Mutex<Option<Connection>>,
+}
+
+impl RemoteReplica {
+    pub fn new(node: String, addr: String, fileset: String, transfer: Transfer, connector: Arc<Connector>) -> Self {
+        RemoteReplica { node, addr, fileset, transfer, connector, connection: Mutex::new(None) }
+    }
+
+    /// Opens a request stream (connecting first if needed) and sends `hello` and `request`.
+    async fn request(&self, request: &Message) -> Result<(FrameReader<s2n_quic::stream::ReceiveStream>, s2n_quic::stream::SendStream)> {
+        let mut guard = self.connection.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.connector.connect(&self.node, &self.addr).await?);
+        }
+        let conn = guard.as_mut().expect("connected above");
+        let stream = match conn.open_bidirectional_stream().await {
+            Ok(s) => s,
+            Err(e) => {
+                *guard = None; // a dead connection: reconnect next time
+                bail!("cannot open a stream to `{}`: {e}", self.node);
+            }
+        };
+        drop(guard);
+        let (recv, mut send) = stream.split();
+        write_message(&mut send, &Message::Hello { version: VERSION }).await?;
+        write_message(&mut send, request).await?;
+        Ok((FrameReader::new(recv), send))
+    }
+
+    fn refused(&self, code: ErrorCode, message: String) -> anyhow::Error {
+        Refused { node: self.node.clone(), code, message }.into()
+    }
+}
+
+#[async_trait]
+impl ReplicaEndpoint for RemoteReplica {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn list(&self) -> Result<Vec<Snapshot>> {
+        self.list_snapshots().await.map_err(with_tls_hint)
+    }
+
+    async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+        self.ship(incoming, stream).await.map_err(with_tls_hint)
+    }
+}
+
+impl RemoteReplica {
+    async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
+        let (mut replies, _send) = self.request(&Message::List { fileset: self.fileset.clone() }).await?;
+        match read_message(&mut replies).await? {
+            Message::Snapshots { snapshots } => Ok(snapshots
+                .into_iter()
+                .filter_map(|s| {
+                    let name = SnapshotName::parse(&s.name)?;
+                    Some(Snapshot { name, identity: s.identity, local_id: None, parent_local_id: None })
+                })
+                .collect()),
+            Message::Error { code, message } => Err(self.refused(code, message)),
+            other => bail!("protocol error: `{}` answered {other:?} to list", self.node),
+        }
+    }
+
+    async fn ship(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+        let begin = Message::Begin {
+            fileset: self.fileset.clone(),
+            snapshot: incoming.name.to_string(),
+            identity: incoming.identity.clone(),
+            base: incoming.base.clone(),
+            compression: self.transfer.compression.into(),
+        };
+        let (mut replies, mut send) = self.request(&begin).await?;
+        match read_message(&mut replies).await? {
+            Message::Ready => {}
+            Message::Error { code, message } => return Err(self.refused(code, message)),
+            other => bail!("protocol error: `{}` answered {other:?} to begin", self.node),
+        }
+        // Stream the data; the replica may answer early (an error) while we send.
+        let sending = transfer::write_data(stream, self.transfer.compression, self.transfer.bandwidth_limit, &mut send);
+        let sent = tokio::select! {
+            sent = sending => sent,
+            early = read_message(&mut replies) => {
+                return match early? {
+                    Message::Error { code, message } => Err(self.refused(code, message)),
+                    other => bail!("protocol error: `{}` sent {other:?} during the transfer", self.node),
+                };
+            }
+        };
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(e) => {
+                // Tell the replica why, so it drops the partial receive at once.
+                let _ = write_message(&mut send, &Message::error(ErrorCode::Aborted, format!("{e:#}"))).await;
+                let _ = send.close().await;
+                return Err(e);
+            }
+        };
+        write_message(&mut send, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await?;
+        send.close().await.ok();
+        tracing::debug!(replica = %self.node, bytes = sent.bytes, wire_bytes = sent.wire_bytes, "stream sent, waiting for the commit");
+        match read_message(&mut replies).await? {
+            Message::Committed { .. } => Ok(()),
+            Message::Error { code, message } => Err(self.refused(code, message)),
+            other => bail!("protocol error: `{}` answered {other:?} to end", self.node),
+        }
+    }
+}

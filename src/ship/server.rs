@@ -1,0 +1,152 @@
+//! The replica's side of QUIC: accept origins, check who they are and what they may do, and
+//! receive their streams with this node's own backend and paths.
+//!
+//! A request is authorized only when the peer's certificate names the node that this node's
+//! copy of the policy names as origin, and the policy names this node as a replica. The
+//! target path always comes from this node's policy; no message can name one.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Result, anyhow};
+use s2n_quic::{Connection, Server};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::frame::FrameReader;
+use super::protocol::{ErrorCode, Message, VERSION, WireSnapshot};
+use super::tls::{self, PeerIdentity, PeerName};
+use super::transfer::{self, IncomingError, read_message, write_message};
+use crate::config::{LoadedConfig, Policy, ReplicaSpec};
+use crate::snapshot::{self, Incoming, SnapshotName};
+
+/// Answers `peer` asking about `fileset`: the policy and this node's replica entry, or the
+/// error message to send back.
+pub fn authorize<'a>(config: &'a LoadedConfig, peer: &str, fileset: &str) -> Result<(&'a Policy, &'a ReplicaSpec), Message> {
+    let here = &config.node.node;
+    let Some(policy) = config.policy(fileset) else {
+        return Err(Message::error(ErrorCode::Unauthorized, format!("node `{here}` has no policy for file set `{fileset}`")));
+    };
+    if policy.origin.node.0 != peer {
+        return Err(Message::error(
+            ErrorCode::Unauthorized,
+            format!("node `{peer}` is not the origin of `{fileset}` (the policy on `{here}` names `{}`)", policy.origin.node),
+        ));
+    }
+    match policy.replica_on(here) {
+        Some(replica) => Ok((policy, replica)),
+        None => Err(Message::error(ErrorCode::Unauthorized, format!("node `{here}` is not a replica of `{fileset}`"))),
+    }
+}
+
+/// Listens on `addr` until `shutdown`; transfers in flight are dropped then (the partial
+/// receive stays hidden in staging and is removed by the next one).
+pub async fn serve(config: Arc<LoadedConfig>, addr: SocketAddr, shutdown: CancellationToken) -> Result<()> {
+    let files = config.node.tls.as_ref().ok_or_else(|| anyhow!("{} has no `tls:` section; a replica needs one", config.node.file.display()))?;
+    let mut server = Server::builder()
+        .with_tls(tls::server_tls(files)?)?
+        .with_limits(super::quic::limits()?)?
+        .with_event(PeerIdentity)?
+        .with_io(addr)?
+        .start()
+        .map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(node = %config.node.node, %addr, "listening for origins");
+    let tasks = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            conn = server.accept() => match conn {
+                Some(conn) => { tasks.spawn(handle_connection(conn, config.clone(), shutdown.clone())); }
+                None => break,
+            },
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+async fn handle_connection(mut conn: Connection, config: Arc<LoadedConfig>, shutdown: CancellationToken) {
+    let remote = conn.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = conn.query_event_context(|p: &PeerName| p.0.clone()).ok().flatten();
+    let Some(peer) = peer.filter(|p| config.node.peers.keys().any(|k| k.0 == *p)) else {
+        tracing::warn!(%remote, "refusing a connection from a node not listed in peers");
+        conn.close(1u32.into());
+        return;
+    };
+    tracing::debug!(%peer, %remote, "origin connected");
+    let streams = TaskTracker::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            stream = conn.accept_bidirectional_stream() => match stream {
+                Ok(Some(stream)) => { streams.spawn(handle_stream(stream, peer.clone(), config.clone())); }
+                Ok(None) | Err(_) => break,
+            },
+        }
+    }
+    streams.close();
+    if shutdown.is_cancelled() {
+        conn.close(2u32.into());
+    }
+    streams.wait().await;
+}
+
+async fn handle_stream(stream: s2n_quic::stream::BidirectionalStream, peer: String, config: Arc<LoadedConfig>) {
+    let (recv, mut send) = stream.split();
+    let frames = FrameReader::new(recv);
+    let reply = match serve_request(frames, &mut send, &peer, &config).await {
+        Ok(reply) => reply,
+        Err(e) => Message::error(IncomingError::code_of(&e), format!("{e:#}")),
+    };
+    if let Message::Error { code, message } = &reply {
+        tracing::warn!(%peer, ?code, "request failed: {message}");
+    }
+    let _ = write_message(&mut send, &reply).await;
+    let _ = send.close().await;
+}
+
+/// Serves one request; returns the final reply to send.
+async fn serve_request(
+    mut frames: FrameReader<s2n_quic::stream::ReceiveStream>,
+    send: &mut s2n_quic::stream::SendStream,
+    peer: &str,
+    config: &LoadedConfig,
+) -> Result<Message> {
+    match read_message(&mut frames).await? {
+        Message::Hello { version } if version == VERSION => {}
+        Message::Hello { version } => {
+            return Ok(Message::error(ErrorCode::Version, format!("this node speaks protocol {VERSION}, the origin {version}; run the same snapship version on both")));
+        }
+        other => return Ok(Message::error(ErrorCode::BadRequest, format!("expected hello, got {other:?}"))),
+    }
+    match read_message(&mut frames).await? {
+        Message::List { fileset } => {
+            let (policy, replica) = match authorize(config, peer, &fileset) {
+                Ok(found) => found,
+                Err(refusal) => return Ok(refusal),
+            };
+            let side = snapshot::replica_for(policy, replica)?;
+            let snapshots = side.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
+            Ok(Message::Snapshots { snapshots })
+        }
+        Message::Begin { fileset, snapshot, identity, base, compression } => {
+            let (policy, replica) = match authorize(config, peer, &fileset) {
+                Ok(found) => found,
+                Err(refusal) => return Ok(refusal),
+            };
+            let Some(name) = SnapshotName::parse(&snapshot) else {
+                return Ok(Message::error(ErrorCode::BadRequest, format!("{snapshot:?} is not a snapship snapshot name")));
+            };
+            let side = snapshot::replica_for(policy, replica)?;
+            write_message(send, &Message::Ready).await?;
+            tracing::info!(%peer, %fileset, %snapshot, base = base.as_deref().unwrap_or("none (full)"), "receiving");
+            let incoming = Incoming { name, identity, base };
+            let mut data = transfer::incoming_data(frames, compression);
+            side.receive(&incoming, &mut data).await?;
+            tracing::info!(%peer, %fileset, %snapshot, "received and committed");
+            Ok(Message::Committed { snapshot })
+        }
+        other => Ok(Message::error(ErrorCode::BadRequest, format!("expected list or begin, got {other:?}"))),
+    }
+}

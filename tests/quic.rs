@@ -1,0 +1,306 @@
+//! Replication between nodes over real QUIC on loopback, each node with its own loop btrfs:
+//! two nodes, a star of three, both directions at once, and the ways a peer gets refused.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::*;
+
+/// A few nodes on 127.0.0.1, one loop btrfs each, certificates from one CA.
+struct Cluster {
+    scratch: Scratch,
+    fs: BTreeMap<String, LoopBtrfs>,
+    ports: BTreeMap<String, u16>,
+    daemons: BTreeMap<String, Daemon>,
+}
+
+/// Every test uses its own ports so that tests run in parallel.
+impl Cluster {
+    fn new(test: &str, nodes: &[&str], base_port: u16) -> Cluster {
+        let scratch = Scratch::new(test);
+        run(snapship().arg("certs").arg("--out").arg(scratch.dir.join("certs")).args(nodes));
+        let mut fs = BTreeMap::new();
+        let mut ports = BTreeMap::new();
+        for (i, n) in nodes.iter().enumerate() {
+            fs.insert(n.to_string(), LoopBtrfs::new(&scratch, n, 400));
+            ports.insert(n.to_string(), base_port + i as u16);
+        }
+        Cluster { scratch, fs, ports, daemons: BTreeMap::new() }
+    }
+
+    fn mnt(&self, node: &str) -> &Path {
+        &self.fs[node].mnt
+    }
+
+    fn dir(&self, node: &str) -> PathBuf {
+        self.scratch.dir.join(format!("{node}-conf"))
+    }
+
+    /// Writes `node`'s config (all other cluster nodes as peers) and its policies.
+    fn configure(&self, node: &str, policies: &[(&str, String)]) -> PathBuf {
+        self.configure_with_certs(node, policies, &self.scratch.dir.join("certs"))
+    }
+
+    fn configure_with_certs(&self, node: &str, policies: &[(&str, String)], certs: &Path) -> PathBuf {
+        let dir = self.dir(node);
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        for entry in std::fs::read_dir(dir.join("policies")).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        for (name, text) in policies {
+            std::fs::write(dir.join("policies").join(format!("{name}.yaml")), text).unwrap();
+        }
+        let peers: String = self.ports.iter().filter(|(n, _)| *n != node).map(|(n, p)| format!("  {n}: 127.0.0.1:{p}\n")).collect();
+        let text = format!(
+            "node: {node}\nlisten: 127.0.0.1:{}\nstate_dir: state\ntls:\n  ca: {c}/ca.pem\n  cert: {c}/{node}.pem\n  key: {c}/{node}.key\npeers:\n{peers}policies:\n  - policies/*.yaml\n",
+            self.ports[node],
+            c = certs.display()
+        );
+        let path = dir.join("node.yaml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn start(&mut self, node: &str) {
+        let log = self.scratch.dir.join(format!("{node}-run.log"));
+        let d = Daemon::start(&self.dir(node).join("node.yaml"), &log, "listening for origins");
+        self.daemons.insert(node.to_string(), d);
+    }
+
+    fn stop(&mut self, node: &str) {
+        if let Some(mut d) = self.daemons.remove(node) {
+            let status = d.stop().unwrap();
+            assert!(status.success(), "snapship run on {node} did not exit cleanly: {status}\n{}", d.log_text());
+        }
+    }
+
+    fn sync(&self, node: &str, fileset: &str) -> Output {
+        snapship().args(["sync", "--config"]).arg(self.dir(node).join("node.yaml")).arg(fileset).output().unwrap()
+    }
+
+    fn sync_ok(&self, node: &str, fileset: &str) -> String {
+        let out = self.sync(node, fileset);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "sync {fileset} on {node} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        text
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.daemons.clear(); // stop daemons before unmounting
+    }
+}
+
+fn policy(fileset: &str, origin: &str, origin_path: &Path, replicas: &[(&str, PathBuf)]) -> String {
+    let mut text = format!(
+        "fileset: {fileset}\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: {origin}\n  path: {}\nreplicas:\n",
+        origin_path.display()
+    );
+    for (node, path) in replicas {
+        text += &format!("  - node: {node}\n    path: {}\n", path.display());
+    }
+    text
+}
+
+fn fill(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    write_random(&dir.join("data.bin"), 6 << 20, seed);
+    for i in 0..30 {
+        std::fs::write(dir.join(format!("sub/f{i}.txt")), format!("file {i} seed {seed}\n").repeat(50)).unwrap();
+    }
+}
+
+/// Names of complete snapshots in a replica directory.
+fn snapshots(dir: &Path) -> Vec<String> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    visible(dir).into_iter().filter(|n| n != "latest").collect()
+}
+
+#[test]
+fn two_nodes_full_then_incremental() {
+    if !have_root("two_nodes_full_then_incremental") {
+        return;
+    }
+    let mut c = Cluster::new("quic_two_nodes", &["alpha", "beta"], 47110);
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst = c.mnt("beta").join("backup/projects");
+    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);
+    c.configure("alpha", &[("projects", p.clone())]);
+    c.configure("beta", &[("projects", p)]);
+    c.start("beta");
+
+    fill(&src, 1);
+    let out = c.sync_ok("alpha", "projects");
+    assert!(out.contains("-> beta: full"), "{out}");
+    std::fs::write(src.join("sub/f3.txt"), "changed").unwrap();
+    std::fs::remove_file(src.join("sub/f4.txt")).unwrap();
+    let out = c.sync_ok("alpha", "projects");
+    assert!(out.contains("-> beta: incremental from snapship-"), "{out}");
+
+    let names = snapshots(&dst);
+    assert_eq!(names.len(), 2);
+    let snapdir = c.mnt("alpha").join(".snapship/projects");
+    for n in &names {
+        assert_eq!(subvol(&dst.join(n)).received.as_deref(), Some(subvol(&snapdir.join(n)).uuid.as_str()));
+        assert_same_tree(&snapdir.join(n), &dst.join(n));
+    }
+    assert_eq!(subvol(&dst.join(&names[1])).parent.as_deref(), Some(subvol(&dst.join(&names[0])).uuid.as_str()));
+    assert_same_tree(&src, &dst.join("latest"));
+    c.stop("beta");
+}
+
+#[test]
+fn star_of_three_with_one_replica_down() {
+    if !have_root("star_of_three_with_one_replica_down") {
+        return;
+    }
+    let mut c = Cluster::new("quic_star", &["alpha", "beta", "gamma"], 47120);
+    let src = c.fs["alpha"].subvolume("projects");
+    let (bdst, gdst) = (c.mnt("beta").join("r/projects"), c.mnt("gamma").join("r/projects"));
+    let p = policy("projects", "alpha", &src, &[("beta", bdst.clone()), ("gamma", gdst.clone())]);
+    for n in ["alpha", "beta", "gamma"] {
+        c.configure(n, &[("projects", p.clone())]);
+    }
+    c.start("beta");
+    c.start("gamma");
+
+    fill(&src, 2);
+    c.sync_ok("alpha", "projects");
+    assert_same_tree(&src, &bdst.join("latest"));
+    assert_same_tree(&src, &gdst.join("latest"));
+
+    // gamma down: beta still receives; the sync reports gamma's failure.
+    c.stop("gamma");
+    std::fs::write(src.join("while-gamma-was-down"), "x").unwrap();
+    let out = c.sync("alpha", "projects");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "a failed replica makes sync fail:\n{text}");
+    assert!(text.contains("-> beta: incremental"), "{text}");
+    assert!(text.contains("-> gamma: FAILED"), "{text}");
+    assert_same_tree(&src, &bdst.join("latest"));
+    assert_eq!(snapshots(&gdst).len(), 1);
+
+    // gamma back: it catches up, incrementally from the snapshot it has.
+    c.start("gamma");
+    std::fs::write(src.join("after"), "y").unwrap();
+    let text = c.sync_ok("alpha", "projects");
+    assert!(text.contains("-> gamma: incremental"), "{text}");
+    assert_same_tree(&src, &gdst.join("latest"));
+    assert_eq!(snapshots(&gdst).len(), 2);
+    assert_eq!(snapshots(&bdst).len(), 3);
+}
+
+#[test]
+fn bidirectional_both_flow_at_once() {
+    if !have_root("bidirectional_both_flow_at_once") {
+        return;
+    }
+    let mut c = Cluster::new("quic_bidi", &["alpha", "beta"], 47130);
+    let x = c.fs["alpha"].subvolume("x");
+    let y = c.fs["beta"].subvolume("y");
+    let px = policy("x", "alpha", &x, &[("beta", c.mnt("beta").join("replicas/x"))]);
+    let py = policy("y", "beta", &y, &[("alpha", c.mnt("alpha").join("replicas/y"))]);
+    let both = [("x", px), ("y", py)];
+    c.configure("alpha", &both);
+    c.configure("beta", &both);
+    c.start("alpha");
+    c.start("beta");
+    fill(&x, 3);
+    fill(&y, 4);
+    // Both syncs at the same time.
+    let cx = snapship().args(["sync", "--config"]).arg(c.dir("alpha").join("node.yaml")).arg("x").output();
+    let cy = std::thread::scope(|s| {
+        let h = s.spawn(|| snapship().args(["sync", "--config"]).arg(c.dir("beta").join("node.yaml")).arg("y").output().unwrap());
+        h.join().unwrap()
+    });
+    let cx = cx.unwrap();
+    assert!(cx.status.success() && cy.status.success(), "{}\n{}", String::from_utf8_lossy(&cx.stderr), String::from_utf8_lossy(&cy.stderr));
+    assert_same_tree(&x, &c.mnt("beta").join("replicas/x/latest"));
+    assert_same_tree(&y, &c.mnt("alpha").join("replicas/y/latest"));
+}
+
+#[test]
+fn refusals_write_nothing() {
+    if !have_root("refusals_write_nothing") {
+        return;
+    }
+    let mut c = Cluster::new("quic_refusals", &["alpha", "beta", "gamma"], 47140);
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst = c.mnt("beta").join("backup/projects");
+    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);
+    c.configure("beta", &[("projects", p.clone())]);
+    c.start("beta");
+    fill(&src, 5);
+
+    // 1. alpha with a certificate from another CA (while trusting the real one, so that it
+    // is beta that must refuse): the handshake fails.
+    let rogue = c.scratch.dir.join("rogue-certs");
+    run(snapship().arg("certs").arg("--out").arg(&rogue).arg("alpha"));
+    std::fs::copy(c.scratch.dir.join("certs/ca.pem"), rogue.join("ca.pem")).unwrap();
+    c.configure_with_certs("alpha", &[("projects", p.clone())], &rogue);
+    let out = c.sync("alpha", "projects");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(text.contains("-> beta: FAILED") && text.contains("HANDSHAKE_FAILURE by the remote endpoint"), "{text}");
+    assert!(text.contains("certificates from the same CA"), "{text}");
+    assert!(!dst.exists() || snapshots(&dst).is_empty(), "a rogue peer wrote to the replica");
+
+    // 2. gamma has a good certificate, but beta's policy names alpha as origin.
+    let gsrc = c.fs["gamma"].subvolume("projects");
+    let claim = policy("projects", "gamma", &gsrc, &[("beta", dst.clone())]);
+    c.configure("gamma", &[("projects", claim)]);
+    fill(&gsrc, 6);
+    let out = c.sync("gamma", "projects");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(text.contains("not the origin of `projects`") && text.contains("Unauthorized"), "{text}");
+    assert!(!dst.exists() || snapshots(&dst).is_empty(), "a non-origin peer wrote to the replica");
+
+    // 3. alpha (good certificate now) whose copy of the policy names another path on beta:
+    // beta receives into the path of its own policy, and nothing appears at the other.
+    let elsewhere = c.mnt("beta").join("elsewhere");
+    c.configure("alpha", &[("projects", policy("projects", "alpha", &src, &[("beta", elsewhere.clone())]))]);
+    c.sync_ok("alpha", "projects");
+    assert!(!elsewhere.exists(), "the sender chose where data lands");
+    assert_same_tree(&src, &dst.join("latest"));
+    let log = c.daemons["beta"].log_text();
+    assert!(log.contains("not the origin of `projects`"), "beta did not log the refusal:\n{log}");
+}
+
+#[test]
+fn corrupted_byte_is_caught_and_retry_succeeds() {
+    if !have_root("corrupted_byte_is_caught_and_retry_succeeds") {
+        return;
+    }
+    let mut c = Cluster::new("quic_corrupt", &["alpha", "beta"], 47150);
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst = c.mnt("beta").join("backup/projects");
+    // No compression: the flipped byte would otherwise most likely break zstd first.
+    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]) + "transfer:\n  compression: none\n";
+    c.configure("alpha", &[("projects", p.clone())]);
+    c.configure("beta", &[("projects", p)]);
+    c.start("beta");
+    fill(&src, 7);
+
+    let out = snapship()
+        .args(["sync", "--config"])
+        .arg(c.dir("alpha").join("node.yaml"))
+        .arg("projects")
+        .env("SNAPSHIP_TEST_FLIP_BYTE", "3000000")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("checksum mismatch") && text.contains("Checksum"), "{text}");
+    assert!(snapshots(&dst).is_empty(), "a corrupted stream became visible");
+
+    let text = c.sync_ok("alpha", "projects");
+    assert!(text.contains("-> beta: full"), "{text}");
+    assert_same_tree(&src, &dst.join("latest"));
+}
