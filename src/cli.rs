@@ -42,6 +42,18 @@ enum Command {
         /// The file set (the policy's `fileset`).
         fileset: String,
     },
+    /// Delete snapshots that retention no longer keeps, on every side this node holds (the
+    /// newest, every common base and transfers in flight are always kept). With --dry-run,
+    /// print the plan and why each snapshot is kept.
+    Prune {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this file set.
+        fileset: Option<String>,
+        /// Print the plan, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Make a CA and a certificate and key per node for mutual TLS: DIR/ca.pem, DIR/ca.key,
     /// DIR/NODE.pem, DIR/NODE.key. An existing CA in DIR is reused, so nodes can be added later.
     Certs {
@@ -86,6 +98,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Check(args) => check(&args.config),
         Command::Sync { config, fileset } => sync(&config.config, &fileset).await,
         Command::Certs { out, nodes } => certs(&out, &nodes),
+        Command::Prune { config, fileset, dry_run } => prune(&config.config, fileset.as_deref(), dry_run).await,
     }
 }
 
@@ -106,15 +119,21 @@ fn check(path: &std::path::Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The policy of `fileset`, or an error that says what is there instead.
+fn find_policy<'a>(loaded: &'a config::LoadedConfig, path: &std::path::Path, fileset: &str) -> Result<&'a config::Policy> {
+    if let Some(policy) = loaded.policy(fileset) {
+        return Ok(policy);
+    }
+    if let Some(e) = loaded.errors.iter().find(|e| e.file.to_string_lossy().contains(fileset)) {
+        bail!("file set `{fileset}` did not load: {e}");
+    }
+    let known: Vec<&str> = loaded.policies.iter().map(|p| p.fileset.0.as_str()).collect();
+    bail!("no file set `{fileset}` in the policies of {} (known: {})", path.display(), if known.is_empty() { "none".into() } else { known.join(", ") });
+}
+
 async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     let loaded = config::load(path)?;
-    let Some(policy) = loaded.policy(fileset) else {
-        if let Some(e) = loaded.errors.iter().find(|e| e.file.to_string_lossy().contains(fileset)) {
-            bail!("file set `{fileset}` did not load: {e}");
-        }
-        let known: Vec<&str> = loaded.policies.iter().map(|p| p.fileset.0.as_str()).collect();
-        bail!("no file set `{fileset}` in the policies of {} (known: {})", path.display(), if known.is_empty() { "none".into() } else { known.join(", ") });
-    };
+    let policy = find_policy(&loaded, path, fileset)?;
     for e in &loaded.errors {
         tracing::warn!("skipping a broken policy: {e}");
     }
@@ -147,4 +166,35 @@ fn certs(out: &std::path::Path, nodes: &[String]) -> Result<ExitCode> {
         println!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn prune(path: &std::path::Path, fileset: Option<&str>, dry_run: bool) -> Result<ExitCode> {
+    use crate::schedule::prune;
+    let loaded = config::load(path)?;
+    let policies: Vec<&config::Policy> = match fileset {
+        Some(f) => vec![find_policy(&loaded, path, f)?],
+        None => loaded.policies.iter().collect(),
+    };
+    // The daemon prunes by itself; two pruners could race a transfer's base.
+    let _lock = if dry_run { None } else { Some(crate::daemon::lock_state_dir(&loaded.node.state_dir).map_err(|e| anyhow::anyhow!("{e:#}; it prunes by itself (use --dry-run to see its plan)"))?) };
+    let reports = prune::plan_node(&loaded, &policies).await?;
+    for r in &reports {
+        println!("{} {}:", r.side, r.fileset);
+        for e in &r.plan.entries {
+            if e.delete() {
+                println!("  {}  delete", e.name);
+            } else {
+                let why: Vec<String> = e.keep.iter().map(|k| k.to_string()).collect();
+                println!("  {}  keep ({})", e.name, why.join(", "));
+            }
+        }
+        if let Some(why) = &r.blocked {
+            println!("  not pruned: {why}");
+        }
+    }
+    if !dry_run {
+        let n = prune::apply_reports(&loaded, &reports).await?;
+        println!("deleted {n} snapshot(s)");
+    }
+    Ok(if reports.iter().any(|r| r.blocked.is_some()) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }

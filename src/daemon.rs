@@ -1,7 +1,9 @@
 //! `snapship run`: the foreground daemon.
 //!
-//! It loads the node config (broken policies are reported and skipped), serves as replica for
-//! every file set whose origin is another node, and stops cleanly on SIGINT or SIGTERM.
+//! It loads the node config (broken policies are reported and skipped), runs the origin loop
+//! of every file set whose origin is this node, serves as replica for every file set whose
+//! origin is another node, and stops cleanly on SIGINT or SIGTERM. A lock file in
+//! `state_dir` keeps a second daemon (and `snapship prune` without `--dry-run`) away.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +13,21 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
+use crate::replicate;
+use crate::schedule::clock::Clock;
+use crate::schedule::origin::OriginJob;
 use crate::ship::server;
+use crate::snapshot;
+use crate::state::StateStore;
+
+/// Holds `state_dir/daemon.lock` while the daemon runs.
+pub fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    std::fs::create_dir_all(state_dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", state_dir.display()))?;
+    let path = state_dir.join("daemon.lock");
+    let file = std::fs::File::create(&path).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| anyhow::anyhow!("another snapship run uses {} (its lock {} is held)", state_dir.display(), path.display()))
+}
 
 pub async fn run(config_path: &Path) -> Result<()> {
     let loaded = Arc::new(config::load(config_path)?);
@@ -28,14 +44,35 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let origin_of: Vec<&str> = loaded.policies.iter().filter(|p| p.origin.node == *here).map(|p| p.fileset.0.as_str()).collect();
     tracing::info!(node = %here, origin_of = ?origin_of, replica_of = ?replica_of, "starting");
 
+    let _lock = lock_state_dir(&loaded.node.state_dir)?;
     let shutdown = CancellationToken::new();
+    let origins = tokio_util::task::TaskTracker::new();
+    let mut connector = None;
+    for policy in loaded.policies.iter().filter(|p| p.origin.node == *here) {
+        let job = (|| -> Result<OriginJob> {
+            let origin = snapshot::origin_for(policy)?.into();
+            let replicas = replicate::endpoints(&loaded, policy, &mut connector)?;
+            let state = StateStore::open(&loaded.node.state_dir, &policy.fileset.0)?.into();
+            Ok(OriginJob::new(policy.clone(), origin, replicas, state, Clock::System))
+        })();
+        match job {
+            Ok(job) => {
+                origins.spawn(job.run(shutdown.clone()));
+            }
+            // One file set's trouble never stops the others.
+            Err(e) => tracing::error!(fileset = %policy.fileset, "cannot start: {e:#}"),
+        }
+    }
+    origins.close();
     let mut server_task = None;
     if !replica_of.is_empty() {
         let Some(addr) = loaded.node.listen else {
             bail!("node `{here}` is a replica of {} but {} has no `listen:` address", replica_of.join(", "), loaded.node.file.display());
         };
-        server_task = Some(tokio::spawn(server::serve(loaded.clone(), addr, shutdown.clone())));
+        let bound = server::bind(&loaded, addr)?;
+        server_task = Some(tokio::spawn(server::serve(bound, loaded.clone(), shutdown.clone())));
     }
+    tracing::info!(node = %here, "running");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -57,6 +94,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     }
     shutdown.cancel();
+    origins.wait().await;
     if let Some(task) = server_task {
         task.await??;
     }

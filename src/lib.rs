@@ -9,3 +9,4 @@ pub mod replicate;
 pub mod schedule;
 pub mod ship;
 pub mod snapshot;
+pub mod state;

@@ -16,7 +16,8 @@ use crate::ship::ReplicaEndpoint;
 use crate::ship::local::LocalReplica;
 use crate::ship::meter::Metered;
 use crate::ship::quic::{Connector, RemoteReplica};
-use crate::snapshot::{self, Incoming, OriginSide, Snapshot, common_base};
+use crate::state::StateStore;
+use crate::snapshot::{self, Incoming, Kind, OriginSide, Snapshot, common_base};
 
 /// What one replica got.
 #[derive(Debug, Clone)]
@@ -45,12 +46,12 @@ impl SyncReport {
 
 /// The endpoints of `policy`'s replicas as seen from this node, the origin: a local pipe
 /// for a replica on this node, QUIC for the others (through `connector`, made on first need).
-pub fn endpoints(config: &LoadedConfig, policy: &Policy, connector: &mut Option<Arc<Connector>>) -> Result<Vec<Box<dyn ReplicaEndpoint>>> {
+pub fn endpoints(config: &LoadedConfig, policy: &Policy, connector: &mut Option<Arc<Connector>>) -> Result<Vec<Arc<dyn ReplicaEndpoint>>> {
     let here = &config.node.node;
-    let mut out: Vec<Box<dyn ReplicaEndpoint>> = Vec::new();
+    let mut out: Vec<Arc<dyn ReplicaEndpoint>> = Vec::new();
     for replica in &policy.replicas {
         if &replica.node == here {
-            out.push(Box::new(LocalReplica::new(replica.node.0.clone(), snapshot::replica_for(policy, replica)?)));
+            out.push(Arc::new(LocalReplica::new(replica.node.0.clone(), policy.clone(), snapshot::replica_for(policy, replica)?)));
             continue;
         }
         let addr = config.node.peers.get(&replica.node).ok_or_else(|| anyhow!("replica `{}` is not in peers", replica.node))?;
@@ -58,7 +59,7 @@ pub fn endpoints(config: &LoadedConfig, policy: &Policy, connector: &mut Option<
             Some(c) => c.clone(),
             None => connector.insert(Arc::new(Connector::new(&config.node)?)).clone(),
         };
-        out.push(Box::new(RemoteReplica::new(replica.node.0.clone(), addr.clone(), policy.fileset.0.clone(), policy.transfer.clone(), connector)));
+        out.push(Arc::new(RemoteReplica::new(replica.node.0.clone(), addr.clone(), policy.fileset.0.clone(), policy.transfer.clone(), connector)));
     }
     Ok(out)
 }
@@ -75,38 +76,75 @@ pub async fn sync(config: &LoadedConfig, policy: &Policy) -> Result<SyncReport> 
     }
     let origin = snapshot::origin_for(policy)?;
     let endpoints = endpoints(config, policy, &mut None)?;
-    let snap = origin.take_snapshot().await.with_context(|| format!("file set `{}`: cannot take a snapshot", policy.fileset))?;
+    let snap = origin.take_snapshot(Kind::Scheduled).await.with_context(|| format!("file set `{}`: cannot take a snapshot", policy.fileset))?;
     tracing::info!(fileset = %policy.fileset, snapshot = %snap.name, "snapshot taken");
-    let held = origin.list().await?;
 
     let jobs = endpoints.iter().map(|ep| async {
-        let result = ship_to(origin.as_ref(), &held, &snap, ep.as_ref()).await;
-        match &result {
-            Ok(r) => tracing::info!(
-                fileset = %policy.fileset, replica = %r.node, snapshot = %r.snapshot,
-                base = r.base.as_deref().unwrap_or("none (full)"), bytes = r.bytes,
-                secs = format!("{:.2}", r.elapsed.as_secs_f64()), "replica up to date"
-            ),
-            Err(e) => tracing::error!(fileset = %policy.fileset, replica = ep.node(), "replication failed: {e:#}"),
-        }
+        let result = ship_to(origin.as_ref(), &snap, ep.as_ref()).await;
+        log_outcome(&policy.fileset.0, ep.node(), &result);
         (ep.node().to_string(), result)
     });
     let replicas = futures::future::join_all(jobs).await;
+    let state = StateStore::open(&config.node.state_dir, &policy.fileset.0)?;
+    for (node, result) in &replicas {
+        if let Err(e) = state.record_outcome(node, &snap.name, result).await {
+            tracing::error!(fileset = %policy.fileset, "cannot record the state: {e:#}");
+        }
+    }
     Ok(SyncReport { fileset: policy.fileset.0.clone(), snapshot: snap, replicas })
 }
 
-/// Brings one replica up to `snapshot`, incremental from the common base when there is one.
-pub async fn ship_to(origin: &dyn OriginSide, held: &[Snapshot], snapshot: &Snapshot, ep: &dyn ReplicaEndpoint) -> Result<ReplicaReport> {
-    let start = Instant::now();
+pub fn log_outcome(fileset: &str, replica: &str, result: &Result<ReplicaReport>) {
+    match result {
+        Ok(r) => tracing::info!(
+            fileset, replica, snapshot = %r.snapshot, base = r.base.as_deref().unwrap_or("none (full)"), bytes = r.bytes,
+            secs = format!("{:.2}", r.elapsed.as_secs_f64()), "replica up to date"
+        ),
+        Err(e) => tracing::error!(fileset, replica, "replication failed: {e:#}"),
+    }
+}
+
+/// How a replica will be brought up to a snapshot.
+#[derive(Debug, Clone)]
+pub enum Plan {
+    /// It already holds the snapshot.
+    AlreadyThere,
+    /// Send the snapshot, incremental from this base, or full.
+    Send { base: Option<Snapshot> },
+}
+
+/// Asks the replica what it holds and picks the base: the newest common snapshot older than
+/// `snapshot`, by identity.
+pub async fn plan(origin: &dyn OriginSide, snapshot: &Snapshot, ep: &dyn ReplicaEndpoint) -> Result<Plan> {
     let replica_has = ep.list().await.with_context(|| format!("cannot list the snapshots of replica `{}`", ep.node()))?;
     if replica_has.iter().any(|r| r.identity == snapshot.identity) {
-        return Ok(ReplicaReport { node: ep.node().into(), snapshot: snapshot.name.to_string(), base: None, bytes: 0, elapsed: start.elapsed() });
+        return Ok(Plan::AlreadyThere);
     }
-    let base = common_base(held, &replica_has).filter(|b| b.name < snapshot.name);
-    let incoming = Incoming { name: snapshot.name.clone(), identity: snapshot.identity.clone(), base: base.map(|b| b.identity.clone()) };
+    let held = origin.list().await?;
+    let base = common_base(&held, &replica_has).filter(|b| b.name < snapshot.name).cloned();
+    Ok(Plan::Send { base })
+}
+
+/// Carries out `plan`.
+pub async fn transfer(origin: &dyn OriginSide, snapshot: &Snapshot, plan: &Plan, ep: &dyn ReplicaEndpoint) -> Result<ReplicaReport> {
+    let start = Instant::now();
+    let report = |base: Option<&Snapshot>, bytes| ReplicaReport {
+        node: ep.node().into(),
+        snapshot: snapshot.name.to_string(),
+        base: base.map(|b| b.name.to_string()),
+        bytes,
+        elapsed: start.elapsed(),
+    };
+    let Plan::Send { base } = plan else { return Ok(report(None, 0)) };
+    let incoming = Incoming { name: snapshot.name.clone(), identity: snapshot.identity.clone(), base: base.as_ref().map(|b| b.identity.clone()) };
     // Dropping the stream (on error) kills the sending process.
-    let mut reader = Metered::new(origin.send(snapshot, base).await?);
+    let mut reader = Metered::new(origin.send(snapshot, base.as_ref()).await?);
     ep.receive(&incoming, &mut reader).await?;
-    let bytes = reader.bytes();
-    Ok(ReplicaReport { node: ep.node().into(), snapshot: snapshot.name.to_string(), base: base.map(|b| b.name.to_string()), bytes, elapsed: start.elapsed() })
+    Ok(report(base.as_ref(), reader.bytes()))
+}
+
+/// Brings one replica up to `snapshot`, incremental from the common base when there is one.
+pub async fn ship_to(origin: &dyn OriginSide, snapshot: &Snapshot, ep: &dyn ReplicaEndpoint) -> Result<ReplicaReport> {
+    let plan = plan(origin, snapshot, ep).await?;
+    transfer(origin, snapshot, &plan, ep).await
 }

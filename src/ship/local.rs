@@ -5,16 +5,19 @@ use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
 use super::ReplicaEndpoint;
+use crate::config::Policy;
+use crate::schedule::prune::prune_replica_after_receive;
 use crate::snapshot::{Incoming, ReplicaSide, Snapshot};
 
 pub struct LocalReplica {
     node: String,
+    policy: Policy,
     side: Box<dyn ReplicaSide>,
 }
 
 impl LocalReplica {
-    pub fn new(node: String, side: Box<dyn ReplicaSide>) -> Self {
-        LocalReplica { node, side }
+    pub fn new(node: String, policy: Policy, side: Box<dyn ReplicaSide>) -> Self {
+        LocalReplica { node, policy, side }
     }
 }
 
@@ -29,6 +32,9 @@ impl ReplicaEndpoint for LocalReplica {
     }
 
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
-        self.side.receive(incoming, stream).await.map(drop)
+        self.side.receive(incoming, stream).await?;
+        // As a remote replica does after a receive: prune by the replica side's retention.
+        prune_replica_after_receive(&self.policy, self.side.as_ref()).await;
+        Ok(())
     }
 }

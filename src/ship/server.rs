@@ -39,11 +39,10 @@ pub fn authorize<'a>(config: &'a LoadedConfig, peer: &str, fileset: &str) -> Res
     }
 }
 
-/// Listens on `addr` until `shutdown`; transfers in flight are dropped then (the partial
-/// receive stays hidden in staging and is removed by the next one).
-pub async fn serve(config: Arc<LoadedConfig>, addr: SocketAddr, shutdown: CancellationToken) -> Result<()> {
+/// Binds the listening socket (so that a port in use is an error at start-up).
+pub fn bind(config: &LoadedConfig, addr: SocketAddr) -> Result<Server> {
     let files = config.node.tls.as_ref().ok_or_else(|| anyhow!("{} has no `tls:` section; a replica needs one", config.node.file.display()))?;
-    let mut server = Server::builder()
+    let server = Server::builder()
         .with_tls(tls::server_tls(files)?)?
         .with_limits(super::quic::limits()?)?
         .with_event(PeerIdentity)?
@@ -51,6 +50,12 @@ pub async fn serve(config: Arc<LoadedConfig>, addr: SocketAddr, shutdown: Cancel
         .start()
         .map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
     tracing::info!(node = %config.node.node, %addr, "listening for origins");
+    Ok(server)
+}
+
+/// Serves until `shutdown`; transfers in flight are dropped then (the partial receive stays
+/// hidden in staging and is removed by the next one).
+pub async fn serve(mut server: Server, config: Arc<LoadedConfig>, shutdown: CancellationToken) -> Result<()> {
     let tasks = TaskTracker::new();
     loop {
         tokio::select! {
@@ -145,6 +150,8 @@ async fn serve_request(
             let mut data = transfer::incoming_data(frames, compression);
             side.receive(&incoming, &mut data).await?;
             tracing::info!(%peer, %fileset, %snapshot, "received and committed");
+            // Prune this replica by its own policy (its newest snapshot is always kept).
+            crate::schedule::prune::prune_replica_after_receive(policy, side.as_ref()).await;
             Ok(Message::Committed { snapshot })
         }
         other => Ok(Message::error(ErrorCode::BadRequest, format!("expected list or begin, got {other:?}"))),

@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
 use super::runner::{Cmd, Pipe};
-use super::{Incoming, OriginSide, ReplicaSide, SendStream, Snapshot, SnapshotName};
+use super::{Incoming, Kind, OriginSide, ReplicaSide, SendStream, Snapshot, SnapshotName};
 
 pub const STAGING_DIR: &str = ".snapship-staging";
 pub const LATEST: &str = "latest";
@@ -118,7 +118,7 @@ impl BtrfsOrigin {
 
 #[async_trait]
 impl OriginSide for BtrfsOrigin {
-    async fn take_snapshot(&self) -> Result<Snapshot> {
+    async fn take_snapshot(&self, kind: Kind) -> Result<Snapshot> {
         let (src, dir) = (self.subvolume.clone(), self.snapshot_dir.clone());
         blocking(move || {
             match libbtrfsutil::is_subvolume(&src) {
@@ -127,7 +127,7 @@ impl OriginSide for BtrfsOrigin {
                 Err(e) => return Err(util_error(format!("cannot use {} as a btrfs subvolume", src.display()), e)),
             }
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create snapshot directory {}", dir.display()))?;
-            let mut name = SnapshotName::next(Utc::now(), our_names(&dir)?.last());
+            let mut name = SnapshotName::next(Utc::now(), our_names(&dir)?.last(), kind);
             loop {
                 let target = dir.join(name.as_str());
                 match CreateSnapshotOptions::new().readonly(true).create(&src, &target) {
@@ -143,6 +143,20 @@ impl OriginSide for BtrfsOrigin {
             }
             let path = dir.join(name.as_str());
             describe(&path, name, false)?.ok_or_else(|| anyhow!("new snapshot {} is not read-only", path.display()))
+        })
+        .await
+    }
+
+    async fn changed_since(&self, snapshot: &Snapshot) -> Result<bool> {
+        let (src, snap) = (self.subvolume.clone(), self.path_of(snapshot));
+        blocking(move || {
+            // Generations move at transaction commit; commit what is dirty first (nothing
+            // happens when nothing is), so a change shows now rather than within 30 s.
+            sync_fs(&src)?;
+            let now = libbtrfsutil::subvolume_info(&src).map_err(|e| util_error(format!("cannot read subvolume {}", src.display()), e))?;
+            let then = libbtrfsutil::subvolume_info(&snap).map_err(|e| util_error(format!("cannot read snapshot {}", snap.display()), e))?;
+            // Taking the snapshot left both at the same generation.
+            Ok(now.generation() > then.generation())
         })
         .await
     }

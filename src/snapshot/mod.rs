@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::config::{BackendKind, Policy, ReplicaSpec};
-pub use name::SnapshotName;
+pub use name::{Kind, SnapshotName};
 
 /// A snapshot that snapship made, as one side sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +88,11 @@ pub struct Incoming {
 #[async_trait]
 pub trait OriginSide: Send + Sync {
     /// Takes a read-only snapshot of the file set now.
-    async fn take_snapshot(&self) -> Result<Snapshot>;
+    async fn take_snapshot(&self, kind: Kind) -> Result<Snapshot>;
+    /// Whether the file set changed after `snapshot` was taken (btrfs: the subvolume's
+    /// generation moved past the snapshot's, once dirty data is committed). Cheap enough to
+    /// poll; continuous mode relies on it.
+    async fn changed_since(&self, snapshot: &Snapshot) -> Result<bool>;
     /// Every snapshot snapship made of this file set, oldest first.
     async fn list(&self) -> Result<Vec<Snapshot>>;
     /// Opens a stream of `snapshot`, incremental from `base` when given.

@@ -1,0 +1,215 @@
+//! The origin's loop for one file set in `snapship run`.
+//!
+//! One task takes snapshots when the policy says (cron in snapshot and hybrid mode, data
+//! changes at most once per `min_interval` in continuous and hybrid mode) and publishes the
+//! newest on a watch channel. One worker per replica ships the newest snapshot to it: a
+//! worker never runs two transfers at once, and snapshots taken during a transfer fold into
+//! the next one (the channel holds only the newest), so nothing piles up. A failed transfer is
+//! retried with exponential backoff and jitter; a slow or dead replica delays nobody else.
+//! After each snapshot and each successful transfer the origin is pruned, protecting every
+//! replica's common base and whatever is in flight.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio::sync::{RwLock, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::clock::Clock;
+use super::prune;
+use super::retention::Reason;
+use super::triggers::{ChangeWatcher, next_fire};
+use crate::config::{Mode, Policy};
+use crate::replicate::{self, Plan};
+use crate::ship::ReplicaEndpoint;
+use crate::snapshot::{Kind, OriginSide, Snapshot, SnapshotName};
+use crate::state::StateStore;
+
+/// Retry delays for a failing replica: from 1 s, doubling, at most 5 minutes, jittered.
+fn retry_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(300))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+pub struct OriginJob {
+    pub policy: Policy,
+    pub origin: Arc<dyn OriginSide>,
+    pub replicas: Vec<Arc<dyn ReplicaEndpoint>>,
+    pub state: Arc<StateStore>,
+    pub clock: Clock,
+    /// Transfers planned or under way: replica -> (snapshot, base).
+    in_flight: Mutex<BTreeMap<String, (SnapshotName, Option<SnapshotName>)>>,
+    /// Planning a transfer (read) and pruning (write) exclude each other, so a base chosen
+    /// for a transfer is registered as in flight before any prune can see it.
+    plan_lock: RwLock<()>,
+}
+
+impl OriginJob {
+    pub fn new(policy: Policy, origin: Arc<dyn OriginSide>, replicas: Vec<Arc<dyn ReplicaEndpoint>>, state: Arc<StateStore>, clock: Clock) -> Self {
+        OriginJob { policy, origin, replicas, state, clock, in_flight: Mutex::default(), plan_lock: RwLock::new(()) }
+    }
+
+    fn fileset(&self) -> &str {
+        &self.policy.fileset.0
+    }
+
+    /// Runs until `shutdown`; transfers in flight are then dropped (the replica removes the
+    /// partial receive; the next run sends again from the base).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let job = Arc::new(self);
+        let newest = match job.origin.list().await {
+            Ok(mut list) => list.pop(),
+            Err(e) => {
+                tracing::error!(fileset = job.fileset(), "cannot list snapshots: {e:#}");
+                None
+            }
+        };
+        let (tx, rx) = watch::channel(newest);
+        let workers = TaskTracker::new();
+        for ep in &job.replicas {
+            workers.spawn(job.clone().replica_worker(ep.clone(), rx.clone(), shutdown.clone()));
+        }
+        workers.close();
+        job.snapshot_loop(&tx, &shutdown).await;
+        workers.wait().await;
+    }
+
+    async fn snapshot_loop(&self, newest: &watch::Sender<Option<Snapshot>>, shutdown: &CancellationToken) {
+        let p = &self.policy;
+        let watcher = matches!(p.mode, Mode::Continuous | Mode::Hybrid).then(|| ChangeWatcher::new(std::path::Path::new(&p.origin.path)));
+        let min_interval = p.continuous.as_ref().map_or(Duration::from_secs(1), |c| c.min_interval.0);
+        let mut last_fire = self.clock.now();
+        let mut last_snapshot = tokio::time::Instant::now() - min_interval;
+        loop {
+            // A firing missed by more than a minute (a suspended machine) is not replayed.
+            if let Some(next) = p.schedule.as_ref().and_then(|s| s.next_after(last_fire)) {
+                if next < self.clock.now() - chrono::Duration::minutes(1) {
+                    last_fire = self.clock.now();
+                }
+            }
+            let kind = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                t = async { next_fire(p.schedule.as_ref().expect("guarded"), &self.clock, last_fire).await }, if p.schedule.is_some() => {
+                    last_fire = t;
+                    Kind::Scheduled
+                }
+                _ = async { watcher.as_ref().expect("guarded").wait().await }, if watcher.is_some() => Kind::Continuous,
+            };
+            if kind == Kind::Continuous {
+                // At most one snapshot per min_interval: changes within it coalesce.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(last_snapshot + min_interval) => {}
+                }
+                let current = newest.borrow().clone();
+                let changed = match &current {
+                    Some(s) => self.origin.changed_since(s).await,
+                    None => Ok(true),
+                };
+                match changed {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!(fileset = self.fileset(), "cannot check for changes: {e:#}");
+                        continue;
+                    }
+                }
+            }
+            match self.origin.take_snapshot(kind).await {
+                Ok(s) => {
+                    tracing::info!(fileset = self.fileset(), snapshot = %s.name, "snapshot taken");
+                    last_snapshot = tokio::time::Instant::now();
+                    newest.send_replace(Some(s));
+                }
+                Err(e) => tracing::error!(fileset = self.fileset(), "cannot take a snapshot: {e:#}"),
+            }
+            self.prune().await;
+        }
+    }
+
+    /// Ships the newest snapshot to one replica, again whenever a newer one appears.
+    async fn replica_worker(self: Arc<Self>, ep: Arc<dyn ReplicaEndpoint>, mut newest: watch::Receiver<Option<Snapshot>>, shutdown: CancellationToken) {
+        let mut delays = None;
+        loop {
+            let target = newest.borrow_and_update().clone();
+            if let Some(snapshot) = target {
+                let attempt = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = self.ship(ep.as_ref(), &snapshot) => r,
+                };
+                match attempt {
+                    Ok(()) => delays = None,
+                    Err(e) => {
+                        let delay = delays.get_or_insert_with(retry_delays).next().unwrap_or(Duration::from_secs(300));
+                        tracing::warn!(fileset = self.fileset(), replica = ep.node(), "retrying in {:.1}s: {e:#}", delay.as_secs_f64());
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => continue,
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = newest.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// One attempt at bringing `ep` up to `snapshot`; records the outcome in the state.
+    async fn ship(&self, ep: &dyn ReplicaEndpoint, snapshot: &Snapshot) -> Result<()> {
+        let node = ep.node().to_string();
+        let result = async {
+            let plan = {
+                let _planning = self.plan_lock.read().await;
+                let plan = replicate::plan(self.origin.as_ref(), snapshot, ep).await?;
+                if let Plan::Send { base } = &plan {
+                    let base = base.as_ref().map(|b| b.name.clone());
+                    self.in_flight.lock().expect("in_flight lock").insert(node.clone(), (snapshot.name.clone(), base.clone()));
+                    let record = (snapshot.name.to_string(), base.map(|b| b.to_string()));
+                    self.state.update(|s| s.replicas.entry(node.clone()).or_default().in_flight = Some(record)).await?;
+                }
+                plan
+            };
+            replicate::transfer(self.origin.as_ref(), snapshot, &plan, ep).await
+        }
+        .await;
+        self.in_flight.lock().expect("in_flight lock").remove(&node);
+        replicate::log_outcome(self.fileset(), &node, &result);
+        let recorded = self.state.record_outcome(&node, &snapshot.name, &result).await;
+        if let Err(e) = recorded {
+            tracing::error!(fileset = self.fileset(), "cannot record the state: {e:#}");
+        }
+        result?;
+        self.prune().await;
+        Ok(())
+    }
+
+    /// Prunes the origin by its retention, protecting bases and transfers in flight.
+    async fn prune(&self) {
+        let _exclusive = self.plan_lock.write().await;
+        let mut protect = prune::origin_protections(&self.state.get().await);
+        for (snapshot, base) in self.in_flight.lock().expect("in_flight lock").values() {
+            protect.push((snapshot.clone(), Reason::InFlight));
+            if let Some(b) = base {
+                protect.push((b.clone(), Reason::InFlight));
+            }
+        }
+        let result = async {
+            let plan = prune::plan_origin(&self.policy, self.origin.as_ref(), &protect, self.clock.now()).await?;
+            prune::apply_origin(self.fileset(), &plan, self.origin.as_ref()).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::error!(fileset = self.fileset(), "pruning failed: {e:#}");
+        }
+    }
+}

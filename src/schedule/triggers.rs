@@ -1,0 +1,139 @@
+//! What makes an origin take a snapshot: the cron schedule, and changes to the data.
+//!
+//! Changes are noticed two ways: inotify (through the `notify` crate, recursive) wakes the
+//! scheduler as soon as something is written, and a poll every few seconds catches what
+//! inotify cannot see (writes through mmap, a watch limit reached). Either way the backend's
+//! `changed_since` decides, so a wake-up without a committed change takes no snapshot.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::Notify;
+
+use super::clock::Clock;
+use super::cron::CronSchedule;
+
+/// The safety-net poll of continuous mode.
+pub const POLL: Duration = Duration::from_secs(5);
+
+/// Waits for the next firing of `schedule` after `after`, and returns its time.
+pub async fn next_fire(schedule: &CronSchedule, clock: &Clock, after: DateTime<Utc>) -> DateTime<Utc> {
+    match schedule.next_after(after) {
+        Some(t) => {
+            clock.sleep_until(t).await;
+            t
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Wakes its owner when files under a directory change. Notifications coalesce: many writes
+/// make one wake-up, and nothing queues up while the owner is busy.
+pub struct ChangeWatcher {
+    wake: Arc<Notify>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl ChangeWatcher {
+    /// Watches `path` recursively. If inotify cannot (watch limit, unsupported fs), the
+    /// watcher only wakes on the poll, and says so in the log.
+    pub fn new(path: &Path) -> ChangeWatcher {
+        let wake = Arc::new(Notify::new());
+        let watcher = Self::watch(path, wake.clone())
+            .inspect_err(|e| tracing::warn!(path = %path.display(), "cannot watch for changes ({e:#}); polling every {}s instead", POLL.as_secs()))
+            .ok();
+        ChangeWatcher { wake, _watcher: watcher }
+    }
+
+    fn watch(path: &Path, wake: Arc<Notify>) -> Result<notify::RecommendedWatcher> {
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                if !matches!(event.kind, EventKind::Access(_)) {
+                    wake.notify_one();
+                }
+            }
+        })
+        .context("cannot start inotify")?;
+        watcher.watch(path, RecursiveMode::Recursive).with_context(|| format!("cannot watch {}", path.display()))?;
+        Ok(watcher)
+    }
+
+    /// Returns on the next change notification, or after the poll interval.
+    pub async fn wait(&self) {
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap()
+    }
+
+    /// Firings of `expr` from `start` for `hours` simulated hours.
+    async fn firings(expr: &str, start: DateTime<Utc>, hours: i64) -> Vec<DateTime<Utc>> {
+        let schedule: CronSchedule = expr.parse().unwrap();
+        let clock = Clock::fake(start);
+        let end = start + chrono::Duration::hours(hours);
+        let mut out = Vec::new();
+        let mut after = clock.now();
+        loop {
+            let t = next_fire(&schedule, &clock, after).await;
+            if t > end {
+                return out;
+            }
+            assert!(clock.now() >= t, "woke before the firing time");
+            out.push(t);
+            after = t;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fires_on_time_across_minute_day_and_dst_boundaries() {
+        // Every 15 minutes across midnight.
+        let got = firings("*/15 * * * *", utc(2026, 3, 28, 23, 20, 0), 1).await;
+        assert_eq!(got, [utc(2026, 3, 28, 23, 30, 0), utc(2026, 3, 28, 23, 45, 0), utc(2026, 3, 29, 0, 0, 0), utc(2026, 3, 29, 0, 15, 0)]);
+        // Hourly across the EU switch to summer time (01:00 UTC, 29 March 2026): schedules run
+        // in UTC, so there is no skipped or doubled hour.
+        let got = firings("@hourly", utc(2026, 3, 29, 0, 30, 0), 3).await;
+        assert_eq!(got, [utc(2026, 3, 29, 1, 0, 0), utc(2026, 3, 29, 2, 0, 0), utc(2026, 3, 29, 3, 0, 0)]);
+        // And back to winter time (25 October 2026).
+        let got = firings("30 1 * * *", utc(2026, 10, 24, 12, 0, 0), 48).await;
+        assert_eq!(got, [utc(2026, 10, 25, 1, 30, 0), utc(2026, 10, 26, 1, 30, 0)]);
+        // Seconds field: every 2 seconds for one minute is 30 firings.
+        let got = firings("*/2 * * * * *", utc(2026, 1, 1, 0, 0, 0), 1).await;
+        assert_eq!(got.iter().filter(|t| **t <= utc(2026, 1, 1, 0, 1, 0)).count(), 30);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missed_firing_is_not_replayed() {
+        // The scheduler asks for the next firing after *now*: after a long pause (a busy
+        // transfer, a suspended machine) it fires once, not once per missed slot.
+        let schedule: CronSchedule = "* * * * *".parse().unwrap();
+        let clock = Clock::fake(utc(2026, 1, 1, 0, 0, 30));
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let t = next_fire(&schedule, &clock, clock.now()).await;
+        assert_eq!(t, utc(2026, 1, 1, 1, 1, 0));
+    }
+
+    #[tokio::test]
+    async fn watcher_wakes_on_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let w = ChangeWatcher::new(dir.path());
+        let start = std::time::Instant::now();
+        std::fs::write(dir.path().join("sub/file"), "x").unwrap();
+        w.wait().await;
+        assert!(start.elapsed() < POLL, "woke by the poll, not by the write");
+    }
+}

@@ -1,0 +1,121 @@
+//! What a node remembers between runs, per file set it is origin of, in
+//! `state_dir/filesets/FILESET.json`: for each replica the common base last seen (so that it
+//! stays protected from pruning while the replica is away, even across restarts), the
+//! transfer in flight, and the last success and error (for status).
+//!
+//! Written atomically (temp file, fsync, rename): a crash leaves the old or the new state.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::snapshot::SnapshotName;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FilesetState {
+    #[serde(default)]
+    pub replicas: BTreeMap<String, ReplicaState>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaState {
+    /// The newest snapshot both sides held when last seen: the next incremental base.
+    pub base: Option<String>,
+    /// A transfer under way: the snapshot sent and its base.
+    pub in_flight: Option<(String, Option<String>)>,
+    pub last_success: Option<DateTime<Utc>>,
+    pub last_error: Option<(DateTime<Utc>, String)>,
+}
+
+pub struct StateStore {
+    path: PathBuf,
+    state: Mutex<FilesetState>,
+}
+
+impl StateStore {
+    /// The path of `fileset`'s state under `state_dir`.
+    pub fn path_for(state_dir: &Path, fileset: &str) -> PathBuf {
+        state_dir.join("filesets").join(format!("{fileset}.json"))
+    }
+
+    /// Reads a state file; a missing one is an empty state.
+    pub fn read(path: &Path) -> Result<FilesetState> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("{} is not a valid state file; move it away to start afresh", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FilesetState::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    pub fn open(state_dir: &Path, fileset: &str) -> Result<StateStore> {
+        let path = Self::path_for(state_dir, fileset);
+        let state = Self::read(&path)?;
+        Ok(StateStore { path, state: Mutex::new(state) })
+    }
+
+    pub async fn get(&self) -> FilesetState {
+        self.state.lock().await.clone()
+    }
+
+    /// Records how a transfer of `snapshot` to `replica` ended: on success the snapshot is
+    /// the new common base.
+    pub async fn record_outcome<T>(&self, replica: &str, snapshot: &SnapshotName, result: &Result<T>) -> Result<()> {
+        let now = Utc::now();
+        self.update(|s| {
+            let r = s.replicas.entry(replica.to_string()).or_default();
+            r.in_flight = None;
+            match result {
+                Ok(_) => {
+                    r.base = Some(snapshot.to_string());
+                    r.last_success = Some(now);
+                    r.last_error = None;
+                }
+                Err(e) => r.last_error = Some((now, format!("{e:#}"))),
+            }
+        })
+        .await
+    }
+
+    /// Changes the state and writes it out before returning.
+    pub async fn update(&self, change: impl FnOnce(&mut FilesetState)) -> Result<()> {
+        let mut guard = self.state.lock().await;
+        change(&mut guard);
+        let bytes = serde_json::to_vec_pretty(&*guard)?;
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes)).await??;
+        Ok(())
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().expect("state files live in a directory");
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), "projects").unwrap();
+        store.update(|s| s.replicas.entry("beta".into()).or_default().base = Some("snapship-20260101T000000.000Z".into())).await.unwrap();
+        let again = StateStore::open(dir.path(), "projects").unwrap();
+        assert_eq!(again.get().await.replicas["beta"].base.as_deref(), Some("snapship-20260101T000000.000Z"));
+        std::fs::write(StateStore::path_for(dir.path(), "bad"), "{").unwrap();
+        assert!(StateStore::open(dir.path(), "bad").err().unwrap().to_string().contains("not a valid state file"));
+    }
+}

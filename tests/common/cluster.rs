@@ -1,0 +1,123 @@
+//! Several nodes on 127.0.0.1 for the multi-node tests: a loop btrfs, a node config and
+//! policies per node, certificates from one CA, and `snapship run` daemons.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use super::*;
+
+/// A few nodes on 127.0.0.1, one loop btrfs each, certificates from one CA.
+pub struct Cluster {
+    pub scratch: Scratch,
+    pub fs: BTreeMap<String, LoopBtrfs>,
+    pub ports: BTreeMap<String, u16>,
+    pub daemons: BTreeMap<String, Daemon>,
+}
+
+/// Every test uses its own ports so that tests run in parallel.
+impl Cluster {
+    pub fn new(test: &str, nodes: &[&str], base_port: u16) -> Cluster {
+        let scratch = Scratch::new(test);
+        run(snapship().arg("certs").arg("--out").arg(scratch.dir.join("certs")).args(nodes));
+        let mut fs = BTreeMap::new();
+        let mut ports = BTreeMap::new();
+        for (i, n) in nodes.iter().enumerate() {
+            fs.insert(n.to_string(), LoopBtrfs::new(&scratch, n, 400));
+            ports.insert(n.to_string(), base_port + i as u16);
+        }
+        Cluster { scratch, fs, ports, daemons: BTreeMap::new() }
+    }
+
+    pub fn mnt(&self, node: &str) -> &Path {
+        &self.fs[node].mnt
+    }
+
+    pub fn dir(&self, node: &str) -> PathBuf {
+        self.scratch.dir.join(format!("{node}-conf"))
+    }
+
+    /// Writes `node`'s config (all other cluster nodes as peers) and its policies.
+    pub fn configure(&self, node: &str, policies: &[(&str, String)]) -> PathBuf {
+        self.configure_with_certs(node, policies, &self.scratch.dir.join("certs"))
+    }
+
+    pub fn configure_with_certs(&self, node: &str, policies: &[(&str, String)], certs: &Path) -> PathBuf {
+        let dir = self.dir(node);
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        for entry in std::fs::read_dir(dir.join("policies")).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        for (name, text) in policies {
+            std::fs::write(dir.join("policies").join(format!("{name}.yaml")), text).unwrap();
+        }
+        let peers: String = self.ports.iter().filter(|(n, _)| *n != node).map(|(n, p)| format!("  {n}: 127.0.0.1:{p}\n")).collect();
+        let text = format!(
+            "node: {node}\nlisten: 127.0.0.1:{}\nstate_dir: state\ntls:\n  ca: {c}/ca.pem\n  cert: {c}/{node}.pem\n  key: {c}/{node}.key\npeers:\n{peers}policies:\n  - policies/*.yaml\n",
+            self.ports[node],
+            c = certs.display()
+        );
+        let path = dir.join("node.yaml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    pub fn start(&mut self, node: &str) {
+        let log = self.scratch.dir.join(format!("{node}-run.log"));
+        let d = Daemon::start(&self.dir(node).join("node.yaml"), &log, " running ");
+        self.daemons.insert(node.to_string(), d);
+    }
+
+    pub fn stop(&mut self, node: &str) {
+        if let Some(mut d) = self.daemons.remove(node) {
+            let status = d.stop().unwrap();
+            assert!(status.success(), "snapship run on {node} did not exit cleanly: {status}\n{}", d.log_text());
+        }
+    }
+
+    pub fn sync(&self, node: &str, fileset: &str) -> Output {
+        snapship().args(["sync", "--config"]).arg(self.dir(node).join("node.yaml")).arg(fileset).output().unwrap()
+    }
+
+    pub fn sync_ok(&self, node: &str, fileset: &str) -> String {
+        let out = self.sync(node, fileset);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "sync {fileset} on {node} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        text
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.daemons.clear(); // stop daemons before unmounting
+    }
+}
+
+pub fn policy(fileset: &str, origin: &str, origin_path: &Path, replicas: &[(&str, PathBuf)]) -> String {
+    let mut text = format!(
+        "fileset: {fileset}\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: {origin}\n  path: {}\nreplicas:\n",
+        origin_path.display()
+    );
+    for (node, path) in replicas {
+        text += &format!("  - node: {node}\n    path: {}\n", path.display());
+    }
+    text
+}
+
+pub fn fill(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    write_random(&dir.join("data.bin"), 6 << 20, seed);
+    for i in 0..30 {
+        std::fs::write(dir.join(format!("sub/f{i}.txt")), format!("file {i} seed {seed}\n").repeat(50)).unwrap();
+    }
+}
+
+/// Names of complete snapshots in a replica directory.
+pub fn snapshots(dir: &Path) -> Vec<String> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    visible(dir).into_iter().filter(|n| n != "latest").collect()
+}
+
