@@ -42,6 +42,22 @@ enum Command {
         /// The file set (the policy's `fileset`).
         fileset: String,
     },
+    /// Ask the running daemon, per file set and replica: newest snapshots, common base, lag,
+    /// the transfer in progress, the last error.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a file set's snapshots on the origin and on each replica, side by side.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The file set.
+        fileset: String,
+    },
     /// Delete snapshots that retention no longer keeps, on every side this node holds (the
     /// newest, every common base and transfers in flight are always kept). With --dry-run,
     /// print the plan and why each snapshot is kept.
@@ -98,6 +114,8 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Check(args) => check(&args.config),
         Command::Sync { config, fileset } => sync(&config.config, &fileset).await,
         Command::Certs { out, nodes } => certs(&out, &nodes),
+        Command::Status { config, json } => status(&config.config, json).await,
+        Command::List { config, fileset } => list(&config.config, &fileset).await,
         Command::Prune { config, fileset, dry_run } => prune(&config.config, fileset.as_deref(), dry_run).await,
     }
 }
@@ -137,7 +155,10 @@ async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     for e in &loaded.errors {
         tracing::warn!("skipping a broken policy: {e}");
     }
-    let report = replicate::sync(&loaded, policy).await?;
+    let progress = crate::progress::Progress::start(fileset);
+    let report = replicate::sync(&loaded, policy, &|replica, tally| progress.add(replica, tally)).await;
+    progress.finish();
+    let report = report?;
     for (node, result) in &report.replicas {
         match result {
             Ok(r) => println!(
@@ -197,4 +218,75 @@ async fn prune(path: &std::path::Path, fileset: Option<&str>, dry_run: bool) -> 
         println!("deleted {n} snapshot(s)");
     }
     Ok(if reports.iter().any(|r| r.blocked.is_some()) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+async fn status(path: &std::path::Path, json: bool) -> Result<ExitCode> {
+    let loaded = config::load(path)?;
+    let report = crate::control::status(&loaded.node.state_dir).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let age = |secs: Option<f64>| secs.map_or("-".to_string(), |s| humantime::format_duration(std::time::Duration::from_secs(s as u64)).to_string());
+    println!("node {}", report.node);
+    for o in &report.origin_of {
+        println!("{} (origin, {}): newest {}, {} snapshot(s)", o.fileset, o.mode, o.newest.as_deref().unwrap_or("-"), o.snapshots);
+        for r in &o.replicas {
+            println!("  -> {}: has {} (lag {}), {} ok, {} failed, {} shipped", r.node, r.newest.as_deref().unwrap_or("nothing yet"), age(r.lag_seconds), r.transfers_ok, r.transfers_failed, bytesize::ByteSize(r.bytes_shipped).display().iec());
+            if let Some(t) = &r.transfer {
+                println!("     sending {} ({}): {} at {}/s", t.snapshot, t.base.as_deref().map_or("full".to_string(), |b| format!("from {b}")), bytesize::ByteSize(t.bytes).display().iec(), bytesize::ByteSize(t.bytes_per_second as u64).display().iec());
+            }
+            if let Some(e) = &r.last_error {
+                println!("     last error at {}: {}", e.at.format("%Y-%m-%d %H:%M:%S UTC"), e.message);
+            }
+        }
+    }
+    for r in &report.replica_of {
+        println!("{} (replica of {}): newest {} (lag {}), {} snapshot(s)", r.fileset, r.origin, r.newest.as_deref().unwrap_or("-"), age(r.lag_seconds), r.snapshots);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
+    let loaded = config::load(path)?;
+    let policy = find_policy(&loaded, path, fileset)?;
+    if policy.origin.node != loaded.node.node {
+        bail!("run list on the origin of `{fileset}` (node `{}`)", policy.origin.node);
+    }
+    let origin = crate::snapshot::origin_for(policy)?.list().await?;
+    let mut columns = vec![("origin".to_string(), Ok(origin.clone()))];
+    for ep in replicate::endpoints(&loaded, policy, &mut None)? {
+        columns.push((ep.node().to_string(), ep.list().await));
+    }
+    print!("{:<34}", "snapshot");
+    for (name, _) in &columns {
+        print!(" {name:>10}");
+    }
+    println!();
+    let mut names: Vec<_> = origin.iter().map(|s| (s.name.clone(), s.identity.clone())).collect();
+    for (_, col) in &columns[1..] {
+        if let Ok(list) = col {
+            names.extend(list.iter().map(|s| (s.name.clone(), s.identity.clone())));
+        }
+    }
+    names.sort();
+    names.dedup();
+    for (name, identity) in &names {
+        print!("{:<34}", name.to_string());
+        for (_, col) in &columns {
+            let mark = match col {
+                Ok(list) if list.iter().any(|s| s.identity == *identity) => "x",
+                Ok(_) => ".",
+                Err(_) => "?",
+            };
+            print!(" {mark:>10}");
+        }
+        println!();
+    }
+    for (node, col) in &columns {
+        if let Err(e) = col {
+            println!("{node}: cannot list: {e:#}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -19,6 +19,7 @@ use crate::schedule::origin::OriginJob;
 use crate::ship::server;
 use crate::snapshot;
 use crate::state::StateStore;
+use crate::status::StatusBoard;
 
 /// Holds `state_dir/daemon.lock` while the daemon runs.
 pub fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
@@ -46,6 +47,46 @@ pub async fn run(config_path: &Path) -> Result<()> {
 
     let _lock = lock_state_dir(&loaded.node.state_dir)?;
     let shutdown = CancellationToken::new();
+    let status = StatusBoard::new(&here.0);
+    if let Some(addr) = loaded.node.metrics {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+        crate::status::describe_metrics();
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
+    let background = tokio_util::task::TaskTracker::new();
+    {
+        let (status, shutdown) = (status.clone(), shutdown.clone());
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => status.refresh_lag_metrics(),
+                }
+            }
+        });
+    }
+    {
+        let (status, shutdown, dir) = (status.clone(), shutdown.clone(), loaded.node.state_dir.clone());
+        background.spawn(async move {
+            if let Err(e) = crate::control::serve(&dir, status, shutdown).await {
+                tracing::error!("control socket: {e:#}");
+            }
+        });
+    }
+    background.close();
+    for policy in loaded.policies.iter().filter(|p| p.origin.node != *here) {
+        if let Some(replica) = policy.replica_on(here) {
+            let held = match snapshot::replica_for(policy, replica) {
+                Ok(side) => side.list().await.unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            status.receiver(&policy.fileset.0, &policy.origin.node.0, held.last().map(|s| &s.name), held.len());
+        }
+    }
     let origins = tokio_util::task::TaskTracker::new();
     let mut connector = None;
     for policy in loaded.policies.iter().filter(|p| p.origin.node == *here) {
@@ -53,7 +94,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             let origin = snapshot::origin_for(policy)?.into();
             let replicas = replicate::endpoints(&loaded, policy, &mut connector)?;
             let state = StateStore::open(&loaded.node.state_dir, &policy.fileset.0)?.into();
-            Ok(OriginJob::new(policy.clone(), origin, replicas, state, Clock::System))
+            Ok(OriginJob::new(policy.clone(), origin, replicas, state, Clock::System, status.clone()))
         })();
         match job {
             Ok(job) => {
@@ -70,7 +111,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             bail!("node `{here}` is a replica of {} but {} has no `listen:` address", replica_of.join(", "), loaded.node.file.display());
         };
         let bound = server::bind(&loaded, addr)?;
-        server_task = Some(tokio::spawn(server::serve(bound, loaded.clone(), shutdown.clone())));
+        server_task = Some(tokio::spawn(server::serve(bound, loaded.clone(), status.clone(), shutdown.clone())));
     }
     tracing::info!(node = %here, "running");
 
@@ -95,6 +136,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
     shutdown.cancel();
     origins.wait().await;
+    background.wait().await;
     if let Some(task) = server_task {
         task.await??;
     }

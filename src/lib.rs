@@ -3,10 +3,13 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod logging;
+pub mod progress;
 pub mod replicate;
 pub mod schedule;
 pub mod ship;
 pub mod snapshot;
 pub mod state;
+pub mod status;

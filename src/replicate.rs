@@ -14,7 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use crate::config::{LoadedConfig, Policy};
 use crate::ship::ReplicaEndpoint;
 use crate::ship::local::LocalReplica;
-use crate::ship::meter::Metered;
+use crate::ship::meter::{Metered, Tally};
 use crate::ship::quic::{Connector, RemoteReplica};
 use crate::state::StateStore;
 use crate::snapshot::{self, Incoming, Kind, OriginSide, Snapshot, common_base};
@@ -65,7 +65,8 @@ pub fn endpoints(config: &LoadedConfig, policy: &Policy, connector: &mut Option<
 }
 
 /// `snapship sync`: snapshot `policy`'s file set now and ship it to every replica.
-pub async fn sync(config: &LoadedConfig, policy: &Policy) -> Result<SyncReport> {
+/// `on_start` sees each replica's stream as it starts (replica name, byte count).
+pub async fn sync(config: &LoadedConfig, policy: &Policy, on_start: &(dyn Fn(&str, Arc<Tally>) + Send + Sync)) -> Result<SyncReport> {
     if policy.origin.node != config.node.node {
         bail!(
             "this node is `{}`, but file set `{}` has its origin on `{}`; run sync there",
@@ -80,7 +81,8 @@ pub async fn sync(config: &LoadedConfig, policy: &Policy) -> Result<SyncReport> 
     tracing::info!(fileset = %policy.fileset, snapshot = %snap.name, "snapshot taken");
 
     let jobs = endpoints.iter().map(|ep| async {
-        let result = ship_to(origin.as_ref(), &snap, ep.as_ref()).await;
+        let node = ep.node().to_string();
+        let result = ship_to(origin.as_ref(), &snap, ep.as_ref(), &|tally| on_start(&node, tally)).await;
         log_outcome(&policy.fileset.0, ep.node(), &result);
         (ep.node().to_string(), result)
     });
@@ -125,8 +127,11 @@ pub async fn plan(origin: &dyn OriginSide, snapshot: &Snapshot, ep: &dyn Replica
     Ok(Plan::Send { base })
 }
 
+/// Called when a stream starts, with its live byte count (for progress and status).
+pub type OnStart<'a> = &'a (dyn Fn(Arc<Tally>) + Send + Sync);
+
 /// Carries out `plan`.
-pub async fn transfer(origin: &dyn OriginSide, snapshot: &Snapshot, plan: &Plan, ep: &dyn ReplicaEndpoint) -> Result<ReplicaReport> {
+pub async fn transfer(origin: &dyn OriginSide, snapshot: &Snapshot, plan: &Plan, ep: &dyn ReplicaEndpoint, on_start: OnStart<'_>) -> Result<ReplicaReport> {
     let start = Instant::now();
     let report = |base: Option<&Snapshot>, bytes| ReplicaReport {
         node: ep.node().into(),
@@ -139,12 +144,13 @@ pub async fn transfer(origin: &dyn OriginSide, snapshot: &Snapshot, plan: &Plan,
     let incoming = Incoming { name: snapshot.name.clone(), identity: snapshot.identity.clone(), base: base.as_ref().map(|b| b.identity.clone()) };
     // Dropping the stream (on error) kills the sending process.
     let mut reader = Metered::new(origin.send(snapshot, base.as_ref()).await?);
+    on_start(reader.tally());
     ep.receive(&incoming, &mut reader).await?;
     Ok(report(base.as_ref(), reader.bytes()))
 }
 
 /// Brings one replica up to `snapshot`, incremental from the common base when there is one.
-pub async fn ship_to(origin: &dyn OriginSide, snapshot: &Snapshot, ep: &dyn ReplicaEndpoint) -> Result<ReplicaReport> {
+pub async fn ship_to(origin: &dyn OriginSide, snapshot: &Snapshot, ep: &dyn ReplicaEndpoint, on_start: OnStart<'_>) -> Result<ReplicaReport> {
     let plan = plan(origin, snapshot, ep).await?;
-    transfer(origin, snapshot, &plan, ep).await
+    transfer(origin, snapshot, &plan, ep, on_start).await
 }

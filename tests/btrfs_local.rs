@@ -42,7 +42,7 @@ impl Fixture {
     fn sync(&self) -> ReplicaReport {
         let cfg = self.config();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let report = rt.block_on(replicate::sync(&cfg, cfg.policy("projects").unwrap())).unwrap();
+        let report = rt.block_on(replicate::sync(&cfg, cfg.policy("projects").unwrap(), &|_, _| {})).unwrap();
         let (_, result) = report.replicas.into_iter().next().unwrap();
         result.unwrap()
     }

@@ -32,6 +32,9 @@ pub struct NodeConfig {
     pub listen: Option<SocketAddr>,
     /// Spool, local state and the control socket.
     pub state_dir: PathBuf,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
     /// mTLS files; needed as soon as any policy involves another node.
     #[serde(default)]
     pub tls: Option<TlsFiles>,

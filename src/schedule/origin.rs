@@ -28,6 +28,7 @@ use crate::replicate::{self, Plan};
 use crate::ship::ReplicaEndpoint;
 use crate::snapshot::{Kind, OriginSide, Snapshot, SnapshotName};
 use crate::state::StateStore;
+use crate::status::StatusBoard;
 
 /// Retry delays for a failing replica: from 1 s, doubling, at most 5 minutes, jittered.
 fn retry_delays() -> impl Iterator<Item = Duration> {
@@ -45,6 +46,7 @@ pub struct OriginJob {
     pub replicas: Vec<Arc<dyn ReplicaEndpoint>>,
     pub state: Arc<StateStore>,
     pub clock: Clock,
+    pub status: Arc<StatusBoard>,
     /// Transfers planned or under way: replica -> (snapshot, base).
     in_flight: Mutex<BTreeMap<String, (SnapshotName, Option<SnapshotName>)>>,
     /// Planning a transfer (read) and pruning (write) exclude each other, so a base chosen
@@ -53,8 +55,17 @@ pub struct OriginJob {
 }
 
 impl OriginJob {
-    pub fn new(policy: Policy, origin: Arc<dyn OriginSide>, replicas: Vec<Arc<dyn ReplicaEndpoint>>, state: Arc<StateStore>, clock: Clock) -> Self {
-        OriginJob { policy, origin, replicas, state, clock, in_flight: Mutex::default(), plan_lock: RwLock::new(()) }
+    pub fn new(policy: Policy, origin: Arc<dyn OriginSide>, replicas: Vec<Arc<dyn ReplicaEndpoint>>, state: Arc<StateStore>, clock: Clock, status: Arc<StatusBoard>) -> Self {
+        let names: Vec<&str> = replicas.iter().map(|r| r.node()).collect();
+        status.origin(&policy.fileset.0, &format!("{:?}", policy.mode).to_lowercase(), &names);
+        OriginJob { policy, origin, replicas, state, clock, status, in_flight: Mutex::default(), plan_lock: RwLock::new(()) }
+    }
+
+    /// Tells the status board what the origin holds.
+    async fn report_snapshots(&self) {
+        if let Ok(list) = self.origin.list().await {
+            self.status.origin_snapshots(self.fileset(), list.last().map(|s| &s.name), list.len());
+        }
     }
 
     fn fileset(&self) -> &str {
@@ -65,8 +76,15 @@ impl OriginJob {
     /// partial receive; the next run sends again from the base).
     pub async fn run(self, shutdown: CancellationToken) {
         let job = Arc::new(self);
+        let state = job.state.get().await;
+        for (replica, r) in &state.replicas {
+            job.status.replica_has(job.fileset(), replica, r.base.as_deref().and_then(SnapshotName::parse).as_ref());
+        }
         let newest = match job.origin.list().await {
-            Ok(mut list) => list.pop(),
+            Ok(mut list) => {
+                job.status.origin_snapshots(job.fileset(), list.last().map(|s| &s.name), list.len());
+                list.pop()
+            }
             Err(e) => {
                 tracing::error!(fileset = job.fileset(), "cannot list snapshots: {e:#}");
                 None
@@ -132,6 +150,7 @@ impl OriginJob {
                 Err(e) => tracing::error!(fileset = self.fileset(), "cannot take a snapshot: {e:#}"),
             }
             self.prune().await;
+            self.report_snapshots().await;
         }
     }
 
@@ -171,6 +190,11 @@ impl OriginJob {
             let plan = {
                 let _planning = self.plan_lock.read().await;
                 let plan = replicate::plan(self.origin.as_ref(), snapshot, ep).await?;
+                let has = match &plan {
+                    Plan::AlreadyThere => Some(&snapshot.name),
+                    Plan::Send { base } => base.as_ref().map(|b| &b.name),
+                };
+                self.status.replica_has(self.fileset(), &node, has);
                 if let Plan::Send { base } = &plan {
                     let base = base.as_ref().map(|b| b.name.clone());
                     self.in_flight.lock().expect("in_flight lock").insert(node.clone(), (snapshot.name.clone(), base.clone()));
@@ -179,9 +203,15 @@ impl OriginJob {
                 }
                 plan
             };
-            replicate::transfer(self.origin.as_ref(), snapshot, &plan, ep).await
+            let base = match &plan {
+                Plan::Send { base } => base.as_ref().map(|b| b.name.clone()),
+                Plan::AlreadyThere => None,
+            };
+            let on_start = |tally| self.status.transfer_started(self.fileset(), &node, &snapshot.name, base.as_ref(), tally);
+            replicate::transfer(self.origin.as_ref(), snapshot, &plan, ep, &on_start).await
         }
         .await;
+        self.status.transfer_finished(self.fileset(), &node, &snapshot.name, result.as_ref().map(|r| r.bytes).map_err(|e| format!("{e:#}")));
         self.in_flight.lock().expect("in_flight lock").remove(&node);
         replicate::log_outcome(self.fileset(), &node, &result);
         let recorded = self.state.record_outcome(&node, &snapshot.name, &result).await;
@@ -190,6 +220,7 @@ impl OriginJob {
         }
         result?;
         self.prune().await;
+        self.report_snapshots().await;
         Ok(())
     }
 

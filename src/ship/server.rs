@@ -19,6 +19,7 @@ use super::tls::{self, PeerIdentity, PeerName};
 use super::transfer::{self, IncomingError, read_message, write_message};
 use crate::config::{LoadedConfig, Policy, ReplicaSpec};
 use crate::snapshot::{self, Incoming, SnapshotName};
+use crate::status::StatusBoard;
 
 /// Answers `peer` asking about `fileset`: the policy and this node's replica entry, or the
 /// error message to send back.
@@ -55,13 +56,13 @@ pub fn bind(config: &LoadedConfig, addr: SocketAddr) -> Result<Server> {
 
 /// Serves until `shutdown`; transfers in flight are dropped then (the partial receive stays
 /// hidden in staging and is removed by the next one).
-pub async fn serve(mut server: Server, config: Arc<LoadedConfig>, shutdown: CancellationToken) -> Result<()> {
+pub async fn serve(mut server: Server, config: Arc<LoadedConfig>, status: Arc<StatusBoard>, shutdown: CancellationToken) -> Result<()> {
     let tasks = TaskTracker::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             conn = server.accept() => match conn {
-                Some(conn) => { tasks.spawn(handle_connection(conn, config.clone(), shutdown.clone())); }
+                Some(conn) => { tasks.spawn(handle_connection(conn, config.clone(), status.clone(), shutdown.clone())); }
                 None => break,
             },
         }
@@ -71,7 +72,7 @@ pub async fn serve(mut server: Server, config: Arc<LoadedConfig>, shutdown: Canc
     Ok(())
 }
 
-async fn handle_connection(mut conn: Connection, config: Arc<LoadedConfig>, shutdown: CancellationToken) {
+async fn handle_connection(mut conn: Connection, config: Arc<LoadedConfig>, status: Arc<StatusBoard>, shutdown: CancellationToken) {
     let remote = conn.remote_addr().map(|a| a.to_string()).unwrap_or_default();
     let peer = conn.query_event_context(|p: &PeerName| p.0.clone()).ok().flatten();
     let Some(peer) = peer.filter(|p| config.node.peers.keys().any(|k| k.0 == *p)) else {
@@ -85,7 +86,7 @@ async fn handle_connection(mut conn: Connection, config: Arc<LoadedConfig>, shut
         tokio::select! {
             _ = shutdown.cancelled() => break,
             stream = conn.accept_bidirectional_stream() => match stream {
-                Ok(Some(stream)) => { streams.spawn(handle_stream(stream, peer.clone(), config.clone())); }
+                Ok(Some(stream)) => { streams.spawn(handle_stream(stream, peer.clone(), config.clone(), status.clone())); }
                 Ok(None) | Err(_) => break,
             },
         }
@@ -97,10 +98,10 @@ async fn handle_connection(mut conn: Connection, config: Arc<LoadedConfig>, shut
     streams.wait().await;
 }
 
-async fn handle_stream(stream: s2n_quic::stream::BidirectionalStream, peer: String, config: Arc<LoadedConfig>) {
+async fn handle_stream(stream: s2n_quic::stream::BidirectionalStream, peer: String, config: Arc<LoadedConfig>, status: Arc<StatusBoard>) {
     let (recv, mut send) = stream.split();
     let frames = FrameReader::new(recv);
-    let reply = match serve_request(frames, &mut send, &peer, &config).await {
+    let reply = match serve_request(frames, &mut send, &peer, &config, &status).await {
         Ok(reply) => reply,
         Err(e) => Message::error(IncomingError::code_of(&e), format!("{e:#}")),
     };
@@ -117,6 +118,7 @@ async fn serve_request(
     send: &mut s2n_quic::stream::SendStream,
     peer: &str,
     config: &LoadedConfig,
+    status: &StatusBoard,
 ) -> Result<Message> {
     match read_message(&mut frames).await? {
         Message::Hello { version } if version == VERSION => {}
@@ -152,6 +154,9 @@ async fn serve_request(
             tracing::info!(%peer, %fileset, %snapshot, "received and committed");
             // Prune this replica by its own policy (its newest snapshot is always kept).
             crate::schedule::prune::prune_replica_after_receive(policy, side.as_ref()).await;
+            if let Ok(held) = side.list().await {
+                status.received(&fileset, peer, held.last().map(|s| &s.name), held.len());
+            }
             Ok(Message::Committed { snapshot })
         }
         other => Ok(Message::error(ErrorCode::BadRequest, format!("expected list or begin, got {other:?}"))),

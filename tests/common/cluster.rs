@@ -64,8 +64,12 @@ impl Cluster {
     }
 
     pub fn start(&mut self, node: &str) {
+        self.start_with_env(node, &[]);
+    }
+
+    pub fn start_with_env(&mut self, node: &str, env: &[(&str, String)]) {
         let log = self.scratch.dir.join(format!("{node}-run.log"));
-        let d = Daemon::start(&self.dir(node).join("node.yaml"), &log, " running ");
+        let d = Daemon::start_with_env(&self.dir(node).join("node.yaml"), &log, " running ", env);
         self.daemons.insert(node.to_string(), d);
     }
 

@@ -237,8 +237,17 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `snapship run --config CONFIG` and waits until its log contains `ready`.
     pub fn start(config: &Path, log: &Path, ready: &str) -> Daemon {
+        Self::start_with_env(config, log, ready, &[])
+    }
+
+    pub fn start_with_env(config: &Path, log: &Path, ready: &str, env: &[(&str, String)]) -> Daemon {
         let file = std::fs::File::create(log).unwrap();
-        let child = snapship().arg("run").arg("--config").arg(config).stderr(file).spawn().unwrap();
+        let mut cmd = snapship();
+        cmd.arg("run").arg("--config").arg(config).stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
         let mut d = Daemon { child: Some(child), log: log.to_path_buf() };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
