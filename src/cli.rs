@@ -155,24 +155,35 @@ async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     for e in &loaded.errors {
         tracing::warn!("skipping a broken policy: {e}");
     }
-    let progress = crate::progress::Progress::start(fileset);
-    let report = replicate::sync(&loaded, policy, &|replica, tally| progress.add(replica, tally)).await;
-    progress.finish();
-    let report = report?;
-    for (node, result) in &report.replicas {
+    // With a daemon running, it does the sync: one process owns transfers and pruning.
+    let (snapshot, outcomes) = match crate::control::sync_through_daemon(&loaded.node.state_dir, fileset).await? {
+        Some(reply) => {
+            tracing::info!("synced by the running snapship run");
+            (reply.snapshot, reply.replicas)
+        }
+        None => {
+            let _lock = crate::daemon::lock_state_dir(&loaded.node.state_dir)?;
+            let progress = crate::progress::Progress::start(fileset);
+            let report = replicate::sync(&loaded, policy, &|replica, tally| progress.add(replica, tally)).await;
+            progress.finish();
+            let report = report?;
+            let outcomes = report.replicas.into_iter().map(|(node, r)| (node, r.map_err(|e| format!("{e:#}")))).collect();
+            (report.snapshot.name.to_string(), outcomes)
+        }
+    };
+    for (node, result) in &outcomes {
         match result {
             Ok(r) => println!(
-                "{}: {} -> {node}: {} ({} bytes in {:.2}s)",
-                report.fileset,
+                "{fileset}: {} -> {node}: {} ({} bytes in {:.2}s)",
                 r.snapshot,
                 match &r.base { Some(b) => format!("incremental from {b}"), None if r.bytes == 0 => "already there".into(), None => "full".into() },
                 r.bytes,
                 r.elapsed.as_secs_f64()
             ),
-            Err(e) => println!("{}: {} -> {node}: FAILED: {e:#}", report.fileset, report.snapshot.name),
+            Err(e) => println!("{fileset}: {snapshot} -> {node}: FAILED: {e}"),
         }
     }
-    if report.failures() > 0 {
+    if outcomes.iter().any(|(_, r)| r.is_err()) {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

@@ -69,15 +69,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             }
         });
     }
-    {
-        let (status, shutdown, dir) = (status.clone(), shutdown.clone(), loaded.node.state_dir.clone());
-        background.spawn(async move {
-            if let Err(e) = crate::control::serve(&dir, status, shutdown).await {
-                tracing::error!("control socket: {e:#}");
-            }
-        });
-    }
-    background.close();
+
     for policy in loaded.policies.iter().filter(|p| p.origin.node != *here) {
         if let Some(replica) = policy.replica_on(here) {
             let held = match snapshot::replica_for(policy, replica) {
@@ -88,16 +80,18 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     }
     let origins = tokio_util::task::TaskTracker::new();
+    let mut syncs = std::collections::BTreeMap::new();
     let mut connector = None;
     for policy in loaded.policies.iter().filter(|p| p.origin.node == *here) {
-        let job = (|| -> Result<OriginJob> {
+        let job = (|| -> Result<(OriginJob, crate::schedule::origin::SyncHandle)> {
             let origin = snapshot::origin_for(policy)?.into();
             let replicas = replicate::endpoints(&loaded, policy, &mut connector)?;
             let state = StateStore::open(&loaded.node.state_dir, &policy.fileset.0)?.into();
             Ok(OriginJob::new(policy.clone(), origin, replicas, state, Clock::System, status.clone()))
         })();
         match job {
-            Ok(job) => {
+            Ok((job, sync)) => {
+                syncs.insert(policy.fileset.0.clone(), sync);
                 origins.spawn(job.run(shutdown.clone()));
             }
             // One file set's trouble never stops the others.
@@ -105,6 +99,16 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     }
     origins.close();
+    {
+        let control = Arc::new(crate::control::Control { status: status.clone(), syncs });
+        let (shutdown, dir) = (shutdown.clone(), loaded.node.state_dir.clone());
+        background.spawn(async move {
+            if let Err(e) = crate::control::serve(&dir, control, shutdown).await {
+                tracing::error!("control socket: {e:#}");
+            }
+        });
+    }
+    background.close();
     let mut server_task = None;
     if !replica_of.is_empty() {
         let Some(addr) = loaded.node.listen else {
@@ -137,6 +141,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     shutdown.cancel();
     origins.wait().await;
     background.wait().await;
+    // Give the QUIC endpoints a moment to send the connection closes queued above.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     if let Some(task) = server_task {
         task.await??;
     }

@@ -20,7 +20,7 @@ use crate::state::StateStore;
 use crate::snapshot::{self, Incoming, Kind, OriginSide, Snapshot, common_base};
 
 /// What one replica got.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaReport {
     pub node: String,
     pub snapshot: String,
@@ -118,12 +118,30 @@ pub enum Plan {
 /// Asks the replica what it holds and picks the base: the newest common snapshot older than
 /// `snapshot`, by identity.
 pub async fn plan(origin: &dyn OriginSide, snapshot: &Snapshot, ep: &dyn ReplicaEndpoint) -> Result<Plan> {
-    let replica_has = ep.list().await.with_context(|| format!("cannot list the snapshots of replica `{}`", ep.node()))?;
+    let replica_has = list_replica(ep).await?;
+    plan_from(origin, snapshot, &replica_has).await
+}
+
+/// What `ep` holds; a replica that does not answer within a minute is an error.
+pub async fn list_replica(ep: &dyn ReplicaEndpoint) -> Result<Vec<Snapshot>> {
+    let what = || format!("cannot list the snapshots of replica `{}`", ep.node());
+    tokio::time::timeout(LIST_TIMEOUT, ep.list())
+        .await
+        .map_err(|_| anyhow!("no answer within {}s", LIST_TIMEOUT.as_secs()))
+        .with_context(what)?
+        .with_context(what)
+}
+
+const LIST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Picks the base given what the replica holds.
+pub async fn plan_from(origin: &dyn OriginSide, snapshot: &Snapshot, replica_has: &[Snapshot]) -> Result<Plan> {
     if replica_has.iter().any(|r| r.identity == snapshot.identity) {
         return Ok(Plan::AlreadyThere);
     }
-    let held = origin.list().await?;
-    let base = common_base(&held, &replica_has).filter(|b| b.name < snapshot.name).cloned();
+    // Only snapshots older than the one sent can be its base.
+    let older: Vec<Snapshot> = origin.list().await?.into_iter().filter(|s| s.name < snapshot.name).collect();
+    let base = common_base(&older, replica_has).cloned();
     Ok(Plan::Send { base })
 }
 
@@ -143,7 +161,8 @@ pub async fn transfer(origin: &dyn OriginSide, snapshot: &Snapshot, plan: &Plan,
     let Plan::Send { base } = plan else { return Ok(report(None, 0)) };
     let incoming = Incoming { name: snapshot.name.clone(), identity: snapshot.identity.clone(), base: base.as_ref().map(|b| b.identity.clone()) };
     // Dropping the stream (on error) kills the sending process.
-    let mut reader = Metered::new(origin.send(snapshot, base.as_ref()).await?);
+    let compact = ep.accepts_compact().await;
+    let mut reader = Metered::new(origin.send(snapshot, base.as_ref(), compact).await?);
     on_start(reader.tally());
     ep.receive(&incoming, &mut reader).await?;
     Ok(report(base.as_ref(), reader.bytes()))

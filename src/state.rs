@@ -62,14 +62,15 @@ impl StateStore {
     }
 
     /// Records how a transfer of `snapshot` to `replica` ended: on success the snapshot is
-    /// the new common base.
+    /// the new common base. On failure the transfer stays recorded as in flight (protected
+    /// from pruning): the replica may hold it although its answer was lost.
     pub async fn record_outcome<T>(&self, replica: &str, snapshot: &SnapshotName, result: &Result<T>) -> Result<()> {
         let now = Utc::now();
         self.update(|s| {
             let r = s.replicas.entry(replica.to_string()).or_default();
-            r.in_flight = None;
             match result {
                 Ok(_) => {
+                    r.in_flight = None;
                     r.base = Some(snapshot.to_string());
                     r.last_success = Some(now);
                     r.last_error = None;

@@ -171,3 +171,24 @@ fn prune_dry_run_explains_the_plan() {
     assert_eq!(origin_snapshots(&c), [before.last().unwrap().clone()]);
     assert_same_tree(&src, &dst.join("latest"));
 }
+
+#[test]
+fn sync_while_run_is_running_goes_through_the_daemon() {
+    if !have_root("sync_while_run_is_running_goes_through_the_daemon") {
+        return;
+    }
+    let (mut c, src, dst) = two_nodes("sched_sync_daemon", 47260, |p| p);
+    // The daemon starts and ships nothing (no snapshot yet, next cron firing far away).
+    let out = c.sync("alpha", "projects");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("-> beta: full"), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("synced by the running snapship run"));
+    assert_same_tree(&src, &dst.join("latest"));
+    // The daemon did it: its log has the transfer, its state the new base.
+    assert!(c.daemons["alpha"].log_text().contains("replica up to date"));
+    let state = std::fs::read_to_string(c.dir("alpha").join("state/filesets/projects.json")).unwrap();
+    assert!(state.contains(&format!("\"base\": \"{}\"", snapshots(&dst).last().unwrap())), "{state}");
+    c.stop("alpha");
+    c.stop("beta");
+}

@@ -268,12 +268,14 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
         match load_policy(&file, &node) {
             Err(e) => errors.extend(e),
             Ok(policy) => {
+                let index = || KeyIndex::new(&read(&file).unwrap_or_default());
                 if let Some(other) = policies.iter().find(|p| p.fileset == policy.fileset) {
-                    let index = KeyIndex::new(&read(&file).unwrap_or_default());
-                    errors.push(located(&file, &index, "fileset", format!(
+                    errors.push(located(&file, &index(), "fileset", format!(
                         "file set `{}` is already defined in {}; each file set needs its own name",
                         policy.fileset, other.file.display()
                     )));
+                } else if let Some((key, message)) = overlap_with_others(&policy, &policies, &node.node) {
+                    errors.push(located(&file, &index(), &key, message));
                 } else {
                     policies.push(policy);
                 }
@@ -394,6 +396,49 @@ pub fn validate_policy(p: &Policy, node: &NodeConfig, index: &KeyIndex) -> Vec<C
         }
     }
     errors
+}
+
+/// The places on `node` that `policy` writes to or owns, with their keys: the file set and
+/// its snapshot directory where `node` is the origin, the replica path where it is a replica.
+fn places_on(policy: &Policy, node: &Name) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if &policy.origin.node == node {
+        out.push(("origin.path".to_string(), policy.origin.path.clone()));
+        if policy.backend == BackendKind::Btrfs {
+            out.push(("origin.snapshot_dir".to_string(), policy.snapshot_dir().to_string_lossy().into_owned()));
+        }
+    }
+    for (i, r) in policy.replicas.iter().enumerate() {
+        if &r.node == node {
+            out.push((format!("replicas[{i}].path"), r.path.clone()));
+        }
+    }
+    out
+}
+
+/// Whether two places nest (path components for btrfs, dataset names for zfs).
+fn nested(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim_end_matches('/'), b.trim_end_matches('/'));
+    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+}
+
+/// Two file sets on one node must not share or nest their places: their snapshots, `latest`
+/// links, retention and receive locks would mix. Returns the offending key and message.
+fn overlap_with_others(policy: &Policy, others: &[Policy], node: &Name) -> Option<(String, String)> {
+    for (key, place) in places_on(policy, node) {
+        for other in others.iter().filter(|o| o.backend == policy.backend) {
+            for (other_key, other_place) in places_on(other, node) {
+                if nested(&place, &other_place) {
+                    return Some((key, format!(
+                        "{place} overlaps {other_place}, the `{other_key}` of file set `{}` ({}); give each file set its own place",
+                        other.fileset,
+                        other.file.display()
+                    )));
+                }
+            }
+        }
+    }
+    None
 }
 
 fn mode_name(m: Mode) -> &'static str {

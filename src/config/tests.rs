@@ -199,3 +199,24 @@ fn glob_that_matches_nothing_is_reported() {
     let err = s.only_error();
     expect(&err, "node.yaml", 11, "policies[0]", "matches no file");
 }
+
+#[test]
+fn file_sets_on_one_node_must_not_share_places() {
+    // A copy-pasted policy: a new name, but the same replica path on beta... as seen from alpha
+    // the origin paths collide too.
+    let copy = GOOD.replace("fileset: projects", "fileset: projects2");
+    let s = Setup::new(&[("a.yaml", GOOD), ("b.yaml", &copy)]);
+    let err = s.only_error();
+    expect(&err, "b.yaml", 9, "origin.path", "overlaps /srv/projects");
+    // One file set's replica inside another's snapshot directory, both on alpha.
+    let other = GOOD
+        .replace("fileset: projects", "fileset: mail")
+        .replace("/srv/projects", "/srv/mail")
+        .replace("  - node: beta\n    path: /backup/projects", "  - node: alpha\n    path: /srv/.snapship/projects/copies");
+    let s = Setup::new(&[("a.yaml", GOOD), ("b.yaml", &other)]);
+    let err = s.only_error();
+    expect(&err, "b.yaml", 12, "replicas[0].path", "the `origin.snapshot_dir` of file set `projects`");
+    // Siblings are fine.
+    let sibling = GOOD.replace("fileset: projects", "fileset: mail").replace("/projects", "/mail");
+    assert!(Setup::new(&[("a.yaml", GOOD), ("b.yaml", &sibling)]).load().errors.is_empty());
+}

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use backon::{BackoffBuilder, ExponentialBuilder};
-use tokio::sync::{RwLock, watch};
+use tokio::sync::{RwLock, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,7 +24,7 @@ use super::prune;
 use super::retention::Reason;
 use super::triggers::{ChangeWatcher, next_fire};
 use crate::config::{Mode, Policy};
-use crate::replicate::{self, Plan};
+use crate::replicate::{self, Plan, ReplicaReport};
 use crate::ship::ReplicaEndpoint;
 use crate::snapshot::{Kind, OriginSide, Snapshot, SnapshotName};
 use crate::state::StateStore;
@@ -52,13 +52,46 @@ pub struct OriginJob {
     /// Planning a transfer (read) and pruning (write) exclude each other, so a base chosen
     /// for a transfer is registered as in flight before any prune can see it.
     plan_lock: RwLock<()>,
+    /// Every transfer's outcome, for `snapship sync` requests waiting on them.
+    outcomes: broadcast::Sender<Outcome>,
+    sync_requests: Mutex<Option<mpsc::Receiver<SyncRequest>>>,
 }
 
+/// How one transfer to one replica ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub replica: String,
+    pub snapshot: SnapshotName,
+    pub result: Result<ReplicaReport, String>,
+}
+
+/// `snapship sync` while the daemon runs: take a snapshot now, answer with each replica's
+/// outcome for it (or for a newer snapshot, which carries the same data).
+pub struct SyncRequest {
+    pub reply: oneshot::Sender<Result<(SnapshotName, Vec<Outcome>), String>>,
+}
+
+/// Where the daemon sends sync requests for one file set.
+pub type SyncHandle = mpsc::Sender<SyncRequest>;
+
 impl OriginJob {
-    pub fn new(policy: Policy, origin: Arc<dyn OriginSide>, replicas: Vec<Arc<dyn ReplicaEndpoint>>, state: Arc<StateStore>, clock: Clock, status: Arc<StatusBoard>) -> Self {
+    pub fn new(policy: Policy, origin: Arc<dyn OriginSide>, replicas: Vec<Arc<dyn ReplicaEndpoint>>, state: Arc<StateStore>, clock: Clock, status: Arc<StatusBoard>) -> (Self, SyncHandle) {
         let names: Vec<&str> = replicas.iter().map(|r| r.node()).collect();
         status.origin(&policy.fileset.0, &format!("{:?}", policy.mode).to_lowercase(), &names);
-        OriginJob { policy, origin, replicas, state, clock, status, in_flight: Mutex::default(), plan_lock: RwLock::new(()) }
+        let (sync_tx, sync_rx) = mpsc::channel(4);
+        let job = OriginJob {
+            policy,
+            origin,
+            replicas,
+            state,
+            clock,
+            status,
+            in_flight: Mutex::default(),
+            plan_lock: RwLock::new(()),
+            outcomes: broadcast::channel(64).0,
+            sync_requests: Mutex::new(Some(sync_rx)),
+        };
+        (job, sync_tx)
     }
 
     /// Tells the status board what the origin holds.
@@ -98,11 +131,16 @@ impl OriginJob {
         workers.close();
         job.snapshot_loop(&tx, &shutdown).await;
         workers.wait().await;
+        for ep in &job.replicas {
+            ep.close().await;
+        }
     }
 
     async fn snapshot_loop(&self, newest: &watch::Sender<Option<Snapshot>>, shutdown: &CancellationToken) {
         let p = &self.policy;
         let watcher = matches!(p.mode, Mode::Continuous | Mode::Hybrid).then(|| ChangeWatcher::new(std::path::Path::new(&p.origin.path)));
+        let mut sync_requests = self.sync_requests.lock().expect("sync_requests lock").take().expect("one snapshot loop per job");
+        let mut pending_sync = None;
         let min_interval = p.continuous.as_ref().map_or(Duration::from_secs(1), |c| c.min_interval.0);
         let mut last_fire = self.clock.now();
         let mut last_snapshot = tokio::time::Instant::now() - min_interval;
@@ -120,6 +158,10 @@ impl OriginJob {
                     Kind::Scheduled
                 }
                 _ = async { watcher.as_ref().expect("guarded").wait().await }, if watcher.is_some() => Kind::Continuous,
+                Some(request) = sync_requests.recv() => {
+                    pending_sync = Some(request);
+                    Kind::Scheduled
+                }
             };
             if kind == Kind::Continuous {
                 // At most one snapshot per min_interval: changes within it coalesce.
@@ -136,18 +178,30 @@ impl OriginJob {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(e) => {
-                        tracing::warn!(fileset = self.fileset(), "cannot check for changes: {e:#}");
-                        continue;
+                        // Most likely the snapshot went away (deleted by hand, or by another
+                        // process's prune): take a fresh one rather than stop noticing changes.
+                        tracing::warn!(fileset = self.fileset(), "cannot compare with the newest snapshot ({e:#}); taking a new one");
                     }
                 }
             }
+            // Subscribe before publishing, so that no outcome is missed.
+            let outcomes = self.outcomes.subscribe();
             match self.origin.take_snapshot(kind).await {
                 Ok(s) => {
                     tracing::info!(fileset = self.fileset(), snapshot = %s.name, "snapshot taken");
                     last_snapshot = tokio::time::Instant::now();
+                    if let Some(request) = pending_sync.take() {
+                        let replicas: Vec<String> = self.replicas.iter().map(|r| r.node().to_string()).collect();
+                        tokio::spawn(answer_sync(request, s.name.clone(), replicas, outcomes));
+                    }
                     newest.send_replace(Some(s));
                 }
-                Err(e) => tracing::error!(fileset = self.fileset(), "cannot take a snapshot: {e:#}"),
+                Err(e) => {
+                    tracing::error!(fileset = self.fileset(), "cannot take a snapshot: {e:#}");
+                    if let Some(request) = pending_sync.take() {
+                        let _ = request.reply.send(Err(format!("cannot take a snapshot: {e:#}")));
+                    }
+                }
             }
             self.prune().await;
             self.report_snapshots().await;
@@ -184,12 +238,20 @@ impl OriginJob {
     }
 
     /// One attempt at bringing `ep` up to `snapshot`; records the outcome in the state.
+    ///
+    /// A transfer that failed stays registered as in flight (in memory and in the state file)
+    /// until the next attempt replaces it: the replica may have committed the snapshot and
+    /// pruned the old base even though its answer was lost, so both stay protected until a
+    /// fresh listing says what the replica holds.
     async fn ship(&self, ep: &dyn ReplicaEndpoint, snapshot: &Snapshot) -> Result<()> {
         let node = ep.node().to_string();
         let result = async {
+            // Ask the replica first, outside the planning lock: a slow replica must not
+            // hold up pruning, and through it the other replicas and the snapshot loop.
+            let replica_has = replicate::list_replica(ep).await?;
             let plan = {
                 let _planning = self.plan_lock.read().await;
-                let plan = replicate::plan(self.origin.as_ref(), snapshot, ep).await?;
+                let plan = replicate::plan_from(self.origin.as_ref(), snapshot, &replica_has).await?;
                 let has = match &plan {
                     Plan::AlreadyThere => Some(&snapshot.name),
                     Plan::Send { base } => base.as_ref().map(|b| &b.name),
@@ -212,7 +274,10 @@ impl OriginJob {
         }
         .await;
         self.status.transfer_finished(self.fileset(), &node, &snapshot.name, result.as_ref().map(|r| r.bytes).map_err(|e| format!("{e:#}")));
-        self.in_flight.lock().expect("in_flight lock").remove(&node);
+        let _ = self.outcomes.send(Outcome { replica: node.clone(), snapshot: snapshot.name.clone(), result: result.as_ref().map(Clone::clone).map_err(|e| format!("{e:#}")) });
+        if result.is_ok() {
+            self.in_flight.lock().expect("in_flight lock").remove(&node);
+        }
         replicate::log_outcome(self.fileset(), &node, &result);
         let recorded = self.state.record_outcome(&node, &snapshot.name, &result).await;
         if let Err(e) = recorded {
@@ -243,4 +308,18 @@ impl OriginJob {
             tracing::error!(fileset = self.fileset(), "pruning failed: {e:#}");
         }
     }
+}
+
+/// Waits for every replica's first outcome for `target` or a newer snapshot, then answers.
+async fn answer_sync(request: SyncRequest, target: SnapshotName, replicas: Vec<String>, mut outcomes: broadcast::Receiver<Outcome>) {
+    let mut got: Vec<Outcome> = Vec::new();
+    while got.len() < replicas.len() {
+        match outcomes.recv().await {
+            Ok(o) if o.snapshot >= target && !got.iter().any(|g| g.replica == o.replica) => got.push(o),
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+    got.sort_by(|a, b| replicas.iter().position(|r| *r == a.replica).cmp(&replicas.iter().position(|r| *r == b.replica)));
+    let _ = request.reply.send(Ok((target, got)));
 }

@@ -31,6 +31,10 @@ impl ReplicaEndpoint for LocalReplica {
         self.side.list().await
     }
 
+    async fn accepts_compact(&self) -> bool {
+        self.side.accepts_compact().await
+    }
+
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
         self.side.receive(incoming, stream).await?;
         // As a remote replica does after a receive: prune by the replica side's retention.

@@ -28,6 +28,11 @@ pub trait ReplicaEndpoint: Send + Sync {
     fn node(&self) -> &str;
     /// The complete snapshots the replica holds, with their identities.
     async fn list(&self) -> Result<Vec<Snapshot>>;
+    /// Whether the replica receives the backend's compact stream format; known after `list`.
+    async fn accepts_compact(&self) -> bool;
+    /// Closes any connection to the replica, telling it at once that transfers in flight are
+    /// abandoned (so it drops the partial receive and frees the replica for the next one).
+    async fn close(&self) {}
     /// Ships `stream` to the replica, which receives it; `Ok` once the replica has the
     /// snapshot complete, checked and visible.
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()>;

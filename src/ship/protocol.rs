@@ -22,7 +22,12 @@ pub const VERSION: u32 = 1;
 pub enum Message {
     Hello { version: u32 },
     List { fileset: String },
-    Snapshots { snapshots: Vec<WireSnapshot> },
+    Snapshots {
+        snapshots: Vec<WireSnapshot>,
+        /// The replica receives the compact stream format (btrfs send protocol 2).
+        #[serde(default)]
+        compact: bool,
+    },
     Begin { fileset: String, snapshot: String, identity: String, base: Option<String>, compression: WireCompression },
     Ready,
     /// After the last data frame: the uncompressed stream's length and BLAKE3 hash.

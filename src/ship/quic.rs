@@ -31,6 +31,11 @@ pub fn limits() -> Result<Limits> {
         .with_max_idle_timeout(Duration::from_secs(30))?)
 }
 
+/// How long a replica may take to answer a request.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a replica may take, after the end of a stream, to finish receiving and commit.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// An error the replica answered with.
 #[derive(Debug, thiserror::Error)]
 #[error("replica `{node}` refused: {message} ({code:?})")]
@@ -40,36 +45,54 @@ pub struct Refused {
     pub message: String,
 }
 
+/// The origin's QUIC clients: one UDP socket per address family, made on first use.
 pub struct Connector {
-    client: Client,
+    tls: crate::config::TlsFiles,
+    v4: std::sync::OnceLock<Client>,
+    v6: std::sync::OnceLock<Client>,
 }
 
 impl Connector {
     pub fn new(node: &NodeConfig) -> Result<Connector> {
         let files = node.tls.as_ref().ok_or_else(|| anyhow!("{} has no `tls:` section; it is needed to reach other nodes", node.file.display()))?;
-        let client = Client::builder()
-            .with_tls(tls::client_tls(files)?)?
-            .with_limits(limits()?)?
-            .with_io("0.0.0.0:0")?
-            .start()
-            .map_err(|e| anyhow!("cannot start the QUIC client: {e}"))?;
-        Ok(Connector { client })
+        // Read the files now, so that a missing certificate is reported before any transfer.
+        tls::client_tls(files)?;
+        Ok(Connector { tls: files.clone(), v4: Default::default(), v6: Default::default() })
     }
 
-    /// Connects to `node` at `addr` (HOST:PORT), requiring its certificate to name `node`.
+    fn client_for(&self, addr: &SocketAddr) -> Result<&Client> {
+        let (cell, bind) = if addr.is_ipv4() { (&self.v4, "0.0.0.0:0") } else { (&self.v6, "[::]:0") };
+        if let Some(c) = cell.get() {
+            return Ok(c);
+        }
+        let client = Client::builder()
+            .with_tls(tls::client_tls(&self.tls)?)?
+            .with_limits(limits()?)?
+            .with_io(bind)?
+            .start()
+            .map_err(|e| anyhow!("cannot start the QUIC client on {bind}: {e}"))?;
+        Ok(cell.get_or_init(|| client))
+    }
+
+    /// Connects to `node` at `addr` (HOST:PORT), requiring its certificate to name `node`;
+    /// tries each address the name resolves to.
     pub async fn connect(&self, node: &str, addr: &str) -> Result<Connection> {
-        let sock: SocketAddr = tokio::net::lookup_host(addr)
-            .await
-            .with_context(|| format!("cannot resolve `{addr}` (peer `{node}`)"))?
-            .next()
-            .ok_or_else(|| anyhow!("`{addr}` (peer `{node}`) resolves to no address"))?;
-        let mut conn = self
-            .client
-            .connect(Connect::new(sock).with_server_name(node))
-            .await
-            .map_err(|e| anyhow!("cannot connect to `{node}` at {sock}: {e}"))?;
-        conn.keep_alive(true).ok();
-        Ok(conn)
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr).await.with_context(|| format!("cannot resolve `{addr}` (peer `{node}`)"))?.collect();
+        let mut last = anyhow!("`{addr}` (peer `{node}`) resolves to no address");
+        for sock in addrs {
+            let attempt = async {
+                let client = self.client_for(&sock)?;
+                client.connect(Connect::new(sock).with_server_name(node)).await.map_err(|e| anyhow!("cannot connect to `{node}` at {sock}: {e}"))
+            };
+            match attempt.await {
+                Ok(mut conn) => {
+                    conn.keep_alive(true).ok();
+                    return Ok(conn);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 }
 
@@ -96,11 +119,13 @@ pub struct RemoteReplica {
     transfer: Transfer,
     connector: Arc<Connector>,
     connection: Mutex<Option<Connection>>,
+    /// What the replica said in its last `snapshots` answer.
+    compact: std::sync::atomic::AtomicBool,
 }
 
 impl RemoteReplica {
     pub fn new(node: String, addr: String, fileset: String, transfer: Transfer, connector: Arc<Connector>) -> Self {
-        RemoteReplica { node, addr, fileset, transfer, connector, connection: Mutex::new(None) }
+        RemoteReplica { node, addr, fileset, transfer, connector, connection: Mutex::new(None), compact: Default::default() }
     }
 
     /// Opens a request stream (connecting first if needed) and sends `hello` and `request`.
@@ -139,6 +164,16 @@ impl ReplicaEndpoint for RemoteReplica {
         self.list_snapshots().await.map_err(with_tls_hint)
     }
 
+    async fn accepts_compact(&self) -> bool {
+        self.compact.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn close(&self) {
+        if let Some(conn) = self.connection.lock().await.take() {
+            conn.close(0u32.into());
+        }
+    }
+
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
         self.ship(incoming, stream).await.map_err(with_tls_hint)
     }
@@ -148,13 +183,16 @@ impl RemoteReplica {
     async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
         let (mut replies, _send) = self.request(&Message::List { fileset: self.fileset.clone() }).await?;
         match read_message(&mut replies).await? {
-            Message::Snapshots { snapshots } => Ok(snapshots
+            Message::Snapshots { snapshots, compact } => {
+                self.compact.store(compact, std::sync::atomic::Ordering::Relaxed);
+                Ok(snapshots
                 .into_iter()
                 .filter_map(|s| {
                     let name = SnapshotName::parse(&s.name)?;
                     Some(Snapshot { name, identity: s.identity, local_id: None, parent_local_id: None })
                 })
-                .collect()),
+                .collect())
+            }
             Message::Error { code, message } => Err(self.refused(code, message)),
             other => bail!("protocol error: `{}` answered {other:?} to list", self.node),
         }
@@ -169,7 +207,10 @@ impl RemoteReplica {
             compression: self.transfer.compression.into(),
         };
         let (mut replies, mut send) = self.request(&begin).await?;
-        match read_message(&mut replies).await? {
+        let ready = tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut replies))
+            .await
+            .map_err(|_| anyhow!("replica `{}` did not answer `begin` within {}s", self.node, ANSWER_TIMEOUT.as_secs()))??;
+        match ready {
             Message::Ready => {}
             Message::Error { code, message } => return Err(self.refused(code, message)),
             other => bail!("protocol error: `{}` answered {other:?} to begin", self.node),
@@ -197,7 +238,10 @@ impl RemoteReplica {
         write_message(&mut send, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await?;
         send.close().await.ok();
         tracing::debug!(replica = %self.node, bytes = sent.bytes, wire_bytes = sent.wire_bytes, "stream sent, waiting for the commit");
-        match read_message(&mut replies).await? {
+        let committed = tokio::time::timeout(COMMIT_TIMEOUT, read_message(&mut replies))
+            .await
+            .map_err(|_| anyhow!("replica `{}` did not confirm the snapshot within {}s of the end of the stream", self.node, COMMIT_TIMEOUT.as_secs()))??;
+        match committed {
             Message::Committed { .. } => Ok(()),
             Message::Error { code, message } => Err(self.refused(code, message)),
             other => bail!("protocol error: `{}` answered {other:?} to end", self.node),

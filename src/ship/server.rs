@@ -75,10 +75,18 @@ pub async fn serve(mut server: Server, config: Arc<LoadedConfig>, status: Arc<St
 async fn handle_connection(mut conn: Connection, config: Arc<LoadedConfig>, status: Arc<StatusBoard>, shutdown: CancellationToken) {
     let remote = conn.remote_addr().map(|a| a.to_string()).unwrap_or_default();
     let peer = conn.query_event_context(|p: &PeerName| p.0.clone()).ok().flatten();
-    let Some(peer) = peer.filter(|p| config.node.peers.keys().any(|k| k.0 == *p)) else {
-        tracing::warn!(%remote, "refusing a connection from a node not listed in peers");
-        conn.close(1u32.into());
-        return;
+    let peer = match peer {
+        Some(p) if config.node.peers.keys().any(|k| k.0 == p) => p,
+        Some(p) => {
+            tracing::warn!(%remote, "refusing node `{p}`: it is not listed under peers in {}", config.node.file.display());
+            conn.close(1u32.into());
+            return;
+        }
+        None => {
+            tracing::warn!(%remote, "refusing a connection whose certificate names no node (no DNS subject alternative name)");
+            conn.close(1u32.into());
+            return;
+        }
     };
     tracing::debug!(%peer, %remote, "origin connected");
     let streams = TaskTracker::new();
@@ -135,7 +143,7 @@ async fn serve_request(
             };
             let side = snapshot::replica_for(policy, replica)?;
             let snapshots = side.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
-            Ok(Message::Snapshots { snapshots })
+            Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await })
         }
         Message::Begin { fileset, snapshot, identity, base, compression } => {
             let (policy, replica) = match authorize(config, peer, &fileset) {

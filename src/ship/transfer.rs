@@ -153,6 +153,9 @@ impl IncomingError {
     /// The protocol code for an error chain that went through an incoming stream.
     pub fn code_of(err: &anyhow::Error) -> ErrorCode {
         for cause in err.chain() {
+            if cause.downcast_ref::<crate::snapshot::ReceiveBusy>().is_some() {
+                return ErrorCode::Busy;
+            }
             let found = cause
                 .downcast_ref::<IncomingError>()
                 .or_else(|| cause.downcast_ref::<io::Error>().and_then(|e| e.get_ref()).and_then(|e| e.downcast_ref::<IncomingError>()));
@@ -215,7 +218,7 @@ where
             Box::new(decoder)
         }
     };
-    Box::new(CheckedAtEnd { inner: Metered::hashing(decoded), trailer, checked: false })
+    Box::new(CheckedAtEnd { inner: Metered::hashing(decoded), trailer, checked: false, failed: None })
 }
 
 /// Checks length and hash against the trailer when the inner stream ends.
@@ -223,10 +226,15 @@ struct CheckedAtEnd<R> {
     inner: Metered<R>,
     trailer: Arc<Mutex<Option<(u64, String)>>>,
     checked: bool,
+    /// A failed check is failed for good: a later read must not look like a clean end.
+    failed: Option<String>,
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for CheckedAtEnd<R> {
     fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
+        if let Some(why) = &self.failed {
+            return std::task::Poll::Ready(Err(io::Error::other(why.clone())));
+        }
         let before = buf.filled().len();
         std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_read(cx, buf))?;
         if buf.filled().len() > before || self.checked {
@@ -242,6 +250,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for CheckedAtEnd<R> {
             }
             Some(_) => Ok(()),
         };
+        if let Err(e) = &result {
+            self.failed = Some(e.to_string());
+        }
         std::task::Poll::Ready(result)
     }
 }

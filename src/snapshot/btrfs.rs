@@ -84,6 +84,14 @@ fn delete_subvolume(path: &Path) -> Result<()> {
     DeleteSubvolumeOptions::new().delete(path).map_err(|e| util_error(format!("cannot delete subvolume {}", path.display()), e))
 }
 
+/// Whether btrfs-progs here can receive protocol 2 (it came with `--force-decompress`).
+async fn receive_v2_supported() -> bool {
+    static SUPPORTED: OnceCell<bool> = OnceCell::const_new();
+    *SUPPORTED
+        .get_or_init(|| async { Cmd::new("btrfs").arg("receive").arg("--help").output().await.is_ok_and(|help| help.contains("--force-decompress")) })
+        .await
+}
+
 /// Whether this kernel and btrfs-progs can send protocol 2 with compressed data.
 async fn send_v2_supported() -> bool {
     static SUPPORTED: OnceCell<bool> = OnceCell::const_new();
@@ -166,8 +174,11 @@ impl OriginSide for BtrfsOrigin {
         blocking(move || {
             let mut out = Vec::new();
             for name in our_names(&dir)? {
-                if let Some(s) = describe(&dir.join(name.as_str()), name, false)? {
-                    out.push(s);
+                let path = dir.join(name.as_str());
+                match describe(&path, name, false) {
+                    Ok(Some(s)) => out.push(s),
+                    Ok(None) => tracing::warn!(path = %path.display(), "ignoring a writable subvolume with a snapshot name"),
+                    Err(e) => tracing::warn!(path = %path.display(), "ignoring what is not a snapshot: {e:#}"),
                 }
             }
             Ok(out)
@@ -175,9 +186,9 @@ impl OriginSide for BtrfsOrigin {
         .await
     }
 
-    async fn send(&self, snapshot: &Snapshot, base: Option<&Snapshot>) -> Result<SendStream> {
+    async fn send(&self, snapshot: &Snapshot, base: Option<&Snapshot>, compact: bool) -> Result<SendStream> {
         let mut cmd = Cmd::new("btrfs").arg("send").arg("-q");
-        if send_v2_supported().await {
+        if compact && send_v2_supported().await {
             cmd = cmd.arg("--proto").arg("2").arg("--compressed-data");
         }
         if let Some(base) = base {
@@ -218,7 +229,7 @@ impl BtrfsReplica {
         let lock_path = staging.join(".lock");
         let file = File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
         let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-            .map_err(|_| anyhow!("another receive into {} is running (lock {} is held)", self.dir.display(), lock_path.display()))?;
+            .map_err(|_| super::ReceiveBusy(self.dir.display().to_string()))?;
         for entry in std::fs::read_dir(&staging).with_context(|| format!("cannot list {}", staging.display()))? {
             let path = entry?.path();
             if path == lock_path {
@@ -247,7 +258,9 @@ impl BtrfsReplica {
                 _ => Ok(()),
             },
             Some(s) => {
-                let tmp = self.dir.join(format!(".{LATEST}.tmp-{}", std::process::id()));
+                static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let tmp = self.dir.join(format!(".{LATEST}.tmp-{}-{n}", std::process::id()));
                 let _ = std::fs::remove_file(&tmp);
                 std::os::unix::fs::symlink(s.name.as_str(), &tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
                 std::fs::rename(&tmp, &latest).with_context(|| format!("cannot replace {}", latest.display()))
@@ -260,9 +273,10 @@ impl BtrfsReplica {
         let mut out = Vec::new();
         for name in our_names(&self.dir)? {
             let path = self.dir.join(name.as_str());
-            match describe(&path, name, true)? {
-                Some(s) => out.push(s),
-                None => tracing::warn!(path = %path.display(), "ignoring a subvolume that is not a complete received snapshot"),
+            match describe(&path, name, true) {
+                Ok(Some(s)) => out.push(s),
+                Ok(None) => tracing::warn!(path = %path.display(), "ignoring a subvolume that is not a complete received snapshot"),
+                Err(e) => tracing::warn!(path = %path.display(), "ignoring what is not a snapshot: {e:#}"),
             }
         }
         Ok(out)
@@ -293,6 +307,10 @@ impl ReplicaSide for BtrfsReplica {
     async fn list(&self) -> Result<Vec<Snapshot>> {
         let me = BtrfsReplica::new(self.dir.clone());
         blocking(move || me.complete()).await
+    }
+
+    async fn accepts_compact(&self) -> bool {
+        receive_v2_supported().await
     }
 
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot> {
@@ -328,7 +346,8 @@ impl ReplicaSide for BtrfsReplica {
 
 impl BtrfsReplica {
     async fn receive_into_staging(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin), staged: &Path) -> Result<()> {
-        let mut process = Cmd::new("btrfs").arg("receive").arg("-q").arg("-e").arg(self.staging()).spawn(Pipe::In)?;
+        // --chroot: whatever paths the stream names, the receive cannot write outside staging.
+        let mut process = Cmd::new("btrfs").arg("receive").arg("-q").arg("-e").arg("--chroot").arg(self.staging()).spawn(Pipe::In)?;
         let mut stdin = process.stdin();
         let copied = tokio::io::copy(stream, &mut stdin).await;
         let flushed = match copied {
@@ -337,14 +356,17 @@ impl BtrfsReplica {
         };
         drop(stdin);
         if let Err(e) = flushed {
-            // Keep the stream's error as the cause (it says why: checksum, cut, abort); the
-            // receive process, which failed on the broken stream, only adds detail.
             let cmdline = process.cmdline().to_string();
-            let detail = match process.wait().await {
-                Err(pe) => format!(" ({pe})"),
-                Ok(()) => String::new(),
+            let receive = process.wait().await;
+            let broken_pipe = e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == ErrorKind::BrokenPipe);
+            return match receive {
+                // `btrfs receive` gave up first (a missing parent, a full disk): its message is the cause.
+                Err(pe) if broken_pipe => Err(pe.into()),
+                // Otherwise the stream's error is the cause (checksum, cut, abort); the receive,
+                // which failed on the broken stream, only adds detail.
+                Err(pe) => Err(e.context(format!("stream into `{cmdline}` broke ({pe})"))),
+                Ok(()) => Err(e.context(format!("stream into `{cmdline}` broke"))),
             };
-            return Err(e.context(format!("stream into `{cmdline}` broke{detail}")));
         }
         process.wait().await?;
         if !staged.exists() {

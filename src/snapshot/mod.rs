@@ -46,16 +46,21 @@ pub struct SendStream {
     reader: Box<dyn AsyncRead + Send + Unpin>,
     process: Option<runner::Running>,
     exit: Option<Pin<Box<dyn Future<Output = Result<(), runner::CommandError>> + Send>>>,
+    /// A failed send stays failed: later reads repeat the error instead of a clean end.
+    failed: Option<String>,
 }
 
 impl SendStream {
     pub fn new(reader: Box<dyn AsyncRead + Send + Unpin>, process: runner::Running) -> Self {
-        SendStream { reader, process: Some(process), exit: None }
+        SendStream { reader, process: Some(process), exit: None, failed: None }
     }
 }
 
 impl AsyncRead for SendStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(why) = &self.failed {
+            return Poll::Ready(Err(std::io::Error::other(why.clone())));
+        }
         if self.exit.is_none() {
             let before = buf.filled().len();
             ready!(Pin::new(&mut self.reader).poll_read(cx, buf))?;
@@ -70,9 +75,17 @@ impl AsyncRead for SendStream {
         let exit = self.exit.as_mut().expect("set above");
         let status = ready!(exit.as_mut().poll(cx));
         self.exit = None;
+        if let Err(e) = &status {
+            self.failed = Some(e.to_string());
+        }
         Poll::Ready(status.map_err(std::io::Error::other))
     }
 }
+
+/// Another receive into the same replica is running.
+#[derive(Debug, thiserror::Error)]
+#[error("another receive into {0} is running")]
+pub struct ReceiveBusy(pub String);
 
 /// What the receiver is told about an incoming stream.
 #[derive(Debug, Clone)]
@@ -95,8 +108,10 @@ pub trait OriginSide: Send + Sync {
     async fn changed_since(&self, snapshot: &Snapshot) -> Result<bool>;
     /// Every snapshot snapship made of this file set, oldest first.
     async fn list(&self) -> Result<Vec<Snapshot>>;
-    /// Opens a stream of `snapshot`, incremental from `base` when given.
-    async fn send(&self, snapshot: &Snapshot, base: Option<&Snapshot>) -> Result<SendStream>;
+    /// Opens a stream of `snapshot`, incremental from `base` when given. `compact`: the
+    /// receiver accepts the backend's newer, compact stream format (btrfs: protocol 2 with
+    /// compressed extents sent as they are on disk).
+    async fn send(&self, snapshot: &Snapshot, base: Option<&Snapshot>, compact: bool) -> Result<SendStream>;
     async fn delete(&self, snapshot: &Snapshot) -> Result<()>;
 }
 
@@ -105,6 +120,8 @@ pub trait OriginSide: Send + Sync {
 pub trait ReplicaSide: Send + Sync {
     /// Every complete snapshot received, oldest first.
     async fn list(&self) -> Result<Vec<Snapshot>>;
+    /// Whether this side can receive the compact stream format (see [`OriginSide::send`]).
+    async fn accepts_compact(&self) -> bool;
     /// Receives `stream` (read to its end, which must come without error); the snapshot is
     /// visible only once complete and checked, and nothing partial remains on failure.
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot>;
