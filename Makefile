@@ -2,8 +2,9 @@
 
 CARGO ?= cargo
 # Debian packages the build and the tests need: btrfs tools, the libbtrfsutil C library,
-# and libclang for the bindgen run of libbtrfsutil-sys.
-DEBS := btrfs-progs libbtrfsutil-dev libclang-dev pkg-config
+# libclang for the bindgen run of libbtrfsutil-sys, and zfs-fuse for real ZFS pools on files
+# (there is no ZFS kernel module here).
+DEBS := btrfs-progs libbtrfsutil-dev libclang-dev pkg-config zfs-fuse
 
 .PHONY: all deps build test demo clean
 
@@ -15,8 +16,8 @@ deps:
 build: deps
 	$(CARGO) build --release
 
-# Unit tests, then the integration tests on loop-mounted btrfs images. Everything they
-# mount is torn down on exit, failures included.
+# Unit tests, then the integration tests on loop-mounted btrfs images and zfs-fuse pools.
+# Everything they mount or start is torn down on exit, failures included.
 test: deps
 	$(CARGO) build --all-targets
 	scripts/with-scratch.sh $(CARGO) test --all-targets

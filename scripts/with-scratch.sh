@@ -1,16 +1,37 @@
 #!/usr/bin/env bash
-# Runs a command (the test suite, the demo) with a fresh scratch directory for loop images
-# and mount points, and tears down whatever is left under it when the command ends, on
-# failure and on Ctrl-C too: processes still using it, mounts, loop devices, files.
+# Runs a command (the test suite, the demo) with a fresh scratch directory for loop images,
+# pool files and mount points, and a zfs-fuse daemon, and tears down whatever is left when
+# the command ends, on failure and on Ctrl-C too: test pools, the daemon it started,
+# processes still using the directory, mounts, loop devices, files.
 #
 # The command sees SNAPSHIP_TEST_TMP (the scratch directory) and
 # SNAPSHIP_REQUIRE_ROOT_TESTS=1 (tests that need root must not skip themselves).
 set -u
 scratch=$(mktemp -d /tmp/snapship-test.XXXXXX)
 
+# zfs-fuse: one daemon per machine. Start it if it is installed and not running, and stop
+# it at the end (only if we started it). Test pools are named sstest*.
+zfs_pid=""
+if command -v zfs-fuse >/dev/null 2>&1 && ! pgrep -x zfs-fuse >/dev/null; then
+  zfs-fuse --no-daemon >"$scratch/zfs-fuse.log" 2>&1 &
+  zfs_pid=$!
+  for _ in $(seq 100); do zpool list >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
+  # Test pools first (they unmount their datasets), then the daemon if it is ours.
+  if command -v zpool >/dev/null 2>&1 && pgrep -x zfs-fuse >/dev/null; then
+    timeout 30 zpool list -H -o name 2>/dev/null | grep '^sstest' | while read -r pool; do
+      timeout 30 zpool destroy -f "$pool" || echo "could not destroy zfs pool $pool" >&2
+    done
+  fi
+  if [ -n "$zfs_pid" ]; then
+    kill "$zfs_pid" 2>/dev/null
+    for _ in $(seq 100); do kill -0 "$zfs_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$zfs_pid" 2>/dev/null
+  fi
   # Processes started from the scratch dir (a demo's daemons) or holding files in it.
   pkill -KILL -f -- "$scratch/" 2>/dev/null
   # Mounts under the scratch dir, deepest first.

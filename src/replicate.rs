@@ -89,8 +89,14 @@ pub async fn sync(config: &LoadedConfig, policy: &Policy, on_start: &(dyn Fn(&st
     let replicas = futures::future::join_all(jobs).await;
     let state = StateStore::open(&config.node.state_dir, &policy.fileset.0)?;
     for (node, result) in &replicas {
-        if let Err(e) = state.record_outcome(node, &snap.name, result).await {
-            tracing::error!(fileset = %policy.fileset, "cannot record the state: {e:#}");
+        match state.record_outcome(node, &snap.name, result).await {
+            Err(e) => tracing::error!(fileset = %policy.fileset, "cannot record the state: {e:#}"),
+            Ok(previous) if result.is_ok() => {
+                if let Err(e) = origin.keep_base(node, &snap.name, previous.as_ref()).await {
+                    tracing::warn!(fileset = %policy.fileset, replica = %node, "cannot guard the new common base: {e:#}");
+                }
+            }
+            Ok(_) => {}
         }
     }
     Ok(SyncReport { fileset: policy.fileset.0.clone(), snapshot: snap, replicas })

@@ -64,13 +64,16 @@ impl StateStore {
     /// Records how a transfer of `snapshot` to `replica` ended: on success the snapshot is
     /// the new common base. On failure the transfer stays recorded as in flight (protected
     /// from pruning): the replica may hold it although its answer was lost.
-    pub async fn record_outcome<T>(&self, replica: &str, snapshot: &SnapshotName, result: &Result<T>) -> Result<()> {
+    /// Returns the previous common base.
+    pub async fn record_outcome<T>(&self, replica: &str, snapshot: &SnapshotName, result: &Result<T>) -> Result<Option<SnapshotName>> {
         let now = Utc::now();
+        let mut previous = None;
         self.update(|s| {
             let r = s.replicas.entry(replica.to_string()).or_default();
             match result {
                 Ok(_) => {
                     r.in_flight = None;
+                    previous = r.base.as_deref().and_then(SnapshotName::parse);
                     r.base = Some(snapshot.to_string());
                     r.last_success = Some(now);
                     r.last_error = None;
@@ -78,7 +81,8 @@ impl StateStore {
                 Err(e) => r.last_error = Some((now, format!("{e:#}"))),
             }
         })
-        .await
+        .await?;
+        Ok(previous)
     }
 
     /// Changes the state and writes it out before returning.

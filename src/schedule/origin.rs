@@ -279,9 +279,14 @@ impl OriginJob {
             self.in_flight.lock().expect("in_flight lock").remove(&node);
         }
         replicate::log_outcome(self.fileset(), &node, &result);
-        let recorded = self.state.record_outcome(&node, &snapshot.name, &result).await;
-        if let Err(e) = recorded {
-            tracing::error!(fileset = self.fileset(), "cannot record the state: {e:#}");
+        match self.state.record_outcome(&node, &snapshot.name, &result).await {
+            Err(e) => tracing::error!(fileset = self.fileset(), "cannot record the state: {e:#}"),
+            Ok(previous) if result.is_ok() => {
+                if let Err(e) = self.origin.keep_base(&node, &snapshot.name, previous.as_ref()).await {
+                    tracing::warn!(fileset = self.fileset(), replica = %node, "cannot guard the new common base: {e:#}");
+                }
+            }
+            Ok(_) => {}
         }
         result?;
         self.prune().await;

@@ -9,6 +9,7 @@
 pub mod btrfs;
 pub mod name;
 pub mod runner;
+pub mod zfs;
 
 use std::path::PathBuf;
 
@@ -113,6 +114,12 @@ pub trait OriginSide: Send + Sync {
     /// compressed extents sent as they are on disk).
     async fn send(&self, snapshot: &Snapshot, base: Option<&Snapshot>, compact: bool) -> Result<SendStream>;
     async fn delete(&self, snapshot: &Snapshot) -> Result<()>;
+    /// `base` is now the common base with `replica` (replacing `previous`): guard it where
+    /// the filesystem can (ZFS: a hold, and a bookmark on modern ZFS). Our own pruning
+    /// protects bases anyway; this keeps other tools from destroying them.
+    async fn keep_base(&self, _replica: &str, _base: &SnapshotName, _previous: Option<&SnapshotName>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A replica's side of a file set.
@@ -132,7 +139,7 @@ pub trait ReplicaSide: Send + Sync {
 pub fn origin_for(policy: &Policy) -> Result<Box<dyn OriginSide>> {
     match policy.backend {
         BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsOrigin::new(PathBuf::from(&policy.origin.path), policy.snapshot_dir()))),
-        BackendKind::Zfs => anyhow::bail!("{}: the zfs backend is not available yet", policy.file.display()),
+        BackendKind::Zfs => Ok(Box::new(zfs::ZfsOrigin::new(policy.origin.path.clone()))),
     }
 }
 
@@ -140,7 +147,7 @@ pub fn origin_for(policy: &Policy) -> Result<Box<dyn OriginSide>> {
 pub fn replica_for(policy: &Policy, replica: &ReplicaSpec) -> Result<Box<dyn ReplicaSide>> {
     match policy.backend {
         BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsReplica::new(PathBuf::from(&replica.path)))),
-        BackendKind::Zfs => anyhow::bail!("{}: the zfs backend is not available yet", policy.file.display()),
+        BackendKind::Zfs => Ok(Box::new(zfs::ZfsReplica::new(replica.path.clone()))),
     }
 }
 

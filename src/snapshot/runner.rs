@@ -22,6 +22,16 @@ pub enum CommandError {
     Failed { cmdline: String, status: String, stderr: String },
 }
 
+impl CommandError {
+    /// What the command wrote on stderr, if it ran and failed.
+    pub fn stderr(&self) -> &str {
+        match self {
+            CommandError::Failed { stderr, .. } => stderr,
+            CommandError::Spawn { .. } => "",
+        }
+    }
+}
+
 /// A command line, kept printable.
 pub struct Cmd {
     program: String,
@@ -31,6 +41,11 @@ pub struct Cmd {
 impl Cmd {
     pub fn new(program: &str) -> Cmd {
         Cmd { program: program.to_string(), args: Vec::new() }
+    }
+
+    /// The arguments, for tests of command construction.
+    pub fn args(&self) -> &[String] {
+        &self.args
     }
 
     pub fn arg(mut self, arg: impl AsRef<std::ffi::OsStr>) -> Cmd {
@@ -53,6 +68,15 @@ impl Cmd {
             return Err(self.failed(out.status, &out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs to completion whatever the exit status; returns the status and both outputs
+    /// (for commands whose usage text or error we read).
+    pub async fn output_unchecked(&self) -> Result<(ExitStatus, String, String), CommandError> {
+        let mut c = self.command();
+        c.stdout(Stdio::piped());
+        let out = c.output().await.map_err(|source| CommandError::Spawn { cmdline: self.to_string(), source })?;
+        Ok((out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
     }
 
     /// Starts the command with stdout (`Pipe::Out`) or stdin (`Pipe::In`) connected to us.

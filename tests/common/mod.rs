@@ -35,7 +35,7 @@ pub fn have_root(test: &str) -> bool {
     false
 }
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
+pub static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A fresh directory for one test, removed on drop.
 pub struct Scratch {
@@ -289,5 +289,75 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Whether zfs-fuse answers (started by `make test` through scripts/with-scratch.sh). Like
+/// [`have_root`]: skips under plain `cargo test`, panics under `make test`.
+pub fn have_zfs(test: &str) -> bool {
+    if !have_root(test) {
+        return false;
+    }
+    if Command::new("zpool").arg("list").output().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    if std::env::var_os(REQUIRE_ENV).is_some() {
+        panic!("{test}: needs a running zfs-fuse daemon (make test starts one)");
+    }
+    eprintln!("SKIPPED {test}: no zfs-fuse daemon answers (run `make test` to include it)");
+    false
+}
+
+/// A ZFS pool on a sparse file, its root mounted at `mnt`, destroyed on drop. Pool names
+/// start with `sstest` (scripts/with-scratch.sh destroys any left over).
+pub struct ZfsPool {
+    pub name: String,
+    pub mnt: PathBuf,
+    image: PathBuf,
+}
+
+impl ZfsPool {
+    pub fn new(scratch: &Scratch, label: &str, size_mib: u64) -> ZfsPool {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("sstest{}x{n}{label}", std::process::id());
+        let image = scratch.dir.join(format!("{label}.zpool"));
+        let mnt = scratch.dir.join(format!("{label}-zfs"));
+        run(Command::new("truncate").arg("-s").arg(format!("{size_mib}M")).arg(&image));
+        run(Command::new("zpool").args(["create", "-o", "cachefile=none", "-m"]).arg(&mnt).arg(&name).arg(&image));
+        ZfsPool { name, mnt, image }
+    }
+
+    /// Creates `pool/path` and returns its dataset name.
+    pub fn dataset(&self, path: &str) -> String {
+        let ds = format!("{}/{path}", self.name);
+        run(Command::new("zfs").args(["create", "-p", &ds]));
+        ds
+    }
+
+    /// Where `pool/path` is mounted.
+    pub fn mountpoint(&self, path: &str) -> PathBuf {
+        self.mnt.join(path)
+    }
+
+    /// `name -> value` of `property` for every snapshot of `dataset`.
+    pub fn snapshot_props(&self, dataset: &str, property: &str) -> Vec<(String, String)> {
+        let out = run(Command::new("zfs").args(["get", "-H", "-p", "-o", "name,value", "-d", "1", property, dataset]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter_map(|(n, v)| n.split_once('@').map(|(_, s)| (s.to_string(), v.to_string())))
+            .collect()
+    }
+}
+
+impl Drop for ZfsPool {
+    fn drop(&mut self) {
+        for _ in 0..40 {
+            if Command::new("zpool").args(["destroy", "-f", &self.name]).output().is_ok_and(|o| o.status.success()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        let _ = std::fs::remove_file(&self.image);
     }
 }

