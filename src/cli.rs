@@ -156,34 +156,42 @@ async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
         tracing::warn!("skipping a broken policy: {e}");
     }
     // With a daemon running, it does the sync: one process owns transfers and pruning.
-    let (snapshot, outcomes) = match crate::control::sync_through_daemon(&loaded.node.state_dir, fileset).await? {
-        Some(reply) => {
-            tracing::info!("synced by the running snapship run");
-            (reply.snapshot, reply.replicas)
-        }
-        None => {
-            let _lock = crate::daemon::lock_state_dir(&loaded.node.state_dir)?;
-            let progress = crate::progress::Progress::start(fileset);
-            let report = replicate::sync(&loaded, policy, &|replica, tally| progress.add(replica, tally)).await;
-            progress.finish();
-            let report = report?;
-            let outcomes = report.replicas.into_iter().map(|(node, r)| (node, r.map_err(|e| format!("{e:#}")))).collect();
-            (report.snapshot.name.to_string(), outcomes)
-        }
-    };
-    for (node, result) in &outcomes {
-        match result {
-            Ok(r) => println!(
-                "{fileset}: {} -> {node}: {} ({} bytes in {:.2}s)",
-                r.snapshot,
-                match &r.base { Some(b) => format!("incremental from {b}"), None if r.bytes == 0 => "already there".into(), None => "full".into() },
-                r.bytes,
-                r.elapsed.as_secs_f64()
-            ),
-            Err(e) => println!("{fileset}: {snapshot} -> {node}: FAILED: {e}"),
+    let results: Vec<(String, String, Vec<(String, Result<replicate::ReplicaReport, String>)>)> =
+        match crate::control::sync_through_daemon(&loaded.node.state_dir, fileset).await? {
+            Some(replies) => {
+                tracing::info!("synced by the running snapship run");
+                replies.into_iter().map(|r| (r.fileset, r.snapshot, r.replicas)).collect()
+            }
+            None => {
+                let _lock = crate::daemon::lock_state_dir(&loaded.node.state_dir)?;
+                let progress = crate::progress::Progress::start(fileset);
+                let reports = replicate::sync(&loaded, policy, &|replica, tally| progress.add(replica, tally)).await;
+                progress.finish();
+                reports?
+                    .into_iter()
+                    .map(|r| (r.fileset, r.snapshot.name.to_string(), r.replicas.into_iter().map(|(n, x)| (n, x.map_err(|e| format!("{e:#}")))).collect()))
+                    .collect()
+            }
+        };
+    let mut failed = false;
+    for (fileset, snapshot, outcomes) in &results {
+        for (node, result) in outcomes {
+            match result {
+                Ok(r) => println!(
+                    "{fileset}: {} -> {node}: {} ({} bytes in {:.2}s)",
+                    r.snapshot,
+                    match &r.base { Some(b) => format!("incremental from {b}"), None if r.bytes == 0 => "already there".into(), None => "full".into() },
+                    r.bytes,
+                    r.elapsed.as_secs_f64()
+                ),
+                Err(e) => {
+                    failed = true;
+                    println!("{fileset}: {snapshot} -> {node}: FAILED: {e}");
+                }
+            }
         }
     }
-    if outcomes.iter().any(|(_, r)| r.is_err()) {
+    if failed {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

@@ -28,13 +28,15 @@ pub enum Request {
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     Status(StatusReport),
-    Sync(SyncReply),
+    Sync { results: Vec<SyncReply> },
     Error { message: String },
 }
 
-/// How a sync through the daemon went: the snapshot taken and each replica's outcome.
+/// How a sync through the daemon went, per file set (several for a consistency group): the
+/// snapshot taken and each replica's outcome.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SyncReply {
+    pub fileset: String,
     pub snapshot: String,
     pub replicas: Vec<(String, Result<ReplicaReport, String>)>,
 }
@@ -84,7 +86,9 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
         Ok(Request::Sync { fileset }) => sync(control, &fileset).await,
         Err(e) => Reply::Error { message: format!("bad request: {e}") },
     };
-    let reply = serde_json::to_string(&reply)?;
+    let reply = serde_json::to_string(&reply).unwrap_or_else(|e| {
+        serde_json::to_string(&Reply::Error { message: format!("cannot encode the answer: {e}") }).expect("a plain error encodes")
+    });
     write.write_all(reply.as_bytes()).await?;
     write.write_all(b"\n").await?;
     Ok(())
@@ -99,10 +103,12 @@ async fn sync(control: &Control, fileset: &str) -> Reply {
         return Reply::Error { message: format!("file set `{fileset}` is stopping") };
     }
     match rx.await {
-        Ok(Ok((snapshot, outcomes))) => Reply::Sync(SyncReply {
-            snapshot: snapshot.to_string(),
-            replicas: outcomes.into_iter().map(|o| (o.replica, o.result)).collect(),
-        }),
+        Ok(Ok(per_fileset)) => Reply::Sync {
+            results: per_fileset
+                .into_iter()
+                .map(|(fileset, snapshot, outcomes)| SyncReply { fileset, snapshot: snapshot.to_string(), replicas: outcomes.into_iter().map(|o| (o.replica, o.result)).collect() })
+                .collect(),
+        },
         Ok(Err(message)) => Reply::Error { message },
         Err(_) => Reply::Error { message: format!("file set `{fileset}` stopped before the sync finished") },
     }
@@ -149,11 +155,30 @@ pub async fn status(state_dir: &Path) -> Result<StatusReport> {
 }
 
 /// Asks the daemon of `state_dir` to sync `fileset`; `Ok(None)` when no daemon runs.
-pub async fn sync_through_daemon(state_dir: &Path, fileset: &str) -> Result<Option<SyncReply>> {
+pub async fn sync_through_daemon(state_dir: &Path, fileset: &str) -> Result<Option<Vec<SyncReply>>> {
     match ask(state_dir, &Request::Sync { fileset: fileset.to_string() }).await? {
-        Some(Reply::Sync(reply)) => Ok(Some(reply)),
+        Some(Reply::Sync { results }) => Ok(Some(results)),
         Some(Reply::Error { message }) => bail!("{message}"),
         Some(other) => bail!("the daemon answered {other:?} to sync"),
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reply_encodes_and_decodes() {
+        let report = crate::replicate::ReplicaReport { node: "beta".into(), snapshot: "s".into(), base: None, bytes: 3, elapsed: std::time::Duration::from_millis(5) };
+        let replies = [
+            Reply::Sync { results: vec![SyncReply { fileset: "db".into(), snapshot: "s".into(), replicas: vec![("beta".into(), Ok(report)), ("gamma".into(), Err("down".into()))] }] },
+            Reply::Error { message: "no".into() },
+        ];
+        for r in replies {
+            let text = serde_json::to_string(&r).unwrap();
+            let back: Reply = serde_json::from_str(&text).unwrap();
+            assert_eq!(format!("{back:?}"), format!("{r:?}"));
+        }
     }
 }

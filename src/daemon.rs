@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config;
 use crate::replicate;
 use crate::schedule::clock::Clock;
-use crate::schedule::origin::OriginJob;
+use crate::schedule::origin::{GroupHub, GroupMember, OriginJob};
 use crate::ship::server;
 use crate::snapshot;
 use crate::state::StateStore;
@@ -82,6 +82,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let origins = tokio_util::task::TaskTracker::new();
     let mut syncs = std::collections::BTreeMap::new();
     let mut connector = None;
+    let mut jobs = Vec::new();
     for policy in loaded.policies.iter().filter(|p| p.origin.node == *here) {
         let job = (|| -> Result<(OriginJob, crate::schedule::origin::SyncHandle)> {
             let origin = snapshot::origin_for(policy)?.into();
@@ -90,13 +91,37 @@ pub async fn run(config_path: &Path) -> Result<()> {
             Ok(OriginJob::new(policy.clone(), origin, replicas, state, Clock::System, status.clone()))
         })();
         match job {
-            Ok((job, sync)) => {
-                syncs.insert(policy.fileset.0.clone(), sync);
-                origins.spawn(job.run(shutdown.clone()));
-            }
+            Ok(job) => jobs.push(job),
             // One file set's trouble never stops the others.
             Err(e) => tracing::error!(fileset = %policy.fileset, "cannot start: {e:#}"),
         }
+    }
+    // Consistency groups: members share a hub that snapshots them together.
+    let mut hubs: std::collections::BTreeMap<String, Vec<GroupMember>> = Default::default();
+    for (job, _) in &jobs {
+        if let Some(g) = &job.policy.group {
+            hubs.entry(g.0.clone()).or_default().push(GroupMember {
+                fileset: job.policy.fileset.0.clone(),
+                path: job.policy.origin.path.clone(),
+                origin: job.origin.clone(),
+                replicas: job.replicas.iter().map(|r| r.node().to_string()).collect(),
+            });
+        }
+    }
+    let hubs: std::collections::BTreeMap<String, _> = hubs
+        .into_iter()
+        .map(|(name, members)| {
+            let backend = loaded.policies.iter().find(|p| p.group.as_ref().is_some_and(|g| g.0 == name)).map(|p| p.backend).expect("a member");
+            (name.clone(), GroupHub::new(&name, backend, members))
+        })
+        .collect();
+    for (job, sync) in jobs {
+        let job = match job.policy.group.as_ref().and_then(|g| hubs.get(&g.0)) {
+            Some(hub) => job.in_group(hub.clone()),
+            None => job,
+        };
+        syncs.insert(job.policy.fileset.0.clone(), sync);
+        origins.spawn(job.run(shutdown.clone()));
     }
     origins.close();
     {

@@ -64,9 +64,11 @@ pub fn endpoints(config: &LoadedConfig, policy: &Policy, connector: &mut Option<
     Ok(out)
 }
 
-/// `snapship sync`: snapshot `policy`'s file set now and ship it to every replica.
+/// `snapship sync`: snapshot `policy`'s file set now and ship it to every replica. A file set
+/// in a consistency group brings its whole group along: all are snapshotted at one point in
+/// time, and each is shipped; one report per file set.
 /// `on_start` sees each replica's stream as it starts (replica name, byte count).
-pub async fn sync(config: &LoadedConfig, policy: &Policy, on_start: &(dyn Fn(&str, Arc<Tally>) + Send + Sync)) -> Result<SyncReport> {
+pub async fn sync(config: &LoadedConfig, policy: &Policy, on_start: &(dyn Fn(&str, Arc<Tally>) + Send + Sync)) -> Result<Vec<SyncReport>> {
     if policy.origin.node != config.node.node {
         bail!(
             "this node is `{}`, but file set `{}` has its origin on `{}`; run sync there",
@@ -75,31 +77,41 @@ pub async fn sync(config: &LoadedConfig, policy: &Policy, on_start: &(dyn Fn(&st
             policy.origin.node
         );
     }
-    let origin = snapshot::origin_for(policy)?;
-    let endpoints = endpoints(config, policy, &mut None)?;
-    let snap = origin.take_snapshot(Kind::Scheduled).await.with_context(|| format!("file set `{}`: cannot take a snapshot", policy.fileset))?;
-    tracing::info!(fileset = %policy.fileset, snapshot = %snap.name, "snapshot taken");
-
-    let jobs = endpoints.iter().map(|ep| async {
-        let node = ep.node().to_string();
-        let result = ship_to(origin.as_ref(), &snap, ep.as_ref(), &|tally| on_start(&node, tally)).await;
-        log_outcome(&policy.fileset.0, ep.node(), &result);
-        (ep.node().to_string(), result)
-    });
-    let replicas = futures::future::join_all(jobs).await;
-    let state = StateStore::open(&config.node.state_dir, &policy.fileset.0)?;
-    for (node, result) in &replicas {
-        match state.record_outcome(node, &snap.name, result).await {
-            Err(e) => tracing::error!(fileset = %policy.fileset, "cannot record the state: {e:#}"),
-            Ok(previous) if result.is_ok() => {
-                if let Err(e) = origin.keep_base(node, &snap.name, previous.as_ref()).await {
-                    tracing::warn!(fileset = %policy.fileset, replica = %node, "cannot guard the new common base: {e:#}");
+    let members = config.group_of(policy);
+    let origins = members.iter().map(|p| snapshot::origin_for(p)).collect::<Result<Vec<_>>>()?;
+    let mut connector = None;
+    let endpoints = members.iter().map(|p| endpoints(config, p, &mut connector)).collect::<Result<Vec<_>>>()?;
+    let snaps = if members.len() == 1 {
+        vec![origins[0].take_snapshot(Kind::Scheduled).await.with_context(|| format!("file set `{}`: cannot take a snapshot", policy.fileset))?]
+    } else {
+        let sides: Vec<(&str, &dyn OriginSide)> = members.iter().zip(&origins).map(|(p, o)| (p.origin.path.as_str(), o.as_ref())).collect();
+        snapshot::take_group(policy.backend, &sides, Kind::Scheduled).await.with_context(|| format!("group `{}`: cannot take the snapshots", policy.group.as_ref().expect("a group")))?
+    };
+    let mut reports = Vec::new();
+    for (((member, origin), snap), eps) in members.iter().zip(&origins).zip(snaps).zip(&endpoints) {
+        tracing::info!(fileset = %member.fileset, snapshot = %snap.name, "snapshot taken");
+        let jobs = eps.iter().map(|ep| async {
+            let node = ep.node().to_string();
+            let result = ship_to(origin.as_ref(), &snap, ep.as_ref(), &|tally| on_start(&node, tally)).await;
+            log_outcome(&member.fileset.0, ep.node(), &result);
+            (ep.node().to_string(), result)
+        });
+        let replicas = futures::future::join_all(jobs).await;
+        let state = StateStore::open(&config.node.state_dir, &member.fileset.0)?;
+        for (node, result) in &replicas {
+            match state.record_outcome(node, &snap.name, result).await {
+                Err(e) => tracing::error!(fileset = %member.fileset, "cannot record the state: {e:#}"),
+                Ok(previous) if result.is_ok() => {
+                    if let Err(e) = origin.keep_base(node, &snap.name, previous.as_ref()).await {
+                        tracing::warn!(fileset = %member.fileset, replica = %node, "cannot guard the new common base: {e:#}");
+                    }
                 }
+                Ok(_) => {}
             }
-            Ok(_) => {}
         }
+        reports.push(SyncReport { fileset: member.fileset.0.clone(), snapshot: snap, replicas });
     }
-    Ok(SyncReport { fileset: policy.fileset.0.clone(), snapshot: snap, replicas })
+    Ok(reports)
 }
 
 pub fn log_outcome(fileset: &str, replica: &str, result: &Result<ReplicaReport>) {

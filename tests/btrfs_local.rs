@@ -43,7 +43,7 @@ impl Fixture {
         let cfg = self.config();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let report = rt.block_on(replicate::sync(&cfg, cfg.policy("projects").unwrap(), &|_, _| {})).unwrap();
-        let (_, result) = report.replicas.into_iter().next().unwrap();
+        let (_, result) = report.into_iter().next().unwrap().replicas.into_iter().next().unwrap();
         result.unwrap()
     }
 

@@ -41,7 +41,7 @@ impl Local {
         assert!(cfg.errors.is_empty(), "{:?}", cfg.errors);
         let rt = tokio::runtime::Runtime::new().unwrap();
         let report = rt.block_on(replicate::sync(&cfg, cfg.policy("projects").unwrap(), &|_, _| {})).unwrap();
-        report.replicas.into_iter().next().unwrap().1
+        report.into_iter().next().unwrap().replicas.into_iter().next().unwrap().1
     }
 
     fn src(&self) -> PathBuf {
@@ -202,4 +202,79 @@ fn zfs_broken_policy_is_named_precisely() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("db.yaml:7:3: key `origin.path`") && err.contains("not a ZFS dataset name"), "{err}");
+}
+
+/// Two datasets in one consistency group, and a third outside it.
+fn group_setup(test: &str) -> (Scratch, ZfsPool, ZfsPool, std::path::PathBuf) {
+    let scratch = Scratch::new(test);
+    let origin = ZfsPool::new(&scratch, "o", 256);
+    let replica = ZfsPool::new(&scratch, "r", 256);
+    let mut policies = Vec::new();
+    for (name, group) in [("db", Some("app")), ("files", Some("app")), ("other", None)] {
+        let ds = origin.dataset(&format!("srv/{name}"));
+        std::fs::write(origin.mountpoint(&format!("srv/{name}")).join("f"), name).unwrap();
+        let mut p = format!(
+            "fileset: {name}\nbackend: zfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {ds}\nreplicas:\n  - node: alpha\n    path: {}/{name}\n",
+            replica.name
+        );
+        if let Some(g) = group {
+            p += &format!("group: {g}\n");
+        }
+        policies.push((name, p));
+    }
+    let cfg = single_node_config(&scratch, "alpha", &policies.iter().map(|(n, p)| (*n, p.clone())).collect::<Vec<_>>());
+    (scratch, origin, replica, cfg)
+}
+
+fn createtxg(pool: &ZfsPool, ds: &str) -> Vec<(String, String)> {
+    pool.snapshot_props(ds, "createtxg")
+}
+
+#[test]
+fn zfs_consistency_group_snapshots_share_one_txg() {
+    if !have_zfs("zfs_consistency_group_snapshots_share_one_txg") {
+        return;
+    }
+    let (_s, origin, replica, cfg) = group_setup("zfs_group_sync");
+    let out = run(snapship().args(["sync", "--config"]).arg(&cfg).arg("db"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("db: ") && text.contains("files: "), "both members ship: {text}");
+    let (db, files) = (createtxg(&origin, &format!("{}/srv/db", origin.name)), createtxg(&origin, &format!("{}/srv/files", origin.name)));
+    assert_eq!(db.len(), 1);
+    assert_eq!(db, files, "one name and one creation txg for the group");
+    // Nothing outside the group was snapshotted (zfs-fuse needs `snapshot -r` on the parent).
+    assert!(createtxg(&origin, &format!("{}/srv/other", origin.name)).is_empty());
+    assert!(createtxg(&origin, &format!("{}/srv", origin.name)).is_empty());
+    assert_eq!(replica.snapshot_props(&format!("{}/db", replica.name), "guid").len(), 1);
+    assert_eq!(replica.snapshot_props(&format!("{}/files", replica.name), "guid").len(), 1);
+}
+
+#[test]
+fn zfs_consistency_group_in_the_daemon() {
+    if !have_zfs("zfs_consistency_group_in_the_daemon") {
+        return;
+    }
+    let (s, origin, replica, cfg) = group_setup("zfs_group_run");
+    // A cron of every 2 s on both members: the group leader alone fires, for both.
+    let pdir = s.dir.join("policies");
+    for name in ["db", "files"] {
+        let p = pdir.join(format!("{name}.yaml"));
+        std::fs::write(&p, std::fs::read_to_string(&p).unwrap().replace("\"@hourly\"", "\"*/2 * * * * *\"")).unwrap();
+    }
+    let mut d = Daemon::start(&cfg, &s.dir.join("run.log"), " running ");
+    let (db_ds, files_ds) = (format!("{}/srv/db", origin.name), format!("{}/srv/files", origin.name));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while replica.snapshot_props(&format!("{}/files", replica.name), "guid").len() < 2 {
+        assert!(Instant::now() < deadline, "the group's snapshots never reached the replica:\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A sync through the daemon covers the whole group too.
+    let out = snapship().args(["sync", "--config"]).arg(&cfg).arg("files").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}\n{}", String::from_utf8_lossy(&out.stderr), d.log_text());
+    assert!(text.contains("db: ") && text.contains("files: "), "{text}");
+    assert!(d.stop().unwrap().success());
+    let (db, files) = (createtxg(&origin, &db_ds), createtxg(&origin, &files_ds));
+    assert!(db.len() >= 3, "{db:?}");
+    assert_eq!(db, files, "every group snapshot shares one name and txg");
 }

@@ -74,6 +74,11 @@ pub struct Policy {
     pub retention: RetentionSides,
     #[serde(default)]
     pub transfer: Transfer,
+    /// Consistency group: file sets of one backend and origin in the same group are
+    /// snapshotted at one point in time (atomically on ZFS; one right after the other on
+    /// btrfs, which has no multi-subvolume snapshot).
+    #[serde(default)]
+    pub group: Option<Name>,
     /// The file this was read from.
     #[serde(skip)]
     pub file: PathBuf,
@@ -276,6 +281,8 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
                     )));
                 } else if let Some((key, message)) = overlap_with_others(&policy, &policies, &node.node) {
                     errors.push(located(&file, &index(), &key, message));
+                } else if let Some(message) = group_mismatch(&policy, &policies) {
+                    errors.push(located(&file, &index(), "group", message));
                 } else {
                     policies.push(policy);
                 }
@@ -439,6 +446,33 @@ fn overlap_with_others(policy: &Policy, others: &[Policy], node: &Name) -> Optio
         }
     }
     None
+}
+
+/// File sets of one group are snapshotted together, so they must agree on what decides that.
+fn group_mismatch(policy: &Policy, others: &[Policy]) -> Option<String> {
+    let group = policy.group.as_ref()?;
+    let other = others.iter().find(|o| o.group.as_ref() == Some(group))?;
+    let same = other.backend == policy.backend
+        && other.origin.node == policy.origin.node
+        && other.mode == policy.mode
+        && other.schedule.as_ref().map(|s| s.as_str()) == policy.schedule.as_ref().map(|s| s.as_str());
+    (!same).then(|| {
+        format!(
+            "group `{group}` also holds `{}` ({}), which differs in backend, origin node, mode or schedule;              a group's file sets must agree on all four to be snapshotted together",
+            other.fileset,
+            other.file.display()
+        )
+    })
+}
+
+impl LoadedConfig {
+    /// The file sets of `policy`'s consistency group (itself included), or just `policy`.
+    pub fn group_of<'a>(&'a self, policy: &'a Policy) -> Vec<&'a Policy> {
+        match &policy.group {
+            None => vec![policy],
+            Some(g) => self.policies.iter().filter(|p| p.group.as_ref() == Some(g)).collect(),
+        }
+    }
 }
 
 fn mode_name(m: Mode) -> &'static str {

@@ -220,3 +220,18 @@ fn file_sets_on_one_node_must_not_share_places() {
     let sibling = GOOD.replace("fileset: projects", "fileset: mail").replace("/projects", "/mail");
     assert!(Setup::new(&[("a.yaml", GOOD), ("b.yaml", &sibling)]).load().errors.is_empty());
 }
+
+#[test]
+fn a_group_must_agree_on_backend_origin_mode_and_schedule() {
+    let a = GOOD.replace("transfer:\n", "group: app\ntransfer:\n");
+    let b = a.replace("fileset: projects", "fileset: mail").replace("/projects", "/mail").replace("\"*/15 * * * *\"", "\"@daily\"");
+    let s = Setup::new(&[("a.yaml", &a), ("b.yaml", &b)]);
+    let err = s.only_error();
+    expect(&err, "b.yaml", 16, "group", "group `app` also holds `projects`");
+    // Agreeing members load, and each sees the whole group.
+    let b = a.replace("fileset: projects", "fileset: mail").replace("/projects", "/mail");
+    let loaded = Setup::new(&[("a.yaml", &a), ("b.yaml", &b)]).load();
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let members: Vec<_> = loaded.group_of(loaded.policy("mail").unwrap()).iter().map(|p| p.fileset.0.clone()).collect();
+    assert_eq!(members, ["projects", "mail"]); // in load order (a.yaml, b.yaml)
+}

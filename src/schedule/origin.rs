@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{RwLock, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ use super::clock::Clock;
 use super::prune;
 use super::retention::Reason;
 use super::triggers::{ChangeWatcher, next_fire};
-use crate::config::{Mode, Policy};
+use crate::config::{BackendKind, Mode, Policy};
 use crate::replicate::{self, Plan, ReplicaReport};
 use crate::ship::ReplicaEndpoint;
 use crate::snapshot::{Kind, OriginSide, Snapshot, SnapshotName};
@@ -55,6 +55,7 @@ pub struct OriginJob {
     /// Every transfer's outcome, for `snapship sync` requests waiting on them.
     outcomes: broadcast::Sender<Outcome>,
     sync_requests: Mutex<Option<mpsc::Receiver<SyncRequest>>>,
+    group: Option<Arc<GroupHub>>,
 }
 
 /// How one transfer to one replica ended.
@@ -65,10 +66,65 @@ pub struct Outcome {
     pub result: Result<ReplicaReport, String>,
 }
 
-/// `snapship sync` while the daemon runs: take a snapshot now, answer with each replica's
-/// outcome for it (or for a newer snapshot, which carries the same data).
+/// `snapship sync` while the daemon runs: take a snapshot now (of the whole consistency
+/// group, if any), answer per file set with each replica's outcome for it (or for a newer
+/// snapshot, which carries the same data).
 pub struct SyncRequest {
-    pub reply: oneshot::Sender<Result<(SnapshotName, Vec<Outcome>), String>>,
+    pub reply: oneshot::Sender<Result<Vec<(String, SnapshotName, Vec<Outcome>)>, String>>,
+}
+
+/// The file sets of one consistency group in `snapship run`: a snapshot of one is taken as
+/// a snapshot of all, at one point in time, and handed to every member's replica workers.
+/// The first member (by name) runs the group's cron schedule; any member's changes trigger.
+pub struct GroupHub {
+    pub name: String,
+    backend: BackendKind,
+    members: Vec<GroupMember>,
+    channels: Mutex<BTreeMap<String, (watch::Sender<Option<Snapshot>>, broadcast::Sender<Outcome>)>>,
+    /// One group snapshot at a time.
+    taking: tokio::sync::Mutex<()>,
+}
+
+/// One file set of a [`GroupHub`].
+pub struct GroupMember {
+    pub fileset: String,
+    /// The origin's path (the ZFS dataset).
+    pub path: String,
+    pub origin: Arc<dyn OriginSide>,
+    pub replicas: Vec<String>,
+}
+
+impl GroupHub {
+    pub fn new(name: &str, backend: BackendKind, mut members: Vec<GroupMember>) -> Arc<GroupHub> {
+        members.sort_by(|a, b| a.fileset.cmp(&b.fileset));
+        Arc::new(GroupHub { name: name.to_string(), backend, members, channels: Mutex::default(), taking: tokio::sync::Mutex::new(()) })
+    }
+
+    fn leader(&self) -> &str {
+        &self.members[0].fileset
+    }
+
+    fn replicas_of(&self, fileset: &str) -> Vec<String> {
+        self.members.iter().find(|m| m.fileset == fileset).map(|m| m.replicas.clone()).unwrap_or_default()
+    }
+
+    /// Snapshots every member; publishes each snapshot to its member; subscribes the
+    /// returned receivers to every member's outcomes before publishing.
+    async fn take(&self, kind: Kind) -> Result<Vec<(String, Snapshot, broadcast::Receiver<Outcome>)>> {
+        let _one = self.taking.lock().await;
+        let sides: Vec<(&str, &dyn OriginSide)> = self.members.iter().map(|m| (m.path.as_str(), m.origin.as_ref())).collect();
+        let snaps = crate::snapshot::take_group(self.backend, &sides, kind).await?;
+        let channels = self.channels.lock().expect("group channels lock");
+        let mut out = Vec::new();
+        for (m, snap) in self.members.iter().zip(snaps) {
+            if let Some((newest, outcomes)) = channels.get(&m.fileset) {
+                let rx = outcomes.subscribe();
+                newest.send_replace(Some(snap.clone()));
+                out.push((m.fileset.clone(), snap, rx));
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Where the daemon sends sync requests for one file set.
@@ -90,8 +146,15 @@ impl OriginJob {
             plan_lock: RwLock::new(()),
             outcomes: broadcast::channel(64).0,
             sync_requests: Mutex::new(Some(sync_rx)),
+            group: None,
         };
         (job, sync_tx)
+    }
+
+    /// Makes this file set a member of a consistency group.
+    pub fn in_group(mut self, hub: Arc<GroupHub>) -> Self {
+        self.group = Some(hub);
+        self
     }
 
     /// Tells the status board what the origin holds.
@@ -124,6 +187,9 @@ impl OriginJob {
             }
         };
         let (tx, rx) = watch::channel(newest);
+        if let Some(hub) = &job.group {
+            hub.channels.lock().expect("group channels lock").insert(job.fileset().to_string(), (tx.clone(), job.outcomes.clone()));
+        }
         let workers = TaskTracker::new();
         for ep in &job.replicas {
             workers.spawn(job.clone().replica_worker(ep.clone(), rx.clone(), shutdown.clone()));
@@ -141,19 +207,21 @@ impl OriginJob {
         let watcher = matches!(p.mode, Mode::Continuous | Mode::Hybrid).then(|| ChangeWatcher::new(std::path::Path::new(&p.origin.path)));
         let mut sync_requests = self.sync_requests.lock().expect("sync_requests lock").take().expect("one snapshot loop per job");
         let mut pending_sync = None;
+        // In a group, only the leader keeps the schedule: one group snapshot per firing.
+        let schedule = p.schedule.as_ref().filter(|_| self.group.as_ref().is_none_or(|g| g.leader() == self.fileset()));
         let min_interval = p.continuous.as_ref().map_or(Duration::from_secs(1), |c| c.min_interval.0);
         let mut last_fire = self.clock.now();
         let mut last_snapshot = tokio::time::Instant::now() - min_interval;
         loop {
             // A firing missed by more than a minute (a suspended machine) is not replayed.
-            if let Some(next) = p.schedule.as_ref().and_then(|s| s.next_after(last_fire)) {
+            if let Some(next) = schedule.and_then(|s| s.next_after(last_fire)) {
                 if next < self.clock.now() - chrono::Duration::minutes(1) {
                     last_fire = self.clock.now();
                 }
             }
             let kind = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                t = async { next_fire(p.schedule.as_ref().expect("guarded"), &self.clock, last_fire).await }, if p.schedule.is_some() => {
+                t = async { next_fire(schedule.expect("guarded"), &self.clock, last_fire).await }, if schedule.is_some() => {
                     last_fire = t;
                     Kind::Scheduled
                 }
@@ -184,17 +252,27 @@ impl OriginJob {
                     }
                 }
             }
-            // Subscribe before publishing, so that no outcome is missed.
-            let outcomes = self.outcomes.subscribe();
-            match self.origin.take_snapshot(kind).await {
-                Ok(s) => {
-                    tracing::info!(fileset = self.fileset(), snapshot = %s.name, "snapshot taken");
+            let taken = match &self.group {
+                Some(hub) => hub.take(kind).await.with_context(|| format!("group `{}`", hub.name)),
+                None => {
+                    // Subscribe before publishing, so that no outcome is missed.
+                    let outcomes = self.outcomes.subscribe();
+                    self.origin.take_snapshot(kind).await.map(|s| {
+                        newest.send_replace(Some(s.clone()));
+                        vec![(self.fileset().to_string(), s, outcomes)]
+                    })
+                }
+            };
+            match taken {
+                Ok(taken) => {
+                    for (fileset, s, _) in &taken {
+                        tracing::info!(fileset = %fileset, snapshot = %s.name, "snapshot taken");
+                    }
                     last_snapshot = tokio::time::Instant::now();
                     if let Some(request) = pending_sync.take() {
-                        let replicas: Vec<String> = self.replicas.iter().map(|r| r.node().to_string()).collect();
-                        tokio::spawn(answer_sync(request, s.name.clone(), replicas, outcomes));
+                        let waits = taken.into_iter().map(|(fileset, s, rx)| (fileset, s.name, rx)).collect();
+                        tokio::spawn(answer_sync(request, waits, self.group.clone(), self.replicas.iter().map(|r| r.node().to_string()).collect()));
                     }
-                    newest.send_replace(Some(s));
                 }
                 Err(e) => {
                     tracing::error!(fileset = self.fileset(), "cannot take a snapshot: {e:#}");
@@ -315,16 +393,25 @@ impl OriginJob {
     }
 }
 
-/// Waits for every replica's first outcome for `target` or a newer snapshot, then answers.
-async fn answer_sync(request: SyncRequest, target: SnapshotName, replicas: Vec<String>, mut outcomes: broadcast::Receiver<Outcome>) {
-    let mut got: Vec<Outcome> = Vec::new();
-    while got.len() < replicas.len() {
-        match outcomes.recv().await {
-            Ok(o) if o.snapshot >= target && !got.iter().any(|g| g.replica == o.replica) => got.push(o),
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-            Err(broadcast::error::RecvError::Closed) => break,
+/// Waits, per file set, for every replica's first outcome for its target snapshot or a newer
+/// one, then answers.
+async fn answer_sync(request: SyncRequest, waits: Vec<(String, SnapshotName, broadcast::Receiver<Outcome>)>, group: Option<Arc<GroupHub>>, own_replicas: Vec<String>) {
+    let mut answers = Vec::new();
+    for (fileset, target, mut outcomes) in waits {
+        let replicas = match &group {
+            Some(hub) => hub.replicas_of(&fileset),
+            None => own_replicas.clone(),
+        };
+        let mut got: Vec<Outcome> = Vec::new();
+        while got.len() < replicas.len() {
+            match outcomes.recv().await {
+                Ok(o) if o.snapshot >= target && !got.iter().any(|g| g.replica == o.replica) => got.push(o),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
         }
+        got.sort_by(|a, b| replicas.iter().position(|r| *r == a.replica).cmp(&replicas.iter().position(|r| *r == b.replica)));
+        answers.push((fileset, target, got));
     }
-    got.sort_by(|a, b| replicas.iter().position(|r| *r == a.replica).cmp(&replicas.iter().position(|r| *r == b.replica)));
-    let _ = request.reply.send(Ok((target, got)));
+    let _ = request.reply.send(Ok(answers));
 }

@@ -151,6 +151,28 @@ pub fn replica_for(policy: &Policy, replica: &ReplicaSpec) -> Result<Box<dyn Rep
     }
 }
 
+/// Takes one snapshot of each member of a consistency group at one point in time (all are
+/// of `backend`): atomically on ZFS, one right after the other on btrfs.
+pub async fn take_group(backend: BackendKind, members: &[(&str, &dyn OriginSide)], kind: Kind) -> Result<Vec<Snapshot>> {
+    let mut out = Vec::new();
+    match backend {
+        BackendKind::Zfs => {
+            let datasets: Vec<&str> = members.iter().map(|(d, _)| *d).collect();
+            let name = zfs::snapshot_datasets(&datasets, kind).await?;
+            for (dataset, side) in members {
+                let s = side.list().await?.into_iter().find(|s| s.name == name);
+                out.push(s.ok_or_else(|| anyhow::anyhow!("{dataset}@{name} is missing right after the group snapshot"))?);
+            }
+        }
+        BackendKind::Btrfs => {
+            for (_, side) in members {
+                out.push(side.take_snapshot(kind).await?);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The newest origin snapshot that `replica` also holds: the base for the next incremental
 /// send. Matched by identity, so a renamed or same-named-but-different snapshot never counts.
 pub fn common_base<'a>(origin: &'a [Snapshot], replica: &[Snapshot]) -> Option<&'a Snapshot> {

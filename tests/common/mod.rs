@@ -339,9 +339,14 @@ impl ZfsPool {
         self.mnt.join(path)
     }
 
-    /// `name -> value` of `property` for every snapshot of `dataset`.
+    /// `name -> value` of `property` for every snapshot of `dataset` (none if it does not
+    /// exist yet).
     pub fn snapshot_props(&self, dataset: &str, property: &str) -> Vec<(String, String)> {
-        let out = run(Command::new("zfs").args(["get", "-H", "-p", "-o", "name,value", "-d", "1", property, dataset]));
+        let out = Command::new("zfs").args(["get", "-H", "-p", "-o", "name,value", "-d", "1", property, dataset]).output().unwrap();
+        if !out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"), "zfs get failed: {}", String::from_utf8_lossy(&out.stderr));
+            return Vec::new();
+        }
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.split_once('\t'))
