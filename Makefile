@@ -6,7 +6,10 @@ CARGO ?= cargo
 # (there is no ZFS kernel module here).
 DEBS := btrfs-progs libbtrfsutil-dev libclang-dev pkg-config zfs-fuse
 
-.PHONY: all deps build test demo clean
+# Only the benchmarks need these: the ssh comparison.
+BENCH_DEBS := openssh-server openssh-client
+
+.PHONY: all deps build test demo bench clean
 
 all: build
 
@@ -25,6 +28,12 @@ test: deps
 # The main job on two loop btrfs images: files written on the origin appear on the replica.
 demo: build
 	scripts/with-scratch.sh scripts/demo.sh target/release/snapship
+
+# Benchmarks (not part of CI): writes docs/benchmarks.md. Takes about ten minutes.
+bench: deps
+	@scripts/install-deps.sh $(BENCH_DEBS)
+	$(CARGO) build --release --benches
+	scripts/with-scratch.sh $(CARGO) bench --bench replication
 
 clean:
 	$(CARGO) clean

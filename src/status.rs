@@ -194,23 +194,23 @@ impl StatusBoard {
 
     /// A snapshot of `fileset` from `origin` was received here.
     pub fn received(&self, fileset: &str, origin: &str, newest: Option<&SnapshotName>, count: usize) {
-        self.with(|b| {
-            let e = b.receiver.entry(fileset.to_string()).or_default();
-            e.origin = origin.to_string();
-            e.newest = newest.cloned();
-            e.snapshots = count;
-            e.last_received = Some(Utc::now());
-        });
-        gauge!("snapship_snapshots", "fileset" => fileset.to_string(), "side" => "replica").set(count as f64);
+        self.replica_snapshots(fileset, origin, newest, count, true);
     }
 
     /// Registers a file set this node is a replica of.
     pub fn receiver(&self, fileset: &str, origin: &str, newest: Option<&SnapshotName>, count: usize) {
+        self.replica_snapshots(fileset, origin, newest, count, false);
+    }
+
+    fn replica_snapshots(&self, fileset: &str, origin: &str, newest: Option<&SnapshotName>, count: usize, just_received: bool) {
         self.with(|b| {
             let e = b.receiver.entry(fileset.to_string()).or_default();
             e.origin = origin.to_string();
             e.newest = newest.cloned();
             e.snapshots = count;
+            if just_received {
+                e.last_received = Some(Utc::now());
+            }
         });
         gauge!("snapship_snapshots", "fileset" => fileset.to_string(), "side" => "replica").set(count as f64);
     }

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use common::*;
 use snapship::config::{self, LoadedConfig};
@@ -179,26 +178,11 @@ fn sigkill_mid_receive_leaves_nothing_partial() {
 
     // 64 MiB of new data; the stream stalls (test hook) after 16 MiB and we kill -9.
     write_random(&f.source.join("more.bin"), 64 << 20, 4);
-    let marker = f.scratch.dir.join("stalled");
-    let mut child = snapship()
-        .args(["sync", "--config"])
-        .arg(&f.config_path)
-        .arg("projects")
-        .env("SNAPSHIP_TEST_STALL", format!("{}:{}", 16 << 20, marker.display()))
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !marker.exists() {
-        assert!(Instant::now() < deadline, "the transfer never reached the stall point");
-        assert!(child.try_wait().unwrap().is_none(), "sync exited before the stall point");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // The receive is under way: its partial subvolume sits in staging.
     let staging = f.replica.join(".snapship-staging");
+    sync_killed_mid_transfer(&f.config_path, "projects", 16 << 20, &f.scratch);
+    wait_for_no_process(&format!("btrfs receive .*{}", staging.display()));
+    // The interrupted receive left its partial subvolume, hidden in staging.
     assert!(std::fs::read_dir(&staging).unwrap().count() > 1, "nothing was being received");
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    wait_for_no_receive(&staging);
 
     // Nothing partial is visible: only the first snapshot, and latest still points at it.
     assert_eq!(f.replica_snapshots(), [first.snapshot.clone()]);
@@ -212,19 +196,6 @@ fn sigkill_mid_receive_leaves_nothing_partial() {
     assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 1, "staging still holds leftovers");
     // The snapshot the killed sync took on the origin is not on the replica; the new one is.
     assert_eq!(f.replica_snapshots().len(), 2);
-}
-
-/// Waits until no `btrfs receive` into `staging` runs (the killed sync's child sees EOF).
-fn wait_for_no_receive(staging: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = std::process::Command::new("pgrep").arg("-f").arg(format!("btrfs receive .*{}", staging.display())).output().unwrap();
-        if out.stdout.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "btrfs receive still running after the kill");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -129,28 +129,8 @@ fn zfs_kill_mid_receive_leaves_nothing() {
     fill_small(&l.src(), 3);
     let first = l.sync().unwrap();
     write_random(&l.src().join("more.bin"), 48 << 20, 4);
-    let marker = l.scratch.dir.join("stalled");
-    let mut child = snapship()
-        .args(["sync", "--config"])
-        .arg(&l.config_path)
-        .arg("projects")
-        .env("SNAPSHIP_TEST_STALL", format!("{}:{}", 8 << 20, marker.display()))
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !marker.exists() {
-        assert!(Instant::now() < deadline, "never reached the stall point");
-        assert!(child.try_wait().unwrap().is_none(), "sync ended before the stall point");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    // zfs receive sees the end of its input and aborts; wait for it to go.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::process::Command::new("pgrep").args(["-f", &format!("zfs receive.*{}", l.dst_ds)]).output().unwrap().status.success() {
-        assert!(Instant::now() < deadline, "zfs receive still running");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    sync_killed_mid_transfer(&l.config_path, "projects", 8 << 20, &l.scratch);
+    wait_for_no_process(&format!("zfs receive.*{}", l.dst_ds));
     let names: Vec<String> = l.replica.snapshot_props(&l.dst_ds, "guid").into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, [first.snapshot.clone()], "a partial receive became a snapshot");
     let next = l.sync().unwrap();

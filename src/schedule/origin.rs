@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use super::clock::Clock;
 use super::prune;
 use super::retention::Reason;
-use super::triggers::{ChangeWatcher, next_fire};
+use super::triggers::{ChangeWatcher, Woke, next_fire};
 use crate::config::{BackendKind, Mode, Policy};
 use crate::replicate::{self, Plan, ReplicaReport};
 use crate::ship::ReplicaEndpoint;
@@ -211,6 +211,7 @@ impl OriginJob {
         let schedule = p.schedule.as_ref().filter(|_| self.group.as_ref().is_none_or(|g| g.leader() == self.fileset()));
         let min_interval = p.continuous.as_ref().map_or(Duration::from_secs(1), |c| c.min_interval.0);
         let mut last_fire = self.clock.now();
+        let mut flush = false;
         let mut last_snapshot = tokio::time::Instant::now() - min_interval;
         loop {
             // A firing missed by more than a minute (a suspended machine) is not replayed.
@@ -225,7 +226,10 @@ impl OriginJob {
                     last_fire = t;
                     Kind::Scheduled
                 }
-                _ = async { watcher.as_ref().expect("guarded").wait().await }, if watcher.is_some() => Kind::Continuous,
+                woke = async { watcher.as_ref().expect("guarded").wait().await }, if watcher.is_some() => {
+                    flush = woke == Woke::Change;
+                    Kind::Continuous
+                }
                 Some(request) = sync_requests.recv() => {
                     pending_sync = Some(request);
                     Kind::Scheduled
@@ -239,7 +243,7 @@ impl OriginJob {
                 }
                 let current = newest.borrow().clone();
                 let changed = match &current {
-                    Some(s) => self.origin.changed_since(s).await,
+                    Some(s) => self.origin.changed_since(s, flush).await,
                     None => Ok(true),
                 };
                 match changed {

@@ -63,21 +63,29 @@ impl SidePlan {
 
 /// Deletes what `plan` says on the origin; returns how many went.
 pub async fn apply_origin(fileset: &str, plan: &SidePlan, origin: &dyn OriginSide) -> Result<usize> {
-    let mut n = 0;
-    for s in plan.doomed() {
-        origin.delete(s).await?;
-        tracing::info!(fileset, snapshot = %s.name, "pruned on the origin");
-        n += 1;
-    }
-    Ok(n)
+    apply(fileset, plan, Side::Origin(origin)).await
 }
 
 /// Deletes what `plan` says on a replica; returns how many went.
 pub async fn apply_replica(fileset: &str, plan: &SidePlan, side: &dyn ReplicaSide) -> Result<usize> {
+    apply(fileset, plan, Side::Replica(side)).await
+}
+
+/// The side a plan is carried out on.
+enum Side<'a> {
+    Origin(&'a dyn OriginSide),
+    Replica(&'a dyn ReplicaSide),
+}
+
+async fn apply(fileset: &str, plan: &SidePlan, side: Side<'_>) -> Result<usize> {
     let mut n = 0;
     for s in plan.doomed() {
-        side.delete(s).await?;
-        tracing::info!(fileset, snapshot = %s.name, "pruned on the replica");
+        match side {
+            Side::Origin(o) => o.delete(s).await?,
+            Side::Replica(r) => r.delete(s).await?,
+        }
+        let where_ = if matches!(side, Side::Origin(_)) { "origin" } else { "replica" };
+        tracing::info!(fileset, snapshot = %s.name, "pruned on the {where_}");
         n += 1;
     }
     Ok(n)

@@ -31,6 +31,15 @@ pub async fn next_fire(schedule: &CronSchedule, clock: &Clock, after: DateTime<U
     }
 }
 
+/// Why a [`ChangeWatcher`] woke up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woke {
+    /// inotify saw a write: worth flushing and checking at once.
+    Change,
+    /// The safety-net poll: check cheaply, without forcing a commit.
+    Poll,
+}
+
 /// Wakes its owner when files under a directory change. Notifications coalesce: many writes
 /// make one wake-up, and nothing queues up while the owner is busy.
 pub struct ChangeWatcher {
@@ -62,11 +71,11 @@ impl ChangeWatcher {
         Ok(watcher)
     }
 
-    /// Returns on the next change notification, or after the poll interval.
-    pub async fn wait(&self) {
+    /// Returns on the next change notification, or after the poll interval; says which.
+    pub async fn wait(&self) -> Woke {
         tokio::select! {
-            _ = self.wake.notified() => {}
-            _ = tokio::time::sleep(POLL) => {}
+            _ = self.wake.notified() => Woke::Change,
+            _ = tokio::time::sleep(POLL) => Woke::Poll,
         }
     }
 }
@@ -133,7 +142,7 @@ mod tests {
         let w = ChangeWatcher::new(dir.path());
         let start = std::time::Instant::now();
         std::fs::write(dir.path().join("sub/file"), "x").unwrap();
-        w.wait().await;
+        assert_eq!(w.wait().await, Woke::Change);
         assert!(start.elapsed() < POLL, "woke by the poll, not by the write");
     }
 }

@@ -24,11 +24,24 @@ use super::transfer::{self, read_message, write_message};
 use crate::config::{NodeConfig, Transfer};
 use crate::snapshot::{Incoming, Snapshot, SnapshotName};
 
-/// Connection limits shared by both sides.
+/// Connection limits shared by both sides. The flow-control windows bound what one
+/// connection can buffer (memory stays flat whatever the stream size) while keeping a
+/// loopback or LAN path full.
 pub fn limits() -> Result<Limits> {
+    const WINDOW: u64 = 8 << 20;
     Ok(Limits::new()
         .with_max_handshake_duration(Duration::from_secs(5))?
-        .with_max_idle_timeout(Duration::from_secs(30))?)
+        .with_max_idle_timeout(Duration::from_secs(30))?
+        .with_data_window(WINDOW)?
+        .with_bidirectional_local_data_window(WINDOW)?
+        .with_bidirectional_remote_data_window(WINDOW)?)
+}
+
+/// UDP I/O bound to `addr`, probing path MTUs up to 9000 bytes: QUIC at 1500 is CPU-bound,
+/// and where the path carries jumbo frames (loopback, many LANs) the probe finds them;
+/// elsewhere it settles at what the path allows.
+pub fn io(addr: SocketAddr) -> Result<s2n_quic::provider::io::tokio::Provider> {
+    Ok(s2n_quic::provider::io::tokio::Builder::default().with_receive_address(addr)?.with_max_mtu(9000)?.build()?)
 }
 
 /// How long a replica may take to answer a request.
@@ -48,6 +61,7 @@ pub struct Refused {
 /// The origin's QUIC clients: one UDP socket per address family, made on first use.
 pub struct Connector {
     tls: crate::config::TlsFiles,
+    prepared: std::sync::Mutex<Option<s2n_quic::provider::tls::default::Client>>,
     v4: std::sync::OnceLock<Client>,
     v6: std::sync::OnceLock<Client>,
 }
@@ -55,9 +69,9 @@ pub struct Connector {
 impl Connector {
     pub fn new(node: &NodeConfig) -> Result<Connector> {
         let files = node.tls.as_ref().ok_or_else(|| anyhow!("{} has no `tls:` section; it is needed to reach other nodes", node.file.display()))?;
-        // Read the files now, so that a missing certificate is reported before any transfer.
-        tls::client_tls(files)?;
-        Ok(Connector { tls: files.clone(), v4: Default::default(), v6: Default::default() })
+        // Build it now, so that a missing certificate is reported before any transfer.
+        let prepared = std::sync::Mutex::new(Some(tls::client_tls(files)?));
+        Ok(Connector { tls: files.clone(), prepared, v4: Default::default(), v6: Default::default() })
     }
 
     fn client_for(&self, addr: &SocketAddr) -> Result<&Client> {
@@ -65,10 +79,15 @@ impl Connector {
         if let Some(c) = cell.get() {
             return Ok(c);
         }
+        // The TLS config built (and checked) in `new` serves the first client.
+        let tls = match self.prepared.lock().expect("tls lock").take() {
+            Some(tls) => tls,
+            None => tls::client_tls(&self.tls)?,
+        };
         let client = Client::builder()
-            .with_tls(tls::client_tls(&self.tls)?)?
+            .with_tls(tls)?
             .with_limits(limits()?)?
-            .with_io(bind)?
+            .with_io(io(bind.parse().expect("a literal address"))?)?
             .start()
             .map_err(|e| anyhow!("cannot start the QUIC client on {bind}: {e}"))?;
         Ok(cell.get_or_init(|| client))

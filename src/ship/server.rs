@@ -47,7 +47,7 @@ pub fn bind(config: &LoadedConfig, addr: SocketAddr) -> Result<Server> {
         .with_tls(tls::server_tls(files)?)?
         .with_limits(super::quic::limits()?)?
         .with_event(PeerIdentity)?
-        .with_io(addr)?
+        .with_io(super::quic::io(addr)?)?
         .start()
         .map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
     tracing::info!(node = %config.node.node, %addr, "listening for origins");
@@ -126,7 +126,7 @@ async fn serve_request(
     send: &mut s2n_quic::stream::SendStream,
     peer: &str,
     config: &LoadedConfig,
-    status: &StatusBoard,
+    status: &Arc<StatusBoard>,
 ) -> Result<Message> {
     match read_message(&mut frames).await? {
         Message::Hello { version } if version == VERSION => {}
@@ -160,11 +160,15 @@ async fn serve_request(
             let mut data = transfer::incoming_data(frames, compression);
             side.receive(&incoming, &mut data).await?;
             tracing::info!(%peer, %fileset, %snapshot, "received and committed");
-            // Prune this replica by its own policy (its newest snapshot is always kept).
-            crate::schedule::prune::prune_replica_after_receive(policy, side.as_ref()).await;
-            if let Ok(held) = side.list().await {
-                status.received(&fileset, peer, held.last().map(|s| &s.name), held.len());
-            }
+            // Prune this replica by its own policy (its newest snapshot, the next base, is
+            // always kept) once the origin has its answer: pruning must not delay it.
+            let (policy, status, peer, fileset2) = (policy.clone(), status.clone(), peer.to_string(), fileset.clone());
+            tokio::spawn(async move {
+                crate::schedule::prune::prune_replica_after_receive(&policy, side.as_ref()).await;
+                if let Ok(held) = side.list().await {
+                    status.received(&fileset2, &peer, held.last().map(|s| &s.name), held.len());
+                }
+            });
             Ok(Message::Committed { snapshot })
         }
         other => Ok(Message::error(ErrorCode::BadRequest, format!("expected list or begin, got {other:?}"))),

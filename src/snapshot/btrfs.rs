@@ -155,12 +155,14 @@ impl OriginSide for BtrfsOrigin {
         .await
     }
 
-    async fn changed_since(&self, snapshot: &Snapshot) -> Result<bool> {
+    async fn changed_since(&self, snapshot: &Snapshot, flush: bool) -> Result<bool> {
         let (src, snap) = (self.subvolume.clone(), self.path_of(snapshot));
         blocking(move || {
-            // Generations move at transaction commit; commit what is dirty first (nothing
-            // happens when nothing is), so a change shows now rather than within 30 s.
-            sync_fs(&src)?;
+            // Generations move at transaction commit; commit what is dirty first, so a change
+            // shows now rather than within 30 s.
+            if flush {
+                sync_fs(&src)?;
+            }
             let now = libbtrfsutil::subvolume_info(&src).map_err(|e| util_error(format!("cannot read subvolume {}", src.display()), e))?;
             let then = libbtrfsutil::subvolume_info(&snap).map_err(|e| util_error(format!("cannot read snapshot {}", snap.display()), e))?;
             // Taking the snapshot left both at the same generation.
@@ -349,7 +351,7 @@ impl BtrfsReplica {
         // --chroot: whatever paths the stream names, the receive cannot write outside staging.
         let mut process = Cmd::new("btrfs").arg("receive").arg("-q").arg("-e").arg("--chroot").arg(self.staging()).spawn(Pipe::In)?;
         let mut stdin = process.stdin();
-        let copied = tokio::io::copy(stream, &mut stdin).await;
+        let copied = tokio::io::copy_buf(&mut tokio::io::BufReader::with_capacity(super::PIPE_BUFFER, stream), &mut stdin).await;
         let flushed = match copied {
             Ok(_) => stdin.shutdown().await.map_err(anyhow::Error::from),
             Err(e) => Err(anyhow::Error::from(e)),
@@ -393,7 +395,6 @@ impl BtrfsReplica {
         if target.exists() {
             bail!("{} already exists and is a different snapshot; move it away to receive this one", target.display());
         }
-        sync_fs(staged)?;
         let hidden = self.dir.join(format!("{PUBLISHING}{name}"));
         set_read_only(staged, false)?;
         std::fs::rename(staged, &hidden).with_context(|| format!("cannot move {} to {}", staged.display(), hidden.display()))?;
@@ -408,6 +409,9 @@ impl BtrfsReplica {
             return Err(e);
         }
         self.update_latest()?;
+        // One commit makes the received data, the rename and `latest` durable together:
+        // btrfs transactions are atomic and ordered, so the rename can never be on disk
+        // without the data received before it.
         sync_fs(&self.dir)?;
         Ok(Snapshot { name, ..got })
     }

@@ -24,6 +24,10 @@ use tokio::io::{AsyncRead, ReadBuf};
 use crate::config::{BackendKind, Policy, ReplicaSpec};
 pub use name::{Kind, SnapshotName};
 
+/// Bytes moved per write into a receiving process (`tokio::io::copy` would use 8 KiB, and
+/// the syscalls would show).
+pub const PIPE_BUFFER: usize = 1 << 20;
+
 /// A snapshot that snapship made, as one side sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -104,9 +108,10 @@ pub trait OriginSide: Send + Sync {
     /// Takes a read-only snapshot of the file set now.
     async fn take_snapshot(&self, kind: Kind) -> Result<Snapshot>;
     /// Whether the file set changed after `snapshot` was taken (btrfs: the subvolume's
-    /// generation moved past the snapshot's, once dirty data is committed). Cheap enough to
-    /// poll; continuous mode relies on it.
-    async fn changed_since(&self, snapshot: &Snapshot) -> Result<bool>;
+    /// generation moved past the snapshot's). `flush`: commit dirty data first, so that a
+    /// change made a moment ago counts (continuous mode, woken by a write); without it the
+    /// check is cheaper and sees what the filesystem committed by itself (the safety poll).
+    async fn changed_since(&self, snapshot: &Snapshot, flush: bool) -> Result<bool>;
     /// Every snapshot snapship made of this file set, oldest first.
     async fn list(&self) -> Result<Vec<Snapshot>>;
     /// Opens a stream of `snapshot`, incremental from `base` when given. `compact`: the

@@ -277,7 +277,7 @@ impl OriginSide for ZfsOrigin {
         self.list().await?.into_iter().find(|s| s.name == name).ok_or_else(|| anyhow!("snapshot {}@{name} vanished right after it was taken", self.dataset))
     }
 
-    async fn changed_since(&self, snapshot: &Snapshot) -> Result<bool> {
+    async fn changed_since(&self, snapshot: &Snapshot, _flush: bool) -> Result<bool> {
         let snap = format!("{}@{}", self.dataset, snapshot.name);
         if features().await.written {
             let written = zfs(&["get", "-H", "-p", "-o", "value", &format!("written@{}", snapshot.name), &self.dataset]).await?;
@@ -378,7 +378,7 @@ impl ReplicaSide for ZfsReplica {
         }
         let mut process = receive_command(f, &self.dataset, exists).spawn(Pipe::In)?;
         let mut stdin = process.stdin();
-        let copied = tokio::io::copy(stream, &mut stdin).await.map_err(anyhow::Error::from);
+        let copied = tokio::io::copy_buf(&mut tokio::io::BufReader::with_capacity(super::PIPE_BUFFER, stream), &mut stdin).await.map_err(anyhow::Error::from);
         let copied = match copied {
             Ok(_) => stdin.shutdown().await.map_err(anyhow::Error::from),
             Err(e) => Err(e),

@@ -19,12 +19,17 @@ pub struct Cluster {
 /// Every test uses its own ports so that tests run in parallel.
 impl Cluster {
     pub fn new(test: &str, nodes: &[&str], base_port: u16) -> Cluster {
+        Self::with_size(test, nodes, base_port, 400)
+    }
+
+    /// With loop images of `size_mib` (sparse) per node.
+    pub fn with_size(test: &str, nodes: &[&str], base_port: u16, size_mib: u64) -> Cluster {
         let scratch = Scratch::new(test);
         run(snapship().arg("certs").arg("--out").arg(scratch.dir.join("certs")).args(nodes));
         let mut fs = BTreeMap::new();
         let mut ports = BTreeMap::new();
         for (i, n) in nodes.iter().enumerate() {
-            fs.insert(n.to_string(), LoopBtrfs::new(&scratch, n, 400));
+            fs.insert(n.to_string(), LoopBtrfs::new(&scratch, n, size_mib));
             ports.insert(n.to_string(), base_port + i as u16);
         }
         Cluster { scratch, fs, ports, daemons: BTreeMap::new() }

@@ -366,3 +366,34 @@ impl Drop for ZfsPool {
         let _ = std::fs::remove_file(&self.image);
     }
 }
+
+/// Runs `snapship sync --config CONFIG FILESET` with the stall hook (the stream stops after
+/// `bytes`), waits until it stalled, and kills it with SIGKILL: a sync killed mid-transfer.
+pub fn sync_killed_mid_transfer(config: &Path, fileset: &str, bytes: u64, scratch: &Scratch) {
+    let marker = scratch.dir.join(format!("stalled-{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
+    let mut child = snapship()
+        .args(["sync", "--config"])
+        .arg(config)
+        .arg(fileset)
+        .env("SNAPSHIP_TEST_STALL", format!("{bytes}:{}", marker.display()))
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(std::time::Instant::now() < deadline, "the transfer never reached the stall point");
+        assert!(child.try_wait().unwrap().is_none(), "sync ended before the stall point");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+/// Waits until no process whose command line matches `pattern` runs (a killed sync's
+/// `btrfs receive` or `zfs receive` ends when its input does).
+pub fn wait_for_no_process(pattern: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while Command::new("pgrep").args(["-f", pattern]).output().unwrap().status.success() {
+        assert!(std::time::Instant::now() < deadline, "`{pattern}` still running");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

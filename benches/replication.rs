@@ -1,0 +1,497 @@
+//! `make bench`: snapship against the local pipe (`btrfs send | btrfs receive`) and ssh, on
+//! real loop btrfs and QUIC on loopback, side by side in one run on the same data; writes
+//! docs/benchmarks.md. Needs root (run through scripts/with-scratch.sh, as `make bench` does).
+//!
+//! Phases: full transfer, ~10 % incremental, a 1 MB change end to end, continuous-mode RPO,
+//! peak RSS during a 4 GiB stream, CPU of 200 idle continuous file sets.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::cluster::*;
+use common::*;
+
+/// Runs per comparison (`SNAPSHIP_BENCH_RUNS` overrides, for quick looks while profiling).
+fn runs() -> usize {
+    std::env::var("SNAPSHIP_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
+}
+
+/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,rpo,rss,idle` (default: all).
+fn want(phase: &str) -> bool {
+    std::env::var("SNAPSHIP_BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p == phase))
+}
+const SSH_PORT: u16 = 2222;
+
+fn sh(script: &str) {
+    let out = Command::new("sh").arg("-ec").arg(script).output().unwrap();
+    assert!(out.status.success(), "{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn timed(f: impl FnOnce()) -> f64 {
+    let t = Instant::now();
+    f();
+    t.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A deterministic pseudo-random (incompressible) byte stream.
+struct Rng(u64);
+impl Rng {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.fill(&mut b);
+        u64::from_le_bytes(b) % n
+    }
+}
+
+fn write_file(path: &Path, len: usize, rng: &mut Rng) {
+    let mut data = vec![0u8; len];
+    rng.fill(&mut data);
+    std::fs::write(path, data).unwrap();
+}
+
+/// About 1.5 GiB of incompressible data in 64 MiB files, plus 20,000 files of 1-16 KiB.
+fn generate(dir: &Path, big_files: usize) {
+    let mut rng = Rng(0x5eed);
+    std::fs::create_dir_all(dir.join("big")).unwrap();
+    for i in 0..big_files {
+        write_file(&dir.join(format!("big/{i:03}.bin")), 64 << 20, &mut rng);
+    }
+    for d in 0..100 {
+        let sub = dir.join(format!("small/{d:03}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        for f in 0..200 {
+            let len = 1024 + rng.below(15 * 1024) as usize;
+            write_file(&sub.join(format!("{f:03}.dat")), len, &mut rng);
+        }
+    }
+}
+
+/// A change of about 10 % of the data: 2 of the big files overwritten in part, one replaced,
+/// 1,000 small files rewritten, 500 new, 500 deleted.
+fn change(dir: &Path, seed: u64) {
+    let mut rng = Rng(seed);
+    for i in 0..2 {
+        let path = dir.join(format!("big/{:03}.bin", rng.below(24)));
+        let mut data = std::fs::read(&path).unwrap();
+        let start = rng.below(32 << 20) as usize;
+        rng.fill(&mut data[start..start + (32 << 20)]);
+        std::fs::write(&path, data).unwrap();
+        let _ = i;
+    }
+    write_file(&dir.join(format!("big/{:03}.bin", rng.below(24))), 64 << 20, &mut rng);
+    for _ in 0..1000 {
+        let p = dir.join(format!("small/{:03}/{:03}.dat", rng.below(100), rng.below(200)));
+        write_file(&p, 1024 + rng.below(15 * 1024) as usize, &mut rng);
+    }
+    std::fs::create_dir_all(dir.join(format!("new-{seed}"))).unwrap();
+    for f in 0..500 {
+        write_file(&dir.join(format!("new-{seed}/{f}.dat")), 1024 + rng.below(15 * 1024) as usize, &mut rng);
+    }
+    for _ in 0..500 {
+        let _ = std::fs::remove_file(dir.join(format!("small/{:03}/{:03}.dat", rng.below(100), rng.below(200))));
+    }
+    sh("sync");
+}
+
+/// sshd on 127.0.0.1:2222 with a throwaway host key and a key for root; stopped on drop.
+struct Sshd {
+    child: Child,
+    key: PathBuf,
+}
+
+impl Sshd {
+    fn start(dir: &Path) -> Sshd {
+        let d = dir.join("ssh");
+        std::fs::create_dir_all(&d).unwrap();
+        sh(&format!(
+            "ssh-keygen -q -t ed25519 -N '' -f {d}/host; ssh-keygen -q -t ed25519 -N '' -f {d}/client; cp {d}/client.pub {d}/authorized; chmod 600 {d}/authorized; mkdir -p /run/sshd",
+            d = d.display()
+        ));
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f", "/dev/null", "-p", &SSH_PORT.to_string(), "-o", "ListenAddress=127.0.0.1", "-o", "PermitRootLogin=prohibit-password"])
+            .arg("-h")
+            .arg(d.join("host"))
+            .arg("-o")
+            .arg(format!("AuthorizedKeysFile={}", d.join("authorized").display()))
+            .arg("-o")
+            .arg("StrictModes=no")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        Sshd { child, key: d.join("client") }
+    }
+
+    fn receive_cmd(&self, target: &Path) -> String {
+        format!(
+            "ssh -p {SSH_PORT} -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -c aes128-gcm@openssh.com root@127.0.0.1 btrfs receive -q {}",
+            self.key.display(),
+            target.display()
+        )
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn delete_subvolumes_in(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() && !e.file_name().to_string_lossy().starts_with('.') {
+                sh(&format!("btrfs -q subvolume delete {}", p.display()));
+            }
+        }
+    }
+    sh("sync");
+}
+
+fn set_compression(c: &Cluster, compression: &str, policy: &str) {
+    c.configure("alpha", &[("data", format!("{policy}transfer:\n  compression: {compression}\n"))]);
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn main() {
+    if !have_root("bench") {
+        return;
+    }
+    let mut out = String::new();
+    let mut verdicts = Vec::new();
+    writeln!(out, "# Benchmarks\n\nProduced by `make bench` (benches/replication.rs) on {}.\n", chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")).unwrap();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap().lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap().trim().to_string()).unwrap_or_default();
+    writeln!(out, "Machine: {} cores ({cpu}), {} GiB RAM, kernel {}; btrfs on loop images (zstd mount option) in /tmp; QUIC and ssh on 127.0.0.1. Every comparison below is measured side by side in one run on the same data; times are medians of {} runs unless said otherwise, and the ratios are what to read (this machine is noisy).\n",
+        std::thread::available_parallelism().unwrap(), sysinfo_gib(), String::from_utf8_lossy(&Command::new("uname").arg("-r").output().unwrap().stdout).trim(), runs()).unwrap();
+
+    // ---- Phase 1: full, incremental, small change -------------------------------------
+    if want("transfer") {
+    let mut c = Cluster::with_size("bench", &["alpha", "beta"], 47610, 16 * 1024);
+    let src = c.fs["alpha"].subvolume("data");
+    let snaps = c.mnt("alpha").join("manual");
+    std::fs::create_dir_all(&snaps).unwrap();
+    let rep = c.mnt("beta").to_path_buf();
+    let (local_dir, ssh_dir, ship_dir) = (rep.join("local"), rep.join("ssh"), rep.join("snapship"));
+    for d in [&local_dir, &ssh_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let policy = policy("data", "alpha", &src, &[("beta", ship_dir.clone())]);
+    set_compression(&c, "none", &policy);
+    c.configure("beta", &[("data", policy.clone())]);
+    c.start("beta");
+    let sshd = Sshd::start(&c.scratch.dir);
+    eprintln!("generating the data set...");
+    generate(&src, 24);
+    sh("sync");
+    let bytes = String::from_utf8_lossy(&Command::new("du").args(["-sb"]).arg(&src).output().unwrap().stdout).split_whitespace().next().unwrap().parse::<f64>().unwrap();
+    sh(&format!("btrfs -q subvolume snapshot -r {} {}/s0", src.display(), snaps.display()));
+
+    let (mut t_local, mut t_ssh, mut t_none, mut t_zstd) = (vec![], vec![], vec![], vec![]);
+    for run_i in 0..runs() {
+        eprintln!("full transfer, run {}", run_i + 1);
+        delete_subvolumes_in(&local_dir);
+        t_local.push(timed(|| sh(&format!("btrfs send -q {}/s0 | btrfs receive -q {}", snaps.display(), local_dir.display()))));
+        delete_subvolumes_in(&ssh_dir);
+        t_ssh.push(timed(|| sh(&format!("btrfs send -q {}/s0 | {}", snaps.display(), sshd.receive_cmd(&ssh_dir)))));
+        for (comp, times) in [("none", &mut t_none), ("zstd", &mut t_zstd)] {
+            delete_subvolumes_in(&ship_dir);
+            set_compression(&c, comp, &policy);
+            times.push(timed(|| {
+                c.sync_ok("alpha", "data");
+            }));
+        }
+    }
+    let mb = bytes / 1e6;
+    let (l, s, n, z) = (median(t_local), median(t_ssh), median(t_none), median(t_zstd));
+    writeln!(out, "## Full transfer ({:.2} GB: 24 files of 64 MiB, 20,000 files of 1-16 KiB)\n", bytes / 1e9).unwrap();
+    writeln!(out, "| path | median time | MB/s | vs local pipe |\n|---|---|---|---|").unwrap();
+    for (name, t) in [("btrfs send \\| btrfs receive (local pipe)", l), ("btrfs send \\| ssh \\| btrfs receive", s), ("snapship over QUIC, compression none", n), ("snapship over QUIC, zstd", z)] {
+        writeln!(out, "| {name} | {t:.2} s | {:.0} | {:.2} x |", mb / t, l / t).unwrap();
+    }
+    verdicts.push(("Full transfer >= 0.95 x local pipe (compression none)", l / n >= 0.95, format!("{:.2} x", l / n)));
+
+    // Incremental: the same ~10 % change for the local pipe, ssh and snapship (none); a second
+    // change for the local pipe again and snapship with zstd.
+    delete_subvolumes_in(&ship_dir);
+    set_compression(&c, "none", &policy);
+    c.sync_ok("alpha", "data");
+    let mut prev = "s0".to_string();
+    for d in [&local_dir, &ssh_dir] {
+        delete_subvolumes_in(d);
+    }
+    sh(&format!("btrfs send -q {}/s0 | btrfs receive -q {}", snaps.display(), local_dir.display()));
+    sh(&format!("btrfs send -q {}/s0 | {}", snaps.display(), sshd.receive_cmd(&ssh_dir)));
+    let (mut i_local, mut i_ssh, mut i_none, mut i_local2, mut i_zstd) = (vec![], vec![], vec![], vec![], vec![]);
+    let mut inc_bytes = 0u64;
+    for run_i in 0..runs() {
+        eprintln!("incremental transfer, run {}", run_i + 1);
+        for (k, compression) in [(0, "none"), (1, "zstd")] {
+            change(&src, 1000 + (run_i * 2 + k) as u64);
+            let next = format!("s{}", run_i * 2 + k + 1);
+            sh(&format!("btrfs -q subvolume snapshot -r {} {}/{next}", src.display(), snaps.display()));
+            let tl = timed(|| sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | btrfs receive -q {}", local_dir.display(), s = snaps.display())));
+            if k == 0 {
+                i_local.push(tl);
+                i_ssh.push(timed(|| sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {}", sshd.receive_cmd(&ssh_dir), s = snaps.display()))));
+                inc_bytes = String::from_utf8_lossy(&Command::new("sh").arg("-c").arg(format!("btrfs send -q -p {s}/{prev} {s}/{next} | wc -c", s = snaps.display())).output().unwrap().stdout).trim().parse().unwrap();
+            } else {
+                i_local2.push(tl);
+                // The ssh chain needs every snapshot.
+                sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {}", sshd.receive_cmd(&ssh_dir), s = snaps.display()));
+            }
+            set_compression(&c, compression, &policy);
+            let t = timed(|| {
+                c.sync_ok("alpha", "data");
+            });
+            if k == 0 { i_none.push(t) } else { i_zstd.push(t) }
+            prev = next;
+        }
+    }
+    let (l, s, n, l2, z) = (median(i_local), median(i_ssh), median(i_none), median(i_local2), median(i_zstd));
+    writeln!(out, "\n## Incremental transfer (a ~10 % change: {:.0} MB stream)\n", inc_bytes as f64 / 1e6).unwrap();
+    writeln!(out, "| path | median time | vs local pipe |\n|---|---|---|").unwrap();
+    writeln!(out, "| local pipe | {l:.2} s | 1.00 x |\n| ssh | {s:.2} s | {:.2} x |\n| snapship, compression none | {n:.2} s | {:.2} x |", l / s, l / n).unwrap();
+    writeln!(out, "| local pipe (second change of each run) | {l2:.2} s | 1.00 x |\n| snapship, zstd (same second change) | {z:.2} s | {:.2} x |", l2 / z).unwrap();
+
+    // A 1 MB change, end to end: snapshot, send, ship, receive, acknowledge.
+    let (mut s_local, mut s_ssh, mut s_ship) = (vec![], vec![], vec![]);
+    set_compression(&c, "none", &policy);
+    for i in 0..5 {
+        for (k, times) in [(0, &mut s_local), (1, &mut s_ssh), (2, &mut s_ship)] {
+            let mut rng = Rng(77 + i * 3 + k);
+            write_file(&src.join(format!("small-change-{i}-{k}.bin")), 1 << 20, &mut rng);
+            let next = format!("m{i}{k}");
+            let t = match k {
+                0 | 1 => timed(|| {
+                    sh(&format!("btrfs -q subvolume snapshot -r {} {}/{next}", src.display(), snaps.display()));
+                    let target = if k == 0 { format!("btrfs receive -q {}", local_dir.display()) } else { sshd.receive_cmd(&ssh_dir) };
+                    sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {target}", s = snaps.display()));
+                }),
+                _ => timed(|| {
+                    c.sync_ok("alpha", "data");
+                }),
+            };
+            // Keep the other chain whole (untimed): each needs every snapshot.
+            if k == 0 {
+                sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {}", sshd.receive_cmd(&ssh_dir), s = snaps.display()));
+            }
+            if k == 1 {
+                sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | btrfs receive -q {}", local_dir.display(), s = snaps.display()));
+            }
+            if k < 2 {
+                prev = next;
+            }
+            times.push(t);
+        }
+    }
+    let (l, s, n) = (median(s_local), median(s_ssh), median(s_ship));
+    writeln!(out, "\n## A 1 MB change end to end (snapshot, send, ship, receive; median of 5)\n").unwrap();
+    writeln!(out, "| path | median time | vs local pipe |\n|---|---|---|\n| local pipe | {:.0} ms | 1.00 x |\n| ssh | {:.0} ms | {:.2} x |\n| snapship sync | {:.0} ms | {:.2} x |", l * 1e3, s * 1e3, s / l, n * 1e3, n / l).unwrap();
+    verdicts.push(("Small-change cycle <= 1.2 x local pipe", n / l <= 1.2, format!("{:.2} x", n / l)));
+    verdicts.push(("Small-change cycle well ahead of ssh", n < s * 0.8, format!("snapship {:.0} ms, ssh {:.0} ms", n * 1e3, s * 1e3)));
+    drop(sshd);
+    drop(c);
+    }
+
+    // ---- Continuous mode RPO -------------------------------------------------------------
+    if want("rpo") {
+    eprintln!("continuous mode RPO: 60 s of writes at ~10 MB/s");
+    let mut c = Cluster::with_size("bench_rpo", &["alpha", "beta"], 47640, 8 * 1024);
+    let rpo_src = c.fs["alpha"].subvolume("rpo");
+    let rpo_dst = c.mnt("beta").join("rpo");
+    let rpo_policy = policy_named("rpo", &rpo_src, &rpo_dst).replace("mode: snapshot\nschedule: \"@hourly\"\n", "mode: continuous\ncontinuous:\n  min_interval: 500ms\n");
+    c.configure("alpha", &[("rpo", rpo_policy.clone())]);
+    c.configure("beta", &[("rpo", rpo_policy)]);
+    c.start("beta");
+    c.start("alpha");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (path, stop) = (rpo_src.join("log"), stop.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+            let start = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // 100 records of 1 KiB every 10 ms: ~10 MB/s
+                for _ in 0..100 {
+                    let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+                    let mut rec = format!("{n} {ts} ");
+                    rec.push_str(&"x".repeat(1023 - rec.len()));
+                    rec.push('\n');
+                    f.write_all(rec.as_bytes()).unwrap();
+                    n += 1;
+                }
+                let due = start + Duration::from_millis(10 * (n / 100));
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        })
+    };
+    let mut lags = Vec::new();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+        if t0.elapsed() < Duration::from_secs(5) {
+            continue; // the first full send
+        }
+        if let Some(ts) = last_record_time(&rpo_dst.join("latest/log")) {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+            lags.push((now.saturating_sub(ts)) as f64 / 1e9);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let (p50, p99, max) = (percentile(&lags, 0.5), percentile(&lags, 0.99), percentile(&lags, 1.0));
+    writeln!(out, "\n## Continuous mode RPO (one run, 55 s measured, writes at ~10 MB/s, min_interval 500ms)\n").unwrap();
+    writeln!(out, "Age of the newest record visible in the replica's `latest`, sampled every 50 ms ({} samples):\n\n| p50 | p99 | max |\n|---|---|---|\n| {p50:.2} s | {p99:.2} s | {max:.2} s |", lags.len()).unwrap();
+    verdicts.push(("RPO p99 <= 2 s", p99 <= 2.0, format!("{p99:.2} s")));
+    c.stop("alpha");
+    c.stop("beta");
+    drop(c);
+    }
+
+    // ---- Peak RSS during a 4 GiB stream ---------------------------------------------------
+    if want("rss") {
+    eprintln!("peak RSS during a 4 GiB stream");
+    let mut c = Cluster::with_size("bench_rss", &["alpha", "beta"], 47620, 12 * 1024);
+    let src = c.fs["alpha"].subvolume("big");
+    generate_big(&src, 64);
+    let dst = c.mnt("beta").join("big");
+    let p = policy_named("big", &src, &dst);
+    c.configure("alpha", &[("big", p.clone())]);
+    c.configure("beta", &[("big", p)]);
+    c.start("beta");
+    let beta_pid = c.daemons["beta"].child.as_ref().unwrap().id();
+    let mut sync = snapship().args(["sync", "--config"]).arg(c.dir("alpha").join("node.yaml")).arg("big").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut origin_peak = 0;
+    loop {
+        origin_peak = origin_peak.max(peak_rss_kib(sync.id()));
+        if sync.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let replica_peak = peak_rss_kib(beta_pid);
+    writeln!(out, "\n## Peak RSS during a 4 GiB stream (zstd, the default)\n\n| side | peak RSS |\n|---|---|\n| origin (`snapship sync`) | {:.1} MiB |\n| replica (`snapship run`) | {:.1} MiB |", origin_peak as f64 / 1024.0, replica_peak as f64 / 1024.0).unwrap();
+    verdicts.push(("Peak RSS <= 64 MiB per side", origin_peak <= 64 * 1024 && replica_peak <= 64 * 1024, format!("origin {:.1} MiB, replica {:.1} MiB", origin_peak as f64 / 1024.0, replica_peak as f64 / 1024.0)));
+    c.stop("beta");
+    drop(c);
+    }
+
+    // ---- 200 idle continuous file sets ----------------------------------------------------
+    if want("idle") {
+    eprintln!("CPU of 200 idle continuous file sets over 60 s");
+    let c = Cluster::with_size("bench_idle", &["alpha"], 47630, 2048);
+    let mut policies = Vec::new();
+    for i in 0..200 {
+        let name = format!("fs{i:03}");
+        let src = c.fs["alpha"].subvolume(&name);
+        std::fs::write(src.join("f"), &name).unwrap();
+        let dst = c.mnt("alpha").join("replicas").join(&name);
+        policies.push((name.clone(), policy_on("alpha", &name, &src, &dst).replace("mode: snapshot\nschedule: \"@hourly\"\n", "mode: continuous\n")));
+    }
+    let refs: Vec<(&str, String)> = policies.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
+    c.configure("alpha", &refs);
+    let mut c = c;
+    c.start("alpha");
+    let pid = c.daemons["alpha"].child.as_ref().unwrap().id();
+    std::thread::sleep(Duration::from_secs(20)); // the first snapshot of each, then idle
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(60));
+    let used = (cpu_ticks(pid) - before) as f64 / 100.0;
+    let pct = used / 60.0 * 100.0;
+    writeln!(out, "\n## 200 idle continuous file sets\n\n`snapship run` used {used:.2} s of CPU in 60 s: {pct:.2} % of one core (inotify watches, plus a poll of each file set every 5 s).").unwrap();
+    verdicts.push(("Idle <= 1 % of one core", pct <= 1.0, format!("{pct:.2} %")));
+    c.stop("alpha");
+    drop(c);
+    }
+
+    writeln!(out, "\n## Targets\n\n| target | met | measured |\n|---|---|---|").unwrap();
+    for (t, ok, v) in &verdicts {
+        writeln!(out, "| {t} | {} | {v} |", if *ok { "yes" } else { "**no**" }).unwrap();
+    }
+    if let Ok(notes) = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks-notes.md")) {
+        writeln!(out, "\n{notes}").unwrap();
+    }
+    let all = std::env::var_os("SNAPSHIP_BENCH_ONLY").is_none() && runs() >= 3;
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(if all { "docs/benchmarks.md" } else { "target/benchmarks-partial.md" });
+    std::fs::write(&path, &out).unwrap();
+    println!("{out}\nwritten to {}", path.display());
+}
+
+fn sysinfo_gib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo").unwrap().lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) / 1024 / 1024
+}
+
+fn generate_big(dir: &Path, files: usize) {
+    let mut rng = Rng(0xb16);
+    for i in 0..files {
+        write_file(&dir.join(format!("{i:03}.bin")), 64 << 20, &mut rng);
+    }
+    sh("sync");
+}
+
+fn policy_named(name: &str, src: &Path, dst: &Path) -> String {
+    policy(name, "alpha", src, &[("beta", dst.to_path_buf())])
+}
+
+fn policy_on(node: &str, name: &str, src: &Path, dst: &Path) -> String {
+    policy(name, node, src, &[(node, dst.to_path_buf())])
+}
+
+/// The timestamp of the last whole record of a log file.
+fn last_record_time(path: &Path) -> Option<u128> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let start = len.saturating_sub(4096);
+    f.seek(SeekFrom::Start(start)).ok()?;
+    let mut buf = String::new();
+    f.read_to_string(&mut buf).ok()?;
+    let last = buf.trim_end_matches('\n').rsplit('\n').next()?;
+    last.split(' ').nth(1)?.parse().ok()
+}
