@@ -444,7 +444,7 @@ fn main() {
     std::thread::sleep(Duration::from_secs(60));
     let used = (cpu_ticks(pid) - before) as f64 / 100.0;
     let pct = used / 60.0 * 100.0;
-    writeln!(out, "\n## 200 idle continuous file sets\n\n`snapship run` used {used:.2} s of CPU in 60 s: {pct:.2} % of one core (inotify watches, plus a poll of each file set every 5 s).").unwrap();
+    writeln!(out, "\n## 200 idle continuous file sets\n\n`snapship run` used {used:.2} s of CPU in 60 s: {pct:.2} % of one core (inotify watches, plus a poll of each file set every 10 s).").unwrap();
     verdicts.push(("Idle <= 1 % of one core", pct <= 1.0, format!("{pct:.2} %")));
     c.stop("alpha");
     drop(c);

@@ -1,8 +1,8 @@
 //! What makes an origin take a snapshot: the cron schedule, and changes to the data.
 //!
 //! Changes are noticed two ways: inotify (through the `notify` crate, recursive) wakes the
-//! scheduler as soon as something is written, and a poll every few seconds catches what
-//! inotify cannot see (writes through mmap, a watch limit reached). Either way the backend's
+//! scheduler as soon as something is written, and a poll catches what
+//! inotify cannot see (writes through mmap, a watch limit reached) within [`POLL`]. Either way the backend's
 //! `changed_since` decides, so a wake-up without a committed change takes no snapshot.
 
 use std::path::Path;
@@ -17,8 +17,9 @@ use tokio::sync::Notify;
 use super::clock::Clock;
 use super::cron::CronSchedule;
 
-/// The safety-net poll of continuous mode.
-pub const POLL: Duration = Duration::from_secs(5);
+/// The safety-net poll of continuous mode (inotify is the prompt path; this catches what it
+/// cannot see, like writes through mmap).
+pub const POLL: Duration = Duration::from_secs(10);
 
 /// Waits for the next firing of `schedule` after `after`, and returns its time.
 pub async fn next_fire(schedule: &CronSchedule, clock: &Clock, after: DateTime<Utc>) -> DateTime<Utc> {
