@@ -27,7 +27,7 @@ pub fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::Fil
     let path = state_dir.join("daemon.lock");
     let file = std::fs::File::create(&path).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| anyhow::anyhow!("another snapship run uses {} (its lock {} is held)", state_dir.display(), path.display()))
+        .map_err(|_| anyhow::anyhow!("another snapship process (run, sync or prune) is using {} (its lock {} is held)", state_dir.display(), path.display()))
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {

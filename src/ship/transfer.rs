@@ -268,10 +268,10 @@ mod tests {
     /// `delay`: how long the end marker takes after the last data frame.
     async fn round_trip_with_late_end(data: &[u8], compression: Compression, delay: Duration) -> Result<Vec<u8>> {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let (mut client_read, mut client_write) = tokio::io::split(client);
-        let _ = &mut client_read;
         let data = data.to_vec();
         let sender = tokio::spawn(async move {
+            // Both halves live until the end marker is written.
+            let (_client_read, mut client_write) = tokio::io::split(client);
             let mut src = &data[..];
             let sent = write_data(&mut src, compression, None, &mut client_write).await.unwrap();
             tokio::time::sleep(delay).await;

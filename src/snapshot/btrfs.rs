@@ -142,7 +142,7 @@ impl OriginSide for BtrfsOrigin {
                 let target = dir.join(name.as_str());
                 match CreateSnapshotOptions::new().readonly(true).create(&src, &target) {
                     Ok(()) => break,
-                    Err(e) if e.errno() == libc_eexist() => name = name.successor(),
+                    Err(e) if e.errno() == nix::errno::Errno::EEXIST as i32 => name = name.successor(),
                     Err(e) if e.errno() == nix::errno::Errno::EXDEV as i32 => bail!(
                         "cannot snapshot {} into {}: not on the same btrfs filesystem; set `origin.snapshot_dir` to a directory on it",
                         src.display(),
@@ -216,10 +216,6 @@ impl OriginSide for BtrfsOrigin {
         let path = self.path_of(snapshot);
         blocking(move || delete_subvolume(&path)).await
     }
-}
-
-fn libc_eexist() -> i32 {
-    nix::errno::Errno::EEXIST as i32
 }
 
 pub struct BtrfsReplica {
