@@ -12,6 +12,14 @@ use common::*;
 use snapship::config;
 use snapship::replicate::{self, ReplicaReport};
 
+/// The tests share one zfs-fuse daemon, which was seen to hang for good when two tests
+/// created datasets at the same moment: they run one at a time.
+static ZFS_DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ZFS_DAEMON.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// One node, two pools: `projects` on the first, its replica on the second.
 struct Local {
     scratch: Scratch,
@@ -66,6 +74,7 @@ fn zfs_full_then_incremental_and_read_only() {
     if !have_zfs("zfs_full_then_incremental_and_read_only") {
         return;
     }
+    let _serial = one_at_a_time();
     let l = Local::new("zfs_full_incr");
     fill_small(&l.src(), 1);
     let first = l.sync().unwrap();
@@ -90,6 +99,7 @@ fn zfs_bases_after_deletions_and_holds() {
     if !have_zfs("zfs_bases_after_deletions_and_holds") {
         return;
     }
+    let _serial = one_at_a_time();
     let l = Local::new("zfs_bases");
     fill_small(&l.src(), 2);
     let s1 = l.sync().unwrap();
@@ -124,6 +134,7 @@ fn zfs_kill_mid_receive_leaves_nothing() {
     if !have_zfs("zfs_kill_mid_receive_leaves_nothing") {
         return;
     }
+    let _serial = one_at_a_time();
     let l = Local::new("zfs_kill");
     fill_small(&l.src(), 3);
     let first = l.sync().unwrap();
@@ -142,6 +153,7 @@ fn zfs_over_quic() {
     if !have_zfs("zfs_over_quic") {
         return;
     }
+    let _serial = one_at_a_time();
     let mut c = Cluster::new("zfs_quic", &["alpha", "beta"], 47410);
     let (pa, pb) = (ZfsPool::new(&c.scratch, "pa", 256), ZfsPool::new(&c.scratch, "pb", 256));
     let src_ds = pa.dataset("db");
@@ -166,6 +178,7 @@ fn zfs_feature_detection_on_the_live_zfs_fuse() {
     if !have_zfs("zfs_feature_detection_on_the_live_zfs_fuse") {
         return;
     }
+    let _serial = one_at_a_time();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let f = rt.block_on(snapship::snapshot::zfs::features()).clone();
     // zfs-fuse 0.7: holds, and none of the modern paths.
@@ -214,6 +227,7 @@ fn zfs_consistency_group_snapshots_share_one_txg() {
     if !have_zfs("zfs_consistency_group_snapshots_share_one_txg") {
         return;
     }
+    let _serial = one_at_a_time();
     let (_s, origin, replica, cfg) = group_setup("zfs_group_sync");
     let out = run(snapship().args(["sync", "--config"]).arg(&cfg).arg("db"));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -233,6 +247,7 @@ fn zfs_consistency_group_in_the_daemon() {
     if !have_zfs("zfs_consistency_group_in_the_daemon") {
         return;
     }
+    let _serial = one_at_a_time();
     let (s, origin, replica, cfg) = group_setup("zfs_group_run");
     // A cron of every 2 s on both members: the group leader alone fires, for both.
     let pdir = s.dir.join("policies");
