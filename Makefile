@@ -9,7 +9,7 @@ DEBS := btrfs-progs libbtrfsutil-dev libclang-dev pkg-config zfs-fuse
 # Only the benchmarks need these: the ssh comparison.
 BENCH_DEBS := openssh-server openssh-client
 
-.PHONY: all deps build test demo bench clean
+.PHONY: all deps build test demo bench fuzz clean
 
 all: build
 
@@ -34,6 +34,24 @@ bench: deps
 	@scripts/install-deps.sh $(BENCH_DEBS)
 	$(CARGO) build --release --benches
 	scripts/with-scratch.sh $(CARGO) bench --bench replication
+
+# Fuzzing (not part of CI): each cargo-fuzz target in fuzz/ for FUZZ_SECONDS, starting from
+# the corpus earlier runs grew (fuzz/corpus/TARGET, untracked; new finds go there) and the
+# tracked seeds (fuzz/seeds/TARGET). cargo-fuzz needs nightly flags, so RUSTC_BOOTSTRAP=1
+# lets the stable toolchain take them. A crash stops the run, with its input saved in
+# fuzz/artifacts/TARGET/ (replay: cargo fuzz run TARGET fuzz/artifacts/TARGET/crash-...).
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS := frame_decode config_load
+
+fuzz: deps
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t; \
+		echo "== fuzzing $$t for $(FUZZ_SECONDS)s"; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1; \
+	done
+	@for t in $(FUZZ_TARGETS); do echo "$$t: $$(ls fuzz/corpus/$$t | wc -l) files in fuzz/corpus/$$t"; done
 
 clean:
 	$(CARGO) clean

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 
 use crate::schedule::cron::CronSchedule;
 use locate::KeyIndex;
-use units::{ByteRate, Compression, HumanDuration, Name};
+use units::{ByteRate, ByteSize, Compression, HumanDuration, Name};
 
 /// `snapship run --config node.yaml`: who this node is and how it reaches the others.
 #[derive(Debug, Clone, Deserialize)]
@@ -44,9 +44,39 @@ pub struct NodeConfig {
     /// Policy files or globs, relative to this file.
     #[serde(default)]
     pub policies: Vec<String>,
+    /// How this node's transfers survive faults (all optional).
+    #[serde(default)]
+    pub transfers: Transfers,
     /// The file this was read from.
     #[serde(skip)]
     pub file: PathBuf,
+}
+
+/// Node-wide transfer settings: how long a silent peer or process is given, how long a cut
+/// transfer waits to be resumed, and how much an incoming stream may buffer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Transfers {
+    /// A transfer whose peer, or whose `btrfs`/`zfs` process, makes no progress for this long
+    /// is aborted (and the process killed); it is retried and resumes where it stopped.
+    pub stall_timeout: HumanDuration,
+    /// Replica side: how long a cut transfer is kept, waiting for its origin to resume it.
+    pub resume_window: HumanDuration,
+    /// Replica side: what an incoming stream may buffer ahead of `btrfs receive`/`zfs
+    /// receive`, in memory first and then on disk under `state_dir/spool`.
+    pub spool_memory: ByteSize,
+    pub spool_disk: ByteSize,
+}
+
+impl Default for Transfers {
+    fn default() -> Self {
+        Transfers {
+            stall_timeout: HumanDuration(std::time::Duration::from_secs(120)),
+            resume_window: HumanDuration(std::time::Duration::from_secs(3600)),
+            spool_memory: ByteSize(64 << 20),
+            spool_disk: ByteSize(4 << 30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -230,24 +260,9 @@ impl LoadedConfig {
 /// policy is left out, so that one broken file never stops the others.
 pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
     let text = read(path)?;
-    let mut node: NodeConfig = parse_yaml(path, &text)?;
+    let node = parse_node_text(path, &text)?;
     let index = KeyIndex::new(&text);
-    node.file = path.to_path_buf();
     let base = path.parent().unwrap_or(Path::new("."));
-    node.state_dir = base.join(&node.state_dir);
-    if let Some(tls) = &mut node.tls {
-        tls.ca = base.join(&tls.ca);
-        tls.cert = base.join(&tls.cert);
-        tls.key = base.join(&tls.key);
-    }
-    if let Some(peer) = node.peers.keys().find(|p| **p == node.node) {
-        return Err(located(path, &index, &format!("peers.{peer}"), format!("`{peer}` is this node itself; list only the other nodes under `peers`")));
-    }
-    for (peer, addr) in &node.peers {
-        if !looks_like_host_port(addr) {
-            return Err(located(path, &index, &format!("peers.{peer}"), format!("address {addr:?} is not HOST:PORT, like 192.0.2.7:7441 or backup.lan:7441")));
-        }
-    }
 
     let mut errors = Vec::new();
     let mut files = Vec::new();
@@ -292,12 +307,43 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
     Ok(LoadedConfig { node, policies, errors })
 }
 
+/// Parses and checks the text of a node config as if read from `path`, without touching the
+/// filesystem: relative paths are resolved against `path`'s directory and `peers` is checked,
+/// but the policy files are neither looked for nor read (that is [`load`]'s part).
+pub fn parse_node_text(path: &Path, text: &str) -> Result<NodeConfig, ConfigError> {
+    let mut node: NodeConfig = parse_yaml(path, text)?;
+    let index = KeyIndex::new(text);
+    node.file = path.to_path_buf();
+    let base = path.parent().unwrap_or(Path::new("."));
+    node.state_dir = base.join(&node.state_dir);
+    if let Some(tls) = &mut node.tls {
+        tls.ca = base.join(&tls.ca);
+        tls.cert = base.join(&tls.cert);
+        tls.key = base.join(&tls.key);
+    }
+    if let Some(peer) = node.peers.keys().find(|p| **p == node.node) {
+        return Err(located(path, &index, &format!("peers.{peer}"), format!("`{peer}` is this node itself; list only the other nodes under `peers`")));
+    }
+    for (peer, addr) in &node.peers {
+        if !looks_like_host_port(addr) {
+            return Err(located(path, &index, &format!("peers.{peer}"), format!("address {addr:?} is not HOST:PORT, like 192.0.2.7:7441 or backup.lan:7441")));
+        }
+    }
+    Ok(node)
+}
+
 /// Reads and checks one policy file against the node config it is loaded for.
 pub fn load_policy(path: &Path, node: &NodeConfig) -> Result<Policy, Vec<ConfigError>> {
     let text = read(path).map_err(|e| vec![e])?;
-    let mut policy: Policy = parse_yaml(path, &text).map_err(|e| vec![e])?;
+    parse_policy_text(path, &text, node)
+}
+
+/// Parses and checks the text of a policy as if read from `path`, against the node config it
+/// is loaded for, without touching the filesystem.
+pub fn parse_policy_text(path: &Path, text: &str, node: &NodeConfig) -> Result<Policy, Vec<ConfigError>> {
+    let mut policy: Policy = parse_yaml(path, text).map_err(|e| vec![e])?;
     policy.file = path.to_path_buf();
-    let errors = validate_policy(&policy, node, &KeyIndex::new(&text));
+    let errors = validate_policy(&policy, node, &KeyIndex::new(text));
     if errors.is_empty() { Ok(policy) } else { Err(errors) }
 }
 

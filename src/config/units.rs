@@ -65,6 +65,27 @@ impl fmt::Display for ByteRate {
     }
 }
 
+/// A size in bytes: `64MiB`, `4 GiB`, `500MB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| ByteSize(b.as_u64()))
+            .map_err(|_| format!("invalid size {s:?}; write a number and a unit, like 64MiB, 4GiB or 500MB"))
+    }
+}
+deserialize_from_str!(ByteSize);
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", bytesize::ByteSize(self.0).display().iec())
+    }
+}
+
 /// How send streams are compressed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -168,6 +189,8 @@ mod tests {
         assert!("100MiB".parse::<ByteRate>().unwrap_err().contains("per second"));
         assert!("fast/s".parse::<ByteRate>().is_err());
         assert!("0B/s".parse::<ByteRate>().unwrap_err().contains("zero"));
+        assert_eq!("64MiB".parse::<ByteSize>().unwrap().0, 64 << 20);
+        assert!("lots".parse::<ByteSize>().unwrap_err().contains("like 64MiB"));
     }
 
     #[test]
