@@ -170,7 +170,7 @@ mod tests {
 
     #[test]
     fn every_reply_encodes_and_decodes() {
-        let report = crate::replicate::ReplicaReport { node: "beta".into(), snapshot: "s".into(), base: None, bytes: 3, elapsed: std::time::Duration::from_millis(5) };
+        let report = crate::replicate::ReplicaReport { node: "beta".into(), snapshot: "s".into(), base: None, bytes: 3, resumed_from: 0, elapsed: std::time::Duration::from_millis(5) };
         let replies = [
             Reply::Sync { results: vec![SyncReply { fileset: "db".into(), snapshot: "s".into(), replicas: vec![("beta".into(), Ok(report)), ("gamma".into(), Err("down".into()))] }] },
             Reply::Error { message: "no".into() },

@@ -88,7 +88,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
             let origin = snapshot::origin_for(policy)?.into();
             let replicas = replicate::endpoints(&loaded, policy, &mut connector)?;
             let state = StateStore::open(&loaded.node.state_dir, &policy.fileset.0)?.into();
-            Ok(OriginJob::new(policy.clone(), origin, replicas, state, Clock::System, status.clone()))
+            let (job, handle) = OriginJob::new(policy.clone(), origin, replicas, state, Clock::System, status.clone());
+            Ok((job.with_stall_timeout(loaded.node.transfers.stall_timeout.0), handle))
         })();
         match job {
             Ok(job) => jobs.push(job),

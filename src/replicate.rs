@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::config::{LoadedConfig, Policy};
-use crate::ship::ReplicaEndpoint;
+use crate::ship::{Partial, ReplicaEndpoint, Resumed, StreamStart};
 use crate::ship::local::LocalReplica;
 use crate::ship::meter::{Metered, Tally};
 use crate::ship::quic::{Connector, RemoteReplica};
@@ -27,6 +28,9 @@ pub struct ReplicaReport {
     /// The base the stream was incremental from; `None` for a full send.
     pub base: Option<String>,
     pub bytes: u64,
+    /// The replica already held this much of the stream from a cut transfer.
+    #[serde(default)]
+    pub resumed_from: u64,
     pub elapsed: Duration,
 }
 
@@ -59,7 +63,8 @@ pub fn endpoints(config: &LoadedConfig, policy: &Policy, connector: &mut Option<
             Some(c) => c.clone(),
             None => connector.insert(Arc::new(Connector::new(&config.node)?)).clone(),
         };
-        out.push(Arc::new(RemoteReplica::new(replica.node.0.clone(), addr.clone(), policy.fileset.0.clone(), policy.transfer.clone(), connector)));
+        let stall = config.node.transfers.stall_timeout.0;
+        out.push(Arc::new(RemoteReplica::new(replica.node.0.clone(), addr.clone(), policy.fileset.0.clone(), policy.transfer.clone(), stall, connector)));
     }
     Ok(out)
 }
@@ -92,7 +97,8 @@ pub async fn sync(config: &LoadedConfig, policy: &Policy, on_start: &(dyn Fn(&st
         tracing::info!(fileset = %member.fileset, snapshot = %snap.name, "snapshot taken");
         let jobs = eps.iter().map(|ep| async {
             let node = ep.node().to_string();
-            let result = ship_to(origin.as_ref(), &snap, ep.as_ref(), &|tally| on_start(&node, tally)).await;
+            let stall = config.node.transfers.stall_timeout.0;
+            let result = ship_to(origin.as_ref(), &snap, ep.as_ref(), stall, &|tally, _from| on_start(&node, tally)).await;
             log_outcome(&member.fileset.0, ep.node(), &result);
             (ep.node().to_string(), result)
         });
@@ -129,15 +135,16 @@ pub fn log_outcome(fileset: &str, replica: &str, result: &Result<ReplicaReport>)
 pub enum Plan {
     /// It already holds the snapshot.
     AlreadyThere,
-    /// Send the snapshot, incremental from this base, or full.
-    Send { base: Option<Snapshot> },
+    /// Send the snapshot, incremental from this base, or full; going on from the replica's
+    /// partial transfer of the same stream if there is one.
+    Send { base: Option<Snapshot>, resume: Option<Partial> },
 }
 
 /// Asks the replica what it holds and picks the base: the newest common snapshot older than
 /// `snapshot`, by identity.
 pub async fn plan(origin: &dyn OriginSide, snapshot: &Snapshot, ep: &dyn ReplicaEndpoint) -> Result<Plan> {
     let replica_has = list_replica(ep).await?;
-    plan_from(origin, snapshot, &replica_has).await
+    plan_from(origin, snapshot, &replica_has, ep.partial().await.as_ref()).await
 }
 
 /// What `ep` holds; a replica that does not answer within a minute is an error.
@@ -152,42 +159,121 @@ pub async fn list_replica(ep: &dyn ReplicaEndpoint) -> Result<Vec<Snapshot>> {
 
 const LIST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Picks the base given what the replica holds.
-pub async fn plan_from(origin: &dyn OriginSide, snapshot: &Snapshot, replica_has: &[Snapshot]) -> Result<Plan> {
+/// Picks the base given what the replica holds. A partial transfer of this very snapshot is
+/// resumed, from its own base (still common: the replica is receiving on it).
+pub async fn plan_from(origin: &dyn OriginSide, snapshot: &Snapshot, replica_has: &[Snapshot], partial: Option<&Partial>) -> Result<Plan> {
     if replica_has.iter().any(|r| r.identity == snapshot.identity) {
         return Ok(Plan::AlreadyThere);
     }
     // Only snapshots older than the one sent can be its base.
     let older: Vec<Snapshot> = origin.list().await?.into_iter().filter(|s| s.name < snapshot.name).collect();
+    if let Some(p) = partial.filter(|p| p.identity == snapshot.identity) {
+        if let Some(base) = base_of_partial(&older, p) {
+            return Ok(Plan::Send { base, resume: Some(p.clone()) });
+        }
+    }
     let base = common_base(&older, replica_has).cloned();
-    Ok(Plan::Send { base })
+    Ok(Plan::Send { base, resume: None })
 }
 
-/// Called when a stream starts, with its live byte count (for progress and status).
-pub type OnStart<'a> = &'a (dyn Fn(Arc<Tally>) + Send + Sync);
+/// The origin's snapshot that `partial` is incremental from: `Some(None)` for a full stream,
+/// `None` if the origin no longer has it.
+fn base_of_partial(origin: &[Snapshot], partial: &Partial) -> Option<Option<Snapshot>> {
+    match &partial.base {
+        None => Some(None),
+        Some(id) => origin.iter().find(|s| &s.identity == id).map(|s| Some(s.clone())),
+    }
+}
 
-/// Carries out `plan`.
-pub async fn transfer(origin: &dyn OriginSide, snapshot: &Snapshot, plan: &Plan, ep: &dyn ReplicaEndpoint, on_start: OnStart<'_>) -> Result<ReplicaReport> {
+/// A partial transfer of an older snapshot than `target` that is worth finishing first: most
+/// of it is across already, and the target then goes incrementally on top of it. `None` if
+/// there is none, or the origin no longer has what it needs.
+pub async fn partial_to_finish(origin: &dyn OriginSide, target: &Snapshot, partial: Option<&Partial>) -> Result<Option<(Snapshot, Plan)>> {
+    let Some(p) = partial.filter(|p| p.identity != target.identity && p.offset > 0) else { return Ok(None) };
+    let snaps = origin.list().await?;
+    let Some(older) = snaps.iter().find(|s| s.identity == p.identity && s.name < target.name) else { return Ok(None) };
+    let before: Vec<Snapshot> = snaps.iter().filter(|s| s.name < older.name).cloned().collect();
+    Ok(base_of_partial(&before, p).map(|base| (older.clone(), Plan::Send { base, resume: Some(p.clone()) })))
+}
+
+/// Called when a stream starts, with its live byte count (from the start of the stream, for
+/// progress and status) and the offset it starts from (not 0 when resumed).
+pub type OnStart<'a> = &'a (dyn Fn(Arc<Tally>, u64) + Send + Sync);
+
+/// Carries out `plan`. `stall`: a sending process that produces nothing this long is killed.
+pub async fn transfer(
+    origin: &dyn OriginSide,
+    snapshot: &Snapshot,
+    plan: &Plan,
+    ep: &dyn ReplicaEndpoint,
+    stall: Duration,
+    on_start: OnStart<'_>,
+) -> Result<ReplicaReport> {
     let start = Instant::now();
-    let report = |base: Option<&Snapshot>, bytes| ReplicaReport {
+    let report = |base: Option<&Snapshot>, bytes, resumed_from| ReplicaReport {
         node: ep.node().into(),
         snapshot: snapshot.name.to_string(),
         base: base.map(|b| b.name.to_string()),
         bytes,
+        resumed_from,
         elapsed: start.elapsed(),
     };
-    let Plan::Send { base } = plan else { return Ok(report(None, 0)) };
+    let Plan::Send { base, resume } = plan else { return Ok(report(None, 0, 0)) };
     let incoming = Incoming { name: snapshot.name.clone(), identity: snapshot.identity.clone(), base: base.as_ref().map(|b| b.identity.clone()) };
-    // Dropping the stream (on error) kills the sending process.
-    let compact = ep.accepts_compact().await;
-    let mut reader = Metered::new(origin.send(snapshot, base.as_ref(), compact).await?);
-    on_start(reader.tally());
-    ep.receive(&incoming, &mut reader).await?;
-    Ok(report(base.as_ref(), reader.bytes()))
+    let open = |compact| async move { Ok::<_, anyhow::Error>(Metered::new(origin.send(snapshot, base.as_ref(), compact).await?.with_stall_timeout(stall))) };
+    // Dropping a stream (on error) kills its sending process.
+    let mut started = None;
+    if let Some(p) = resume {
+        let mut reader = open(p.compact).await?;
+        match skip_prefix(&mut reader, p).await? {
+            Some(hasher) => started = Some((reader, StreamStart { compact: p.compact, resumed: Some(Resumed { offset: p.offset, hasher }) })),
+            None => tracing::warn!(
+                replica = ep.node(), snapshot = %snapshot.name, offset = p.offset,
+                "the regenerated stream differs from what the replica holds: sending it again from the start"
+            ),
+        }
+    }
+    let (mut reader, start_at) = match started {
+        Some(s) => s,
+        None => {
+            let compact = ep.accepts_compact().await;
+            (open(compact).await?, StreamStart { compact, resumed: None })
+        }
+    };
+    let from = start_at.offset();
+    on_start(reader.tally(), from);
+    ep.receive(&incoming, start_at, &mut reader).await?;
+    Ok(report(base.as_ref(), reader.bytes(), from))
 }
 
-/// Brings one replica up to `snapshot`, incremental from the common base when there is one.
-pub async fn ship_to(origin: &dyn OriginSide, snapshot: &Snapshot, ep: &dyn ReplicaEndpoint, on_start: OnStart<'_>) -> Result<ReplicaReport> {
-    let plan = plan(origin, snapshot, ep).await?;
-    transfer(origin, snapshot, &plan, ep, on_start).await
+/// Reads the first `partial.offset` bytes of a regenerated stream: if they hash as the
+/// replica's do, the hasher to go on with; `None` if the stream differs (or is shorter).
+async fn skip_prefix(stream: &mut (dyn AsyncRead + Send + Unpin), partial: &Partial) -> Result<Option<blake3::Hasher>> {
+    let mut hasher = blake3::Hasher::new();
+    let mut left = partial.offset;
+    let mut buf = vec![0u8; snapshot::PIPE_BUFFER];
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = stream.read(&mut buf[..want]).await.context("regenerating the send stream to resume it")?;
+        if n == 0 {
+            return Ok(None);
+        }
+        hasher.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok((hasher.finalize().to_hex().as_str() == partial.blake3).then_some(hasher))
+}
+
+/// Brings one replica up to `snapshot`, incremental from the common base when there is one;
+/// a partial transfer the replica holds is finished first.
+pub async fn ship_to(origin: &dyn OriginSide, snapshot: &Snapshot, ep: &dyn ReplicaEndpoint, stall: Duration, on_start: OnStart<'_>) -> Result<ReplicaReport> {
+    let mut replica_has = list_replica(ep).await?;
+    let mut partial = ep.partial().await;
+    if let Some((older, plan)) = partial_to_finish(origin, snapshot, partial.as_ref()).await? {
+        transfer(origin, &older, &plan, ep, stall, on_start).await.with_context(|| format!("finishing the cut transfer of {}", older.name))?;
+        replica_has = list_replica(ep).await?;
+        partial = None;
+    }
+    let plan = plan_from(origin, snapshot, &replica_has, partial.as_ref()).await?;
+    transfer(origin, snapshot, &plan, ep, stall, on_start).await
 }

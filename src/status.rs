@@ -46,7 +46,15 @@ pub struct ReplicaStatus {
     pub last_error: Option<ErrorStatus>,
     pub transfers_ok: u64,
     pub transfers_failed: u64,
+    /// Stream bytes of the snapshots delivered.
     pub bytes_shipped: u64,
+    /// Stream bytes put on the wire, failed and cut attempts included: what exceeds
+    /// `bytes_shipped` was sent more than once.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Transfers that went on from where a cut one stopped.
+    #[serde(default)]
+    pub resumes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -56,6 +64,9 @@ pub struct TransferStatus {
     pub bytes: u64,
     pub bytes_per_second: f64,
     pub started: DateTime<Utc>,
+    /// The replica already held this much of the stream (a resumed transfer).
+    #[serde(default)]
+    pub resumed_from: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -91,12 +102,32 @@ struct OriginEntry {
 #[derive(Default)]
 struct ReplicaEntry {
     newest: Option<SnapshotName>,
-    transfer: Option<(String, Option<String>, Arc<Tally>, Instant, DateTime<Utc>)>,
+    transfer: Option<Running>,
     last_success: Option<DateTime<Utc>>,
     last_error: Option<ErrorStatus>,
     ok: u64,
     failed: u64,
     bytes: u64,
+    sent: u64,
+    resumes: u64,
+}
+
+struct Running {
+    snapshot: String,
+    base: Option<String>,
+    /// Counts stream bytes from the start of the stream.
+    tally: Arc<Tally>,
+    /// Where this attempt started in the stream.
+    from: u64,
+    started: Instant,
+    started_at: DateTime<Utc>,
+}
+
+impl Running {
+    /// Bytes this attempt sent.
+    fn sent(&self) -> u64 {
+        self.tally.bytes().saturating_sub(self.from)
+    }
 }
 
 #[derive(Default)]
@@ -136,6 +167,7 @@ impl StatusBoard {
                 counter!("snapship_transfers_total", "fileset" => fileset.to_string(), "replica" => r.to_string(), "result" => "failed").absolute(0);
                 counter!("snapship_bytes_shipped_total", "fileset" => fileset.to_string(), "replica" => r.to_string()).absolute(0);
                 counter!("snapship_resumes_total", "fileset" => fileset.to_string(), "replica" => r.to_string()).absolute(0);
+                counter!("snapship_bytes_sent_total", "fileset" => fileset.to_string(), "replica" => r.to_string()).absolute(0);
             }
         });
     }
@@ -155,11 +187,20 @@ impl StatusBoard {
         self.with(|b| b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default().newest = newest.cloned());
     }
 
-    pub fn transfer_started(&self, fileset: &str, replica: &str, snapshot: &SnapshotName, base: Option<&SnapshotName>, tally: Arc<Tally>) {
+    /// A transfer started, `from` bytes into the stream (not 0 when resumed); `tally` counts
+    /// the stream's bytes from its start.
+    pub fn transfer_started(&self, fileset: &str, replica: &str, snapshot: &SnapshotName, base: Option<&SnapshotName>, tally: Arc<Tally>, from: u64) {
         self.with(|b| {
             let r = b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default();
-            r.transfer = Some((snapshot.to_string(), base.map(|b| b.to_string()), tally, Instant::now(), Utc::now()));
+            let (snapshot, base) = (snapshot.to_string(), base.map(|b| b.to_string()));
+            r.transfer = Some(Running { snapshot, base, tally, from, started: Instant::now(), started_at: Utc::now() });
+            if from > 0 {
+                r.resumes += 1;
+            }
         });
+        if from > 0 {
+            counter!("snapship_resumes_total", "fileset" => fileset.to_string(), "replica" => replica.to_string()).increment(1);
+        }
     }
 
     /// A transfer ended: `Ok(bytes)` or the error.
@@ -167,7 +208,10 @@ impl StatusBoard {
         let labels = [("fileset", fileset.to_string()), ("replica", replica.to_string())];
         self.with(|b| {
             let r = b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default();
-            r.transfer = None;
+            if let Some(running) = r.transfer.take() {
+                r.sent += running.sent();
+                counter!("snapship_bytes_sent_total", &labels).increment(running.sent());
+            }
             match &result {
                 Ok(bytes) => {
                     r.ok += 1;
@@ -234,15 +278,24 @@ impl StatusBoard {
                             node: node.clone(),
                             newest: r.newest.as_ref().map(|n| n.to_string()),
                             lag_seconds: lag(&r.newest, now),
-                            transfer: r.transfer.as_ref().map(|(snapshot, base, tally, started, started_at)| {
-                                let secs = started.elapsed().as_secs_f64().max(0.001);
-                                TransferStatus { snapshot: snapshot.clone(), base: base.clone(), bytes: tally.bytes(), bytes_per_second: tally.bytes() as f64 / secs, started: *started_at }
+                            transfer: r.transfer.as_ref().map(|t| {
+                                let secs = t.started.elapsed().as_secs_f64().max(0.001);
+                                TransferStatus {
+                                    snapshot: t.snapshot.clone(),
+                                    base: t.base.clone(),
+                                    bytes: t.tally.bytes(),
+                                    bytes_per_second: t.sent() as f64 / secs,
+                                    started: t.started_at,
+                                    resumed_from: t.from,
+                                }
                             }),
                             last_success: r.last_success,
                             last_error: r.last_error.clone(),
                             transfers_ok: r.ok,
                             transfers_failed: r.failed,
                             bytes_shipped: r.bytes,
+                            bytes_sent: r.sent + r.transfer.as_ref().map_or(0, Running::sent),
+                            resumes: r.resumes,
                         })
                         .collect(),
                 })
@@ -288,6 +341,7 @@ pub fn describe_metrics() {
     describe_counter!("snapship_bytes_shipped_total", Unit::Bytes, "Send stream bytes shipped to a replica (uncompressed)");
     describe_counter!("snapship_transfers_total", "Transfers to a replica, by result");
     describe_counter!("snapship_resumes_total", "Transfers resumed after an interruption");
+    describe_counter!("snapship_bytes_sent_total", Unit::Bytes, "Send stream bytes put on the wire, failed and cut attempts included");
     describe_gauge!("snapship_snapshots", "Snapshots held, per side");
     describe_gauge!("snapship_last_success_timestamp_seconds", Unit::Seconds, "When a transfer to a replica last succeeded (Unix time)");
 }

@@ -184,7 +184,12 @@ fn corrupted_byte_is_caught_and_retry_succeeds() {
     assert!(text.contains("checksum mismatch") && text.contains("Checksum"), "{text}");
     assert!(snapshots(&dst).is_empty(), "a corrupted stream became visible");
 
+    // The replica kept the stream up to the last good frame: the next sync finishes that
+    // snapshot from there, then sends the new one on top of it.
     let text = c.sync_ok("alpha", "projects");
-    assert!(text.contains("-> beta: full"), "{text}");
+    assert!(text.contains("-> beta: incremental"), "{text}");
+    assert_eq!(snapshots(&dst).len(), 2, "the cut snapshot was finished too");
     assert_same_tree(&src, &dst.join("latest"));
+    let log = c.daemons["beta"].log_text();
+    assert!(log.contains("resuming a cut transfer"), "{log}");
 }

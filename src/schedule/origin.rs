@@ -56,6 +56,8 @@ pub struct OriginJob {
     outcomes: broadcast::Sender<Outcome>,
     sync_requests: Mutex<Option<mpsc::Receiver<SyncRequest>>>,
     group: Option<Arc<GroupHub>>,
+    /// A sending process that produces nothing this long is killed.
+    stall: Duration,
 }
 
 /// How one transfer to one replica ended.
@@ -127,6 +129,15 @@ impl GroupHub {
     }
 }
 
+/// What one attempt delivered.
+#[derive(Debug, PartialEq, Eq)]
+enum Shipped {
+    /// The snapshot asked for.
+    Target,
+    /// An older snapshot, whose cut transfer the replica held part of.
+    Partial,
+}
+
 /// Where the daemon sends sync requests for one file set.
 pub type SyncHandle = mpsc::Sender<SyncRequest>;
 
@@ -147,8 +158,15 @@ impl OriginJob {
             outcomes: broadcast::channel(64).0,
             sync_requests: Mutex::new(Some(sync_rx)),
             group: None,
+            stall: crate::config::Transfers::default().stall_timeout.0,
         };
         (job, sync_tx)
+    }
+
+    /// Sets the stall timeout for sending processes (the node's `transfers.stall_timeout`).
+    pub fn with_stall_timeout(mut self, stall: Duration) -> Self {
+        self.stall = stall;
+        self
     }
 
     /// Makes this file set a member of a consistency group.
@@ -319,61 +337,77 @@ impl OriginJob {
         }
     }
 
-    /// One attempt at bringing `ep` up to `snapshot`; records the outcome in the state.
+    /// Brings `ep` up to `snapshot`: finishes first a cut transfer of an older snapshot that
+    /// the replica holds part of, then ships `snapshot` (incrementally on top of it).
+    async fn ship(&self, ep: &dyn ReplicaEndpoint, snapshot: &Snapshot) -> Result<()> {
+        while self.attempt(ep, snapshot).await? != Shipped::Target {}
+        self.prune().await;
+        self.report_snapshots().await;
+        Ok(())
+    }
+
+    /// One transfer to `ep`, towards `target`; records the outcome in the state.
     ///
     /// A transfer that failed stays registered as in flight (in memory and in the state file)
     /// until the next attempt replaces it: the replica may have committed the snapshot and
     /// pruned the old base even though its answer was lost, so both stay protected until a
-    /// fresh listing says what the replica holds.
-    async fn ship(&self, ep: &dyn ReplicaEndpoint, snapshot: &Snapshot) -> Result<()> {
+    /// fresh listing says what the replica holds. (A cut transfer is also resumable.)
+    async fn attempt(&self, ep: &dyn ReplicaEndpoint, target: &Snapshot) -> Result<Shipped> {
         let node = ep.node().to_string();
+        let mut sent = target.clone();
         let result = async {
             // Ask the replica first, outside the planning lock: a slow replica must not
             // hold up pruning, and through it the other replicas and the snapshot loop.
             let replica_has = replicate::list_replica(ep).await?;
+            let partial = ep.partial().await;
             let plan = {
                 let _planning = self.plan_lock.read().await;
-                let plan = replicate::plan_from(self.origin.as_ref(), snapshot, &replica_has).await?;
+                let plan = match replicate::partial_to_finish(self.origin.as_ref(), target, partial.as_ref()).await? {
+                    Some((older, plan)) => {
+                        tracing::info!(fileset = self.fileset(), replica = %node, snapshot = %older.name, "finishing a cut transfer first");
+                        sent = older;
+                        plan
+                    }
+                    None => replicate::plan_from(self.origin.as_ref(), target, &replica_has, partial.as_ref()).await?,
+                };
                 let has = match &plan {
-                    Plan::AlreadyThere => Some(&snapshot.name),
-                    Plan::Send { base } => base.as_ref().map(|b| &b.name),
+                    Plan::AlreadyThere => Some(&sent.name),
+                    Plan::Send { base, .. } => base.as_ref().map(|b| &b.name),
                 };
                 self.status.replica_has(self.fileset(), &node, has);
-                if let Plan::Send { base } = &plan {
+                if let Plan::Send { base, .. } = &plan {
                     let base = base.as_ref().map(|b| b.name.clone());
-                    self.in_flight.lock().expect("in_flight lock").insert(node.clone(), (snapshot.name.clone(), base.clone()));
-                    let record = (snapshot.name.to_string(), base.map(|b| b.to_string()));
+                    self.in_flight.lock().expect("in_flight lock").insert(node.clone(), (sent.name.clone(), base.clone()));
+                    let record = (sent.name.to_string(), base.map(|b| b.to_string()));
                     self.state.update(|s| s.replicas.entry(node.clone()).or_default().in_flight = Some(record)).await?;
                 }
                 plan
             };
             let base = match &plan {
-                Plan::Send { base } => base.as_ref().map(|b| b.name.clone()),
+                Plan::Send { base, .. } => base.as_ref().map(|b| b.name.clone()),
                 Plan::AlreadyThere => None,
             };
-            let on_start = |tally| self.status.transfer_started(self.fileset(), &node, &snapshot.name, base.as_ref(), tally);
-            replicate::transfer(self.origin.as_ref(), snapshot, &plan, ep, &on_start).await
+            let on_start = |tally, from| self.status.transfer_started(self.fileset(), &node, &sent.name, base.as_ref(), tally, from);
+            replicate::transfer(self.origin.as_ref(), &sent, &plan, ep, self.stall, &on_start).await
         }
         .await;
-        self.status.transfer_finished(self.fileset(), &node, &snapshot.name, result.as_ref().map(|r| r.bytes).map_err(|e| format!("{e:#}")));
-        let _ = self.outcomes.send(Outcome { replica: node.clone(), snapshot: snapshot.name.clone(), result: result.as_ref().map(Clone::clone).map_err(|e| format!("{e:#}")) });
+        self.status.transfer_finished(self.fileset(), &node, &sent.name, result.as_ref().map(|r| r.bytes).map_err(|e| format!("{e:#}")));
+        let _ = self.outcomes.send(Outcome { replica: node.clone(), snapshot: sent.name.clone(), result: result.as_ref().map(Clone::clone).map_err(|e| format!("{e:#}")) });
         if result.is_ok() {
             self.in_flight.lock().expect("in_flight lock").remove(&node);
         }
         replicate::log_outcome(self.fileset(), &node, &result);
-        match self.state.record_outcome(&node, &snapshot.name, &result).await {
+        match self.state.record_outcome(&node, &sent.name, &result).await {
             Err(e) => tracing::error!(fileset = self.fileset(), "cannot record the state: {e:#}"),
             Ok(previous) if result.is_ok() => {
-                if let Err(e) = self.origin.keep_base(&node, &snapshot.name, previous.as_ref()).await {
+                if let Err(e) = self.origin.keep_base(&node, &sent.name, previous.as_ref()).await {
                     tracing::warn!(fileset = self.fileset(), replica = %node, "cannot guard the new common base: {e:#}");
                 }
             }
             Ok(_) => {}
         }
         result?;
-        self.prune().await;
-        self.report_snapshots().await;
-        Ok(())
+        Ok(if sent.name == target.name { Shipped::Target } else { Shipped::Partial })
     }
 
     /// Prunes the origin by its retention, protecting bases and transfers in flight.

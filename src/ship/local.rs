@@ -4,7 +4,7 @@ use anyhow::Result;
 use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
-use super::ReplicaEndpoint;
+use super::{ReplicaEndpoint, StreamStart};
 use crate::config::Policy;
 use crate::schedule::prune::prune_replica_after_receive;
 use crate::snapshot::{Incoming, ReplicaSide, Snapshot};
@@ -35,7 +35,9 @@ impl ReplicaEndpoint for LocalReplica {
         self.side.accepts_compact().await
     }
 
-    async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+    async fn receive(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+        // A local pipe is never cut part way, so it never offers a partial to resume.
+        anyhow::ensure!(start.resumed.is_none(), "a local replica cannot resume a stream");
         self.side.receive(incoming, stream).await?;
         // As a remote replica does after a receive: prune by the replica side's retention.
         prune_replica_after_receive(&self.policy, self.side.as_ref()).await;

@@ -57,6 +57,12 @@ impl<R> Metered<R> {
         Self::with_tally(inner, Tally { bytes: AtomicU64::new(0), hasher: Some(Mutex::new(blake3::Hasher::new())) })
     }
 
+    /// Counts and hashes bytes, going on from `bytes` already hashed into `hasher` (a
+    /// stream resumed part way).
+    pub fn hashing_from(inner: R, bytes: u64, hasher: blake3::Hasher) -> Self {
+        Self::with_tally(inner, Tally { bytes: AtomicU64::new(bytes), hasher: Some(Mutex::new(hasher)) })
+    }
+
     fn with_tally(inner: R, tally: Tally) -> Self {
         let stall = std::env::var(STALL_ENV).ok().and_then(|v| {
             let (bytes, marker) = v.split_once(':')?;

@@ -12,6 +12,8 @@ pub mod meter;
 pub mod protocol;
 pub mod quic;
 pub mod server;
+pub mod session;
+pub mod spool;
 pub mod tls;
 pub mod transfer;
 
@@ -20,6 +22,26 @@ use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
 use crate::snapshot::{Incoming, Snapshot};
+pub use protocol::Partial;
+
+/// Where a stream starts: from zero, or after a prefix the replica already holds.
+pub struct StreamStart {
+    /// The stream is in the backend's compact format.
+    pub compact: bool,
+    pub resumed: Option<Resumed>,
+}
+
+/// The replica holds the first `offset` bytes of the stream, which hash into `hasher`.
+pub struct Resumed {
+    pub offset: u64,
+    pub hasher: blake3::Hasher,
+}
+
+impl StreamStart {
+    pub fn offset(&self) -> u64 {
+        self.resumed.as_ref().map_or(0, |r| r.offset)
+    }
+}
 
 /// One replica of one file set, as the origin reaches it.
 #[async_trait]
@@ -30,10 +52,15 @@ pub trait ReplicaEndpoint: Send + Sync {
     async fn list(&self) -> Result<Vec<Snapshot>>;
     /// Whether the replica receives the backend's compact stream format; known after `list`.
     async fn accepts_compact(&self) -> bool;
+    /// A cut transfer the replica holds and can resume; known after `list`.
+    async fn partial(&self) -> Option<Partial> {
+        None
+    }
     /// Closes any connection to the replica, telling it at once that transfers in flight are
     /// abandoned (so it drops the partial receive and frees the replica for the next one).
     async fn close(&self) {}
     /// Ships `stream` to the replica, which receives it; `Ok` once the replica has the
-    /// snapshot complete, checked and visible.
-    async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()>;
+    /// snapshot complete, checked and visible. `start` says whether `stream` goes on from
+    /// where a partial transfer stopped (only when [`partial`](Self::partial) offered it).
+    async fn receive(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()>;
 }

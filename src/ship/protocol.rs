@@ -1,13 +1,18 @@
-//! The snapship protocol, version 1: what origin and replica say to each other.
+//! The snapship protocol, version 2: what origin and replica say to each other.
 //!
 //! Every request is one QUIC bidirectional stream, opened by the origin:
 //! ```text
-//! list:     O: hello, list{fileset}           R: snapshots{..} | error
-//! transfer: O: hello, begin{fileset, snapshot, identity, base, compression}
+//! list:     O: hello, list{fileset}           R: snapshots{.., partial} | error
+//! transfer: O: hello, begin{fileset, snapshot, identity, base, compression, compact, resume}
 //!                                             R: ready | error
 //!           O: data frames..., end{bytes, blake3}
-//!                                             R: committed | error   (an error may come early)
+//!                                             R: ack{offset}..., committed | error
 //! ```
+//! The replica acknowledges the stream offsets it holds (in its spool) as they grow. A cut
+//! transfer stays with the replica for a while, and `snapshots` reports it as `partial`: the
+//! origin regenerates the same stream, checks that its first `offset` bytes hash to what
+//! the replica holds, and sends a `begin` with `resume` to go on from there. Offsets and
+//! hashes are of the uncompressed send stream.
 //! Who the peer is comes from its verified certificate, never from a message, and where a
 //! received snapshot lands comes from the replica's own policy: no message carries a path.
 
@@ -15,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::units::Compression;
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -27,9 +32,26 @@ pub enum Message {
         /// The replica receives the compact stream format (btrfs send protocol 2).
         #[serde(default)]
         compact: bool,
+        /// A transfer into this file set that was cut and can be resumed.
+        #[serde(default)]
+        partial: Option<Partial>,
     },
-    Begin { fileset: String, snapshot: String, identity: String, base: Option<String>, compression: WireCompression },
+    Begin {
+        fileset: String,
+        snapshot: String,
+        identity: String,
+        base: Option<String>,
+        compression: WireCompression,
+        /// The stream is in the backend's compact format.
+        #[serde(default)]
+        compact: bool,
+        /// Go on with the replica's partial transfer from this point, instead of from zero.
+        #[serde(default)]
+        resume: Option<ResumeFrom>,
+    },
     Ready,
+    /// The replica holds the stream up to `offset`.
+    Ack { offset: u64 },
     /// After the last data frame: the uncompressed stream's length and BLAKE3 hash.
     End { bytes: u64, blake3: String },
     Committed { snapshot: String },
@@ -41,6 +63,28 @@ pub enum Message {
 pub struct WireSnapshot {
     pub name: String,
     pub identity: String,
+}
+
+/// A cut transfer the replica keeps: which stream, and how much of it it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partial {
+    pub snapshot: String,
+    /// The identities of the snapshot and of the base the stream is incremental from.
+    pub identity: String,
+    pub base: Option<String>,
+    pub compact: bool,
+    /// Stream bytes held, and the BLAKE3 of those bytes.
+    pub offset: u64,
+    pub blake3: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeFrom {
+    pub offset: u64,
+    /// BLAKE3 of the origin's regenerated stream up to `offset`: it matched the replica's.
+    pub blake3: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,8 +118,14 @@ pub enum ErrorCode {
     Checksum,
     /// The filesystem refused the stream.
     ReceiveFailed,
-    /// The origin gave up part way (its send failed).
+    /// The origin gave up part way (its send failed), or the transfer was cut.
     Aborted,
+    /// The replica's filesystem (or its spool) is full.
+    NoSpace,
+    /// A peer or a `btrfs`/`zfs` process made no progress for the stall timeout.
+    Stalled,
+    /// The partial transfer to resume is not there (any more) or not at that offset.
+    CannotResume,
 }
 
 impl Message {
@@ -104,6 +154,8 @@ mod tests {
             identity: "u1".into(),
             base: None,
             compression: WireCompression::Zstd,
+            compact: true,
+            resume: Some(ResumeFrom { offset: 7, blake3: "ab".into() }),
         };
         let json = m.to_json();
         assert!(String::from_utf8_lossy(&json).starts_with("{\"type\":\"begin\""));

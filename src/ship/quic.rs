@@ -16,9 +16,9 @@ use s2n_quic::{Client, Connection};
 use tokio::io::AsyncRead;
 use tokio::sync::Mutex;
 
-use super::ReplicaEndpoint;
 use super::frame::FrameReader;
-use super::protocol::{ErrorCode, Message, VERSION};
+use super::protocol::{ErrorCode, Message, Partial, ResumeFrom, VERSION};
+use super::{ReplicaEndpoint, StreamStart};
 use super::tls;
 use super::transfer::{self, read_message, write_message};
 use crate::config::{NodeConfig, Transfer};
@@ -136,15 +136,28 @@ pub struct RemoteReplica {
     addr: String,
     fileset: String,
     transfer: Transfer,
+    /// A replica that acknowledges nothing for this long, with data outstanding, is stalled.
+    stall: Duration,
     connector: Arc<Connector>,
     connection: Mutex<Option<Connection>>,
     /// What the replica said in its last `snapshots` answer.
     compact: std::sync::atomic::AtomicBool,
+    partial: std::sync::Mutex<Option<Partial>>,
 }
 
 impl RemoteReplica {
-    pub fn new(node: String, addr: String, fileset: String, transfer: Transfer, connector: Arc<Connector>) -> Self {
-        RemoteReplica { node, addr, fileset, transfer, connector, connection: Mutex::new(None), compact: Default::default() }
+    pub fn new(node: String, addr: String, fileset: String, transfer: Transfer, stall: Duration, connector: Arc<Connector>) -> Self {
+        RemoteReplica {
+            node,
+            addr,
+            fileset,
+            transfer,
+            stall,
+            connector,
+            connection: Mutex::new(None),
+            compact: Default::default(),
+            partial: Default::default(),
+        }
     }
 
     /// Opens a request stream (connecting first if needed) and sends `hello` and `request`.
@@ -187,14 +200,24 @@ impl ReplicaEndpoint for RemoteReplica {
         self.compact.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    async fn partial(&self) -> Option<Partial> {
+        self.partial.lock().expect("partial lock").clone()
+    }
+
     async fn close(&self) {
         if let Some(conn) = self.connection.lock().await.take() {
             conn.close(0u32.into());
         }
     }
 
-    async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
-        self.ship(incoming, stream).await.map_err(with_tls_hint)
+    async fn receive(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+        let result = self.ship(incoming, start, stream).await.map_err(with_tls_hint);
+        if result.is_err() {
+            // Whatever went wrong, the next attempt starts on a fresh connection: a stalled
+            // one may still look alive to QUIC.
+            self.close().await;
+        }
+        result
     }
 }
 
@@ -202,8 +225,9 @@ impl RemoteReplica {
     async fn list_snapshots(&self) -> Result<Vec<Snapshot>> {
         let (mut replies, _send) = self.request(&Message::List { fileset: self.fileset.clone() }).await?;
         match read_message(&mut replies).await? {
-            Message::Snapshots { snapshots, compact } => {
+            Message::Snapshots { snapshots, compact, partial } => {
                 self.compact.store(compact, std::sync::atomic::Ordering::Relaxed);
+                *self.partial.lock().expect("partial lock") = partial;
                 Ok(snapshots
                 .into_iter()
                 .filter_map(|s| {
@@ -217,13 +241,16 @@ impl RemoteReplica {
         }
     }
 
-    async fn ship(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+    async fn ship(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+        let from = start.offset();
         let begin = Message::Begin {
             fileset: self.fileset.clone(),
             snapshot: incoming.name.to_string(),
             identity: incoming.identity.clone(),
             base: incoming.base.clone(),
             compression: self.transfer.compression.into(),
+            compact: start.compact,
+            resume: start.resumed.as_ref().map(|r| ResumeFrom { offset: r.offset, blake3: r.hasher.finalize().to_hex().to_string() }),
         };
         let (mut replies, mut send) = self.request(&begin).await?;
         let ready = tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut replies))
@@ -234,21 +261,23 @@ impl RemoteReplica {
             Message::Error { code, message } => return Err(self.refused(code, message)),
             other => bail!("protocol error: `{}` answered {other:?} to begin", self.node),
         }
-        // Stream the data; the replica may answer early (an error) while we send.
-        let sending = transfer::write_data(stream, self.transfer.compression, self.transfer.bandwidth_limit, &mut send);
+        if from > 0 {
+            tracing::info!(replica = %self.node, snapshot = %incoming.name, offset = from, "resuming the transfer where the replica stopped");
+        }
+        // Stream the data while watching the replica's acknowledgements: an error may come
+        // early, and a replica that stops acknowledging while data is outstanding is stalled.
+        let written = std::sync::atomic::AtomicU64::new(from);
+        let prefix = start.resumed.map(|r| (r.offset, r.hasher));
+        let sending = transfer::write_data(stream, prefix, self.transfer.compression, self.transfer.bandwidth_limit, &written, &mut send);
+        let mut acked = from;
         let sent = tokio::select! {
             sent = sending => sent,
-            early = read_message(&mut replies) => {
-                return match early? {
-                    Message::Error { code, message } => Err(self.refused(code, message)),
-                    other => bail!("protocol error: `{}` sent {other:?} during the transfer", self.node),
-                };
-            }
+            failed = self.watch_acks(&mut replies, &written, &mut acked) => return Err(failed),
         };
         let sent = match sent {
             Ok(sent) => sent,
             Err(e) => {
-                // Tell the replica why, so it drops the partial receive at once.
+                // Tell the replica why; it keeps what it has for a resume.
                 let _ = write_message(&mut send, &Message::error(ErrorCode::Aborted, format!("{e:#}"))).await;
                 let _ = send.close().await;
                 return Err(e);
@@ -257,13 +286,56 @@ impl RemoteReplica {
         write_message(&mut send, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await?;
         send.close().await.ok();
         tracing::debug!(replica = %self.node, bytes = sent.bytes, wire_bytes = sent.wire_bytes, "stream sent, waiting for the commit");
-        let committed = tokio::time::timeout(COMMIT_TIMEOUT, read_message(&mut replies))
+        let committed = async {
+            loop {
+                match read_message(&mut replies).await? {
+                    Message::Ack { .. } => continue,
+                    other => return Ok::<_, anyhow::Error>(other),
+                }
+            }
+        };
+        let committed = tokio::time::timeout(COMMIT_TIMEOUT, committed)
             .await
             .map_err(|_| anyhow!("replica `{}` did not confirm the snapshot within {}s of the end of the stream", self.node, COMMIT_TIMEOUT.as_secs()))??;
         match committed {
             Message::Committed { .. } => Ok(()),
             Message::Error { code, message } => Err(self.refused(code, message)),
             other => bail!("protocol error: `{}` answered {other:?} to end", self.node),
+        }
+    }
+
+    /// Reads acknowledgements until something goes wrong, which it returns: an error from the
+    /// replica, a closed stream, or no progress for the stall timeout while `written` (stream
+    /// bytes handed to QUIC) is ahead of what the replica acknowledged.
+    async fn watch_acks(&self, replies: &mut FrameReader<s2n_quic::stream::ReceiveStream>, written: &std::sync::atomic::AtomicU64, acked: &mut u64) -> anyhow::Error {
+        let tick = (self.stall / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let mut behind_since: Option<std::time::Instant> = None;
+        loop {
+            match tokio::time::timeout(tick, read_message(replies)).await {
+                Ok(Ok(Message::Ack { offset })) => {
+                    if offset > *acked {
+                        *acked = offset;
+                        behind_since = None;
+                    }
+                }
+                Ok(Ok(Message::Error { code, message })) => return self.refused(code, message),
+                Ok(Ok(other)) => return anyhow!("protocol error: `{}` sent {other:?} during the transfer", self.node),
+                Ok(Err(e)) => return e.context(format!("replica `{}` broke off the transfer", self.node)),
+                Err(_) => {}
+            }
+            if written.load(std::sync::atomic::Ordering::Relaxed) > *acked {
+                let since = *behind_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > self.stall {
+                    return anyhow!(
+                        "replica `{}` acknowledged nothing for {}s with data outstanding (stall timeout; it holds {} bytes of the stream)",
+                        self.node,
+                        self.stall.as_secs(),
+                        acked
+                    );
+                }
+            } else {
+                behind_since = None;
+            }
         }
     }
 }

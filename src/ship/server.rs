@@ -15,8 +15,9 @@ use tokio_util::task::TaskTracker;
 
 use super::frame::FrameReader;
 use super::protocol::{ErrorCode, Message, VERSION, WireSnapshot};
+use super::session::{self, Sessions};
 use super::tls::{self, PeerIdentity, PeerName};
-use super::transfer::{self, IncomingError, read_message, write_message};
+use super::transfer::{IncomingData, read_message, write_message};
 use crate::config::{LoadedConfig, Policy, ReplicaSpec};
 use crate::snapshot::{self, Incoming, SnapshotName};
 use crate::status::StatusBoard;
@@ -58,11 +59,13 @@ pub fn bind(config: &LoadedConfig, addr: SocketAddr) -> Result<Server> {
 /// hidden in staging and is removed by the next one).
 pub async fn serve(mut server: Server, config: Arc<LoadedConfig>, status: Arc<StatusBoard>, shutdown: CancellationToken) -> Result<()> {
     let tasks = TaskTracker::new();
+    let sessions = Sessions::new(&config.node.transfers, config.node.state_dir.join("spool"));
+    tasks.spawn(sessions.clone().watch(shutdown.clone()));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             conn = server.accept() => match conn {
-                Some(conn) => { tasks.spawn(handle_connection(conn, config.clone(), status.clone(), shutdown.clone())); }
+                Some(conn) => { tasks.spawn(handle_connection(conn, config.clone(), status.clone(), sessions.clone(), shutdown.clone())); }
                 None => break,
             },
         }
@@ -72,7 +75,7 @@ pub async fn serve(mut server: Server, config: Arc<LoadedConfig>, status: Arc<St
     Ok(())
 }
 
-async fn handle_connection(mut conn: Connection, config: Arc<LoadedConfig>, status: Arc<StatusBoard>, shutdown: CancellationToken) {
+async fn handle_connection(mut conn: Connection, config: Arc<LoadedConfig>, status: Arc<StatusBoard>, sessions: Arc<Sessions>, shutdown: CancellationToken) {
     let remote = conn.remote_addr().map(|a| a.to_string()).unwrap_or_default();
     let peer = conn.query_event_context(|p: &PeerName| p.0.clone()).ok().flatten();
     let peer = match peer {
@@ -94,7 +97,7 @@ async fn handle_connection(mut conn: Connection, config: Arc<LoadedConfig>, stat
         tokio::select! {
             _ = shutdown.cancelled() => break,
             stream = conn.accept_bidirectional_stream() => match stream {
-                Ok(Some(stream)) => { streams.spawn(handle_stream(stream, peer.clone(), config.clone(), status.clone())); }
+                Ok(Some(stream)) => { streams.spawn(handle_stream(stream, peer.clone(), config.clone(), status.clone(), sessions.clone())); }
                 Ok(None) | Err(_) => break,
             },
         }
@@ -106,12 +109,12 @@ async fn handle_connection(mut conn: Connection, config: Arc<LoadedConfig>, stat
     streams.wait().await;
 }
 
-async fn handle_stream(stream: s2n_quic::stream::BidirectionalStream, peer: String, config: Arc<LoadedConfig>, status: Arc<StatusBoard>) {
+async fn handle_stream(stream: s2n_quic::stream::BidirectionalStream, peer: String, config: Arc<LoadedConfig>, status: Arc<StatusBoard>, sessions: Arc<Sessions>) {
     let (recv, mut send) = stream.split();
     let frames = FrameReader::new(recv);
-    let reply = match serve_request(frames, &mut send, &peer, &config, &status).await {
+    let reply = match serve_request(frames, &mut send, &peer, &config, &status, &sessions).await {
         Ok(reply) => reply,
-        Err(e) => Message::error(IncomingError::code_of(&e), format!("{e:#}")),
+        Err(e) => Message::error(session::error_code(&e), format!("{e:#}")),
     };
     if let Message::Error { code, message } = &reply {
         tracing::warn!(%peer, ?code, "request failed: {message}");
@@ -127,6 +130,7 @@ async fn serve_request(
     peer: &str,
     config: &LoadedConfig,
     status: &Arc<StatusBoard>,
+    sessions: &Sessions,
 ) -> Result<Message> {
     match read_message(&mut frames).await? {
         Message::Hello { version } if version == VERSION => {}
@@ -143,9 +147,9 @@ async fn serve_request(
             };
             let side = snapshot::replica_for(policy, replica)?;
             let snapshots = side.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
-            Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await })
+            Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial: sessions.partial(&fileset) })
         }
-        Message::Begin { fileset, snapshot, identity, base, compression } => {
+        Message::Begin { fileset, snapshot, identity, base, compression, compact, resume } => {
             let (policy, replica) = match authorize(config, peer, &fileset) {
                 Ok(found) => found,
                 Err(refusal) => return Ok(refusal),
@@ -153,13 +157,15 @@ async fn serve_request(
             let Some(name) = SnapshotName::parse(&snapshot) else {
                 return Ok(Message::error(ErrorCode::BadRequest, format!("{snapshot:?} is not a snapship snapshot name")));
             };
-            let side = snapshot::replica_for(policy, replica)?;
+            let from = resume.as_ref().map_or(0, |r| r.offset);
+            let incoming = Incoming { name, identity, base: base.clone() };
+            let attached = sessions.begin(peer, &fileset, incoming, compact, resume, snapshot::replica_for(policy, replica)?).await?;
             write_message(send, &Message::Ready).await?;
-            tracing::info!(%peer, %fileset, %snapshot, base = base.as_deref().unwrap_or("none (full)"), "receiving");
-            let incoming = Incoming { name, identity, base };
-            let mut data = transfer::incoming_data(frames, compression);
-            side.receive(&incoming, &mut data).await?;
+            tracing::info!(%peer, %fileset, %snapshot, base = base.as_deref().unwrap_or("none (full)"), from, "receiving");
+            let data = IncomingData::new(frames, compression, sessions.stall_timeout());
+            sessions.feed(attached, data, send).await?;
             tracing::info!(%peer, %fileset, %snapshot, "received and committed");
+            let side = snapshot::replica_for(policy, replica)?;
             // Prune this replica by its own policy (its newest snapshot, the next base, is
             // always kept) once the origin has its answer: pruning must not delay it.
             let (policy, status, peer, fileset2) = (policy.clone(), status.clone(), peer.to_string(), fileset.clone());

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! origin:  send stream -> BLAKE3 -> zstd -> data frames (crc32c each) -> pacer -> QUIC
-//! replica: QUIC -> frames (crc checked) -> bounded channel -> unzstd -> BLAKE3 check at end -> receive
+//! replica: QUIC -> frames (crc checked) -> bounded channel -> unzstd -> (session: spool, BLAKE3 check at end) -> receive
 //! ```
 //! Memory stays bounded whatever the stream size: one chunk in flight on the sending side,
 //! a small bounded channel on the receiving side, QUIC flow control in between.
@@ -15,7 +15,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use async_compression::Level;
 use async_compression::tokio::bufread::{ZstdDecoder, ZstdEncoder};
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::StreamReader;
@@ -84,13 +84,20 @@ pub struct Sent {
 }
 
 /// Writes `stream` (to its end) as data frames to `out`. The caller sends `End` afterwards.
+/// `prefix`: the stream was resumed after this many bytes, which hashed so far as given;
+/// the returned length and hash cover the whole stream.
 pub async fn write_data<W: AsyncWrite + Unpin>(
     stream: &mut (dyn AsyncRead + Send + Unpin),
+    prefix: Option<(u64, blake3::Hasher)>,
     compression: Compression,
     limit: Option<ByteRate>,
+    written: &std::sync::atomic::AtomicU64,
     out: &mut W,
 ) -> Result<Sent> {
-    let raw = Metered::hashing(stream);
+    let raw = match prefix {
+        None => Metered::hashing(stream),
+        Some((bytes, hasher)) => Metered::hashing_from(stream, bytes, hasher),
+    };
     let tally: Arc<Tally> = raw.tally();
     let mut source: Box<dyn AsyncRead + Send + Unpin + '_> = match compression.zstd_level() {
         None => Box::new(raw),
@@ -124,6 +131,7 @@ pub async fn write_data<W: AsyncWrite + Unpin>(
         out.write_all(&header).await.context("sending to the replica")?;
         out.write_all(&buf).await.context("sending to the replica")?;
         wire_bytes += buf.len() as u64;
+        written.store(tally.bytes(), std::sync::atomic::Ordering::Relaxed);
     }
     drop(source);
     Ok(Sent { bytes: tally.bytes(), blake3: tally.digest().expect("hashing tally"), wire_bytes })
@@ -147,6 +155,8 @@ pub enum IncomingError {
     Aborted(String),
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("no data from the origin for {}s (stall timeout)", .0.as_secs())]
+    Stalled(Duration),
 }
 
 impl IncomingError {
@@ -164,6 +174,7 @@ impl IncomingError {
                     IncomingError::Checksum { .. } => ErrorCode::Checksum,
                     IncomingError::Aborted(_) | IncomingError::Truncated => ErrorCode::Aborted,
                     IncomingError::Protocol(_) => ErrorCode::BadRequest,
+                    IncomingError::Stalled(_) => ErrorCode::Stalled,
                 };
             }
             let frame_error = cause.downcast_ref::<io::Error>().and_then(|e| e.get_ref()).and_then(|e| e.downcast_ref::<super::frame::FrameError>());
@@ -176,90 +187,90 @@ impl IncomingError {
 }
 
 /// The replica's view of an incoming stream: frames are read by a task into a bounded
-/// channel; the returned reader decompresses and, at its end, checks length and BLAKE3
-/// against the origin's `End`. Any failure is a read error, never a clean short stream.
-pub fn incoming_data<R>(mut frames: FrameReader<R>, compression: WireCompression) -> Box<dyn AsyncRead + Send + Unpin>
-where
-    R: AsyncRead + Send + Unpin + 'static,
-{
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_FRAMES);
-    let trailer: Arc<Mutex<Option<(u64, String)>>> = Arc::default();
-    let trailer_in = trailer.clone();
-    tokio::spawn(async move {
-        let failure = loop {
-            let item = match frames.next().await {
-                Ok(Some(Frame::Data(chunk))) => Ok(chunk),
-                Ok(Some(Frame::Message(json))) => match Message::from_json(&json) {
-                    Ok(Message::End { bytes, blake3 }) => {
-                        *trailer_in.lock().expect("trailer lock") = Some((bytes, blake3));
-                        return; // dropping tx ends the stream
-                    }
-                    Ok(Message::Error { message, .. }) => break IncomingError::Aborted(message),
-                    Ok(other) => break IncomingError::Protocol(format!("unexpected {other:?} inside a stream")),
-                    Err(e) => break IncomingError::Protocol(e),
-                },
-                Ok(None) => break IncomingError::Truncated,
-                Err(e) => Err(e),
+/// channel, and [`IncomingData::reader`] yields the decompressed stream. Its clean end means
+/// the origin's end marker arrived; whether length and hash match is for the caller to check
+/// with [`IncomingData::check_end`] (a resumed stream's hash covers bytes from an earlier
+/// connection). Any failure is a read error, never a clean short stream.
+pub struct IncomingData {
+    pub reader: Box<dyn AsyncRead + Send + Unpin>,
+    trailer: Arc<Mutex<Option<(u64, String)>>>,
+}
+
+impl IncomingData {
+    pub fn new<R>(mut frames: FrameReader<R>, compression: WireCompression, stall: Duration) -> IncomingData
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+    {
+        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_FRAMES);
+        let trailer: Arc<Mutex<Option<(u64, String)>>> = Arc::default();
+        let trailer_in = trailer.clone();
+        tokio::spawn(async move {
+            let failure = loop {
+                let next = tokio::select! {
+                    next = tokio::time::timeout(stall, frames.next()) => next,
+                    _ = tx.closed() => return, // the reader gave up
+                };
+                let item = match next {
+                    Err(_) => break IncomingError::Stalled(stall),
+                    Ok(Ok(Some(Frame::Data(chunk)))) => Ok(chunk),
+                    Ok(Ok(Some(Frame::Message(json)))) => match Message::from_json(&json) {
+                        Ok(Message::End { bytes, blake3 }) => {
+                            *trailer_in.lock().expect("trailer lock") = Some((bytes, blake3));
+                            return; // dropping tx ends the stream
+                        }
+                        Ok(Message::Error { message, .. }) => break IncomingError::Aborted(message),
+                        Ok(other) => break IncomingError::Protocol(format!("unexpected {other:?} inside a stream")),
+                        Err(e) => break IncomingError::Protocol(e),
+                    },
+                    Ok(Ok(None)) => break IncomingError::Truncated,
+                    Ok(Err(e)) => Err(e),
+                };
+                if tx.send(item).await.is_err() {
+                    return; // the reader gave up
+                }
             };
-            if tx.send(item).await.is_err() {
-                return; // the receiver gave up
+            let _ = tx.send(Err(io::Error::other(failure))).await;
+        });
+        let reader = StreamReader::new(ReceiverStream::new(rx));
+        let reader: Box<dyn AsyncRead + Send + Unpin> = match compression {
+            WireCompression::None => Box::new(reader),
+            WireCompression::Zstd => {
+                // Read on past the end of the zstd frame, to the end of the stream: only then has
+                // the end marker (with the hash to check) arrived, and trailing junk is an error.
+                let mut decoder = ZstdDecoder::new(reader);
+                decoder.multiple_members(true);
+                Box::new(decoder)
             }
         };
-        let _ = tx.send(Err(io::Error::other(failure))).await;
-    });
-    let reader = StreamReader::new(ReceiverStream::new(rx));
-    let decoded: Box<dyn AsyncRead + Send + Unpin> = match compression {
-        WireCompression::None => Box::new(reader),
-        WireCompression::Zstd => {
-            // Read on past the end of the zstd frame, to the end of the stream: only then has
-            // the end marker (with the hash to check) arrived, and trailing junk is an error.
-            let mut decoder = ZstdDecoder::new(reader);
-            decoder.multiple_members(true);
-            Box::new(decoder)
-        }
-    };
-    Box::new(CheckedAtEnd { inner: Metered::hashing(decoded), trailer, checked: false, failed: None })
-}
+        IncomingData { reader, trailer }
+    }
 
-/// Checks length and hash against the trailer when the inner stream ends.
-struct CheckedAtEnd<R> {
-    inner: Metered<R>,
-    trailer: Arc<Mutex<Option<(u64, String)>>>,
-    checked: bool,
-    /// A failed check is failed for good: a later read must not look like a clean end.
-    failed: Option<String>,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for CheckedAtEnd<R> {
-    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
-        if let Some(why) = &self.failed {
-            return std::task::Poll::Ready(Err(io::Error::other(why.clone())));
-        }
-        let before = buf.filled().len();
-        std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_read(cx, buf))?;
-        if buf.filled().len() > before || self.checked {
-            return std::task::Poll::Ready(Ok(()));
-        }
-        self.checked = true;
-        let tally = self.inner.tally();
-        let (bytes, got) = (tally.bytes(), tally.digest().expect("hashing tally"));
-        let result = match self.trailer.lock().expect("trailer lock").clone() {
-            None => Err(io::Error::other(IncomingError::Truncated)),
+    /// After the reader's clean end: whether the whole stream, `bytes` long and hashing to
+    /// `blake3`, is what the origin sent.
+    pub fn check_end(&self, bytes: u64, got: &str) -> Result<(), IncomingError> {
+        match self.trailer.lock().expect("trailer lock").clone() {
+            None => Err(IncomingError::Truncated),
             Some((sent_bytes, sent)) if sent_bytes != bytes || sent != got => {
-                Err(io::Error::other(IncomingError::Checksum { bytes, got, sent_bytes, sent }))
+                Err(IncomingError::Checksum { bytes, got: got.to_string(), sent_bytes, sent })
             }
             Some(_) => Ok(()),
-        };
-        if let Err(e) = &result {
-            self.failed = Some(e.to_string());
         }
-        std::task::Poll::Ready(result)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const STALL: Duration = Duration::from_secs(30);
+
+    /// Reads an incoming stream to its end and checks it, as the replica's session does.
+    async fn read_checked(mut incoming: IncomingData) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        incoming.reader.read_to_end(&mut out).await?;
+        incoming.check_end(out.len() as u64, &blake3::hash(&out).to_hex().to_string())?;
+        Ok(out)
+    }
 
     async fn round_trip(data: &[u8], compression: Compression) -> Result<Vec<u8>> {
         round_trip_with_late_end(data, compression, Duration::ZERO).await
@@ -273,17 +284,44 @@ mod tests {
             // Both halves live until the end marker is written.
             let (_client_read, mut client_write) = tokio::io::split(client);
             let mut src = &data[..];
-            let sent = write_data(&mut src, compression, None, &mut client_write).await.unwrap();
+            let sent = write_data(&mut src, None, compression, None, &Default::default(), &mut client_write).await.unwrap();
             tokio::time::sleep(delay).await;
             write_message(&mut client_write, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await.unwrap();
             sent.wire_bytes
         });
-        let mut reader = incoming_data(FrameReader::new(server), compression.into());
-        let mut out = Vec::new();
-        let result = reader.read_to_end(&mut out).await;
+        let result = read_checked(IncomingData::new(FrameReader::new(server), compression.into(), STALL)).await;
         sender.await.unwrap();
-        result?;
-        Ok(out)
+        result
+    }
+
+    #[tokio::test]
+    async fn a_resumed_stream_hashes_as_a_whole() {
+        let data = sample();
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let tail = data[1000..].to_vec();
+        let mut prefix = blake3::Hasher::new();
+        prefix.update(&data[..1000]);
+        tokio::spawn(async move {
+            let (_r, mut w) = tokio::io::split(client);
+            let mut src = &tail[..];
+            let sent = write_data(&mut src, Some((1000, prefix)), Compression::Zstd(1), None, &Default::default(), &mut w).await.unwrap();
+            write_message(&mut w, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await.unwrap();
+        });
+        let mut incoming = IncomingData::new(FrameReader::new(server), WireCompression::Zstd, STALL);
+        let mut got = Vec::new();
+        incoming.reader.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, data[1000..]);
+        incoming.check_end(data.len() as u64, &blake3::hash(&data).to_hex().to_string()).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_origin_is_a_stall() {
+        let (client, server) = tokio::io::duplex(1024);
+        let mut incoming = IncomingData::new(FrameReader::new(server), WireCompression::None, Duration::from_secs(5));
+        let err = incoming.reader.read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert!(err.to_string().contains("stall timeout"), "{err}");
+        assert_eq!(IncomingError::code_of(&anyhow::Error::from(err)), ErrorCode::Stalled);
+        drop(client);
     }
 
     fn sample() -> Vec<u8> {
@@ -315,12 +353,10 @@ mod tests {
         let (_r, mut w) = tokio::io::split(client);
         tokio::spawn(async move {
             let mut src: &[u8] = b"abcdef";
-            let sent = write_data(&mut src, Compression::None, None, &mut w).await.unwrap();
+            let sent = write_data(&mut src, None, Compression::None, None, &Default::default(), &mut w).await.unwrap();
             write_message(&mut w, &Message::End { bytes: sent.bytes, blake3: blake3::hash(b"other").to_hex().to_string() }).await.unwrap();
         });
-        let mut reader = incoming_data(FrameReader::new(server), WireCompression::None);
-        let err = reader.read_to_end(&mut Vec::new()).await.unwrap_err();
-        let err = anyhow::Error::from(err);
+        let err = read_checked(IncomingData::new(FrameReader::new(server), WireCompression::None, STALL)).await.unwrap_err();
         assert_eq!(IncomingError::code_of(&err), ErrorCode::Checksum, "{err:#}");
     }
 
@@ -330,11 +366,10 @@ mod tests {
         tokio::spawn(async move {
             let (r, mut w) = tokio::io::split(client);
             let mut src: &[u8] = b"abcdef";
-            write_data(&mut src, Compression::None, None, &mut w).await.unwrap();
+            write_data(&mut src, None, Compression::None, None, &Default::default(), &mut w).await.unwrap();
             drop((r, w)); // the connection closes without End
         });
-        let mut reader = incoming_data(FrameReader::new(server), WireCompression::None);
-        let err = reader.read_to_end(&mut Vec::new()).await.unwrap_err();
+        let err = read_checked(IncomingData::new(FrameReader::new(server), WireCompression::None, STALL)).await.unwrap_err();
         assert!(err.to_string().contains("before its end marker"), "{err}");
     }
 

@@ -53,11 +53,36 @@ pub struct SendStream {
     exit: Option<Pin<Box<dyn Future<Output = Result<(), runner::CommandError>> + Send>>>,
     /// A failed send stays failed: later reads repeat the error instead of a clean end.
     failed: Option<String>,
+    /// How long a read may wait for the process to produce anything, and the timer of the
+    /// current wait.
+    stall: Option<(std::time::Duration, Option<Pin<Box<tokio::time::Sleep>>>)>,
 }
 
 impl SendStream {
     pub fn new(reader: Box<dyn AsyncRead + Send + Unpin>, process: runner::Running) -> Self {
-        SendStream { reader, process: Some(process), exit: None, failed: None }
+        SendStream { reader, process: Some(process), exit: None, failed: None, stall: None }
+    }
+
+    /// A sending process that produces nothing for `limit` while it is read is stuck: it is
+    /// killed and the read fails.
+    pub fn with_stall_timeout(mut self, limit: std::time::Duration) -> Self {
+        self.stall = Some((limit, None));
+        self
+    }
+
+    /// Polls the stall timer of a read that is waiting; the error once it expired.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        let (limit, timer) = self.stall.as_mut()?;
+        let limit = *limit;
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        let cmdline = self.process.as_ref().map(|p| p.cmdline().to_string()).unwrap_or_default();
+        let why = format!("`{cmdline}` produced no data for {}s (stall timeout); killed it", limit.as_secs());
+        self.process = None; // dropping it kills the process
+        self.failed = Some(why.clone());
+        Some(std::io::Error::new(std::io::ErrorKind::TimedOut, why))
     }
 }
 
@@ -68,7 +93,17 @@ impl AsyncRead for SendStream {
         }
         if self.exit.is_none() {
             let before = buf.filled().len();
-            ready!(Pin::new(&mut self.reader).poll_read(cx, buf))?;
+            let read = Pin::new(&mut self.reader).poll_read(cx, buf);
+            if read.is_pending() {
+                return match self.stalled(cx) {
+                    Some(e) => Poll::Ready(Err(e)),
+                    None => Poll::Pending,
+                };
+            }
+            if let Some((_, timer)) = &mut self.stall {
+                *timer = None;
+            }
+            ready!(read)?;
             if buf.filled().len() > before {
                 return Poll::Ready(Ok(()));
             }

@@ -1,0 +1,356 @@
+//! The replica's transfers in progress, kept apart from the connections that feed them.
+//!
+//! A transfer into a file set is a [`Session`]: a [`spool`] and the backend's receive reading
+//! from it. A connection attaches to the session and feeds it, acknowledging what reached the
+//! spool. When the connection is cut, stalls or its origin dies, the session stays, detached,
+//! with everything it acknowledged: the listing reports it as `partial`, and the origin
+//! resumes it from there. A fresh `begin` for the file set replaces it; a session nobody
+//! resumes within `resume_window` is dropped. Dropping a session fails its spool, so the
+//! backend's receive fails and removes its partial snapshot, which was never visible.
+//!
+//! A watchdog kills a receive that stops reading its spool for the stall timeout (a stuck
+//! `btrfs receive` or `zfs receive`). Nothing of a session outlives this process: after a
+//! crash the backend clears its staging area on the next receive and the origin, finding no
+//! partial, starts over.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::sync::{OwnedMutexGuard, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::protocol::{ErrorCode, Message, Partial, ResumeFrom};
+use super::spool::{self, SpoolWriter};
+use super::transfer::{IncomingData, IncomingError, write_message};
+use crate::config::Transfers;
+use crate::snapshot::{Incoming, ReplicaSide};
+
+/// Stream bytes pushed into the spool at a time.
+const PUSH: usize = 256 * 1024;
+/// The replica acknowledges at least this often (bytes, time), whichever comes first.
+const ACK_BYTES: u64 = 4 << 20;
+const ACK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How a receive ended: `Err` carries the protocol code and the message for the origin.
+type Outcome = Result<(), (ErrorCode, String)>;
+
+/// An error with the protocol code the origin should see.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Failed {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+fn failed(code: ErrorCode, message: impl Into<String>) -> anyhow::Error {
+    Failed { code, message: message.into() }.into()
+}
+
+/// The code for an error from a receive: a full filesystem is told apart, since the admin
+/// has to act on it; other errors are classified as incoming-stream errors.
+pub fn error_code(err: &anyhow::Error) -> ErrorCode {
+    if let Some(f) = err.chain().find_map(|c| c.downcast_ref::<Failed>()) {
+        return f.code;
+    }
+    let text = format!("{err:#}");
+    let no_space = err.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.raw_os_error() == Some(nix::libc::ENOSPC)))
+        || ["No space left on device", "out of space", "insufficient space"].iter().any(|m| text.contains(m));
+    if no_space { ErrorCode::NoSpace } else { IncomingError::code_of(err) }
+}
+
+/// What identifies a stream: a resume must be of the very same one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StreamKey {
+    snapshot: String,
+    identity: String,
+    base: Option<String>,
+    compact: bool,
+}
+
+struct Progress {
+    offset: u64,
+    hasher: blake3::Hasher,
+}
+
+pub struct Session {
+    fileset: String,
+    peer: String,
+    key: StreamKey,
+    writer: SpoolWriter,
+    progress: Mutex<Progress>,
+    /// Held by the connection feeding the session.
+    feeding: Arc<tokio::sync::Mutex<()>>,
+    /// Cancels the current feeder (a newer connection takes over).
+    feeder: Mutex<CancellationToken>,
+    detached_at: Mutex<Option<Instant>>,
+    outcome: watch::Receiver<Option<Outcome>>,
+    receive: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Session {
+    fn partial(&self) -> Partial {
+        let p = self.progress.lock().expect("progress lock");
+        Partial {
+            snapshot: self.key.snapshot.clone(),
+            identity: self.key.identity.clone(),
+            base: self.key.base.clone(),
+            compact: self.key.compact,
+            offset: p.offset,
+            blake3: p.hasher.finalize().to_hex().to_string(),
+        }
+    }
+
+    /// Waits for the receive to end; a receive that was killed counts as failed.
+    async fn outcome(&self) -> Outcome {
+        let mut rx = self.outcome.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(o) => o.clone().expect("waited for Some"),
+            Err(_) => Err((ErrorCode::ReceiveFailed, "the receive was stopped".into())),
+        }
+    }
+}
+
+/// A connection's hold on a session: only one feeds it at a time.
+pub struct Attached {
+    pub session: Arc<Session>,
+    _feeding: OwnedMutexGuard<()>,
+    token: CancellationToken,
+}
+
+pub struct Sessions {
+    map: Mutex<HashMap<String, Arc<Session>>>,
+    /// One `begin` at a time, so that replacing a session and starting its successor
+    /// cannot interleave with another.
+    begin_lock: tokio::sync::Mutex<()>,
+    settings: Transfers,
+    spool_dir: PathBuf,
+}
+
+impl Sessions {
+    /// Sessions spooling under `spool_dir`, which is cleared first: spool files of a previous
+    /// run are useless (their receives died with it).
+    pub fn new(settings: &Transfers, spool_dir: PathBuf) -> Arc<Sessions> {
+        if spool_dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&spool_dir) {
+                tracing::warn!("cannot clear the spool directory {}: {e}", spool_dir.display());
+            }
+        }
+        Arc::new(Sessions { map: Mutex::default(), begin_lock: Default::default(), settings: settings.clone(), spool_dir })
+    }
+
+    pub fn stall_timeout(&self) -> Duration {
+        self.settings.stall_timeout.0
+    }
+
+    /// The resumable transfer into `fileset`, if there is one.
+    pub fn partial(&self, fileset: &str) -> Option<Partial> {
+        let session = self.map.lock().expect("sessions lock").get(fileset).cloned()?;
+        session.outcome.borrow().is_none().then(|| session.partial())
+    }
+
+    /// Starts a transfer (or resumes the partial one) and attaches the caller to it.
+    pub async fn begin(
+        &self,
+        peer: &str,
+        fileset: &str,
+        incoming: Incoming,
+        compact: bool,
+        resume: Option<ResumeFrom>,
+        side: Box<dyn ReplicaSide>,
+    ) -> Result<Attached> {
+        let _one_at_a_time = self.begin_lock.lock().await;
+        let key = StreamKey { snapshot: incoming.name.to_string(), identity: incoming.identity.clone(), base: incoming.base.clone(), compact };
+        let existing = self.map.lock().expect("sessions lock").get(fileset).cloned();
+        if let Some(resume) = resume {
+            let Some(session) = existing.filter(|s| s.key == key && s.peer == peer) else {
+                return Err(failed(ErrorCode::CannotResume, format!("no partial transfer of {} to resume here (it may have expired)", key.snapshot)));
+            };
+            let attached = self.attach(&session).await;
+            let held = session.partial();
+            if held.offset != resume.offset || held.blake3 != resume.blake3 {
+                return Err(failed(
+                    ErrorCode::CannotResume,
+                    format!("this replica holds {} bytes of the stream, not {} as the origin thought; list again", held.offset, resume.offset),
+                ));
+            }
+            tracing::info!(%peer, fileset, snapshot = %key.snapshot, offset = resume.offset, "resuming a cut transfer");
+            return Ok(attached);
+        }
+        if let Some(old) = existing {
+            self.discard(&old, "replaced by a new transfer from the origin", false).await;
+        }
+        let limits = spool::Limits { memory: self.settings.spool_memory.0 as usize, disk: self.settings.spool_disk.0 };
+        let (writer, reader) = spool::spool(limits, self.spool_dir.clone());
+        let (tx, rx) = watch::channel(None);
+        let receive = tokio::spawn(async move {
+            let mut data = reader.into_async_read();
+            let outcome = match side.receive(&incoming, &mut data).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err((error_code(&e), format!("{e:#}"))),
+            };
+            let _ = tx.send(Some(outcome));
+        });
+        let session = Arc::new(Session {
+            fileset: fileset.to_string(),
+            peer: peer.to_string(),
+            key,
+            writer,
+            progress: Mutex::new(Progress { offset: 0, hasher: blake3::Hasher::new() }),
+            feeding: Arc::default(),
+            feeder: Mutex::new(CancellationToken::new()),
+            detached_at: Mutex::new(None),
+            outcome: rx,
+            receive: Mutex::new(Some(receive)),
+        });
+        self.map.lock().expect("sessions lock").insert(fileset.to_string(), session.clone());
+        Ok(self.attach(&session).await)
+    }
+
+    /// Takes the session over from any connection still feeding it.
+    async fn attach(&self, session: &Arc<Session>) -> Attached {
+        session.feeder.lock().expect("feeder lock").cancel();
+        let guard = session.feeding.clone().lock_owned().await;
+        let token = CancellationToken::new();
+        *session.feeder.lock().expect("feeder lock") = token.clone();
+        *session.detached_at.lock().expect("detached lock") = None;
+        Attached { session: session.clone(), _feeding: guard, token }
+    }
+
+    /// Drops `session`: its receive fails (and cleans up), or is killed if it is stuck.
+    async fn discard(&self, session: &Arc<Session>, why: &str, kill: bool) {
+        {
+            let mut map = self.map.lock().expect("sessions lock");
+            if map.get(&session.fileset).is_some_and(|s| Arc::ptr_eq(s, session)) {
+                map.remove(&session.fileset);
+            }
+        }
+        session.feeder.lock().expect("feeder lock").cancel();
+        session.writer.fail(why.to_string());
+        let handle = session.receive.lock().expect("receive lock").take();
+        let Some(handle) = handle else { return };
+        let grace = if kill { Duration::ZERO } else { self.stall_timeout() };
+        if tokio::time::timeout(grace, session.outcome()).await.is_err() {
+            handle.abort(); // dropping the receive kills its process
+        }
+        let _ = handle.await;
+    }
+
+    /// Feeds `data` into the attached session until the stream ends and the snapshot is
+    /// committed (`Ok`), or something fails. A cut leaves the session waiting to be resumed;
+    /// a failed receive or a stream that fails its final check drops it.
+    pub async fn feed<W: AsyncWrite + Unpin>(&self, attached: Attached, mut data: IncomingData, acks: &mut W) -> Result<()> {
+        let session = attached.session.clone();
+        let result = feed_spool(&attached, &mut data, acks).await;
+        let Err(e) = result else {
+            // The stream is complete and checked: let the receive finish.
+            session.writer.finish();
+            let outcome = session.outcome().await;
+            self.forget(&session);
+            return outcome.map_err(|(code, message)| failed(code, message));
+        };
+        if attached.token.is_cancelled() {
+            return Err(e); // another connection took over (or the session was dropped)
+        }
+        if session.outcome.borrow().is_some() || e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            // The receive ended first: its error is the cause.
+            let (code, message) = session.outcome().await.err().unwrap_or((ErrorCode::ReceiveFailed, format!("{e:#}")));
+            self.forget(&session);
+            return Err(failed(code, message));
+        }
+        if let Some(IncomingError::Checksum { .. }) = e.downcast_ref::<IncomingError>() {
+            // The whole stream does not hash as the origin's: what we hold is worthless.
+            self.discard(&session, "the stream failed its final checksum", false).await;
+            return Err(e);
+        }
+        let offset = session.progress.lock().expect("progress lock").offset;
+        tracing::info!(peer = %session.peer, fileset = %session.fileset, offset, "transfer cut, kept for resuming: {e:#}");
+        *session.detached_at.lock().expect("detached lock") = Some(Instant::now());
+        Err(e)
+    }
+
+    fn forget(&self, session: &Arc<Session>) {
+        let mut map = self.map.lock().expect("sessions lock");
+        if map.get(&session.fileset).is_some_and(|s| Arc::ptr_eq(s, session)) {
+            map.remove(&session.fileset);
+        }
+    }
+
+    /// Drops sessions left too long, and kills receives that stopped reading, until `shutdown`.
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        let tick = (self.stall_timeout() / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let sessions: Vec<Arc<Session>> = self.map.lock().expect("sessions lock").values().cloned().collect();
+            for s in sessions {
+                let detached = *s.detached_at.lock().expect("detached lock");
+                if s.outcome.borrow().is_some() && detached.is_some() {
+                    self.forget(&s); // failed on its own while nobody fed it
+                } else if detached.is_some_and(|t| t.elapsed() > self.settings.resume_window.0) {
+                    tracing::warn!(fileset = %s.fileset, snapshot = %s.key.snapshot, "dropping a cut transfer: its origin did not resume it within {}", self.settings.resume_window);
+                    self.discard(&s, "the origin did not resume the transfer in time", false).await;
+                } else if s.writer.waiting().is_some_and(|w| w > self.stall_timeout()) {
+                    tracing::error!(
+                        fileset = %s.fileset, snapshot = %s.key.snapshot,
+                        "the receive read nothing for {} although data was waiting: killing it (stall timeout)", self.settings.stall_timeout
+                    );
+                    self.discard(&s, "the receive stopped reading (stall timeout); it was killed", true).await;
+                }
+            }
+        }
+    }
+}
+
+/// Moves the stream into the spool, acknowledging as it goes; `Ok` at a clean, checked end.
+async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut IncomingData, acks: &mut W) -> Result<()> {
+    let session = &attached.session;
+    let token = &attached.token;
+    let mut buf = BytesMut::with_capacity(2 * PUSH);
+    let mut last_ack = (session.progress.lock().expect("progress lock").offset, Instant::now());
+    loop {
+        if buf.capacity() - buf.len() < PUSH {
+            buf.reserve(PUSH);
+        }
+        let n = tokio::select! {
+            _ = token.cancelled() => bail!("another connection took the transfer over"),
+            n = data.reader.read_buf(&mut buf) => n?,
+        };
+        if n != 0 && buf.len() < PUSH {
+            continue;
+        }
+        if !buf.is_empty() {
+            let chunk = buf.split().freeze();
+            tokio::select! {
+                _ = token.cancelled() => bail!("another connection took the transfer over"),
+                pushed = session.writer.push(chunk.clone()) => pushed?,
+            }
+            let offset = {
+                let mut p = session.progress.lock().expect("progress lock");
+                p.hasher.update(&chunk);
+                p.offset += chunk.len() as u64;
+                p.offset
+            };
+            if offset - last_ack.0 >= ACK_BYTES || last_ack.1.elapsed() >= ACK_INTERVAL {
+                write_message(acks, &Message::Ack { offset }).await.map_err(|e| anyhow!("cannot acknowledge: {e}"))?;
+                last_ack = (offset, Instant::now());
+            }
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    let (offset, digest) = {
+        let p = session.progress.lock().expect("progress lock");
+        (p.offset, p.hasher.finalize().to_hex().to_string())
+    };
+    data.check_end(offset, &digest)?;
+    Ok(())
+}

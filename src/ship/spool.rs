@@ -1,0 +1,388 @@
+//! The replica's spool: a queue between the network and `btrfs receive`/`zfs receive`.
+//!
+//! ```text
+//! network -> SpoolWriter::push -> [ memory level | disk level ] -> SpoolReader -> receive
+//! ```
+//! Bytes arriving from the origin go into memory up to one limit, then into a file under
+//! `state_dir/spool` up to another, then the writer waits (back-pressure through QUIC flow
+//! control to the origin). Whatever is in the spool is acknowledged to the origin: it
+//! survives a cut connection, because the session that owns the spool outlives it.
+//!
+//! Order is kept with one rule: data goes to memory only while the disk level is empty, so
+//! everything in memory is older than everything on disk. The spool file is unlinked as
+//! soon as it is created, so a crash can leave nothing behind, and it is truncated whenever
+//! the reader drains it.
+//!
+//! The reader reports the end of the stream only after [`SpoolWriter::finish`], which the
+//! session calls once the origin's end marker and hash checked out. A failed or abandoned
+//! spool is a read error, never a clean short stream.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::AsyncRead;
+use tokio::sync::Notify;
+use tokio_util::io::StreamReader;
+
+/// Largest read from the disk level.
+const DISK_READ: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub memory: usize,
+    pub disk: u64,
+}
+
+/// Makes a spool whose disk level (if any is allowed) lives in `dir`.
+pub fn spool(limits: Limits, dir: PathBuf) -> (SpoolWriter, SpoolReader) {
+    let shared = Arc::new(Shared {
+        limits,
+        dir,
+        state: Mutex::new(State {
+            memory: VecDeque::new(),
+            memory_bytes: 0,
+            file: None,
+            disk_start: 0,
+            disk_end: 0,
+            writing: false,
+            end: End::Open,
+            reader_gone: false,
+            last_pull: Instant::now(),
+        }),
+        to_reader: Notify::new(),
+        to_writer: Notify::new(),
+    });
+    (SpoolWriter { shared: shared.clone() }, SpoolReader { shared })
+}
+
+struct Shared {
+    limits: Limits,
+    dir: PathBuf,
+    state: Mutex<State>,
+    /// Single reader and single writer: `notify_one` keeps a wake-up for a side not yet waiting.
+    to_reader: Notify,
+    to_writer: Notify,
+}
+
+struct State {
+    memory: VecDeque<Bytes>,
+    memory_bytes: usize,
+    file: Option<Arc<File>>,
+    /// The disk level holds file bytes `disk_start..disk_end`.
+    disk_start: u64,
+    disk_end: u64,
+    /// The writer is appending at `disk_end` outside the lock: the reader must not reset.
+    writing: bool,
+    end: End,
+    reader_gone: bool,
+    /// When the reader last asked for data (the receive's sign of life).
+    last_pull: Instant,
+}
+
+enum End {
+    Open,
+    Finished,
+    Failed(String),
+}
+
+impl State {
+    fn buffered(&self) -> u64 {
+        self.memory_bytes as u64 + (self.disk_end - self.disk_start)
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("spool lock")
+    }
+}
+
+pub struct SpoolWriter {
+    shared: Arc<Shared>,
+}
+
+impl SpoolWriter {
+    /// Appends `chunk`, waiting while both levels are full. Fails once the reader is gone
+    /// (the receive ended early: its own error says why).
+    pub async fn push(&self, chunk: Bytes) -> io::Result<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let len = chunk.len();
+        let (file, offset) = loop {
+            {
+                let mut st = self.shared.lock();
+                if st.reader_gone {
+                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the receive stopped reading the spool"));
+                }
+                let disk_empty = st.disk_start == st.disk_end;
+                if disk_empty && (st.memory_bytes + len <= self.shared.limits.memory || st.memory.is_empty()) {
+                    st.memory_bytes += len;
+                    st.memory.push_back(chunk);
+                    drop(st);
+                    self.shared.to_reader.notify_one();
+                    return Ok(());
+                }
+                if (st.disk_end - st.disk_start) + len as u64 <= self.shared.limits.disk {
+                    let file = match &st.file {
+                        Some(f) => f.clone(),
+                        None => st.file.insert(Arc::new(self.create_file()?)).clone(),
+                    };
+                    st.writing = true;
+                    break (file, st.disk_end);
+                }
+            }
+            self.shared.to_writer.notified().await;
+        };
+        let written = tokio::task::spawn_blocking(move || file.write_all_at(&chunk, offset)).await.map_err(io::Error::other)?;
+        let mut st = self.shared.lock();
+        st.writing = false;
+        if let Err(e) = written {
+            return Err(io::Error::new(e.kind(), format!("cannot write the spool in {}: {e}", self.shared.dir.display())));
+        }
+        st.disk_end = offset + len as u64;
+        drop(st);
+        self.shared.to_reader.notify_one();
+        Ok(())
+    }
+
+    fn create_file(&self) -> io::Result<File> {
+        let dir = &self.shared.dir;
+        std::fs::create_dir_all(dir).map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display())))?;
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{}-{n}.spool", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))?;
+        // Unlinked at once: the space is freed when the spool goes, whatever way it goes.
+        std::fs::remove_file(&path)?;
+        Ok(file)
+    }
+
+    /// The stream is complete and checked: the reader may report its end once drained.
+    pub fn finish(&self) {
+        let mut st = self.shared.lock();
+        if matches!(st.end, End::Open) {
+            st.end = End::Finished;
+        }
+        drop(st);
+        self.shared.to_reader.notify_one();
+    }
+
+    /// The stream will not be completed: the reader fails with `why` at once.
+    pub fn fail(&self, why: impl Into<String>) {
+        let mut st = self.shared.lock();
+        if matches!(st.end, End::Open) {
+            st.end = End::Failed(why.into());
+        }
+        drop(st);
+        self.shared.to_reader.notify_one();
+    }
+
+    /// Bytes waiting for the receive.
+    pub fn buffered(&self) -> u64 {
+        self.shared.lock().buffered()
+    }
+
+    /// How long data has been waiting without the receive asking for any: the sign of a
+    /// stuck receive. `None` while the spool is empty (then the network is the slow side).
+    pub fn waiting(&self) -> Option<Duration> {
+        let st = self.shared.lock();
+        (st.buffered() > 0).then(|| st.last_pull.elapsed())
+    }
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        self.fail("the transfer was abandoned");
+    }
+}
+
+pub struct SpoolReader {
+    shared: Arc<Shared>,
+}
+
+impl SpoolReader {
+    /// The next chunk in order; `None` at a finished end.
+    pub async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            let disk = {
+                let mut st = self.shared.lock();
+                st.last_pull = Instant::now();
+                if let End::Failed(why) = &st.end {
+                    return Err(io::Error::other(why.clone()));
+                }
+                if let Some(chunk) = st.memory.pop_front() {
+                    st.memory_bytes -= chunk.len();
+                    drop(st);
+                    self.shared.to_writer.notify_one();
+                    return Ok(Some(chunk));
+                }
+                if st.disk_start < st.disk_end {
+                    let n = (st.disk_end - st.disk_start).min(DISK_READ);
+                    Some((st.file.clone().expect("a disk level has a file"), st.disk_start, n))
+                } else if matches!(st.end, End::Finished) {
+                    return Ok(None);
+                } else {
+                    None
+                }
+            };
+            let Some((file, offset, n)) = disk else {
+                self.shared.to_reader.notified().await;
+                continue;
+            };
+            let chunk = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; n as usize];
+                file.read_exact_at(&mut buf, offset).map(|()| buf)
+            })
+            .await
+            .map_err(io::Error::other)??;
+            let mut st = self.shared.lock();
+            st.disk_start += n;
+            if st.disk_start == st.disk_end && !st.writing {
+                // Drained: start the file over, giving its space back.
+                st.disk_start = 0;
+                st.disk_end = 0;
+                if let Some(f) = &st.file {
+                    let _ = f.set_len(0);
+                }
+            }
+            drop(st);
+            self.shared.to_writer.notify_one();
+            return Ok(Some(Bytes::from(chunk)));
+        }
+    }
+
+    /// The spool as a byte stream, for a backend's `receive`.
+    pub fn into_async_read(self) -> impl AsyncRead + Send + Unpin {
+        let chunks = futures::stream::unfold(self, |mut reader| async move {
+            match reader.next_chunk().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), reader)),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), reader)),
+            }
+        });
+        StreamReader::new(Box::pin(chunks))
+    }
+}
+
+impl Drop for SpoolReader {
+    fn drop(&mut self) {
+        self.shared.lock().reader_gone = true;
+        self.shared.to_writer.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn limits(memory: usize, disk: u64) -> Limits {
+        Limits { memory, disk }
+    }
+
+    fn chunks(n: usize, size: usize) -> Vec<Bytes> {
+        (0..n).map(|i| Bytes::from(vec![(i % 251) as u8; size])).collect()
+    }
+
+    #[tokio::test]
+    async fn keeps_order_across_memory_and_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, r) = spool(limits(1000, 1 << 20), dir.path().to_path_buf());
+        let data = chunks(200, 300);
+        // Write everything before reading anything: most of it must go to disk.
+        for c in &data {
+            w.push(c.clone()).await.unwrap();
+        }
+        assert_eq!(w.buffered(), 60_000);
+        assert!(w.shared.lock().memory_bytes <= 1000);
+        w.finish();
+        let mut out = Vec::new();
+        r.into_async_read().read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, data.concat());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the spool file is unlinked");
+    }
+
+    #[tokio::test]
+    async fn interleaved_reads_and_writes_keep_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, mut r) = spool(limits(700, 5000), dir.path().to_path_buf());
+        let data = chunks(500, 100);
+        let expected = data.concat();
+        let writer = tokio::spawn(async move {
+            for (i, c) in data.into_iter().enumerate() {
+                w.push(c).await.unwrap();
+                if i % 7 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            w.finish();
+            w
+        });
+        let mut out = Vec::new();
+        let mut n = 0;
+        while let Some(c) = r.next_chunk().await.unwrap() {
+            out.extend_from_slice(&c);
+            n += 1;
+            if n % 3 == 0 {
+                tokio::time::sleep(Duration::from_micros(50)).await;
+            }
+        }
+        writer.await.unwrap();
+        assert_eq!(out, expected);
+    }
+
+    #[tokio::test]
+    async fn a_full_spool_makes_the_writer_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, mut r) = spool(limits(100, 200), dir.path().to_path_buf());
+        for c in chunks(3, 100) {
+            w.push(c).await.unwrap();
+        }
+        let blocked = tokio::time::timeout(Duration::from_millis(100), w.push(Bytes::from_static(&[1; 100]))).await;
+        assert!(blocked.is_err(), "memory and disk are full: the push must wait");
+        assert!(w.waiting().is_some());
+        // Freeing memory is not enough while older data waits on disk (order first).
+        r.next_chunk().await.unwrap().unwrap();
+        let blocked = tokio::time::timeout(Duration::from_millis(100), w.push(Bytes::from_static(&[1; 100]))).await;
+        assert!(blocked.is_err());
+        assert_eq!(r.next_chunk().await.unwrap().unwrap().len(), 200, "the disk level is read in one go");
+        w.push(Bytes::from_static(&[1; 100])).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_end_without_finish_and_failure_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, mut r) = spool(limits(1000, 0), dir.path().to_path_buf());
+        w.push(Bytes::from_static(b"abc")).await.unwrap();
+        assert_eq!(r.next_chunk().await.unwrap().unwrap(), Bytes::from_static(b"abc"));
+        let pending = tokio::time::timeout(Duration::from_millis(50), r.next_chunk()).await;
+        assert!(pending.is_err(), "an unfinished spool has no end yet");
+        w.fail("checksum mismatch");
+        assert!(r.next_chunk().await.unwrap_err().to_string().contains("checksum"));
+        // Dropping a writer that never finished fails the stream too.
+        let (w, mut r) = spool(limits(1000, 0), dir.path().to_path_buf());
+        drop(w);
+        assert!(r.next_chunk().await.unwrap_err().to_string().contains("abandoned"));
+    }
+
+    #[tokio::test]
+    async fn a_gone_reader_fails_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, r) = spool(limits(10, 0), dir.path().to_path_buf());
+        w.push(Bytes::from_static(b"0123456789")).await.unwrap();
+        drop(r);
+        assert_eq!(w.push(Bytes::from_static(b"x")).await.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+    }
+}
