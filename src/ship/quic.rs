@@ -277,6 +277,11 @@ impl RemoteReplica {
         let sent = match sent {
             Ok(sent) => sent,
             Err(e) => {
+                // The replica may have given up first and said why (then it stopped reading,
+                // and our write failed on the reset): its reason is the one to report.
+                if let Ok(Some((code, message))) = tokio::time::timeout(Duration::from_secs(2), self.error_reply(&mut replies)).await {
+                    return Err(self.refused(code, message));
+                }
                 // Tell the replica why; it keeps what it has for a resume.
                 let _ = write_message(&mut send, &Message::error(ErrorCode::Aborted, format!("{e:#}"))).await;
                 let _ = send.close().await;
@@ -301,6 +306,17 @@ impl RemoteReplica {
             Message::Committed { .. } => Ok(()),
             Message::Error { code, message } => Err(self.refused(code, message)),
             other => bail!("protocol error: `{}` answered {other:?} to end", self.node),
+        }
+    }
+
+    /// The error the replica answered with, if its next message (after acknowledgements) is one.
+    async fn error_reply(&self, replies: &mut FrameReader<s2n_quic::stream::ReceiveStream>) -> Option<(ErrorCode, String)> {
+        loop {
+            match read_message(replies).await.ok()? {
+                Message::Ack { .. } => continue,
+                Message::Error { code, message } => return Some((code, message)),
+                _ => return None,
+            }
         }
     }
 

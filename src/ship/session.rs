@@ -91,6 +91,8 @@ pub struct Session {
     detached_at: Mutex<Option<Instant>>,
     outcome: watch::Receiver<Option<Outcome>>,
     receive: Mutex<Option<JoinHandle<()>>>,
+    /// Why the receive was killed, if it was.
+    killed: Mutex<Option<String>>,
 }
 
 impl Session {
@@ -111,7 +113,10 @@ impl Session {
         let mut rx = self.outcome.clone();
         match rx.wait_for(Option::is_some).await {
             Ok(o) => o.clone().expect("waited for Some"),
-            Err(_) => Err((ErrorCode::ReceiveFailed, "the receive was stopped".into())),
+            Err(_) => {
+                let why = self.killed.lock().expect("killed lock").clone();
+                Err((ErrorCode::Stalled, why.unwrap_or_else(|| "the receive was stopped".into())))
+            }
         }
     }
 }
@@ -188,12 +193,22 @@ impl Sessions {
         let limits = spool::Limits { memory: self.settings.spool_memory.0 as usize, disk: self.settings.spool_disk.0 };
         let (writer, reader) = spool::spool(limits, self.spool_dir.clone());
         let (tx, rx) = watch::channel(None);
+        let name = fileset.to_string();
         let receive = tokio::spawn(async move {
             let mut data = reader.into_async_read();
             let outcome = match side.receive(&incoming, &mut data).await {
                 Ok(_) => Ok(()),
-                Err(e) => Err((error_code(&e), format!("{e:#}"))),
+                Err(e) => match error_code(&e) {
+                    ErrorCode::NoSpace => Err((
+                        ErrorCode::NoSpace,
+                        format!("no space left on the replica for `{name}`; free space there and the origin retries by itself ({e:#})"),
+                    )),
+                    code => Err((code, format!("{e:#}"))),
+                },
             };
+            if let Err((_, message)) = &outcome {
+                tracing::error!(fileset = %name, "receive failed: {message}");
+            }
             let _ = tx.send(Some(outcome));
         });
         let session = Arc::new(Session {
@@ -207,6 +222,7 @@ impl Sessions {
             detached_at: Mutex::new(None),
             outcome: rx,
             receive: Mutex::new(Some(receive)),
+            killed: Mutex::new(None),
         });
         self.map.lock().expect("sessions lock").insert(fileset.to_string(), session.clone());
         Ok(self.attach(&session).await)
@@ -236,6 +252,7 @@ impl Sessions {
         let Some(handle) = handle else { return };
         let grace = if kill { Duration::ZERO } else { self.stall_timeout() };
         if tokio::time::timeout(grace, session.outcome()).await.is_err() {
+            *session.killed.lock().expect("killed lock") = Some(why.to_string());
             handle.abort(); // dropping the receive kills its process
         }
         let _ = handle.await;
@@ -302,7 +319,8 @@ impl Sessions {
                         fileset = %s.fileset, snapshot = %s.key.snapshot,
                         "the receive read nothing for {} although data was waiting: killing it (stall timeout)", self.settings.stall_timeout
                     );
-                    self.discard(&s, "the receive stopped reading (stall timeout); it was killed", true).await;
+                    let why = format!("the receive on the replica read nothing for {} (stall timeout); it was killed", self.settings.stall_timeout);
+                    self.discard(&s, &why, true).await;
                 }
             }
         }

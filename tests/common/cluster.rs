@@ -14,6 +14,10 @@ pub struct Cluster {
     pub fs: BTreeMap<String, LoopBtrfs>,
     pub ports: BTreeMap<String, u16>,
     pub daemons: BTreeMap<String, Daemon>,
+    /// (from, to) -> address: how `from` reaches `to` when not directly (a fault proxy).
+    pub routes: BTreeMap<(String, String), String>,
+    /// Extra node config text per node (e.g. a `transfers:` section).
+    pub node_extra: BTreeMap<String, String>,
 }
 
 /// Every test uses its own ports so that tests run in parallel.
@@ -24,15 +28,26 @@ impl Cluster {
 
     /// With loop images of `size_mib` (sparse) per node.
     pub fn with_size(test: &str, nodes: &[&str], base_port: u16, size_mib: u64) -> Cluster {
+        let sized: Vec<(&str, u64)> = nodes.iter().map(|n| (*n, size_mib)).collect();
+        Self::with_sizes(test, &sized, base_port)
+    }
+
+    /// With a loop image of its own size (MiB, sparse) per node.
+    pub fn with_sizes(test: &str, nodes: &[(&str, u64)], base_port: u16) -> Cluster {
         let scratch = Scratch::new(test);
-        run(snapship().arg("certs").arg("--out").arg(scratch.dir.join("certs")).args(nodes));
+        run(snapship().arg("certs").arg("--out").arg(scratch.dir.join("certs")).args(nodes.iter().map(|(n, _)| n)));
         let mut fs = BTreeMap::new();
         let mut ports = BTreeMap::new();
-        for (i, n) in nodes.iter().enumerate() {
-            fs.insert(n.to_string(), LoopBtrfs::new(&scratch, n, size_mib));
+        for (i, (n, size)) in nodes.iter().enumerate() {
+            fs.insert(n.to_string(), LoopBtrfs::new(&scratch, n, *size));
             ports.insert(n.to_string(), base_port + i as u16);
         }
-        Cluster { scratch, fs, ports, daemons: BTreeMap::new() }
+        Cluster { scratch, fs, ports, daemons: BTreeMap::new(), routes: BTreeMap::new(), node_extra: BTreeMap::new() }
+    }
+
+    /// Makes `from` reach `to` at `addr` (a proxy in front of it) in configs written later.
+    pub fn route(&mut self, from: &str, to: &str, addr: std::net::SocketAddr) {
+        self.routes.insert((from.to_string(), to.to_string()), addr.to_string());
     }
 
     pub fn mnt(&self, node: &str) -> &Path {
@@ -57,10 +72,12 @@ impl Cluster {
         for (name, text) in policies {
             std::fs::write(dir.join("policies").join(format!("{name}.yaml")), text).unwrap();
         }
-        let peers: String = self.ports.iter().filter(|(n, _)| *n != node).map(|(n, p)| format!("  {n}: 127.0.0.1:{p}\n")).collect();
+        let address = |n: &String, p: &u16| self.routes.get(&(node.to_string(), n.clone())).cloned().unwrap_or_else(|| format!("127.0.0.1:{p}"));
+        let peers: String = self.ports.iter().filter(|(n, _)| *n != node).map(|(n, p)| format!("  {n}: {}\n", address(n, p))).collect();
         let text = format!(
-            "node: {node}\nlisten: 127.0.0.1:{}\nstate_dir: state\ntls:\n  ca: {c}/ca.pem\n  cert: {c}/{node}.pem\n  key: {c}/{node}.key\npeers:\n{peers}policies:\n  - policies/*.yaml\n",
+            "node: {node}\nlisten: 127.0.0.1:{}\nstate_dir: state\ntls:\n  ca: {c}/ca.pem\n  cert: {c}/{node}.pem\n  key: {c}/{node}.key\npeers:\n{peers}policies:\n  - policies/*.yaml\n{}",
             self.ports[node],
+            self.node_extra.get(node).map(String::as_str).unwrap_or(""),
             c = certs.display()
         );
         let path = dir.join("node.yaml");
@@ -76,6 +93,22 @@ impl Cluster {
         let log = self.scratch.dir.join(format!("{node}-run.log"));
         let d = Daemon::start_with_env(&self.dir(node).join("node.yaml"), &log, " running ", env);
         self.daemons.insert(node.to_string(), d);
+    }
+
+    /// Kills `node`'s daemon with SIGKILL: no cleanup of any kind.
+    pub fn kill9(&mut self, node: &str) {
+        if let Some(mut d) = self.daemons.remove(node) {
+            let mut child = d.child.take().expect("a running daemon");
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// `snapship status --json` of `node`.
+    pub fn status_json(&self, node: &str) -> serde_json::Value {
+        let out = snapship().args(["status", "--json", "--config"]).arg(self.dir(node).join("node.yaml")).output().unwrap();
+        assert!(out.status.success(), "status on {node} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
     }
 
     pub fn stop(&mut self, node: &str) {

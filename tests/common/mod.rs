@@ -186,6 +186,7 @@ pub fn visible(dir: &Path) -> Vec<String> {
 }
 
 /// uuid, received uuid and parent uuid of a subvolume, from libbtrfsutil.
+#[derive(Debug)]
 pub struct SubvolFacts {
     pub uuid: String,
     pub received: Option<String>,

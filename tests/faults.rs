@@ -1,0 +1,403 @@
+//! Fault injection: two nodes (alpha the origin, beta the replica) running `snapship run`,
+//! with a UDP proxy between them that cuts, stalls, drops, delays, reorders and corrupts
+//! packets on the tests' command; and processes killed with SIGKILL, a replica filesystem
+//! that fills up, and a peer that sends malformed frames.
+//!
+//! Each case asserts that nothing was lost (the replica ends up identical to the origin),
+//! nothing partial was ever visible (only complete, read-only received snapshots in the
+//! replica directory; staging empty at the end), and that the transfer completes once the
+//! fault clears. The cut cases also bound the bytes sent twice.
+//!
+//! (A peer with a wrong certificate and an origin whose policy names another replica path
+//! are in tests/quic.rs, `refusals_write_nothing`; a byte flipped after the checksums in
+//! `corrupted_byte_is_caught_and_retry_succeeds`.)
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use common::cluster::*;
+use common::proxy::{Faults, Proxy};
+use common::*;
+
+/// Short enough for tests, long enough for a loaded 2-core machine not to trip it.
+const TRANSFERS: &str = "transfers:\n  stall_timeout: 3s\n  resume_window: 10m\n";
+
+struct Setup {
+    c: Cluster,
+    proxy: Proxy,
+    src: PathBuf,
+    dst: PathBuf,
+}
+
+/// alpha ships `projects` to beta through a proxy; both daemons running.
+fn setup(test: &str, port: u16, sizes: (u64, u64), policy_extra: &str) -> Setup {
+    setup_with(test, port, sizes, policy_extra, TRANSFERS)
+}
+
+/// As [`setup`], with beta's own `transfers:` section.
+fn setup_with(test: &str, port: u16, sizes: (u64, u64), policy_extra: &str, beta_transfers: &str) -> Setup {
+    let mut c = Cluster::with_sizes(test, &[("alpha", sizes.0), ("beta", sizes.1)], port);
+    let proxy = Proxy::start(format!("127.0.0.1:{}", c.ports["beta"]).parse().unwrap());
+    c.route("alpha", "beta", proxy.addr());
+    c.node_extra.insert("alpha".into(), TRANSFERS.into());
+    c.node_extra.insert("beta".into(), beta_transfers.into());
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst = c.mnt("beta").join("backup/projects");
+    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]) + "transfer:\n  compression: none\n" + policy_extra;
+    c.configure("alpha", &[("projects", p.clone())]);
+    c.configure("beta", &[("projects", p)]);
+    c.start("beta");
+    c.start("alpha");
+    Setup { c, proxy, src, dst }
+}
+
+impl Setup {
+    /// Starts `snapship sync` (carried out by alpha's daemon) without waiting for it.
+    fn start_sync(&self) -> Child {
+        snapship()
+            .args(["sync", "--config"])
+            .arg(self.c.dir("alpha").join("node.yaml"))
+            .arg("projects")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Waits until the proxy has carried `bytes` towards beta.
+    fn wait_forwarded(&self, bytes: u64) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.proxy.forwarded().0 < bytes {
+            assert!(Instant::now() < deadline, "the transfer never got to {bytes} bytes (at {})", self.proxy.forwarded().0);
+            self.assert_nothing_partial();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until beta holds `n` snapshots, checking all along that nothing partial shows.
+    fn wait_snapshots(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while snapshots(&self.dst).len() < n {
+            self.assert_nothing_partial();
+            assert!(
+                Instant::now() < deadline,
+                "beta never got {n} snapshots:\nalpha:\n{}\nbeta:\n{}",
+                self.c.daemons.get("alpha").map(|d| d.log_text()).unwrap_or_default(),
+                self.c.daemons.get("beta").map(|d| d.log_text()).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every visible entry of the replica directory is a complete received snapshot.
+    fn assert_nothing_partial(&self) {
+        assert_nothing_partial(&self.dst);
+    }
+
+    /// After the fault cleared: identical trees, staging empty.
+    fn assert_replica_complete(&self) {
+        assert_same_tree(&self.src, &self.dst.join("latest"));
+        self.assert_nothing_partial();
+        let staging: Vec<String> = visible(&self.dst.join(".snapship-staging")).into_iter().filter(|n| n != ".lock").collect();
+        assert!(staging.is_empty(), "left in staging: {staging:?}");
+    }
+
+    /// alpha's status entry for beta.
+    fn replica_status(&self) -> serde_json::Value {
+        self.c.status_json("alpha")["origin_of"][0]["replicas"][0].clone()
+    }
+}
+
+fn assert_nothing_partial(dst: &Path) {
+    for name in snapshots(dst) {
+        let path = dst.join(&name);
+        // A snapshot being deleted by pruning may vanish between listing and looking.
+        if !path.exists() {
+            continue;
+        }
+        let facts = subvol(&path);
+        assert!(facts.read_only && facts.received.is_some(), "{name} is visible but not a complete received snapshot: {facts:?}");
+    }
+}
+
+fn finished(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// A 1 GiB transfer cut twice: at about 30 % the network goes dark (blackhole), at about 70 %
+/// it stalls (small packets pass, so QUIC stays up, but no data gets through). Each time the
+/// origin notices within the stall timeout, and when the network is back the transfer goes
+/// on from what the replica acknowledged: less than 10 % of the stream is sent twice.
+#[test]
+fn cuts_at_30_and_70_percent_resume_without_resending() {
+    if !have_root("cuts_at_30_and_70_percent_resume_without_resending") {
+        return;
+    }
+    const SIZE: u64 = 1 << 30;
+    let s = setup("faults_cuts", 47810, (1600, 1600), "");
+    write_random(&s.src.join("big.bin"), SIZE as usize, 41);
+    let sync = s.start_sync();
+
+    for (at, faults, what) in [(3 * SIZE / 10, Faults::blackhole(), "blackhole"), (7 * SIZE / 10, Faults::stall(), "stall")] {
+        s.wait_forwarded(at);
+        s.proxy.set(faults);
+        eprintln!("{what} at {} bytes forwarded", s.proxy.forwarded().0);
+        // Long enough for both sides' stall timeouts (3 s) to expire.
+        std::thread::sleep(Duration::from_secs(5));
+        assert!(snapshots(&s.dst).is_empty(), "a snapshot appeared while the network was cut");
+        s.proxy.set(Faults::none());
+    }
+    let (ok, text) = finished(sync);
+    assert!(!ok, "the first attempt cannot have succeeded through the cut: {text}");
+    s.wait_snapshots(1);
+    s.assert_replica_complete();
+
+    let r = s.replica_status();
+    let (sent, shipped, resumes) = (r["bytes_sent"].as_u64().unwrap(), r["bytes_shipped"].as_u64().unwrap(), r["resumes"].as_u64().unwrap());
+    let resent = sent.saturating_sub(shipped);
+    eprintln!("stream {shipped} bytes, sent {sent}, re-sent {resent} ({:.2} %), {resumes} resumes", 100.0 * resent as f64 / shipped as f64);
+    assert!(shipped > SIZE, "{r}");
+    assert!(resumes >= 2, "both cuts should have been resumed: {r}");
+    assert!(resent * 10 < shipped, "re-sent {resent} of {shipped} bytes: {r}");
+    let log = s.c.daemons["alpha"].log_text();
+    assert!(log.contains("stall timeout"), "alpha never reported the stall:\n{log}");
+}
+
+/// The replica's daemon dies (SIGKILL) mid-transfer: its receive dies with it. Restarted, it
+/// shows nothing partial, clears its staging, and the origin's retry delivers everything.
+#[test]
+fn replica_killed_mid_transfer_cleans_up_and_completes() {
+    if !have_root("replica_killed_mid_transfer_cleans_up_and_completes") {
+        return;
+    }
+    let mut s = setup("faults_kill_replica", 47820, (700, 700), "");
+    write_random(&s.src.join("big.bin"), 256 << 20, 42);
+    let sync = s.start_sync();
+    s.wait_forwarded(100 << 20);
+    s.c.kill9("beta");
+    eprintln!("beta killed at {} bytes forwarded", s.proxy.forwarded().0);
+    wait_for_no_process(&format!("receive.*{}", s.dst.display()));
+    s.assert_nothing_partial();
+    assert!(snapshots(&s.dst).is_empty());
+    let _ = finished(sync);
+    s.c.start("beta");
+    s.wait_snapshots(1);
+    s.assert_replica_complete();
+}
+
+/// The origin's daemon dies (SIGKILL) mid-transfer. The replica keeps what it received; the
+/// restarted origin finds it listed as partial, checks the regenerated stream against it and
+/// goes on from there.
+#[test]
+fn origin_killed_mid_transfer_resumes_after_restart() {
+    if !have_root("origin_killed_mid_transfer_resumes_after_restart") {
+        return;
+    }
+    const SIZE: u64 = 256 << 20;
+    let mut s = setup("faults_kill_origin", 47830, (700, 700), "");
+    write_random(&s.src.join("big.bin"), SIZE as usize, 43);
+    let sync = s.start_sync();
+    s.wait_forwarded(SIZE / 2);
+    s.c.kill9("alpha");
+    eprintln!("alpha killed at {} bytes forwarded", s.proxy.forwarded().0);
+    let _ = finished(sync);
+    assert!(snapshots(&s.dst).is_empty());
+    s.c.start("alpha");
+    s.wait_snapshots(1);
+    s.assert_replica_complete();
+    let r = s.replica_status();
+    assert_eq!(r["resumes"].as_u64(), Some(1), "the restarted origin should have resumed: {r}");
+    // Sent since the restart: what the replica did not hold yet.
+    let sent = r["bytes_sent"].as_u64().unwrap();
+    assert!(sent < SIZE * 6 / 10, "the restarted origin sent {sent} bytes of a {SIZE} byte stream");
+    let beta = s.c.daemons["beta"].log_text();
+    assert!(beta.contains("resuming a cut transfer"), "{beta}");
+}
+
+/// The replica's filesystem fills up mid-receive: the origin's status names the problem, the
+/// partial receive is removed, the origin keeps its snapshots and the common base, and once
+/// space is freed the next sync succeeds.
+#[test]
+fn full_replica_filesystem_is_reported_and_recovers() {
+    if !have_root("full_replica_filesystem_is_reported_and_recovers") {
+        return;
+    }
+    let mut s = setup("faults_full", 47840, (700, 512), "");
+    std::fs::write(s.src.join("small.txt"), "first").unwrap();
+    s.c.sync_ok("alpha", "projects");
+    let base = snapshots(&s.dst);
+    assert_eq!(base.len(), 1);
+
+    // Leave about 80 MiB free on beta, then send 200 MiB.
+    let ballast = s.c.mnt("beta").join("ballast.bin");
+    let free = nix::sys::statvfs::statvfs(s.c.mnt("beta")).unwrap();
+    let free = free.blocks_available() as u64 * free.fragment_size() as u64;
+    write_random(&ballast, free.saturating_sub(80 << 20) as usize, 44);
+    run(&mut std::process::Command::new("sync"));
+    write_random(&s.src.join("big.bin"), 200 << 20, 45);
+    let out = s.c.sync("alpha", "projects");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("NoSpace") && text.contains("no space left on the replica"), "{text}");
+    let status = s.replica_status();
+    let error = status["last_error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("no space left on the replica"), "status does not say: {status}");
+    // Nothing partial; the base is still on both sides.
+    assert_eq!(snapshots(&s.dst), base);
+    assert!(s.c.mnt("alpha").join(".snapship/projects").join(&base[0]).exists(), "the origin lost the common base");
+    let staging: Vec<String> = visible(&s.dst.join(".snapship-staging")).into_iter().filter(|n| n != ".lock").collect();
+    assert!(staging.is_empty(), "the partial receive was left: {staging:?}");
+
+    std::fs::remove_file(&ballast).unwrap();
+    run(&mut std::process::Command::new("sync"));
+    let text = s.c.sync_ok("alpha", "projects");
+    assert!(text.contains("-> beta: incremental"), "{text}");
+    s.assert_replica_complete();
+    s.c.stop("alpha");
+    s.c.stop("beta");
+}
+
+/// A bad network, not a cut: loss, delay with jitter, reordering and corrupted datagrams
+/// (which QUIC's packet protection rejects). The stream arrives whole and checked.
+#[test]
+fn lossy_network_still_delivers() {
+    if !have_root("lossy_network_still_delivers") {
+        return;
+    }
+    let s = setup("faults_lossy", 47850, (500, 500), "");
+    write_random(&s.src.join("data.bin"), 48 << 20, 46);
+    fill(&s.src, 47);
+    s.proxy.set(Faults { drop: 0.02, delay: Duration::from_millis(5), jitter: Duration::from_millis(3), reorder: 0.02, corrupt: 0.005, ..Faults::default() });
+    s.c.sync_ok("alpha", "projects");
+    assert!(s.proxy.dropped() > 0, "the proxy dropped nothing: the test tested nothing");
+    s.assert_replica_complete();
+}
+
+/// A peer with a valid certificate that speaks garbage: random bytes, an oversized frame, a
+/// message that is not JSON, a transfer whose data frame is cut in half. The replica refuses
+/// each, shows nothing, keeps running, and the next real transfer succeeds.
+#[test]
+fn malformed_and_truncated_frames_are_refused() {
+    if !have_root("malformed_and_truncated_frames_are_refused") {
+        return;
+    }
+    let s = setup("faults_frames", 47860, (400, 400), "");
+    fill(&s.src, 48);
+    let config = snapship::config::load(&s.c.dir("alpha").join("node.yaml")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let replies = rt.block_on(async {
+        use snapship::ship::frame::Frame;
+        use snapship::ship::protocol::{Message, VERSION, WireCompression};
+        let connector = snapship::ship::quic::Connector::new(&config.node).unwrap();
+        let conn = connector.connect("beta", &s.proxy.addr().to_string()).await.unwrap();
+        let hello = Frame::message(&Message::Hello { version: VERSION }.to_json()).to_vec();
+        let begin = Message::Begin {
+            fileset: "projects".into(),
+            snapshot: "snapship-20260101T000000.000Z".into(),
+            identity: "00000000-0000-0000-0000-000000000000".into(),
+            base: None,
+            compression: WireCompression::None,
+            compact: false,
+            resume: None,
+        };
+        let begin = [hello.clone(), Frame::message(&begin.to_json()).to_vec()].concat();
+        let mut oversized = hello.clone();
+        oversized.extend_from_slice(&[1, 0xff, 0xff, 0xff, 0xff]);
+        let not_json = [hello.clone(), Frame::message(b"{not json").to_vec()].concat();
+        let mut half_frame = begin.clone();
+        let chunk = vec![7u8; 1000];
+        half_frame.extend_from_slice(&Frame::data_header(&chunk));
+        half_frame.extend_from_slice(&chunk[..500]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("garbage", (0..300u32).map(|i| (i * 37 % 256) as u8).collect()),
+            ("oversized", oversized),
+            ("not json", not_json),
+            ("half a data frame", half_frame),
+        ];
+        let mut replies = Vec::new();
+        for (what, bytes) in cases {
+            let mut conn_handle = conn.handle();
+            let stream = conn_handle.open_bidirectional_stream().await.unwrap();
+            let (recv, mut send) = stream.split();
+            use tokio::io::AsyncWriteExt;
+            send.write_all(&bytes).await.unwrap();
+            send.close().await.unwrap();
+            let mut frames = snapship::ship::frame::FrameReader::new(recv);
+            // The answer after any `ready` and acknowledgements.
+            let answer = async {
+                loop {
+                    match snapship::ship::transfer::read_message(&mut frames).await {
+                        Ok(Message::Ready | Message::Ack { .. }) => continue,
+                        other => return other,
+                    }
+                }
+            };
+            let reply = tokio::time::timeout(Duration::from_secs(20), answer).await;
+            replies.push(format!("{what}: {reply:?}"));
+        }
+        replies
+    });
+    for r in &replies {
+        eprintln!("{r}");
+        assert!(r.contains("Error {"), "the replica did not refuse: {r}");
+    }
+    assert!(replies[0].contains("unknown frame kind"), "{}", replies[0]);
+    assert!(replies[1].contains("exceeds the limit"), "{}", replies[1]);
+    assert!(replies[2].contains("malformed message"), "{}", replies[2]);
+    assert!(replies[3].contains("before its end marker") || replies[3].contains("ended inside a frame"), "{}", replies[3]);
+    assert!(snapshots(&s.dst).is_empty());
+
+    // The replica is unharmed: a real transfer goes through (and replaces the bogus partial).
+    s.c.sync_ok("alpha", "projects");
+    s.assert_replica_complete();
+}
+
+/// Stuck processes: the origin's `btrfs send` and then the replica's `btrfs receive` are
+/// frozen (SIGSTOP) mid-transfer. Each is noticed within the stall timeout, killed and
+/// reported, and the transfer completes (resuming after the stuck send).
+#[test]
+fn stuck_send_and_receive_are_killed_and_the_transfer_completes() {
+    if !have_root("stuck_send_and_receive_are_killed_and_the_transfer_completes") {
+        return;
+    }
+    // beta waits longer for data than alpha for its send: the origin's own watchdog must act.
+    let s = setup_with("faults_stuck", 47870, (700, 700), "", "transfers:\n  stall_timeout: 8s\n");
+    write_random(&s.src.join("big.bin"), 256 << 20, 49);
+    let freeze = |pattern: &str| {
+        let out = std::process::Command::new("pgrep").args(["-f", pattern]).output().unwrap();
+        let pids = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert!(!pids.is_empty(), "no process matches `{pattern}`");
+        for pid in pids {
+            let _ = std::process::Command::new("kill").args(["-STOP", &pid]).status();
+        }
+    };
+    let sync = s.start_sync();
+    s.wait_forwarded(60 << 20);
+    freeze(&format!("btrfs send.*{}", s.c.mnt("alpha").join(".snapship/projects").display()));
+    let _ = finished(sync);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !s.c.daemons["alpha"].log_text().contains("produced no data") {
+        assert!(Instant::now() < deadline, "alpha never noticed its stuck send:\n{}", s.c.daemons["alpha"].log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The retry resumes; freeze the receive while it runs.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !s.c.daemons["beta"].log_text().contains("resuming a cut transfer") {
+        assert!(Instant::now() < deadline, "alpha never resumed:\n{}", s.c.daemons["beta"].log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    freeze(&format!("btrfs receive.*{}", s.dst.display()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !s.c.daemons["beta"].log_text().contains("it was killed") && !s.c.daemons["beta"].log_text().contains("killing it") {
+        assert!(Instant::now() < deadline, "beta never killed its stuck receive:\n{}", s.c.daemons["beta"].log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.wait_snapshots(1);
+    s.assert_replica_complete();
+    let r = s.replica_status();
+    assert!(r["resumes"].as_u64().unwrap() >= 1, "{r}");
+}
