@@ -189,7 +189,7 @@ fn base_of_partial(origin: &[Snapshot], partial: &Partial) -> Option<Option<Snap
 /// of it is across already, and the target then goes incrementally on top of it. `None` if
 /// there is none, or the origin no longer has what it needs.
 pub async fn partial_to_finish(origin: &dyn OriginSide, target: &Snapshot, partial: Option<&Partial>) -> Result<Option<(Snapshot, Plan)>> {
-    let Some(p) = partial.filter(|p| p.identity != target.identity && p.offset > 0) else { return Ok(None) };
+    let Some(p) = partial.filter(|p| p.identity != target.identity && (p.offset > 0 || p.token.is_some())) else { return Ok(None) };
     let snaps = origin.list().await?;
     let Some(older) = snaps.iter().find(|s| s.identity == p.identity && s.name < target.name) else { return Ok(None) };
     let before: Vec<Snapshot> = snaps.iter().filter(|s| s.name < older.name).cloned().collect();
@@ -219,14 +219,20 @@ pub async fn transfer(
         elapsed: start.elapsed(),
     };
     let Plan::Send { base, resume } = plan else { return Ok(report(None, 0, 0)) };
-    let incoming = Incoming { name: snapshot.name.clone(), identity: snapshot.identity.clone(), base: base.as_ref().map(|b| b.identity.clone()) };
+    let mut incoming = Incoming { name: snapshot.name.clone(), identity: snapshot.identity.clone(), base: base.as_ref().map(|b| b.identity.clone()), from_token: false };
     let open = |compact| async move { Ok::<_, anyhow::Error>(Metered::new(origin.send(snapshot, base.as_ref(), compact).await?.with_stall_timeout(stall))) };
     // Dropping a stream (on error) kills its sending process.
     let mut started = None;
-    if let Some(p) = resume {
+    if let Some(token) = resume.as_ref().and_then(|p| p.token.as_ref()) {
+        // The replica's filesystem kept the partial receive: ZFS resumes it (a new stream).
+        tracing::info!(replica = ep.node(), snapshot = %snapshot.name, "resuming from the replica's ZFS resume token");
+        incoming.from_token = true;
+        let stream = Metered::new(origin.send_resumed(token).await?.with_stall_timeout(stall));
+        started = Some((stream, StreamStart { compact: resume.as_ref().is_some_and(|p| p.compact), resumed: None, from_token: true }));
+    } else if let Some(p) = resume {
         let mut reader = open(p.compact).await?;
         match skip_prefix(&mut reader, p).await? {
-            Some(hasher) => started = Some((reader, StreamStart { compact: p.compact, resumed: Some(Resumed { offset: p.offset, hasher }) })),
+            Some(hasher) => started = Some((reader, StreamStart { compact: p.compact, resumed: Some(Resumed { offset: p.offset, hasher }), from_token: false })),
             None => tracing::warn!(
                 replica = ep.node(), snapshot = %snapshot.name, offset = p.offset,
                 "the regenerated stream differs from what the replica holds: sending it again from the start"
@@ -237,7 +243,7 @@ pub async fn transfer(
         Some(s) => s,
         None => {
             let compact = ep.accepts_compact().await;
-            (open(compact).await?, StreamStart { compact, resumed: None })
+            (open(compact).await?, StreamStart { compact, resumed: None, from_token: false })
         }
     };
     let from = start_at.offset();
@@ -276,4 +282,111 @@ pub async fn ship_to(origin: &dyn OriginSide, snapshot: &Snapshot, ep: &dyn Repl
     }
     let plan = plan_from(origin, snapshot, &replica_has, partial.as_ref()).await?;
     transfer(origin, snapshot, &plan, ep, stall, on_start).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{SendStream, SnapshotName};
+    use async_trait::async_trait;
+
+    /// An origin that only lists: planning needs nothing else.
+    struct Listed(Vec<Snapshot>);
+
+    #[async_trait]
+    impl OriginSide for Listed {
+        async fn take_snapshot(&self, _: Kind) -> Result<Snapshot> {
+            unimplemented!("planning takes no snapshot")
+        }
+        async fn changed_since(&self, _: &Snapshot, _: bool) -> Result<bool> {
+            unimplemented!("planning checks no change")
+        }
+        async fn list(&self) -> Result<Vec<Snapshot>> {
+            Ok(self.0.clone())
+        }
+        async fn send(&self, _: &Snapshot, _: Option<&Snapshot>, _: bool) -> Result<SendStream> {
+            unimplemented!("planning sends nothing")
+        }
+        async fn delete(&self, _: &Snapshot) -> Result<()> {
+            unimplemented!("planning deletes nothing")
+        }
+    }
+
+    fn snap(hour: u32, identity: &str) -> Snapshot {
+        let name = SnapshotName::parse(&format!("snapship-20260101T{hour:02}0000.000Z")).unwrap();
+        Snapshot { name, identity: identity.into(), local_id: None, parent_local_id: None }
+    }
+
+    fn partial(s: &Snapshot, base: Option<&str>, offset: u64) -> Partial {
+        let blake3 = String::from("h");
+        Partial { snapshot: s.name.to_string(), identity: s.identity.clone(), base: base.map(Into::into), compact: true, offset, blake3, token: None }
+    }
+
+    fn plan_base(plan: &Plan) -> (Option<String>, Option<u64>) {
+        match plan {
+            Plan::Send { base, resume } => (base.as_ref().map(|b| b.identity.clone()), resume.as_ref().map(|r| r.offset)),
+            Plan::AlreadyThere => panic!("expected a send"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_partial_of_the_target_is_resumed_from_its_own_base() {
+        let (a, b, c) = (snap(1, "a"), snap(2, "b"), snap(3, "c"));
+        let origin = Listed(vec![a.clone(), b.clone(), c.clone()]);
+        // The replica holds a and b; the partial of c was started from a (b arrived since,
+        // say from a sync elsewhere): the partial's own base is what the stream needs.
+        let p = partial(&c, Some("a"), 1000);
+        let plan = plan_from(&origin, &c, &[a.clone(), b.clone()], Some(&p)).await.unwrap();
+        assert_eq!(plan_base(&plan), (Some("a".into()), Some(1000)));
+        // Without a partial: the newest common base, from zero.
+        let plan = plan_from(&origin, &c, &[a.clone(), b.clone()], None).await.unwrap();
+        assert_eq!(plan_base(&plan), (Some("b".into()), None));
+    }
+
+    #[tokio::test]
+    async fn a_partial_whose_base_is_gone_is_sent_again() {
+        let (b, c) = (snap(2, "b"), snap(3, "c"));
+        let origin = Listed(vec![b.clone(), c.clone()]); // a was pruned on the origin
+        let p = partial(&c, Some("a"), 1000);
+        let plan = plan_from(&origin, &c, &[b.clone()], Some(&p)).await.unwrap();
+        assert_eq!(plan_base(&plan), (Some("b".into()), None));
+        // A partial of another snapshot does not change the target's plan.
+        let other = partial(&snap(4, "d"), Some("b"), 5);
+        assert_eq!(plan_base(&plan_from(&origin, &c, &[b.clone()], Some(&other)).await.unwrap()), (Some("b".into()), None));
+    }
+
+    #[tokio::test]
+    async fn an_older_partial_is_finished_first() {
+        let (a, b, c) = (snap(1, "a"), snap(2, "b"), snap(3, "c"));
+        let origin = Listed(vec![a.clone(), b.clone(), c.clone()]);
+        let (older, plan) = partial_to_finish(&origin, &c, Some(&partial(&b, Some("a"), 700))).await.unwrap().unwrap();
+        assert_eq!(older.identity, "b");
+        assert_eq!(plan_base(&plan), (Some("a".into()), Some(700)));
+        // Nothing held yet, or the partial is of the target itself, or unknown: nothing first.
+        assert!(partial_to_finish(&origin, &c, Some(&partial(&b, Some("a"), 0))).await.unwrap().is_none());
+        assert!(partial_to_finish(&origin, &c, Some(&partial(&c, Some("b"), 9))).await.unwrap().is_none());
+        assert!(partial_to_finish(&origin, &c, Some(&partial(&snap(0, "x"), None, 9))).await.unwrap().is_none());
+        // A ZFS token counts even at offset 0 (the filesystem holds the data).
+        let mut token = partial(&b, None, 0);
+        token.token = Some("1-abc".into());
+        let (older, plan) = partial_to_finish(&origin, &c, Some(&token)).await.unwrap().unwrap();
+        assert_eq!((older.identity.as_str(), plan_base(&plan)), ("b", (None, Some(0))));
+    }
+
+    #[tokio::test]
+    async fn a_regenerated_prefix_is_checked_by_hash() {
+        let data = vec![5u8; 3 << 20];
+        let mut p = partial(&snap(1, "a"), None, 2 << 20);
+        p.blake3 = blake3::hash(&data[..2 << 20]).to_hex().to_string();
+        let mut same = &data[..];
+        let hasher = skip_prefix(&mut same, &p).await.unwrap().expect("the same stream resumes");
+        assert_eq!(same.len(), 1 << 20, "exactly the prefix was read");
+        let mut whole = hasher.clone();
+        whole.update(same);
+        assert_eq!(whole.finalize(), blake3::hash(&data));
+        let mut changed = data.clone();
+        changed[100] ^= 1;
+        assert!(skip_prefix(&mut &changed[..], &p).await.unwrap().is_none(), "a different stream starts over");
+        assert!(skip_prefix(&mut &data[..1 << 20], &p).await.unwrap().is_none(), "a shorter stream starts over");
+    }
 }

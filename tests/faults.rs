@@ -303,6 +303,7 @@ fn malformed_and_truncated_frames_are_refused() {
             compression: WireCompression::None,
             compact: false,
             resume: None,
+            from_token: false,
         };
         let begin = [hello.clone(), Frame::message(&begin.to_json()).to_vec()].concat();
         let mut oversized = hello.clone();

@@ -37,7 +37,7 @@ impl ReplicaEndpoint for LocalReplica {
 
     async fn receive(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
         // A local pipe is never cut part way, so it never offers a partial to resume.
-        anyhow::ensure!(start.resumed.is_none(), "a local replica cannot resume a stream");
+        anyhow::ensure!(start.resumed.is_none() && !start.from_token, "a local replica cannot resume a stream");
         self.side.receive(incoming, stream).await?;
         // As a remote replica does after a receive: prune by the replica side's retention.
         prune_replica_after_receive(&self.policy, self.side.as_ref()).await;

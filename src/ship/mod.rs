@@ -29,6 +29,8 @@ pub struct StreamStart {
     /// The stream is in the backend's compact format.
     pub compact: bool,
     pub resumed: Option<Resumed>,
+    /// The stream resumes the replica's ZFS resume token (`zfs send -t`).
+    pub from_token: bool,
 }
 
 /// The replica holds the first `offset` bytes of the stream, which hash into `hasher`.

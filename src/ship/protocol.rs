@@ -48,6 +48,10 @@ pub enum Message {
         /// Go on with the replica's partial transfer from this point, instead of from zero.
         #[serde(default)]
         resume: Option<ResumeFrom>,
+        /// The stream is `zfs send -t` of the replica's resume token: it continues the
+        /// partial receive the replica's filesystem kept.
+        #[serde(default)]
+        from_token: bool,
     },
     Ready,
     /// The replica holds the stream up to `offset`.
@@ -77,6 +81,10 @@ pub struct Partial {
     /// Stream bytes held, and the BLAKE3 of those bytes.
     pub offset: u64,
     pub blake3: String,
+    /// Modern ZFS: the dataset's `receive_resume_token`, left by a receive that died with
+    /// the replica's process; the origin resumes with `zfs send -t` instead of an offset.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,10 +164,25 @@ mod tests {
             compression: WireCompression::Zstd,
             compact: true,
             resume: Some(ResumeFrom { offset: 7, blake3: "ab".into() }),
+            from_token: false,
         };
         let json = m.to_json();
         assert!(String::from_utf8_lossy(&json).starts_with("{\"type\":\"begin\""));
         assert_eq!(Message::from_json(&json).unwrap(), m);
+        let listing = Message::Snapshots {
+            snapshots: vec![WireSnapshot { name: "snapship-20260101T000000.000Z".into(), identity: "u0".into() }],
+            compact: false,
+            partial: Some(Partial {
+                snapshot: "snapship-20260101T010000.000Z".into(),
+                identity: "u1".into(),
+                base: Some("u0".into()),
+                compact: false,
+                offset: 0,
+                blake3: String::new(),
+                token: Some("1-e604ea4bf-e0-789c63a2".into()),
+            }),
+        };
+        assert_eq!(Message::from_json(&listing.to_json()).unwrap(), listing);
         let e = Message::error(ErrorCode::Unauthorized, "no");
         assert_eq!(Message::from_json(&e.to_json()).unwrap(), e);
     }

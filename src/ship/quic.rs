@@ -251,6 +251,7 @@ impl RemoteReplica {
             compression: self.transfer.compression.into(),
             compact: start.compact,
             resume: start.resumed.as_ref().map(|r| ResumeFrom { offset: r.offset, blake3: r.hasher.finalize().to_hex().to_string() }),
+            from_token: start.from_token,
         };
         let (mut replies, mut send) = self.request(&begin).await?;
         let ready = tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut replies))

@@ -59,7 +59,7 @@ pub fn bind(config: &LoadedConfig, addr: SocketAddr) -> Result<Server> {
 /// hidden in staging and is removed by the next one).
 pub async fn serve(mut server: Server, config: Arc<LoadedConfig>, status: Arc<StatusBoard>, shutdown: CancellationToken) -> Result<()> {
     let tasks = TaskTracker::new();
-    let sessions = Sessions::new(&config.node.transfers, config.node.state_dir.join("spool"));
+    let sessions = Sessions::new(&config.node.transfers, &config.node.state_dir);
     tasks.spawn(sessions.clone().watch(shutdown.clone()));
     loop {
         tokio::select! {
@@ -147,9 +147,9 @@ async fn serve_request(
             };
             let side = snapshot::replica_for(policy, replica)?;
             let snapshots = side.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
-            Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial: sessions.partial(&fileset) })
+            Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial: sessions.resumable(&fileset, side.as_ref()).await })
         }
-        Message::Begin { fileset, snapshot, identity, base, compression, compact, resume } => {
+        Message::Begin { fileset, snapshot, identity, base, compression, compact, resume, from_token } => {
             let (policy, replica) = match authorize(config, peer, &fileset) {
                 Ok(found) => found,
                 Err(refusal) => return Ok(refusal),
@@ -158,7 +158,7 @@ async fn serve_request(
                 return Ok(Message::error(ErrorCode::BadRequest, format!("{snapshot:?} is not a snapship snapshot name")));
             };
             let from = resume.as_ref().map_or(0, |r| r.offset);
-            let incoming = Incoming { name, identity, base: base.clone() };
+            let incoming = Incoming { name, identity, base: base.clone(), from_token };
             let attached = sessions.begin(peer, &fileset, incoming, compact, resume, snapshot::replica_for(policy, replica)?).await?;
             write_message(send, &Message::Ready).await?;
             tracing::info!(%peer, %fileset, %snapshot, base = base.as_deref().unwrap_or("none (full)"), from, "receiving");

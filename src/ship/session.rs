@@ -65,7 +65,7 @@ pub fn error_code(err: &anyhow::Error) -> ErrorCode {
 }
 
 /// What identifies a stream: a resume must be of the very same one.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct StreamKey {
     snapshot: String,
     identity: String,
@@ -105,6 +105,7 @@ impl Session {
             compact: self.key.compact,
             offset: p.offset,
             blake3: p.hasher.finalize().to_hex().to_string(),
+            token: None,
         }
     }
 
@@ -135,18 +136,61 @@ pub struct Sessions {
     begin_lock: tokio::sync::Mutex<()>,
     settings: Transfers,
     spool_dir: PathBuf,
+    /// `FILESET.json` per receive under way: which stream it is. It outlives a crash, so that
+    /// a partial receive the filesystem kept (a ZFS resume token) can be matched to its
+    /// snapshot after a restart.
+    receiving_dir: PathBuf,
 }
 
 impl Sessions {
-    /// Sessions spooling under `spool_dir`, which is cleared first: spool files of a previous
-    /// run are useless (their receives died with it).
-    pub fn new(settings: &Transfers, spool_dir: PathBuf) -> Arc<Sessions> {
+    /// Sessions spooling under `state_dir/spool`, which is cleared first: spool files of a
+    /// previous run are useless (their receives died with it).
+    pub fn new(settings: &Transfers, state_dir: &std::path::Path) -> Arc<Sessions> {
+        let spool_dir = state_dir.join("spool");
         if spool_dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&spool_dir) {
                 tracing::warn!("cannot clear the spool directory {}: {e}", spool_dir.display());
             }
         }
-        Arc::new(Sessions { map: Mutex::default(), begin_lock: Default::default(), settings: settings.clone(), spool_dir })
+        let receiving_dir = state_dir.join("receiving");
+        Arc::new(Sessions { map: Mutex::default(), begin_lock: Default::default(), settings: settings.clone(), spool_dir, receiving_dir })
+    }
+
+    fn receiving_file(&self, fileset: &str) -> PathBuf {
+        self.receiving_dir.join(format!("{fileset}.json"))
+    }
+
+    /// Records which stream is being received into `fileset` (best effort: without it, a
+    /// resume token cannot be used after a crash and the origin starts over).
+    fn remember(&self, fileset: &str, key: &StreamKey) {
+        let written = std::fs::create_dir_all(&self.receiving_dir)
+            .and_then(|()| std::fs::write(self.receiving_file(fileset), serde_json::to_vec(key).expect("a key serializes")));
+        if let Err(e) = written {
+            tracing::warn!("cannot record the receive into `{fileset}` under {}: {e}", self.receiving_dir.display());
+        }
+    }
+
+    /// The partial transfer the origin can resume: a session of this process, or else a
+    /// partial receive that the replica's filesystem kept through a crash (ZFS resume token).
+    pub async fn resumable(&self, fileset: &str, side: &dyn ReplicaSide) -> Option<Partial> {
+        if let Some(p) = self.partial(fileset) {
+            return Some(p);
+        }
+        let file = self.receiving_file(fileset);
+        let Some(token) = side.resume_token().await else {
+            let _ = std::fs::remove_file(&file); // stale: nothing partial is kept
+            return None;
+        };
+        let key: StreamKey = serde_json::from_slice(&std::fs::read(&file).ok()?).ok()?;
+        Some(Partial {
+            snapshot: key.snapshot,
+            identity: key.identity,
+            base: key.base,
+            compact: key.compact,
+            offset: 0,
+            blake3: String::new(),
+            token: Some(token),
+        })
     }
 
     pub fn stall_timeout(&self) -> Duration {
@@ -190,6 +234,7 @@ impl Sessions {
         if let Some(old) = existing {
             self.discard(&old, "replaced by a new transfer from the origin", false).await;
         }
+        self.remember(fileset, &key);
         let limits = spool::Limits { memory: self.settings.spool_memory.0 as usize, disk: self.settings.spool_disk.0 };
         let (writer, reader) = spool::spool(limits, self.spool_dir.clone());
         let (tx, rx) = watch::channel(None);
@@ -240,12 +285,7 @@ impl Sessions {
 
     /// Drops `session`: its receive fails (and cleans up), or is killed if it is stuck.
     async fn discard(&self, session: &Arc<Session>, why: &str, kill: bool) {
-        {
-            let mut map = self.map.lock().expect("sessions lock");
-            if map.get(&session.fileset).is_some_and(|s| Arc::ptr_eq(s, session)) {
-                map.remove(&session.fileset);
-            }
-        }
+        self.forget(session);
         session.feeder.lock().expect("feeder lock").cancel();
         session.writer.fail(why.to_string());
         let handle = session.receive.lock().expect("receive lock").take();
@@ -291,10 +331,12 @@ impl Sessions {
         Err(e)
     }
 
+    /// Removes `session` if it is still the file set's current one.
     fn forget(&self, session: &Arc<Session>) {
         let mut map = self.map.lock().expect("sessions lock");
         if map.get(&session.fileset).is_some_and(|s| Arc::ptr_eq(s, session)) {
             map.remove(&session.fileset);
+            let _ = std::fs::remove_file(self.receiving_file(&session.fileset));
         }
     }
 

@@ -135,6 +135,8 @@ pub struct Incoming {
     pub identity: String,
     /// The identity of the base it is incremental from, if any.
     pub base: Option<String>,
+    /// The stream continues a partial receive the filesystem kept (ZFS resume token).
+    pub from_token: bool,
 }
 
 /// The origin's side of a file set.
@@ -154,6 +156,11 @@ pub trait OriginSide: Send + Sync {
     /// compressed extents sent as they are on disk).
     async fn send(&self, snapshot: &Snapshot, base: Option<&Snapshot>, compact: bool) -> Result<SendStream>;
     async fn delete(&self, snapshot: &Snapshot) -> Result<()>;
+    /// Opens the stream that resumes a partial receive from the replica's resume token
+    /// (modern ZFS: `zfs send -t`).
+    async fn send_resumed(&self, _token: &str) -> Result<SendStream> {
+        anyhow::bail!("this backend cannot resume a receive from a token")
+    }
     /// `base` is now the common base with `replica` (replacing `previous`): guard it where
     /// the filesystem can (ZFS: a hold, and a bookmark on modern ZFS). Our own pruning
     /// protects bases anyway; this keeps other tools from destroying them.
@@ -170,8 +177,14 @@ pub trait ReplicaSide: Send + Sync {
     /// Whether this side can receive the compact stream format (see [`OriginSide::send`]).
     async fn accepts_compact(&self) -> bool;
     /// Receives `stream` (read to its end, which must come without error); the snapshot is
-    /// visible only once complete and checked, and nothing partial remains on failure.
+    /// visible only once complete and checked, and nothing partial remains on failure
+    /// (except, on modern ZFS, the hidden resumable state of a receive continuing a token).
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot>;
+    /// The resume token of a partial receive the filesystem kept when its process died
+    /// (modern ZFS `receive -s`); `None` where there is none or the backend has no such thing.
+    async fn resume_token(&self) -> Option<String> {
+        None
+    }
     async fn delete(&self, snapshot: &Snapshot) -> Result<()>;
 }
 
@@ -230,6 +243,28 @@ mod tests {
     const A: &str = "snapship-20260101T000000.000Z";
     const B: &str = "snapship-20260101T010000.000Z";
     const C: &str = "snapship-20260101T020000.000Z";
+
+    #[tokio::test]
+    async fn a_silent_sending_process_is_killed_at_the_stall_timeout() {
+        use tokio::io::AsyncReadExt;
+        let mut process = runner::Cmd::new("sleep").arg("30").spawn(runner::Pipe::Out).unwrap();
+        let stdout = process.stdout();
+        let pid = process.pid().unwrap();
+        let mut stream = SendStream::new(Box::new(stdout), process).with_stall_timeout(std::time::Duration::from_millis(200));
+        let err = stream.read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert!(err.to_string().contains("`sleep 30` produced no data for 0s (stall timeout)"), "{err}");
+        // Killed: gone (or a zombie being reaped) soon after.
+        let alive = || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        for _ in 0..100 {
+            if !alive() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(!alive(), "the stuck process still runs");
+        // And the failure sticks.
+        assert!(stream.read(&mut [0u8; 8]).await.is_err());
+    }
 
     #[test]
     fn base_is_newest_shared_identity() {

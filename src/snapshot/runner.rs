@@ -154,6 +154,11 @@ impl Running {
         &self.cmdline
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Waits for the exit; a non-zero exit is an error with the stderr tail.
     pub async fn wait(mut self) -> Result<(), CommandError> {
         drop(self.child.stdin.take());

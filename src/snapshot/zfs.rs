@@ -304,6 +304,12 @@ impl OriginSide for ZfsOrigin {
         Ok(())
     }
 
+    async fn send_resumed(&self, token: &str) -> Result<SendStream> {
+        let cmd = resume_send_command(features().await, token).ok_or_else(|| anyhow!("this ZFS cannot resume a send (no `zfs send -t`)"))?;
+        let mut process = cmd.spawn(Pipe::Out)?;
+        Ok(SendStream::new(Box::new(process.stdout()), process))
+    }
+
     async fn keep_base(&self, replica: &str, base: &SnapshotName, previous: Option<&SnapshotName>) -> Result<()> {
         let f = features().await;
         if !f.holds {
@@ -358,10 +364,21 @@ impl ReplicaSide for ZfsReplica {
         features().await.compressed_send
     }
 
+    async fn resume_token(&self) -> Option<String> {
+        if !features().await.resumable {
+            return None;
+        }
+        zfs(&["get", "-H", "-o", "value", "receive_resume_token", &self.dataset]).await.ok().as_deref().and_then(parse_resume_token)
+    }
+
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot> {
         let f = features().await;
         let exists = dataset_exists(&self.dataset).await?;
-        if exists && incoming.base.is_none() && !self.list().await?.is_empty() {
+        if !incoming.from_token {
+            // A new stream cannot start while an old partial receive is kept.
+            self.discard_partial().await;
+        }
+        if exists && incoming.base.is_none() && !incoming.from_token && !self.list().await?.is_empty() {
             bail!(
                 "{} holds snapshots but none in common with the origin; a full receive would destroy them. \
                  Destroy them (zfs destroy -r {}) or give the replica another dataset",
@@ -386,7 +403,11 @@ impl ReplicaSide for ZfsReplica {
         drop(stdin);
         let received = process.wait().await;
         if let Err(e) = copied {
-            self.discard_partial().await;
+            // A receive continuing a token keeps its partial state for another try; any other
+            // is dropped (a cut stream is resumed by the spool, not by ZFS).
+            if !incoming.from_token {
+                self.discard_partial().await;
+            }
             // The stream's error is the cause unless zfs gave up first (EPIPE).
             let broken_pipe = e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
             return Err(match received {
@@ -404,7 +425,9 @@ impl ReplicaSide for ZfsReplica {
             });
         }
         if let Err(e) = received {
-            self.discard_partial().await;
+            if !incoming.from_token {
+                self.discard_partial().await;
+            }
             return Err(e.into());
         }
         let got = self
