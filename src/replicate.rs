@@ -185,8 +185,9 @@ fn base_of_partial(origin: &[Snapshot], partial: &Partial) -> Option<Option<Snap
     }
 }
 
-/// A partial transfer of an older snapshot than `target` that is worth finishing first: most
-/// of it is across already, and the target then goes incrementally on top of it. `None` if
+/// A partial transfer of an older snapshot than `target` that is finished first: what the
+/// replica holds of it is not sent again, and the target then goes incrementally on top of
+/// it (the two streams together cost about what one stream to the target would). `None` if
 /// there is none, or the origin no longer has what it needs.
 pub async fn partial_to_finish(origin: &dyn OriginSide, target: &Snapshot, partial: Option<&Partial>) -> Result<Option<(Snapshot, Plan)>> {
     let Some(p) = partial.filter(|p| p.identity != target.identity && (p.offset > 0 || p.token.is_some())) else { return Ok(None) };

@@ -186,8 +186,8 @@ impl OriginJob {
         &self.policy.fileset.0
     }
 
-    /// Runs until `shutdown`; transfers in flight are then dropped (the replica removes the
-    /// partial receive; the next run sends again from the base).
+    /// Runs until `shutdown`; transfers in flight are then dropped: the replica keeps what it
+    /// received for `resume_window`, and the next run resumes from there.
     pub async fn run(self, shutdown: CancellationToken) {
         let job = Arc::new(self);
         let state = job.state.get().await;

@@ -59,7 +59,7 @@ pub trait ReplicaEndpoint: Send + Sync {
         None
     }
     /// Closes any connection to the replica, telling it at once that transfers in flight are
-    /// abandoned (so it drops the partial receive and frees the replica for the next one).
+    /// cut (it keeps what it received, for a resume).
     async fn close(&self) {}
     /// Ships `stream` to the replica, which receives it; `Ok` once the replica has the
     /// snapshot complete, checked and visible. `start` says whether `stream` goes on from

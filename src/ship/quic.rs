@@ -46,8 +46,9 @@ pub fn io(addr: SocketAddr) -> Result<s2n_quic::provider::io::tokio::Provider> {
 
 /// How long a replica may take to answer a request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a replica may take, after the end of a stream, to finish receiving and commit.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
+/// After the end of a stream, the replica finishes receiving (it may have much spooled) and
+/// says it is alive at least every half second: it is given this long between two signs.
+const COMMIT_SILENCE: Duration = Duration::from_secs(60);
 
 /// An error the replica answered with.
 #[derive(Debug, thiserror::Error)]
@@ -292,17 +293,14 @@ impl RemoteReplica {
         write_message(&mut send, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await?;
         send.close().await.ok();
         tracing::debug!(replica = %self.node, bytes = sent.bytes, wire_bytes = sent.wire_bytes, "stream sent, waiting for the commit");
-        let committed = async {
-            loop {
-                match read_message(&mut replies).await? {
-                    Message::Ack { .. } => continue,
-                    other => return Ok::<_, anyhow::Error>(other),
-                }
+        let committed = loop {
+            let silence = COMMIT_SILENCE.max(self.stall);
+            match tokio::time::timeout(silence, read_message(&mut replies)).await {
+                Err(_) => bail!("replica `{}` went silent for {}s while finishing the snapshot", self.node, silence.as_secs()),
+                Ok(Ok(Message::Ack { .. })) => continue,
+                Ok(reply) => break reply?,
             }
         };
-        let committed = tokio::time::timeout(COMMIT_TIMEOUT, committed)
-            .await
-            .map_err(|_| anyhow!("replica `{}` did not confirm the snapshot within {}s of the end of the stream", self.node, COMMIT_TIMEOUT.as_secs()))??;
         match committed {
             Message::Committed { .. } => Ok(()),
             Message::Error { code, message } => Err(self.refused(code, message)),
@@ -323,7 +321,8 @@ impl RemoteReplica {
 
     /// Reads acknowledgements until something goes wrong, which it returns: an error from the
     /// replica, a closed stream, or no progress for the stall timeout while `written` (stream
-    /// bytes handed to QUIC) is ahead of what the replica acknowledged.
+    /// bytes read into frames already handed to QUIC) is ahead of what the replica
+    /// acknowledged.
     async fn watch_acks(&self, replies: &mut FrameReader<s2n_quic::stream::ReceiveStream>, written: &std::sync::atomic::AtomicU64, acked: &mut u64) -> anyhow::Error {
         let tick = (self.stall / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         let mut behind_since: Option<std::time::Instant> = None;

@@ -55,8 +55,8 @@ pub fn bind(config: &LoadedConfig, addr: SocketAddr) -> Result<Server> {
     Ok(server)
 }
 
-/// Serves until `shutdown`; transfers in flight are dropped then (the partial receive stays
-/// hidden in staging and is removed by the next one).
+/// Serves until `shutdown`; transfers in flight are dropped then (their receives fail, and
+/// the partial snapshot, hidden in staging, is removed now or by the next receive).
 pub async fn serve(mut server: Server, config: Arc<LoadedConfig>, status: Arc<StatusBoard>, shutdown: CancellationToken) -> Result<()> {
     let tasks = TaskTracker::new();
     let sessions = Sessions::new(&config.node.transfers, &config.node.state_dir);
@@ -70,6 +70,7 @@ pub async fn serve(mut server: Server, config: Arc<LoadedConfig>, status: Arc<St
             },
         }
     }
+    sessions.shutdown();
     tasks.close();
     tasks.wait().await;
     Ok(())

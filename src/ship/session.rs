@@ -15,10 +15,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::sync::{OwnedMutexGuard, watch};
@@ -31,11 +32,17 @@ use super::transfer::{IncomingData, IncomingError, write_message};
 use crate::config::Transfers;
 use crate::snapshot::{Incoming, ReplicaSide};
 
-/// Stream bytes pushed into the spool at a time.
+/// Stream bytes pushed into the spool at a time (less when the stream pauses).
 const PUSH: usize = 256 * 1024;
-/// The replica acknowledges at least this often (bytes, time), whichever comes first.
+/// The replica acknowledges at least this often (bytes, time), whichever comes first; the
+/// same interval pushes a partly filled buffer, and keeps the origin informed while the
+/// receive finishes after the end of the stream.
 const ACK_BYTES: u64 = 4 << 20;
 const ACK_INTERVAL: Duration = Duration::from_millis(500);
+/// How long replacing a session waits for its receive to fail and clean up before killing
+/// it, and how long a takeover waits for the previous connection to let go: both well
+/// inside the origin's patience for an answer to `begin`.
+const GRACE: Duration = Duration::from_secs(20);
 
 /// How a receive ended: `Err` carries the protocol code and the message for the origin.
 type Outcome = Result<(), (ErrorCode, String)>;
@@ -91,13 +98,16 @@ pub struct Session {
     detached_at: Mutex<Option<Instant>>,
     outcome: watch::Receiver<Option<Outcome>>,
     receive: Mutex<Option<JoinHandle<()>>>,
-    /// Why the receive was killed, if it was.
-    killed: Mutex<Option<String>>,
+    /// The stream is complete and checked; the receive is finishing. Not resumable.
+    finishing: AtomicBool,
+    /// Why the session was dropped, if it was (for the feeder cut off, and the receive).
+    dropped: Mutex<Option<(ErrorCode, String)>>,
 }
 
 impl Session {
     fn partial(&self) -> Partial {
         let p = self.progress.lock().expect("progress lock");
+        debug_assert!(!self.finishing.load(Ordering::Relaxed));
         Partial {
             snapshot: self.key.snapshot.clone(),
             identity: self.key.identity.clone(),
@@ -114,26 +124,30 @@ impl Session {
         let mut rx = self.outcome.clone();
         match rx.wait_for(Option::is_some).await {
             Ok(o) => o.clone().expect("waited for Some"),
-            Err(_) => {
-                let why = self.killed.lock().expect("killed lock").clone();
-                Err((ErrorCode::Stalled, why.unwrap_or_else(|| "the receive was stopped".into())))
-            }
+            Err(_) => Err(self.dropped.lock().expect("dropped lock").clone().unwrap_or((ErrorCode::ReceiveFailed, "the receive was stopped".into()))),
         }
     }
 }
 
-/// A connection's hold on a session: only one feeds it at a time.
+/// A connection's hold on a session: only one feeds it at a time. When it goes, the
+/// session counts as detached (the resume window starts) until another attaches.
 pub struct Attached {
     pub session: Arc<Session>,
     _feeding: OwnedMutexGuard<()>,
     token: CancellationToken,
 }
 
+impl Drop for Attached {
+    fn drop(&mut self) {
+        *self.session.detached_at.lock().expect("detached lock") = Some(Instant::now());
+    }
+}
+
 pub struct Sessions {
     map: Mutex<HashMap<String, Arc<Session>>>,
-    /// One `begin` at a time, so that replacing a session and starting its successor
-    /// cannot interleave with another.
-    begin_lock: tokio::sync::Mutex<()>,
+    /// One `begin` at a time per file set, so that replacing a session and starting its
+    /// successor cannot interleave with another.
+    begin_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     settings: Transfers,
     spool_dir: PathBuf,
     /// `FILESET.json` per receive under way: which stream it is. It outlives a crash, so that
@@ -153,7 +167,7 @@ impl Sessions {
             }
         }
         let receiving_dir = state_dir.join("receiving");
-        Arc::new(Sessions { map: Mutex::default(), begin_lock: Default::default(), settings: settings.clone(), spool_dir, receiving_dir })
+        Arc::new(Sessions { map: Mutex::default(), begin_locks: Mutex::default(), settings: settings.clone(), spool_dir, receiving_dir })
     }
 
     fn receiving_file(&self, fileset: &str) -> PathBuf {
@@ -200,7 +214,8 @@ impl Sessions {
     /// The resumable transfer into `fileset`, if there is one.
     pub fn partial(&self, fileset: &str) -> Option<Partial> {
         let session = self.map.lock().expect("sessions lock").get(fileset).cloned()?;
-        session.outcome.borrow().is_none().then(|| session.partial())
+        let resumable = session.outcome.borrow().is_none() && !session.finishing.load(Ordering::Relaxed);
+        resumable.then(|| session.partial())
     }
 
     /// Starts a transfer (or resumes the partial one) and attaches the caller to it.
@@ -213,14 +228,18 @@ impl Sessions {
         resume: Option<ResumeFrom>,
         side: Box<dyn ReplicaSide>,
     ) -> Result<Attached> {
-        let _one_at_a_time = self.begin_lock.lock().await;
+        let lock = self.begin_locks.lock().expect("begin locks").entry(fileset.to_string()).or_default().clone();
+        let _one_at_a_time = lock.lock().await;
         let key = StreamKey { snapshot: incoming.name.to_string(), identity: incoming.identity.clone(), base: incoming.base.clone(), compact };
         let existing = self.map.lock().expect("sessions lock").get(fileset).cloned();
+        if let Some(s) = existing.as_ref().filter(|s| s.finishing.load(Ordering::Relaxed) && s.outcome.borrow().is_none()) {
+            return Err(failed(ErrorCode::Busy, format!("the receive of {} into `{fileset}` is finishing; list again in a moment", s.key.snapshot)));
+        }
         if let Some(resume) = resume {
             let Some(session) = existing.filter(|s| s.key == key && s.peer == peer) else {
                 return Err(failed(ErrorCode::CannotResume, format!("no partial transfer of {} to resume here (it may have expired)", key.snapshot)));
             };
-            let attached = self.attach(&session).await;
+            let attached = self.attach(&session).await?;
             let held = session.partial();
             if held.offset != resume.offset || held.blake3 != resume.blake3 {
                 return Err(failed(
@@ -232,7 +251,7 @@ impl Sessions {
             return Ok(attached);
         }
         if let Some(old) = existing {
-            self.discard(&old, "replaced by a new transfer from the origin", false).await;
+            self.discard(&old, ErrorCode::Aborted, "replaced by a new transfer from the origin", false).await;
         }
         self.remember(fileset, &key);
         let limits = spool::Limits { memory: self.settings.spool_memory.0 as usize, disk: self.settings.spool_disk.0 };
@@ -267,35 +286,59 @@ impl Sessions {
             detached_at: Mutex::new(None),
             outcome: rx,
             receive: Mutex::new(Some(receive)),
-            killed: Mutex::new(None),
+            finishing: AtomicBool::new(false),
+            dropped: Mutex::new(None),
         });
         self.map.lock().expect("sessions lock").insert(fileset.to_string(), session.clone());
-        Ok(self.attach(&session).await)
+        self.attach(&session).await
     }
 
     /// Takes the session over from any connection still feeding it.
-    async fn attach(&self, session: &Arc<Session>) -> Attached {
+    async fn attach(&self, session: &Arc<Session>) -> Result<Attached> {
         session.feeder.lock().expect("feeder lock").cancel();
-        let guard = session.feeding.clone().lock_owned().await;
+        let guard = tokio::time::timeout(GRACE, session.feeding.clone().lock_owned())
+            .await
+            .map_err(|_| failed(ErrorCode::Busy, "the previous connection still feeds this transfer; try again"))?;
         let token = CancellationToken::new();
         *session.feeder.lock().expect("feeder lock") = token.clone();
         *session.detached_at.lock().expect("detached lock") = None;
-        Attached { session: session.clone(), _feeding: guard, token }
+        Ok(Attached { session: session.clone(), _feeding: guard, token })
     }
 
-    /// Drops `session`: its receive fails (and cleans up), or is killed if it is stuck.
-    async fn discard(&self, session: &Arc<Session>, why: &str, kill: bool) {
+    /// Drops `session` for `why`: its receive fails (and cleans up), or is killed if it is
+    /// stuck (`kill`) or does not end within the grace period. A feeder still attached is
+    /// cut off and answers the origin with `code` and `why`.
+    async fn discard(&self, session: &Arc<Session>, code: ErrorCode, why: &str, kill: bool) {
         self.forget(session);
+        session.dropped.lock().expect("dropped lock").get_or_insert_with(|| (code, why.to_string()));
         session.feeder.lock().expect("feeder lock").cancel();
         session.writer.fail(why.to_string());
+        let grace = if kill { Duration::ZERO } else { GRACE.min(self.stall_timeout()) };
+        let ended = tokio::time::timeout(grace, session.outcome()).await.is_ok();
         let handle = session.receive.lock().expect("receive lock").take();
-        let Some(handle) = handle else { return };
-        let grace = if kill { Duration::ZERO } else { self.stall_timeout() };
-        if tokio::time::timeout(grace, session.outcome()).await.is_err() {
-            *session.killed.lock().expect("killed lock") = Some(why.to_string());
-            handle.abort(); // dropping the receive kills its process
+        match handle {
+            Some(handle) => {
+                if !ended {
+                    handle.abort(); // dropping the receive kills its process
+                }
+                let _ = handle.await;
+            }
+            // Another discard holds the handle: wait for it to end the receive.
+            None => {
+                let _ = tokio::time::timeout(GRACE, session.outcome()).await;
+            }
         }
-        let _ = handle.await;
+    }
+
+    /// Stops every session (the daemon is stopping): their feeders return, their receives
+    /// fail. A btrfs receive cannot outlive this process anyway.
+    pub fn shutdown(&self) {
+        let sessions: Vec<Arc<Session>> = self.map.lock().expect("sessions lock").values().cloned().collect();
+        for s in sessions {
+            s.dropped.lock().expect("dropped lock").get_or_insert_with(|| (ErrorCode::Aborted, "the replica is shutting down".into()));
+            s.feeder.lock().expect("feeder lock").cancel();
+            s.writer.fail("the replica is shutting down");
+        }
     }
 
     /// Feeds `data` into the attached session until the stream ends and the snapshot is
@@ -306,13 +349,18 @@ impl Sessions {
         let result = feed_spool(&attached, &mut data, acks).await;
         let Err(e) = result else {
             // The stream is complete and checked: let the receive finish.
+            session.finishing.store(true, Ordering::Relaxed);
             session.writer.finish();
-            let outcome = session.outcome().await;
+            let outcome = self.finish(&session, acks).await;
             self.forget(&session);
             return outcome.map_err(|(code, message)| failed(code, message));
         };
         if attached.token.is_cancelled() {
-            return Err(e); // another connection took over (or the session was dropped)
+            // Dropped (say why), or taken over by another connection.
+            return match session.dropped.lock().expect("dropped lock").clone() {
+                Some((code, why)) => Err(failed(code, why)),
+                None => Err(e),
+            };
         }
         if session.outcome.borrow().is_some() || e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
             // The receive ended first: its error is the cause.
@@ -322,13 +370,36 @@ impl Sessions {
         }
         if let Some(IncomingError::Checksum { .. }) = e.downcast_ref::<IncomingError>() {
             // The whole stream does not hash as the origin's: what we hold is worthless.
-            self.discard(&session, "the stream failed its final checksum", false).await;
+            self.discard(&session, ErrorCode::Checksum, "the stream failed its final checksum", false).await;
             return Err(e);
         }
         let offset = session.progress.lock().expect("progress lock").offset;
         tracing::info!(peer = %session.peer, fileset = %session.fileset, offset, "transfer cut, kept for resuming: {e:#}");
-        *session.detached_at.lock().expect("detached lock") = Some(Instant::now());
-        Err(e)
+        Err(e) // dropping `attached` marks the session detached
+    }
+
+    /// Waits for the receive to end after the end of the stream, telling the origin all
+    /// along that the replica is alive; a receive that has read everything and still does
+    /// not end within the stall timeout is killed.
+    async fn finish<W: AsyncWrite + Unpin>(&self, session: &Arc<Session>, acks: &mut W) -> Outcome {
+        let offset = session.progress.lock().expect("progress lock").offset;
+        let mut drained_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                outcome = session.outcome() => return outcome,
+                _ = tokio::time::sleep(ACK_INTERVAL) => {}
+            }
+            // A keepalive; if the origin is gone, the receive still finishes.
+            let _ = tokio::time::timeout(ACK_INTERVAL, write_message(acks, &Message::Ack { offset })).await;
+            if session.writer.buffered() > 0 {
+                drained_since = None; // still reading: the spool watchdog judges
+            } else if drained_since.get_or_insert_with(Instant::now).elapsed() > self.stall_timeout() {
+                let why = format!("the receive read the whole stream but did not finish within {} (stall timeout); it was killed", self.settings.stall_timeout);
+                tracing::error!(fileset = %session.fileset, "{why}");
+                self.discard(session, ErrorCode::Stalled, &why, true).await;
+                return session.outcome().await;
+            }
+        }
     }
 
     /// Removes `session` if it is still the file set's current one.
@@ -355,14 +426,15 @@ impl Sessions {
                     self.forget(&s); // failed on its own while nobody fed it
                 } else if detached.is_some_and(|t| t.elapsed() > self.settings.resume_window.0) {
                     tracing::warn!(fileset = %s.fileset, snapshot = %s.key.snapshot, "dropping a cut transfer: its origin did not resume it within {}", self.settings.resume_window);
-                    self.discard(&s, "the origin did not resume the transfer in time", false).await;
+                    let me = self.clone();
+                    tokio::spawn(async move { me.discard(&s, ErrorCode::Aborted, "the origin did not resume the transfer in time", false).await });
                 } else if s.writer.waiting().is_some_and(|w| w > self.stall_timeout()) {
-                    tracing::error!(
-                        fileset = %s.fileset, snapshot = %s.key.snapshot,
-                        "the receive read nothing for {} although data was waiting: killing it (stall timeout)", self.settings.stall_timeout
-                    );
                     let why = format!("the receive on the replica read nothing for {} (stall timeout); it was killed", self.settings.stall_timeout);
-                    self.discard(&s, &why, true).await;
+                    tracing::error!(fileset = %s.fileset, snapshot = %s.key.snapshot, "{why}");
+                    // Forget it now, so that the next tick does not discard it again.
+                    self.forget(&s);
+                    let me = self.clone();
+                    tokio::spawn(async move { me.discard(&s, ErrorCode::Stalled, &why, true).await });
                 }
             }
         }
@@ -373,25 +445,32 @@ impl Sessions {
 async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut IncomingData, acks: &mut W) -> Result<()> {
     let session = &attached.session;
     let token = &attached.token;
+    let taken_over = || anyhow!("another connection took the transfer over");
     let mut buf = BytesMut::with_capacity(2 * PUSH);
     let mut last_ack = (session.progress.lock().expect("progress lock").offset, Instant::now());
     loop {
         if buf.capacity() - buf.len() < PUSH {
             buf.reserve(PUSH);
         }
-        let n = tokio::select! {
-            _ = token.cancelled() => bail!("another connection took the transfer over"),
-            n = data.reader.read_buf(&mut buf) => n?,
+        // Read; but push what there is when the stream pauses, so that acknowledgements
+        // keep up with a slow origin.
+        let read = tokio::select! {
+            _ = token.cancelled() => return Err(taken_over()),
+            n = data.reader.read_buf(&mut buf) => Some(n?),
+            _ = tokio::time::sleep(ACK_INTERVAL), if !buf.is_empty() => None,
         };
-        if n != 0 && buf.len() < PUSH {
+        let end = read == Some(0);
+        if read.is_some() && !end && buf.len() < PUSH {
             continue;
         }
         if !buf.is_empty() {
             let chunk = buf.split().freeze();
+            // Only the wait for room may be given up: once the chunk goes in, it is counted.
             tokio::select! {
-                _ = token.cancelled() => bail!("another connection took the transfer over"),
-                pushed = session.writer.push(chunk.clone()) => pushed?,
+                _ = token.cancelled() => return Err(taken_over()),
+                room = session.writer.room(chunk.len()) => room?,
             }
+            session.writer.push(chunk.clone()).await?;
             let offset = {
                 let mut p = session.progress.lock().expect("progress lock");
                 p.hasher.update(&chunk);
@@ -403,7 +482,7 @@ async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut Incom
                 last_ack = (offset, Instant::now());
             }
         }
-        if n == 0 {
+        if end {
             break;
         }
     }

@@ -10,8 +10,9 @@
 //!
 //! Order is kept with one rule: data goes to memory only while the disk level is empty, so
 //! everything in memory is older than everything on disk. The spool file is unlinked as
-//! soon as it is created, so a crash can leave nothing behind, and it is truncated whenever
-//! the reader drains it.
+//! soon as it is created, so a crash can leave nothing behind; what the reader consumed is
+//! punched out of it at once (so the disk level never holds more than its limit, even while
+//! the reader never quite catches up), and it is truncated whenever the reader drains it.
 //!
 //! The reader reports the end of the stream only after [`SpoolWriter::finish`], which the
 //! session calls once the origin's end marker and hash checked out. A failed or abandoned
@@ -108,8 +109,29 @@ pub struct SpoolWriter {
 }
 
 impl SpoolWriter {
+    /// Waits until `len` bytes fit, so that the next [`push`](Self::push) of that many
+    /// does not wait. Cancel-safe, unlike `push`: a caller that must be able to give up
+    /// waits here, then pushes without racing anything.
+    pub async fn room(&self, len: usize) -> io::Result<()> {
+        loop {
+            {
+                let st = self.shared.lock();
+                if st.reader_gone {
+                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the receive stopped reading the spool"));
+                }
+                let disk_empty = st.disk_start == st.disk_end;
+                let fits_memory = disk_empty && (st.memory_bytes + len <= self.shared.limits.memory || st.memory.is_empty());
+                if fits_memory || (st.disk_end - st.disk_start) + len as u64 <= self.shared.limits.disk {
+                    return Ok(());
+                }
+            }
+            self.shared.to_writer.notified().await;
+        }
+    }
+
     /// Appends `chunk`, waiting while both levels are full. Fails once the reader is gone
-    /// (the receive ended early: its own error says why).
+    /// (the receive ended early: its own error says why). Not cancel-safe once it writes to
+    /// disk: use [`room`](Self::room) for a wait that may be given up.
     pub async fn push(&self, chunk: Bytes) -> io::Result<()> {
         if chunk.is_empty() {
             return Ok(());
@@ -120,6 +142,10 @@ impl SpoolWriter {
                 let mut st = self.shared.lock();
                 if st.reader_gone {
                     return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the receive stopped reading the spool"));
+                }
+                if st.buffered() == 0 {
+                    // The receive has been idle until now: its wait starts here.
+                    st.last_pull = Instant::now();
                 }
                 let disk_empty = st.disk_start == st.disk_end;
                 if disk_empty && (st.memory_bytes + len <= self.shared.limits.memory || st.memory.is_empty()) {
@@ -243,7 +269,11 @@ impl SpoolReader {
             };
             let chunk = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; n as usize];
-                file.read_exact_at(&mut buf, offset).map(|()| buf)
+                file.read_exact_at(&mut buf, offset)?;
+                // Give the consumed range's blocks back now (best effort; the range is never read again).
+                let punch = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+                let _ = nix::fcntl::fallocate(&*file, punch, offset as i64, n as i64);
+                Ok::<_, io::Error>(buf)
             })
             .await
             .map_err(io::Error::other)??;
@@ -375,6 +405,43 @@ mod tests {
         let (w, mut r) = spool(limits(1000, 0), dir.path().to_path_buf());
         drop(w);
         assert!(r.next_chunk().await.unwrap_err().to_string().contains("abandoned"));
+    }
+
+    #[tokio::test]
+    async fn the_disk_level_holds_no_more_than_its_limit_while_the_reader_lags() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, mut r) = spool(limits(1 << 10, 256 << 10), dir.path().to_path_buf());
+        let writer = tokio::spawn(async move {
+            for c in chunks(400, 16 << 10) {
+                w.push(c).await.unwrap();
+            }
+            w.finish();
+            w
+        });
+        let mut got = 0;
+        let mut max_allocated = 0u64;
+        while let Some(c) = r.next_chunk().await.unwrap() {
+            got += c.len();
+            if let Some(f) = r.shared.lock().file.clone() {
+                use std::os::unix::fs::MetadataExt;
+                max_allocated = max_allocated.max(f.metadata().unwrap().blocks() * 512);
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await; // a reader a bit slower than the writer
+        }
+        writer.await.unwrap();
+        assert_eq!(got, 400 * (16 << 10));
+        // 6.25 MiB went through a 256 KiB disk level: the file never held much more than that.
+        assert!(max_allocated <= 2 * (256 << 10) + (1 << 20), "the spool file grew to {max_allocated} bytes");
+    }
+
+    #[tokio::test]
+    async fn an_idle_receive_is_not_waiting_until_data_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, r) = spool(limits(1000, 0), dir.path().to_path_buf());
+        r.shared.lock().last_pull = Instant::now() - Duration::from_secs(3600);
+        assert!(w.waiting().is_none());
+        w.push(Bytes::from_static(b"x")).await.unwrap();
+        assert!(w.waiting().unwrap() < Duration::from_secs(60), "the hour of idling counted as waiting");
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use async_compression::Level;
 use async_compression::tokio::bufread::{ZstdDecoder, ZstdEncoder};
 use bytes::{Bytes, BytesMut};
@@ -27,6 +27,8 @@ use crate::config::units::{ByteRate, Compression};
 
 /// Bytes of stream per data frame.
 pub const CHUNK: usize = 256 * 1024;
+/// A partly filled frame goes out when the stream pauses this long.
+const FLUSH_AFTER: Duration = Duration::from_millis(500);
 /// Data frames buffered between the network and `btrfs receive`.
 const CHANNEL_FRAMES: usize = 8;
 
@@ -41,8 +43,8 @@ pub async fn write_message<W: AsyncWrite + Unpin>(out: &mut W, msg: &Message) ->
 /// Reads the next frame, which must be a message.
 pub async fn read_message<R: AsyncRead + Unpin>(frames: &mut FrameReader<R>) -> Result<Message> {
     match frames.next().await? {
-        Some(Frame::Message(json)) => Message::from_json(&json).map_err(|e| anyhow!(e)),
-        Some(Frame::Data(_)) => bail!("protocol error: data where a message was expected"),
+        Some(Frame::Message(json)) => Message::from_json(&json).map_err(|e| IncomingError::Protocol(e).into()),
+        Some(Frame::Data(_)) => Err(IncomingError::Protocol("data where a message was expected".into()).into()),
         None => bail!("the peer closed the stream"),
     }
 }
@@ -109,9 +111,20 @@ pub async fn write_data<W: AsyncWrite + Unpin>(
     let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
         buf.clear();
-        // Fill a chunk (fewer, larger frames), but send what there is at the end.
+        // Fill a chunk (fewer, larger frames), but send what there is at the end, or when
+        // the stream pauses (a slow send must not look like a stalled replica).
         while buf.len() < CHUNK / 2 {
-            if source.read_buf(&mut buf).await.context("reading the send stream")? == 0 {
+            let empty = buf.is_empty();
+            let read = source.read_buf(&mut buf);
+            let n = if empty {
+                read.await
+            } else {
+                match tokio::time::timeout(FLUSH_AFTER, read).await {
+                    Ok(n) => n,
+                    Err(_) => break,
+                }
+            };
+            if n.context("reading the send stream")? == 0 {
                 break;
             }
         }
@@ -178,8 +191,11 @@ impl IncomingError {
                 };
             }
             let frame_error = cause.downcast_ref::<io::Error>().and_then(|e| e.get_ref()).and_then(|e| e.downcast_ref::<super::frame::FrameError>());
-            if let Some(super::frame::FrameError::Checksum { .. }) = frame_error {
-                return ErrorCode::Checksum;
+            match frame_error {
+                Some(super::frame::FrameError::Checksum { .. }) => return ErrorCode::Checksum,
+                Some(super::frame::FrameError::Truncated(_)) => return ErrorCode::Aborted,
+                Some(_) => return ErrorCode::BadRequest,
+                None => {}
             }
         }
         ErrorCode::ReceiveFailed

@@ -56,11 +56,13 @@ pub struct SendStream {
     /// How long a read may wait for the process to produce anything, and the timer of the
     /// current wait.
     stall: Option<(std::time::Duration, Option<Pin<Box<tokio::time::Sleep>>>)>,
+    cmdline: String,
 }
 
 impl SendStream {
     pub fn new(reader: Box<dyn AsyncRead + Send + Unpin>, process: runner::Running) -> Self {
-        SendStream { reader, process: Some(process), exit: None, failed: None, stall: None }
+        let cmdline = process.cmdline().to_string();
+        SendStream { reader, process: Some(process), exit: None, failed: None, stall: None, cmdline }
     }
 
     /// A sending process that produces nothing for `limit` while it is read is stuck: it is
@@ -78,9 +80,10 @@ impl SendStream {
         if timer.as_mut().poll(cx).is_pending() {
             return None;
         }
-        let cmdline = self.process.as_ref().map(|p| p.cmdline().to_string()).unwrap_or_default();
-        let why = format!("`{cmdline}` produced no data for {}s (stall timeout); killed it", limit.as_secs());
-        self.process = None; // dropping it kills the process
+        let why = format!("`{}` produced no data for {}s (stall timeout); killed it", self.cmdline, limit.as_secs());
+        // Dropping the process (or the wait that owns it) kills it.
+        self.process = None;
+        self.exit = None;
         self.failed = Some(why.clone());
         Some(std::io::Error::new(std::io::ErrorKind::TimedOut, why))
     }
@@ -113,7 +116,13 @@ impl AsyncRead for SendStream {
             }
         }
         let exit = self.exit.as_mut().expect("set above");
-        let status = ready!(exit.as_mut().poll(cx));
+        let Poll::Ready(status) = exit.as_mut().poll(cx) else {
+            // A process that closed its output but does not exit is stuck too.
+            return match self.stalled(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            };
+        };
         self.exit = None;
         if let Err(e) = &status {
             self.failed = Some(e.to_string());
