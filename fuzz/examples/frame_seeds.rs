@@ -37,6 +37,7 @@ fn main() {
             compact: true,
             offset: 4096,
             blake3: hash.clone(),
+            token: Some("1-e604ea4bf-e0-789c63a2".into()),
         }),
     });
     let transfer = [
@@ -49,6 +50,7 @@ fn main() {
             compression: WireCompression::Zstd,
             compact: false,
             resume: Some(ResumeFrom { offset: 4096, blake3: hash.clone() }),
+            from_token: false,
         }),
         data(b"btrfs-stream\0chunk"),
         data(b""),
