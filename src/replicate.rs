@@ -18,7 +18,7 @@ use crate::ship::local::LocalReplica;
 use crate::ship::meter::{Metered, Tally};
 use crate::ship::quic::{Connector, RemoteReplica};
 use crate::state::StateStore;
-use crate::snapshot::{self, Incoming, Kind, OriginSide, Snapshot, common_base};
+use crate::snapshot::{self, Incoming, Kind, OriginSide, Snapshot, SnapshotName, common_base};
 
 /// What one replica got.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -105,19 +105,25 @@ pub async fn sync(config: &LoadedConfig, policy: &Policy, on_start: &(dyn Fn(&st
         let replicas = futures::future::join_all(jobs).await;
         let state = StateStore::open(&config.node.state_dir, &member.fileset.0)?;
         for (node, result) in &replicas {
-            match state.record_outcome(node, &snap.name, result).await {
-                Err(e) => tracing::error!(fileset = %member.fileset, "cannot record the state: {e:#}"),
-                Ok(previous) if result.is_ok() => {
-                    if let Err(e) = origin.keep_base(node, &snap.name, previous.as_ref()).await {
-                        tracing::warn!(fileset = %member.fileset, replica = %node, "cannot guard the new common base: {e:#}");
-                    }
-                }
-                Ok(_) => {}
-            }
+            record_outcome(&state, origin.as_ref(), &member.fileset.0, node, &snap.name, result).await;
         }
         reports.push(SyncReport { fileset: member.fileset.0.clone(), snapshot: snap, replicas });
     }
     Ok(reports)
+}
+
+/// Records in `state` how the transfer of `snapshot` to `replica` ended; on success the
+/// snapshot is the new common base, guarded on the origin where the filesystem can.
+pub async fn record_outcome(state: &StateStore, origin: &dyn OriginSide, fileset: &str, replica: &str, snapshot: &SnapshotName, result: &Result<ReplicaReport>) {
+    match state.record_outcome(replica, snapshot, result).await {
+        Err(e) => tracing::error!(fileset, "cannot record the state: {e:#}"),
+        Ok(previous) if result.is_ok() => {
+            if let Err(e) = origin.keep_base(replica, snapshot, previous.as_ref()).await {
+                tracing::warn!(fileset, replica, "cannot guard the new common base: {e:#}");
+            }
+        }
+        Ok(_) => {}
+    }
 }
 
 pub fn log_outcome(fileset: &str, replica: &str, result: &Result<ReplicaReport>) {

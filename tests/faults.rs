@@ -279,7 +279,7 @@ fn lossy_network_still_delivers() {
         return;
     }
     let s = setup("faults_lossy", 47850, (500, 500), "");
-    write_random(&s.src.join("big.bin"), 48 << 20, 46);
+    write_random(&s.src.join("big.bin"), 16 << 20, 46);
     fill(&s.src, 47);
     s.proxy.set(Faults { drop: 0.02, delay: Duration::from_millis(5), jitter: Duration::from_millis(3), reorder: 0.02, corrupt: 0.005, ..Faults::default() });
     let start = Instant::now();

@@ -397,15 +397,7 @@ impl OriginJob {
             self.in_flight.lock().expect("in_flight lock").remove(&node);
         }
         replicate::log_outcome(self.fileset(), &node, &result);
-        match self.state.record_outcome(&node, &sent.name, &result).await {
-            Err(e) => tracing::error!(fileset = self.fileset(), "cannot record the state: {e:#}"),
-            Ok(previous) if result.is_ok() => {
-                if let Err(e) = self.origin.keep_base(&node, &sent.name, previous.as_ref()).await {
-                    tracing::warn!(fileset = self.fileset(), replica = %node, "cannot guard the new common base: {e:#}");
-                }
-            }
-            Ok(_) => {}
-        }
+        replicate::record_outcome(&self.state, self.origin.as_ref(), self.fileset(), &node, &sent.name, &result).await;
         result?;
         Ok(if sent.name == target.name { Shipped::Target } else { Shipped::Partial })
     }
