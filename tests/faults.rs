@@ -144,10 +144,19 @@ fn cuts_at_30_and_70_percent_resume_without_resending() {
 
     for (at, faults, what) in [(3 * SIZE / 10, Faults::blackhole(), "blackhole"), (7 * SIZE / 10, Faults::stall(), "stall")] {
         s.wait_forwarded(at);
+        let failed_before = s.replica_status()["transfers_failed"].as_u64().unwrap();
         s.proxy.set(faults);
+        let cut = Instant::now();
         eprintln!("{what} at {} bytes forwarded", s.proxy.forwarded().0);
-        // Long enough for both sides' stall timeouts (3 s) to expire.
-        std::thread::sleep(Duration::from_secs(5));
+        // Until the origin gave up on the transfer (its stall timeout), and a moment more
+        // for the replica's.
+        let deadline = cut + Duration::from_secs(60);
+        while s.replica_status()["transfers_failed"].as_u64().unwrap() == failed_before {
+            assert!(Instant::now() < deadline, "alpha never noticed the {what}:\n{}", s.c.daemons["alpha"].log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!("{what} noticed after {:.1}s", cut.elapsed().as_secs_f64());
+        std::thread::sleep(Duration::from_secs(1));
         assert!(snapshots(&s.dst).is_empty(), "a snapshot appeared while the network was cut");
         s.proxy.set(Faults::none());
     }
