@@ -196,6 +196,12 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 fn main() {
+    // `cargo test --all-targets` (make test) runs this binary too, without `--bench`: the
+    // benchmarks are for `make bench` only (they take minutes and write docs/benchmarks.md).
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("benchmarks run with `make bench`; skipped under `cargo test`");
+        return;
+    }
     if !have_root("bench") {
         return;
     }
