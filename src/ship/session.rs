@@ -350,7 +350,8 @@ impl Sessions {
         let Err(e) = result else {
             // The stream is complete and checked: let the receive finish.
             session.finishing.store(true, Ordering::Relaxed);
-            session.writer.finish();
+            let digest = session.progress.lock().expect("progress lock").hasher.finalize().to_hex().to_string();
+            session.writer.finish(digest);
             let outcome = self.finish(&session, acks).await;
             self.forget(&session);
             return outcome.map_err(|(code, message)| failed(code, message));

@@ -15,8 +15,9 @@
 //! the reader never quite catches up), and it is truncated whenever the reader drains it.
 //!
 //! The reader reports the end of the stream only after [`SpoolWriter::finish`], which the
-//! session calls once the origin's end marker and hash checked out. A failed or abandoned
-//! spool is a read error, never a clean short stream.
+//! session calls once the origin's end marker and hash checked out, and only if what the
+//! reader handed out hashes the same (a spool file damaged on disk is caught too). A failed
+//! or abandoned spool is a read error, never a clean short stream.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -59,7 +60,7 @@ pub fn spool(limits: Limits, dir: PathBuf) -> (SpoolWriter, SpoolReader) {
         to_reader: Notify::new(),
         to_writer: Notify::new(),
     });
-    (SpoolWriter { shared: shared.clone() }, SpoolReader { shared })
+    (SpoolWriter { shared: shared.clone() }, SpoolReader { shared, hasher: blake3::Hasher::new() })
 }
 
 struct Shared {
@@ -88,7 +89,8 @@ struct State {
 
 enum End {
     Open,
-    Finished,
+    /// Complete; the BLAKE3 (hex) of the whole stream.
+    Finished(String),
     Failed(String),
 }
 
@@ -195,11 +197,12 @@ impl SpoolWriter {
         Ok(file)
     }
 
-    /// The stream is complete and checked: the reader may report its end once drained.
-    pub fn finish(&self) {
+    /// The stream is complete and checked, and hashes to `blake3`: the reader may report its
+    /// end once drained, if what it read hashes the same.
+    pub fn finish(&self, blake3: String) {
         let mut st = self.shared.lock();
         if matches!(st.end, End::Open) {
-            st.end = End::Finished;
+            st.end = End::Finished(blake3);
         }
         drop(st);
         self.shared.to_reader.notify_one();
@@ -236,6 +239,8 @@ impl Drop for SpoolWriter {
 
 pub struct SpoolReader {
     shared: Arc<Shared>,
+    /// What this reader handed out, checked against the stream's hash at the end.
+    hasher: blake3::Hasher,
 }
 
 impl SpoolReader {
@@ -252,12 +257,19 @@ impl SpoolReader {
                     st.memory_bytes -= chunk.len();
                     drop(st);
                     self.shared.to_writer.notify_one();
+                    self.hasher.update(&chunk);
                     return Ok(Some(chunk));
                 }
                 if st.disk_start < st.disk_end {
                     let n = (st.disk_end - st.disk_start).min(DISK_READ);
                     Some((st.file.clone().expect("a disk level has a file"), st.disk_start, n))
-                } else if matches!(st.end, End::Finished) {
+                } else if let End::Finished(expected) = &st.end {
+                    let got = self.hasher.finalize().to_hex();
+                    if got.as_str() != expected {
+                        let why = format!("the spool handed out bytes hashing to {got}, not {expected} (damaged on disk?)");
+                        st.end = End::Failed(why.clone());
+                        return Err(io::Error::other(why));
+                    }
                     return Ok(None);
                 } else {
                     None
@@ -289,6 +301,7 @@ impl SpoolReader {
             }
             drop(st);
             self.shared.to_writer.notify_one();
+            self.hasher.update(&chunk);
             return Ok(Some(Bytes::from(chunk)));
         }
     }
@@ -326,6 +339,25 @@ mod tests {
         (0..n).map(|i| Bytes::from(vec![(i % 251) as u8; size])).collect()
     }
 
+    fn digest(chunks: &[Bytes]) -> String {
+        blake3::hash(&chunks.concat()).to_hex().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_spool_file_damaged_on_disk_is_no_clean_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, r) = spool(limits(100, 1 << 20), dir.path().to_path_buf());
+        let data = chunks(20, 100);
+        for c in &data {
+            w.push(c.clone()).await.unwrap();
+        }
+        let file = w.shared.lock().file.clone().expect("most of it went to disk");
+        file.write_all_at(b"X", 500).unwrap();
+        w.finish(digest(&data));
+        let err = r.into_async_read().read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert!(err.to_string().contains("damaged on disk"), "{err}");
+    }
+
     #[tokio::test]
     async fn keeps_order_across_memory_and_disk() {
         let dir = tempfile::tempdir().unwrap();
@@ -337,7 +369,7 @@ mod tests {
         }
         assert_eq!(w.buffered(), 60_000);
         assert!(w.shared.lock().memory_bytes <= 1000);
-        w.finish();
+        w.finish(digest(&data));
         let mut out = Vec::new();
         r.into_async_read().read_to_end(&mut out).await.unwrap();
         assert_eq!(out, data.concat());
@@ -350,6 +382,7 @@ mod tests {
         let (w, mut r) = spool(limits(700, 5000), dir.path().to_path_buf());
         let data = chunks(500, 100);
         let expected = data.concat();
+        let hash = digest(&data);
         let writer = tokio::spawn(async move {
             for (i, c) in data.into_iter().enumerate() {
                 w.push(c).await.unwrap();
@@ -357,7 +390,7 @@ mod tests {
                     tokio::task::yield_now().await;
                 }
             }
-            w.finish();
+            w.finish(hash);
             w
         });
         let mut out = Vec::new();
@@ -415,7 +448,7 @@ mod tests {
             for c in chunks(400, 16 << 10) {
                 w.push(c).await.unwrap();
             }
-            w.finish();
+            w.finish(digest(&chunks(400, 16 << 10)));
             w
         });
         let mut got = 0;
