@@ -105,16 +105,22 @@ pub struct Session {
 }
 
 impl Session {
-    fn partial(&self) -> Partial {
+    /// Stream bytes held, and their BLAKE3 (hex).
+    fn held(&self) -> (u64, String) {
         let p = self.progress.lock().expect("progress lock");
+        (p.offset, p.hasher.finalize().to_hex().to_string())
+    }
+
+    fn partial(&self) -> Partial {
         debug_assert!(!self.finishing.load(Ordering::Relaxed));
+        let (offset, blake3) = self.held();
         Partial {
             snapshot: self.key.snapshot.clone(),
             identity: self.key.identity.clone(),
             base: self.key.base.clone(),
             compact: self.key.compact,
-            offset: p.offset,
-            blake3: p.hasher.finalize().to_hex().to_string(),
+            offset,
+            blake3,
             token: None,
         }
     }
@@ -347,14 +353,16 @@ impl Sessions {
     pub async fn feed<W: AsyncWrite + Unpin>(&self, attached: Attached, mut data: IncomingData, acks: &mut W) -> Result<()> {
         let session = attached.session.clone();
         let result = feed_spool(&attached, &mut data, acks).await;
-        let Err(e) = result else {
-            // The stream is complete and checked: let the receive finish.
-            session.finishing.store(true, Ordering::Relaxed);
-            let digest = session.progress.lock().expect("progress lock").hasher.finalize().to_hex().to_string();
-            session.writer.finish(digest);
-            let outcome = self.finish(&session, acks).await;
-            self.forget(&session);
-            return outcome.map_err(|(code, message)| failed(code, message));
+        let e = match result {
+            Ok(digest) => {
+                // The stream is complete and checked: let the receive finish.
+                session.finishing.store(true, Ordering::Relaxed);
+                session.writer.finish(digest);
+                let outcome = self.finish(&session, acks).await;
+                self.forget(&session);
+                return outcome.map_err(|(code, message)| failed(code, message));
+            }
+            Err(e) => e,
         };
         if attached.token.is_cancelled() {
             // Dropped (say why), or taken over by another connection.
@@ -442,8 +450,9 @@ impl Sessions {
     }
 }
 
-/// Moves the stream into the spool, acknowledging as it goes; `Ok` at a clean, checked end.
-async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut IncomingData, acks: &mut W) -> Result<()> {
+/// Moves the stream into the spool, acknowledging as it goes; at a clean, checked end, the
+/// whole stream's BLAKE3 (hex).
+async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut IncomingData, acks: &mut W) -> Result<String> {
     let session = &attached.session;
     let token = &attached.token;
     let taken_over = || anyhow!("another connection took the transfer over");
@@ -487,10 +496,7 @@ async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut Incom
             break;
         }
     }
-    let (offset, digest) = {
-        let p = session.progress.lock().expect("progress lock");
-        (p.offset, p.hasher.finalize().to_hex().to_string())
-    };
+    let (offset, digest) = session.held();
     data.check_end(offset, &digest)?;
-    Ok(())
+    Ok(digest)
 }

@@ -94,9 +94,32 @@ enum End {
     Failed(String),
 }
 
+/// Where the next chunk goes.
+enum Level {
+    Memory,
+    Disk,
+}
+
 impl State {
     fn buffered(&self) -> u64 {
         self.memory_bytes as u64 + (self.disk_end - self.disk_start)
+    }
+
+    /// Where `len` more bytes fit now, if anywhere; an error once the reader is gone (the
+    /// receive ended early: its own error says why). Memory only while the disk level is
+    /// empty (that keeps the order), and always for one chunk when memory is empty.
+    fn level_for(&self, len: usize, limits: &Limits) -> io::Result<Option<Level>> {
+        if self.reader_gone {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the receive stopped reading the spool"));
+        }
+        let disk_held = self.disk_end - self.disk_start;
+        if disk_held == 0 && (self.memory_bytes + len <= limits.memory || self.memory.is_empty()) {
+            Ok(Some(Level::Memory))
+        } else if disk_held + len as u64 <= limits.disk {
+            Ok(Some(Level::Disk))
+        } else {
+            Ok(None)
+        }
     }
 }
 
@@ -116,24 +139,16 @@ impl SpoolWriter {
     /// waits here, then pushes without racing anything.
     pub async fn room(&self, len: usize) -> io::Result<()> {
         loop {
-            {
-                let st = self.shared.lock();
-                if st.reader_gone {
-                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the receive stopped reading the spool"));
-                }
-                let disk_empty = st.disk_start == st.disk_end;
-                let fits_memory = disk_empty && (st.memory_bytes + len <= self.shared.limits.memory || st.memory.is_empty());
-                if fits_memory || (st.disk_end - st.disk_start) + len as u64 <= self.shared.limits.disk {
-                    return Ok(());
-                }
+            if self.shared.lock().level_for(len, &self.shared.limits)?.is_some() {
+                return Ok(());
             }
             self.shared.to_writer.notified().await;
         }
     }
 
-    /// Appends `chunk`, waiting while both levels are full. Fails once the reader is gone
-    /// (the receive ended early: its own error says why). Not cancel-safe once it writes to
-    /// disk: use [`room`](Self::room) for a wait that may be given up.
+    /// Appends `chunk`, waiting while both levels are full. Fails once the reader is gone.
+    /// Not cancel-safe once it writes to disk: use [`room`](Self::room) for a wait that may
+    /// be given up.
     pub async fn push(&self, chunk: Bytes) -> io::Result<()> {
         if chunk.is_empty() {
             return Ok(());
@@ -142,28 +157,28 @@ impl SpoolWriter {
         let (file, offset) = loop {
             {
                 let mut st = self.shared.lock();
-                if st.reader_gone {
-                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the receive stopped reading the spool"));
-                }
-                if st.buffered() == 0 {
+                let level = st.level_for(len, &self.shared.limits)?;
+                if level.is_some() && st.buffered() == 0 {
                     // The receive has been idle until now: its wait starts here.
                     st.last_pull = Instant::now();
                 }
-                let disk_empty = st.disk_start == st.disk_end;
-                if disk_empty && (st.memory_bytes + len <= self.shared.limits.memory || st.memory.is_empty()) {
-                    st.memory_bytes += len;
-                    st.memory.push_back(chunk);
-                    drop(st);
-                    self.shared.to_reader.notify_one();
-                    return Ok(());
-                }
-                if (st.disk_end - st.disk_start) + len as u64 <= self.shared.limits.disk {
-                    let file = match &st.file {
-                        Some(f) => f.clone(),
-                        None => st.file.insert(Arc::new(self.create_file()?)).clone(),
-                    };
-                    st.writing = true;
-                    break (file, st.disk_end);
+                match level {
+                    Some(Level::Memory) => {
+                        st.memory_bytes += len;
+                        st.memory.push_back(chunk);
+                        drop(st);
+                        self.shared.to_reader.notify_one();
+                        return Ok(());
+                    }
+                    Some(Level::Disk) => {
+                        let file = match &st.file {
+                            Some(f) => f.clone(),
+                            None => st.file.insert(Arc::new(self.create_file()?)).clone(),
+                        };
+                        st.writing = true;
+                        break (file, st.disk_end);
+                    }
+                    None => {}
                 }
             }
             self.shared.to_writer.notified().await;
