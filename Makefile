@@ -2,12 +2,14 @@
 
 CARGO ?= cargo
 # Debian packages the build and the tests need: btrfs tools, the libbtrfsutil C library,
-# libclang for the bindgen run of libbtrfsutil-sys, and zfs-fuse for real ZFS pools on files
-# (there is no ZFS kernel module here).
-DEBS := btrfs-progs libbtrfsutil-dev libclang-dev pkg-config zfs-fuse
+# libclang for the bindgen run of libbtrfsutil-sys, zfs-fuse for real ZFS pools on files
+# (there is no ZFS kernel module here), and procps (pgrep, kill) for the fault tests.
+DEBS := btrfs-progs libbtrfsutil-dev libclang-dev pkg-config zfs-fuse procps
 
 # Only the benchmarks need these: the ssh comparison.
 BENCH_DEBS := openssh-server openssh-client
+# Only fuzzing needs this: libfuzzer-sys compiles libFuzzer (C++).
+FUZZ_DEBS := g++
 
 .PHONY: all deps build test demo bench fuzz clean
 
@@ -44,6 +46,7 @@ FUZZ_SECONDS ?= 600
 FUZZ_TARGETS := frame_decode config_load
 
 fuzz: deps
+	@scripts/install-deps.sh $(FUZZ_DEBS)
 	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		mkdir -p fuzz/corpus/$$t; \
