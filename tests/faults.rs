@@ -78,9 +78,15 @@ impl Setup {
     }
 
     /// Waits until beta holds `n` snapshots, checking all along that nothing partial shows.
+    /// A snapshot is moved into place a moment before `latest` is repointed to it: wait for
+    /// both.
     fn wait_snapshots(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(180);
-        while snapshots(&self.dst).len() < n {
+        let latest_is_newest = || {
+            let newest = snapshots(&self.dst).pop();
+            newest.is_some() && std::fs::read_link(self.dst.join("latest")).ok().map(|l| l.to_string_lossy().into_owned()) == newest
+        };
+        while snapshots(&self.dst).len() < n || !latest_is_newest() {
             self.assert_nothing_partial();
             assert!(
                 Instant::now() < deadline,
@@ -101,7 +107,7 @@ impl Setup {
     fn assert_replica_complete(&self) {
         assert_same_tree(&self.src, &self.dst.join("latest"));
         self.assert_nothing_partial();
-        let staging: Vec<String> = visible(&self.dst.join(".snapship-staging")).into_iter().filter(|n| n != ".lock").collect();
+        let staging = staging_leftovers(&self.dst);
         assert!(staging.is_empty(), "left in staging: {staging:?}");
     }
 
@@ -109,6 +115,11 @@ impl Setup {
     fn replica_status(&self) -> serde_json::Value {
         self.c.status_json("alpha")["origin_of"][0]["replicas"][0].clone()
     }
+}
+
+/// What a receive left in the replica's staging directory (its lock file aside).
+fn staging_leftovers(dst: &Path) -> Vec<String> {
+    visible(&dst.join(".snapship-staging")).into_iter().filter(|n| n != ".lock").collect()
 }
 
 fn assert_nothing_partial(dst: &Path) {
@@ -267,7 +278,7 @@ fn full_replica_filesystem_is_reported_and_recovers() {
     // Nothing partial; the base is still on both sides.
     assert_eq!(snapshots(&s.dst), base);
     assert!(s.c.mnt("alpha").join(".snapship/projects").join(&base[0]).exists(), "the origin lost the common base");
-    let staging: Vec<String> = visible(&s.dst.join(".snapship-staging")).into_iter().filter(|n| n != ".lock").collect();
+    let staging = staging_leftovers(&s.dst);
     assert!(staging.is_empty(), "the partial receive was left: {staging:?}");
 
     eprintln!("reported: {error}");
