@@ -208,252 +208,289 @@ fn main() {
     let mut out = String::new();
     let mut verdicts = Vec::new();
     writeln!(out, "# Benchmarks\n\nProduced by `make bench` (benches/replication.rs) on {}.\n", chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")).unwrap();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap().lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap().trim().to_string()).unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .map(|l| l.split(':').nth(1).unwrap().trim().to_string())
+        .unwrap_or_default();
     writeln!(out, "Machine: {} cores ({cpu}), {} GiB RAM, kernel {}; btrfs on loop images (zstd mount option) in /tmp; QUIC and ssh on 127.0.0.1. Every comparison below is measured side by side in one run on the same data; times are medians of {} runs unless said otherwise, and the ratios are what to read (this machine is noisy).\n",
         std::thread::available_parallelism().unwrap(), sysinfo_gib(), String::from_utf8_lossy(&Command::new("uname").arg("-r").output().unwrap().stdout).trim(), runs()).unwrap();
 
     // ---- Phase 1: full, incremental, small change -------------------------------------
     if want("transfer") {
-    let mut c = Cluster::with_size("bench", &["alpha", "beta"], 47610, 16 * 1024);
-    let src = c.fs["alpha"].subvolume("data");
-    let snaps = c.mnt("alpha").join("manual");
-    std::fs::create_dir_all(&snaps).unwrap();
-    let rep = c.mnt("beta").to_path_buf();
-    let (local_dir, ssh_dir, ship_dir) = (rep.join("local"), rep.join("ssh"), rep.join("snapship"));
-    for d in [&local_dir, &ssh_dir] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let policy = policy("data", "alpha", &src, &[("beta", ship_dir.clone())]);
-    set_compression(&c, "none", &policy);
-    c.configure("beta", &[("data", policy.clone())]);
-    c.start("beta");
-    let sshd = Sshd::start(&c.scratch.dir);
-    eprintln!("generating the data set...");
-    generate(&src, 24);
-    sh("sync");
-    let bytes = String::from_utf8_lossy(&Command::new("du").args(["-sb"]).arg(&src).output().unwrap().stdout).split_whitespace().next().unwrap().parse::<f64>().unwrap();
-    sh(&format!("btrfs -q subvolume snapshot -r {} {}/s0", src.display(), snaps.display()));
-
-    let (mut t_local, mut t_ssh, mut t_none, mut t_zstd) = (vec![], vec![], vec![], vec![]);
-    for run_i in 0..runs() {
-        eprintln!("full transfer, run {}", run_i + 1);
-        delete_subvolumes_in(&local_dir);
-        t_local.push(timed(|| sh(&format!("btrfs send -q {}/s0 | btrfs receive -q {}", snaps.display(), local_dir.display()))));
-        delete_subvolumes_in(&ssh_dir);
-        t_ssh.push(timed(|| sh(&format!("btrfs send -q {}/s0 | {}", snaps.display(), sshd.receive_cmd(&ssh_dir)))));
-        for (comp, times) in [("none", &mut t_none), ("zstd", &mut t_zstd)] {
-            delete_subvolumes_in(&ship_dir);
-            set_compression(&c, comp, &policy);
-            times.push(timed(|| {
-                c.sync_ok("alpha", "data");
-            }));
+        let mut c = Cluster::with_size("bench", &["alpha", "beta"], 47610, 16 * 1024);
+        let src = c.fs["alpha"].subvolume("data");
+        let snaps = c.mnt("alpha").join("manual");
+        std::fs::create_dir_all(&snaps).unwrap();
+        let rep = c.mnt("beta").to_path_buf();
+        let (local_dir, ssh_dir, ship_dir) = (rep.join("local"), rep.join("ssh"), rep.join("snapship"));
+        for d in [&local_dir, &ssh_dir] {
+            std::fs::create_dir_all(d).unwrap();
         }
-    }
-    let mb = bytes / 1e6;
-    let (l, s, n, z) = (median(t_local), median(t_ssh), median(t_none), median(t_zstd));
-    writeln!(out, "## Full transfer ({:.2} GB: 24 files of 64 MiB, 20,000 files of 1-16 KiB)\n", bytes / 1e9).unwrap();
-    writeln!(out, "| path | median time | MB/s | vs local pipe |\n|---|---|---|---|").unwrap();
-    for (name, t) in [("btrfs send \\| btrfs receive (local pipe)", l), ("btrfs send \\| ssh \\| btrfs receive", s), ("snapship over QUIC, compression none", n), ("snapship over QUIC, zstd", z)] {
-        writeln!(out, "| {name} | {t:.2} s | {:.0} | {:.2} x |", mb / t, l / t).unwrap();
-    }
-    verdicts.push(("Full transfer >= 0.95 x local pipe (compression none)", l / n >= 0.95, format!("{:.2} x", l / n)));
+        let policy = policy("data", "alpha", &src, &[("beta", ship_dir.clone())]);
+        set_compression(&c, "none", &policy);
+        c.configure("beta", &[("data", policy.clone())]);
+        c.start("beta");
+        let sshd = Sshd::start(&c.scratch.dir);
+        eprintln!("generating the data set...");
+        generate(&src, 24);
+        sh("sync");
+        let bytes = String::from_utf8_lossy(&Command::new("du").args(["-sb"]).arg(&src).output().unwrap().stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap();
+        sh(&format!("btrfs -q subvolume snapshot -r {} {}/s0", src.display(), snaps.display()));
 
-    // Incremental: the same ~10 % change for the local pipe, ssh and snapship (none); a second
-    // change for the local pipe again and snapship with zstd.
-    delete_subvolumes_in(&ship_dir);
-    set_compression(&c, "none", &policy);
-    c.sync_ok("alpha", "data");
-    let mut prev = "s0".to_string();
-    for d in [&local_dir, &ssh_dir] {
-        delete_subvolumes_in(d);
-    }
-    sh(&format!("btrfs send -q {}/s0 | btrfs receive -q {}", snaps.display(), local_dir.display()));
-    sh(&format!("btrfs send -q {}/s0 | {}", snaps.display(), sshd.receive_cmd(&ssh_dir)));
-    let (mut i_local, mut i_ssh, mut i_none, mut i_local2, mut i_zstd) = (vec![], vec![], vec![], vec![], vec![]);
-    let mut inc_bytes = 0u64;
-    for run_i in 0..runs() {
-        eprintln!("incremental transfer, run {}", run_i + 1);
-        for (k, compression) in [(0, "none"), (1, "zstd")] {
-            change(&src, 1000 + (run_i * 2 + k) as u64);
-            let next = format!("s{}", run_i * 2 + k + 1);
-            sh(&format!("btrfs -q subvolume snapshot -r {} {}/{next}", src.display(), snaps.display()));
-            let tl = timed(|| sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | btrfs receive -q {}", local_dir.display(), s = snaps.display())));
-            if k == 0 {
-                i_local.push(tl);
-                i_ssh.push(timed(|| sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {}", sshd.receive_cmd(&ssh_dir), s = snaps.display()))));
-                inc_bytes = String::from_utf8_lossy(&Command::new("sh").arg("-c").arg(format!("btrfs send -q -p {s}/{prev} {s}/{next} | wc -c", s = snaps.display())).output().unwrap().stdout).trim().parse().unwrap();
-            } else {
-                i_local2.push(tl);
-                // The ssh chain needs every snapshot.
-                sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {}", sshd.receive_cmd(&ssh_dir), s = snaps.display()));
-            }
-            set_compression(&c, compression, &policy);
-            let t = timed(|| {
-                c.sync_ok("alpha", "data");
-            });
-            if k == 0 { i_none.push(t) } else { i_zstd.push(t) }
-            prev = next;
-        }
-    }
-    let (l, s, n, l2, z) = (median(i_local), median(i_ssh), median(i_none), median(i_local2), median(i_zstd));
-    writeln!(out, "\n## Incremental transfer (a ~10 % change: {:.0} MB stream)\n", inc_bytes as f64 / 1e6).unwrap();
-    writeln!(out, "| path | median time | vs local pipe |\n|---|---|---|").unwrap();
-    writeln!(out, "| local pipe | {l:.2} s | 1.00 x |\n| ssh | {s:.2} s | {:.2} x |\n| snapship, compression none | {n:.2} s | {:.2} x |", l / s, l / n).unwrap();
-    writeln!(out, "| local pipe (second change of each run) | {l2:.2} s | 1.00 x |\n| snapship, zstd (same second change) | {z:.2} s | {:.2} x |", l2 / z).unwrap();
-
-    // A 1 MB change, end to end: snapshot, send, ship, receive, acknowledge.
-    let (mut s_local, mut s_ssh, mut s_ship) = (vec![], vec![], vec![]);
-    set_compression(&c, "none", &policy);
-    for i in 0..5 {
-        for (k, times) in [(0, &mut s_local), (1, &mut s_ssh), (2, &mut s_ship)] {
-            let mut rng = Rng(77 + i * 3 + k);
-            write_file(&src.join(format!("small-change-{i}-{k}.bin")), 1 << 20, &mut rng);
-            let next = format!("m{i}{k}");
-            let t = match k {
-                0 | 1 => timed(|| {
-                    sh(&format!("btrfs -q subvolume snapshot -r {} {}/{next}", src.display(), snaps.display()));
-                    let target = if k == 0 { format!("btrfs receive -q {}", local_dir.display()) } else { sshd.receive_cmd(&ssh_dir) };
-                    sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {target}", s = snaps.display()));
-                }),
-                _ => timed(|| {
+        let (mut t_local, mut t_ssh, mut t_none, mut t_zstd) = (vec![], vec![], vec![], vec![]);
+        for run_i in 0..runs() {
+            eprintln!("full transfer, run {}", run_i + 1);
+            delete_subvolumes_in(&local_dir);
+            t_local.push(timed(|| sh(&format!("btrfs send -q {}/s0 | btrfs receive -q {}", snaps.display(), local_dir.display()))));
+            delete_subvolumes_in(&ssh_dir);
+            t_ssh.push(timed(|| sh(&format!("btrfs send -q {}/s0 | {}", snaps.display(), sshd.receive_cmd(&ssh_dir)))));
+            for (comp, times) in [("none", &mut t_none), ("zstd", &mut t_zstd)] {
+                delete_subvolumes_in(&ship_dir);
+                set_compression(&c, comp, &policy);
+                times.push(timed(|| {
                     c.sync_ok("alpha", "data");
-                }),
-            };
-            // Keep the other chain whole (untimed): each needs every snapshot.
-            if k == 0 {
-                sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {}", sshd.receive_cmd(&ssh_dir), s = snaps.display()));
+                }));
             }
-            if k == 1 {
-                sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | btrfs receive -q {}", local_dir.display(), s = snaps.display()));
-            }
-            if k < 2 {
+        }
+        let mb = bytes / 1e6;
+        let (l, s, n, z) = (median(t_local), median(t_ssh), median(t_none), median(t_zstd));
+        writeln!(out, "## Full transfer ({:.2} GB: 24 files of 64 MiB, 20,000 files of 1-16 KiB)\n", bytes / 1e9).unwrap();
+        writeln!(out, "| path | median time | MB/s | vs local pipe |\n|---|---|---|---|").unwrap();
+        for (name, t) in [
+            ("btrfs send \\| btrfs receive (local pipe)", l),
+            ("btrfs send \\| ssh \\| btrfs receive", s),
+            ("snapship over QUIC, compression none", n),
+            ("snapship over QUIC, zstd", z),
+        ] {
+            writeln!(out, "| {name} | {t:.2} s | {:.0} | {:.2} x |", mb / t, l / t).unwrap();
+        }
+        verdicts.push(("Full transfer >= 0.95 x local pipe (compression none)", l / n >= 0.95, format!("{:.2} x", l / n)));
+
+        // Incremental: the same ~10 % change for the local pipe, ssh and snapship (none); a second
+        // change for the local pipe again and snapship with zstd.
+        delete_subvolumes_in(&ship_dir);
+        set_compression(&c, "none", &policy);
+        c.sync_ok("alpha", "data");
+        let mut prev = "s0".to_string();
+        for d in [&local_dir, &ssh_dir] {
+            delete_subvolumes_in(d);
+        }
+        sh(&format!("btrfs send -q {}/s0 | btrfs receive -q {}", snaps.display(), local_dir.display()));
+        sh(&format!("btrfs send -q {}/s0 | {}", snaps.display(), sshd.receive_cmd(&ssh_dir)));
+        let (mut i_local, mut i_ssh, mut i_none, mut i_local2, mut i_zstd) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut inc_bytes = 0u64;
+        for run_i in 0..runs() {
+            eprintln!("incremental transfer, run {}", run_i + 1);
+            for (k, compression) in [(0, "none"), (1, "zstd")] {
+                change(&src, 1000 + (run_i * 2 + k) as u64);
+                let next = format!("s{}", run_i * 2 + k + 1);
+                sh(&format!("btrfs -q subvolume snapshot -r {} {}/{next}", src.display(), snaps.display()));
+                let tl = timed(|| sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | btrfs receive -q {}", local_dir.display(), s = snaps.display())));
+                if k == 0 {
+                    i_local.push(tl);
+                    i_ssh.push(timed(|| sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {}", sshd.receive_cmd(&ssh_dir), s = snaps.display()))));
+                    inc_bytes = String::from_utf8_lossy(
+                        &Command::new("sh")
+                            .arg("-c")
+                            .arg(format!("btrfs send -q -p {s}/{prev} {s}/{next} | wc -c", s = snaps.display()))
+                            .output()
+                            .unwrap()
+                            .stdout,
+                    )
+                    .trim()
+                    .parse()
+                    .unwrap();
+                } else {
+                    i_local2.push(tl);
+                    // The ssh chain needs every snapshot.
+                    sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {}", sshd.receive_cmd(&ssh_dir), s = snaps.display()));
+                }
+                set_compression(&c, compression, &policy);
+                let t = timed(|| {
+                    c.sync_ok("alpha", "data");
+                });
+                if k == 0 {
+                    i_none.push(t)
+                } else {
+                    i_zstd.push(t)
+                }
                 prev = next;
             }
-            times.push(t);
         }
-    }
-    let (l, s, n) = (median(s_local), median(s_ssh), median(s_ship));
-    writeln!(out, "\n## A 1 MB change end to end (snapshot, send, ship, receive; median of 5)\n").unwrap();
-    writeln!(out, "| path | median time | vs local pipe |\n|---|---|---|\n| local pipe | {:.0} ms | 1.00 x |\n| ssh | {:.0} ms | {:.2} x |\n| snapship sync | {:.0} ms | {:.2} x |", l * 1e3, s * 1e3, s / l, n * 1e3, n / l).unwrap();
-    verdicts.push(("Small-change cycle <= 1.2 x local pipe", n / l <= 1.2, format!("{:.2} x", n / l)));
-    verdicts.push(("Small-change cycle well ahead of ssh", n < s * 0.8, format!("snapship {:.0} ms, ssh {:.0} ms", n * 1e3, s * 1e3)));
-    drop(sshd);
-    drop(c);
+        let (l, s, n, l2, z) = (median(i_local), median(i_ssh), median(i_none), median(i_local2), median(i_zstd));
+        writeln!(out, "\n## Incremental transfer (a ~10 % change: {:.0} MB stream)\n", inc_bytes as f64 / 1e6).unwrap();
+        writeln!(out, "| path | median time | vs local pipe |\n|---|---|---|").unwrap();
+        writeln!(out, "| local pipe | {l:.2} s | 1.00 x |\n| ssh | {s:.2} s | {:.2} x |\n| snapship, compression none | {n:.2} s | {:.2} x |", l / s, l / n)
+            .unwrap();
+        writeln!(out, "| local pipe (second change of each run) | {l2:.2} s | 1.00 x |\n| snapship, zstd (same second change) | {z:.2} s | {:.2} x |", l2 / z)
+            .unwrap();
+
+        // A 1 MB change, end to end: snapshot, send, ship, receive, acknowledge.
+        let (mut s_local, mut s_ssh, mut s_ship) = (vec![], vec![], vec![]);
+        set_compression(&c, "none", &policy);
+        for i in 0..5 {
+            for (k, times) in [(0, &mut s_local), (1, &mut s_ssh), (2, &mut s_ship)] {
+                let mut rng = Rng(77 + i * 3 + k);
+                write_file(&src.join(format!("small-change-{i}-{k}.bin")), 1 << 20, &mut rng);
+                let next = format!("m{i}{k}");
+                let t = match k {
+                    0 | 1 => timed(|| {
+                        sh(&format!("btrfs -q subvolume snapshot -r {} {}/{next}", src.display(), snaps.display()));
+                        let target = if k == 0 { format!("btrfs receive -q {}", local_dir.display()) } else { sshd.receive_cmd(&ssh_dir) };
+                        sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {target}", s = snaps.display()));
+                    }),
+                    _ => timed(|| {
+                        c.sync_ok("alpha", "data");
+                    }),
+                };
+                // Keep the other chain whole (untimed): each needs every snapshot.
+                if k == 0 {
+                    sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {}", sshd.receive_cmd(&ssh_dir), s = snaps.display()));
+                }
+                if k == 1 {
+                    sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | btrfs receive -q {}", local_dir.display(), s = snaps.display()));
+                }
+                if k < 2 {
+                    prev = next;
+                }
+                times.push(t);
+            }
+        }
+        let (l, s, n) = (median(s_local), median(s_ssh), median(s_ship));
+        writeln!(out, "\n## A 1 MB change end to end (snapshot, send, ship, receive; median of 5)\n").unwrap();
+        writeln!(out, "| path | median time | vs local pipe |\n|---|---|---|\n| local pipe | {:.0} ms | 1.00 x |\n| ssh | {:.0} ms | {:.2} x |\n| snapship sync | {:.0} ms | {:.2} x |", l * 1e3, s * 1e3, s / l, n * 1e3, n / l).unwrap();
+        verdicts.push(("Small-change cycle <= 1.2 x local pipe", n / l <= 1.2, format!("{:.2} x", n / l)));
+        verdicts.push(("Small-change cycle well ahead of ssh", n < s * 0.8, format!("snapship {:.0} ms, ssh {:.0} ms", n * 1e3, s * 1e3)));
+        drop(sshd);
+        drop(c);
     }
 
     // ---- Continuous mode RPO -------------------------------------------------------------
     if want("rpo") {
-    eprintln!("continuous mode RPO: 60 s of writes at ~10 MB/s");
-    let mut c = Cluster::with_size("bench_rpo", &["alpha", "beta"], 47640, 8 * 1024);
-    let rpo_src = c.fs["alpha"].subvolume("rpo");
-    let rpo_dst = c.mnt("beta").join("rpo");
-    let rpo_policy = policy_named("rpo", &rpo_src, &rpo_dst).replace("mode: snapshot\nschedule: \"@hourly\"\n", "mode: continuous\ncontinuous:\n  min_interval: 500ms\n");
-    c.configure("alpha", &[("rpo", rpo_policy.clone())]);
-    c.configure("beta", &[("rpo", rpo_policy)]);
-    c.start("beta");
-    c.start("alpha");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (path, stop) = (rpo_src.join("log"), stop.clone());
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
-            let start = Instant::now();
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                // 100 records of 1 KiB every 10 ms: ~10 MB/s
-                for _ in 0..100 {
-                    let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-                    let mut rec = format!("{n} {ts} ");
-                    rec.push_str(&"x".repeat(1023 - rec.len()));
-                    rec.push('\n');
-                    f.write_all(rec.as_bytes()).unwrap();
-                    n += 1;
+        eprintln!("continuous mode RPO: 60 s of writes at ~10 MB/s");
+        let mut c = Cluster::with_size("bench_rpo", &["alpha", "beta"], 47640, 8 * 1024);
+        let rpo_src = c.fs["alpha"].subvolume("rpo");
+        let rpo_dst = c.mnt("beta").join("rpo");
+        let rpo_policy = policy_named("rpo", &rpo_src, &rpo_dst)
+            .replace("mode: snapshot\nschedule: \"@hourly\"\n", "mode: continuous\ncontinuous:\n  min_interval: 500ms\n");
+        c.configure("alpha", &[("rpo", rpo_policy.clone())]);
+        c.configure("beta", &[("rpo", rpo_policy)]);
+        c.start("beta");
+        c.start("alpha");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (path, stop) = (rpo_src.join("log"), stop.clone());
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+                let start = Instant::now();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // 100 records of 1 KiB every 10 ms: ~10 MB/s
+                    for _ in 0..100 {
+                        let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+                        let mut rec = format!("{n} {ts} ");
+                        rec.push_str(&"x".repeat(1023 - rec.len()));
+                        rec.push('\n');
+                        f.write_all(rec.as_bytes()).unwrap();
+                        n += 1;
+                    }
+                    let due = start + Duration::from_millis(10 * (n / 100));
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
                 }
-                let due = start + Duration::from_millis(10 * (n / 100));
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
+            })
+        };
+        let mut lags = Vec::new();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(50));
+            if t0.elapsed() < Duration::from_secs(5) {
+                continue; // the first full send
             }
-        })
-    };
-    let mut lags = Vec::new();
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(50));
-        if t0.elapsed() < Duration::from_secs(5) {
-            continue; // the first full send
+            if let Some(ts) = last_record_time(&rpo_dst.join("latest/log")) {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+                lags.push((now.saturating_sub(ts)) as f64 / 1e9);
+            }
         }
-        if let Some(ts) = last_record_time(&rpo_dst.join("latest/log")) {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-            lags.push((now.saturating_sub(ts)) as f64 / 1e9);
-        }
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().unwrap();
-    let (p50, p99, max) = (percentile(&lags, 0.5), percentile(&lags, 0.99), percentile(&lags, 1.0));
-    writeln!(out, "\n## Continuous mode RPO (one run, 55 s measured, writes at ~10 MB/s, min_interval 500ms)\n").unwrap();
-    writeln!(out, "Age of the newest record visible in the replica's `latest`, sampled every 50 ms ({} samples):\n\n| p50 | p99 | max |\n|---|---|---|\n| {p50:.2} s | {p99:.2} s | {max:.2} s |", lags.len()).unwrap();
-    verdicts.push(("RPO p99 <= 2 s", p99 <= 2.0, format!("{p99:.2} s")));
-    c.stop("alpha");
-    c.stop("beta");
-    drop(c);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        let (p50, p99, max) = (percentile(&lags, 0.5), percentile(&lags, 0.99), percentile(&lags, 1.0));
+        writeln!(out, "\n## Continuous mode RPO (one run, 55 s measured, writes at ~10 MB/s, min_interval 500ms)\n").unwrap();
+        writeln!(out, "Age of the newest record visible in the replica's `latest`, sampled every 50 ms ({} samples):\n\n| p50 | p99 | max |\n|---|---|---|\n| {p50:.2} s | {p99:.2} s | {max:.2} s |", lags.len()).unwrap();
+        verdicts.push(("RPO p99 <= 2 s", p99 <= 2.0, format!("{p99:.2} s")));
+        c.stop("alpha");
+        c.stop("beta");
+        drop(c);
     }
 
     // ---- Peak RSS during a 4 GiB stream ---------------------------------------------------
     if want("rss") {
-    eprintln!("peak RSS during a 4 GiB stream");
-    let mut c = Cluster::with_size("bench_rss", &["alpha", "beta"], 47620, 12 * 1024);
-    let src = c.fs["alpha"].subvolume("big");
-    generate_big(&src, 64);
-    let dst = c.mnt("beta").join("big");
-    let p = policy_named("big", &src, &dst);
-    c.configure("alpha", &[("big", p.clone())]);
-    c.configure("beta", &[("big", p)]);
-    c.start("beta");
-    let beta_pid = c.daemons["beta"].child.as_ref().unwrap().id();
-    let mut sync = snapship().args(["sync", "--config"]).arg(c.dir("alpha").join("node.yaml")).arg("big").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let mut origin_peak = 0;
-    loop {
-        origin_peak = origin_peak.max(peak_rss_kib(sync.id()));
-        if sync.try_wait().unwrap().is_some() {
-            break;
+        eprintln!("peak RSS during a 4 GiB stream");
+        let mut c = Cluster::with_size("bench_rss", &["alpha", "beta"], 47620, 12 * 1024);
+        let src = c.fs["alpha"].subvolume("big");
+        generate_big(&src, 64);
+        let dst = c.mnt("beta").join("big");
+        let p = policy_named("big", &src, &dst);
+        c.configure("alpha", &[("big", p.clone())]);
+        c.configure("beta", &[("big", p)]);
+        c.start("beta");
+        let beta_pid = c.daemons["beta"].child.as_ref().unwrap().id();
+        let mut sync =
+            snapship().args(["sync", "--config"]).arg(c.dir("alpha").join("node.yaml")).arg("big").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let mut origin_peak = 0;
+        loop {
+            origin_peak = origin_peak.max(peak_rss_kib(sync.id()));
+            if sync.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let replica_peak = peak_rss_kib(beta_pid);
-    writeln!(out, "\n## Peak RSS during a 4 GiB stream (zstd, the default)\n\n| side | peak RSS |\n|---|---|\n| origin (`snapship sync`) | {:.1} MiB |\n| replica (`snapship run`) | {:.1} MiB |", origin_peak as f64 / 1024.0, replica_peak as f64 / 1024.0).unwrap();
-    verdicts.push(("Peak RSS <= 64 MiB per side", origin_peak <= 64 * 1024 && replica_peak <= 64 * 1024, format!("origin {:.1} MiB, replica {:.1} MiB", origin_peak as f64 / 1024.0, replica_peak as f64 / 1024.0)));
-    c.stop("beta");
-    drop(c);
+        let replica_peak = peak_rss_kib(beta_pid);
+        writeln!(out, "\n## Peak RSS during a 4 GiB stream (zstd, the default)\n\n| side | peak RSS |\n|---|---|\n| origin (`snapship sync`) | {:.1} MiB |\n| replica (`snapship run`) | {:.1} MiB |", origin_peak as f64 / 1024.0, replica_peak as f64 / 1024.0).unwrap();
+        verdicts.push((
+            "Peak RSS <= 64 MiB per side",
+            origin_peak <= 64 * 1024 && replica_peak <= 64 * 1024,
+            format!("origin {:.1} MiB, replica {:.1} MiB", origin_peak as f64 / 1024.0, replica_peak as f64 / 1024.0),
+        ));
+        c.stop("beta");
+        drop(c);
     }
 
     // ---- 200 idle continuous file sets ----------------------------------------------------
     if want("idle") {
-    eprintln!("CPU of 200 idle continuous file sets over 60 s");
-    let c = Cluster::with_size("bench_idle", &["alpha"], 47630, 2048);
-    let mut policies = Vec::new();
-    for i in 0..200 {
-        let name = format!("fs{i:03}");
-        let src = c.fs["alpha"].subvolume(&name);
-        std::fs::write(src.join("f"), &name).unwrap();
-        let dst = c.mnt("alpha").join("replicas").join(&name);
-        policies.push((name.clone(), policy_on("alpha", &name, &src, &dst).replace("mode: snapshot\nschedule: \"@hourly\"\n", "mode: continuous\n")));
-    }
-    let refs: Vec<(&str, String)> = policies.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
-    c.configure("alpha", &refs);
-    let mut c = c;
-    c.start("alpha");
-    let pid = c.daemons["alpha"].child.as_ref().unwrap().id();
-    std::thread::sleep(Duration::from_secs(20)); // the first snapshot of each, then idle
-    let before = cpu_ticks(pid);
-    std::thread::sleep(Duration::from_secs(60));
-    let used = (cpu_ticks(pid) - before) as f64 / 100.0;
-    let pct = used / 60.0 * 100.0;
-    writeln!(out, "\n## 200 idle continuous file sets\n\n`snapship run` used {used:.2} s of CPU in 60 s: {pct:.2} % of one core (inotify watches, plus a poll of each file set every 10 s).").unwrap();
-    verdicts.push(("Idle <= 1 % of one core", pct <= 1.0, format!("{pct:.2} %")));
-    c.stop("alpha");
-    drop(c);
+        eprintln!("CPU of 200 idle continuous file sets over 60 s");
+        let c = Cluster::with_size("bench_idle", &["alpha"], 47630, 2048);
+        let mut policies = Vec::new();
+        for i in 0..200 {
+            let name = format!("fs{i:03}");
+            let src = c.fs["alpha"].subvolume(&name);
+            std::fs::write(src.join("f"), &name).unwrap();
+            let dst = c.mnt("alpha").join("replicas").join(&name);
+            policies.push((name.clone(), policy_on("alpha", &name, &src, &dst).replace("mode: snapshot\nschedule: \"@hourly\"\n", "mode: continuous\n")));
+        }
+        let refs: Vec<(&str, String)> = policies.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
+        c.configure("alpha", &refs);
+        let mut c = c;
+        c.start("alpha");
+        let pid = c.daemons["alpha"].child.as_ref().unwrap().id();
+        std::thread::sleep(Duration::from_secs(20)); // the first snapshot of each, then idle
+        let before = cpu_ticks(pid);
+        std::thread::sleep(Duration::from_secs(60));
+        let used = (cpu_ticks(pid) - before) as f64 / 100.0;
+        let pct = used / 60.0 * 100.0;
+        writeln!(out, "\n## 200 idle continuous file sets\n\n`snapship run` used {used:.2} s of CPU in 60 s: {pct:.2} % of one core (inotify watches, plus a poll of each file set every 10 s).").unwrap();
+        verdicts.push(("Idle <= 1 % of one core", pct <= 1.0, format!("{pct:.2} %")));
+        c.stop("alpha");
+        drop(c);
     }
 
     writeln!(out, "\n## Targets\n\n| target | met | measured |\n|---|---|---|").unwrap();
@@ -470,7 +507,9 @@ fn main() {
 }
 
 fn sysinfo_gib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo").unwrap().lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) / 1024 / 1024
+    std::fs::read_to_string("/proc/meminfo").unwrap().lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()).unwrap_or(0)
+        / 1024
+        / 1024
 }
 
 fn generate_big(dir: &Path, files: usize) {

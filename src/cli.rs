@@ -131,7 +131,13 @@ fn check(path: &std::path::Path) -> Result<ExitCode> {
     }
     println!("{}: node `{}`, {} polic{} valid", path.display(), loaded.node.node, loaded.policies.len(), if loaded.policies.len() == 1 { "y" } else { "ies" });
     for p in &loaded.policies {
-        let role = if p.origin.node == loaded.node.node { "origin" } else if p.replica_on(&loaded.node.node).is_some() { "replica" } else { "not involved" };
+        let role = if p.origin.node == loaded.node.node {
+            "origin"
+        } else if p.replica_on(&loaded.node.node).is_some() {
+            "replica"
+        } else {
+            "not involved"
+        };
         println!("  {} ({:?}, {:?}): {role}", p.fileset, p.backend, p.mode);
     }
     Ok(ExitCode::SUCCESS)
@@ -180,7 +186,11 @@ async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
                 Ok(r) => println!(
                     "{fileset}: {} -> {node}: {} ({} bytes in {:.2}s)",
                     r.snapshot,
-                    match &r.base { Some(b) => format!("incremental from {b}"), None if r.bytes == 0 => "already there".into(), None => "full".into() },
+                    match &r.base {
+                        Some(b) => format!("incremental from {b}"),
+                        None if r.bytes == 0 => "already there".into(),
+                        None => "full".into(),
+                    },
                     r.bytes,
                     r.elapsed.as_secs_f64()
                 ),
@@ -198,10 +208,7 @@ async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
 }
 
 fn certs(out: &std::path::Path, nodes: &[String]) -> Result<ExitCode> {
-    let names = nodes
-        .iter()
-        .map(|n| n.parse::<crate::config::units::Name>().map_err(|e| anyhow::anyhow!("node {e}")))
-        .collect::<Result<Vec<_>>>()?;
+    let names = nodes.iter().map(|n| n.parse::<crate::config::units::Name>().map_err(|e| anyhow::anyhow!("node {e}"))).collect::<Result<Vec<_>>>()?;
     for path in crate::ship::tls::make_certs(out, &names)? {
         println!("wrote {}", path.display());
     }
@@ -216,7 +223,11 @@ async fn prune(path: &std::path::Path, fileset: Option<&str>, dry_run: bool) -> 
         None => loaded.policies.iter().collect(),
     };
     // The daemon prunes by itself; two pruners could race a transfer's base.
-    let _lock = if dry_run { None } else { Some(crate::daemon::lock_state_dir(&loaded.node.state_dir).map_err(|e| anyhow::anyhow!("{e:#}; it prunes by itself (use --dry-run to see its plan)"))?) };
+    let _lock = if dry_run {
+        None
+    } else {
+        Some(crate::daemon::lock_state_dir(&loaded.node.state_dir).map_err(|e| anyhow::anyhow!("{e:#}; it prunes by itself (use --dry-run to see its plan)"))?)
+    };
     let reports = prune::plan_node(&loaded, &policies).await?;
     for r in &reports {
         println!("{} {}:", r.side, r.fileset);
@@ -251,9 +262,23 @@ async fn status(path: &std::path::Path, json: bool) -> Result<ExitCode> {
     for o in &report.origin_of {
         println!("{} (origin, {}): newest {}, {} snapshot(s)", o.fileset, o.mode, o.newest.as_deref().unwrap_or("-"), o.snapshots);
         for r in &o.replicas {
-            println!("  -> {}: has {} (lag {}), {} ok, {} failed, {} shipped", r.node, r.newest.as_deref().unwrap_or("nothing yet"), age(r.lag_seconds), r.transfers_ok, r.transfers_failed, bytesize::ByteSize(r.bytes_shipped).display().iec());
+            println!(
+                "  -> {}: has {} (lag {}), {} ok, {} failed, {} shipped",
+                r.node,
+                r.newest.as_deref().unwrap_or("nothing yet"),
+                age(r.lag_seconds),
+                r.transfers_ok,
+                r.transfers_failed,
+                bytesize::ByteSize(r.bytes_shipped).display().iec()
+            );
             if let Some(t) = &r.transfer {
-                println!("     sending {} ({}): {} at {}/s", t.snapshot, t.base.as_deref().map_or("full".to_string(), |b| format!("from {b}")), bytesize::ByteSize(t.bytes).display().iec(), bytesize::ByteSize(t.bytes_per_second as u64).display().iec());
+                println!(
+                    "     sending {} ({}): {} at {}/s",
+                    t.snapshot,
+                    t.base.as_deref().map_or("full".to_string(), |b| format!("from {b}")),
+                    bytesize::ByteSize(t.bytes).display().iec(),
+                    bytesize::ByteSize(t.bytes_per_second as u64).display().iec()
+                );
             }
             if let Some(e) = &r.last_error {
                 println!("     last error at {}: {}", e.at.format("%Y-%m-%d %H:%M:%S UTC"), e.message);
@@ -261,7 +286,14 @@ async fn status(path: &std::path::Path, json: bool) -> Result<ExitCode> {
         }
     }
     for r in &report.replica_of {
-        println!("{} (replica of {}): newest {} (lag {}), {} snapshot(s)", r.fileset, r.origin, r.newest.as_deref().unwrap_or("-"), age(r.lag_seconds), r.snapshots);
+        println!(
+            "{} (replica of {}): newest {} (lag {}), {} snapshot(s)",
+            r.fileset,
+            r.origin,
+            r.newest.as_deref().unwrap_or("-"),
+            age(r.lag_seconds),
+            r.snapshots
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

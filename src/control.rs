@@ -86,9 +86,8 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
         Ok(Request::Sync { fileset }) => sync(control, &fileset).await,
         Err(e) => Reply::Error { message: format!("bad request: {e}") },
     };
-    let reply = serde_json::to_string(&reply).unwrap_or_else(|e| {
-        serde_json::to_string(&Reply::Error { message: format!("cannot encode the answer: {e}") }).expect("a plain error encodes")
-    });
+    let reply = serde_json::to_string(&reply)
+        .unwrap_or_else(|e| serde_json::to_string(&Reply::Error { message: format!("cannot encode the answer: {e}") }).expect("a plain error encodes"));
     write.write_all(reply.as_bytes()).await?;
     write.write_all(b"\n").await?;
     Ok(())
@@ -106,7 +105,11 @@ async fn sync(control: &Control, fileset: &str) -> Reply {
         Ok(Ok(per_fileset)) => Reply::Sync {
             results: per_fileset
                 .into_iter()
-                .map(|(fileset, snapshot, outcomes)| SyncReply { fileset, snapshot: snapshot.to_string(), replicas: outcomes.into_iter().map(|o| (o.replica, o.result)).collect() })
+                .map(|(fileset, snapshot, outcomes)| SyncReply {
+                    fileset,
+                    snapshot: snapshot.to_string(),
+                    replicas: outcomes.into_iter().map(|o| (o.replica, o.result)).collect(),
+                })
                 .collect(),
         },
         Ok(Err(message)) => Reply::Error { message },
@@ -170,9 +173,22 @@ mod tests {
 
     #[test]
     fn every_reply_encodes_and_decodes() {
-        let report = crate::replicate::ReplicaReport { node: "beta".into(), snapshot: "s".into(), base: None, bytes: 3, resumed_from: 0, elapsed: std::time::Duration::from_millis(5) };
+        let report = crate::replicate::ReplicaReport {
+            node: "beta".into(),
+            snapshot: "s".into(),
+            base: None,
+            bytes: 3,
+            resumed_from: 0,
+            elapsed: std::time::Duration::from_millis(5),
+        };
         let replies = [
-            Reply::Sync { results: vec![SyncReply { fileset: "db".into(), snapshot: "s".into(), replicas: vec![("beta".into(), Ok(report)), ("gamma".into(), Err("down".into()))] }] },
+            Reply::Sync {
+                results: vec![SyncReply {
+                    fileset: "db".into(),
+                    snapshot: "s".into(),
+                    replicas: vec![("beta".into(), Ok(report)), ("gamma".into(), Err("down".into()))],
+                }],
+            },
             Reply::Error { message: "no".into() },
         ];
         for r in replies {

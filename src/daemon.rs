@@ -36,12 +36,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         tracing::error!("skipping a broken policy: {e}");
     }
     let here = &loaded.node.node;
-    let replica_of: Vec<&str> = loaded
-        .policies
-        .iter()
-        .filter(|p| p.origin.node != *here && p.replica_on(here).is_some())
-        .map(|p| p.fileset.0.as_str())
-        .collect();
+    let replica_of: Vec<&str> =
+        loaded.policies.iter().filter(|p| p.origin.node != *here && p.replica_on(here).is_some()).map(|p| p.fileset.0.as_str()).collect();
     let origin_of: Vec<&str> = loaded.policies.iter().filter(|p| p.origin.node == *here).map(|p| p.fileset.0.as_str()).collect();
     tracing::info!(node = %here, origin_of = ?origin_of, replica_of = ?replica_of, "starting");
 

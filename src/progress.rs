@@ -63,7 +63,12 @@ impl Progress {
                 Some(bar) => bar.set_position(bytes),
                 None => {
                     let secs = s.started.elapsed().as_secs_f64();
-                    eprintln!("{fileset} -> {}: {} sent, {}/s", s.replica, bytesize::ByteSize(bytes).display().iec(), bytesize::ByteSize((bytes as f64 / secs.max(0.001)) as u64).display().iec());
+                    eprintln!(
+                        "{fileset} -> {}: {} sent, {}/s",
+                        s.replica,
+                        bytesize::ByteSize(bytes).display().iec(),
+                        bytesize::ByteSize((bytes as f64 / secs.max(0.001)) as u64).display().iec()
+                    );
                 }
             }
         }

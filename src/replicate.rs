@@ -13,12 +13,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::config::{LoadedConfig, Policy};
-use crate::ship::{Partial, ReplicaEndpoint, Resumed, StreamStart};
 use crate::ship::local::LocalReplica;
 use crate::ship::meter::{Metered, Tally};
 use crate::ship::quic::{Connector, RemoteReplica};
-use crate::state::StateStore;
+use crate::ship::{Partial, ReplicaEndpoint, Resumed, StreamStart};
 use crate::snapshot::{self, Incoming, Kind, OriginSide, Snapshot, SnapshotName, common_base};
+use crate::state::StateStore;
 
 /// What one replica got.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -75,12 +75,7 @@ pub fn endpoints(config: &LoadedConfig, policy: &Policy, connector: &mut Option<
 /// `on_start` sees each replica's stream as it starts (replica name, byte count).
 pub async fn sync(config: &LoadedConfig, policy: &Policy, on_start: &(dyn Fn(&str, Arc<Tally>) + Send + Sync)) -> Result<Vec<SyncReport>> {
     if policy.origin.node != config.node.node {
-        bail!(
-            "this node is `{}`, but file set `{}` has its origin on `{}`; run sync there",
-            config.node.node,
-            policy.fileset,
-            policy.origin.node
-        );
+        bail!("this node is `{}`, but file set `{}` has its origin on `{}`; run sync there", config.node.node, policy.fileset, policy.origin.node);
     }
     let members = config.group_of(policy);
     let origins = members.iter().map(|p| snapshot::origin_for(p)).collect::<Result<Vec<_>>>()?;
@@ -90,7 +85,9 @@ pub async fn sync(config: &LoadedConfig, policy: &Policy, on_start: &(dyn Fn(&st
         vec![origins[0].take_snapshot(Kind::Scheduled).await.with_context(|| format!("file set `{}`: cannot take a snapshot", policy.fileset))?]
     } else {
         let sides: Vec<(&str, &dyn OriginSide)> = members.iter().zip(&origins).map(|(p, o)| (p.origin.path.as_str(), o.as_ref())).collect();
-        snapshot::take_group(policy.backend, &sides, Kind::Scheduled).await.with_context(|| format!("group `{}`: cannot take the snapshots", policy.group.as_ref().expect("a group")))?
+        snapshot::take_group(policy.backend, &sides, Kind::Scheduled)
+            .await
+            .with_context(|| format!("group `{}`: cannot take the snapshots", policy.group.as_ref().expect("a group")))?
     };
     let mut reports = Vec::new();
     for (((member, origin), snap), eps) in members.iter().zip(&origins).zip(snaps).zip(&endpoints) {
@@ -114,7 +111,14 @@ pub async fn sync(config: &LoadedConfig, policy: &Policy, on_start: &(dyn Fn(&st
 
 /// Records in `state` how the transfer of `snapshot` to `replica` ended; on success the
 /// snapshot is the new common base, guarded on the origin where the filesystem can.
-pub async fn record_outcome(state: &StateStore, origin: &dyn OriginSide, fileset: &str, replica: &str, snapshot: &SnapshotName, result: &Result<ReplicaReport>) {
+pub async fn record_outcome(
+    state: &StateStore,
+    origin: &dyn OriginSide,
+    fileset: &str,
+    replica: &str,
+    snapshot: &SnapshotName,
+    result: &Result<ReplicaReport>,
+) {
     match state.record_outcome(replica, snapshot, result).await {
         Err(e) => tracing::error!(fileset, "cannot record the state: {e:#}"),
         Ok(previous) if result.is_ok() => {
@@ -226,7 +230,8 @@ pub async fn transfer(
         elapsed: start.elapsed(),
     };
     let Plan::Send { base, resume } = plan else { return Ok(report(None, 0, 0)) };
-    let mut incoming = Incoming { name: snapshot.name.clone(), identity: snapshot.identity.clone(), base: base.as_ref().map(|b| b.identity.clone()), from_token: false };
+    let mut incoming =
+        Incoming { name: snapshot.name.clone(), identity: snapshot.identity.clone(), base: base.as_ref().map(|b| b.identity.clone()), from_token: false };
     let open = |compact| async move { Ok::<_, anyhow::Error>(Metered::new(origin.send(snapshot, base.as_ref(), compact).await?.with_stall_timeout(stall))) };
     // Dropping a stream (on error) kills its sending process.
     let mut started = None;
@@ -239,7 +244,9 @@ pub async fn transfer(
     } else if let Some(p) = resume {
         let mut reader = open(p.compact).await?;
         match skip_prefix(&mut reader, p).await? {
-            Some(hasher) => started = Some((reader, StreamStart { compact: p.compact, resumed: Some(Resumed { offset: p.offset, hasher }), from_token: false })),
+            Some(hasher) => {
+                started = Some((reader, StreamStart { compact: p.compact, resumed: Some(Resumed { offset: p.offset, hasher }), from_token: false }))
+            }
             None => tracing::warn!(
                 replica = ep.node(), snapshot = %snapshot.name, offset = p.offset,
                 "the regenerated stream differs from what the replica holds: sending it again from the start"

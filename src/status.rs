@@ -232,7 +232,9 @@ impl StatusBoard {
                 counter!("snapship_bytes_shipped_total", &labels).increment(bytes);
                 gauge!("snapship_last_success_timestamp_seconds", &labels).set(Utc::now().timestamp() as f64);
             }
-            Err(_) => counter!("snapship_transfers_total", "fileset" => fileset.to_string(), "replica" => replica.to_string(), "result" => "failed").increment(1),
+            Err(_) => {
+                counter!("snapship_transfers_total", "fileset" => fileset.to_string(), "replica" => replica.to_string(), "result" => "failed").increment(1)
+            }
         }
     }
 

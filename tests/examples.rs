@@ -6,13 +6,7 @@ use std::path::Path;
 
 fn check(config: &Path) {
     let out = common::snapship().arg("check").arg("--config").arg(config).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{} does not check:\n{}{}",
-        config.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{} does not check:\n{}{}", config.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -53,8 +53,7 @@ fn status_and_metrics_follow_a_transfer() {
     let metrics_port = 47319;
     let src = c.fs["alpha"].subvolume("projects");
     let dst = c.mnt("beta").join("backup/projects");
-    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())])
-        .replace("mode: snapshot\nschedule: \"@hourly\"\n", "mode: continuous\n")
+    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]).replace("mode: snapshot\nschedule: \"@hourly\"\n", "mode: continuous\n")
         + "transfer:\n  compression: none\n";
     let alpha = c.configure("alpha", &[("projects", p.clone())]);
     std::fs::write(&alpha, std::fs::read_to_string(&alpha).unwrap() + &format!("metrics: 127.0.0.1:{metrics_port}\n")).unwrap();

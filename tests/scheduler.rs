@@ -99,12 +99,8 @@ fn hybrid_does_both() {
     if !have_root("hybrid_does_both") {
         return;
     }
-    let (mut c, src, dst) = two_nodes("sched_hybrid", 47230, |p| {
-        with_mode(p, "hybrid", "schedule: \"*/3 * * * * *\"\ncontinuous:\n  min_interval: 1s\n")
-    });
-    wait_for(Duration::from_secs(20), "scheduled snapshots on the replica", || {
-        snapshots(&dst).iter().filter(|n| !n.ends_with("-c")).count() >= 2
-    });
+    let (mut c, src, dst) = two_nodes("sched_hybrid", 47230, |p| with_mode(p, "hybrid", "schedule: \"*/3 * * * * *\"\ncontinuous:\n  min_interval: 1s\n"));
+    wait_for(Duration::from_secs(20), "scheduled snapshots on the replica", || snapshots(&dst).iter().filter(|n| !n.ends_with("-c")).count() >= 2);
     std::fs::write(src.join("change.txt"), "changed").unwrap();
     wait_for(Duration::from_secs(15), "the change on the replica", || dst.join("latest/change.txt").exists());
     let names = origin_snapshots(&c);
@@ -119,9 +115,7 @@ fn replica_away_while_origin_prunes_keeps_the_base() {
     if !have_root("replica_away_while_origin_prunes_keeps_the_base") {
         return;
     }
-    let (mut c, src, dst) = two_nodes("sched_away", 47240, |p| {
-        with_mode(p, "snapshot", "schedule: \"* * * * * *\"\n") + "retention:\n  origin: { last: 2 }\n"
-    });
+    let (mut c, src, dst) = two_nodes("sched_away", 47240, |p| with_mode(p, "snapshot", "schedule: \"* * * * * *\"\n") + "retention:\n  origin: { last: 2 }\n");
     wait_for(Duration::from_secs(20), "a snapshot on the replica", || snapshots(&dst).len() >= 1);
     c.stop("beta");
     let base = snapshots(&dst).last().unwrap().clone();

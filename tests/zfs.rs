@@ -158,7 +158,9 @@ fn zfs_over_quic() {
     let (pa, pb) = (ZfsPool::new(&c.scratch, "pa", 256), ZfsPool::new(&c.scratch, "pb", 256));
     let src_ds = pa.dataset("db");
     let dst_ds = format!("{}/replicas/db", pb.name);
-    let p = format!("fileset: db\nbackend: zfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {src_ds}\nreplicas:\n  - node: beta\n    path: {dst_ds}\n");
+    let p = format!(
+        "fileset: db\nbackend: zfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {src_ds}\nreplicas:\n  - node: beta\n    path: {dst_ds}\n"
+    );
     c.configure("alpha", &[("db", p.clone())]);
     c.configure("beta", &[("db", p)]);
     c.start("beta");

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use snapship::ship::frame::Frame;
-use snapship::ship::protocol::{ErrorCode, Message, Partial, ResumeFrom, WireCompression, WireSnapshot, VERSION};
+use snapship::ship::protocol::{ErrorCode, Message, Partial, ResumeFrom, VERSION, WireCompression, WireSnapshot};
 
 fn message(m: &Message) -> Vec<u8> {
     Frame::message(&m.to_json()).to_vec()
@@ -57,17 +57,11 @@ fn main() {
         message(&Message::End { bytes: 18, blake3: hash }),
     ]
     .concat();
-    let replies = [
-        message(&Message::Ready),
-        message(&Message::Ack { offset: 18 }),
-        message(&Message::Committed { snapshot: "2024-05-01T10:15:00Z".into() }),
-    ]
-    .concat();
+    let replies =
+        [message(&Message::Ready), message(&Message::Ack { offset: 18 }), message(&Message::Committed { snapshot: "2024-05-01T10:15:00Z".into() })].concat();
     let error = message(&Message::error(ErrorCode::CannotResume, "no partial transfer at offset 4096"));
 
-    for (name, bytes) in
-        [("list", list), ("snapshots", snapshots), ("transfer", transfer), ("replies", replies), ("error", error)]
-    {
+    for (name, bytes) in [("list", list), ("snapshots", snapshots), ("transfer", transfer), ("replies", replies), ("error", error)] {
         std::fs::write(dir.join(format!("{name}.bin")), bytes).unwrap();
     }
 }

@@ -290,10 +290,12 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
             Ok(policy) => {
                 let index = || KeyIndex::new(&read(&file).unwrap_or_default());
                 if let Some(other) = policies.iter().find(|p| p.fileset == policy.fileset) {
-                    errors.push(located(&file, &index(), "fileset", format!(
-                        "file set `{}` is already defined in {}; each file set needs its own name",
-                        policy.fileset, other.file.display()
-                    )));
+                    errors.push(located(
+                        &file,
+                        &index(),
+                        "fileset",
+                        format!("file set `{}` is already defined in {}; each file set needs its own name", policy.fileset, other.file.display()),
+                    ));
                 } else if let Some((key, message)) = overlap_with_others(&policy, &policies, &node.node) {
                     errors.push(located(&file, &index(), &key, message));
                 } else if let Some(message) = group_mismatch(&policy, &policies) {
@@ -356,14 +358,12 @@ pub fn validate_policy(p: &Policy, node: &NodeConfig, index: &KeyIndex) -> Vec<C
         Mode::Snapshot | Mode::Hybrid if p.schedule.is_none() => {
             err("mode", format!("mode `{}` needs a `schedule` (a cron expression, like \"*/15 * * * *\")", mode_name(p.mode)))
         }
-        Mode::Continuous if p.schedule.is_some() => err(
-            "schedule",
-            "`schedule` is only used in snapshot and hybrid mode; remove it, or set `mode: hybrid` to also keep scheduled snapshots".into(),
-        ),
-        Mode::Snapshot if p.continuous.is_some() => err(
-            "continuous",
-            "`continuous` settings are only used in continuous and hybrid mode; remove them, or change `mode`".into(),
-        ),
+        Mode::Continuous if p.schedule.is_some() => {
+            err("schedule", "`schedule` is only used in snapshot and hybrid mode; remove it, or set `mode: hybrid` to also keep scheduled snapshots".into())
+        }
+        Mode::Snapshot if p.continuous.is_some() => {
+            err("continuous", "`continuous` settings are only used in continuous and hybrid mode; remove them, or change `mode`".into())
+        }
         _ => {}
     }
 
@@ -399,10 +399,10 @@ pub fn validate_policy(p: &Policy, node: &NodeConfig, index: &KeyIndex) -> Vec<C
         (origin_here && p.replicas.iter().any(|r| &r.node != here)) || (!origin_here && p.replica_on(here).is_some())
     };
     if involves_remote && node.tls.is_none() {
-        err("origin.node", format!(
-            "this file set crosses nodes, so {} needs a `tls:` section (ca, cert, key; `snapship certs` makes them)",
-            node.file.display()
-        ));
+        err(
+            "origin.node",
+            format!("this file set crosses nodes, so {} needs a `tls:` section (ca, cert, key; `snapship certs` makes them)", node.file.display()),
+        );
     }
 
     match p.backend {
@@ -427,7 +427,14 @@ pub fn validate_policy(p: &Policy, node: &NodeConfig, index: &KeyIndex) -> Vec<C
                 } else if r.node == p.origin.node {
                     let rp = Path::new(&r.path);
                     if rp.starts_with(origin) || origin.starts_with(rp) || rp.starts_with(&snapdir) || snapdir.starts_with(rp) {
-                        err(&key, format!("a replica on the origin node must not overlap the file set ({}) or its snapshots ({})", origin.display(), snapdir.display()));
+                        err(
+                            &key,
+                            format!(
+                                "a replica on the origin node must not overlap the file set ({}) or its snapshots ({})",
+                                origin.display(),
+                                snapdir.display()
+                            ),
+                        );
                     }
                 }
             }
@@ -482,11 +489,14 @@ fn overlap_with_others(policy: &Policy, others: &[Policy], node: &Name) -> Optio
         for other in others.iter().filter(|o| o.backend == policy.backend) {
             for (other_key, other_place) in places_on(other, node) {
                 if nested(&place, &other_place) {
-                    return Some((key, format!(
-                        "{place} overlaps {other_place}, the `{other_key}` of file set `{}` ({}); give each file set its own place",
-                        other.fileset,
-                        other.file.display()
-                    )));
+                    return Some((
+                        key,
+                        format!(
+                            "{place} overlaps {other_place}, the `{other_key}` of file set `{}` ({}); give each file set its own place",
+                            other.fileset,
+                            other.file.display()
+                        ),
+                    ));
                 }
             }
         }
@@ -557,12 +567,7 @@ fn looks_like_host_port(addr: &str) -> bool {
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.to_path_buf(),
-        position: None,
-        key: None,
-        message: format!("cannot read: {e}"),
-    })
+    std::fs::read_to_string(path).map_err(|e| ConfigError { file: path.to_path_buf(), position: None, key: None, message: format!("cannot read: {e}") })
 }
 
 fn located(file: &Path, index: &KeyIndex, key: &str, message: String) -> ConfigError {

@@ -7,7 +7,6 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-
 /// Implements `Deserialize` through `FromStr` for a type whose error is a `String`.
 macro_rules! deserialize_from_str {
     ($ty:ty) => {
@@ -118,9 +117,7 @@ impl FromStr for Compression {
             "none" => Ok(Compression::None),
             "zstd" => Ok(Compression::default()),
             other => {
-                let level = other
-                    .strip_prefix("zstd:")
-                    .ok_or_else(|| format!("unknown compression {s:?}; {valid}"))?;
+                let level = other.strip_prefix("zstd:").ok_or_else(|| format!("unknown compression {s:?}; {valid}"))?;
                 match level.parse::<i32>() {
                     Ok(n) if (1..=19).contains(&n) => Ok(Compression::Zstd(n)),
                     _ => Err(format!("invalid zstd level {level:?}; {valid}")),
@@ -141,9 +138,7 @@ impl FromStr for Name {
     fn from_str(s: &str) -> Result<Self, String> {
         let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
         if s.is_empty() || s.len() > 64 || !s.chars().all(ok_char) || s.starts_with(['.', '-']) {
-            return Err(format!(
-                "invalid name {s:?}; use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
-            ));
+            return Err(format!("invalid name {s:?}; use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"));
         }
         Ok(Name(s.to_string()))
     }

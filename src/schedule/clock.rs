@@ -7,7 +7,10 @@ use chrono::{DateTime, Utc};
 pub enum Clock {
     System,
     /// `start` at the tokio instant `origin`, then moving with tokio time.
-    Fake { start: DateTime<Utc>, origin: tokio::time::Instant },
+    Fake {
+        start: DateTime<Utc>,
+        origin: tokio::time::Instant,
+    },
 }
 
 impl Clock {

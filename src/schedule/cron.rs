@@ -50,8 +50,7 @@ impl FromStr for CronSchedule {
                 n => return Err(format!("cron expression {text:?} has {n} fields; {valid}")),
             }
         };
-        let schedule = cron::Schedule::from_str(&expanded)
-            .map_err(|e| format!("invalid cron expression {text:?}: {e}; {valid}"))?;
+        let schedule = cron::Schedule::from_str(&expanded).map_err(|e| format!("invalid cron expression {text:?}: {e}; {valid}"))?;
         if schedule.upcoming(Utc).next().is_none() {
             return Err(format!("cron expression {text:?} never fires"));
         }

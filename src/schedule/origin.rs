@@ -32,12 +32,7 @@ use crate::status::StatusBoard;
 
 /// Retry delays for a failing replica: from 1 s, doubling, at most 5 minutes, jittered.
 fn retry_delays() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_secs(1))
-        .with_max_delay(Duration::from_secs(300))
-        .with_jitter()
-        .without_max_times()
-        .build()
+    ExponentialBuilder::default().with_min_delay(Duration::from_secs(1)).with_max_delay(Duration::from_secs(300)).with_jitter().without_max_times().build()
 }
 
 pub struct OriginJob {
@@ -142,7 +137,14 @@ enum Shipped {
 pub type SyncHandle = mpsc::Sender<SyncRequest>;
 
 impl OriginJob {
-    pub fn new(policy: Policy, origin: Arc<dyn OriginSide>, replicas: Vec<Arc<dyn ReplicaEndpoint>>, state: Arc<StateStore>, clock: Clock, status: Arc<StatusBoard>) -> (Self, SyncHandle) {
+    pub fn new(
+        policy: Policy,
+        origin: Arc<dyn OriginSide>,
+        replicas: Vec<Arc<dyn ReplicaEndpoint>>,
+        state: Arc<StateStore>,
+        clock: Clock,
+        status: Arc<StatusBoard>,
+    ) -> (Self, SyncHandle) {
         let names: Vec<&str> = replicas.iter().map(|r| r.node()).collect();
         status.origin(&policy.fileset.0, &format!("{:?}", policy.mode).to_lowercase(), &names);
         let (sync_tx, sync_rx) = mpsc::channel(4);
@@ -392,7 +394,11 @@ impl OriginJob {
         }
         .await;
         self.status.transfer_finished(self.fileset(), &node, &sent.name, result.as_ref().map(|r| r.bytes).map_err(|e| format!("{e:#}")));
-        let _ = self.outcomes.send(Outcome { replica: node.clone(), snapshot: sent.name.clone(), result: result.as_ref().map(Clone::clone).map_err(|e| format!("{e:#}")) });
+        let _ = self.outcomes.send(Outcome {
+            replica: node.clone(),
+            snapshot: sent.name.clone(),
+            result: result.as_ref().map(Clone::clone).map_err(|e| format!("{e:#}")),
+        });
         if result.is_ok() {
             self.in_flight.lock().expect("in_flight lock").remove(&node);
         }
@@ -425,7 +431,12 @@ impl OriginJob {
 
 /// Waits, per file set, for every replica's first outcome for its target snapshot or a newer
 /// one, then answers.
-async fn answer_sync(request: SyncRequest, waits: Vec<(String, SnapshotName, broadcast::Receiver<Outcome>)>, group: Option<Arc<GroupHub>>, own_replicas: Vec<String>) {
+async fn answer_sync(
+    request: SyncRequest,
+    waits: Vec<(String, SnapshotName, broadcast::Receiver<Outcome>)>,
+    group: Option<Arc<GroupHub>>,
+    own_replicas: Vec<String>,
+) {
     let mut answers = Vec::new();
     for (fileset, target, mut outcomes) in waits {
         let replicas = match &group {

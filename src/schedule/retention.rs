@@ -161,7 +161,8 @@ mod tests {
 
     #[test]
     fn table() {
-        let every_15m_for_3h: Vec<SnapshotName> = (0..12).map(|i| SnapshotName::next(t("2026-03-01 09:00") + Duration::minutes(15 * i), None, Kind::Scheduled)).collect();
+        let every_15m_for_3h: Vec<SnapshotName> =
+            (0..12).map(|i| SnapshotName::next(t("2026-03-01 09:00") + Duration::minutes(15 * i), None, Kind::Scheduled)).collect();
         let daily_for_40d: Vec<SnapshotName> = (0..40).map(|i| SnapshotName::next(t("2026-01-01 03:00") + Duration::days(i), None, Kind::Scheduled)).collect();
         let cases = vec![
             Case {
@@ -231,7 +232,14 @@ mod tests {
             },
             Case {
                 what: "hybrid: continuous snapshots do not fill the hourly grid",
-                history: vec![name("2026-03-01 09:00"), cname("2026-03-01 09:30"), cname("2026-03-01 10:10"), name("2026-03-01 10:00"), cname("2026-03-01 10:50"), cname("2026-03-01 10:55")],
+                history: vec![
+                    name("2026-03-01 09:00"),
+                    cname("2026-03-01 09:30"),
+                    cname("2026-03-01 10:10"),
+                    name("2026-03-01 10:00"),
+                    cname("2026-03-01 10:50"),
+                    cname("2026-03-01 10:55"),
+                ],
                 rules: rules(Some("10m"), None, Some(5), None, None, None),
                 hybrid: true,
                 now: "2026-03-01 11:00",
@@ -263,7 +271,13 @@ mod tests {
     #[test]
     fn reasons_are_all_reported() {
         let h = [name("2026-03-01 09:00"), name("2026-03-01 10:00")];
-        let p = plan(&h, &rules(Some("1d"), Some(1), Some(1), None, None, None), false, Utc.with_ymd_and_hms(2026, 3, 1, 11, 0, 0).unwrap(), &[(h[1].clone(), Reason::CommonBase("beta".into()))]);
+        let p = plan(
+            &h,
+            &rules(Some("1d"), Some(1), Some(1), None, None, None),
+            false,
+            Utc.with_ymd_and_hms(2026, 3, 1, 11, 0, 0).unwrap(),
+            &[(h[1].clone(), Reason::CommonBase("beta".into()))],
+        );
         let reasons: Vec<String> = p[1].keep.iter().map(|r| r.to_string()).collect();
         assert_eq!(reasons, ["newest", "common base of beta", "within", "last", "hourly"]);
         assert_eq!(p[0].keep.iter().map(|r| r.to_string()).collect::<Vec<_>>(), ["within"]);

@@ -25,8 +25,12 @@ pub const VERSION: u32 = 2;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Message {
-    Hello { version: u32 },
-    List { fileset: String },
+    Hello {
+        version: u32,
+    },
+    List {
+        fileset: String,
+    },
     Snapshots {
         snapshots: Vec<WireSnapshot>,
         /// The replica receives the compact stream format (btrfs send protocol 2).
@@ -55,11 +59,21 @@ pub enum Message {
     },
     Ready,
     /// The replica holds the stream up to `offset`.
-    Ack { offset: u64 },
+    Ack {
+        offset: u64,
+    },
     /// After the last data frame: the uncompressed stream's length and BLAKE3 hash.
-    End { bytes: u64, blake3: String },
-    Committed { snapshot: String },
-    Error { code: ErrorCode, message: String },
+    End {
+        bytes: u64,
+        blake3: String,
+    },
+    Committed {
+        snapshot: String,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,9 +18,9 @@ use tokio::sync::Mutex;
 
 use super::frame::FrameReader;
 use super::protocol::{ErrorCode, Message, Partial, ResumeFrom, VERSION};
-use super::{ReplicaEndpoint, StreamStart};
 use super::tls;
 use super::transfer::{self, read_message, write_message};
+use super::{ReplicaEndpoint, StreamStart};
 use crate::config::{NodeConfig, Transfer};
 use crate::snapshot::{Incoming, Snapshot, SnapshotName};
 
@@ -230,12 +230,12 @@ impl RemoteReplica {
                 self.compact.store(compact, std::sync::atomic::Ordering::Relaxed);
                 *self.partial.lock().expect("partial lock") = partial;
                 Ok(snapshots
-                .into_iter()
-                .filter_map(|s| {
-                    let name = SnapshotName::parse(&s.name)?;
-                    Some(Snapshot { name, identity: s.identity, local_id: None, parent_local_id: None })
-                })
-                .collect())
+                    .into_iter()
+                    .filter_map(|s| {
+                        let name = SnapshotName::parse(&s.name)?;
+                        Some(Snapshot { name, identity: s.identity, local_id: None, parent_local_id: None })
+                    })
+                    .collect())
             }
             Message::Error { code, message } => Err(self.refused(code, message)),
             other => bail!("protocol error: `{}` answered {other:?} to list", self.node),
@@ -323,7 +323,12 @@ impl RemoteReplica {
     /// replica, a closed stream, or no progress for the stall timeout while `written` (stream
     /// bytes read into frames already handed to QUIC) is ahead of what the replica
     /// acknowledged.
-    async fn watch_acks(&self, replies: &mut FrameReader<s2n_quic::stream::ReceiveStream>, written: &std::sync::atomic::AtomicU64, acked: &mut u64) -> anyhow::Error {
+    async fn watch_acks(
+        &self,
+        replies: &mut FrameReader<s2n_quic::stream::ReceiveStream>,
+        written: &std::sync::atomic::AtomicU64,
+        acked: &mut u64,
+    ) -> anyhow::Error {
         let tick = (self.stall / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
         let mut behind_since: Option<std::time::Instant> = None;
         loop {

@@ -110,7 +110,13 @@ async fn handle_connection(mut conn: Connection, config: Arc<LoadedConfig>, stat
     streams.wait().await;
 }
 
-async fn handle_stream(stream: s2n_quic::stream::BidirectionalStream, peer: String, config: Arc<LoadedConfig>, status: Arc<StatusBoard>, sessions: Arc<Sessions>) {
+async fn handle_stream(
+    stream: s2n_quic::stream::BidirectionalStream,
+    peer: String,
+    config: Arc<LoadedConfig>,
+    status: Arc<StatusBoard>,
+    sessions: Arc<Sessions>,
+) {
     let (recv, mut send) = stream.split();
     let frames = FrameReader::new(recv);
     let reply = match serve_request(frames, &mut send, &peer, &config, &status, &sessions).await {
@@ -136,7 +142,10 @@ async fn serve_request(
     match read_message(&mut frames).await? {
         Message::Hello { version } if version == VERSION => {}
         Message::Hello { version } => {
-            return Ok(Message::error(ErrorCode::Version, format!("this node speaks protocol {VERSION}, the origin {version}; run the same snapship version on both")));
+            return Ok(Message::error(
+                ErrorCode::Version,
+                format!("this node speaks protocol {VERSION}, the origin {version}; run the same snapship version on both"),
+            ));
         }
         other => return Ok(Message::error(ErrorCode::BadRequest, format!("expected hello, got {other:?}"))),
     }

@@ -266,9 +266,7 @@ impl IncomingData {
     pub fn check_end(&self, bytes: u64, got: &str) -> Result<(), IncomingError> {
         match self.trailer.lock().expect("trailer lock").clone() {
             None => Err(IncomingError::Truncated),
-            Some((sent_bytes, sent)) if sent_bytes != bytes || sent != got => {
-                Err(IncomingError::Checksum { bytes, got: got.to_string(), sent_bytes, sent })
-            }
+            Some((sent_bytes, sent)) if sent_bytes != bytes || sent != got => Err(IncomingError::Checksum { bytes, got: got.to_string(), sent_bytes, sent }),
             Some(_) => Ok(()),
         }
     }

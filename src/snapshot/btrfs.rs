@@ -97,10 +97,8 @@ async fn send_v2_supported() -> bool {
     static SUPPORTED: OnceCell<bool> = OnceCell::const_new();
     *SUPPORTED
         .get_or_init(|| async {
-            let kernel = std::fs::read_to_string("/sys/fs/btrfs/features/send_stream_version")
-                .ok()
-                .and_then(|v| v.trim().parse::<u32>().ok())
-                .is_some_and(|v| v >= 2);
+            let kernel =
+                std::fs::read_to_string("/sys/fs/btrfs/features/send_stream_version").ok().and_then(|v| v.trim().parse::<u32>().ok()).is_some_and(|v| v >= 2);
             // `btrfs send --help` exits 0 and lists the option where it exists.
             let progs = Cmd::new("btrfs").arg("send").arg("--help").output().await.is_ok_and(|help| help.contains("--compressed-data"));
             tracing::debug!(kernel, progs, "btrfs send protocol 2 support");
@@ -238,8 +236,7 @@ impl BtrfsReplica {
         std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
         let lock_path = staging.join(".lock");
         let file = File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-            .map_err(|_| super::ReceiveBusy(self.dir.display().to_string()))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| super::ReceiveBusy(self.dir.display().to_string()))?;
         for entry in std::fs::read_dir(&staging).with_context(|| format!("cannot list {}", staging.display()))? {
             let path = entry?.path();
             if path == lock_path {
@@ -304,8 +301,7 @@ fn remove_any(path: &Path) -> Result<()> {
 }
 
 fn set_read_only(path: &Path, read_only: bool) -> Result<()> {
-    libbtrfsutil::set_subvolume_read_only(path, read_only)
-        .map_err(|e| util_error(format!("cannot set read-only={read_only} on {}", path.display()), e))
+    libbtrfsutil::set_subvolume_read_only(path, read_only).map_err(|e| util_error(format!("cannot set read-only={read_only} on {}", path.display()), e))
 }
 
 fn sync_fs(path: &Path) -> Result<()> {

@@ -105,7 +105,15 @@ mod tests {
 
     #[test]
     fn foreign_names_are_not_ours() {
-        for other in ["latest", "snapship-", "snapship-2026", "manual-backup", "snapship-20261323T000000.000Z", "snapship-20261123T174005.123Zx", "snapship-20261123T174005.123Z-x"] {
+        for other in [
+            "latest",
+            "snapship-",
+            "snapship-2026",
+            "manual-backup",
+            "snapship-20261323T000000.000Z",
+            "snapship-20261123T174005.123Zx",
+            "snapship-20261123T174005.123Z-x",
+        ] {
             assert_eq!(SnapshotName::parse(other), None, "{other}");
         }
     }

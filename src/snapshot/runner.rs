@@ -107,11 +107,7 @@ impl Cmd {
 
     fn failed(&self, status: ExitStatus, stderr: &[u8]) -> CommandError {
         let text = String::from_utf8_lossy(stderr).trim().to_string();
-        CommandError::Failed {
-            cmdline: self.to_string(),
-            status: status.to_string(),
-            stderr: if text.is_empty() { "no error output".into() } else { text },
-        }
+        CommandError::Failed { cmdline: self.to_string(), status: status.to_string(), stderr: if text.is_empty() { "no error output".into() } else { text } }
     }
 }
 
@@ -168,11 +164,7 @@ impl Running {
             return Ok(());
         }
         let text = String::from_utf8_lossy(&stderr).trim().to_string();
-        Err(CommandError::Failed {
-            cmdline: self.cmdline,
-            status: status.to_string(),
-            stderr: if text.is_empty() { "no error output".into() } else { text },
-        })
+        Err(CommandError::Failed { cmdline: self.cmdline, status: status.to_string(), stderr: if text.is_empty() { "no error output".into() } else { text } })
     }
 
     /// Kills the command (used when the other end of the stream failed).

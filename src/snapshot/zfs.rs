@@ -464,7 +464,16 @@ mod tests {
         let f = Features::from_usage(OLD);
         assert_eq!(
             f,
-            Features { multi_snapshot: false, resumable: false, bookmarks: false, compressed_send: false, raw_send: false, holds: true, written: false, receive_no_mount: false }
+            Features {
+                multi_snapshot: false,
+                resumable: false,
+                bookmarks: false,
+                compressed_send: false,
+                raw_send: false,
+                holds: true,
+                written: false,
+                receive_no_mount: false
+            }
         );
     }
 
@@ -473,7 +482,16 @@ mod tests {
         let f = Features::from_usage(MODERN);
         assert_eq!(
             f,
-            Features { multi_snapshot: true, resumable: true, bookmarks: true, compressed_send: true, raw_send: true, holds: true, written: true, receive_no_mount: true }
+            Features {
+                multi_snapshot: true,
+                resumable: true,
+                bookmarks: true,
+                compressed_send: true,
+                raw_send: true,
+                holds: true,
+                written: true,
+                receive_no_mount: true
+            }
         );
     }
 

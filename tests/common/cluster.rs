@@ -162,4 +162,3 @@ pub fn snapshots(dir: &Path) -> Vec<String> {
     }
     visible(dir).into_iter().filter(|n| n != "latest").collect()
 }
-

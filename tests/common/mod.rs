@@ -176,11 +176,8 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
 
 /// Names in `dir` that do not start with a dot: what a user sees with `ls`.
 pub fn visible(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect();
     names.sort();
     names
 }
@@ -373,13 +370,8 @@ impl Drop for ZfsPool {
 /// `bytes`), waits until it stalled, and kills it with SIGKILL: a sync killed mid-transfer.
 pub fn sync_killed_mid_transfer(config: &Path, fileset: &str, bytes: u64, scratch: &Scratch) {
     let marker = scratch.dir.join(format!("stalled-{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
-    let mut child = snapship()
-        .args(["sync", "--config"])
-        .arg(config)
-        .arg(fileset)
-        .env("SNAPSHIP_TEST_STALL", format!("{bytes}:{}", marker.display()))
-        .spawn()
-        .unwrap();
+    let mut child =
+        snapship().args(["sync", "--config"]).arg(config).arg(fileset).env("SNAPSHIP_TEST_STALL", format!("{bytes}:{}", marker.display())).spawn().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !marker.exists() {
         assert!(std::time::Instant::now() < deadline, "the transfer never reached the stall point");
