@@ -1,15 +1,19 @@
 //! snapship: live replicas of btrfs subvolumes and ZFS datasets, shipped as snapshot send
-//! streams. See ARCHITECTURE.md for how the modules fit together.
+//! streams. See ARCHITECTURE.md for how the modules fit together and who may call whom.
+//!
+//! Layers, lowest first: `config` (what the admin wrote, validated); `snapshot` (the
+//! backends); `schedule` (deciding when, pure); `ship` (moving streams between nodes);
+//! `observe` (status, metrics, progress, logs); `replicate` (the one replication logic);
+//! the roles, `replica` and `origin`; `node` (wiring the roles for `run` and one-shot
+//! commands); `cli`. A module may use those below it, never those above.
 
 pub mod cli;
 pub mod config;
-pub mod control;
-pub mod daemon;
-pub mod logging;
-pub mod progress;
+pub mod node;
+pub mod observe;
+pub mod origin;
+pub mod replica;
 pub mod replicate;
 pub mod schedule;
 pub mod ship;
 pub mod snapshot;
-pub mod state;
-pub mod status;

@@ -1,24 +1,27 @@
-//! The replication logic: snapshot a file set and bring each replica up to it.
+//! The replication logic: bring one replica up to a snapshot. `snapship sync` and the
+//! daemon's replica workers both call [`bring_up_to_date`]; this is the one place where a
+//! transfer is planned and started.
 //!
-//! For each replica: ask what it holds, pick the common base by identity, open a send stream
-//! (incremental from the base, full without one) and hand it to the replica's endpoint. The
-//! replicas of one file set are served concurrently, and one replica's failure never stops
-//! the others. This module knows nothing of filesystems or networks: it drives the
+//! Ask the replica what it holds ([`Listing`]), pick the step ([`next_step`]: a cut transfer
+//! of an older snapshot is finished first, then the target goes incrementally from the
+//! newest common base, by identity), open a send stream (full without a base, resumed after
+//! the prefix the replica holds when its hash matches) and hand it to the endpoint. The
+//! caller's [`Hooks`] see each step planned (under the caller's planning lock, so that a
+//! prune cannot delete a base chosen for a transfer before it is registered), started and
+//! finished. This module knows nothing of filesystems or networks: it drives the
 //! [`OriginSide`] and [`ReplicaEndpoint`] traits.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
+use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::RwLock;
 
-use crate::config::{LoadedConfig, Policy};
-use crate::ship::local::LocalReplica;
 use crate::ship::meter::{Metered, Tally};
-use crate::ship::quic::{Connector, RemoteReplica};
-use crate::ship::{Partial, ReplicaEndpoint, Resumed, StreamStart};
-use crate::snapshot::{self, Incoming, Kind, OriginSide, Snapshot, SnapshotName, common_base};
-use crate::state::StateStore;
+use crate::ship::{Listing, Partial, ReplicaEndpoint, Resumed, Start, StreamStart};
+use crate::snapshot::{self, Incoming, OriginSide, Snapshot, SnapshotName, common_base};
 
 /// What one replica got.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -34,112 +37,6 @@ pub struct ReplicaReport {
     pub elapsed: Duration,
 }
 
-/// The outcome of one sync of a file set: the snapshot taken, then one result per replica.
-#[derive(Debug)]
-pub struct SyncReport {
-    pub fileset: String,
-    pub snapshot: Snapshot,
-    pub replicas: Vec<(String, Result<ReplicaReport>)>,
-}
-
-impl SyncReport {
-    pub fn failures(&self) -> usize {
-        self.replicas.iter().filter(|(_, r)| r.is_err()).count()
-    }
-}
-
-/// The endpoints of `policy`'s replicas as seen from this node, the origin: a local pipe
-/// for a replica on this node, QUIC for the others (through `connector`, made on first need).
-pub fn endpoints(config: &LoadedConfig, policy: &Policy, connector: &mut Option<Arc<Connector>>) -> Result<Vec<Arc<dyn ReplicaEndpoint>>> {
-    let here = &config.node.node;
-    let mut out: Vec<Arc<dyn ReplicaEndpoint>> = Vec::new();
-    for replica in &policy.replicas {
-        if &replica.node == here {
-            out.push(Arc::new(LocalReplica::new(replica.node.0.clone(), policy.clone(), snapshot::replica_for(policy, replica)?)));
-            continue;
-        }
-        let addr = config.node.peers.get(&replica.node).ok_or_else(|| anyhow!("replica `{}` is not in peers", replica.node))?;
-        let connector = match connector {
-            Some(c) => c.clone(),
-            None => connector.insert(Arc::new(Connector::new(&config.node)?)).clone(),
-        };
-        let stall = config.node.transfers.stall_timeout.0;
-        out.push(Arc::new(RemoteReplica::new(replica.node.0.clone(), addr.clone(), policy.fileset.0.clone(), policy.transfer.clone(), stall, connector)));
-    }
-    Ok(out)
-}
-
-/// `snapship sync`: snapshot `policy`'s file set now and ship it to every replica. A file set
-/// in a consistency group brings its whole group along: all are snapshotted at one point in
-/// time, and each is shipped; one report per file set.
-/// `on_start` sees each replica's stream as it starts (replica name, byte count).
-pub async fn sync(config: &LoadedConfig, policy: &Policy, on_start: &(dyn Fn(&str, Arc<Tally>) + Send + Sync)) -> Result<Vec<SyncReport>> {
-    if policy.origin.node != config.node.node {
-        bail!("this node is `{}`, but file set `{}` has its origin on `{}`; run sync there", config.node.node, policy.fileset, policy.origin.node);
-    }
-    let members = config.group_of(policy);
-    let origins = members.iter().map(|p| snapshot::origin_for(p)).collect::<Result<Vec<_>>>()?;
-    let mut connector = None;
-    let endpoints = members.iter().map(|p| endpoints(config, p, &mut connector)).collect::<Result<Vec<_>>>()?;
-    let snaps = if members.len() == 1 {
-        vec![origins[0].take_snapshot(Kind::Scheduled).await.with_context(|| format!("file set `{}`: cannot take a snapshot", policy.fileset))?]
-    } else {
-        let sides: Vec<(&str, &dyn OriginSide)> = members.iter().zip(&origins).map(|(p, o)| (p.origin.path.as_str(), o.as_ref())).collect();
-        snapshot::take_group(policy.backend, &sides, Kind::Scheduled)
-            .await
-            .with_context(|| format!("group `{}`: cannot take the snapshots", policy.group.as_ref().expect("a group")))?
-    };
-    let mut reports = Vec::new();
-    for (((member, origin), snap), eps) in members.iter().zip(&origins).zip(snaps).zip(&endpoints) {
-        tracing::info!(fileset = %member.fileset, snapshot = %snap.name, "snapshot taken");
-        let jobs = eps.iter().map(|ep| async {
-            let node = ep.node().to_string();
-            let stall = config.node.transfers.stall_timeout.0;
-            let result = ship_to(origin.as_ref(), &snap, ep.as_ref(), stall, &|tally, _from| on_start(&node, tally)).await;
-            log_outcome(&member.fileset.0, ep.node(), &result);
-            (ep.node().to_string(), result)
-        });
-        let replicas = futures::future::join_all(jobs).await;
-        let state = StateStore::open(&config.node.state_dir, &member.fileset.0)?;
-        for (node, result) in &replicas {
-            record_outcome(&state, origin.as_ref(), &member.fileset.0, node, &snap.name, result).await;
-        }
-        reports.push(SyncReport { fileset: member.fileset.0.clone(), snapshot: snap, replicas });
-    }
-    Ok(reports)
-}
-
-/// Records in `state` how the transfer of `snapshot` to `replica` ended; on success the
-/// snapshot is the new common base, guarded on the origin where the filesystem can.
-pub async fn record_outcome(
-    state: &StateStore,
-    origin: &dyn OriginSide,
-    fileset: &str,
-    replica: &str,
-    snapshot: &SnapshotName,
-    result: &Result<ReplicaReport>,
-) {
-    match state.record_outcome(replica, snapshot, result).await {
-        Err(e) => tracing::error!(fileset, "cannot record the state: {e:#}"),
-        Ok(previous) if result.is_ok() => {
-            if let Err(e) = origin.keep_base(replica, snapshot, previous.as_ref()).await {
-                tracing::warn!(fileset, replica, "cannot guard the new common base: {e:#}");
-            }
-        }
-        Ok(_) => {}
-    }
-}
-
-pub fn log_outcome(fileset: &str, replica: &str, result: &Result<ReplicaReport>) {
-    match result {
-        Ok(r) => tracing::info!(
-            fileset, replica, snapshot = %r.snapshot, base = r.base.as_deref().unwrap_or("none (full)"), bytes = r.bytes,
-            secs = format!("{:.2}", r.elapsed.as_secs_f64()), "replica up to date"
-        ),
-        Err(e) => tracing::error!(fileset, replica, "replication failed: {e:#}"),
-    }
-}
-
 /// How a replica will be brought up to a snapshot.
 #[derive(Debug, Clone)]
 pub enum Plan {
@@ -150,15 +47,79 @@ pub enum Plan {
     Send { base: Option<Snapshot>, resume: Option<Partial> },
 }
 
-/// Asks the replica what it holds and picks the base: the newest common snapshot older than
-/// `snapshot`, by identity.
-pub async fn plan(origin: &dyn OriginSide, snapshot: &Snapshot, ep: &dyn ReplicaEndpoint) -> Result<Plan> {
-    let replica_has = list_replica(ep).await?;
-    plan_from(origin, snapshot, &replica_has, ep.partial().await.as_ref()).await
+impl Plan {
+    /// The base the stream goes from, if any.
+    pub fn base(&self) -> Option<&Snapshot> {
+        match self {
+            Plan::Send { base, .. } => base.as_ref(),
+            Plan::AlreadyThere => None,
+        }
+    }
+}
+
+/// One transfer: the snapshot it sends (the target, or an older one whose cut transfer the
+/// replica holds part of) and how.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub snapshot: Snapshot,
+    pub plan: Plan,
+    /// The replica takes the backend's compact stream format (from its listing).
+    pub accepts_compact: bool,
+}
+
+/// What the caller of [`bring_up_to_date`] does around each step.
+#[async_trait]
+pub trait Hooks: Send + Sync {
+    /// Held (read) while a step is planned and [`planned`](Self::planned) runs; the caller's
+    /// pruning takes it for writing.
+    fn planning(&self) -> &RwLock<()>;
+    /// A step is planned: register what it needs protected (its snapshot and base).
+    async fn planned(&self, replica: &str, step: &Step) -> Result<()>;
+    /// Its stream starts, with its live byte count and the offset it starts from.
+    fn started(&self, replica: &str, step: &Step, tally: Arc<Tally>, from: u64);
+    /// The attempt to send `snapshot` ended (listing and planning errors included).
+    async fn finished(&self, replica: &str, snapshot: &SnapshotName, result: &Result<ReplicaReport>);
+}
+
+/// Brings `ep` up to `target`: a cut transfer of an older snapshot that the replica holds
+/// part of is finished first, then `target` follows (incrementally on top of it). Stops at
+/// the first failure. `stall`: a sending process that produces nothing this long is killed.
+pub async fn bring_up_to_date(origin: &dyn OriginSide, target: &Snapshot, ep: &dyn ReplicaEndpoint, stall: Duration, hooks: &dyn Hooks) -> Result<ReplicaReport> {
+    let node = ep.node();
+    loop {
+        let mut sending = target.name.clone();
+        let result = async {
+            // Ask the replica first, outside the planning lock: a slow replica must not hold
+            // up the caller's pruning, and through it everything else.
+            let listing = list_replica(ep).await?;
+            let step = {
+                let _planning = hooks.planning().read().await;
+                let step = next_step(origin, target, &listing).await?;
+                sending = step.snapshot.name.clone();
+                hooks.planned(node, &step).await?;
+                step
+            };
+            if step.snapshot.name != target.name {
+                tracing::info!(replica = node, snapshot = %step.snapshot.name, "finishing a cut transfer first");
+            }
+            let report = transfer(origin, &step, ep, stall, &|tally, from| hooks.started(node, &step, tally, from)).await?;
+            Ok::<_, anyhow::Error>((step, report))
+        }
+        .await;
+        let (step, result) = match result {
+            Ok((step, report)) => (Some(step), Ok(report)),
+            Err(e) => (None, Err(e)),
+        };
+        hooks.finished(node, &sending, &result).await;
+        let report = result?;
+        if step.is_some_and(|s| s.snapshot.name == target.name) {
+            return Ok(report);
+        }
+    }
 }
 
 /// What `ep` holds; a replica that does not answer within a minute is an error.
-pub async fn list_replica(ep: &dyn ReplicaEndpoint) -> Result<Vec<Snapshot>> {
+pub async fn list_replica(ep: &dyn ReplicaEndpoint) -> Result<Listing> {
     let what = || format!("cannot list the snapshots of replica `{}`", ep.node());
     tokio::time::timeout(LIST_TIMEOUT, ep.list())
         .await
@@ -168,6 +129,16 @@ pub async fn list_replica(ep: &dyn ReplicaEndpoint) -> Result<Vec<Snapshot>> {
 }
 
 const LIST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The next transfer towards `target` given what the replica holds: an older partial first,
+/// else the target itself.
+pub async fn next_step(origin: &dyn OriginSide, target: &Snapshot, listing: &Listing) -> Result<Step> {
+    if let Some((older, plan)) = partial_to_finish(origin, target, listing.resumable.as_ref()).await? {
+        return Ok(Step { snapshot: older, plan, accepts_compact: listing.accepts_compact });
+    }
+    let plan = plan_from(origin, target, &listing.snapshots, listing.resumable.as_ref()).await?;
+    Ok(Step { snapshot: target.clone(), plan, accepts_compact: listing.accepts_compact })
+}
 
 /// Picks the base given what the replica holds. A partial transfer of this very snapshot is
 /// resumed, from its own base (still common: the replica is receiving on it).
@@ -211,25 +182,19 @@ pub async fn partial_to_finish(origin: &dyn OriginSide, target: &Snapshot, parti
 /// progress and status) and the offset it starts from (not 0 when resumed).
 pub type OnStart<'a> = &'a (dyn Fn(Arc<Tally>, u64) + Send + Sync);
 
-/// Carries out `plan`. `stall`: a sending process that produces nothing this long is killed.
-pub async fn transfer(
-    origin: &dyn OriginSide,
-    snapshot: &Snapshot,
-    plan: &Plan,
-    ep: &dyn ReplicaEndpoint,
-    stall: Duration,
-    on_start: OnStart<'_>,
-) -> Result<ReplicaReport> {
-    let start = Instant::now();
+/// Carries out one step. `stall`: a sending process that produces nothing this long is killed.
+pub async fn transfer(origin: &dyn OriginSide, step: &Step, ep: &dyn ReplicaEndpoint, stall: Duration, on_start: OnStart<'_>) -> Result<ReplicaReport> {
+    let started_at = Instant::now();
+    let snapshot = &step.snapshot;
     let report = |base: Option<&Snapshot>, bytes, resumed_from| ReplicaReport {
         node: ep.node().into(),
         snapshot: snapshot.name.to_string(),
         base: base.map(|b| b.name.to_string()),
         bytes,
         resumed_from,
-        elapsed: start.elapsed(),
+        elapsed: started_at.elapsed(),
     };
-    let Plan::Send { base, resume } = plan else { return Ok(report(None, 0, 0)) };
+    let Plan::Send { base, resume } = &step.plan else { return Ok(report(None, 0, 0)) };
     let mut incoming =
         Incoming { name: snapshot.name.clone(), identity: snapshot.identity.clone(), base: base.as_ref().map(|b| b.identity.clone()), from_token: false };
     let open = |compact| async move { Ok::<_, anyhow::Error>(Metered::new(origin.send(snapshot, base.as_ref(), compact).await?.with_stall_timeout(stall))) };
@@ -240,13 +205,11 @@ pub async fn transfer(
         tracing::info!(replica = ep.node(), snapshot = %snapshot.name, "resuming from the replica's ZFS resume token");
         incoming.from_token = true;
         let stream = Metered::new(origin.send_resumed(token).await?.with_stall_timeout(stall));
-        started = Some((stream, StreamStart { compact: resume.as_ref().is_some_and(|p| p.compact), resumed: None, from_token: true }));
+        started = Some((stream, StreamStart { compact: resume.as_ref().is_some_and(|p| p.compact), start: Start::FromToken }));
     } else if let Some(p) = resume {
         let mut reader = open(p.compact).await?;
         match skip_prefix(&mut reader, p).await? {
-            Some(hasher) => {
-                started = Some((reader, StreamStart { compact: p.compact, resumed: Some(Resumed { offset: p.offset, hasher }), from_token: false }))
-            }
+            Some(hasher) => started = Some((reader, StreamStart { compact: p.compact, start: Start::Resume(Resumed { offset: p.offset, hasher }) })),
             None => tracing::warn!(
                 replica = ep.node(), snapshot = %snapshot.name, offset = p.offset,
                 "the regenerated stream differs from what the replica holds: sending it again from the start"
@@ -256,8 +219,8 @@ pub async fn transfer(
     let (mut reader, start_at) = match started {
         Some(s) => s,
         None => {
-            let compact = ep.accepts_compact().await;
-            (open(compact).await?, StreamStart { compact, resumed: None, from_token: false })
+            let compact = step.accepts_compact;
+            (open(compact).await?, StreamStart { compact, start: Start::Fresh })
         }
     };
     let from = start_at.offset();
@@ -284,24 +247,10 @@ async fn skip_prefix(stream: &mut (dyn AsyncRead + Send + Unpin), partial: &Part
     Ok((hasher.finalize().to_hex().as_str() == partial.blake3).then_some(hasher))
 }
 
-/// Brings one replica up to `snapshot`, incremental from the common base when there is one;
-/// a partial transfer the replica holds is finished first.
-pub async fn ship_to(origin: &dyn OriginSide, snapshot: &Snapshot, ep: &dyn ReplicaEndpoint, stall: Duration, on_start: OnStart<'_>) -> Result<ReplicaReport> {
-    let mut replica_has = list_replica(ep).await?;
-    let mut partial = ep.partial().await;
-    if let Some((older, plan)) = partial_to_finish(origin, snapshot, partial.as_ref()).await? {
-        transfer(origin, &older, &plan, ep, stall, on_start).await.with_context(|| format!("finishing the cut transfer of {}", older.name))?;
-        replica_has = list_replica(ep).await?;
-        partial = None;
-    }
-    let plan = plan_from(origin, snapshot, &replica_has, partial.as_ref()).await?;
-    transfer(origin, snapshot, &plan, ep, stall, on_start).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::{SendStream, SnapshotName};
+    use crate::snapshot::{Kind, SendStream, SnapshotName};
     use async_trait::async_trait;
 
     /// An origin that only lists: planning needs nothing else.

@@ -6,6 +6,7 @@
 //! (modes, nodes known in `peers`, paths) and locates its complaints with [`locate::KeyIndex`].
 //! A broken policy file never stops the others from loading: its errors are collected.
 
+pub mod cron;
 pub mod locate;
 pub mod units;
 
@@ -17,7 +18,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::schedule::cron::CronSchedule;
+use cron::CronSchedule;
 use locate::KeyIndex;
 use units::{ByteRate, ByteSize, Compression, HumanDuration, Name};
 

@@ -16,8 +16,8 @@ use std::fmt;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 
-use crate::config::Retention;
-use crate::snapshot::{Kind, SnapshotName};
+use crate::config::{Mode, Policy, Retention};
+use crate::snapshot::{Kind, Snapshot, SnapshotName};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reason {
@@ -120,6 +120,26 @@ pub fn plan(names: &[SnapshotName], rules: &Retention, hybrid: bool, now: DateTi
         }
     }
     entries
+}
+
+/// One side's snapshots and the plan for them.
+pub struct SidePlan {
+    pub snapshots: Vec<Snapshot>,
+    pub entries: Vec<Entry>,
+}
+
+impl SidePlan {
+    /// Plans `snapshots` (one side of `policy`'s file set) by `rules`, keeping `protect`.
+    pub fn new(snapshots: Vec<Snapshot>, policy: &Policy, rules: &Retention, protect: &[(SnapshotName, Reason)], now: DateTime<Utc>) -> SidePlan {
+        let names: Vec<SnapshotName> = snapshots.iter().map(|s| s.name.clone()).collect();
+        let entries = plan(&names, rules, policy.mode == Mode::Hybrid, now, protect);
+        SidePlan { snapshots, entries }
+    }
+
+    /// The snapshots the plan deletes.
+    pub fn doomed(&self) -> impl Iterator<Item = &Snapshot> {
+        self.entries.iter().filter(|e| e.delete()).filter_map(|e| self.snapshots.iter().find(|s| s.name == e.name))
+    }
 }
 
 #[cfg(test)]

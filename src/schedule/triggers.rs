@@ -15,7 +15,7 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::Notify;
 
 use super::clock::Clock;
-use super::cron::CronSchedule;
+use crate::config::cron::CronSchedule;
 
 /// The safety-net poll of continuous mode (inotify is the prompt path; this catches what it
 /// cannot see, like writes through mmap).

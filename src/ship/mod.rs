@@ -1,36 +1,48 @@
-//! Moving send streams from an origin to its replicas.
+//! Moving send streams between nodes. It knows streams, not retention or scheduling.
 //!
-//! The replication logic talks to every replica through [`ReplicaEndpoint`]: list what you
-//! hold, receive this stream. A replica on this very node is served by a local pipe
-//! ([`local::LocalReplica`]); remote replicas go over QUIC ([`quic::RemoteReplica`] on the
-//! origin, [`server`] on the replica), speaking [`protocol`] in [`frame`]s, with streams
-//! shaped by [`transfer`] and peers authenticated by [`tls`].
+//! The replication logic talks to every replica through [`ReplicaEndpoint`]: what do you
+//! hold ([`Listing`]), receive this stream. One implementation, [`client::PeerReplica`],
+//! speaks [`protocol`] in [`frame`]s over request streams that a [`Dialer`] opens: over QUIC
+//! to another node ([`quic`], peers authenticated by [`tls`]), or through this very process
+//! to a replica on the origin's own node ([`local`]). The replica's side of the same
+//! conversation is the replica role (`crate::replica`), which gets its request streams from
+//! [`quic::Listener`] or [`local::LocalLink`]. [`transfer`] shapes the stream (framing,
+//! zstd, BLAKE3 over the whole stream, pacing), [`meter`] counts it.
 
+pub mod client;
 pub mod frame;
 pub mod local;
 pub mod meter;
 pub mod protocol;
 pub mod quic;
-pub mod server;
-pub mod session;
-pub mod spool;
 pub mod tls;
 pub mod transfer;
 
 use anyhow::Result;
 use async_trait::async_trait;
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::snapshot::{Incoming, Snapshot};
 pub use protocol::Partial;
 
-/// Where a stream starts: from zero, or after a prefix the replica already holds.
-pub struct StreamStart {
-    /// The stream is in the backend's compact format.
-    pub compact: bool,
-    pub resumed: Option<Resumed>,
-    /// The stream resumes the replica's ZFS resume token (`zfs send -t`).
-    pub from_token: bool,
+/// What a replica holds of a file set, as one answer: the complete snapshots (with their
+/// identities), whether it takes the backend's compact stream format, and the cut transfer
+/// it can resume, if any.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub snapshots: Vec<Snapshot>,
+    pub accepts_compact: bool,
+    pub resumable: Option<Partial>,
+}
+
+/// Where a stream starts.
+pub enum Start {
+    /// From its first byte.
+    Fresh,
+    /// After a prefix the replica already holds (checked by hash).
+    Resume(Resumed),
+    /// A new stream that continues the replica's ZFS resume token (`zfs send -t`).
+    FromToken,
 }
 
 /// The replica holds the first `offset` bytes of the stream, which hash into `hasher`.
@@ -39,9 +51,20 @@ pub struct Resumed {
     pub hasher: blake3::Hasher,
 }
 
+/// How a stream is to be sent: its format and where it starts.
+pub struct StreamStart {
+    /// The stream is in the backend's compact format.
+    pub compact: bool,
+    pub start: Start,
+}
+
 impl StreamStart {
+    /// The stream offset the data starts at (not 0 only when resumed).
     pub fn offset(&self) -> u64 {
-        self.resumed.as_ref().map_or(0, |r| r.offset)
+        match &self.start {
+            Start::Resume(r) => r.offset,
+            Start::Fresh | Start::FromToken => 0,
+        }
     }
 }
 
@@ -50,19 +73,40 @@ impl StreamStart {
 pub trait ReplicaEndpoint: Send + Sync {
     /// The replica's node name, for logs and reports.
     fn node(&self) -> &str;
-    /// The complete snapshots the replica holds, with their identities.
-    async fn list(&self) -> Result<Vec<Snapshot>>;
-    /// Whether the replica receives the backend's compact stream format; known after `list`.
-    async fn accepts_compact(&self) -> bool;
-    /// A cut transfer the replica holds and can resume; known after `list`.
-    async fn partial(&self) -> Option<Partial> {
-        None
-    }
+    /// What the replica holds.
+    async fn list(&self) -> Result<Listing>;
     /// Closes any connection to the replica, telling it at once that transfers in flight are
     /// cut (it keeps what it received, for a resume).
     async fn close(&self) {}
     /// Ships `stream` to the replica, which receives it; `Ok` once the replica has the
     /// snapshot complete, checked and visible. `start` says whether `stream` goes on from
-    /// where a partial transfer stopped (only when [`partial`](Self::partial) offered it).
+    /// where a partial transfer stopped (only when the listing offered it).
     async fn receive(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()>;
+}
+
+/// One request stream: the replies (or requests, on the replica) come in on `recv`, and
+/// `send` goes out. Both directions close independently: shutting `send` down is the end of
+/// what this side says.
+pub struct RequestStream {
+    pub recv: Box<dyn AsyncRead + Send + Unpin>,
+    pub send: Box<dyn AsyncWrite + Send + Unpin>,
+}
+
+/// Opens request streams to one peer: a QUIC stream on a (cached) connection, or an
+/// in-process pipe.
+#[async_trait]
+pub trait Dialer: Send + Sync {
+    /// A new request stream, connecting first if needed.
+    async fn open(&self) -> Result<RequestStream>;
+    /// Drops the connection (the peer sees transfers in flight cut at once); the next
+    /// [`open`](Self::open) connects again.
+    async fn reset(&self) {}
+}
+
+/// Serves request streams as they arrive, on the replica: the replica role implements it,
+/// the transports ([`quic::serve`], [`local::serve`]) call it with the peer's verified node
+/// name and the stream.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    async fn handle(&self, peer: String, stream: RequestStream);
 }

@@ -162,6 +162,22 @@ impl Message {
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Message {
         Message::Error { code, message: message.into() }
     }
+
+    /// The message's type as it is on the wire (`begin`, `ack`...): what an error about an
+    /// unexpected message names, without echoing what a peer put in it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::List { .. } => "list",
+            Message::Snapshots { .. } => "snapshots",
+            Message::Begin { .. } => "begin",
+            Message::Ready => "ready",
+            Message::Ack { .. } => "ack",
+            Message::End { .. } => "end",
+            Message::Committed { .. } => "committed",
+            Message::Error { .. } => "error",
+        }
+    }
 }
 
 #[cfg(test)]

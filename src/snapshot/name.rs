@@ -80,6 +80,21 @@ impl SnapshotName {
     }
 }
 
+/// In files (the state file) a name is its text; a text that is not a snapship name fails to
+/// load, with the file named by the caller.
+impl serde::Serialize for SnapshotName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SnapshotName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        SnapshotName::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not a snapship snapshot name")))
+    }
+}
+
 impl fmt::Display for SnapshotName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)

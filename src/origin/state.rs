@@ -24,9 +24,9 @@ pub struct FilesetState {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReplicaState {
     /// The newest snapshot both sides held when last seen: the next incremental base.
-    pub base: Option<String>,
+    pub base: Option<SnapshotName>,
     /// A transfer under way: the snapshot sent and its base.
-    pub in_flight: Option<(String, Option<String>)>,
+    pub in_flight: Option<(SnapshotName, Option<SnapshotName>)>,
     pub last_success: Option<DateTime<Utc>>,
     pub last_error: Option<(DateTime<Utc>, String)>,
 }
@@ -73,8 +73,8 @@ impl StateStore {
             match result {
                 Ok(_) => {
                     r.in_flight = None;
-                    previous = r.base.as_deref().and_then(SnapshotName::parse);
-                    r.base = Some(snapshot.to_string());
+                    previous = r.base.take();
+                    r.base = Some(snapshot.clone());
                     r.last_success = Some(now);
                     r.last_error = None;
                 }
@@ -117,10 +117,14 @@ mod tests {
     async fn survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path(), "projects").unwrap();
-        store.update(|s| s.replicas.entry("beta".into()).or_default().base = Some("snapship-20260101T000000.000Z".into())).await.unwrap();
+        let name = SnapshotName::parse("snapship-20260101T000000.000Z").unwrap();
+        store.update(|s| s.replicas.entry("beta".into()).or_default().base = Some(name.clone())).await.unwrap();
         let again = StateStore::open(dir.path(), "projects").unwrap();
-        assert_eq!(again.get().await.replicas["beta"].base.as_deref(), Some("snapship-20260101T000000.000Z"));
+        assert_eq!(again.get().await.replicas["beta"].base, Some(name));
         std::fs::write(StateStore::path_for(dir.path(), "bad"), "{").unwrap();
         assert!(StateStore::open(dir.path(), "bad").err().unwrap().to_string().contains("not a valid state file"));
+        // A name that is not one snapship makes is refused, not carried on as a string.
+        std::fs::write(StateStore::path_for(dir.path(), "odd"), r#"{"replicas":{"beta":{"base":"../x","in_flight":null,"last_success":null,"last_error":null}}}"#).unwrap();
+        assert!(StateStore::open(dir.path(), "odd").is_err());
     }
 }

@@ -14,21 +14,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{RwLock, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::clock::Clock;
-use super::prune;
-use super::retention::Reason;
-use super::triggers::{ChangeWatcher, Woke, next_fire};
+use super::state::StateStore;
+use super::{prune, record};
 use crate::config::{BackendKind, Mode, Policy};
-use crate::replicate::{self, Plan, ReplicaReport};
+use crate::observe::status::StatusBoard;
+use crate::replicate::{self, Hooks, Plan, ReplicaReport, Step};
+use crate::schedule::clock::Clock;
+use crate::schedule::retention::Reason;
+use crate::schedule::triggers::{ChangeWatcher, Woke, next_fire};
 use crate::ship::ReplicaEndpoint;
+use crate::ship::meter::Tally;
 use crate::snapshot::{Kind, OriginSide, Snapshot, SnapshotName};
-use crate::state::StateStore;
-use crate::status::StatusBoard;
 
 /// Retry delays for a failing replica: from 1 s, doubling, at most 5 minutes, jittered.
 fn retry_delays() -> impl Iterator<Item = Duration> {
@@ -124,15 +126,6 @@ impl GroupHub {
     }
 }
 
-/// What one attempt delivered.
-#[derive(Debug, PartialEq, Eq)]
-enum Shipped {
-    /// The snapshot asked for.
-    Target,
-    /// An older snapshot, whose cut transfer the replica held part of.
-    Partial,
-}
-
 /// Where the daemon sends sync requests for one file set.
 pub type SyncHandle = mpsc::Sender<SyncRequest>;
 
@@ -194,7 +187,7 @@ impl OriginJob {
         let job = Arc::new(self);
         let state = job.state.get().await;
         for (replica, r) in &state.replicas {
-            job.status.replica_has(job.fileset(), replica, r.base.as_deref().and_then(SnapshotName::parse).as_ref());
+            job.status.replica_has(job.fileset(), replica, r.base.as_ref());
         }
         let newest = match job.origin.list().await {
             Ok(mut list) => {
@@ -339,79 +332,19 @@ impl OriginJob {
         }
     }
 
-    /// Brings `ep` up to `snapshot`: finishes first a cut transfer of an older snapshot that
-    /// the replica holds part of, then ships `snapshot` (incrementally on top of it).
+    /// Brings `ep` up to `snapshot` (finishing first a cut transfer of an older snapshot
+    /// that the replica holds part of), then prunes.
     async fn ship(&self, ep: &dyn ReplicaEndpoint, snapshot: &Snapshot) -> Result<()> {
-        while self.attempt(ep, snapshot).await? != Shipped::Target {}
+        replicate::bring_up_to_date(self.origin.as_ref(), snapshot, ep, self.stall, self).await?;
         self.prune().await;
         self.report_snapshots().await;
         Ok(())
     }
 
-    /// One transfer to `ep`, towards `target`; records the outcome in the state.
-    ///
-    /// A transfer that failed stays registered as in flight (in memory and in the state file)
-    /// until the next attempt replaces it: the replica may have committed the snapshot and
-    /// pruned the old base even though its answer was lost, so both stay protected until a
-    /// fresh listing says what the replica holds. (A cut transfer is also resumable.)
-    async fn attempt(&self, ep: &dyn ReplicaEndpoint, target: &Snapshot) -> Result<Shipped> {
-        let node = ep.node().to_string();
-        let mut sent = target.clone();
-        let result = async {
-            // Ask the replica first, outside the planning lock: a slow replica must not
-            // hold up pruning, and through it the other replicas and the snapshot loop.
-            let replica_has = replicate::list_replica(ep).await?;
-            let partial = ep.partial().await;
-            let plan = {
-                let _planning = self.plan_lock.read().await;
-                let plan = match replicate::partial_to_finish(self.origin.as_ref(), target, partial.as_ref()).await? {
-                    Some((older, plan)) => {
-                        tracing::info!(fileset = self.fileset(), replica = %node, snapshot = %older.name, "finishing a cut transfer first");
-                        sent = older;
-                        plan
-                    }
-                    None => replicate::plan_from(self.origin.as_ref(), target, &replica_has, partial.as_ref()).await?,
-                };
-                let has = match &plan {
-                    Plan::AlreadyThere => Some(&sent.name),
-                    Plan::Send { base, .. } => base.as_ref().map(|b| &b.name),
-                };
-                self.status.replica_has(self.fileset(), &node, has);
-                if let Plan::Send { base, .. } = &plan {
-                    let base = base.as_ref().map(|b| b.name.clone());
-                    self.in_flight.lock().expect("in_flight lock").insert(node.clone(), (sent.name.clone(), base.clone()));
-                    let record = (sent.name.to_string(), base.map(|b| b.to_string()));
-                    self.state.update(|s| s.replicas.entry(node.clone()).or_default().in_flight = Some(record)).await?;
-                }
-                plan
-            };
-            let base = match &plan {
-                Plan::Send { base, .. } => base.as_ref().map(|b| b.name.clone()),
-                Plan::AlreadyThere => None,
-            };
-            let on_start = |tally, from| self.status.transfer_started(self.fileset(), &node, &sent.name, base.as_ref(), tally, from);
-            replicate::transfer(self.origin.as_ref(), &sent, &plan, ep, self.stall, &on_start).await
-        }
-        .await;
-        self.status.transfer_finished(self.fileset(), &node, &sent.name, result.as_ref().map(|r| r.bytes).map_err(|e| format!("{e:#}")));
-        let _ = self.outcomes.send(Outcome {
-            replica: node.clone(),
-            snapshot: sent.name.clone(),
-            result: result.as_ref().map(Clone::clone).map_err(|e| format!("{e:#}")),
-        });
-        if result.is_ok() {
-            self.in_flight.lock().expect("in_flight lock").remove(&node);
-        }
-        replicate::log_outcome(self.fileset(), &node, &result);
-        replicate::record_outcome(&self.state, self.origin.as_ref(), self.fileset(), &node, &sent.name, &result).await;
-        result?;
-        Ok(if sent.name == target.name { Shipped::Target } else { Shipped::Partial })
-    }
-
     /// Prunes the origin by its retention, protecting bases and transfers in flight.
     async fn prune(&self) {
         let _exclusive = self.plan_lock.write().await;
-        let mut protect = prune::origin_protections(&self.state.get().await);
+        let mut protect = prune::protections(&self.state.get().await);
         for (snapshot, base) in self.in_flight.lock().expect("in_flight lock").values() {
             protect.push((snapshot.clone(), Reason::InFlight));
             if let Some(b) = base {
@@ -419,13 +352,56 @@ impl OriginJob {
             }
         }
         let result = async {
-            let plan = prune::plan_origin(&self.policy, self.origin.as_ref(), &protect, self.clock.now()).await?;
-            prune::apply_origin(self.fileset(), &plan, self.origin.as_ref()).await
+            let plan = prune::plan(&self.policy, self.origin.as_ref(), &protect, self.clock.now()).await?;
+            prune::apply(self.fileset(), &plan, self.origin.as_ref()).await
         }
         .await;
         if let Err(e) = result {
             tracing::error!(fileset = self.fileset(), "pruning failed: {e:#}");
         }
+    }
+}
+
+/// What the daemon does around each transfer: status, the sync requests waiting on
+/// outcomes, transfers in flight (in memory and in the state file) and the common base.
+///
+/// A transfer that failed stays registered as in flight (in memory and in the state file)
+/// until the next attempt replaces it: the replica may have committed the snapshot and
+/// pruned the old base even though its answer was lost, so both stay protected until a
+/// fresh listing says what the replica holds. (A cut transfer is also resumable.)
+#[async_trait]
+impl Hooks for OriginJob {
+    fn planning(&self) -> &RwLock<()> {
+        &self.plan_lock
+    }
+
+    async fn planned(&self, replica: &str, step: &Step) -> Result<()> {
+        let has = match &step.plan {
+            Plan::AlreadyThere => Some(&step.snapshot.name),
+            Plan::Send { base, .. } => base.as_ref().map(|b| &b.name),
+        };
+        self.status.replica_has(self.fileset(), replica, has);
+        if let Plan::Send { base, .. } = &step.plan {
+            let base = base.as_ref().map(|b| b.name.clone());
+            self.in_flight.lock().expect("in_flight lock").insert(replica.to_string(), (step.snapshot.name.clone(), base.clone()));
+            record::in_flight(&self.state, replica, &step.snapshot.name, base.as_ref()).await?;
+        }
+        Ok(())
+    }
+
+    fn started(&self, replica: &str, step: &Step, tally: Arc<Tally>, from: u64) {
+        let base = step.plan.base().map(|b| b.name.clone());
+        self.status.transfer_started(self.fileset(), replica, &step.snapshot.name, base.as_ref(), tally, from);
+    }
+
+    async fn finished(&self, replica: &str, snapshot: &SnapshotName, result: &Result<ReplicaReport>) {
+        let shown = result.as_ref().map(Clone::clone).map_err(|e| format!("{e:#}"));
+        self.status.transfer_finished(self.fileset(), replica, snapshot, shown.as_ref().map(|r| r.bytes).map_err(Clone::clone));
+        let _ = self.outcomes.send(Outcome { replica: replica.to_string(), snapshot: snapshot.clone(), result: shown });
+        if result.is_ok() {
+            self.in_flight.lock().expect("in_flight lock").remove(replica);
+        }
+        record::outcome(&self.state, self.origin.as_ref(), self.fileset(), replica, snapshot, result).await;
     }
 }
 

@@ -10,12 +10,12 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 
-use crate::config::units::deserialize_from_str;
+use super::units::deserialize_from_str;
 
 #[derive(Clone)]
 pub struct CronSchedule {
     text: String,
-    schedule: cron::Schedule,
+    schedule: ::cron::Schedule,
 }
 
 impl CronSchedule {
@@ -50,7 +50,7 @@ impl FromStr for CronSchedule {
                 n => return Err(format!("cron expression {text:?} has {n} fields; {valid}")),
             }
         };
-        let schedule = cron::Schedule::from_str(&expanded).map_err(|e| format!("invalid cron expression {text:?}: {e}; {valid}"))?;
+        let schedule = ::cron::Schedule::from_str(&expanded).map_err(|e| format!("invalid cron expression {text:?}: {e}; {valid}"))?;
         if schedule.upcoming(Utc).next().is_none() {
             return Err(format!("cron expression {text:?} never fires"));
         }

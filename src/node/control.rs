@@ -13,9 +13,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::observe::status::{StatusBoard, StatusReport};
+use crate::origin::job::{SyncHandle, SyncRequest};
 use crate::replicate::ReplicaReport;
-use crate::schedule::origin::{SyncHandle, SyncRequest};
-use crate::status::{StatusBoard, StatusReport};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]

@@ -26,9 +26,9 @@ use tokio::sync::{OwnedMutexGuard, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::protocol::{ErrorCode, Message, Partial, ResumeFrom};
 use super::spool::{self, SpoolWriter};
-use super::transfer::{IncomingData, IncomingError, write_message};
+use crate::ship::protocol::{ErrorCode, Message, Partial, ResumeFrom};
+use crate::ship::transfer::{IncomingData, IncomingError, write_message};
 use crate::config::Transfers;
 use crate::snapshot::{Incoming, ReplicaSide};
 
@@ -152,8 +152,8 @@ impl Drop for Attached {
 pub struct Sessions {
     map: Mutex<HashMap<String, Arc<Session>>>,
     /// One `begin` at a time per file set, so that replacing a session and starting its
-    /// successor cannot interleave with another.
-    begin_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// successor cannot interleave with another; the replica's prune holds it too.
+    fileset_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     settings: Transfers,
     spool_dir: PathBuf,
     /// `FILESET.json` per receive under way: which stream it is. It outlives a crash, so that
@@ -173,7 +173,7 @@ impl Sessions {
             }
         }
         let receiving_dir = state_dir.join("receiving");
-        Arc::new(Sessions { map: Mutex::default(), begin_locks: Mutex::default(), settings: settings.clone(), spool_dir, receiving_dir })
+        Arc::new(Sessions { map: Mutex::default(), fileset_locks: Mutex::default(), settings: settings.clone(), spool_dir, receiving_dir })
     }
 
     fn receiving_file(&self, fileset: &str) -> PathBuf {
@@ -213,6 +213,19 @@ impl Sessions {
         })
     }
 
+    /// The lock of `fileset`: held by each `begin` while it sets its session up, and by the
+    /// replica's prune, so that they never overlap.
+    pub fn fileset_lock(&self, fileset: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.fileset_locks.lock().expect("fileset locks").entry(fileset.to_string()).or_default().clone()
+    }
+
+    /// What a session of `fileset` still needs: the identities of the snapshot it receives
+    /// and of its base (a prune must keep the base).
+    pub fn needs(&self, fileset: &str) -> Vec<String> {
+        let map = self.map.lock().expect("sessions lock");
+        map.get(fileset).map(|s| std::iter::once(s.key.identity.clone()).chain(s.key.base.clone()).collect()).unwrap_or_default()
+    }
+
     pub fn stall_timeout(&self) -> Duration {
         self.settings.stall_timeout.0
     }
@@ -234,8 +247,7 @@ impl Sessions {
         resume: Option<ResumeFrom>,
         side: Box<dyn ReplicaSide>,
     ) -> Result<Attached> {
-        let lock = self.begin_locks.lock().expect("begin locks").entry(fileset.to_string()).or_default().clone();
-        let _one_at_a_time = lock.lock().await;
+        let _one_at_a_time = self.fileset_lock(fileset).lock_owned().await;
         let key = StreamKey { snapshot: incoming.name.to_string(), identity: incoming.identity.clone(), base: incoming.base.clone(), compact };
         let existing = self.map.lock().expect("sessions lock").get(fileset).cloned();
         if let Some(s) = existing.as_ref().filter(|s| s.finishing.load(Ordering::Relaxed) && s.outcome.borrow().is_none()) {

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use metrics::{counter, gauge};
 use serde::{Deserialize, Serialize};
 
+use super::metrics as names;
 use crate::ship::meter::Tally;
 use crate::snapshot::SnapshotName;
 
@@ -163,11 +164,11 @@ impl StatusBoard {
             e.mode = mode.to_string();
             for r in replicas {
                 e.replicas.entry(r.to_string()).or_default();
-                counter!("snapship_transfers_total", "fileset" => fileset.to_string(), "replica" => r.to_string(), "result" => "ok").absolute(0);
-                counter!("snapship_transfers_total", "fileset" => fileset.to_string(), "replica" => r.to_string(), "result" => "failed").absolute(0);
-                counter!("snapship_bytes_shipped_total", "fileset" => fileset.to_string(), "replica" => r.to_string()).absolute(0);
-                counter!("snapship_resumes_total", "fileset" => fileset.to_string(), "replica" => r.to_string()).absolute(0);
-                counter!("snapship_bytes_sent_total", "fileset" => fileset.to_string(), "replica" => r.to_string()).absolute(0);
+                counter!(names::TRANSFERS, "fileset" => fileset.to_string(), "replica" => r.to_string(), "result" => "ok").absolute(0);
+                counter!(names::TRANSFERS, "fileset" => fileset.to_string(), "replica" => r.to_string(), "result" => "failed").absolute(0);
+                counter!(names::BYTES_SHIPPED, "fileset" => fileset.to_string(), "replica" => r.to_string()).absolute(0);
+                counter!(names::RESUMES, "fileset" => fileset.to_string(), "replica" => r.to_string()).absolute(0);
+                counter!(names::BYTES_SENT, "fileset" => fileset.to_string(), "replica" => r.to_string()).absolute(0);
             }
         });
     }
@@ -179,7 +180,7 @@ impl StatusBoard {
             e.newest = newest.cloned();
             e.snapshots = count;
         });
-        gauge!("snapship_snapshots", "fileset" => fileset.to_string(), "side" => "origin").set(count as f64);
+        gauge!(names::SNAPSHOTS, "fileset" => fileset.to_string(), "side" => "origin").set(count as f64);
     }
 
     /// What a replica holds from us, as last learned.
@@ -199,7 +200,7 @@ impl StatusBoard {
             }
         });
         if from > 0 {
-            counter!("snapship_resumes_total", "fileset" => fileset.to_string(), "replica" => replica.to_string()).increment(1);
+            counter!(names::RESUMES, "fileset" => fileset.to_string(), "replica" => replica.to_string()).increment(1);
         }
     }
 
@@ -210,7 +211,7 @@ impl StatusBoard {
             let r = b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default();
             if let Some(running) = r.transfer.take() {
                 r.sent += running.sent();
-                counter!("snapship_bytes_sent_total", &labels).increment(running.sent());
+                counter!(names::BYTES_SENT, &labels).increment(running.sent());
             }
             match &result {
                 Ok(bytes) => {
@@ -228,12 +229,12 @@ impl StatusBoard {
         });
         match result {
             Ok(bytes) => {
-                counter!("snapship_transfers_total", "fileset" => fileset.to_string(), "replica" => replica.to_string(), "result" => "ok").increment(1);
-                counter!("snapship_bytes_shipped_total", &labels).increment(bytes);
-                gauge!("snapship_last_success_timestamp_seconds", &labels).set(Utc::now().timestamp() as f64);
+                counter!(names::TRANSFERS, "fileset" => fileset.to_string(), "replica" => replica.to_string(), "result" => "ok").increment(1);
+                counter!(names::BYTES_SHIPPED, &labels).increment(bytes);
+                gauge!(names::LAST_SUCCESS, &labels).set(Utc::now().timestamp() as f64);
             }
             Err(_) => {
-                counter!("snapship_transfers_total", "fileset" => fileset.to_string(), "replica" => replica.to_string(), "result" => "failed").increment(1)
+                counter!(names::TRANSFERS, "fileset" => fileset.to_string(), "replica" => replica.to_string(), "result" => "failed").increment(1)
             }
         }
     }
@@ -258,7 +259,7 @@ impl StatusBoard {
                 e.last_received = Some(Utc::now());
             }
         });
-        gauge!("snapship_snapshots", "fileset" => fileset.to_string(), "side" => "replica").set(count as f64);
+        gauge!(names::SNAPSHOTS, "fileset" => fileset.to_string(), "side" => "replica").set(count as f64);
     }
 
     pub fn report(&self) -> StatusReport {
@@ -323,13 +324,13 @@ impl StatusBoard {
         for o in &report.origin_of {
             for r in &o.replicas {
                 if let Some(lag) = r.lag_seconds {
-                    gauge!("snapship_replica_lag_seconds", "fileset" => o.fileset.clone(), "replica" => r.node.clone()).set(lag);
+                    gauge!(names::REPLICA_LAG, "fileset" => o.fileset.clone(), "replica" => r.node.clone()).set(lag);
                 }
             }
         }
         for r in &report.replica_of {
             if let Some(lag) = r.lag_seconds {
-                gauge!("snapship_received_lag_seconds", "fileset" => r.fileset.clone(), "origin" => r.origin.clone()).set(lag);
+                gauge!(names::RECEIVED_LAG, "fileset" => r.fileset.clone(), "origin" => r.origin.clone()).set(lag);
             }
         }
     }
@@ -338,12 +339,12 @@ impl StatusBoard {
 /// Metric descriptions, registered once when the exporter starts.
 pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge};
-    describe_gauge!("snapship_replica_lag_seconds", Unit::Seconds, "Age of the newest snapshot a replica holds, seen from the origin");
-    describe_gauge!("snapship_received_lag_seconds", Unit::Seconds, "Age of the newest snapshot received, seen from the replica");
-    describe_counter!("snapship_bytes_shipped_total", Unit::Bytes, "Send stream bytes shipped to a replica (uncompressed)");
-    describe_counter!("snapship_transfers_total", "Transfers to a replica, by result");
-    describe_counter!("snapship_resumes_total", "Transfers resumed after an interruption");
-    describe_counter!("snapship_bytes_sent_total", Unit::Bytes, "Send stream bytes put on the wire, failed and cut attempts included");
-    describe_gauge!("snapship_snapshots", "Snapshots held, per side");
-    describe_gauge!("snapship_last_success_timestamp_seconds", Unit::Seconds, "When a transfer to a replica last succeeded (Unix time)");
+    describe_gauge!(names::REPLICA_LAG, Unit::Seconds, "Age of the newest snapshot a replica holds, seen from the origin");
+    describe_gauge!(names::RECEIVED_LAG, Unit::Seconds, "Age of the newest snapshot received, seen from the replica");
+    describe_counter!(names::BYTES_SHIPPED, Unit::Bytes, "Send stream bytes shipped to a replica (uncompressed)");
+    describe_counter!(names::TRANSFERS, "Transfers to a replica, by result");
+    describe_counter!(names::RESUMES, "Transfers resumed after an interruption");
+    describe_counter!(names::BYTES_SENT, Unit::Bytes, "Send stream bytes put on the wire, failed and cut attempts included");
+    describe_gauge!(names::SNAPSHOTS, "Snapshots held, per side");
+    describe_gauge!(names::LAST_SUCCESS, Unit::Seconds, "When a transfer to a replica last succeeded (Unix time)");
 }

@@ -1,4 +1,5 @@
-//! The command line: verbs, their options and their exit codes.
+//! The command line: verbs, their options and their exit codes. Each verb loads the config,
+//! wires what it needs (through `node`) and prints; no replication logic lives here.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,8 +7,13 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+mod prune;
+
+use std::sync::Arc;
+
 use crate::config;
-use crate::logging::{self, LogFormat};
+use crate::node::{ReplicaRole, control};
+use crate::observe::logging::{self, LogFormat};
 use crate::replicate;
 
 /// Keeps live replicas of btrfs subvolumes and ZFS datasets on other machines by shipping
@@ -110,7 +116,7 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
-        Command::Run(args) => crate::daemon::run(&args.config).await.map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => crate::node::run(&args.config).await.map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check(&args.config),
         Command::Sync { config, fileset } => sync(&config.config, &fileset).await,
         Command::Certs { out, nodes } => certs(&out, &nodes),
@@ -156,24 +162,31 @@ fn find_policy<'a>(loaded: &'a config::LoadedConfig, path: &std::path::Path, fil
 }
 
 async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
-    let loaded = config::load(path)?;
+    let loaded = Arc::new(config::load(path)?);
     let policy = find_policy(&loaded, path, fileset)?;
     for e in &loaded.errors {
         tracing::warn!("skipping a broken policy: {e}");
     }
     // With a daemon running, it does the sync: one process owns transfers and pruning.
     let results: Vec<(String, String, Vec<(String, Result<replicate::ReplicaReport, String>)>)> =
-        match crate::control::sync_through_daemon(&loaded.node.state_dir, fileset).await? {
+        match control::sync_through_daemon(&loaded.node.state_dir, fileset).await? {
             Some(replies) => {
                 tracing::info!("synced by the running snapship run");
                 replies.into_iter().map(|r| (r.fileset, r.snapshot, r.replicas)).collect()
             }
             None => {
-                let _lock = crate::daemon::lock_state_dir(&loaded.node.state_dir)?;
-                let progress = crate::progress::Progress::start(fileset);
-                let reports = replicate::sync(&loaded, policy, &|replica, tally| progress.add(replica, tally)).await;
-                progress.finish();
-                reports?
+                let _lock = crate::node::lock_state_dir(&loaded.node.state_dir)?;
+                let cfg = &loaded;
+                let reports = with_replica_role(cfg, |role| async move {
+                    let progress = crate::observe::progress::Progress::start(fileset);
+                    let connector = std::sync::Mutex::new(None);
+                    let endpoints = |p: &config::Policy| crate::node::endpoints(cfg, p, &mut connector.lock().expect("connector lock"), &role.link);
+                    let reports = crate::origin::sync::sync(cfg, policy, &endpoints, &|replica, tally| progress.add(replica, tally)).await;
+                    progress.finish();
+                    reports
+                })
+                .await?;
+                reports
                     .into_iter()
                     .map(|r| (r.fileset, r.snapshot.name.to_string(), r.replicas.into_iter().map(|(n, x)| (n, x.map_err(|e| format!("{e:#}")))).collect()))
                     .collect()
@@ -216,8 +229,7 @@ fn certs(out: &std::path::Path, nodes: &[String]) -> Result<ExitCode> {
 }
 
 async fn prune(path: &std::path::Path, fileset: Option<&str>, dry_run: bool) -> Result<ExitCode> {
-    use crate::schedule::prune;
-    let loaded = config::load(path)?;
+    let loaded = Arc::new(config::load(path)?);
     let policies: Vec<&config::Policy> = match fileset {
         Some(f) => vec![find_policy(&loaded, path, f)?],
         None => loaded.policies.iter().collect(),
@@ -226,9 +238,10 @@ async fn prune(path: &std::path::Path, fileset: Option<&str>, dry_run: bool) -> 
     let _lock = if dry_run {
         None
     } else {
-        Some(crate::daemon::lock_state_dir(&loaded.node.state_dir).map_err(|e| anyhow::anyhow!("{e:#}; it prunes by itself (use --dry-run to see its plan)"))?)
+        Some(crate::node::lock_state_dir(&loaded.node.state_dir).map_err(|e| anyhow::anyhow!("{e:#}; it prunes by itself (use --dry-run to see its plan)"))?)
     };
-    let reports = prune::plan_node(&loaded, &policies).await?;
+    let (cfg, wanted) = (&loaded, &policies);
+    let reports = with_replica_role(cfg, |role| async move { prune::plan_node(cfg, wanted, &role.link).await }).await?;
     for r in &reports {
         println!("{} {}:", r.side, r.fileset);
         for e in &r.plan.entries {
@@ -250,9 +263,27 @@ async fn prune(path: &std::path::Path, fileset: Option<&str>, dry_run: bool) -> 
     Ok(if reports.iter().any(|r| r.blocked.is_some()) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
+/// Runs `work` with this node's replica role serving the in-process link (a replica on this
+/// node is reached through it, as in the daemon), and stops the role afterwards.
+async fn with_replica_role<'a, T, F, Fut>(loaded: &'a Arc<config::LoadedConfig>, work: F) -> Result<T>
+where
+    F: FnOnce(Arc<ReplicaRole>) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let status = crate::observe::status::StatusBoard::new(&loaded.node.node.0);
+    let role = Arc::new(ReplicaRole::start(loaded.clone(), status, &shutdown));
+    let result = work(role.clone()).await;
+    shutdown.cancel();
+    if let Ok(role) = Arc::try_unwrap(role) {
+        role.stop().await;
+    }
+    result
+}
+
 async fn status(path: &std::path::Path, json: bool) -> Result<ExitCode> {
     let loaded = config::load(path)?;
-    let report = crate::control::status(&loaded.node.state_dir).await?;
+    let report = control::status(&loaded.node.state_dir).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
@@ -306,8 +337,23 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     }
     let origin = crate::snapshot::origin_for(policy)?.list().await?;
     let mut columns = vec![("origin".to_string(), Ok(origin.clone()))];
-    for ep in replicate::endpoints(&loaded, policy, &mut None)? {
-        columns.push((ep.node().to_string(), ep.list().await));
+    let mut connector = None;
+    for replica in &policy.replicas {
+        // A replica on this node is read straight from its filesystem (a daemon may be
+        // receiving into it; listing changes nothing).
+        let held = if replica.node == loaded.node.node {
+            crate::snapshot::replica_for(policy, replica)?.list().await
+        } else {
+            let addr = loaded.node.peers.get(&replica.node).ok_or_else(|| anyhow::anyhow!("replica `{}` is not in peers", replica.node))?;
+            let connector = match &connector {
+                Some(c) => Arc::clone(c),
+                None => connector.insert(Arc::new(crate::ship::quic::Connector::new(&loaded.node)?)).clone(),
+            };
+            let dialer = Arc::new(crate::ship::quic::QuicDialer::new(replica.node.0.clone(), addr.clone(), connector));
+            let ep = crate::ship::client::PeerReplica::new(replica.node.0.clone(), policy.fileset.0.clone(), policy.transfer.clone(), loaded.node.transfers.stall_timeout.0, dialer);
+            crate::ship::ReplicaEndpoint::list(&ep).await.map(|l| l.snapshots)
+        };
+        columns.push((replica.node.0.clone(), held));
     }
     print!("{:<34}", "snapshot");
     for (name, _) in &columns {

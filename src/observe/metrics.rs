@@ -1,0 +1,19 @@
+//! The names of the Prometheus metrics, in one place: dashboards and alert rules depend on
+//! them, so a name changes here or nowhere.
+
+/// Gauge: age of the newest snapshot a replica holds, seen from the origin (seconds).
+pub const REPLICA_LAG: &str = "snapship_replica_lag_seconds";
+/// Gauge: age of the newest snapshot received, seen from the replica (seconds).
+pub const RECEIVED_LAG: &str = "snapship_received_lag_seconds";
+/// Counter: send stream bytes shipped to a replica (uncompressed).
+pub const BYTES_SHIPPED: &str = "snapship_bytes_shipped_total";
+/// Counter: transfers to a replica, labelled by `result` (ok, failed).
+pub const TRANSFERS: &str = "snapship_transfers_total";
+/// Counter: transfers resumed after an interruption.
+pub const RESUMES: &str = "snapship_resumes_total";
+/// Counter: send stream bytes put on the wire, failed and cut attempts included.
+pub const BYTES_SENT: &str = "snapship_bytes_sent_total";
+/// Gauge: snapshots held, labelled by `side` (origin, replica).
+pub const SNAPSHOTS: &str = "snapship_snapshots";
+/// Gauge: when a transfer to a replica last succeeded (Unix time).
+pub const LAST_SUCCESS: &str = "snapship_last_success_timestamp_seconds";

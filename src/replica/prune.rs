@@ -1,0 +1,43 @@
+//! Pruning a replica: its retention, minus what must stay.
+//!
+//! The newest received snapshot is kept (it is the base the origin sends from next), and so
+//! are the snapshot and base of a transfer in progress (a cut one, waiting to be resumed).
+//! The service runs this under the file set's lock, so it never overlaps a receive.
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+
+use super::session::Sessions;
+use crate::config::Policy;
+use crate::schedule::retention::{Reason, SidePlan};
+use crate::snapshot::ReplicaSide;
+
+/// The plan for the replica's snapshots; `needed`: identities a transfer still needs.
+pub async fn plan(policy: &Policy, side: &dyn ReplicaSide, needed: &[String], now: DateTime<Utc>) -> Result<SidePlan> {
+    let snapshots = side.list().await?;
+    let protect: Vec<_> = snapshots.iter().filter(|s| needed.contains(&s.identity)).map(|s| (s.name.clone(), Reason::InFlight)).collect();
+    Ok(SidePlan::new(snapshots, policy, &policy.retention.replica, &protect, now))
+}
+
+/// Deletes what `plan` says on a replica; returns how many went.
+pub async fn apply(fileset: &str, plan: &SidePlan, side: &dyn ReplicaSide) -> Result<usize> {
+    let mut n = 0;
+    for s in plan.doomed() {
+        side.delete(s).await?;
+        tracing::info!(fileset, snapshot = %s.name, "pruned on the replica");
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Prunes a replica by its policy after a receive; errors are logged, not returned (a failed
+/// prune must not turn a good transfer into a failed one).
+pub async fn after_receive(policy: &Policy, side: &dyn ReplicaSide, sessions: &Sessions) {
+    let result = async {
+        let plan = plan(policy, side, &sessions.needs(&policy.fileset.0), Utc::now()).await?;
+        apply(&policy.fileset.0, &plan, side).await
+    };
+    if let Err(e) = result.await {
+        tracing::error!(fileset = %policy.fileset, "pruning the replica failed: {e:#}");
+    }
+}

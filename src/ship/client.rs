@@ -1,0 +1,234 @@
+//! The origin's side of the protocol: one replica, reached through a [`Dialer`].
+//!
+//! [`PeerReplica`] is the [`ReplicaEndpoint`] for every replica, remote or on this node: it
+//! opens one request stream per request, sends `hello` and the request, and reads the
+//! answers. While a stream goes out it watches the replica's acknowledgements, so that an
+//! error is seen early and a replica that stops acknowledging is found stalled.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWriteExt};
+
+use super::frame::FrameReader;
+use super::protocol::{ErrorCode, Message, ResumeFrom, VERSION};
+use super::transfer::{self, read_message, write_message};
+use super::{Dialer, Listing, ReplicaEndpoint, Start, StreamStart};
+use crate::config::Transfer;
+use crate::snapshot::{Incoming, Snapshot, SnapshotName};
+
+/// How long a replica may take to answer a request.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// After the end of a stream, the replica finishes receiving (it may have much spooled) and
+/// says it is alive at least every half second: it is given this long between two signs.
+const COMMIT_SILENCE: Duration = Duration::from_secs(60);
+
+type Replies = FrameReader<Box<dyn AsyncRead + Send + Unpin>>;
+type Outgoing = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+
+/// An error the replica answered with.
+#[derive(Debug, thiserror::Error)]
+#[error("replica `{node}` refused: {message} ({code:?})")]
+pub struct Refused {
+    pub node: String,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// One replica of one file set, spoken to through `dialer`.
+pub struct PeerReplica {
+    node: String,
+    fileset: String,
+    transfer: Transfer,
+    /// A replica that acknowledges nothing for this long, with data outstanding, is stalled.
+    stall: Duration,
+    dialer: Arc<dyn Dialer>,
+}
+
+impl PeerReplica {
+    pub fn new(node: String, fileset: String, transfer: Transfer, stall: Duration, dialer: Arc<dyn Dialer>) -> Self {
+        PeerReplica { node, fileset, transfer, stall, dialer }
+    }
+
+    /// Opens a request stream and sends `hello` and `request`.
+    async fn request(&self, request: &Message) -> Result<(Replies, Outgoing)> {
+        let stream = self.dialer.open().await?;
+        let mut send = stream.send;
+        write_message(&mut send, &Message::Hello { version: VERSION }).await?;
+        write_message(&mut send, request).await?;
+        Ok((FrameReader::new(stream.recv), send))
+    }
+
+    fn refused(&self, code: ErrorCode, message: String) -> anyhow::Error {
+        Refused { node: self.node.clone(), code, message }.into()
+    }
+}
+
+#[async_trait]
+impl ReplicaEndpoint for PeerReplica {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    async fn list(&self) -> Result<Listing> {
+        let (mut replies, _send) = self.request(&Message::List { fileset: self.fileset.clone() }).await?;
+        match read_message(&mut replies).await? {
+            Message::Snapshots { snapshots, compact, partial } => {
+                let snapshots = snapshots
+                    .into_iter()
+                    .filter_map(|s| {
+                        let name = SnapshotName::parse(&s.name)?;
+                        Some(Snapshot { name, identity: s.identity, local_id: None, parent_local_id: None })
+                    })
+                    .collect();
+                Ok(Listing { snapshots, accepts_compact: compact, resumable: partial })
+            }
+            Message::Error { code, message } => Err(self.refused(code, message)),
+            other => bail!("protocol error: `{}` answered {other:?} to list", self.node),
+        }
+    }
+
+    async fn close(&self) {
+        self.dialer.reset().await;
+    }
+
+    async fn receive(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+        let result = self.ship(incoming, start, stream).await;
+        if result.is_err() {
+            // Whatever went wrong, the next attempt starts on a fresh connection: a stalled
+            // one may still look alive to QUIC.
+            self.close().await;
+        }
+        result
+    }
+}
+
+impl PeerReplica {
+    async fn ship(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+        let from = start.offset();
+        let (resume, prefix, from_token) = match start.start {
+            Start::Fresh => (None, None, false),
+            Start::FromToken => (None, None, true),
+            Start::Resume(r) => (Some(ResumeFrom { offset: r.offset, blake3: r.hasher.finalize().to_hex().to_string() }), Some((r.offset, r.hasher)), false),
+        };
+        let begin = Message::Begin {
+            fileset: self.fileset.clone(),
+            snapshot: incoming.name.to_string(),
+            identity: incoming.identity.clone(),
+            base: incoming.base.clone(),
+            compression: self.transfer.compression.into(),
+            compact: start.compact,
+            resume,
+            from_token,
+        };
+        let (mut replies, mut send) = self.request(&begin).await?;
+        let ready = tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut replies))
+            .await
+            .map_err(|_| anyhow!("replica `{}` did not answer `begin` within {}s", self.node, ANSWER_TIMEOUT.as_secs()))??;
+        match ready {
+            Message::Ready => {}
+            Message::Error { code, message } => return Err(self.refused(code, message)),
+            other => bail!("protocol error: `{}` answered {other:?} to begin", self.node),
+        }
+        if from > 0 {
+            tracing::info!(replica = %self.node, snapshot = %incoming.name, offset = from, "resuming the transfer where the replica stopped");
+        }
+        // Stream the data while watching the replica's acknowledgements: an error may come
+        // early, and a replica that stops acknowledging while data is outstanding is stalled.
+        //
+        // Cancel safety: when `watch_acks` returns first, the send future is dropped mid-write;
+        // nothing more is written to this stream (the caller drops the connection), and the
+        // replica keeps what it acknowledged for a resume.
+        let written = AtomicU64::new(from);
+        let sending = transfer::write_data(stream, prefix, self.transfer.compression, self.transfer.bandwidth_limit, &written, &mut send);
+        let mut acked = from;
+        let sent = tokio::select! {
+            sent = sending => sent,
+            failed = self.watch_acks(&mut replies, &written, &mut acked) => return Err(failed),
+        };
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(e) => {
+                // The replica may have given up first and said why (then it stopped reading,
+                // and our write failed on the reset): its reason is the one to report.
+                if let Ok(Some((code, message))) = tokio::time::timeout(Duration::from_secs(2), self.error_reply(&mut replies)).await {
+                    return Err(self.refused(code, message));
+                }
+                // Tell the replica why; it keeps what it has for a resume.
+                let _ = write_message(&mut send, &Message::error(ErrorCode::Aborted, format!("{e:#}"))).await;
+                let _ = send.shutdown().await;
+                return Err(e);
+            }
+        };
+        write_message(&mut send, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await?;
+        send.shutdown().await.ok();
+        tracing::debug!(replica = %self.node, bytes = sent.bytes, wire_bytes = sent.wire_bytes, "stream sent, waiting for the commit");
+        let committed = loop {
+            let silence = COMMIT_SILENCE.max(self.stall);
+            match tokio::time::timeout(silence, read_message(&mut replies)).await {
+                Err(_) => bail!("replica `{}` went silent for {}s while finishing the snapshot", self.node, silence.as_secs()),
+                Ok(Ok(Message::Ack { .. })) => continue,
+                Ok(reply) => break reply?,
+            }
+        };
+        match committed {
+            Message::Committed { .. } => Ok(()),
+            Message::Error { code, message } => Err(self.refused(code, message)),
+            other => bail!("protocol error: `{}` answered {other:?} to end", self.node),
+        }
+    }
+
+    /// The error the replica answered with, if its next message (after acknowledgements) is one.
+    async fn error_reply(&self, replies: &mut Replies) -> Option<(ErrorCode, String)> {
+        loop {
+            match read_message(replies).await.ok()? {
+                Message::Ack { .. } => continue,
+                Message::Error { code, message } => return Some((code, message)),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Reads acknowledgements until something goes wrong, which it returns: an error from the
+    /// replica, a closed stream, or no progress for the stall timeout while `written` (stream
+    /// bytes read into frames already handed to the transport) is ahead of what the replica
+    /// acknowledged.
+    ///
+    /// # Cancel safety
+    /// Cancelled when the stream has gone out; an acknowledgement read half-way is lost with
+    /// it, which is harmless: the commit loop that follows skips acknowledgements.
+    async fn watch_acks(&self, replies: &mut Replies, written: &AtomicU64, acked: &mut u64) -> anyhow::Error {
+        let tick = (self.stall / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let mut behind_since: Option<std::time::Instant> = None;
+        loop {
+            match tokio::time::timeout(tick, read_message(replies)).await {
+                Ok(Ok(Message::Ack { offset })) => {
+                    if offset > *acked {
+                        *acked = offset;
+                        behind_since = None;
+                    }
+                }
+                Ok(Ok(Message::Error { code, message })) => return self.refused(code, message),
+                Ok(Ok(other)) => return anyhow!("protocol error: `{}` sent {other:?} during the transfer", self.node),
+                Ok(Err(e)) => return e.context(format!("replica `{}` broke off the transfer", self.node)),
+                Err(_) => {}
+            }
+            if written.load(Ordering::Relaxed) > *acked {
+                let since = *behind_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > self.stall {
+                    return anyhow!(
+                        "replica `{}` acknowledged nothing for {}s with data outstanding (stall timeout; it holds {} bytes of the stream)",
+                        self.node,
+                        self.stall.as_secs(),
+                        acked
+                    );
+                }
+            } else {
+                behind_since = None;
+            }
+        }
+    }
+}
