@@ -5,7 +5,7 @@
 //! Phases: full transfer, ~10 % incremental, a 1 MB change end to end, continuous-mode RPO,
 //! peak RSS during a 4 GiB stream, CPU of 200 idle continuous file sets.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use std::fmt::Write as _;
@@ -219,7 +219,7 @@ fn main() {
 
     // ---- Phase 1: full, incremental, small change -------------------------------------
     if want("transfer") {
-        let mut c = Cluster::with_size("bench", &["alpha", "beta"], 47610, 16 * 1024);
+        let mut c = Cluster::with_size("bench", &["alpha", "beta"], 16 * 1024);
         let src = c.fs["alpha"].subvolume("data");
         let snaps = c.mnt("alpha").join("manual");
         std::fs::create_dir_all(&snaps).unwrap();
@@ -375,7 +375,7 @@ fn main() {
     // ---- Continuous mode RPO -------------------------------------------------------------
     if want("rpo") {
         eprintln!("continuous mode RPO: 60 s of writes at ~10 MB/s");
-        let mut c = Cluster::with_size("bench_rpo", &["alpha", "beta"], 47640, 8 * 1024);
+        let mut c = Cluster::with_size("bench_rpo", &["alpha", "beta"], 8 * 1024);
         let rpo_src = c.fs["alpha"].subvolume("rpo");
         let rpo_dst = c.mnt("beta").join("rpo");
         let rpo_policy = policy_named("rpo", &rpo_src, &rpo_dst)
@@ -435,7 +435,7 @@ fn main() {
     // ---- Peak RSS during a 4 GiB stream ---------------------------------------------------
     if want("rss") {
         eprintln!("peak RSS during a 4 GiB stream");
-        let mut c = Cluster::with_size("bench_rss", &["alpha", "beta"], 47620, 12 * 1024);
+        let mut c = Cluster::with_size("bench_rss", &["alpha", "beta"], 12 * 1024);
         let src = c.fs["alpha"].subvolume("big");
         generate_big(&src, 64);
         let dst = c.mnt("beta").join("big");
@@ -468,7 +468,7 @@ fn main() {
     // ---- 200 idle continuous file sets ----------------------------------------------------
     if want("idle") {
         eprintln!("CPU of 200 idle continuous file sets over 60 s");
-        let c = Cluster::with_size("bench_idle", &["alpha"], 47630, 2048);
+        let c = Cluster::with_size("bench_idle", &["alpha"], 2048);
         let mut policies = Vec::new();
         for i in 0..200 {
             let name = format!("fs{i:03}");

@@ -12,7 +12,7 @@ mod prune;
 use std::sync::Arc;
 
 use crate::config;
-use crate::node::{ReplicaRole, control};
+use crate::node::control;
 use crate::observe::logging::{self, LogFormat};
 use crate::replicate;
 
@@ -176,16 +176,10 @@ async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
             }
             None => {
                 let _lock = crate::node::lock_state_dir(&loaded.node.state_dir)?;
-                let cfg = &loaded;
-                let reports = with_replica_role(cfg, |role| async move {
-                    let progress = crate::observe::progress::Progress::start(fileset);
-                    let connector = std::sync::Mutex::new(None);
-                    let endpoints = |p: &config::Policy| crate::node::endpoints(cfg, p, &mut connector.lock().expect("connector lock"), &role.link);
-                    let reports = crate::origin::sync::sync(cfg, policy, &endpoints, &|replica, tally| progress.add(replica, tally)).await;
-                    progress.finish();
-                    reports
-                })
-                .await?;
+                let progress = crate::observe::progress::Progress::start(fileset);
+                let reports = crate::node::sync(&loaded, policy, &|replica, tally| progress.add(replica, tally)).await;
+                progress.finish();
+                let reports = reports?;
                 reports
                     .into_iter()
                     .map(|r| (r.fileset, r.snapshot.name.to_string(), r.replicas.into_iter().map(|(n, x)| (n, x.map_err(|e| format!("{e:#}")))).collect()))
@@ -241,7 +235,7 @@ async fn prune(path: &std::path::Path, fileset: Option<&str>, dry_run: bool) -> 
         Some(crate::node::lock_state_dir(&loaded.node.state_dir).map_err(|e| anyhow::anyhow!("{e:#}; it prunes by itself (use --dry-run to see its plan)"))?)
     };
     let (cfg, wanted) = (&loaded, &policies);
-    let reports = with_replica_role(cfg, |role| async move { prune::plan_node(cfg, wanted, &role.link).await }).await?;
+    let reports = crate::node::with_replica_role(cfg, |role| async move { prune::plan_node(cfg, wanted, &role.link).await }).await?;
     for r in &reports {
         println!("{} {}:", r.side, r.fileset);
         for e in &r.plan.entries {
@@ -261,24 +255,6 @@ async fn prune(path: &std::path::Path, fileset: Option<&str>, dry_run: bool) -> 
         println!("deleted {n} snapshot(s)");
     }
     Ok(if reports.iter().any(|r| r.blocked.is_some()) { ExitCode::FAILURE } else { ExitCode::SUCCESS })
-}
-
-/// Runs `work` with this node's replica role serving the in-process link (a replica on this
-/// node is reached through it, as in the daemon), and stops the role afterwards.
-async fn with_replica_role<'a, T, F, Fut>(loaded: &'a Arc<config::LoadedConfig>, work: F) -> Result<T>
-where
-    F: FnOnce(Arc<ReplicaRole>) -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-{
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let status = crate::observe::status::StatusBoard::new(&loaded.node.node.0);
-    let role = Arc::new(ReplicaRole::start(loaded.clone(), status, &shutdown));
-    let result = work(role.clone()).await;
-    shutdown.cancel();
-    if let Ok(role) = Arc::try_unwrap(role) {
-        role.stop().await;
-    }
-    result
 }
 
 async fn status(path: &std::path::Path, json: bool) -> Result<ExitCode> {

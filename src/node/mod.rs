@@ -159,6 +159,36 @@ pub async fn run(config_path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Runs `work` with this node's replica role serving the in-process link (a replica on this
+/// node is reached through it, as in the daemon), and stops the role afterwards. For the
+/// one-shot commands, which hold the `state_dir` lock (the role clears its spool directory).
+pub async fn with_replica_role<'a, T, F, Fut>(loaded: &'a Arc<LoadedConfig>, work: F) -> Result<T>
+where
+    F: FnOnce(Arc<ReplicaRole>) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let shutdown = CancellationToken::new();
+    let status = StatusBoard::new(&loaded.node.node.0);
+    let role = Arc::new(ReplicaRole::start(loaded.clone(), status, &shutdown));
+    let result = work(role.clone()).await;
+    shutdown.cancel();
+    if let Ok(role) = Arc::try_unwrap(role) {
+        role.stop().await;
+    }
+    result
+}
+
+/// `snapship sync` without a daemon: snapshot `policy`'s file set (with its group) now and
+/// bring every replica up to it. The caller holds the `state_dir` lock.
+pub async fn sync(loaded: &Arc<LoadedConfig>, policy: &Policy, on_start: crate::origin::sync::OnStart<'_>) -> Result<Vec<crate::origin::sync::SyncReport>> {
+    with_replica_role(loaded, |role| async move {
+        let connector = std::sync::Mutex::new(None);
+        let endpoints = |p: &Policy| endpoints(loaded, p, &mut connector.lock().expect("connector lock"), &role.link);
+        crate::origin::sync::sync(loaded, policy, &endpoints, on_start).await
+    })
+    .await
+}
+
 /// Metrics (when `metrics:` is set) and the lag gauges' refresh.
 fn observe(loaded: &LoadedConfig, status: &Arc<StatusBoard>, background: &TaskTracker, shutdown: &CancellationToken) -> Result<()> {
     if let Some(addr) = loaded.node.metrics {

@@ -1,11 +1,10 @@
 //! The shipped examples and policies load with `snapship check`, so they cannot rot.
 
-mod common;
 
 use std::path::Path;
 
 fn check(config: &Path) {
-    let out = common::snapship().arg("check").arg("--config").arg(config).output().unwrap();
+    let out = crate::common::snapship().arg("check").arg("--config").arg(config).output().unwrap();
     assert!(out.status.success(), "{} does not check:\n{}{}", config.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
@@ -28,7 +27,7 @@ fn every_example_node_config_checks() {
 #[test]
 fn every_policy_is_loaded_by_the_two_node_example() {
     let policies = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap().count();
-    let out = common::snapship().arg("check").arg("--config").arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/two-node/alpha.yaml")).output().unwrap();
+    let out = crate::common::snapship().arg("check").arg("--config").arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/two-node/alpha.yaml")).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("{policies} policies valid")), "{text}");
 }

@@ -1,14 +1,13 @@
 //! `snapship check` as a user runs it: exit status and messages. Needs no root.
 
-mod common;
 
-use common::{Scratch, snapship};
+use crate::common::{Scratch, snapship};
 
 const POLICY: &str = "fileset: home\nbackend: btrfs\nmode: continuous\ncontinuous:\n  min_interval: 2s\norigin:\n  node: alpha\n  path: /srv/home\nreplicas:\n  - node: alpha\n    path: /backup/home\n";
 
 fn setup(test: &str, policy: &str) -> (Scratch, std::path::PathBuf) {
     let s = Scratch::new(test);
-    let cfg = common::single_node_config(&s, "alpha", &[("home", policy.to_string())]);
+    let cfg = crate::common::single_node_config(&s, "alpha", &[("home", policy.to_string())]);
     (s, cfg)
 }
 

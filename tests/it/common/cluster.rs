@@ -20,27 +20,27 @@ pub struct Cluster {
     pub node_extra: BTreeMap<String, String>,
 }
 
-/// Every test uses its own ports so that tests run in parallel.
+/// Every node gets a port of its own from [`free_port`], so tests run in parallel.
 impl Cluster {
-    pub fn new(test: &str, nodes: &[&str], base_port: u16) -> Cluster {
-        Self::with_size(test, nodes, base_port, 400)
+    pub fn new(test: &str, nodes: &[&str]) -> Cluster {
+        Self::with_size(test, nodes, 400)
     }
 
     /// With loop images of `size_mib` (sparse) per node.
-    pub fn with_size(test: &str, nodes: &[&str], base_port: u16, size_mib: u64) -> Cluster {
+    pub fn with_size(test: &str, nodes: &[&str], size_mib: u64) -> Cluster {
         let sized: Vec<(&str, u64)> = nodes.iter().map(|n| (*n, size_mib)).collect();
-        Self::with_sizes(test, &sized, base_port)
+        Self::with_sizes(test, &sized)
     }
 
     /// With a loop image of its own size (MiB, sparse) per node.
-    pub fn with_sizes(test: &str, nodes: &[(&str, u64)], base_port: u16) -> Cluster {
+    pub fn with_sizes(test: &str, nodes: &[(&str, u64)]) -> Cluster {
         let scratch = Scratch::new(test);
         run(snapship().arg("certs").arg("--out").arg(scratch.dir.join("certs")).args(nodes.iter().map(|(n, _)| n)));
         let mut fs = BTreeMap::new();
         let mut ports = BTreeMap::new();
-        for (i, (n, size)) in nodes.iter().enumerate() {
+        for (n, size) in nodes {
             fs.insert(n.to_string(), LoopBtrfs::new(&scratch, n, *size));
-            ports.insert(n.to_string(), base_port + i as u16);
+            ports.insert(n.to_string(), free_port());
         }
         Cluster { scratch, fs, ports, daemons: BTreeMap::new(), routes: BTreeMap::new(), node_extra: BTreeMap::new() }
     }

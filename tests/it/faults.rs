@@ -12,15 +12,14 @@
 //! are in tests/quic.rs, `refusals_write_nothing`; a byte flipped after the checksums in
 //! `corrupted_byte_is_caught_and_retry_succeeds`.)
 
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::cluster::*;
-use common::proxy::{Faults, Proxy};
-use common::*;
+use crate::common::cluster::*;
+use crate::common::proxy::{Faults, Proxy};
+use crate::common::*;
 
 /// Short enough for tests, long enough for a loaded 2-core machine not to trip it.
 const TRANSFERS: &str = "transfers:\n  stall_timeout: 3s\n  resume_window: 10m\n";
@@ -33,13 +32,13 @@ struct Setup {
 }
 
 /// alpha ships `projects` to beta through a proxy; both daemons running.
-fn setup(test: &str, port: u16, sizes: (u64, u64), policy_extra: &str) -> Setup {
-    setup_with(test, port, sizes, policy_extra, TRANSFERS)
+fn setup(test: &str, sizes: (u64, u64), policy_extra: &str) -> Setup {
+    setup_with(test, sizes, policy_extra, TRANSFERS)
 }
 
 /// As [`setup`], with beta's own `transfers:` section.
-fn setup_with(test: &str, port: u16, sizes: (u64, u64), policy_extra: &str, beta_transfers: &str) -> Setup {
-    let mut c = Cluster::with_sizes(test, &[("alpha", sizes.0), ("beta", sizes.1)], port);
+fn setup_with(test: &str, sizes: (u64, u64), policy_extra: &str, beta_transfers: &str) -> Setup {
+    let mut c = Cluster::with_sizes(test, &[("alpha", sizes.0), ("beta", sizes.1)]);
     let proxy = Proxy::start(format!("127.0.0.1:{}", c.ports["beta"]).parse().unwrap());
     c.route("alpha", "beta", proxy.addr());
     c.node_extra.insert("alpha".into(), TRANSFERS.into());
@@ -145,11 +144,9 @@ fn finished(child: Child) -> (bool, String) {
 /// on from what the replica acknowledged: less than 10 % of the stream is sent twice.
 #[test]
 fn cuts_at_30_and_70_percent_resume_without_resending() {
-    if !have_root("cuts_at_30_and_70_percent_resume_without_resending") {
-        return;
-    }
+    require_root!();
     const SIZE: u64 = 1 << 30;
-    let s = setup("faults_cuts", 47810, (1600, 1600), "");
+    let s = setup("faults_cuts", (1600, 1600), "");
     write_random(&s.src.join("big.bin"), SIZE as usize, 41);
     let sync = s.start_sync();
 
@@ -193,10 +190,8 @@ fn cuts_at_30_and_70_percent_resume_without_resending() {
 /// shows nothing partial, clears its staging, and the origin's retry delivers everything.
 #[test]
 fn replica_killed_mid_transfer_cleans_up_and_completes() {
-    if !have_root("replica_killed_mid_transfer_cleans_up_and_completes") {
-        return;
-    }
-    let mut s = setup("faults_kill_replica", 47820, (700, 700), "");
+    require_root!();
+    let mut s = setup("faults_kill_replica", (700, 700), "");
     write_random(&s.src.join("big.bin"), 256 << 20, 42);
     let sync = s.start_sync();
     s.wait_forwarded(100 << 20);
@@ -220,11 +215,9 @@ fn replica_killed_mid_transfer_cleans_up_and_completes() {
 /// goes on from there.
 #[test]
 fn origin_killed_mid_transfer_resumes_after_restart() {
-    if !have_root("origin_killed_mid_transfer_resumes_after_restart") {
-        return;
-    }
+    require_root!();
     const SIZE: u64 = 256 << 20;
-    let mut s = setup("faults_kill_origin", 47830, (700, 700), "");
+    let mut s = setup("faults_kill_origin", (700, 700), "");
     write_random(&s.src.join("big.bin"), SIZE as usize, 43);
     let sync = s.start_sync();
     s.wait_forwarded(SIZE / 2);
@@ -252,10 +245,8 @@ fn origin_killed_mid_transfer_resumes_after_restart() {
 /// space is freed the next sync succeeds.
 #[test]
 fn full_replica_filesystem_is_reported_and_recovers() {
-    if !have_root("full_replica_filesystem_is_reported_and_recovers") {
-        return;
-    }
-    let mut s = setup("faults_full", 47840, (700, 512), "");
+    require_root!();
+    let mut s = setup("faults_full", (700, 512), "");
     std::fs::write(s.src.join("small.txt"), "first").unwrap();
     s.c.sync_ok("alpha", "projects");
     let base = snapshots(&s.dst);
@@ -295,10 +286,8 @@ fn full_replica_filesystem_is_reported_and_recovers() {
 /// (which QUIC's packet protection rejects). The stream arrives whole and checked.
 #[test]
 fn lossy_network_still_delivers() {
-    if !have_root("lossy_network_still_delivers") {
-        return;
-    }
-    let s = setup("faults_lossy", 47850, (500, 500), "");
+    require_root!();
+    let s = setup("faults_lossy", (500, 500), "");
     write_random(&s.src.join("big.bin"), 16 << 20, 46);
     fill(&s.src, 47);
     s.proxy.set(Faults { drop: 0.02, delay: Duration::from_millis(5), jitter: Duration::from_millis(3), reorder: 0.02, corrupt: 0.005, ..Faults::default() });
@@ -314,10 +303,8 @@ fn lossy_network_still_delivers() {
 /// each, shows nothing, keeps running, and the next real transfer succeeds.
 #[test]
 fn malformed_and_truncated_frames_are_refused() {
-    if !have_root("malformed_and_truncated_frames_are_refused") {
-        return;
-    }
-    let s = setup("faults_frames", 47860, (400, 400), "");
+    require_root!();
+    let s = setup("faults_frames", (400, 400), "");
     fill(&s.src, 48);
     let config = snapship::config::load(&s.c.dir("alpha").join("node.yaml")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -394,11 +381,9 @@ fn malformed_and_truncated_frames_are_refused() {
 /// reported, and the transfer completes (resuming after the stuck send).
 #[test]
 fn stuck_send_and_receive_are_killed_and_the_transfer_completes() {
-    if !have_root("stuck_send_and_receive_are_killed_and_the_transfer_completes") {
-        return;
-    }
+    require_root!();
     // beta waits longer for data than alpha for its send: the origin's own watchdog must act.
-    let s = setup_with("faults_stuck", 47870, (700, 700), "", "transfers:\n  stall_timeout: 8s\n");
+    let s = setup_with("faults_stuck", (700, 700), "", "transfers:\n  stall_timeout: 8s\n");
     write_random(&s.src.join("big.bin"), 256 << 20, 49);
     let freeze = |pattern: &str| {
         let out = std::process::Command::new("pgrep").args(["-f", pattern]).output().unwrap();

@@ -2,7 +2,6 @@
 //! server: forwarding and byte counts, NAT mappings, blackhole, max_datagram, delay and order,
 //! drop, corrupt, reorder. No root needed. Timing is only ever asserted as a lower bound.
 
-mod common;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::proxy::{Faults, Proxy};
+use crate::common::proxy::{Faults, Proxy};
 
 /// How long to wait for a datagram that must arrive (only reached when a test fails).
 const ARRIVES: Duration = Duration::from_secs(2);
@@ -82,15 +81,6 @@ fn echo(sock: &UdpSocket, payload: &[u8]) -> Vec<u8> {
     recv(sock, ARRIVES).expect("no echo through the proxy")
 }
 
-/// Waits (bounded) until `cond` holds: counters are updated on the proxy thread.
-fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + ARRIVES;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn forwards_and_counts_bytes() {
     let server = Echo::start();
@@ -129,7 +119,7 @@ fn blackhole_drops_everything_until_lifted() {
     proxy.set(Faults::blackhole());
     sock.send(b"cut").unwrap();
     assert_eq!(recv(&sock, SILENCE), None);
-    wait_until("the cut datagram to be counted", || proxy.dropped() == 1);
+    crate::common::wait_for(ARRIVES, "the cut datagram to be counted", || proxy.dropped() == 1);
     assert!(server.received().iter().all(|d| d != b"cut"), "the upstream saw a datagram through a blackhole");
 
     proxy.set(Faults::none());
@@ -146,7 +136,7 @@ fn max_datagram_passes_small_drops_large() {
     assert_eq!(echo(&sock, &[1u8; 200]), vec![1u8; 200]);
     sock.send(&[2u8; 1200]).unwrap();
     assert_eq!(recv(&sock, SILENCE), None);
-    wait_until("the large datagram to be dropped", || proxy.dropped() == 1);
+    crate::common::wait_for(ARRIVES, "the large datagram to be dropped", || proxy.dropped() == 1);
     // Small ones still pass afterwards: the "connection" stays up.
     assert_eq!(echo(&sock, &[3u8; 40]), vec![3u8; 40]);
     assert_eq!(proxy.forwarded(), (240, 240));
@@ -183,7 +173,7 @@ fn drop_all_drops_everything() {
     for i in 0..5u8 {
         sock.send(&[i; 32]).unwrap();
     }
-    wait_until("five dropped datagrams", || proxy.dropped() == 5);
+    crate::common::wait_for(ARRIVES, "five dropped datagrams", || proxy.dropped() == 5);
     assert_eq!(recv(&sock, SILENCE), None);
     assert_eq!(proxy.forwarded(), (0, 0));
     assert!(server.received().is_empty());

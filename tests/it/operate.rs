@@ -1,14 +1,13 @@
 //! Operating snapship: `status --json` and the Prometheus endpoint during and after a real
 //! transfer, checked against what happened.
 
-mod common;
 
 use std::io::{Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::cluster::*;
-use common::*;
-use snapship::status::StatusReport;
+use crate::common::cluster::*;
+use crate::common::*;
+use snapship::observe::status::StatusReport;
 
 fn status(c: &Cluster, node: &str) -> StatusReport {
     let out = run(snapship().args(["status", "--json", "--config"]).arg(c.dir(node).join("node.yaml")));
@@ -33,24 +32,11 @@ fn metric(text: &str, name_and_labels: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {name_and_labels} in:\n{text}"))
 }
 
-fn wait_until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn status_and_metrics_follow_a_transfer() {
-    if !have_root("status_and_metrics_follow_a_transfer") {
-        return;
-    }
-    let mut c = Cluster::new("operate_status", &["alpha", "beta"], 47310);
-    let metrics_port = 47319;
+    require_root!();
+    let mut c = Cluster::new("operate_status", &["alpha", "beta"]);
+    let metrics_port = free_port();
     let src = c.fs["alpha"].subvolume("projects");
     let dst = c.mnt("beta").join("backup/projects");
     let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]).replace("mode: snapshot\nschedule: \"@hourly\"\n", "mode: continuous\n")
@@ -121,10 +107,8 @@ fn status_and_metrics_follow_a_transfer() {
 
 #[test]
 fn list_shows_both_sides() {
-    if !have_root("list_shows_both_sides") {
-        return;
-    }
-    let mut c = Cluster::new("operate_list", &["alpha", "beta"], 47320);
+    require_root!();
+    let mut c = Cluster::new("operate_list", &["alpha", "beta"]);
     let src = c.fs["alpha"].subvolume("projects");
     let dst = c.mnt("beta").join("backup/projects");
     let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);

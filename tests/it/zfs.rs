@@ -2,22 +2,23 @@
 //! bases after deletions, a kill mid-receive, over QUIC), holds on the base, feature
 //! detection against the live zfs, and a consistency group with one creation txg.
 
-mod common;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::cluster::*;
-use common::*;
+use crate::common::cluster::*;
+use crate::common::*;
 use snapship::config;
-use snapship::replicate::{self, ReplicaReport};
+use snapship::replicate::ReplicaReport;
 
-/// The tests share one zfs-fuse daemon, which was seen to hang for good when two tests
-/// created datasets at the same moment: they run one at a time.
-static ZFS_DAEMON: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ZFS_DAEMON.lock().unwrap_or_else(|e| e.into_inner())
+/// The tests share one zfs-fuse daemon per machine, which was seen to hang for good when two
+/// tests created datasets at the same moment: they run one at a time, across test processes
+/// too (a file lock; each call opens its own file, so threads of one process exclude each
+/// other as well).
+fn one_at_a_time() -> nix::fcntl::Flock<std::fs::File> {
+    let path = std::env::temp_dir().join("snapship-zfs-tests.lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).unwrap();
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()))
 }
 
 /// One node, two pools: `projects` on the first, its replica on the second.
@@ -45,10 +46,10 @@ impl Local {
     }
 
     fn sync(&self) -> anyhow::Result<ReplicaReport> {
-        let cfg = config::load(&self.config_path).unwrap();
+        let cfg = std::sync::Arc::new(config::load(&self.config_path).unwrap());
         assert!(cfg.errors.is_empty(), "{:?}", cfg.errors);
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let report = rt.block_on(replicate::sync(&cfg, cfg.policy("projects").unwrap(), &|_, _| {})).unwrap();
+        let report = rt.block_on(snapship::node::sync(&cfg, cfg.policy("projects").unwrap(), &|_, _| {})).unwrap();
         report.into_iter().next().unwrap().replicas.into_iter().next().unwrap().1
     }
 
@@ -154,7 +155,7 @@ fn zfs_over_quic() {
         return;
     }
     let _serial = one_at_a_time();
-    let mut c = Cluster::new("zfs_quic", &["alpha", "beta"], 47410);
+    let mut c = Cluster::new("zfs_quic", &["alpha", "beta"]);
     let (pa, pb) = (ZfsPool::new(&c.scratch, "pa", 256), ZfsPool::new(&c.scratch, "pb", 256));
     let src_ds = pa.dataset("db");
     let dst_ds = format!("{}/replicas/db", pb.name);

@@ -1,13 +1,12 @@
 //! Local replication on real loop-mounted btrfs: full then incremental, bases found by
 //! identity after deletions on either side, and a sync killed mid-receive.
 
-mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use snapship::config::{self, LoadedConfig};
-use snapship::replicate::{self, ReplicaReport};
+use snapship::replicate::ReplicaReport;
 
 struct Fixture {
     _origin_fs: LoopBtrfs,
@@ -39,9 +38,9 @@ impl Fixture {
 
     /// One sync through the library; returns the single replica's report.
     fn sync(&self) -> ReplicaReport {
-        let cfg = self.config();
+        let cfg = std::sync::Arc::new(self.config());
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let report = rt.block_on(replicate::sync(&cfg, cfg.policy("projects").unwrap(), &|_, _| {})).unwrap();
+        let report = rt.block_on(snapship::node::sync(&cfg, cfg.policy("projects").unwrap(), &|_, _| {})).unwrap();
         let (_, result) = report.into_iter().next().unwrap().replicas.into_iter().next().unwrap();
         result.unwrap()
     }
@@ -80,9 +79,7 @@ fn write_files(dir: &Path, seed: u64) {
 
 #[test]
 fn full_then_incremental() {
-    if !have_root("full_then_incremental") {
-        return;
-    }
+    require_root!();
     let f = Fixture::new("full_then_incremental", 512, 512);
     write_files(&f.source, 1);
     let first = f.sync();
@@ -115,9 +112,7 @@ fn btrfs_delete(path: &Path) {
 
 #[test]
 fn common_base_survives_deletions() {
-    if !have_root("common_base_survives_deletions") {
-        return;
-    }
+    require_root!();
     let f = Fixture::new("common_base_survives_deletions", 512, 512);
     write_files(&f.source, 2);
     let s1 = f.sync();
@@ -169,9 +164,7 @@ impl Fixture {
 
 #[test]
 fn sigkill_mid_receive_leaves_nothing_partial() {
-    if !have_root("sigkill_mid_receive_leaves_nothing_partial") {
-        return;
-    }
+    require_root!();
     let f = Fixture::new("sigkill_mid_receive", 1024, 1024);
     write_files(&f.source, 3);
     let first = f.sync();
@@ -200,9 +193,7 @@ fn sigkill_mid_receive_leaves_nothing_partial() {
 
 #[test]
 fn cli_sync_prints_what_it_did() {
-    if !have_root("cli_sync_prints_what_it_did") {
-        return;
-    }
+    require_root!();
     let f = Fixture::new("cli_sync", 512, 512);
     write_files(&f.source, 5);
     let out = run(snapship().args(["sync", "--config"]).arg(&f.config_path).arg("projects"));

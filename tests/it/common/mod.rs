@@ -38,6 +38,57 @@ pub fn have_root(test: &str) -> bool {
 
 pub static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// A port that is free on 127.0.0.1 for both UDP (QUIC) and TCP (metrics), chosen by the OS,
+/// and never handed out twice in this test run.
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free UDP port");
+        let port = udp.local_addr().unwrap().port();
+        let tcp_free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if tcp_free && !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+/// Waits until `f` gives a value, polling every 50 ms; panics with `what` after `limit`.
+pub fn wait_until<T>(limit: std::time::Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Waits until `cond` holds (see [`wait_until`]); returns how long it took.
+pub fn wait_for(limit: std::time::Duration, what: &str, mut cond: impl FnMut() -> bool) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    wait_until(limit, what, || cond().then_some(()));
+    start.elapsed()
+}
+
+/// The first line of a test that needs root, loop devices and btrfs: under plain `cargo
+/// test` without root the test says it skips and returns; under `make test` it fails loudly
+/// instead (see [`have_root`]). The test's name comes from the function it is in.
+#[allow(unused_macros)]
+macro_rules! require_root {
+    () => {{
+        fn here() {}
+        let name = std::any::type_name_of_val(&here).trim_end_matches("::here");
+        if !$crate::common::have_root(name.rsplit("::").next().unwrap_or(name)) {
+            return;
+        }
+    }};
+}
+
 /// A fresh directory for one test, removed on drop.
 pub struct Scratch {
     pub dir: PathBuf,

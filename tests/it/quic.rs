@@ -1,17 +1,14 @@
 //! Replication between nodes over real QUIC on loopback, each node with its own loop btrfs:
 //! two nodes, a star of three, both directions at once, and the ways a peer gets refused.
 
-mod common;
 
-use common::cluster::*;
-use common::*;
+use crate::common::cluster::*;
+use crate::common::*;
 
 #[test]
 fn two_nodes_full_then_incremental() {
-    if !have_root("two_nodes_full_then_incremental") {
-        return;
-    }
-    let mut c = Cluster::new("quic_two_nodes", &["alpha", "beta"], 47110);
+    require_root!();
+    let mut c = Cluster::new("quic_two_nodes", &["alpha", "beta"]);
     let src = c.fs["alpha"].subvolume("projects");
     let dst = c.mnt("beta").join("backup/projects");
     let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);
@@ -41,10 +38,8 @@ fn two_nodes_full_then_incremental() {
 
 #[test]
 fn star_of_three_with_one_replica_down() {
-    if !have_root("star_of_three_with_one_replica_down") {
-        return;
-    }
-    let mut c = Cluster::new("quic_star", &["alpha", "beta", "gamma"], 47120);
+    require_root!();
+    let mut c = Cluster::new("quic_star", &["alpha", "beta", "gamma"]);
     let src = c.fs["alpha"].subvolume("projects");
     let (bdst, gdst) = (c.mnt("beta").join("r/projects"), c.mnt("gamma").join("r/projects"));
     let p = policy("projects", "alpha", &src, &[("beta", bdst.clone()), ("gamma", gdst.clone())]);
@@ -82,10 +77,8 @@ fn star_of_three_with_one_replica_down() {
 
 #[test]
 fn bidirectional_both_flow_at_once() {
-    if !have_root("bidirectional_both_flow_at_once") {
-        return;
-    }
-    let mut c = Cluster::new("quic_bidi", &["alpha", "beta"], 47130);
+    require_root!();
+    let mut c = Cluster::new("quic_bidi", &["alpha", "beta"]);
     let x = c.fs["alpha"].subvolume("x");
     let y = c.fs["beta"].subvolume("y");
     let px = policy("x", "alpha", &x, &[("beta", c.mnt("beta").join("replicas/x"))]);
@@ -111,10 +104,8 @@ fn bidirectional_both_flow_at_once() {
 
 #[test]
 fn refusals_write_nothing() {
-    if !have_root("refusals_write_nothing") {
-        return;
-    }
-    let mut c = Cluster::new("quic_refusals", &["alpha", "beta", "gamma"], 47140);
+    require_root!();
+    let mut c = Cluster::new("quic_refusals", &["alpha", "beta", "gamma"]);
     let src = c.fs["alpha"].subvolume("projects");
     let dst = c.mnt("beta").join("backup/projects");
     let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);
@@ -159,10 +150,8 @@ fn refusals_write_nothing() {
 
 #[test]
 fn corrupted_byte_is_caught_and_retry_succeeds() {
-    if !have_root("corrupted_byte_is_caught_and_retry_succeeds") {
-        return;
-    }
-    let mut c = Cluster::new("quic_corrupt", &["alpha", "beta"], 47150);
+    require_root!();
+    let mut c = Cluster::new("quic_corrupt", &["alpha", "beta"]);
     let src = c.fs["alpha"].subvolume("projects");
     let dst = c.mnt("beta").join("backup/projects");
     // No compression: the flipped byte would otherwise most likely break zstd first.

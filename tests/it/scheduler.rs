@@ -2,30 +2,19 @@
 //! the common base while a replica is away. Real btrfs, real QUIC, real time (the bounds are
 //! generous; RPO figures belong to the benchmarks).
 
-mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::cluster::*;
-use common::*;
-
-/// Waits up to `limit` for `cond`; returns how long it took.
-fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    start.elapsed()
-}
+use crate::common::cluster::*;
+use crate::common::*;
 
 fn with_mode(policy: String, mode: &str, extra: &str) -> String {
     policy.replace("mode: snapshot\nschedule: \"@hourly\"\n", &format!("mode: {mode}\n{extra}"))
 }
 
 /// Two nodes, `projects` from alpha to beta with `policy`, both daemons running.
-fn two_nodes(test: &str, port: u16, make_policy: impl Fn(String) -> String) -> (Cluster, std::path::PathBuf, std::path::PathBuf) {
-    let mut c = Cluster::new(test, &["alpha", "beta"], port);
+fn two_nodes(test: &str, make_policy: impl Fn(String) -> String) -> (Cluster, std::path::PathBuf, std::path::PathBuf) {
+    let mut c = Cluster::new(test, &["alpha", "beta"]);
     let src = c.fs["alpha"].subvolume("projects");
     let dst = c.mnt("beta").join("backup/projects");
     let p = make_policy(policy("projects", "alpha", &src, &[("beta", dst.clone())]));
@@ -43,10 +32,8 @@ fn origin_snapshots(c: &Cluster) -> Vec<String> {
 
 #[test]
 fn cron_every_two_seconds() {
-    if !have_root("cron_every_two_seconds") {
-        return;
-    }
-    let (mut c, src, dst) = two_nodes("sched_cron", 47210, |p| with_mode(p, "snapshot", "schedule: \"*/2 * * * * *\"\n"));
+    require_root!();
+    let (mut c, src, dst) = two_nodes("sched_cron", |p| with_mode(p, "snapshot", "schedule: \"*/2 * * * * *\"\n"));
     wait_for(Duration::from_secs(20), "a first snapshot on the replica", || snapshots(&dst).len() >= 1);
     let before = snapshots(&dst).len();
     std::thread::sleep(Duration::from_secs(10));
@@ -60,10 +47,8 @@ fn cron_every_two_seconds() {
 
 #[test]
 fn continuous_ships_a_write_within_seconds_and_idles_quietly() {
-    if !have_root("continuous_ships_a_write_within_seconds_and_idles_quietly") {
-        return;
-    }
-    let (mut c, src, dst) = two_nodes("sched_cont", 47220, |p| with_mode(p, "continuous", "continuous:\n  min_interval: 1s\n"));
+    require_root!();
+    let (mut c, src, dst) = two_nodes("sched_cont", |p| with_mode(p, "continuous", "continuous:\n  min_interval: 1s\n"));
     // The initial data goes out (the first poll finds no snapshot yet).
     wait_for(Duration::from_secs(20), "the initial data on the replica", || dst.join("latest/data.bin").exists());
 
@@ -96,10 +81,8 @@ fn continuous_ships_a_write_within_seconds_and_idles_quietly() {
 
 #[test]
 fn hybrid_does_both() {
-    if !have_root("hybrid_does_both") {
-        return;
-    }
-    let (mut c, src, dst) = two_nodes("sched_hybrid", 47230, |p| with_mode(p, "hybrid", "schedule: \"*/3 * * * * *\"\ncontinuous:\n  min_interval: 1s\n"));
+    require_root!();
+    let (mut c, src, dst) = two_nodes("sched_hybrid", |p| with_mode(p, "hybrid", "schedule: \"*/3 * * * * *\"\ncontinuous:\n  min_interval: 1s\n"));
     wait_for(Duration::from_secs(20), "scheduled snapshots on the replica", || snapshots(&dst).iter().filter(|n| !n.ends_with("-c")).count() >= 2);
     std::fs::write(src.join("change.txt"), "changed").unwrap();
     wait_for(Duration::from_secs(15), "the change on the replica", || dst.join("latest/change.txt").exists());
@@ -112,10 +95,8 @@ fn hybrid_does_both() {
 
 #[test]
 fn replica_away_while_origin_prunes_keeps_the_base() {
-    if !have_root("replica_away_while_origin_prunes_keeps_the_base") {
-        return;
-    }
-    let (mut c, src, dst) = two_nodes("sched_away", 47240, |p| with_mode(p, "snapshot", "schedule: \"* * * * * *\"\n") + "retention:\n  origin: { last: 2 }\n");
+    require_root!();
+    let (mut c, src, dst) = two_nodes("sched_away", |p| with_mode(p, "snapshot", "schedule: \"* * * * * *\"\n") + "retention:\n  origin: { last: 2 }\n");
     wait_for(Duration::from_secs(20), "a snapshot on the replica", || snapshots(&dst).len() >= 1);
     c.stop("beta");
     let base = snapshots(&dst).last().unwrap().clone();
@@ -141,10 +122,8 @@ fn replica_away_while_origin_prunes_keeps_the_base() {
 
 #[test]
 fn prune_dry_run_explains_the_plan() {
-    if !have_root("prune_dry_run_explains_the_plan") {
-        return;
-    }
-    let mut c = Cluster::new("sched_prune", &["alpha", "beta"], 47250);
+    require_root!();
+    let mut c = Cluster::new("sched_prune", &["alpha", "beta"]);
     let src = c.fs["alpha"].subvolume("projects");
     let dst = c.mnt("beta").join("backup/projects");
     let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]) + "retention:\n  origin: { last: 1 }\n";
@@ -170,10 +149,8 @@ fn prune_dry_run_explains_the_plan() {
 
 #[test]
 fn sync_while_run_is_running_goes_through_the_daemon() {
-    if !have_root("sync_while_run_is_running_goes_through_the_daemon") {
-        return;
-    }
-    let (mut c, src, dst) = two_nodes("sched_sync_daemon", 47260, |p| p);
+    require_root!();
+    let (mut c, src, dst) = two_nodes("sched_sync_daemon", |p| p);
     // The daemon starts and ships nothing (no snapshot yet, next cron firing far away).
     let out = c.sync("alpha", "projects");
     let text = String::from_utf8_lossy(&out.stdout);

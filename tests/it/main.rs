@@ -1,0 +1,23 @@
+//! The integration tests, as one binary with a module per area (one build, one link, and
+//! fixtures shared in `common`). Most need root, loop devices and btrfs (`make test` runs
+//! them under `scripts/with-scratch.sh`, which provides a scratch directory and a zfs-fuse
+//! daemon and tears everything down); without root they say they skip.
+//!
+//! - `btrfs_local`, `zfs`: the backends and one-shot sync on one node;
+//! - `quic`, `scheduler`, `operate`: nodes over QUIC, `snapship run`, status and metrics;
+//! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
+//!   fault proxy they go through;
+//! - `cli_check`, `examples`: the config checker and the shipped examples (no root).
+
+#[macro_use]
+mod common;
+
+mod btrfs_local;
+mod cli_check;
+mod examples;
+mod faults;
+mod operate;
+mod proxy;
+mod quic;
+mod scheduler;
+mod zfs;
