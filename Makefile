@@ -11,7 +11,7 @@ BENCH_DEBS := openssh-server openssh-client
 # Only fuzzing needs this: libfuzzer-sys compiles libFuzzer (C++).
 FUZZ_DEBS := g++
 
-.PHONY: all deps build test demo bench fuzz clean
+.PHONY: all deps build lint test demo bench fuzz clean
 
 all: build
 
@@ -20,6 +20,11 @@ deps:
 
 build: deps
 	$(CARGO) build --release
+
+# Formatting (rustfmt.toml) and clippy with warnings as errors, on every target.
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --all-targets -- -D warnings
 
 # Unit tests, then the integration tests on loop-mounted btrfs images and zfs-fuse pools.
 # Everything they mount or start is torn down on exit, failures included.

@@ -84,7 +84,13 @@ pub trait Hooks: Send + Sync {
 /// Brings `ep` up to `target`: a cut transfer of an older snapshot that the replica holds
 /// part of is finished first, then `target` follows (incrementally on top of it). Stops at
 /// the first failure. `stall`: a sending process that produces nothing this long is killed.
-pub async fn bring_up_to_date(origin: &dyn OriginSide, target: &Snapshot, ep: &dyn ReplicaEndpoint, stall: Duration, hooks: &dyn Hooks) -> Result<ReplicaReport> {
+pub async fn bring_up_to_date(
+    origin: &dyn OriginSide,
+    target: &Snapshot,
+    ep: &dyn ReplicaEndpoint,
+    stall: Duration,
+    hooks: &dyn Hooks,
+) -> Result<ReplicaReport> {
     let node = ep.node();
     loop {
         let mut sending = target.name.clone();
@@ -311,11 +317,11 @@ mod tests {
         let (b, c) = (snap(2, "b"), snap(3, "c"));
         let origin = Listed(vec![b.clone(), c.clone()]); // a was pruned on the origin
         let p = partial(&c, Some("a"), 1000);
-        let plan = plan_from(&origin, &c, &[b.clone()], Some(&p)).await.unwrap();
+        let plan = plan_from(&origin, &c, std::slice::from_ref(&b), Some(&p)).await.unwrap();
         assert_eq!(plan_base(&plan), (Some("b".into()), None));
         // A partial of another snapshot does not change the target's plan.
         let other = partial(&snap(4, "d"), Some("b"), 5);
-        assert_eq!(plan_base(&plan_from(&origin, &c, &[b.clone()], Some(&other)).await.unwrap()), (Some("b".into()), None));
+        assert_eq!(plan_base(&plan_from(&origin, &c, std::slice::from_ref(&b), Some(&other)).await.unwrap()), (Some("b".into()), None));
     }
 
     #[tokio::test]

@@ -161,6 +161,9 @@ fn find_policy<'a>(loaded: &'a config::LoadedConfig, path: &std::path::Path, fil
     bail!("no file set `{fileset}` in the policies of {} (known: {})", path.display(), if known.is_empty() { "none".into() } else { known.join(", ") });
 }
 
+/// One file set's sync: its name, the snapshot, and each replica's outcome.
+type SyncResult = (String, String, Vec<(String, Result<replicate::ReplicaReport, String>)>);
+
 async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     let loaded = Arc::new(config::load(path)?);
     let policy = find_policy(&loaded, path, fileset)?;
@@ -168,24 +171,23 @@ async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
         tracing::warn!("skipping a broken policy: {e}");
     }
     // With a daemon running, it does the sync: one process owns transfers and pruning.
-    let results: Vec<(String, String, Vec<(String, Result<replicate::ReplicaReport, String>)>)> =
-        match control::sync_through_daemon(&loaded.node.state_dir, fileset).await? {
-            Some(replies) => {
-                tracing::info!("synced by the running snapship run");
-                replies.into_iter().map(|r| (r.fileset, r.snapshot, r.replicas)).collect()
-            }
-            None => {
-                let _lock = crate::node::lock_state_dir(&loaded.node.state_dir)?;
-                let progress = crate::observe::progress::Progress::start(fileset);
-                let reports = crate::node::sync(&loaded, policy, &|replica, tally| progress.add(replica, tally)).await;
-                progress.finish();
-                let reports = reports?;
-                reports
-                    .into_iter()
-                    .map(|r| (r.fileset, r.snapshot.name.to_string(), r.replicas.into_iter().map(|(n, x)| (n, x.map_err(|e| format!("{e:#}")))).collect()))
-                    .collect()
-            }
-        };
+    let results: Vec<SyncResult> = match control::sync_through_daemon(&loaded.node.state_dir, fileset).await? {
+        Some(replies) => {
+            tracing::info!("synced by the running snapship run");
+            replies.into_iter().map(|r| (r.fileset, r.snapshot, r.replicas)).collect()
+        }
+        None => {
+            let _lock = crate::node::lock_state_dir(&loaded.node.state_dir)?;
+            let progress = crate::observe::progress::Progress::start(fileset);
+            let reports = crate::node::sync(&loaded, policy, &|replica, tally| progress.add(replica, tally)).await;
+            progress.finish();
+            let reports = reports?;
+            reports
+                .into_iter()
+                .map(|r| (r.fileset, r.snapshot.name.to_string(), r.replicas.into_iter().map(|(n, x)| (n, x.map_err(|e| format!("{e:#}")))).collect()))
+                .collect()
+        }
+    };
     let mut failed = false;
     for (fileset, snapshot, outcomes) in &results {
         for (node, result) in outcomes {
@@ -326,7 +328,13 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
                 None => connector.insert(Arc::new(crate::ship::quic::Connector::new(&loaded.node)?)).clone(),
             };
             let dialer = Arc::new(crate::ship::quic::QuicDialer::new(replica.node.0.clone(), addr.clone(), connector));
-            let ep = crate::ship::client::PeerReplica::new(replica.node.0.clone(), policy.fileset.0.clone(), policy.transfer.clone(), loaded.node.transfers.stall_timeout.0, dialer);
+            let ep = crate::ship::client::PeerReplica::new(
+                replica.node.0.clone(),
+                policy.fileset.0.clone(),
+                policy.transfer.clone(),
+                loaded.node.transfers.stall_timeout.0,
+                dialer,
+            );
             crate::ship::ReplicaEndpoint::list(&ep).await.map(|l| l.snapshots)
         };
         columns.push((replica.node.0.clone(), held));

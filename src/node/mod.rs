@@ -162,7 +162,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
 /// Runs `work` with this node's replica role serving the in-process link (a replica on this
 /// node is reached through it, as in the daemon), and stops the role afterwards. For the
 /// one-shot commands, which hold the `state_dir` lock (the role clears its spool directory).
-pub async fn with_replica_role<'a, T, F, Fut>(loaded: &'a Arc<LoadedConfig>, work: F) -> Result<T>
+pub async fn with_replica_role<T, F, Fut>(loaded: &Arc<LoadedConfig>, work: F) -> Result<T>
 where
     F: FnOnce(Arc<ReplicaRole>) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
@@ -192,10 +192,7 @@ pub async fn sync(loaded: &Arc<LoadedConfig>, policy: &Policy, on_start: crate::
 /// Metrics (when `metrics:` is set) and the lag gauges' refresh.
 fn observe(loaded: &LoadedConfig, status: &Arc<StatusBoard>, background: &TaskTracker, shutdown: &CancellationToken) -> Result<()> {
     if let Some(addr) = loaded.node.metrics {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .map_err(|e| anyhow!("cannot serve metrics on {addr}: {e}"))?;
+        metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr).install().map_err(|e| anyhow!("cannot serve metrics on {addr}: {e}"))?;
         crate::observe::status::describe_metrics();
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     }

@@ -233,9 +233,7 @@ impl StatusBoard {
                 counter!(names::BYTES_SHIPPED, &labels).increment(bytes);
                 gauge!(names::LAST_SUCCESS, &labels).set(Utc::now().timestamp() as f64);
             }
-            Err(_) => {
-                counter!(names::TRANSFERS, "fileset" => fileset.to_string(), "replica" => replica.to_string(), "result" => "failed").increment(1)
-            }
+            Err(_) => counter!(names::TRANSFERS, "fileset" => fileset.to_string(), "replica" => replica.to_string(), "result" => "failed").increment(1),
         }
     }
 

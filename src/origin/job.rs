@@ -69,8 +69,15 @@ pub struct Outcome {
 /// group, if any), answer per file set with each replica's outcome for it (or for a newer
 /// snapshot, which carries the same data).
 pub struct SyncRequest {
-    pub reply: oneshot::Sender<Result<Vec<(String, SnapshotName, Vec<Outcome>)>, String>>,
+    pub reply: oneshot::Sender<SyncAnswer>,
 }
+
+/// Per file set: its name, the snapshot taken, and each replica's outcome; or why no
+/// snapshot could be taken.
+pub type SyncAnswer = Result<Vec<(String, SnapshotName, Vec<Outcome>)>, String>;
+
+/// Where a group member's snapshots go, and where its outcomes come from.
+type MemberChannels = (watch::Sender<Option<Snapshot>>, broadcast::Sender<Outcome>);
 
 /// The file sets of one consistency group in `snapship run`: a snapshot of one is taken as
 /// a snapshot of all, at one point in time, and handed to every member's replica workers.
@@ -79,7 +86,7 @@ pub struct GroupHub {
     pub name: String,
     backend: BackendKind,
     members: Vec<GroupMember>,
-    channels: Mutex<BTreeMap<String, (watch::Sender<Option<Snapshot>>, broadcast::Sender<Outcome>)>>,
+    channels: Mutex<BTreeMap<String, MemberChannels>>,
     /// One group snapshot at a time.
     taking: tokio::sync::Mutex<()>,
 }
@@ -395,7 +402,7 @@ impl Hooks for OriginJob {
     }
 
     async fn finished(&self, replica: &str, snapshot: &SnapshotName, result: &Result<ReplicaReport>) {
-        let shown = result.as_ref().map(Clone::clone).map_err(|e| format!("{e:#}"));
+        let shown = result.as_ref().cloned().map_err(|e| format!("{e:#}"));
         self.status.transfer_finished(self.fileset(), replica, snapshot, shown.as_ref().map(|r| r.bytes).map_err(Clone::clone));
         let _ = self.outcomes.send(Outcome { replica: replica.to_string(), snapshot: snapshot.clone(), result: shown });
         if result.is_ok() {

@@ -124,7 +124,11 @@ mod tests {
         std::fs::write(StateStore::path_for(dir.path(), "bad"), "{").unwrap();
         assert!(StateStore::open(dir.path(), "bad").err().unwrap().to_string().contains("not a valid state file"));
         // A name that is not one snapship makes is refused, not carried on as a string.
-        std::fs::write(StateStore::path_for(dir.path(), "odd"), r#"{"replicas":{"beta":{"base":"../x","in_flight":null,"last_success":null,"last_error":null}}}"#).unwrap();
+        std::fs::write(
+            StateStore::path_for(dir.path(), "odd"),
+            r#"{"replicas":{"beta":{"base":"../x","in_flight":null,"last_success":null,"last_error":null}}}"#,
+        )
+        .unwrap();
         assert!(StateStore::open(dir.path(), "odd").is_err());
     }
 }

@@ -32,14 +32,12 @@ impl SyncReport {
 /// Sees each replica's stream as it starts (replica name, byte count), for progress.
 pub type OnStart<'a> = &'a (dyn Fn(&str, Arc<Tally>) + Send + Sync);
 
+/// How this node reaches a member's replicas.
+pub type Endpoints<'a> = &'a dyn Fn(&Policy) -> Result<Vec<Arc<dyn ReplicaEndpoint>>>;
+
 /// Snapshots `policy`'s file set (with its group) and brings each replica up to it.
 /// `endpoints(member)`: the replicas of a member, as this node reaches them.
-pub async fn sync(
-    config: &LoadedConfig,
-    policy: &Policy,
-    endpoints: &dyn Fn(&Policy) -> Result<Vec<Arc<dyn ReplicaEndpoint>>>,
-    on_start: OnStart<'_>,
-) -> Result<Vec<SyncReport>> {
+pub async fn sync(config: &LoadedConfig, policy: &Policy, endpoints: Endpoints<'_>, on_start: OnStart<'_>) -> Result<Vec<SyncReport>> {
     if policy.origin.node != config.node.node {
         bail!("this node is `{}`, but file set `{}` has its origin on `{}`; run sync there", config.node.node, policy.fileset, policy.origin.node);
     }

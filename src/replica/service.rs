@@ -72,16 +72,25 @@ impl ReplicaService {
 
     /// Answers `peer` asking about `fileset`: the policy and this node's replica entry, or the
     /// error message to send back.
+    #[allow(clippy::result_large_err)] // a refusal is the message to send back; a cold path
     pub fn authorize(&self, peer: &str, fileset: &str) -> Result<(&Policy, &ReplicaSpec), Message> {
         authorize(&self.config, peer, fileset)
     }
 
     /// Serves one request; returns the final reply to send.
-    async fn serve_request<W: AsyncWrite + Unpin>(&self, mut frames: FrameReader<Box<dyn tokio::io::AsyncRead + Send + Unpin>>, send: &mut W, peer: &str) -> Result<Message> {
+    async fn serve_request<W: AsyncWrite + Unpin>(
+        &self,
+        mut frames: FrameReader<Box<dyn tokio::io::AsyncRead + Send + Unpin>>,
+        send: &mut W,
+        peer: &str,
+    ) -> Result<Message> {
         match read_message(&mut frames).await? {
             Message::Hello { version } if version == VERSION => {}
             Message::Hello { version } => {
-                return Ok(Message::error(ErrorCode::Version, format!("this node speaks protocol {VERSION}, the origin {version}; run the same snapship version on both")));
+                return Ok(Message::error(
+                    ErrorCode::Version,
+                    format!("this node speaks protocol {VERSION}, the origin {version}; run the same snapship version on both"),
+                ));
             }
             other => return Ok(Message::error(ErrorCode::BadRequest, format!("expected hello, got {}", other.kind()))),
         }
@@ -154,6 +163,7 @@ impl Handler for ReplicaService {
 
 /// Answers `peer` asking about `fileset` with `config`'s policy and this node's replica
 /// entry, or the refusal to send back.
+#[allow(clippy::result_large_err)] // a refusal is the message to send back; a cold path
 pub fn authorize<'a>(config: &'a LoadedConfig, peer: &str, fileset: &str) -> Result<(&'a Policy, &'a ReplicaSpec), Message> {
     let here = &config.node.node;
     let Some(policy) = config.policy(fileset) else {
@@ -173,6 +183,7 @@ pub fn authorize<'a>(config: &'a LoadedConfig, peer: &str, fileset: &str) -> Res
 
 /// The snapshot name an origin sent, if it is one snapship makes and not dated beyond
 /// [`MAX_FUTURE`] from `now`.
+#[allow(clippy::result_large_err)] // a refusal is the message to send back; a cold path
 fn check_name(text: &str, now: chrono::DateTime<chrono::Utc>) -> Result<SnapshotName, Message> {
     let Some(name) = SnapshotName::parse(text) else {
         return Err(Message::error(ErrorCode::BadRequest, format!("{text:?} is not a snapship snapshot name")));

@@ -27,9 +27,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::spool::{self, SpoolWriter};
+use crate::config::Transfers;
 use crate::ship::protocol::{ErrorCode, Message, Partial, ResumeFrom};
 use crate::ship::transfer::{IncomingData, IncomingError, write_message};
-use crate::config::Transfers;
 use crate::snapshot::{Incoming, ReplicaSide};
 
 /// Stream bytes pushed into the spool at a time (less when the stream pauses).

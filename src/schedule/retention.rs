@@ -95,7 +95,9 @@ pub fn plan(names: &[SnapshotName], rules: &Retention, hybrid: bool, now: DateTi
             e.keep.insert(Reason::Last);
         }
     }
-    let grid: [(Option<u32>, Reason, fn(DateTime<Utc>) -> (i32, u32, u32, u32)); 4] = [
+    /// The bucket a time falls in: (year, day or week or month, hour, 0).
+    type Bucket = fn(DateTime<Utc>) -> (i32, u32, u32, u32);
+    let grid: [(Option<u32>, Reason, Bucket); 4] = [
         (rules.hourly, Reason::Hourly, |t| (t.year(), t.ordinal(), t.hour(), 0)),
         (rules.daily, Reason::Daily, |t| (t.year(), t.ordinal(), 0, 0)),
         (rules.weekly, Reason::Weekly, |t| (t.iso_week().year(), t.iso_week().week(), 0, 0)),

@@ -74,6 +74,26 @@ impl ReplicaEndpoint for PeerReplica {
     }
 
     async fn list(&self) -> Result<Listing> {
+        self.list_snapshots().await.map_err(|e| self.dialer.explain(e))
+    }
+
+    async fn close(&self) {
+        self.dialer.reset().await;
+    }
+
+    async fn receive(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+        let result = self.ship(incoming, start, stream).await.map_err(|e| self.dialer.explain(e));
+        if result.is_err() {
+            // Whatever went wrong, the next attempt starts on a fresh connection: a stalled
+            // one may still look alive to QUIC.
+            self.close().await;
+        }
+        result
+    }
+}
+
+impl PeerReplica {
+    async fn list_snapshots(&self) -> Result<Listing> {
         let (mut replies, _send) = self.request(&Message::List { fileset: self.fileset.clone() }).await?;
         match read_message(&mut replies).await? {
             Message::Snapshots { snapshots, compact, partial } => {
@@ -87,26 +107,10 @@ impl ReplicaEndpoint for PeerReplica {
                 Ok(Listing { snapshots, accepts_compact: compact, resumable: partial })
             }
             Message::Error { code, message } => Err(self.refused(code, message)),
-            other => bail!("protocol error: `{}` answered {other:?} to list", self.node),
+            other => bail!("protocol error: `{}` answered {} to list", self.node, other.kind()),
         }
     }
 
-    async fn close(&self) {
-        self.dialer.reset().await;
-    }
-
-    async fn receive(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
-        let result = self.ship(incoming, start, stream).await;
-        if result.is_err() {
-            // Whatever went wrong, the next attempt starts on a fresh connection: a stalled
-            // one may still look alive to QUIC.
-            self.close().await;
-        }
-        result
-    }
-}
-
-impl PeerReplica {
     async fn ship(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
         let from = start.offset();
         let (resume, prefix, from_token) = match start.start {
@@ -131,7 +135,7 @@ impl PeerReplica {
         match ready {
             Message::Ready => {}
             Message::Error { code, message } => return Err(self.refused(code, message)),
-            other => bail!("protocol error: `{}` answered {other:?} to begin", self.node),
+            other => bail!("protocol error: `{}` answered {} to begin", self.node, other.kind()),
         }
         if from > 0 {
             tracing::info!(replica = %self.node, snapshot = %incoming.name, offset = from, "resuming the transfer where the replica stopped");
@@ -177,7 +181,7 @@ impl PeerReplica {
         match committed {
             Message::Committed { .. } => Ok(()),
             Message::Error { code, message } => Err(self.refused(code, message)),
-            other => bail!("protocol error: `{}` answered {other:?} to end", self.node),
+            other => bail!("protocol error: `{}` answered {} to end", self.node, other.kind()),
         }
     }
 
@@ -212,7 +216,7 @@ impl PeerReplica {
                     }
                 }
                 Ok(Ok(Message::Error { code, message })) => return self.refused(code, message),
-                Ok(Ok(other)) => return anyhow!("protocol error: `{}` sent {other:?} during the transfer", self.node),
+                Ok(Ok(other)) => return anyhow!("protocol error: `{}` sent {} during the transfer", self.node, other.kind()),
                 Ok(Err(e)) => return e.context(format!("replica `{}` broke off the transfer", self.node)),
                 Err(_) => {}
             }

@@ -101,6 +101,11 @@ pub trait Dialer: Send + Sync {
     /// Drops the connection (the peer sees transfers in flight cut at once); the next
     /// [`open`](Self::open) connects again.
     async fn reset(&self) {}
+    /// Adds what to check to an error met on this transport (QUIC: a refused certificate
+    /// surfaces at the first read, as `HANDSHAKE_FAILURE`).
+    fn explain(&self, e: anyhow::Error) -> anyhow::Error {
+        e
+    }
 }
 
 /// Serves request streams as they arrive, on the replica: the replica role implements it,

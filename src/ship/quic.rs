@@ -102,7 +102,6 @@ impl Connector {
     }
 }
 
-
 /// One connection to one peer, made on first use and again after a failure.
 pub struct QuicDialer {
     node: String,
@@ -122,7 +121,7 @@ impl Dialer for QuicDialer {
     async fn open(&self) -> Result<RequestStream> {
         let mut guard = self.connection.lock().await;
         if guard.is_none() {
-            *guard = Some(self.connector.connect(&self.node, &self.addr).await.map_err(with_tls_hint)?);
+            *guard = Some(self.connector.connect(&self.node, &self.addr).await?);
         }
         let conn = guard.as_mut().expect("connected above");
         let stream = match conn.open_bidirectional_stream().await {
@@ -135,6 +134,10 @@ impl Dialer for QuicDialer {
         drop(guard);
         let (recv, send) = stream.split();
         Ok(RequestStream { recv: Box::new(recv), send: Box::new(send) })
+    }
+
+    fn explain(&self, e: anyhow::Error) -> anyhow::Error {
+        with_tls_hint(e)
     }
 
     async fn reset(&self) {
@@ -227,4 +230,3 @@ fn with_tls_hint(e: anyhow::Error) -> anyhow::Error {
         hint => e.context(hint.trim_start().trim_start_matches('(').trim_end_matches(')').to_string()),
     }
 }
-

@@ -282,7 +282,7 @@ mod tests {
     async fn read_checked(mut incoming: IncomingData) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         incoming.reader.read_to_end(&mut out).await?;
-        incoming.check_end(out.len() as u64, &blake3::hash(&out).to_hex().to_string())?;
+        incoming.check_end(out.len() as u64, blake3::hash(&out).to_hex().as_str())?;
         Ok(out)
     }
 
@@ -325,7 +325,7 @@ mod tests {
         let mut got = Vec::new();
         incoming.reader.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, data[1000..]);
-        incoming.check_end(data.len() as u64, &blake3::hash(&data).to_hex().to_string()).unwrap();
+        incoming.check_end(data.len() as u64, blake3::hash(&data).to_hex().as_str()).unwrap();
     }
 
     #[tokio::test(start_paused = true)]

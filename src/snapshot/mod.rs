@@ -43,6 +43,9 @@ pub struct Snapshot {
     pub parent_local_id: Option<String>,
 }
 
+/// The wait for a sending process's exit, once its output ended.
+type ExitWait = Pin<Box<dyn Future<Output = Result<(), runner::CommandError>> + Send>>;
+
 /// An open send stream. It reads as the stream's bytes, and its end (EOF) is only reported
 /// once the sending process has exited successfully: a reader that saw EOF saw the whole
 /// stream, and a failed send surfaces as a read error, never as a short stream. Dropping it
@@ -50,7 +53,7 @@ pub struct Snapshot {
 pub struct SendStream {
     reader: Box<dyn AsyncRead + Send + Unpin>,
     process: Option<runner::Running>,
-    exit: Option<Pin<Box<dyn Future<Output = Result<(), runner::CommandError>> + Send>>>,
+    exit: Option<ExitWait>,
     /// A failed send stays failed: later reads repeat the error instead of a clean end.
     failed: Option<String>,
     /// How long a read may wait for the process to produce anything, and the timer of the

@@ -1,7 +1,6 @@
 //! Local replication on real loop-mounted btrfs: full then incremental, bases found by
 //! identity after deletions on either side, and a sync killed mid-receive.
 
-
 use std::path::{Path, PathBuf};
 
 use crate::common::*;
@@ -146,7 +145,7 @@ fn common_base_survives_deletions() {
     let s6 = f.sync();
     assert_eq!(s6.base, None);
     assert!(s6.bytes > 8 << 20, "a full send again: {} bytes", s6.bytes);
-    assert_eq!(f.replica_snapshots(), [s6.snapshot.clone()]);
+    assert_eq!(f.replica_snapshots(), std::slice::from_ref(&s6.snapshot));
     assert_same_tree(&f.source, &f.replica.join("latest"));
     let _ = s1;
 }
@@ -178,7 +177,7 @@ fn sigkill_mid_receive_leaves_nothing_partial() {
     assert!(std::fs::read_dir(&staging).unwrap().count() > 1, "nothing was being received");
 
     // Nothing partial is visible: only the first snapshot, and latest still points at it.
-    assert_eq!(f.replica_snapshots(), [first.snapshot.clone()]);
+    assert_eq!(f.replica_snapshots(), std::slice::from_ref(&first.snapshot));
     assert_eq!(f.latest(), first.snapshot);
     f.assert_replica_matches_origin();
 

@@ -1,6 +1,5 @@
 //! `snapship check` as a user runs it: exit status and messages. Needs no root.
 
-
 use crate::common::{Scratch, snapship};
 
 const POLICY: &str = "fileset: home\nbackend: btrfs\nmode: continuous\ncontinuous:\n  min_interval: 2s\norigin:\n  node: alpha\n  path: /srv/home\nreplicas:\n  - node: alpha\n    path: /backup/home\n";

@@ -1,6 +1,5 @@
 //! The shipped examples and policies load with `snapship check`, so they cannot rot.
 
-
 use std::path::Path;
 
 fn check(config: &Path) {
@@ -27,7 +26,12 @@ fn every_example_node_config_checks() {
 #[test]
 fn every_policy_is_loaded_by_the_two_node_example() {
     let policies = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")).unwrap().count();
-    let out = crate::common::snapship().arg("check").arg("--config").arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/two-node/alpha.yaml")).output().unwrap();
+    let out = crate::common::snapship()
+        .arg("check")
+        .arg("--config")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/two-node/alpha.yaml"))
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("{policies} policies valid")), "{text}");
 }

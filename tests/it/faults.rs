@@ -12,7 +12,6 @@
 //! are in tests/quic.rs, `refusals_write_nothing`; a byte flipped after the checksums in
 //! `corrupted_byte_is_caught_and_retry_succeeds`.)
 
-
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};

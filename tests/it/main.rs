@@ -7,7 +7,8 @@
 //! - `quic`, `scheduler`, `operate`: nodes over QUIC, `snapship run`, status and metrics;
 //! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
 //!   fault proxy they go through;
-//! - `cli_check`, `examples`: the config checker and the shipped examples (no root).
+//! - `cli_check`, `examples`: the config checker and the shipped examples (no root);
+//! - `layers`: the dependency rule between the modules of `src/` (no root).
 
 #[macro_use]
 mod common;
@@ -16,6 +17,7 @@ mod btrfs_local;
 mod cli_check;
 mod examples;
 mod faults;
+mod layers;
 mod operate;
 mod proxy;
 mod quic;

@@ -1,7 +1,6 @@
 //! Operating snapship: `status --json` and the Prometheus endpoint during and after a real
 //! transfer, checked against what happened.
 
-
 use std::io::{Read, Write};
 use std::time::Duration;
 

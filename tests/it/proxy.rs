@@ -2,7 +2,6 @@
 //! server: forwarding and byte counts, NAT mappings, blackhole, max_datagram, delay and order,
 //! drop, corrupt, reorder. No root needed. Timing is only ever asserted as a lower bound.
 
-
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,6 @@
 //! Replication between nodes over real QUIC on loopback, each node with its own loop btrfs:
 //! two nodes, a star of three, both directions at once, and the ways a peer gets refused.
 
-
 use crate::common::cluster::*;
 use crate::common::*;
 

@@ -2,7 +2,6 @@
 //! the common base while a replica is away. Real btrfs, real QUIC, real time (the bounds are
 //! generous; RPO figures belong to the benchmarks).
 
-
 use std::time::Duration;
 
 use crate::common::cluster::*;
@@ -34,7 +33,7 @@ fn origin_snapshots(c: &Cluster) -> Vec<String> {
 fn cron_every_two_seconds() {
     require_root!();
     let (mut c, src, dst) = two_nodes("sched_cron", |p| with_mode(p, "snapshot", "schedule: \"*/2 * * * * *\"\n"));
-    wait_for(Duration::from_secs(20), "a first snapshot on the replica", || snapshots(&dst).len() >= 1);
+    wait_for(Duration::from_secs(20), "a first snapshot on the replica", || !snapshots(&dst).is_empty());
     let before = snapshots(&dst).len();
     std::thread::sleep(Duration::from_secs(10));
     let after = snapshots(&dst).len();
@@ -97,7 +96,7 @@ fn hybrid_does_both() {
 fn replica_away_while_origin_prunes_keeps_the_base() {
     require_root!();
     let (mut c, src, dst) = two_nodes("sched_away", |p| with_mode(p, "snapshot", "schedule: \"* * * * * *\"\n") + "retention:\n  origin: { last: 2 }\n");
-    wait_for(Duration::from_secs(20), "a snapshot on the replica", || snapshots(&dst).len() >= 1);
+    wait_for(Duration::from_secs(20), "a snapshot on the replica", || !snapshots(&dst).is_empty());
     c.stop("beta");
     let base = snapshots(&dst).last().unwrap().clone();
     // The origin keeps snapshotting (every second) and pruning to the last 2.

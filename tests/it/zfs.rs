@@ -2,7 +2,6 @@
 //! bases after deletions, a kill mid-receive, over QUIC), holds on the base, feature
 //! detection against the live zfs, and a consistency group with one creation txg.
 
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -143,7 +142,7 @@ fn zfs_kill_mid_receive_leaves_nothing() {
     sync_killed_mid_transfer(&l.config_path, "projects", 8 << 20, &l.scratch);
     wait_for_no_process(&format!("zfs receive.*{}", l.dst_ds));
     let names: Vec<String> = l.replica.snapshot_props(&l.dst_ds, "guid").into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names, [first.snapshot.clone()], "a partial receive became a snapshot");
+    assert_eq!(names, std::slice::from_ref(&first.snapshot), "a partial receive became a snapshot");
     let next = l.sync().unwrap();
     assert_eq!(next.base.as_deref(), Some(first.snapshot.as_str()));
     assert_same_tree(&l.src(), &l.dst());

@@ -30,7 +30,7 @@ const MAX_DATAGRAM: usize = 65_535;
 /// How long a datagram picked for reordering waits for a successor before it goes out alone.
 const HOLD_MAX: Duration = Duration::from_millis(50);
 /// The seed of [`Proxy::start`].
-const DEFAULT_SEED: u64 = 0x5eed_0f_5a_f5_0b_1e;
+const DEFAULT_SEED: u64 = 0x5eed_0f5a_f50b_1e00;
 
 /// The faults a [`Proxy`] applies, to both directions.
 #[derive(Clone, Debug, Default)]
@@ -286,10 +286,10 @@ async fn serve(shared: Arc<Shared>, listener: StdUdpSocket) {
                 continue;
             }
         };
-        if !flows.contains_key(&client) {
+        if let std::collections::hash_map::Entry::Vacant(e) = flows.entry(client) {
             match open_flow(&shared, &listener, client).await {
                 Ok(tx) => {
-                    flows.insert(client, tx);
+                    e.insert(tx);
                     shared.clients.fetch_add(1, Ordering::SeqCst);
                 }
                 Err(_) => {
