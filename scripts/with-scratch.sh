@@ -23,8 +23,12 @@ cleanup() {
   trap - EXIT INT TERM
   # Test pools first (they unmount their datasets), then the daemon if it is ours.
   if command -v zpool >/dev/null 2>&1 && pgrep -x zfs-fuse >/dev/null; then
+    # Only the pools whose devices are files in our scratch dir: another run on this machine
+    # may have test pools of its own.
     timeout 30 zpool list -H -o name 2>/dev/null | grep '^sstest' | while read -r pool; do
-      timeout 30 zpool destroy -f "$pool" || echo "could not destroy zfs pool $pool" >&2
+      if timeout 30 zpool status "$pool" 2>/dev/null | grep -qF "$scratch/"; then
+        timeout 30 zpool destroy -f "$pool" || echo "could not destroy zfs pool $pool" >&2
+      fi
     done
   fi
   if [ -n "$zfs_pid" ]; then

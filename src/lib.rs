@@ -14,6 +14,8 @@ pub mod observe;
 pub mod origin;
 pub mod replica;
 pub mod replicate;
+#[cfg(test)]
+mod role_tests;
 pub mod schedule;
 pub mod ship;
 pub mod snapshot;

@@ -1,0 +1,337 @@
+//! The roles tested end to end without root, in seconds: a fake origin (its send streams
+//! are `cat` of files), the real replication logic and protocol client, the in-process link,
+//! the real replica service with its sessions and spool, and a fake replica backend that
+//! keeps what it received in memory. What is faked is only the filesystem.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::RwLock;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, LoadedConfig};
+use crate::observe::status::StatusBoard;
+use crate::replica::ReplicaService;
+use crate::replicate::{self, Hooks, ReplicaReport, Step};
+use crate::ship::client::PeerReplica;
+use crate::ship::local::{self, LocalLink};
+use crate::ship::meter::Tally;
+use crate::ship::protocol::ErrorCode;
+use crate::ship::{ReplicaEndpoint, Resumed, Start, StreamStart};
+use crate::snapshot::runner::{Cmd, Pipe};
+use crate::snapshot::{Incoming, Kind, OriginSide, ReplicaSide, SendStream, Snapshot, SnapshotName};
+
+/// An origin whose snapshots are files of bytes; a send stream is `cat` of the file (the
+/// stream of an incremental is the same bytes: the fake replica does not care).
+struct FakeOrigin {
+    dir: PathBuf,
+    snapshots: Mutex<Vec<Snapshot>>,
+}
+
+impl FakeOrigin {
+    fn new(dir: PathBuf) -> FakeOrigin {
+        FakeOrigin { dir, snapshots: Mutex::default() }
+    }
+
+    /// Adds a snapshot whose stream is `bytes`.
+    fn add(&self, hour: u32, bytes: &[u8]) -> Snapshot {
+        let name = SnapshotName::parse(&format!("snapship-20260101T{hour:02}0000.000Z")).unwrap();
+        std::fs::write(self.dir.join(name.as_str()), bytes).unwrap();
+        let s = Snapshot { name, identity: format!("id-{hour}"), local_id: None, parent_local_id: None };
+        self.snapshots.lock().unwrap().push(s.clone());
+        s
+    }
+}
+
+#[async_trait]
+impl OriginSide for FakeOrigin {
+    async fn take_snapshot(&self, _: Kind) -> Result<Snapshot> {
+        bail!("the tests add snapshots by hand")
+    }
+    async fn changed_since(&self, _: &Snapshot, _: bool) -> Result<bool> {
+        Ok(false)
+    }
+    async fn list(&self) -> Result<Vec<Snapshot>> {
+        Ok(self.snapshots.lock().unwrap().clone())
+    }
+    async fn send(&self, snapshot: &Snapshot, _: Option<&Snapshot>, _: bool) -> Result<SendStream> {
+        let mut process = Cmd::new("cat").arg(self.dir.join(snapshot.name.as_str())).spawn(Pipe::Out)?;
+        let out = process.stdout();
+        Ok(SendStream::new(Box::new(out), process))
+    }
+    async fn delete(&self, snapshot: &Snapshot) -> Result<()> {
+        self.snapshots.lock().unwrap().retain(|s| s.name != snapshot.name);
+        Ok(())
+    }
+}
+
+/// A replica that keeps received streams in memory: name -> (identity, bytes).
+#[derive(Clone, Default)]
+struct FakeReplica {
+    held: Arc<Mutex<Vec<(Snapshot, Vec<u8>)>>>,
+}
+
+#[async_trait]
+impl ReplicaSide for FakeReplica {
+    async fn list(&self) -> Result<Vec<Snapshot>> {
+        Ok(self.held.lock().unwrap().iter().map(|(s, _)| s.clone()).collect())
+    }
+    async fn accepts_compact(&self) -> bool {
+        false
+    }
+    async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot> {
+        if let Some(base) = &incoming.base {
+            if !self.held.lock().unwrap().iter().any(|(s, _)| &s.identity == base) {
+                bail!("base {base} is not held");
+            }
+        }
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).await?;
+        let s = Snapshot { name: incoming.name.clone(), identity: incoming.identity.clone(), local_id: None, parent_local_id: None };
+        self.held.lock().unwrap().push((s.clone(), bytes));
+        Ok(s)
+    }
+    async fn delete(&self, snapshot: &Snapshot) -> Result<()> {
+        self.held.lock().unwrap().retain(|(s, _)| s.name != snapshot.name);
+        Ok(())
+    }
+}
+
+/// Hooks that record nothing: the replication logic alone.
+struct NoHooks(RwLock<()>);
+
+#[async_trait]
+impl Hooks for NoHooks {
+    fn planning(&self) -> &RwLock<()> {
+        &self.0
+    }
+    async fn planned(&self, _: &str, _: &Step) -> Result<()> {
+        Ok(())
+    }
+    fn started(&self, _: &str, _: &Step, _: Arc<Tally>, _: u64) {}
+    async fn finished(&self, _: &str, _: &SnapshotName, _: &Result<ReplicaReport>) {}
+}
+
+/// beta holds a replica of `projects`, whose origin is alpha; the replica service runs on
+/// the in-process link, and `origin` is how alpha (or whoever `peer` is) reaches it.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    origin: FakeOrigin,
+    replica: FakeReplica,
+    service: Arc<ReplicaService>,
+    shutdown: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+const STALL: Duration = Duration::from_secs(3);
+
+impl Fixture {
+    fn new(retention: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let node_file = dir.path().join("beta.yaml");
+        let node = config::parse_node_text(&node_file, "node: beta\nlisten: 127.0.0.1:1\nstate_dir: state\ntls:\n  ca: ca.pem\n  cert: beta.pem\n  key: beta.key\npeers:\n  alpha: 127.0.0.1:2\n  gamma: 127.0.0.1:3\npolicies: []\n").unwrap();
+        let text = format!(
+            "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/projects\nreplicas:\n  - node: beta\n    path: /backup/projects\n{retention}"
+        );
+        let policy = config::parse_policy_text(&dir.path().join("projects.yaml"), &text, &node).unwrap();
+        let loaded = Arc::new(LoadedConfig { node, policies: vec![policy], errors: vec![] });
+        let replica = FakeReplica::default();
+        let backend = replica.clone();
+        let service =
+            ReplicaService::new(loaded.clone(), StatusBoard::new("beta"), Arc::new(move |_, _| Ok(Box::new(backend.clone()) as Box<dyn ReplicaSide>)));
+        let origin_dir = dir.path().join("origin");
+        std::fs::create_dir(&origin_dir).unwrap();
+        let shutdown = CancellationToken::new();
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(service.sessions().clone().watch(shutdown.clone()));
+        Fixture { _dir: dir, origin: FakeOrigin::new(origin_dir), replica, service, shutdown, tasks }
+    }
+
+    /// An endpoint for the replica as `peer` reaches it (the link names the peer).
+    fn endpoint(&self, peer: &str) -> PeerReplica {
+        let (link, streams) = LocalLink::pair(peer);
+        self.tasks.spawn(local::serve(streams, self.service.clone(), self.shutdown.clone()));
+        // Uncompressed, so that what a cut leaves on the replica is predictable.
+        let transfer = config::Transfer { compression: config::units::Compression::None, ..Default::default() };
+        PeerReplica::new("beta".into(), "projects".into(), transfer, STALL, Arc::new(link))
+    }
+
+    fn held(&self) -> Vec<(String, Vec<u8>)> {
+        self.replica.held.lock().unwrap().iter().map(|(s, b)| (s.name.to_string(), b.clone())).collect()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.service.shutdown().await;
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// `len` bytes of pseudo-random data (xorshift), the same for the same seed.
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(seed);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_snapshot_goes_through_the_service_and_is_listed() {
+    let f = Fixture::new("");
+    let ep = f.endpoint("alpha");
+    let s1 = f.origin.add(1, &data(3 << 20, 1));
+    let report = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    assert_eq!((report.base, report.bytes), (None, 3 << 20));
+    assert_eq!(f.held(), vec![(s1.name.to_string(), data(3 << 20, 1))]);
+    // The next one goes incrementally from the first.
+    let s2 = f.origin.add(2, &data(1000, 2));
+    let report = replicate::bring_up_to_date(&f.origin, &s2, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    assert_eq!(report.base.as_deref(), Some(s1.name.as_str()));
+    let listing = ep.list().await.unwrap();
+    assert_eq!(listing.snapshots.iter().map(|s| s.identity.as_str()).collect::<Vec<_>>(), ["id-1", "id-2"]);
+    assert!(listing.resumable.is_none());
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_is_not_the_origin_gets_nothing() {
+    let f = Fixture::new("");
+    let ep = f.endpoint("gamma");
+    let err = ep.list().await.unwrap_err();
+    let refused = err.downcast_ref::<crate::ship::client::Refused>().expect("a refusal");
+    assert_eq!(refused.code, ErrorCode::Unauthorized);
+    assert!(refused.message.contains("not the origin"), "{}", refused.message);
+    let s1 = f.origin.add(1, b"hostile");
+    let err = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap_err();
+    assert!(format!("{err:#}").contains("Unauthorized"), "{err:#}");
+    assert!(f.held().is_empty(), "a non-origin peer wrote to the replica");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_future_dated_snapshot_is_refused() {
+    let f = Fixture::new("");
+    let ep = f.endpoint("alpha");
+    let future = SnapshotName::next(chrono::Utc::now() + chrono::Duration::days(400), None, Kind::Scheduled);
+    std::fs::write(f.origin.dir.join(future.as_str()), b"x").unwrap();
+    let s = Snapshot { name: future, identity: "id-future".into(), local_id: None, parent_local_id: None };
+    f.origin.snapshots.lock().unwrap().push(s.clone());
+    let err = replicate::bring_up_to_date(&f.origin, &s, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap_err();
+    assert!(format!("{err:#}").contains("ahead of this replica's clock"), "{err:#}");
+    assert!(f.held().is_empty());
+    f.stop().await;
+}
+
+/// A stream that fails after `cut` bytes, as a connection cut mid-way looks to the sender.
+struct CutAfter<R> {
+    inner: R,
+    left: usize,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for CutAfter<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::other("cut on purpose")));
+        }
+        let want = buf.remaining().min(self.left);
+        let mut part = tokio::io::ReadBuf::new(&mut buf.initialize_unfilled()[..want]);
+        let before = part.filled().len();
+        std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_read(cx, &mut part))?;
+        let n = part.filled().len() - before;
+        self.left -= n;
+        buf.advance(n);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn a_cut_transfer_is_listed_as_partial_and_resumes_where_it_stopped() {
+    let f = Fixture::new("");
+    let ep = f.endpoint("alpha");
+    let bytes = data(12 << 20, 7);
+    let s1 = f.origin.add(1, &bytes);
+    let incoming = Incoming { name: s1.name.clone(), identity: s1.identity.clone(), base: None, from_token: false };
+    let mut cut = CutAfter { inner: &bytes[..], left: 9 << 20 };
+    let err = ep.receive(&incoming, StreamStart { compact: false, start: Start::Fresh }, &mut cut).await.unwrap_err();
+    assert!(format!("{err:#}").contains("cut on purpose"), "{err:#}");
+    // The replica kept what it acknowledged; nothing is visible.
+    let partial = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(p) = ep.list().await.unwrap().resumable.filter(|p| p.offset > 0) {
+                return p;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the cut transfer is listed as partial");
+    assert!(f.held().is_empty(), "a partial snapshot became visible");
+    assert_eq!(partial.identity, "id-1");
+    let offset = partial.offset as usize;
+    assert!(offset > 0 && offset <= 9 << 20, "offset {offset}");
+    assert_eq!(partial.blake3, blake3::hash(&bytes[..offset]).to_hex().as_str());
+    // A resume that claims another prefix is refused; the right one completes the snapshot.
+    let mut wrong = blake3::Hasher::new();
+    wrong.update(b"not the prefix");
+    let start = StreamStart { compact: false, start: Start::Resume(Resumed { offset: offset as u64, hasher: wrong }) };
+    let err = ep.receive(&incoming, start, &mut &bytes[offset..]).await.unwrap_err();
+    assert!(format!("{err:#}").contains("CannotResume"), "{err:#}");
+    let report = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    // After the refused resume the session may be gone; either way the snapshot is whole.
+    assert!(report.resumed_from == 0 || report.resumed_from == offset as u64, "{report:?}");
+    assert_eq!(f.held(), vec![(s1.name.to_string(), bytes)]);
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_resume_with_the_right_prefix_sends_only_the_rest() {
+    let f = Fixture::new("");
+    let ep = f.endpoint("alpha");
+    let bytes = data(12 << 20, 9);
+    let s1 = f.origin.add(1, &bytes);
+    let incoming = Incoming { name: s1.name.clone(), identity: s1.identity.clone(), base: None, from_token: false };
+    let mut cut = CutAfter { inner: &bytes[..], left: 9 << 20 };
+    ep.receive(&incoming, StreamStart { compact: false, start: Start::Fresh }, &mut cut).await.unwrap_err();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while ep.list().await.unwrap().resumable.is_none_or(|p| p.offset == 0) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("partial listed");
+    let report = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    assert!(report.resumed_from > 0, "not resumed: {report:?}");
+    assert_eq!(report.bytes, bytes.len() as u64, "the report counts the whole stream");
+    assert_eq!(f.held(), vec![(s1.name.to_string(), bytes)]);
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn the_replica_prunes_after_a_receive_and_keeps_the_newest() {
+    let f = Fixture::new("retention:\n  replica: { last: 1 }\n");
+    let ep = f.endpoint("alpha");
+    for hour in 1..=3 {
+        let s = f.origin.add(hour, &data(1000, hour as u8));
+        replicate::bring_up_to_date(&f.origin, &s, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    }
+    // The prune after the last receive holds the file set's lock: once it is free again the
+    // prune is done.
+    drop(f.service.sessions().fileset_lock("projects").lock().await);
+    let names: Vec<String> = f.held().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["snapship-20260101T030000.000Z"]);
+    f.stop().await;
+}
