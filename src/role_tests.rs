@@ -69,10 +69,13 @@ impl OriginSide for FakeOrigin {
     }
 }
 
-/// A replica that keeps received streams in memory: name -> (identity, bytes).
+/// What a fake replica holds: each snapshot with the stream it was received from.
+type Held = Arc<Mutex<Vec<(Snapshot, Vec<u8>)>>>;
+
+/// A replica that keeps received streams in memory.
 #[derive(Clone, Default)]
 struct FakeReplica {
-    held: Arc<Mutex<Vec<(Snapshot, Vec<u8>)>>>,
+    held: Held,
 }
 
 #[async_trait]
