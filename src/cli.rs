@@ -71,9 +71,11 @@ enum Command {
         dry_run: bool,
     },
     /// Make a CA and a certificate and key per node for mutual TLS: DIR/ca.pem, DIR/ca.key,
-    /// DIR/NODE.pem, DIR/NODE.key. An existing CA in DIR is reused (never replaced), so nodes
-    /// can be added later. A node that already has a key or certificate in DIR is refused
-    /// unless --renew or --force says what to do with it.
+    /// DIR/NODE.pem, DIR/NODE.key; or renew a node's certificate.
+    ///
+    /// An existing CA in DIR is reused (never replaced), so nodes can be added later. A node
+    /// that already has a key or certificate in DIR is refused unless --renew or --force says
+    /// what to do with it.
     ///
     /// Node certificates are valid for 825 days (--days), the CA for 10 years. To renew a
     /// node before it expires: `snapship certs --out DIR --renew NODE`, then copy DIR/NODE.pem
