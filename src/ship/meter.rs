@@ -98,14 +98,14 @@ impl<R> Metered<R> {
 impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let so_far = self.tally.bytes();
-        if let Some((limit, marker)) = &self.stall {
-            if so_far >= *limit {
-                if !std::path::Path::new(marker).exists() {
-                    let _ = std::fs::write(marker, so_far.to_string());
-                    tracing::warn!(bytes = so_far, "test hook: stream stalled on purpose");
-                }
-                return Poll::Pending; // never woken: stalls until the process is killed
+        if let Some((limit, marker)) = &self.stall
+            && so_far >= *limit
+        {
+            if !std::path::Path::new(marker).exists() {
+                let _ = std::fs::write(marker, so_far.to_string());
+                tracing::warn!(bytes = so_far, "test hook: stream stalled on purpose");
             }
+            return Poll::Pending; // never woken: stalls until the process is killed
         }
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);

@@ -133,13 +133,13 @@ pub async fn write_data<W: AsyncWrite + Unpin>(
             break;
         }
         let header = Frame::data_header(&buf);
-        if let Some(offset) = flip {
-            if offset < wire_bytes + buf.len() as u64 {
-                let i = (offset - wire_bytes) as usize;
-                buf[i] ^= 0x01;
-                tracing::warn!(offset, "test hook: flipped one byte in flight");
-                flip = None;
-            }
+        if let Some(offset) = flip
+            && offset < wire_bytes + buf.len() as u64
+        {
+            let i = (offset - wire_bytes) as usize;
+            buf[i] ^= 0x01;
+            tracing::warn!(offset, "test hook: flipped one byte in flight");
+            flip = None;
         }
         pacer.wait(header.len() + buf.len()).await;
         out.write_all(&header).await.context("sending to the replica")?;
