@@ -155,9 +155,21 @@ pub struct Written {
 /// Everything that can refuse is checked before anything is written.
 pub fn make_certs(dir: &Path, nodes: &[Name], options: &CertOptions) -> Result<Vec<Written>> {
     check_request(dir, nodes, options)?;
+    let existing_ca = Ca::load(dir)?;
+    let now = SystemTime::now();
+    let (not_before, not_after) = (now - CLOCK_SKEW, now + DAY * options.node_days);
+    let ca_not_after = existing_ca.as_ref().map_or(now + DAY * CA_CERT_DAYS, |ca| ca.not_after);
+    if not_after > ca_not_after {
+        let left = ca_not_after.duration_since(now).unwrap_or_default().as_secs() / DAY.as_secs();
+        bail!(
+            "a node certificate for {} days would outlive the CA {} (it expires in {left} days): choose --days {left} or less, or make a new CA for every node",
+            options.node_days,
+            dir.join("ca.pem").display()
+        );
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut written = Vec::new();
-    let ca = match Ca::load(dir)? {
+    let ca = match existing_ca {
         Some(ca) => ca,
         None => {
             let ca = Ca::create(dir)?;
@@ -166,16 +178,6 @@ pub fn make_certs(dir: &Path, nodes: &[Name], options: &CertOptions) -> Result<V
             ca
         }
     };
-    let now = SystemTime::now();
-    let (not_before, not_after) = (now - CLOCK_SKEW, now + DAY * options.node_days);
-    if not_after > ca.not_after {
-        let left = ca.not_after.duration_since(now).unwrap_or_default().as_secs() / DAY.as_secs();
-        bail!(
-            "a node certificate for {} days would outlive the CA {} (it expires in {left} days): choose --days {left} or less, or make a new CA for every node",
-            options.node_days,
-            dir.join("ca.pem").display()
-        );
-    }
     for node in nodes {
         let key = match options.existing {
             Existing::Renew => NodeKey::Existing,
@@ -445,6 +447,9 @@ mod tests {
         let e = make_certs(dir.path(), &names(&["beta"]), &CertOptions { node_days: 4000, ..Default::default() }).unwrap_err().to_string();
         assert!(e.contains("would outlive the CA") && e.contains("--days"), "{e}");
         assert!(!dir.path().join("beta.pem").exists());
+        let fresh = tempfile::tempdir().unwrap();
+        make_certs(fresh.path(), &names(&["alpha"]), &CertOptions { node_days: 3651, ..Default::default() }).unwrap_err();
+        assert_eq!(std::fs::read_dir(fresh.path()).unwrap().count(), 0, "a refused run makes no CA either");
     }
 
     #[test]
