@@ -27,10 +27,11 @@ lint: deps
 	$(CARGO) clippy --all-targets -- -D warnings
 
 # Unit tests, then the integration tests on loop-mounted btrfs images and zfs-fuse pools.
-# Everything they mount or start is torn down on exit, failures included.
+# Everything they mount or start is torn down on exit, failures included. The fault tests
+# break transfers through test hooks that only a `test-hooks` build has (see Cargo.toml).
 test: deps
-	$(CARGO) build --all-targets
-	scripts/with-scratch.sh $(CARGO) test --all-targets
+	$(CARGO) build --all-targets --features test-hooks
+	scripts/with-scratch.sh $(CARGO) test --all-targets --features test-hooks
 
 # The main job on two loop btrfs images: files written on the origin appear on the replica.
 demo: build

@@ -77,11 +77,33 @@ enum Command {
         dry_run: bool,
     },
     /// Make a CA and a certificate and key per node for mutual TLS: DIR/ca.pem, DIR/ca.key,
-    /// DIR/NODE.pem, DIR/NODE.key. An existing CA in DIR is reused, so nodes can be added later.
+    /// DIR/NODE.pem, DIR/NODE.key; or renew a node's certificate.
+    ///
+    /// An existing CA in DIR is reused (never replaced), so nodes can be added later. A node
+    /// that already has a key or certificate in DIR is refused unless --renew or --force says
+    /// what to do with it.
+    ///
+    /// Node certificates are valid for 825 days (--days), the CA for 10 years. To renew a
+    /// node before it expires: `snapship certs --out DIR --renew NODE`, then copy DIR/NODE.pem
+    /// to the node and restart its `snapship run`; its key and the other nodes stay as they are.
+    ///
+    /// DIR/ca.key can sign certificates every node trusts: keep it offline, never on the
+    /// nodes (they need ca.pem, NODE.pem and NODE.key); it is only needed to add or renew nodes.
     Certs {
         /// Where to write the files.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Days the node certificates made or renewed now are valid.
+        #[arg(long, value_name = "N", default_value_t = crate::ship::tls::NODE_CERT_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+        days: u32,
+        /// Renew the named nodes: a new certificate (new serial and validity) for each one's
+        /// existing key, signed by the existing CA. Nothing else changes.
+        #[arg(long, conflicts_with = "force")]
+        renew: bool,
+        /// Replace the named nodes' keys and certificates; their old keys stop working. The CA is
+        /// kept.
+        #[arg(long)]
+        force: bool,
         /// Node names (as in `node:` of each node config).
         #[arg(required = true, value_name = "NODE")]
         nodes: Vec<String>,
@@ -119,7 +141,15 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Run(args) => crate::node::run(&args.config).await.map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check(&args.config),
         Command::Sync { config, fileset } => sync(&config.config, &fileset).await,
-        Command::Certs { out, nodes } => certs(&out, &nodes),
+        Command::Certs { out, days, renew, force, nodes } => {
+            use crate::ship::tls::Existing;
+            let existing = match (renew, force) {
+                (true, _) => Existing::Renew,
+                (false, true) => Existing::Replace,
+                (false, false) => Existing::Refuse,
+            };
+            certs(&out, &nodes, &crate::ship::tls::CertOptions { node_days: days, existing })
+        }
         Command::Status { config, json } => status(&config.config, json).await,
         Command::List { config, fileset } => list(&config.config, &fileset).await,
         Command::Prune { config, fileset, dry_run } => prune(&config.config, fileset.as_deref(), dry_run).await,
@@ -216,11 +246,25 @@ async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn certs(out: &std::path::Path, nodes: &[String]) -> Result<ExitCode> {
+fn certs(out: &std::path::Path, nodes: &[String], options: &crate::ship::tls::CertOptions) -> Result<ExitCode> {
     let names = nodes.iter().map(|n| n.parse::<crate::config::units::Name>().map_err(|e| anyhow::anyhow!("node {e}"))).collect::<Result<Vec<_>>>()?;
-    for path in crate::ship::tls::make_certs(out, &names)? {
-        println!("wrote {}", path.display());
+    for file in crate::ship::tls::make_certs(out, &names, options)? {
+        match file.valid_until {
+            Some(until) => {
+                println!("wrote {} (valid until {})", file.path.display(), chrono::DateTime::<chrono::Utc>::from(until).format("%Y-%m-%d %H:%M UTC"))
+            }
+            None => println!("wrote {}", file.path.display()),
+        }
     }
+    if options.existing == crate::ship::tls::Existing::Renew {
+        for name in &names {
+            println!("kept {}", out.join(format!("{name}.key")).display());
+        }
+    }
+    println!(
+        "{} signs certificates that every node trusts: keep it offline, not on the nodes (they need ca.pem, NODE.pem and NODE.key); it is only needed to add or renew nodes",
+        out.join("ca.key").display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -51,13 +51,39 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
+/// Refuses a `state_dir` that others could tamper with: it holds the control socket (which
+/// can start transfers), the state files and the spool, so it must belong to the user the
+/// daemon runs as and be writable by no one else.
+pub fn check_state_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read the state_dir {}", path.display()))?;
+    if !meta.is_dir() {
+        bail!("the state_dir {} is not a directory", path.display());
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid {
+        bail!(
+            "the state_dir {} belongs to uid {}, but snapship runs as uid {euid}; give it to this user (`chown {euid} {0}`, then `chmod 700 {0}`) or run snapship as its owner",
+            path.display(),
+            meta.uid()
+        );
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        bail!(
+            "the state_dir {0} can be written by other users (mode {mode:04o}), who could replace its control socket or state files; restrict it with `chmod 700 {0}`",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Serves status requests until `shutdown`. The daemon holds the state-dir lock, so a socket
 /// file left by a killed daemon can be replaced.
 pub async fn serve(state_dir: &Path, control: Arc<Control>, shutdown: CancellationToken) -> Result<()> {
+    check_state_dir(state_dir)?;
     let path = socket_path(state_dir);
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let listener = bind_private(&path)?;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -74,6 +100,28 @@ pub async fn serve(state_dir: &Path, control: Arc<Control>, shutdown: Cancellati
     }
     let _ = std::fs::remove_file(&path);
     Ok(())
+}
+
+/// Binds the socket at `path` so that no one else can ever connect to it: `bind` creates
+/// the socket file with the process umask (often world-connectable), so it is bound inside
+/// a fresh directory only we can enter, restricted to 0600 there, and then renamed into
+/// place (which also replaces a socket a killed daemon left). Setting the umask instead
+/// would not do: it is per process, and the daemon's other threads create files and
+/// directories meanwhile.
+fn bind_private(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let private = path.with_extension("sock.new");
+    let _ = std::fs::remove_dir_all(&private); // left by a killed daemon; we hold the state-dir lock
+    std::fs::DirBuilder::new().mode(0o700).create(&private).with_context(|| format!("cannot create {}", private.display()))?;
+    let bound = (|| -> Result<UnixListener> {
+        let inner = private.join("control.sock");
+        let listener = UnixListener::bind(&inner).with_context(|| format!("cannot listen on {}", inner.display()))?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600)).with_context(|| format!("cannot restrict {}", inner.display()))?;
+        std::fs::rename(&inner, path).with_context(|| format!("cannot move the control socket to {}", path.display()))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
@@ -170,6 +218,63 @@ pub async fn sync_through_daemon(state_dir: &Path, fileset: &str) -> Result<Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_state_dir_only_its_owner_can_write_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o700, 0o750, 0o755] {
+            chmod(dir.path(), mode);
+            check_state_dir(dir.path()).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_state_dir_others_can_write_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o770, 0o707, 0o777, 0o1777] {
+            chmod(dir.path(), mode);
+            let e = check_state_dir(dir.path()).unwrap_err().to_string();
+            assert!(e.contains(&format!("chmod 700 {}", dir.path().display())), "{e}");
+            assert!(e.contains(&format!("{mode:04o}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_state_dir_of_another_user_or_missing_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        assert!(check_state_dir(&missing).unwrap_err().to_string().contains(&missing.display().to_string()));
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        assert!(check_state_dir(&file).unwrap_err().to_string().contains("not a directory"));
+        // Another owner: only root can make one; elsewhere the check is covered by the mode tests.
+        if nix::unistd::geteuid().is_root() {
+            let theirs = dir.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            chmod(&theirs, 0o700);
+            nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            let e = check_state_dir(&theirs).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 65534") && e.contains("chmod 700"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_bound_private_and_replaces_a_stale_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path());
+        std::fs::write(&path, "stale").unwrap();
+        let listener = bind_private(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the socket is left");
+        let (client, accepted) = tokio::join!(UnixStream::connect(&path), listener.accept());
+        client.unwrap();
+        accepted.unwrap();
+    }
 
     #[test]
     fn every_reply_encodes_and_decodes() {

@@ -33,7 +33,8 @@ const FLUSH_AFTER: Duration = Duration::from_millis(500);
 const CHANNEL_FRAMES: usize = 8;
 
 /// `SNAPSHIP_TEST_FLIP_BYTE=N`: the first transfer of this process flips the wire byte at
-/// offset N after computing its frame's checksum, as corruption in flight would.
+/// offset N after computing its frame's checksum, as corruption in flight would. Read only
+/// with the `test-hooks` cargo feature: a production binary ignores it.
 pub const FLIP_ENV: &str = "SNAPSHIP_TEST_FLIP_BYTE";
 
 pub async fn write_message<W: AsyncWrite + Unpin>(out: &mut W, msg: &Message) -> io::Result<()> {
@@ -132,13 +133,13 @@ pub async fn write_data<W: AsyncWrite + Unpin>(
             break;
         }
         let header = Frame::data_header(&buf);
-        if let Some(offset) = flip {
-            if offset < wire_bytes + buf.len() as u64 {
-                let i = (offset - wire_bytes) as usize;
-                buf[i] ^= 0x01;
-                tracing::warn!(offset, "test hook: flipped one byte in flight");
-                flip = None;
-            }
+        if let Some(offset) = flip
+            && offset < wire_bytes + buf.len() as u64
+        {
+            let i = (offset - wire_bytes) as usize;
+            buf[i] ^= 0x01;
+            tracing::warn!(offset, "test hook: flipped one byte in flight");
+            flip = None;
         }
         pacer.wait(header.len() + buf.len()).await;
         out.write_all(&header).await.context("sending to the replica")?;
@@ -151,10 +152,17 @@ pub async fn write_data<W: AsyncWrite + Unpin>(
 }
 
 /// The flip test hook's offset, for the first transfer of the process only.
+#[cfg(feature = "test-hooks")]
 fn flip_hook() -> Option<u64> {
     static USED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let offset = std::env::var(FLIP_ENV).ok()?.parse().ok()?;
     (!USED.swap(true, std::sync::atomic::Ordering::SeqCst)).then_some(offset)
+}
+
+/// Without the `test-hooks` feature there is no flip hook: the environment is not read.
+#[cfg(not(feature = "test-hooks"))]
+fn flip_hook() -> Option<u64> {
+    None
 }
 
 /// Why an incoming stream failed, so the replica can answer with the right code.
@@ -395,5 +403,26 @@ mod tests {
         assert_eq!(p.due(500), Some(start + Duration::from_millis(500)));
         assert_eq!(p.due(10), Some(start + Duration::from_secs(1)));
         assert_eq!(Pacer::new(None).due(1 << 30), None);
+    }
+
+    /// A release build (no `test-hooks`) must ignore `SNAPSHIP_TEST_FLIP_BYTE`: this test runs
+    /// the one below in a child process with the variable set.
+    #[cfg(not(feature = "test-hooks"))]
+    #[test]
+    fn without_the_feature_the_flip_variable_is_ignored() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "ship::transfer::tests::no_flip_hook_whatever_the_environment"])
+            .env(FLIP_ENV, "0")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && stdout.contains("1 passed"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Also run on its own, where the variable is not set anyway.
+    #[cfg(not(feature = "test-hooks"))]
+    #[test]
+    fn no_flip_hook_whatever_the_environment() {
+        assert_eq!(flip_hook(), None);
     }
 }
