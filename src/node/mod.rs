@@ -34,7 +34,11 @@ use crate::snapshot;
 
 /// Holds `state_dir/daemon.lock` while the daemon runs.
 pub fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
-    std::fs::create_dir_all(state_dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", state_dir.display()))?;
+    // Made private (0700) when missing: it holds the control socket and the spool.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(state_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", state_dir.display()))?;
+    control::check_state_dir(state_dir)?;
     let path = state_dir.join("daemon.lock");
     let file = std::fs::File::create(&path).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)

@@ -7,13 +7,17 @@
 //! - `quic`, `scheduler`, `operate`: nodes over QUIC, `snapship run`, status and metrics;
 //! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
 //!   fault proxy they go through;
-//! - `cli_check`, `examples`: the config checker and the shipped examples (no root);
+//! - `cli_check`, `cli_certs`, `certs_expiry`, `examples`: the config checker, certificates
+//!   (making, renewing, refusing expired ones in a handshake) and the shipped examples (no
+//!   root);
 //! - `layers`: the dependency rule between the modules of `src/` (no root).
 
 #[macro_use]
 mod common;
 
 mod btrfs_local;
+mod certs_expiry;
+mod cli_certs;
 mod cli_check;
 mod examples;
 mod faults;

@@ -53,6 +53,7 @@ fn status_and_metrics_follow_a_transfer() {
     // During: the daemon's transfer stalls (test hook) after 8 MiB.
     c.start("beta");
     let marker = c.scratch.dir.join("stalled");
+    require_test_hooks();
     c.start_with_env("alpha", &[("SNAPSHIP_TEST_STALL", format!("{}:{}", 8 << 20, marker.display()))]);
     wait_until(Duration::from_secs(30), "the stall", || marker.exists().then_some(()));
     let during = status(&c, "alpha");

@@ -160,6 +160,7 @@ fn corrupted_byte_is_caught_and_retry_succeeds() {
     c.start("beta");
     fill(&src, 7);
 
+    require_test_hooks();
     let out =
         snapship().args(["sync", "--config"]).arg(c.dir("alpha").join("node.yaml")).arg("projects").env("SNAPSHIP_TEST_FLIP_BYTE", "3000000").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

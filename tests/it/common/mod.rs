@@ -257,6 +257,14 @@ pub fn snapship() -> Command {
     Command::new(env!("CARGO_BIN_EXE_snapship"))
 }
 
+/// For a test that breaks a transfer through `SNAPSHIP_TEST_*`: those hooks exist only in a
+/// `test-hooks` build, so say so instead of failing obscurely.
+pub fn require_test_hooks() {
+    if !cfg!(feature = "test-hooks") {
+        panic!("this test needs the test hooks: run it with `--features test-hooks` (as `make test` does)");
+    }
+}
+
 /// Writes a node config (no peers: a single node with local replicas) and returns its path.
 pub fn single_node_config(scratch: &Scratch, node: &str, policies: &[(&str, String)]) -> PathBuf {
     let pdir = scratch.dir.join("policies");
@@ -421,6 +429,7 @@ impl Drop for ZfsPool {
 /// `bytes`), waits until it stalled, and kills it with SIGKILL: a sync killed mid-transfer.
 pub fn sync_killed_mid_transfer(config: &Path, fileset: &str, bytes: u64, scratch: &Scratch) {
     let marker = scratch.dir.join(format!("stalled-{}", COUNTER.fetch_add(1, Ordering::SeqCst)));
+    require_test_hooks();
     let mut child =
         snapship().args(["sync", "--config"]).arg(config).arg(fileset).env("SNAPSHIP_TEST_STALL", format!("{bytes}:{}", marker.display())).spawn().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn certs(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_snapship")).arg("certs").arg("--out").arg(dir).args(args).output().unwrap()
+    crate::common::snapship().arg("certs").arg("--out").arg(dir).args(args).output().unwrap()
 }
 
 fn ok(out: &Output) -> String {
