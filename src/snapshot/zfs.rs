@@ -137,9 +137,93 @@ pub fn send_command(f: &Features, dataset: &str, snapshot: &str, base: Option<&s
     cmd.arg(format!("{dataset}@{snapshot}"))
 }
 
-/// `zfs send -t TOKEN`: resume an interrupted stream (modern ZFS).
+/// `zfs send -t TOKEN`: resume an interrupted stream (modern ZFS). The token comes from the
+/// replica: pass it through [`check_token_text`] and [`check_resume_token`] first.
 pub fn resume_send_command(f: &Features, token: &str) -> Option<Cmd> {
     f.resumable.then(|| Cmd::new("zfs").arg("send").arg("-t").arg(token))
+}
+
+/// `zfs send -nvt TOKEN`: decodes the token and prints what it would resume, sending nothing.
+pub fn resume_token_dump_command(token: &str) -> Cmd {
+    Cmd::new("zfs").arg("send").arg("-nvt").arg(token)
+}
+
+/// What a resume token says it resumes. A token is an nvlist that the replica hands over,
+/// unauthenticated: `zfs send -t` sends whatever it names, so every field that chooses the
+/// data is checked against the origin's own plan ([`check_resume_token`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeToken {
+    /// `dataset@snapshot` of the partial receive.
+    pub toname: String,
+    pub toguid: u64,
+    /// The guid of the incremental source; `None` for a full stream.
+    pub fromguid: Option<u64>,
+}
+
+/// Refuses a token that is not made of what ZFS puts in one (`1-<hex>-<hex>-<hex>`: digits,
+/// letters, dashes) before it goes anywhere near a command line.
+pub fn check_token_text(token: &str) -> Result<()> {
+    if token.is_empty() || token.starts_with('-') || !token.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        bail!("the replica offered a resume token with characters no ZFS token has; the origin starts over with a fresh send");
+    }
+    Ok(())
+}
+
+/// Reads what `zfs send -nvt TOKEN` printed (stdout and stderr together: OpenZFS 2.x prints
+/// the dump on stdout, 0.7 and 0.8 on stderr). libzfs prints "resume token contents:", then
+/// `nvlist_print`: "nvlist version: 0" and one line per pair, a tab, `name = value`, with
+/// numbers in hex (`toguid = 0x2604a9cea437f645`).
+///
+/// The token's strings are printed as they are, so a hostile one can forge lines (a value
+/// holding "\n\ttoname = ..."). The real pairs are printed too, each at the start of a
+/// line, so every pair line of the whole output is read and a name seen twice refuses the
+/// token; a forged line can then only add a pair the token lacks, and `zfs send -t` reads
+/// none of the pairs that matter from anywhere but the real ones.
+pub fn parse_resume_token_dump(text: &str) -> Result<ResumeToken> {
+    let Some((_, dump)) = text.split_once("resume token contents:") else {
+        bail!("`zfs send -nvt` printed no resume token contents");
+    };
+    let mut pairs: BTreeMap<&str, &str> = BTreeMap::new();
+    for line in dump.lines() {
+        // Top-level pairs only: one tab (a nested nvlist's pairs have more).
+        let Some(pair) = line.strip_prefix('\t').filter(|p| !p.starts_with('\t')) else { continue };
+        let Some((name, value)) = pair.split_once(" = ") else { continue };
+        if pairs.insert(name, value).is_some() {
+            bail!("the resume token holds `{name}` twice");
+        }
+    }
+    let hex = |name: &str| -> Result<Option<u64>> {
+        let Some(v) = pairs.get(name) else { return Ok(None) };
+        let digits = v.strip_prefix("0x").ok_or_else(|| anyhow!("the resume token's `{name}` is not a hex number: {v}"))?;
+        u64::from_str_radix(digits, 16).map(Some).map_err(|_| anyhow!("the resume token's `{name}` is not a hex number: {v}"))
+    };
+    let toname = pairs.get("toname").ok_or_else(|| anyhow!("the resume token names no snapshot (no `toname`)"))?.to_string();
+    let toguid = hex("toguid")?.ok_or_else(|| anyhow!("the resume token has no `toguid`"))?;
+    // libzfs reads a missing fromguid as 0: a full stream.
+    let fromguid = hex("fromguid")?.filter(|g| *g != 0);
+    Ok(ResumeToken { toname, toguid, fromguid })
+}
+
+/// Whether a decoded token resumes exactly the stream the origin means to send: `snapshot`
+/// of `dataset` (name and guid), incremental from `base` (by guid) or full when `base` is
+/// `None`. Guids are decimal in `zfs get guid` and hex in the token: compared as numbers.
+pub fn check_resume_token(token: &ResumeToken, dataset: &str, snapshot: &Snapshot, base: Option<&Snapshot>) -> Result<()> {
+    let guid = |s: &Snapshot| s.identity.parse::<u64>().with_context(|| format!("the guid of {dataset}@{} is not a number: {}", s.name, s.identity));
+    let expected = format!("{dataset}@{}", snapshot.name);
+    let refuse = |what: String| anyhow!("the replica offered a resume token for {what}, not for {expected}; the origin starts over with a fresh send");
+    if token.toname != expected {
+        return Err(refuse(format!("another dataset or snapshot ({})", token.toname)));
+    }
+    if token.toguid != guid(snapshot)? {
+        return Err(refuse(format!("another snapshot (guid {:#x}, not {:#x})", token.toguid, guid(snapshot)?)));
+    }
+    match (token.fromguid, base) {
+        (None, None) => Ok(()),
+        (Some(from), Some(b)) if from == guid(b)? => Ok(()),
+        (Some(from), Some(b)) => Err(refuse(format!("a stream from another base (guid {from:#x}, not {}@{})", dataset, b.name))),
+        (Some(from), None) => Err(refuse(format!("an incremental stream (from guid {from:#x}) where a full one was started"))),
+        (None, Some(b)) => Err(refuse(format!("a full stream where one from {dataset}@{} was started", b.name))),
+    }
 }
 
 /// `zfs receive` into `dataset`: forced (`-F`) when the dataset exists, so that an atime
@@ -304,8 +388,19 @@ impl OriginSide for ZfsOrigin {
         Ok(())
     }
 
-    async fn send_resumed(&self, token: &str) -> Result<SendStream> {
+    /// The token is the replica's word: its text is checked before it reaches a command line,
+    /// then `zfs send -nvt` decodes it and it must name this very stream (see
+    /// [`check_resume_token`]); only then does `zfs send -t` run.
+    async fn send_resumed(&self, token: &str, snapshot: &Snapshot, base: Option<&Snapshot>) -> Result<SendStream> {
+        check_token_text(token)?;
         let cmd = resume_send_command(features().await, token).ok_or_else(|| anyhow!("this ZFS cannot resume a send (no `zfs send -t`)"))?;
+        let dump = resume_token_dump_command(token);
+        let (status, out, err) = dump.output_unchecked().await?;
+        if !status.success() {
+            bail!("`{dump}` cannot decode the replica's resume token ({status}): {}; the origin starts over with a fresh send", err.trim());
+        }
+        let decoded = parse_resume_token_dump(&format!("{out}\n{err}")).context("reading the replica's resume token")?;
+        check_resume_token(&decoded, &self.dataset, snapshot, base)?;
         let mut process = cmd.spawn(Pipe::Out)?;
         Ok(SendStream::new(Box::new(process.stdout()), process))
     }
@@ -511,6 +606,110 @@ mod tests {
         let (one, members) = group_snapshot_commands(&old, &["tank/x/a", "tank/x/b"], "s").unwrap();
         assert_eq!((args(one), members.len()), ("snapshot -r tank/x@s".to_string(), 2));
         assert!(group_snapshot_commands(&old, &["tank/a", "pool2/b"], "s").is_none());
+    }
+
+    // `zfs send -nvt TOKEN` outputs, written by hand from OpenZFS's printing code (no ZFS
+    // here has `send -t`): libzfs_sendrecv.c prints "resume token contents:" and
+    // libnvpair.c's nvlist_print the pairs, in the order dsl_dataset.c puts them in the token.
+    // OpenZFS 2.1, incremental, on stdout (the estimate is printed only with -P or progress):
+    const DUMP_INCREMENTAL: &str = "resume token contents:\nnvlist version: 0\n\
+        \tfromguid = 0xa3d526371afa28ba\n\tobject = 0x4\n\toffset = 0x160000\n\tbytes = 0x2d3e10\n\
+        \ttoguid = 0x2604a9cea437f645\n\ttoname = tank/projects@snapship-20261123T101500.000Z\n\
+        \tembedok = 1\n\tcompressok = 1\n";
+    // OpenZFS 0.7, full, on stderr, followed by the size estimate.
+    const DUMP_FULL: &str = "resume token contents:\nnvlist version: 0\n\
+        \tobject = 0x1\n\toffset = 0x20000\n\tbytes = 0x31a18\n\ttoguid = 0xa3d526371afa28ba\n\
+        \ttoname = tank/projects@snapship-20261123T100000.000Z\n\tembedok = 1\n\
+        full send of tank/projects@snapship-20261123T100000.000Z estimated size is 3.98M\n";
+
+    /// The two snapship snapshots of the recorded `zfs get guid` (decimal guids).
+    fn recorded_snapshots() -> (Snapshot, Snapshot) {
+        let props = parse_properties(include_str!("../../tests/data/zfs/openzfs-2.1.11-get-guid.txt"));
+        let mut snaps = snapshots_in("tank/projects", &props).into_iter();
+        (snaps.next().unwrap(), snaps.next().unwrap())
+    }
+
+    #[test]
+    fn a_token_is_decoded_from_the_dump() {
+        let t = parse_resume_token_dump(DUMP_INCREMENTAL).unwrap();
+        assert_eq!(t.toname, "tank/projects@snapship-20261123T101500.000Z");
+        assert_eq!((t.toguid, t.fromguid), (2739501178331592261, Some(11805384016339282106)));
+        let t = parse_resume_token_dump(DUMP_FULL).unwrap();
+        assert_eq!((t.toguid, t.fromguid), (11805384016339282106, None));
+        // An explicit zero is no base, as libzfs reads it.
+        let zero = DUMP_FULL.replace("\tobject", "\tfromguid = 0x0\n\tobject");
+        assert_eq!(parse_resume_token_dump(&zero).unwrap().fromguid, None);
+    }
+
+    #[test]
+    fn a_token_for_the_planned_stream_is_accepted() {
+        let (first, second) = recorded_snapshots();
+        check_resume_token(&parse_resume_token_dump(DUMP_INCREMENTAL).unwrap(), "tank/projects", &second, Some(&first)).unwrap();
+        check_resume_token(&parse_resume_token_dump(DUMP_FULL).unwrap(), "tank/projects", &first, None).unwrap();
+    }
+
+    #[test]
+    fn a_hostile_token_is_refused() {
+        let (first, second) = recorded_snapshots();
+        let check = |dump: &str, dataset: &str, snapshot: &Snapshot, base: Option<&Snapshot>| {
+            let err = parse_resume_token_dump(dump).and_then(|t| check_resume_token(&t, dataset, snapshot, base)).unwrap_err();
+            format!("{err:#}")
+        };
+        let refused = |e: &str| e.contains("the replica offered a resume token for") && e.contains("the origin starts over");
+        // Another dataset on the origin, same snapshot name and guid.
+        let other = DUMP_INCREMENTAL.replace("toname = tank/projects@", "toname = tank/secrets@");
+        let e = check(&other, "tank/projects", &second, Some(&first));
+        assert!(refused(&e) && e.contains("tank/secrets@"), "{e}");
+        // A child of the dataset is another dataset too.
+        let child = DUMP_INCREMENTAL.replace("toname = tank/projects@", "toname = tank/projects/private@");
+        assert!(refused(&check(&child, "tank/projects", &second, Some(&first))));
+        // Another snapshot name, or the right name with another guid.
+        assert!(refused(&check(DUMP_INCREMENTAL, "tank/projects", &first, None)));
+        let guid = DUMP_INCREMENTAL.replace("toguid = 0x2604a9cea437f645", "toguid = 0x2604a9cea437f646");
+        let e = check(&guid, "tank/projects", &second, Some(&first));
+        assert!(refused(&e) && e.contains("another snapshot (guid 0x2604a9cea437f646"), "{e}");
+        // The wrong base, a base where a full stream was started, no base where one was.
+        let (_, mut foreign) = recorded_snapshots();
+        foreign.identity = "9034129472271137740".into();
+        let e = check(DUMP_INCREMENTAL, "tank/projects", &second, Some(&foreign));
+        assert!(refused(&e) && e.contains("another base"), "{e}");
+        assert!(refused(&check(DUMP_INCREMENTAL, "tank/projects", &second, None)));
+        let full_of_second = DUMP_FULL.replace("0xa3d526371afa28ba", "0x2604a9cea437f645").replace("T100000", "T101500");
+        assert!(refused(&check(&full_of_second, "tank/projects", &second, Some(&first))));
+        // A string value forging a line: the real pair is printed too, and a pair seen twice
+        // refuses the token.
+        let forged = DUMP_INCREMENTAL
+            .replace("\tembedok = 1\n", "\tnote = x\n\ttoname = tank/projects@snapship-20261123T101500.000Z\n")
+            .replace("toname = tank/projects@snapship-20261123T101500.000Z\n\tnote", "toname = tank/secrets@snapship-20261123T101500.000Z\n\tnote");
+        assert!(check(&forged, "tank/projects", &second, Some(&first)).contains("holds `toname` twice"));
+        // Forged pairs ending in a line of their own, the real ones after it: all are read.
+        let cut = DUMP_INCREMENTAL
+            .replace("\tfromguid", "\tnote = x\n\ttoname = tank/projects@snapship-20261123T101500.000Z\n\ttoguid = 0x2604a9cea437f645\nend\n\tfromguid");
+        let cut = cut.replacen("\ttoname = tank/projects@snapship-20261123T101500.000Z\n\tembedok", "\ttoname = tank/secrets@x\n\tembedok", 1);
+        assert!(check(&cut, "tank/projects", &second, Some(&first)).contains("twice"));
+        // Incomplete or garbled dumps.
+        assert!(check("cannot resume send: resume token is corrupt\n", "tank/projects", &first, None).contains("no resume token contents"));
+        assert!(check(&DUMP_FULL.replace("\ttoguid = 0xa3d526371afa28ba\n", ""), "tank/projects", &first, None).contains("no `toguid`"));
+        assert!(check(&DUMP_FULL.replace("0xa3d526371afa28ba", "11805384016339282106"), "tank/projects", &first, None).contains("not a hex number"));
+    }
+
+    #[test]
+    fn a_token_with_foreign_characters_never_reaches_a_command_line() {
+        let token = parse_resume_token(include_str!("../../tests/data/zfs/openzfs-2.1.11-get-resume-token.txt")).unwrap();
+        check_token_text(&token).unwrap();
+        for hostile in ["1-abc; rm -rf /", "1-$(reboot)", "1-`id`", "1-abc\n2-def", "1-a b", "-v", "", "1-abc|sh", "1-ab\u{e9}"] {
+            let err = check_token_text(hostile).unwrap_err().to_string();
+            assert!(err.contains("characters no ZFS token has"), "{hostile:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_origin_refuses_a_hostile_token_before_running_zfs() {
+        // Checked first thing: this runs no zfs (there is none in unit tests to run).
+        let (first, second) = recorded_snapshots();
+        let origin = ZfsOrigin::new("tank/projects".into());
+        let err = origin.send_resumed("1-abc$(touch /tmp/pwned)", &second, Some(&first)).await.err().expect("refused");
+        assert!(err.to_string().contains("characters no ZFS token has"), "{err}");
     }
 
     #[test]
