@@ -1,6 +1,7 @@
 //! The ZFS backend on real zfs-fuse pools: the btrfs scenarios again (full and incremental,
-//! bases after deletions, a kill mid-receive, over QUIC), holds on the base, feature
-//! detection against the live zfs, and a consistency group with one creation txg.
+//! bases after deletions, a kill mid-receive, over QUIC), holds on the base, a replica that
+//! refuses a stream carrying properties, feature detection against the live zfs, and a
+//! consistency group with one creation txg.
 
 mod common;
 
@@ -173,6 +174,45 @@ fn zfs_over_quic() {
     assert_eq!(pa.snapshot_props(&src_ds, "guid"), pb.snapshot_props(&dst_ds, "guid"));
     assert_same_tree(&pa.mountpoint("db"), &pb.mountpoint("replicas/db"));
     c.stop("beta");
+}
+
+#[test]
+fn zfs_replica_refuses_a_stream_carrying_properties() {
+    if !have_zfs("zfs_replica_refuses_a_stream_carrying_properties") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    use snapship::snapshot::{Incoming, ReplicaSide, SnapshotName, zfs::ZfsReplica};
+    let scratch = Scratch::new("zfs_refuses_props");
+    let (origin, replica) = (ZfsPool::new(&scratch, "o", 128), ZfsPool::new(&scratch, "r", 128));
+    let src = origin.dataset("projects");
+    fill_small(&origin.mountpoint("projects"), 3);
+    // A hostile origin: its stream's properties would mount the replica outside its pool.
+    let elsewhere = scratch.dir.join("elsewhere");
+    run(std::process::Command::new("zfs").arg("set").arg(format!("mountpoint={}", elsewhere.display())).arg(&src));
+    let name = "snapship-20260101T000000.000Z";
+    run(std::process::Command::new("zfs").args(["snapshot", &format!("{src}@{name}")]));
+    let guid = origin.snapshot_props(&src, "guid").into_iter().find(|(n, _)| n == name).unwrap().1;
+    let dst = format!("{}/backup/projects", replica.name);
+    let side = ZfsReplica::new(dst.clone());
+    let incoming = Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid.clone(), base: None, from_token: false };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let send = |flag: &str| run(std::process::Command::new("zfs").args(["send", flag, &format!("{src}@{name}")])).stdout;
+    for flag in ["-p", "-R"] {
+        let stream = send(flag);
+        let err = rt.block_on(side.receive(&incoming, &mut &stream[..])).unwrap_err();
+        assert!(format!("{err:#}").contains("refused a ZFS replication stream"), "zfs send {flag}: {err:#}");
+        // Nothing happened on the replica: not even the parent was created.
+        assert!(replica.snapshot_props(&dst, "guid").is_empty());
+        assert!(std::process::Command::new("zfs").args(["list", &format!("{}/backup", replica.name)]).output().unwrap().status.code() != Some(0));
+    }
+    // The same snapshot without properties is received, mounted where the replica says.
+    let stream = run(std::process::Command::new("zfs").args(["send", &format!("{src}@{name}")])).stdout;
+    let got = rt.block_on(side.receive(&incoming, &mut &stream[..])).unwrap();
+    assert_eq!(got.identity, guid);
+    assert_same_tree(&elsewhere, &replica.mountpoint("backup/projects"));
+    let mountpoint = run(std::process::Command::new("zfs").args(["get", "-H", "-o", "value", "mountpoint", &dst])).stdout;
+    assert_eq!(String::from_utf8_lossy(&mountpoint).trim(), replica.mountpoint("backup/projects").to_string_lossy());
 }
 
 #[test]

@@ -6,6 +6,13 @@
 //! off, so that reading it never blocks the next incremental receive); `zfs receive` is atomic,
 //! so a cut stream never leaves a snapshot behind.
 //!
+//! The other side is hostile until checked. A replica's resume token names what the origin
+//! would send, so it must name the very stream planned ([`check_resume_token`]). An origin's
+//! stream could carry properties (a mountpoint or share outside the replica's policy) or
+//! other file systems: the replica refuses any stream whose first record is a replication
+//! header ([`check_stream_header`]), and receives with the properties that reach outside
+//! forced or kept out where its ZFS can ([`receive_command`]).
+//!
 //! One binary serves old and modern ZFS: [`Features`] are read from `zfs`'s own usage text.
 //! zfs-fuse 0.7 (pool version 23, what the tests run on) has holds, but no bookmarks, resume
 //! tokens, `written`, `list -p`, `send -c/-w`, or several snapshots in one `zfs snapshot`;
@@ -17,7 +24,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use chrono::Utc;
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
 use super::runner::{Cmd, CommandError, Pipe};
@@ -39,6 +46,9 @@ pub struct Features {
     pub written: bool,
     /// `zfs receive -u` (do not mount).
     pub receive_no_mount: bool,
+    /// `zfs receive -o property=value` and `-x property` (OpenZFS 0.7 and later): the
+    /// receiver's values win over the stream's.
+    pub receive_props: bool,
 }
 
 /// The option letters of the first usage line of `command` (`send [-DnPpRv] ...` -> "DnPpRv").
@@ -67,6 +77,10 @@ impl Features {
             holds: has_line("hold "),
             written: bookmarks,
             receive_no_mount: receive.contains('u'),
+            receive_props: usage
+                .lines()
+                .map(str::trim)
+                .any(|l| l.starts_with("receive [") && l.contains("[-o <property>=<value>]") && l.contains("[-x <property>]")),
         }
     }
 }
@@ -226,9 +240,26 @@ pub fn check_resume_token(token: &ResumeToken, dataset: &str, snapshot: &Snapsho
     }
 }
 
+/// Properties whose value from a stream would reach outside the replica's dataset: where it
+/// mounts, and whom it is shared with. `zfs receive -x` keeps the stream's values out (the
+/// replica's own settings, inherited or local, stay).
+pub const RECEIVE_EXCLUDED: [&str; 3] = ["mountpoint", "sharenfs", "sharesmb"];
+
+/// Properties the replica forces at receive (`-o`), and sets again right after it on every
+/// ZFS (see [`ReplicaSide::receive`] of [`ZfsReplica`]).
+pub const RECEIVE_FORCED: [&str; 1] = ["readonly=on"];
+
 /// `zfs receive` into `dataset`: forced (`-F`) when the dataset exists, so that an atime
 /// update or newer snapshots that the origin no longer has do not block it; resumable (`-s`)
-/// and unmounted (`-u`) where supported.
+/// where supported. Whatever the stream carries, where this ZFS can: unmounted (`-u`, so
+/// nothing is mounted while the stream is received), read-only from the start (`-o
+/// readonly=on`), and the stream's [`RECEIVE_EXCLUDED`] properties left out (`-x`).
+///
+/// zfs-fuse 0.7 has none of `-u`, `-o`, `-x` (and ZoL 0.6 only `-u`): there, what stands
+/// between a stream's properties and the replica is [`check_stream_header`] (streams that
+/// carry properties are refused), and `readonly=on` set right after the receive. The gap:
+/// a received file system is mounted at its inherited mountpoint during the receive, and
+/// writable until the receive ends.
 pub fn receive_command(f: &Features, dataset: &str, exists: bool) -> Cmd {
     let mut cmd = Cmd::new("zfs").arg("receive");
     if exists {
@@ -237,7 +268,84 @@ pub fn receive_command(f: &Features, dataset: &str, exists: bool) -> Cmd {
     if f.resumable {
         cmd = cmd.arg("-s");
     }
+    if f.receive_no_mount {
+        cmd = cmd.arg("-u");
+    }
+    if f.receive_props {
+        for prop in RECEIVE_FORCED {
+            cmd = cmd.arg("-o").arg(prop);
+        }
+        for prop in RECEIVE_EXCLUDED {
+            cmd = cmd.arg("-x").arg(prop);
+        }
+    }
     cmd.arg(dataset)
+}
+
+/// The size of a send stream record (`dmu_replay_record_t` in OpenZFS's
+/// include/sys/zfs_ioctl.h, the same in zfs-fuse): a stream begins with one, a DRR_BEGIN.
+pub const STREAM_RECORD: usize = 312;
+/// `drr_magic` of a DRR_BEGIN record.
+const DMU_BACKUP_MAGIC: u64 = 0x2_F5BA_CBAC;
+/// The header types in the low two bits of `drr_versioninfo`.
+const DMU_SUBSTREAM: u64 = 1;
+const DMU_COMPOUNDSTREAM: u64 = 2;
+/// Feature flag (bits 2.. of `drr_versioninfo`): the stream carries holds (`send --holds`).
+const DMU_BACKUP_FEATURE_HOLDS: u64 = 1 << 26;
+
+/// What the first record of a stream says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamHeader {
+    /// One snapshot, full or incremental (`zfs send [-i]`, `zfs send -t`).
+    Single,
+    /// Several incremental snapshots of one file system in a row (`zfs send -I`): a
+    /// compound header with no payload, so no properties and no other file systems.
+    Package,
+}
+
+/// Checks the first record of a stream before `zfs receive` sees it. A compound header
+/// with a payload is a replication stream (`zfs send -R`, `-p`, `-b`, `--holds`): its
+/// payload, an nvlist of file systems and their properties, would be applied to the replica
+/// (mountpoints, shares, other datasets); snapship never sends one, so it is refused.
+///
+/// The record, in the sender's byte order (`drr_magic` tells which): `drr_type` u32 at 0
+/// (DRR_BEGIN is 0), `drr_payloadlen` u32 at 4, then the DRR_BEGIN body: `drr_magic` u64
+/// at 8, `drr_versioninfo` u64 at 16 (header type in bits 0-1, feature flags above).
+pub fn check_stream_header(record: &[u8]) -> Result<StreamHeader> {
+    if record.len() < STREAM_RECORD {
+        bail!("the stream ended after {} bytes, before its first record: not a ZFS send stream", record.len());
+    }
+    let at = |offset: usize, len: usize| &record[offset..offset + len];
+    let little = u64::from_le_bytes(at(8, 8).try_into().expect("8 bytes")) == DMU_BACKUP_MAGIC;
+    let big = u64::from_be_bytes(at(8, 8).try_into().expect("8 bytes")) == DMU_BACKUP_MAGIC;
+    if !little && !big {
+        bail!("the stream does not begin with a ZFS send stream header (bad magic): not a ZFS send stream");
+    }
+    let u32_at = |o| {
+        let b: [u8; 4] = at(o, 4).try_into().expect("4 bytes");
+        if little { u32::from_le_bytes(b) } else { u32::from_be_bytes(b) }
+    };
+    let versioninfo = {
+        let b: [u8; 8] = at(16, 8).try_into().expect("8 bytes");
+        if little { u64::from_le_bytes(b) } else { u64::from_be_bytes(b) }
+    };
+    if u32_at(0) != 0 {
+        bail!("the stream does not begin with a DRR_BEGIN record (type {}): not a ZFS send stream", u32_at(0));
+    }
+    let payload = u32_at(4);
+    let replication = || {
+        anyhow!(
+            "refused a ZFS replication stream (zfs send -R, -p, -b or --holds): it carries properties or other file systems, \
+             which a replica does not take from its origin; snapship's origin never sends one, so the origin is not \
+             snapship's or not the one this policy trusts"
+        )
+    };
+    match versioninfo & 3 {
+        DMU_SUBSTREAM => Ok(StreamHeader::Single),
+        DMU_COMPOUNDSTREAM if payload == 0 && versioninfo & (DMU_BACKUP_FEATURE_HOLDS << 2) == 0 => Ok(StreamHeader::Package),
+        DMU_COMPOUNDSTREAM => Err(replication()),
+        other => bail!("the stream's header type {other} is unknown (1: one snapshot, 2: a package): not a ZFS send stream this replica takes"),
+    }
 }
 
 /// `zfs snapshot` of several datasets at one point in time: one command where ZFS takes
@@ -466,13 +574,11 @@ impl ReplicaSide for ZfsReplica {
         zfs(&["get", "-H", "-o", "value", "receive_resume_token", &self.dataset]).await.ok().as_deref().and_then(parse_resume_token)
     }
 
+    /// The stream's first record is checked ([`check_stream_header`]) before anything on the
+    /// replica changes; `zfs receive` then gets it and the rest ([`receive_command`]).
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot> {
         let f = features().await;
         let exists = dataset_exists(&self.dataset).await?;
-        if !incoming.from_token {
-            // A new stream cannot start while an old partial receive is kept.
-            self.discard_partial().await;
-        }
         if exists && incoming.base.is_none() && !incoming.from_token && !self.list().await?.is_empty() {
             bail!(
                 "{} holds snapshots but none in common with the origin; a full receive would destroy them. \
@@ -481,16 +587,31 @@ impl ReplicaSide for ZfsReplica {
                 self.dataset
             );
         }
-        if !exists {
-            if let Some((parent, _)) = self.dataset.rsplit_once('/') {
-                if !dataset_exists(parent).await? {
-                    zfs(&["create", "-p", parent]).await.with_context(|| format!("cannot create the parent dataset {parent}"))?;
-                }
+        let mut first = vec![0u8; STREAM_RECORD];
+        let mut got = 0;
+        while got < first.len() {
+            match stream.read(&mut first[got..]).await.context("reading the stream's first record")? {
+                0 => break,
+                n => got += n,
             }
+        }
+        first.truncate(got);
+        check_stream_header(&first).with_context(|| format!("the stream for {}@{}", self.dataset, incoming.name))?;
+        if !incoming.from_token {
+            // A new stream cannot start while an old partial receive is kept.
+            self.discard_partial().await;
+        }
+        if !exists
+            && let Some((parent, _)) = self.dataset.rsplit_once('/')
+            && !dataset_exists(parent).await?
+        {
+            zfs(&["create", "-p", parent]).await.with_context(|| format!("cannot create the parent dataset {parent}"))?;
         }
         let mut process = receive_command(f, &self.dataset, exists).spawn(Pipe::In)?;
         let mut stdin = process.stdin();
-        let copied = tokio::io::copy_buf(&mut tokio::io::BufReader::with_capacity(super::PIPE_BUFFER, stream), &mut stdin).await.map_err(anyhow::Error::from);
+        let mut whole = first.as_slice().chain(stream);
+        let copied =
+            tokio::io::copy_buf(&mut tokio::io::BufReader::with_capacity(super::PIPE_BUFFER, &mut whole), &mut stdin).await.map_err(anyhow::Error::from);
         let copied = match copied {
             Ok(_) => stdin.shutdown().await.map_err(anyhow::Error::from),
             Err(e) => Err(e),
@@ -534,8 +655,9 @@ impl ReplicaSide for ZfsReplica {
         if got.identity != incoming.identity {
             bail!("received {}@{} has guid {}, expected {}", self.dataset, incoming.name, got.identity, incoming.identity);
         }
-        // Keep the replica read-only, and reads from changing it (atime).
-        for prop in ["readonly=on", "atime=off"] {
+        // Keep the replica read-only (again: `-o` is not on every ZFS), and reads from
+        // changing it (atime).
+        for prop in RECEIVE_FORCED.into_iter().chain(["atime=off"]) {
             zfs(&["set", prop, &self.dataset]).await?;
         }
         Ok(got)
@@ -567,7 +689,8 @@ mod tests {
                 raw_send: false,
                 holds: true,
                 written: false,
-                receive_no_mount: false
+                receive_no_mount: false,
+                receive_props: false
             }
         );
     }
@@ -585,7 +708,8 @@ mod tests {
                 raw_send: true,
                 holds: true,
                 written: true,
-                receive_no_mount: true
+                receive_no_mount: true,
+                receive_props: true
             }
         );
     }
@@ -597,8 +721,16 @@ mod tests {
         assert_eq!(args(send_command(&old, "tank/p", "s2", Some("s1"), true)), "send -I tank/p@s1 tank/p@s2");
         assert_eq!(args(send_command(&modern, "tank/p", "s2", Some("s1"), true)), "send -c -I tank/p@s1 tank/p@s2");
         assert_eq!(args(send_command(&modern, "tank/p", "s2", None, false)), "send tank/p@s2");
+        // zfs-fuse takes none of -u, -o, -x (see receive_command for what stands in).
         assert_eq!(args(receive_command(&old, "b/p", true)), "receive -F b/p");
-        assert_eq!(args(receive_command(&modern, "b/p", false)), "receive -s b/p");
+        let guarded = "-u -o readonly=on -x mountpoint -x sharenfs -x sharesmb";
+        assert_eq!(args(receive_command(&modern, "b/p", false)), format!("receive -s {guarded} b/p"));
+        assert_eq!(args(receive_command(&modern, "b/p", true)), format!("receive -F -s {guarded} b/p"));
+        // ZoL 0.6.5: -u, but no -o or -x.
+        let zol065 =
+            Features::from_usage("usage: zfs command args ...\n\treceive [-vnFu] <filesystem|volume|snapshot>\n\treceive [-vnFu] [-d | -e] <filesystem>\n");
+        assert_eq!((zol065.receive_no_mount, zol065.receive_props), (true, false));
+        assert_eq!(args(receive_command(&zol065, "b/p", true)), "receive -F -u b/p");
         assert!(resume_send_command(&old, "tok").is_none());
         assert_eq!(args(resume_send_command(&modern, "1-abc").unwrap()), "send -t 1-abc");
         let (one, members) = group_snapshot_commands(&modern, &["tank/a", "tank/b"], "s").unwrap();
@@ -710,6 +842,65 @@ mod tests {
         let origin = ZfsOrigin::new("tank/projects".into());
         let err = origin.send_resumed("1-abc$(touch /tmp/pwned)", &second, Some(&first)).await.err().expect("refused");
         assert!(err.to_string().contains("characters no ZFS token has"), "{err}");
+    }
+
+    /// A stream's first record, built by hand from include/sys/zfs_ioctl.h: `drr_type`,
+    /// `drr_payloadlen`, then the DRR_BEGIN body (magic, versioninfo, creation time, type,
+    /// flags, toguid, fromguid, toname), in little or big endian.
+    fn begin_record(payload: u32, versioninfo: u64, big: bool) -> Vec<u8> {
+        let mut r = Vec::new();
+        let (u32b, u64b) =
+            if big { (u32::to_be_bytes as fn(u32) -> [u8; 4], u64::to_be_bytes as fn(u64) -> [u8; 8]) } else { (u32::to_le_bytes as _, u64::to_le_bytes as _) };
+        r.extend(u32b(0)); // DRR_BEGIN
+        r.extend(u32b(payload));
+        r.extend(u64b(0x2_F5BA_CBAC));
+        r.extend(u64b(versioninfo));
+        r.extend(u64b(1_764_000_000)); // creation time
+        r.extend(u32b(2)); // DMU_OST_ZFS
+        r.extend(u32b(0)); // drr_flags
+        r.extend(u64b(0x2604_a9ce_a437_f645)); // toguid
+        r.extend(u64b(0)); // fromguid
+        let mut name = b"tank/projects@snapship-20261123T101500.000Z".to_vec();
+        name.resize(256, 0);
+        r.extend(name);
+        assert_eq!(r.len(), STREAM_RECORD);
+        r
+    }
+
+    #[test]
+    fn stream_headers_of_our_own_sends_pass() {
+        // Feature flags sit above the two header type bits: SA_SPILL | EMBED_DATA | LZ4.
+        let features = ((1 << 2) | (1 << 16) | (1 << 17)) << 2;
+        // zfs send [-i]: one substream; zfs send -I: a compound header without a payload.
+        assert_eq!(check_stream_header(&begin_record(0, features | 1, false)).unwrap(), StreamHeader::Single);
+        assert_eq!(check_stream_header(&begin_record(0, 2, false)).unwrap(), StreamHeader::Package);
+        // From a big-endian origin.
+        assert_eq!(check_stream_header(&begin_record(0, features | 1, true)).unwrap(), StreamHeader::Single);
+        assert_eq!(check_stream_header(&begin_record(0, 2, true)).unwrap(), StreamHeader::Package);
+        // zfs send -t: a substream with the RESUMING feature.
+        assert_eq!(check_stream_header(&begin_record(0, ((1 << 20) << 2) | 1, false)).unwrap(), StreamHeader::Single);
+    }
+
+    #[test]
+    fn replication_streams_are_refused() {
+        let refused = |r: &[u8]| {
+            let e = check_stream_header(r).unwrap_err().to_string();
+            assert!(e.contains("refused a ZFS replication stream"), "{e}");
+        };
+        // zfs send -R or -p: a compound header whose payload is the file systems' nvlist.
+        refused(&begin_record(628, 2, false));
+        refused(&begin_record(628, 2, true));
+        // --holds: the HOLDS feature on the compound header.
+        refused(&begin_record(0, ((1 << 26) << 2) | 2, false));
+        // Anything else is not a stream this replica takes.
+        let mut not_begin = begin_record(0, 1, false);
+        not_begin[0] = 5; // DRR_END
+        assert!(check_stream_header(&not_begin).unwrap_err().to_string().contains("does not begin with a DRR_BEGIN record (type 5)"));
+        let mut bad_magic = begin_record(0, 1, false);
+        bad_magic[8] ^= 1;
+        assert!(check_stream_header(&bad_magic).unwrap_err().to_string().contains("bad magic"));
+        assert!(check_stream_header(&begin_record(0, 3, false)).unwrap_err().to_string().contains("header type 3 is unknown"));
+        assert!(check_stream_header(&begin_record(0, 1, false)[..100]).unwrap_err().to_string().contains("ended after 100 bytes"));
     }
 
     #[test]
