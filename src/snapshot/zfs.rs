@@ -257,9 +257,10 @@ pub const RECEIVE_FORCED: [&str; 1] = ["readonly=on"];
 ///
 /// zfs-fuse 0.7 has none of `-u`, `-o`, `-x` (and ZoL 0.6 only `-u`): there, what stands
 /// between a stream's properties and the replica is [`check_stream_header`] (streams that
-/// carry properties are refused), and `readonly=on` set right after the receive. The gap:
-/// a received file system is mounted at its inherited mountpoint during the receive, and
-/// writable until the receive ends.
+/// carry properties are refused), then, right after the receive, `readonly=on` and the
+/// [`RECEIVE_EXCLUDED`] properties a stream set put back to inherited. The gap: a received
+/// file system is mounted during the receive (at its inherited mountpoint, unless a stream
+/// hid properties past its first record) and writable until the receive ends.
 pub fn receive_command(f: &Features, dataset: &str, exists: bool) -> Cmd {
     let mut cmd = Cmd::new("zfs").arg("receive");
     if exists {
@@ -280,6 +281,18 @@ pub fn receive_command(f: &Features, dataset: &str, exists: bool) -> Cmd {
         }
     }
     cmd.arg(dataset)
+}
+
+/// `(dataset, property)` whose value came from a received stream, from `zfs get -r -H -o
+/// name,property,source` (snapshots left out: their properties are not inherited).
+pub fn received_properties(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let (name, prop, source) = (f.next()?, f.next()?, f.next()?);
+            (source.trim() == "received" && !name.contains('@')).then(|| (name.to_string(), prop.to_string()))
+        })
+        .collect()
 }
 
 /// The size of a send stream record (`dmu_replay_record_t` in OpenZFS's
@@ -307,6 +320,12 @@ pub enum StreamHeader {
 /// with a payload is a replication stream (`zfs send -R`, `-p`, `-b`, `--holds`): its
 /// payload, an nvlist of file systems and their properties, would be applied to the replica
 /// (mountpoints, shares, other datasets); snapship never sends one, so it is refused.
+///
+/// Only the first record is read. A package's substreams could nest a replication header
+/// further in, which `zfs receive` would also follow; `-u`, `-o` and `-x` still hold for it
+/// where ZFS has them ([`receive_command`]), and elsewhere the replica puts back the
+/// properties that reach outside right after the receive. Walking every record of the
+/// stream would close that last gap (the mount during the receive on zfs-fuse).
 ///
 /// The record, in the sender's byte order (`drr_magic` tells which): `drr_type` u32 at 0
 /// (DRR_BEGIN is 0), `drr_payloadlen` u32 at 4, then the DRR_BEGIN body: `drr_magic` u64
@@ -549,6 +568,21 @@ impl ZfsReplica {
         ZfsReplica { dataset }
     }
 
+    /// Where `zfs receive -x` is missing (zfs-fuse): puts the [`RECEIVE_EXCLUDED`] properties
+    /// that a stream set, on the dataset or a child it brought, back to what the replica
+    /// inherits, right after the receive. Streams that carry properties are refused at their
+    /// first record, so this is for one that hid them further in (see [`check_stream_header`]).
+    async fn drop_received_properties(&self) -> Result<()> {
+        let text = zfs(&["get", "-r", "-H", "-o", "name,property,source", &RECEIVE_EXCLUDED.join(","), &self.dataset]).await?;
+        for (name, prop) in received_properties(&text) {
+            tracing::warn!(dataset = %name, "the origin's stream set `{prop}`: putting it back to the replica's inherited value");
+            zfs(&["inherit", &prop, &name])
+                .await
+                .with_context(|| format!("the origin's stream set `{prop}` on {name}, and it could not be undone; run `zfs inherit {prop} {name}`"))?;
+        }
+        Ok(())
+    }
+
     /// Drops what an interrupted resumable receive kept (modern ZFS); nothing to do on old.
     async fn discard_partial(&self) {
         if features().await.resumable {
@@ -618,6 +652,19 @@ impl ReplicaSide for ZfsReplica {
         };
         drop(stdin);
         let received = process.wait().await;
+        // Without `-x`, undo what a stream may have set, whether the receive succeeded or
+        // not (a failed one can leave a file system behind); a failure to undo fails a
+        // receive that succeeded.
+        let mut undo_properties = None;
+        if !f.receive_props && dataset_exists(&self.dataset).await.unwrap_or(true) {
+            let undo = self.drop_received_properties().await;
+            match (&undo, &copied, &received) {
+                (Err(e), Ok(()), Ok(())) => tracing::debug!("{e:#}"),
+                (Err(e), _, _) => tracing::error!("{e:#}"),
+                _ => {}
+            }
+            undo_properties = Some(undo);
+        }
         if let Err(e) = copied {
             // A receive continuing a token keeps its partial state for another try; any other
             // is dropped (a cut stream is resumed by the spool, not by ZFS).
@@ -654,6 +701,9 @@ impl ReplicaSide for ZfsReplica {
             .ok_or_else(|| anyhow!("zfs receive succeeded but {}@{} is not there", self.dataset, incoming.name))?;
         if got.identity != incoming.identity {
             bail!("received {}@{} has guid {}, expected {}", self.dataset, incoming.name, got.identity, incoming.identity);
+        }
+        if let Some(undo) = undo_properties {
+            undo?;
         }
         // Keep the replica read-only (again: `-o` is not on every ZFS), and reads from
         // changing it (atime).
@@ -901,6 +951,16 @@ mod tests {
         assert!(check_stream_header(&bad_magic).unwrap_err().to_string().contains("bad magic"));
         assert!(check_stream_header(&begin_record(0, 3, false)).unwrap_err().to_string().contains("header type 3 is unknown"));
         assert!(check_stream_header(&begin_record(0, 1, false)[..100]).unwrap_err().to_string().contains("ended after 100 bytes"));
+    }
+
+    #[test]
+    fn received_properties_are_found() {
+        // zfs-fuse, after receiving a `zfs send -p` stream of a dataset with a local
+        // mountpoint and sharesmb (seen live: `zfs get -r -H -o name,property,source`).
+        let text = "r/b\tmountpoint\treceived\nr/b\tsharenfs\tdefault\nr/b\tsharesmb\treceived\nr/b@s\tsharesmb\treceived\n";
+        let pair = |n: &str, p: &str| (n.to_string(), p.to_string());
+        assert_eq!(received_properties(text), [pair("r/b", "mountpoint"), pair("r/b", "sharesmb")]);
+        assert!(received_properties("r/b\tmountpoint\tinherited from r\nr/b\tsharenfs\tdefault\n").is_empty());
     }
 
     #[test]
