@@ -367,6 +367,20 @@ pub fn check_stream_header(record: &[u8]) -> Result<StreamHeader> {
     }
 }
 
+/// Reads the first [`STREAM_RECORD`] bytes of a stream (fewer if it ends before).
+async fn read_first_record(stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Vec<u8>> {
+    let mut record = vec![0u8; STREAM_RECORD];
+    let mut filled = 0;
+    while filled < record.len() {
+        match stream.read(&mut record[filled..]).await.context("reading the stream's first record")? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    record.truncate(filled);
+    Ok(record)
+}
+
 /// `zfs snapshot` of several datasets at one point in time: one command where ZFS takes
 /// several names; else `-r` on their common parent, and the snapshots of the other children
 /// are destroyed right after (atomic for the members all the same). `None`: no common parent.
@@ -621,15 +635,7 @@ impl ReplicaSide for ZfsReplica {
                 self.dataset
             );
         }
-        let mut first = vec![0u8; STREAM_RECORD];
-        let mut got = 0;
-        while got < first.len() {
-            match stream.read(&mut first[got..]).await.context("reading the stream's first record")? {
-                0 => break,
-                n => got += n,
-            }
-        }
-        first.truncate(got);
+        let first = read_first_record(stream).await?;
         check_stream_header(&first).with_context(|| format!("the stream for {}@{}", self.dataset, incoming.name))?;
         if !incoming.from_token {
             // A new stream cannot start while an old partial receive is kept.
@@ -653,17 +659,16 @@ impl ReplicaSide for ZfsReplica {
         drop(stdin);
         let received = process.wait().await;
         // Without `-x`, undo what a stream may have set, whether the receive succeeded or
-        // not (a failed one can leave a file system behind); a failure to undo fails a
-        // receive that succeeded.
-        let mut undo_properties = None;
-        if !f.receive_props && dataset_exists(&self.dataset).await.unwrap_or(true) {
-            let undo = self.drop_received_properties().await;
-            match (&undo, &copied, &received) {
-                (Err(e), Ok(()), Ok(())) => tracing::debug!("{e:#}"),
-                (Err(e), _, _) => tracing::error!("{e:#}"),
-                _ => {}
-            }
-            undo_properties = Some(undo);
+        // not (a failed one can leave a file system behind). A failure to undo fails a
+        // receive that succeeded, and is logged beside one that failed.
+        let undone = match !f.receive_props && dataset_exists(&self.dataset).await.unwrap_or(true) {
+            true => self.drop_received_properties().await,
+            false => Ok(()),
+        };
+        if let Err(e) = &undone
+            && (copied.is_err() || received.is_err())
+        {
+            tracing::error!("{e:#}");
         }
         if let Err(e) = copied {
             // A receive continuing a token keeps its partial state for another try; any other
@@ -702,9 +707,7 @@ impl ReplicaSide for ZfsReplica {
         if got.identity != incoming.identity {
             bail!("received {}@{} has guid {}, expected {}", self.dataset, incoming.name, got.identity, incoming.identity);
         }
-        if let Some(undo) = undo_properties {
-            undo?;
-        }
+        undone?;
         // Keep the replica read-only (again: `-o` is not on every ZFS), and reads from
         // changing it (atime).
         for prop in RECEIVE_FORCED.into_iter().chain(["atime=off"]) {
@@ -898,9 +901,9 @@ mod tests {
     /// `drr_payloadlen`, then the DRR_BEGIN body (magic, versioninfo, creation time, type,
     /// flags, toguid, fromguid, toname), in little or big endian.
     fn begin_record(payload: u32, versioninfo: u64, big: bool) -> Vec<u8> {
+        let u32b = |v: u32| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        let u64b = |v: u64| if big { v.to_be_bytes() } else { v.to_le_bytes() };
         let mut r = Vec::new();
-        let (u32b, u64b) =
-            if big { (u32::to_be_bytes as fn(u32) -> [u8; 4], u64::to_be_bytes as fn(u64) -> [u8; 8]) } else { (u32::to_le_bytes as _, u64::to_le_bytes as _) };
         r.extend(u32b(0)); // DRR_BEGIN
         r.extend(u32b(payload));
         r.extend(u64b(0x2_F5BA_CBAC));
