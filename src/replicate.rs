@@ -207,11 +207,17 @@ pub async fn transfer(origin: &dyn OriginSide, step: &Step, ep: &dyn ReplicaEndp
     // Dropping a stream (on error) kills its sending process.
     let mut started = None;
     if let Some(token) = resume.as_ref().and_then(|p| p.token.as_ref()) {
-        // The replica's filesystem kept the partial receive: ZFS resumes it (a new stream).
+        // The replica's filesystem kept the partial receive: ZFS resumes it (a new stream), if
+        // the token resumes this very stream; else the stream starts over below.
         tracing::info!(replica = ep.node(), snapshot = %snapshot.name, "resuming from the replica's ZFS resume token");
-        incoming.from_token = true;
-        let stream = Metered::new(origin.send_resumed(token).await?.with_stall_timeout(stall));
-        started = Some((stream, StreamStart { compact: resume.as_ref().is_some_and(|p| p.compact), start: Start::FromToken }));
+        match origin.send_resumed(token, snapshot, base.as_ref()).await {
+            Ok(stream) => {
+                incoming.from_token = true;
+                let stream = Metered::new(stream.with_stall_timeout(stall));
+                started = Some((stream, StreamStart { compact: resume.as_ref().is_some_and(|p| p.compact), start: Start::FromToken }));
+            }
+            Err(e) => tracing::warn!(replica = ep.node(), snapshot = %snapshot.name, "not resuming from the replica's ZFS resume token: {e:#}"),
+        }
     } else if let Some(p) = resume {
         let mut reader = open(p.compact).await?;
         match skip_prefix(&mut reader, p).await? {
@@ -340,6 +346,66 @@ mod tests {
         token.token = Some("1-abc".into());
         let (older, plan) = partial_to_finish(&origin, &c, Some(&token)).await.unwrap().unwrap();
         assert_eq!((older.identity.as_str(), plan_base(&plan)), ("b", (None, Some(0))));
+    }
+
+    /// An origin whose resume tokens are all refused (as a ZFS origin refuses a token for
+    /// another stream) and whose fresh sends stream "fresh".
+    struct RefusesTokens;
+
+    #[async_trait]
+    impl OriginSide for RefusesTokens {
+        async fn take_snapshot(&self, _: Kind) -> Result<Snapshot> {
+            unimplemented!("the transfer takes no snapshot")
+        }
+        async fn changed_since(&self, _: &Snapshot, _: bool) -> Result<bool> {
+            unimplemented!("the transfer checks no change")
+        }
+        async fn list(&self) -> Result<Vec<Snapshot>> {
+            Ok(Vec::new())
+        }
+        async fn send(&self, _: &Snapshot, _: Option<&Snapshot>, _: bool) -> Result<SendStream> {
+            let mut process = snapshot::runner::Cmd::new("printf").arg("fresh").spawn(snapshot::runner::Pipe::Out)?;
+            Ok(SendStream::new(Box::new(process.stdout()), process))
+        }
+        async fn send_resumed(&self, _: &str, s: &Snapshot, _: Option<&Snapshot>) -> Result<SendStream> {
+            anyhow::bail!("the replica offered a resume token for another snapshot, not for {}; the origin starts over", s.name)
+        }
+        async fn delete(&self, _: &Snapshot) -> Result<()> {
+            unimplemented!("the transfer deletes nothing")
+        }
+    }
+
+    /// A replica endpoint that records what it was sent.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<(bool, bool, Vec<u8>)>>);
+
+    #[async_trait]
+    impl ReplicaEndpoint for Recorder {
+        fn node(&self) -> &str {
+            "beta"
+        }
+        async fn list(&self) -> Result<Listing> {
+            Ok(Listing::default())
+        }
+        async fn receive(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+            let mut bytes = Vec::new();
+            stream.read_to_end(&mut bytes).await?;
+            self.0.lock().unwrap().push((incoming.from_token, matches!(start.start, Start::FromToken), bytes));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_resume_token_starts_the_stream_over() {
+        let c = snap(3, "c");
+        let mut p = partial(&c, None, 0);
+        p.token = Some("1-abc".into());
+        let step = Step { snapshot: c, plan: Plan::Send { base: None, resume: Some(p) }, accepts_compact: false };
+        let ep = Recorder::default();
+        let report = transfer(&RefusesTokens, &step, &ep, Duration::from_secs(30), &|_, _| {}).await.unwrap();
+        // A fresh stream from the start, and the replica told it is not a token's.
+        assert_eq!(report.resumed_from, 0);
+        assert_eq!(*ep.0.lock().unwrap(), [(false, false, b"fresh".to_vec())]);
     }
 
     #[tokio::test]

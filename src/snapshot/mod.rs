@@ -169,8 +169,10 @@ pub trait OriginSide: Send + Sync {
     async fn send(&self, snapshot: &Snapshot, base: Option<&Snapshot>, compact: bool) -> Result<SendStream>;
     async fn delete(&self, snapshot: &Snapshot) -> Result<()>;
     /// Opens the stream that resumes a partial receive from the replica's resume token
-    /// (modern ZFS: `zfs send -t`).
-    async fn send_resumed(&self, _token: &str) -> Result<SendStream> {
+    /// (modern ZFS: `zfs send -t`). The token comes from the replica and may name anything:
+    /// it must resume `snapshot` incremental from `base` (full when `None`), the stream the
+    /// origin planned, or it is refused with an error (the caller then sends from the start).
+    async fn send_resumed(&self, _token: &str, _snapshot: &Snapshot, _base: Option<&Snapshot>) -> Result<SendStream> {
         anyhow::bail!("this backend cannot resume a receive from a token")
     }
     /// `base` is now the common base with `replica` (replacing `previous`): guard it where

@@ -3,6 +3,10 @@
 //! Every failure carries the command line and what the command wrote on stderr, so a log line
 //! is enough to reproduce it by hand. Streaming commands read their stderr concurrently (a
 //! full stderr pipe would otherwise stall the child) and keep only its tail.
+//!
+//! Every command runs in the C locale: callers classify failures by the English text on
+//! stderr ("does not exist", "dataset is busy"), and a translated message would turn a case
+//! they handle into an unexplained error.
 
 use std::fmt;
 use std::process::{ExitStatus, Stdio};
@@ -53,9 +57,13 @@ impl Cmd {
         self
     }
 
+    /// The process to start: in the C locale (see the module comment; `LC_ALL` overrides
+    /// every `LC_*` and, for gettext, `LANGUAGE`), stdin and stdout closed unless a caller
+    /// connects them, stderr captured.
     fn command(&self) -> Command {
         let mut c = Command::new(&self.program);
-        c.args(&self.args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+        c.args(&self.args).env("LC_ALL", "C").env("LANG", "C");
+        c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
         c
     }
 
@@ -184,6 +192,18 @@ mod tests {
         assert!(err.contains("sh -c 'echo boom >&2; exit 3'"), "{err}");
         assert!(err.contains("boom"), "{err}");
         assert!(err.contains("exit status: 3"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn commands_run_in_the_c_locale() {
+        // Whatever the caller's locale, so that stderr is English for the classifiers.
+        let out = Cmd::new("sh").arg("-c").arg("echo \"$LC_ALL $LANG\"").output().await.unwrap();
+        assert_eq!(out, "C C\n");
+        let mut run = Cmd::new("sh").arg("-c").arg("echo \"$LC_ALL $LANG\"").spawn(Pipe::Out).unwrap();
+        let mut buf = String::new();
+        run.stdout().read_to_string(&mut buf).await.unwrap();
+        run.wait().await.unwrap();
+        assert_eq!(buf, "C C\n");
     }
 
     #[tokio::test]

@@ -6,6 +6,13 @@
 //! off, so that reading it never blocks the next incremental receive); `zfs receive` is atomic,
 //! so a cut stream never leaves a snapshot behind.
 //!
+//! The other side is hostile until checked. A replica's resume token names what the origin
+//! would send, so it must name the very stream planned ([`check_resume_token`]). An origin's
+//! stream could carry properties (a mountpoint or share outside the replica's policy) or
+//! other file systems: the replica refuses any stream whose first record is a replication
+//! header ([`check_stream_header`]), and receives with the properties that reach outside
+//! forced or kept out where its ZFS can ([`receive_command`]).
+//!
 //! One binary serves old and modern ZFS: [`Features`] are read from `zfs`'s own usage text.
 //! zfs-fuse 0.7 (pool version 23, what the tests run on) has holds, but no bookmarks, resume
 //! tokens, `written`, `list -p`, `send -c/-w`, or several snapshots in one `zfs snapshot`;
@@ -17,7 +24,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use chrono::Utc;
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
 use super::runner::{Cmd, CommandError, Pipe};
@@ -39,6 +46,9 @@ pub struct Features {
     pub written: bool,
     /// `zfs receive -u` (do not mount).
     pub receive_no_mount: bool,
+    /// `zfs receive -o property=value` and `-x property` (OpenZFS 0.7 and later): the
+    /// receiver's values win over the stream's.
+    pub receive_props: bool,
 }
 
 /// The option letters of the first usage line of `command` (`send [-DnPpRv] ...` -> "DnPpRv").
@@ -67,6 +77,10 @@ impl Features {
             holds: has_line("hold "),
             written: bookmarks,
             receive_no_mount: receive.contains('u'),
+            receive_props: usage
+                .lines()
+                .map(str::trim)
+                .any(|l| l.starts_with("receive [") && l.contains("[-o <property>=<value>]") && l.contains("[-x <property>]")),
         }
     }
 }
@@ -137,14 +151,116 @@ pub fn send_command(f: &Features, dataset: &str, snapshot: &str, base: Option<&s
     cmd.arg(format!("{dataset}@{snapshot}"))
 }
 
-/// `zfs send -t TOKEN`: resume an interrupted stream (modern ZFS).
+/// `zfs send -t TOKEN`: resume an interrupted stream (modern ZFS). The token comes from the
+/// replica: pass it through [`check_token_text`] and [`check_resume_token`] first.
 pub fn resume_send_command(f: &Features, token: &str) -> Option<Cmd> {
     f.resumable.then(|| Cmd::new("zfs").arg("send").arg("-t").arg(token))
 }
 
+/// `zfs send -nvt TOKEN`: decodes the token and prints what it would resume, sending nothing.
+pub fn resume_token_dump_command(token: &str) -> Cmd {
+    Cmd::new("zfs").arg("send").arg("-nvt").arg(token)
+}
+
+/// What a resume token says it resumes. A token is an nvlist that the replica hands over,
+/// unauthenticated: `zfs send -t` sends whatever it names, so every field that chooses the
+/// data is checked against the origin's own plan ([`check_resume_token`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeToken {
+    /// `dataset@snapshot` of the partial receive.
+    pub toname: String,
+    pub toguid: u64,
+    /// The guid of the incremental source; `None` for a full stream.
+    pub fromguid: Option<u64>,
+}
+
+/// Refuses a token that is not made of what ZFS puts in one (`1-<hex>-<hex>-<hex>`: digits,
+/// letters, dashes) before it goes anywhere near a command line.
+pub fn check_token_text(token: &str) -> Result<()> {
+    if token.is_empty() || token.starts_with('-') || !token.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        bail!("the replica offered a resume token with characters no ZFS token has; the origin starts over with a fresh send");
+    }
+    Ok(())
+}
+
+/// Reads what `zfs send -nvt TOKEN` printed (stdout and stderr together: OpenZFS 2.x prints
+/// the dump on stdout, 0.7 and 0.8 on stderr). libzfs prints "resume token contents:", then
+/// `nvlist_print`: "nvlist version: 0" and one line per pair, a tab, `name = value`, with
+/// numbers in hex (`toguid = 0x2604a9cea437f645`).
+///
+/// The token's strings are printed as they are, so a hostile one can forge lines (a value
+/// holding "\n\ttoname = ..."). The real pairs are printed too, each at the start of a
+/// line, so every pair line of the whole output is read and a name seen twice refuses the
+/// token; a forged line can then only add a pair the token lacks, and `zfs send -t` reads
+/// none of the pairs that matter from anywhere but the real ones.
+pub fn parse_resume_token_dump(text: &str) -> Result<ResumeToken> {
+    let Some((_, dump)) = text.split_once("resume token contents:") else {
+        bail!("`zfs send -nvt` printed no resume token contents");
+    };
+    let mut pairs: BTreeMap<&str, &str> = BTreeMap::new();
+    for line in dump.lines() {
+        // Top-level pairs only: one tab (a nested nvlist's pairs have more).
+        let Some(pair) = line.strip_prefix('\t').filter(|p| !p.starts_with('\t')) else { continue };
+        let Some((name, value)) = pair.split_once(" = ") else { continue };
+        if pairs.insert(name, value).is_some() {
+            bail!("the resume token holds `{name}` twice");
+        }
+    }
+    let hex = |name: &str| -> Result<Option<u64>> {
+        let Some(v) = pairs.get(name) else { return Ok(None) };
+        let digits = v.strip_prefix("0x").ok_or_else(|| anyhow!("the resume token's `{name}` is not a hex number: {v}"))?;
+        u64::from_str_radix(digits, 16).map(Some).map_err(|_| anyhow!("the resume token's `{name}` is not a hex number: {v}"))
+    };
+    let toname = pairs.get("toname").ok_or_else(|| anyhow!("the resume token names no snapshot (no `toname`)"))?.to_string();
+    let toguid = hex("toguid")?.ok_or_else(|| anyhow!("the resume token has no `toguid`"))?;
+    // libzfs reads a missing fromguid as 0: a full stream.
+    let fromguid = hex("fromguid")?.filter(|g| *g != 0);
+    Ok(ResumeToken { toname, toguid, fromguid })
+}
+
+/// Whether a decoded token resumes exactly the stream the origin means to send: `snapshot`
+/// of `dataset` (name and guid), incremental from `base` (by guid) or full when `base` is
+/// `None`. Guids are decimal in `zfs get guid` and hex in the token: compared as numbers.
+pub fn check_resume_token(token: &ResumeToken, dataset: &str, snapshot: &Snapshot, base: Option<&Snapshot>) -> Result<()> {
+    let guid = |s: &Snapshot| s.identity.parse::<u64>().with_context(|| format!("the guid of {dataset}@{} is not a number: {}", s.name, s.identity));
+    let expected = format!("{dataset}@{}", snapshot.name);
+    let refuse = |what: String| anyhow!("the replica offered a resume token for {what}, not for {expected}; the origin starts over with a fresh send");
+    if token.toname != expected {
+        return Err(refuse(format!("another dataset or snapshot ({})", token.toname)));
+    }
+    if token.toguid != guid(snapshot)? {
+        return Err(refuse(format!("another snapshot (guid {:#x}, not {:#x})", token.toguid, guid(snapshot)?)));
+    }
+    match (token.fromguid, base) {
+        (None, None) => Ok(()),
+        (Some(from), Some(b)) if from == guid(b)? => Ok(()),
+        (Some(from), Some(b)) => Err(refuse(format!("a stream from another base (guid {from:#x}, not {}@{})", dataset, b.name))),
+        (Some(from), None) => Err(refuse(format!("an incremental stream (from guid {from:#x}) where a full one was started"))),
+        (None, Some(b)) => Err(refuse(format!("a full stream where one from {dataset}@{} was started", b.name))),
+    }
+}
+
+/// Properties whose value from a stream would reach outside the replica's dataset: where it
+/// mounts, and whom it is shared with. `zfs receive -x` keeps the stream's values out (the
+/// replica's own settings, inherited or local, stay).
+pub const RECEIVE_EXCLUDED: [&str; 3] = ["mountpoint", "sharenfs", "sharesmb"];
+
+/// Properties the replica forces at receive (`-o`), and sets again right after it on every
+/// ZFS (see [`ReplicaSide::receive`] of [`ZfsReplica`]).
+pub const RECEIVE_FORCED: [&str; 1] = ["readonly=on"];
+
 /// `zfs receive` into `dataset`: forced (`-F`) when the dataset exists, so that an atime
 /// update or newer snapshots that the origin no longer has do not block it; resumable (`-s`)
-/// and unmounted (`-u`) where supported.
+/// where supported. Whatever the stream carries, where this ZFS can: unmounted (`-u`, so
+/// nothing is mounted while the stream is received), read-only from the start (`-o
+/// readonly=on`), and the stream's [`RECEIVE_EXCLUDED`] properties left out (`-x`).
+///
+/// zfs-fuse 0.7 has none of `-u`, `-o`, `-x` (and ZoL 0.6 only `-u`): there, what stands
+/// between a stream's properties and the replica is [`check_stream_header`] (streams that
+/// carry properties are refused), then, right after the receive, `readonly=on` and the
+/// [`RECEIVE_EXCLUDED`] properties a stream set put back to inherited. The gap: a received
+/// file system is mounted during the receive (at its inherited mountpoint, unless a stream
+/// hid properties past its first record) and writable until the receive ends.
 pub fn receive_command(f: &Features, dataset: &str, exists: bool) -> Cmd {
     let mut cmd = Cmd::new("zfs").arg("receive");
     if exists {
@@ -153,7 +269,116 @@ pub fn receive_command(f: &Features, dataset: &str, exists: bool) -> Cmd {
     if f.resumable {
         cmd = cmd.arg("-s");
     }
+    if f.receive_no_mount {
+        cmd = cmd.arg("-u");
+    }
+    if f.receive_props {
+        for prop in RECEIVE_FORCED {
+            cmd = cmd.arg("-o").arg(prop);
+        }
+        for prop in RECEIVE_EXCLUDED {
+            cmd = cmd.arg("-x").arg(prop);
+        }
+    }
     cmd.arg(dataset)
+}
+
+/// `(dataset, property)` whose value came from a received stream, from `zfs get -r -H -o
+/// name,property,source` (snapshots left out: their properties are not inherited).
+pub fn received_properties(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let (name, prop, source) = (f.next()?, f.next()?, f.next()?);
+            (source.trim() == "received" && !name.contains('@')).then(|| (name.to_string(), prop.to_string()))
+        })
+        .collect()
+}
+
+/// The size of a send stream record (`dmu_replay_record_t` in OpenZFS's
+/// include/sys/zfs_ioctl.h, the same in zfs-fuse): a stream begins with one, a DRR_BEGIN.
+pub const STREAM_RECORD: usize = 312;
+/// `drr_magic` of a DRR_BEGIN record.
+const DMU_BACKUP_MAGIC: u64 = 0x2_F5BA_CBAC;
+/// The header types in the low two bits of `drr_versioninfo`.
+const DMU_SUBSTREAM: u64 = 1;
+const DMU_COMPOUNDSTREAM: u64 = 2;
+/// Feature flag (bits 2.. of `drr_versioninfo`): the stream carries holds (`send --holds`).
+const DMU_BACKUP_FEATURE_HOLDS: u64 = 1 << 26;
+
+/// What the first record of a stream says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamHeader {
+    /// One snapshot, full or incremental (`zfs send [-i]`, `zfs send -t`).
+    Single,
+    /// Several incremental snapshots of one file system in a row (`zfs send -I`): a
+    /// compound header with no payload, so no properties and no other file systems.
+    Package,
+}
+
+/// Checks the first record of a stream before `zfs receive` sees it. A compound header
+/// with a payload is a replication stream (`zfs send -R`, `-p`, `-b`, `--holds`): its
+/// payload, an nvlist of file systems and their properties, would be applied to the replica
+/// (mountpoints, shares, other datasets); snapship never sends one, so it is refused.
+///
+/// Only the first record is read. A package's substreams could nest a replication header
+/// further in, which `zfs receive` would also follow; `-u`, `-o` and `-x` still hold for it
+/// where ZFS has them ([`receive_command`]), and elsewhere the replica puts back the
+/// properties that reach outside right after the receive. Walking every record of the
+/// stream would close that last gap (the mount during the receive on zfs-fuse).
+///
+/// The record, in the sender's byte order (`drr_magic` tells which): `drr_type` u32 at 0
+/// (DRR_BEGIN is 0), `drr_payloadlen` u32 at 4, then the DRR_BEGIN body: `drr_magic` u64
+/// at 8, `drr_versioninfo` u64 at 16 (header type in bits 0-1, feature flags above).
+pub fn check_stream_header(record: &[u8]) -> Result<StreamHeader> {
+    if record.len() < STREAM_RECORD {
+        bail!("the stream ended after {} bytes, before its first record: not a ZFS send stream", record.len());
+    }
+    let at = |offset: usize, len: usize| &record[offset..offset + len];
+    let little = u64::from_le_bytes(at(8, 8).try_into().expect("8 bytes")) == DMU_BACKUP_MAGIC;
+    let big = u64::from_be_bytes(at(8, 8).try_into().expect("8 bytes")) == DMU_BACKUP_MAGIC;
+    if !little && !big {
+        bail!("the stream does not begin with a ZFS send stream header (bad magic): not a ZFS send stream");
+    }
+    let u32_at = |o| {
+        let b: [u8; 4] = at(o, 4).try_into().expect("4 bytes");
+        if little { u32::from_le_bytes(b) } else { u32::from_be_bytes(b) }
+    };
+    let versioninfo = {
+        let b: [u8; 8] = at(16, 8).try_into().expect("8 bytes");
+        if little { u64::from_le_bytes(b) } else { u64::from_be_bytes(b) }
+    };
+    if u32_at(0) != 0 {
+        bail!("the stream does not begin with a DRR_BEGIN record (type {}): not a ZFS send stream", u32_at(0));
+    }
+    let payload = u32_at(4);
+    let replication = || {
+        anyhow!(
+            "refused a ZFS replication stream (zfs send -R, -p, -b or --holds): it carries properties or other file systems, \
+             which a replica does not take from its origin; snapship's origin never sends one, so the origin is not \
+             snapship's or not the one this policy trusts"
+        )
+    };
+    match versioninfo & 3 {
+        DMU_SUBSTREAM => Ok(StreamHeader::Single),
+        DMU_COMPOUNDSTREAM if payload == 0 && versioninfo & (DMU_BACKUP_FEATURE_HOLDS << 2) == 0 => Ok(StreamHeader::Package),
+        DMU_COMPOUNDSTREAM => Err(replication()),
+        other => bail!("the stream's header type {other} is unknown (1: one snapshot, 2: a package): not a ZFS send stream this replica takes"),
+    }
+}
+
+/// Reads the first [`STREAM_RECORD`] bytes of a stream (fewer if it ends before).
+async fn read_first_record(stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Vec<u8>> {
+    let mut record = vec![0u8; STREAM_RECORD];
+    let mut filled = 0;
+    while filled < record.len() {
+        match stream.read(&mut record[filled..]).await.context("reading the stream's first record")? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    record.truncate(filled);
+    Ok(record)
 }
 
 /// `zfs snapshot` of several datasets at one point in time: one command where ZFS takes
@@ -304,8 +529,19 @@ impl OriginSide for ZfsOrigin {
         Ok(())
     }
 
-    async fn send_resumed(&self, token: &str) -> Result<SendStream> {
+    /// The token is the replica's word: its text is checked before it reaches a command line,
+    /// then `zfs send -nvt` decodes it and it must name this very stream (see
+    /// [`check_resume_token`]); only then does `zfs send -t` run.
+    async fn send_resumed(&self, token: &str, snapshot: &Snapshot, base: Option<&Snapshot>) -> Result<SendStream> {
+        check_token_text(token)?;
         let cmd = resume_send_command(features().await, token).ok_or_else(|| anyhow!("this ZFS cannot resume a send (no `zfs send -t`)"))?;
+        let dump = resume_token_dump_command(token);
+        let (status, out, err) = dump.output_unchecked().await?;
+        if !status.success() {
+            bail!("`{dump}` cannot decode the replica's resume token ({status}): {}; the origin starts over with a fresh send", err.trim());
+        }
+        let decoded = parse_resume_token_dump(&format!("{out}\n{err}")).context("reading the replica's resume token")?;
+        check_resume_token(&decoded, &self.dataset, snapshot, base)?;
         let mut process = cmd.spawn(Pipe::Out)?;
         Ok(SendStream::new(Box::new(process.stdout()), process))
     }
@@ -346,6 +582,21 @@ impl ZfsReplica {
         ZfsReplica { dataset }
     }
 
+    /// Where `zfs receive -x` is missing (zfs-fuse): puts the [`RECEIVE_EXCLUDED`] properties
+    /// that a stream set, on the dataset or a child it brought, back to what the replica
+    /// inherits, right after the receive. Streams that carry properties are refused at their
+    /// first record, so this is for one that hid them further in (see [`check_stream_header`]).
+    async fn drop_received_properties(&self) -> Result<()> {
+        let text = zfs(&["get", "-r", "-H", "-o", "name,property,source", &RECEIVE_EXCLUDED.join(","), &self.dataset]).await?;
+        for (name, prop) in received_properties(&text) {
+            tracing::warn!(dataset = %name, "the origin's stream set `{prop}`: putting it back to the replica's inherited value");
+            zfs(&["inherit", &prop, &name])
+                .await
+                .with_context(|| format!("the origin's stream set `{prop}` on {name}, and it could not be undone; run `zfs inherit {prop} {name}`"))?;
+        }
+        Ok(())
+    }
+
     /// Drops what an interrupted resumable receive kept (modern ZFS); nothing to do on old.
     async fn discard_partial(&self) {
         if features().await.resumable {
@@ -371,13 +622,11 @@ impl ReplicaSide for ZfsReplica {
         zfs(&["get", "-H", "-o", "value", "receive_resume_token", &self.dataset]).await.ok().as_deref().and_then(parse_resume_token)
     }
 
+    /// The stream's first record is checked ([`check_stream_header`]) before anything on the
+    /// replica changes; `zfs receive` then gets it and the rest ([`receive_command`]).
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot> {
         let f = features().await;
         let exists = dataset_exists(&self.dataset).await?;
-        if !incoming.from_token {
-            // A new stream cannot start while an old partial receive is kept.
-            self.discard_partial().await;
-        }
         if exists && incoming.base.is_none() && !incoming.from_token && !self.list().await?.is_empty() {
             bail!(
                 "{} holds snapshots but none in common with the origin; a full receive would destroy them. \
@@ -386,22 +635,41 @@ impl ReplicaSide for ZfsReplica {
                 self.dataset
             );
         }
-        if !exists {
-            if let Some((parent, _)) = self.dataset.rsplit_once('/') {
-                if !dataset_exists(parent).await? {
-                    zfs(&["create", "-p", parent]).await.with_context(|| format!("cannot create the parent dataset {parent}"))?;
-                }
-            }
+        let first = read_first_record(stream).await?;
+        check_stream_header(&first).with_context(|| format!("the stream for {}@{}", self.dataset, incoming.name))?;
+        if !incoming.from_token {
+            // A new stream cannot start while an old partial receive is kept.
+            self.discard_partial().await;
+        }
+        if !exists
+            && let Some((parent, _)) = self.dataset.rsplit_once('/')
+            && !dataset_exists(parent).await?
+        {
+            zfs(&["create", "-p", parent]).await.with_context(|| format!("cannot create the parent dataset {parent}"))?;
         }
         let mut process = receive_command(f, &self.dataset, exists).spawn(Pipe::In)?;
         let mut stdin = process.stdin();
-        let copied = tokio::io::copy_buf(&mut tokio::io::BufReader::with_capacity(super::PIPE_BUFFER, stream), &mut stdin).await.map_err(anyhow::Error::from);
+        let mut whole = first.as_slice().chain(stream);
+        let copied =
+            tokio::io::copy_buf(&mut tokio::io::BufReader::with_capacity(super::PIPE_BUFFER, &mut whole), &mut stdin).await.map_err(anyhow::Error::from);
         let copied = match copied {
             Ok(_) => stdin.shutdown().await.map_err(anyhow::Error::from),
             Err(e) => Err(e),
         };
         drop(stdin);
         let received = process.wait().await;
+        // Without `-x`, undo what a stream may have set, whether the receive succeeded or
+        // not (a failed one can leave a file system behind). A failure to undo fails a
+        // receive that succeeded, and is logged beside one that failed.
+        let undone = match !f.receive_props && dataset_exists(&self.dataset).await.unwrap_or(true) {
+            true => self.drop_received_properties().await,
+            false => Ok(()),
+        };
+        if let Err(e) = &undone
+            && (copied.is_err() || received.is_err())
+        {
+            tracing::error!("{e:#}");
+        }
         if let Err(e) = copied {
             // A receive continuing a token keeps its partial state for another try; any other
             // is dropped (a cut stream is resumed by the spool, not by ZFS).
@@ -439,8 +707,10 @@ impl ReplicaSide for ZfsReplica {
         if got.identity != incoming.identity {
             bail!("received {}@{} has guid {}, expected {}", self.dataset, incoming.name, got.identity, incoming.identity);
         }
-        // Keep the replica read-only, and reads from changing it (atime).
-        for prop in ["readonly=on", "atime=off"] {
+        undone?;
+        // Keep the replica read-only (again: `-o` is not on every ZFS), and reads from
+        // changing it (atime).
+        for prop in RECEIVE_FORCED.into_iter().chain(["atime=off"]) {
             zfs(&["set", prop, &self.dataset]).await?;
         }
         Ok(got)
@@ -472,7 +742,8 @@ mod tests {
                 raw_send: false,
                 holds: true,
                 written: false,
-                receive_no_mount: false
+                receive_no_mount: false,
+                receive_props: false
             }
         );
     }
@@ -490,7 +761,8 @@ mod tests {
                 raw_send: true,
                 holds: true,
                 written: true,
-                receive_no_mount: true
+                receive_no_mount: true,
+                receive_props: true
             }
         );
     }
@@ -502,8 +774,16 @@ mod tests {
         assert_eq!(args(send_command(&old, "tank/p", "s2", Some("s1"), true)), "send -I tank/p@s1 tank/p@s2");
         assert_eq!(args(send_command(&modern, "tank/p", "s2", Some("s1"), true)), "send -c -I tank/p@s1 tank/p@s2");
         assert_eq!(args(send_command(&modern, "tank/p", "s2", None, false)), "send tank/p@s2");
+        // zfs-fuse takes none of -u, -o, -x (see receive_command for what stands in).
         assert_eq!(args(receive_command(&old, "b/p", true)), "receive -F b/p");
-        assert_eq!(args(receive_command(&modern, "b/p", false)), "receive -s b/p");
+        let guarded = "-u -o readonly=on -x mountpoint -x sharenfs -x sharesmb";
+        assert_eq!(args(receive_command(&modern, "b/p", false)), format!("receive -s {guarded} b/p"));
+        assert_eq!(args(receive_command(&modern, "b/p", true)), format!("receive -F -s {guarded} b/p"));
+        // ZoL 0.6.5: -u, but no -o or -x.
+        let zol065 =
+            Features::from_usage("usage: zfs command args ...\n\treceive [-vnFu] <filesystem|volume|snapshot>\n\treceive [-vnFu] [-d | -e] <filesystem>\n");
+        assert_eq!((zol065.receive_no_mount, zol065.receive_props), (true, false));
+        assert_eq!(args(receive_command(&zol065, "b/p", true)), "receive -F -u b/p");
         assert!(resume_send_command(&old, "tok").is_none());
         assert_eq!(args(resume_send_command(&modern, "1-abc").unwrap()), "send -t 1-abc");
         let (one, members) = group_snapshot_commands(&modern, &["tank/a", "tank/b"], "s").unwrap();
@@ -511,6 +791,179 @@ mod tests {
         let (one, members) = group_snapshot_commands(&old, &["tank/x/a", "tank/x/b"], "s").unwrap();
         assert_eq!((args(one), members.len()), ("snapshot -r tank/x@s".to_string(), 2));
         assert!(group_snapshot_commands(&old, &["tank/a", "pool2/b"], "s").is_none());
+    }
+
+    // `zfs send -nvt TOKEN` outputs, written by hand from OpenZFS's printing code (no ZFS
+    // here has `send -t`): libzfs_sendrecv.c prints "resume token contents:" and
+    // libnvpair.c's nvlist_print the pairs, in the order dsl_dataset.c puts them in the token.
+    // OpenZFS 2.1, incremental, on stdout (the estimate is printed only with -P or progress):
+    const DUMP_INCREMENTAL: &str = "resume token contents:\nnvlist version: 0\n\
+        \tfromguid = 0xa3d526371afa28ba\n\tobject = 0x4\n\toffset = 0x160000\n\tbytes = 0x2d3e10\n\
+        \ttoguid = 0x2604a9cea437f645\n\ttoname = tank/projects@snapship-20261123T101500.000Z\n\
+        \tembedok = 1\n\tcompressok = 1\n";
+    // OpenZFS 0.7, full, on stderr, followed by the size estimate.
+    const DUMP_FULL: &str = "resume token contents:\nnvlist version: 0\n\
+        \tobject = 0x1\n\toffset = 0x20000\n\tbytes = 0x31a18\n\ttoguid = 0xa3d526371afa28ba\n\
+        \ttoname = tank/projects@snapship-20261123T100000.000Z\n\tembedok = 1\n\
+        full send of tank/projects@snapship-20261123T100000.000Z estimated size is 3.98M\n";
+
+    /// The two snapship snapshots of the recorded `zfs get guid` (decimal guids).
+    fn recorded_snapshots() -> (Snapshot, Snapshot) {
+        let props = parse_properties(include_str!("../../tests/data/zfs/openzfs-2.1.11-get-guid.txt"));
+        let mut snaps = snapshots_in("tank/projects", &props).into_iter();
+        (snaps.next().unwrap(), snaps.next().unwrap())
+    }
+
+    #[test]
+    fn a_token_is_decoded_from_the_dump() {
+        let t = parse_resume_token_dump(DUMP_INCREMENTAL).unwrap();
+        assert_eq!(t.toname, "tank/projects@snapship-20261123T101500.000Z");
+        assert_eq!((t.toguid, t.fromguid), (2739501178331592261, Some(11805384016339282106)));
+        let t = parse_resume_token_dump(DUMP_FULL).unwrap();
+        assert_eq!((t.toguid, t.fromguid), (11805384016339282106, None));
+        // An explicit zero is no base, as libzfs reads it.
+        let zero = DUMP_FULL.replace("\tobject", "\tfromguid = 0x0\n\tobject");
+        assert_eq!(parse_resume_token_dump(&zero).unwrap().fromguid, None);
+    }
+
+    #[test]
+    fn a_token_for_the_planned_stream_is_accepted() {
+        let (first, second) = recorded_snapshots();
+        check_resume_token(&parse_resume_token_dump(DUMP_INCREMENTAL).unwrap(), "tank/projects", &second, Some(&first)).unwrap();
+        check_resume_token(&parse_resume_token_dump(DUMP_FULL).unwrap(), "tank/projects", &first, None).unwrap();
+    }
+
+    #[test]
+    fn a_hostile_token_is_refused() {
+        let (first, second) = recorded_snapshots();
+        let check = |dump: &str, dataset: &str, snapshot: &Snapshot, base: Option<&Snapshot>| {
+            let err = parse_resume_token_dump(dump).and_then(|t| check_resume_token(&t, dataset, snapshot, base)).unwrap_err();
+            format!("{err:#}")
+        };
+        let refused = |e: &str| e.contains("the replica offered a resume token for") && e.contains("the origin starts over");
+        // Another dataset on the origin, same snapshot name and guid.
+        let other = DUMP_INCREMENTAL.replace("toname = tank/projects@", "toname = tank/secrets@");
+        let e = check(&other, "tank/projects", &second, Some(&first));
+        assert!(refused(&e) && e.contains("tank/secrets@"), "{e}");
+        // A child of the dataset is another dataset too.
+        let child = DUMP_INCREMENTAL.replace("toname = tank/projects@", "toname = tank/projects/private@");
+        assert!(refused(&check(&child, "tank/projects", &second, Some(&first))));
+        // Another snapshot name, or the right name with another guid.
+        assert!(refused(&check(DUMP_INCREMENTAL, "tank/projects", &first, None)));
+        let guid = DUMP_INCREMENTAL.replace("toguid = 0x2604a9cea437f645", "toguid = 0x2604a9cea437f646");
+        let e = check(&guid, "tank/projects", &second, Some(&first));
+        assert!(refused(&e) && e.contains("another snapshot (guid 0x2604a9cea437f646"), "{e}");
+        // The wrong base, a base where a full stream was started, no base where one was.
+        let (_, mut foreign) = recorded_snapshots();
+        foreign.identity = "9034129472271137740".into();
+        let e = check(DUMP_INCREMENTAL, "tank/projects", &second, Some(&foreign));
+        assert!(refused(&e) && e.contains("another base"), "{e}");
+        assert!(refused(&check(DUMP_INCREMENTAL, "tank/projects", &second, None)));
+        let full_of_second = DUMP_FULL.replace("0xa3d526371afa28ba", "0x2604a9cea437f645").replace("T100000", "T101500");
+        assert!(refused(&check(&full_of_second, "tank/projects", &second, Some(&first))));
+        // A string value forging a line: the real pair is printed too, and a pair seen twice
+        // refuses the token.
+        let forged = DUMP_INCREMENTAL
+            .replace("\tembedok = 1\n", "\tnote = x\n\ttoname = tank/projects@snapship-20261123T101500.000Z\n")
+            .replace("toname = tank/projects@snapship-20261123T101500.000Z\n\tnote", "toname = tank/secrets@snapship-20261123T101500.000Z\n\tnote");
+        assert!(check(&forged, "tank/projects", &second, Some(&first)).contains("holds `toname` twice"));
+        // Forged pairs ending in a line of their own, the real ones after it: all are read.
+        let cut = DUMP_INCREMENTAL
+            .replace("\tfromguid", "\tnote = x\n\ttoname = tank/projects@snapship-20261123T101500.000Z\n\ttoguid = 0x2604a9cea437f645\nend\n\tfromguid");
+        let cut = cut.replacen("\ttoname = tank/projects@snapship-20261123T101500.000Z\n\tembedok", "\ttoname = tank/secrets@x\n\tembedok", 1);
+        assert!(check(&cut, "tank/projects", &second, Some(&first)).contains("twice"));
+        // Incomplete or garbled dumps.
+        assert!(check("cannot resume send: resume token is corrupt\n", "tank/projects", &first, None).contains("no resume token contents"));
+        assert!(check(&DUMP_FULL.replace("\ttoguid = 0xa3d526371afa28ba\n", ""), "tank/projects", &first, None).contains("no `toguid`"));
+        assert!(check(&DUMP_FULL.replace("0xa3d526371afa28ba", "11805384016339282106"), "tank/projects", &first, None).contains("not a hex number"));
+    }
+
+    #[test]
+    fn a_token_with_foreign_characters_never_reaches_a_command_line() {
+        let token = parse_resume_token(include_str!("../../tests/data/zfs/openzfs-2.1.11-get-resume-token.txt")).unwrap();
+        check_token_text(&token).unwrap();
+        for hostile in ["1-abc; rm -rf /", "1-$(reboot)", "1-`id`", "1-abc\n2-def", "1-a b", "-v", "", "1-abc|sh", "1-ab\u{e9}"] {
+            let err = check_token_text(hostile).unwrap_err().to_string();
+            assert!(err.contains("characters no ZFS token has"), "{hostile:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_origin_refuses_a_hostile_token_before_running_zfs() {
+        // Checked first thing: this runs no zfs (there is none in unit tests to run).
+        let (first, second) = recorded_snapshots();
+        let origin = ZfsOrigin::new("tank/projects".into());
+        let err = origin.send_resumed("1-abc$(touch /tmp/pwned)", &second, Some(&first)).await.err().expect("refused");
+        assert!(err.to_string().contains("characters no ZFS token has"), "{err}");
+    }
+
+    /// A stream's first record, built by hand from include/sys/zfs_ioctl.h: `drr_type`,
+    /// `drr_payloadlen`, then the DRR_BEGIN body (magic, versioninfo, creation time, type,
+    /// flags, toguid, fromguid, toname), in little or big endian.
+    fn begin_record(payload: u32, versioninfo: u64, big: bool) -> Vec<u8> {
+        let u32b = |v: u32| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        let u64b = |v: u64| if big { v.to_be_bytes() } else { v.to_le_bytes() };
+        let mut r = Vec::new();
+        r.extend(u32b(0)); // DRR_BEGIN
+        r.extend(u32b(payload));
+        r.extend(u64b(0x2_F5BA_CBAC));
+        r.extend(u64b(versioninfo));
+        r.extend(u64b(1_764_000_000)); // creation time
+        r.extend(u32b(2)); // DMU_OST_ZFS
+        r.extend(u32b(0)); // drr_flags
+        r.extend(u64b(0x2604_a9ce_a437_f645)); // toguid
+        r.extend(u64b(0)); // fromguid
+        let mut name = b"tank/projects@snapship-20261123T101500.000Z".to_vec();
+        name.resize(256, 0);
+        r.extend(name);
+        assert_eq!(r.len(), STREAM_RECORD);
+        r
+    }
+
+    #[test]
+    fn stream_headers_of_our_own_sends_pass() {
+        // Feature flags sit above the two header type bits: SA_SPILL | EMBED_DATA | LZ4.
+        let features = ((1 << 2) | (1 << 16) | (1 << 17)) << 2;
+        // zfs send [-i]: one substream; zfs send -I: a compound header without a payload.
+        assert_eq!(check_stream_header(&begin_record(0, features | 1, false)).unwrap(), StreamHeader::Single);
+        assert_eq!(check_stream_header(&begin_record(0, 2, false)).unwrap(), StreamHeader::Package);
+        // From a big-endian origin.
+        assert_eq!(check_stream_header(&begin_record(0, features | 1, true)).unwrap(), StreamHeader::Single);
+        assert_eq!(check_stream_header(&begin_record(0, 2, true)).unwrap(), StreamHeader::Package);
+        // zfs send -t: a substream with the RESUMING feature.
+        assert_eq!(check_stream_header(&begin_record(0, ((1 << 20) << 2) | 1, false)).unwrap(), StreamHeader::Single);
+    }
+
+    #[test]
+    fn replication_streams_are_refused() {
+        let refused = |r: &[u8]| {
+            let e = check_stream_header(r).unwrap_err().to_string();
+            assert!(e.contains("refused a ZFS replication stream"), "{e}");
+        };
+        // zfs send -R or -p: a compound header whose payload is the file systems' nvlist.
+        refused(&begin_record(628, 2, false));
+        refused(&begin_record(628, 2, true));
+        // --holds: the HOLDS feature on the compound header.
+        refused(&begin_record(0, ((1 << 26) << 2) | 2, false));
+        // Anything else is not a stream this replica takes.
+        let mut not_begin = begin_record(0, 1, false);
+        not_begin[0] = 5; // DRR_END
+        assert!(check_stream_header(&not_begin).unwrap_err().to_string().contains("does not begin with a DRR_BEGIN record (type 5)"));
+        let mut bad_magic = begin_record(0, 1, false);
+        bad_magic[8] ^= 1;
+        assert!(check_stream_header(&bad_magic).unwrap_err().to_string().contains("bad magic"));
+        assert!(check_stream_header(&begin_record(0, 3, false)).unwrap_err().to_string().contains("header type 3 is unknown"));
+        assert!(check_stream_header(&begin_record(0, 1, false)[..100]).unwrap_err().to_string().contains("ended after 100 bytes"));
+    }
+
+    #[test]
+    fn received_properties_are_found() {
+        // zfs-fuse, after receiving a `zfs send -p` stream of a dataset with a local
+        // mountpoint and sharesmb (seen live: `zfs get -r -H -o name,property,source`).
+        let text = "r/b\tmountpoint\treceived\nr/b\tsharenfs\tdefault\nr/b\tsharesmb\treceived\nr/b@s\tsharesmb\treceived\n";
+        let pair = |n: &str, p: &str| (n.to_string(), p.to_string());
+        assert_eq!(received_properties(text), [pair("r/b", "mountpoint"), pair("r/b", "sharesmb")]);
+        assert!(received_properties("r/b\tmountpoint\tinherited from r\nr/b\tsharenfs\tdefault\n").is_empty());
     }
 
     #[test]

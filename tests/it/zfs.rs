@@ -1,6 +1,7 @@
 //! The ZFS backend on real zfs-fuse pools: the btrfs scenarios again (full and incremental,
-//! bases after deletions, a kill mid-receive, over QUIC), holds on the base, feature
-//! detection against the live zfs, and a consistency group with one creation txg.
+//! bases after deletions, a kill mid-receive, over QUIC), holds on the base, a replica that
+//! refuses a stream carrying properties, feature detection against the live zfs, and a
+//! consistency group with one creation txg.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -173,6 +174,62 @@ fn zfs_over_quic() {
     assert_eq!(pa.snapshot_props(&src_ds, "guid"), pb.snapshot_props(&dst_ds, "guid"));
     assert_same_tree(&pa.mountpoint("db"), &pb.mountpoint("replicas/db"));
     c.stop("beta");
+}
+
+#[test]
+fn zfs_replica_refuses_a_stream_carrying_properties() {
+    if !have_zfs("zfs_replica_refuses_a_stream_carrying_properties") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    use snapship::snapshot::{Incoming, ReplicaSide, SnapshotName, zfs::ZfsReplica};
+    let zfs = |args: &[&str]| run(std::process::Command::new("zfs").args(args)).stdout;
+    let scratch = Scratch::new("zfs_refuses_props");
+    let (origin, replica) = (ZfsPool::new(&scratch, "o", 128), ZfsPool::new(&scratch, "r", 128));
+    let src = origin.dataset("projects");
+    fill_small(&origin.mountpoint("projects"), 3);
+    let (name, later) = ("snapship-20260101T000000.000Z", "snapship-20260101T010000.000Z");
+    zfs(&["snapshot", &format!("{src}@{name}")]);
+    zfs(&["snapshot", &format!("{src}@{later}")]);
+    let guid = origin.snapshot_props(&src, "guid").into_iter().find(|(n, _)| n == name).unwrap().1;
+    // A hostile origin: the properties in its streams would mount the replica outside its
+    // pool (here where the origin's file set was mounted when it sent them).
+    let elsewhere = scratch.dir.join("elsewhere");
+    zfs(&["set", &format!("mountpoint={}", elsewhere.display()), &src]);
+    let (with_props, replication, plain) =
+        (zfs(&["send", "-p", &format!("{src}@{name}")]), zfs(&["send", "-R", &format!("{src}@{name}")]), zfs(&["send", &format!("{src}@{name}")]));
+    // A package (`send -I`: a compound header without payload, then substreams) with the
+    // properties stream nested as its substream: its first record passes.
+    let package = zfs(&["send", "-I", &format!("{src}@{name}"), &format!("{src}@{later}")]);
+    let nested = [&package[..624], &with_props[..], &package[package.len() - 312..]].concat();
+    zfs(&["inherit", "mountpoint", &src]);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let incoming = Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid.clone(), base: None, from_token: false };
+    let dst = format!("{}/backup/projects", replica.name);
+    let side = ZfsReplica::new(dst.clone());
+    let mountpoint_of = |ds: &str| String::from_utf8_lossy(&zfs(&["get", "-H", "-o", "value,source", "mountpoint", ds])).trim().to_string();
+    for (flag, stream) in [("-p", &with_props), ("-R", &replication)] {
+        let err = rt.block_on(side.receive(&incoming, &mut &stream[..])).unwrap_err();
+        assert!(format!("{err:#}").contains("refused a ZFS replication stream"), "zfs send {flag}: {err:#}");
+        // Nothing happened on the replica: not even the parent was created.
+        assert!(replica.snapshot_props(&dst, "guid").is_empty());
+        assert!(std::process::Command::new("zfs").args(["list", &format!("{}/backup", replica.name)]).output().unwrap().status.code() != Some(0));
+    }
+    // The same snapshot without properties is received, mounted where the replica says.
+    let got = rt.block_on(side.receive(&incoming, &mut &plain[..])).unwrap();
+    assert_eq!(got.identity, guid);
+    assert_same_tree(&origin.mountpoint("projects"), &replica.mountpoint("backup/projects"));
+    assert!(mountpoint_of(&dst).starts_with(&format!("{}\tinherited", replica.mountpoint("backup/projects").display())), "{}", mountpoint_of(&dst));
+    // The nested properties reach zfs receive; without `-x` (zfs-fuse) the replica puts them
+    // back right after, whether the receive succeeded or not.
+    let nested_dst = format!("{}/backup/nested", replica.name);
+    let result = rt.block_on(ZfsReplica::new(nested_dst.clone()).receive(&incoming, &mut &nested[..]));
+    assert!(
+        mountpoint_of(&nested_dst).starts_with(&format!("{}\tinherited", replica.mountpoint("backup/nested").display())),
+        "{result:?}: {}",
+        mountpoint_of(&nested_dst)
+    );
 }
 
 #[test]
