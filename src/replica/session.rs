@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,7 +79,30 @@ struct StreamKey {
     compact: bool,
 }
 
-struct Progress {
+/// Where a session is in its life, as its feeders see it:
+///
+/// ```text
+///  begin -> Fed --cut, stall, origin gone--> Detached --resume--> Fed
+///            |                                  |
+///            +--end of stream, checked--> Finishing --receive ends--> (forgotten)
+///  any --replaced, expired, stuck, shutdown--> Dropped
+/// ```
+/// The receive's own end (the `outcome` watch) is apart: it may fail in any phase.
+enum Phase {
+    /// A connection feeds the session; cancelling `feeder` cuts that connection off.
+    Fed { feeder: CancellationToken },
+    /// Cut: nobody has fed it since `since`; resumable until the resume window passes.
+    Detached { since: Instant },
+    /// The stream is complete and checked; the receive is finishing. Not resumable.
+    Finishing,
+    /// Dropped for `why`: its feeder is cut off and answers with this; its receive fails.
+    Dropped { code: ErrorCode, why: String },
+}
+
+/// A session's phase and how much of the stream it holds, behind one lock: a listing never
+/// pairs the offset of one moment with the hash of another.
+struct State {
+    phase: Phase,
     offset: u64,
     hasher: blake3::Hasher,
 }
@@ -90,29 +112,62 @@ pub struct Session {
     peer: String,
     key: StreamKey,
     writer: SpoolWriter,
-    progress: Mutex<Progress>,
-    /// Held by the connection feeding the session.
+    state: Mutex<State>,
+    /// Held by the connection feeding the session: one feeder at a time.
     feeding: Arc<tokio::sync::Mutex<()>>,
-    /// Cancels the current feeder (a newer connection takes over).
-    feeder: Mutex<CancellationToken>,
-    detached_at: Mutex<Option<Instant>>,
     outcome: watch::Receiver<Option<Outcome>>,
     receive: Mutex<Option<JoinHandle<()>>>,
-    /// The stream is complete and checked; the receive is finishing. Not resumable.
-    finishing: AtomicBool,
-    /// Why the session was dropped, if it was (for the feeder cut off, and the receive).
-    dropped: Mutex<Option<(ErrorCode, String)>>,
 }
 
 impl Session {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("session state lock")
+    }
+
     /// Stream bytes held, and their BLAKE3 (hex).
     fn held(&self) -> (u64, String) {
-        let p = self.progress.lock().expect("progress lock");
-        (p.offset, p.hasher.finalize().to_hex().to_string())
+        let st = self.state();
+        (st.offset, st.hasher.finalize().to_hex().to_string())
+    }
+
+    /// Whether an origin may resume it: fed or cut, and its receive still alive.
+    fn resumable(&self) -> bool {
+        self.outcome.borrow().is_none() && matches!(self.state().phase, Phase::Fed { .. } | Phase::Detached { .. })
+    }
+
+    fn finishing(&self) -> bool {
+        matches!(self.state().phase, Phase::Finishing)
+    }
+
+    /// Since when nobody feeds it, if it is cut.
+    fn detached_since(&self) -> Option<Instant> {
+        match self.state().phase {
+            Phase::Detached { since } => Some(since),
+            _ => None,
+        }
+    }
+
+    /// Why it was dropped, if it was.
+    fn dropped(&self) -> Option<(ErrorCode, String)> {
+        match &self.state().phase {
+            Phase::Dropped { code, why } => Some((*code, why.clone())),
+            _ => None,
+        }
+    }
+
+    /// Drops it for `why` (the first reason stays), cutting off any feeder.
+    fn drop_for(&self, code: ErrorCode, why: &str) {
+        let mut st = self.state();
+        match &st.phase {
+            Phase::Dropped { .. } => return,
+            Phase::Fed { feeder } => feeder.cancel(),
+            Phase::Detached { .. } | Phase::Finishing => {}
+        }
+        st.phase = Phase::Dropped { code, why: why.to_string() };
     }
 
     fn partial(&self) -> Partial {
-        debug_assert!(!self.finishing.load(Ordering::Relaxed));
+        debug_assert!(!self.finishing());
         let (offset, blake3) = self.held();
         Partial {
             snapshot: self.key.snapshot.clone(),
@@ -130,7 +185,7 @@ impl Session {
         let mut rx = self.outcome.clone();
         match rx.wait_for(Option::is_some).await {
             Ok(o) => o.clone().expect("waited for Some"),
-            Err(_) => Err(self.dropped.lock().expect("dropped lock").clone().unwrap_or((ErrorCode::ReceiveFailed, "the receive was stopped".into()))),
+            Err(_) => Err(self.dropped().unwrap_or((ErrorCode::ReceiveFailed, "the receive was stopped".into()))),
         }
     }
 }
@@ -145,7 +200,10 @@ pub struct Attached {
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        *self.session.detached_at.lock().expect("detached lock") = Some(Instant::now());
+        let mut st = self.session.state();
+        if let Phase::Fed { .. } = st.phase {
+            st.phase = Phase::Detached { since: Instant::now() };
+        }
     }
 }
 
@@ -233,8 +291,7 @@ impl Sessions {
     /// The resumable transfer into `fileset`, if there is one.
     pub fn partial(&self, fileset: &str) -> Option<Partial> {
         let session = self.map.lock().expect("sessions lock").get(fileset).cloned()?;
-        let resumable = session.outcome.borrow().is_none() && !session.finishing.load(Ordering::Relaxed);
-        resumable.then(|| session.partial())
+        session.resumable().then(|| session.partial())
     }
 
     /// Starts a transfer (or resumes the partial one) and attaches the caller to it.
@@ -250,7 +307,7 @@ impl Sessions {
         let _one_at_a_time = self.fileset_lock(fileset).lock_owned().await;
         let key = StreamKey { snapshot: incoming.name.to_string(), identity: incoming.identity.clone(), base: incoming.base.clone(), compact };
         let existing = self.map.lock().expect("sessions lock").get(fileset).cloned();
-        if let Some(s) = existing.as_ref().filter(|s| s.finishing.load(Ordering::Relaxed) && s.outcome.borrow().is_none()) {
+        if let Some(s) = existing.as_ref().filter(|s| s.finishing() && s.outcome.borrow().is_none()) {
             return Err(failed(ErrorCode::Busy, format!("the receive of {} into `{fileset}` is finishing; list again in a moment", s.key.snapshot)));
         }
         if let Some(resume) = resume {
@@ -298,14 +355,10 @@ impl Sessions {
             peer: peer.to_string(),
             key,
             writer,
-            progress: Mutex::new(Progress { offset: 0, hasher: blake3::Hasher::new() }),
+            state: Mutex::new(State { phase: Phase::Detached { since: Instant::now() }, offset: 0, hasher: blake3::Hasher::new() }),
             feeding: Arc::default(),
-            feeder: Mutex::new(CancellationToken::new()),
-            detached_at: Mutex::new(None),
             outcome: rx,
             receive: Mutex::new(Some(receive)),
-            finishing: AtomicBool::new(false),
-            dropped: Mutex::new(None),
         });
         self.map.lock().expect("sessions lock").insert(fileset.to_string(), session.clone());
         self.attach(&session).await
@@ -313,13 +366,21 @@ impl Sessions {
 
     /// Takes the session over from any connection still feeding it.
     async fn attach(&self, session: &Arc<Session>) -> Result<Attached> {
-        session.feeder.lock().expect("feeder lock").cancel();
+        if let Phase::Fed { feeder } = &session.state().phase {
+            feeder.cancel();
+        }
         let guard = tokio::time::timeout(GRACE, session.feeding.clone().lock_owned())
             .await
             .map_err(|_| failed(ErrorCode::Busy, "the previous connection still feeds this transfer; try again"))?;
         let token = CancellationToken::new();
-        *session.feeder.lock().expect("feeder lock") = token.clone();
-        *session.detached_at.lock().expect("detached lock") = None;
+        {
+            let mut st = session.state();
+            match &st.phase {
+                Phase::Dropped { code, why } => return Err(failed(*code, why.clone())),
+                Phase::Finishing => return Err(failed(ErrorCode::Busy, "the receive is finishing; list again in a moment")),
+                Phase::Fed { .. } | Phase::Detached { .. } => st.phase = Phase::Fed { feeder: token.clone() },
+            }
+        }
         Ok(Attached { session: session.clone(), _feeding: guard, token })
     }
 
@@ -328,8 +389,7 @@ impl Sessions {
     /// cut off and answers the origin with `code` and `why`.
     async fn discard(&self, session: &Arc<Session>, code: ErrorCode, why: &str, kill: bool) {
         self.forget(session);
-        session.dropped.lock().expect("dropped lock").get_or_insert_with(|| (code, why.to_string()));
-        session.feeder.lock().expect("feeder lock").cancel();
+        session.drop_for(code, why);
         session.writer.fail(why.to_string());
         let grace = if kill { Duration::ZERO } else { GRACE.min(self.stall_timeout()) };
         let ended = tokio::time::timeout(grace, session.outcome()).await.is_ok();
@@ -353,8 +413,7 @@ impl Sessions {
     pub fn shutdown(&self) {
         let sessions: Vec<Arc<Session>> = self.map.lock().expect("sessions lock").values().cloned().collect();
         for s in sessions {
-            s.dropped.lock().expect("dropped lock").get_or_insert_with(|| (ErrorCode::Aborted, "the replica is shutting down".into()));
-            s.feeder.lock().expect("feeder lock").cancel();
+            s.drop_for(ErrorCode::Aborted, "the replica is shutting down");
             s.writer.fail("the replica is shutting down");
         }
     }
@@ -368,7 +427,7 @@ impl Sessions {
         let e = match result {
             Ok(digest) => {
                 // The stream is complete and checked: let the receive finish.
-                session.finishing.store(true, Ordering::Relaxed);
+                session.state().phase = Phase::Finishing;
                 session.writer.finish(digest);
                 let outcome = self.finish(&session, acks).await;
                 self.forget(&session);
@@ -378,7 +437,7 @@ impl Sessions {
         };
         if attached.token.is_cancelled() {
             // Dropped (say why), or taken over by another connection.
-            return match session.dropped.lock().expect("dropped lock").clone() {
+            return match session.dropped() {
                 Some((code, why)) => Err(failed(code, why)),
                 None => Err(e),
             };
@@ -394,7 +453,7 @@ impl Sessions {
             self.discard(&session, ErrorCode::Checksum, "the stream failed its final checksum", false).await;
             return Err(e);
         }
-        let offset = session.progress.lock().expect("progress lock").offset;
+        let offset = session.state().offset;
         tracing::info!(peer = %session.peer, fileset = %session.fileset, offset, "transfer cut, kept for resuming: {e:#}");
         Err(e) // dropping `attached` marks the session detached
     }
@@ -403,7 +462,7 @@ impl Sessions {
     /// along that the replica is alive; a receive that has read everything and still does
     /// not end within the stall timeout is killed.
     async fn finish<W: AsyncWrite + Unpin>(&self, session: &Arc<Session>, acks: &mut W) -> Outcome {
-        let offset = session.progress.lock().expect("progress lock").offset;
+        let offset = session.state().offset;
         let mut drained_since: Option<Instant> = None;
         loop {
             tokio::select! {
@@ -442,7 +501,7 @@ impl Sessions {
             }
             let sessions: Vec<Arc<Session>> = self.map.lock().expect("sessions lock").values().cloned().collect();
             for s in sessions {
-                let detached = *s.detached_at.lock().expect("detached lock");
+                let detached = s.detached_since();
                 if s.outcome.borrow().is_some() && detached.is_some() {
                     self.forget(&s); // failed on its own while nobody fed it
                 } else if detached.is_some_and(|t| t.elapsed() > self.settings.resume_window.0) {
@@ -469,7 +528,7 @@ async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut Incom
     let token = &attached.token;
     let taken_over = || anyhow!("another connection took the transfer over");
     let mut buf = BytesMut::with_capacity(2 * PUSH);
-    let mut last_ack = (session.progress.lock().expect("progress lock").offset, Instant::now());
+    let mut last_ack = (session.state().offset, Instant::now());
     loop {
         if buf.capacity() - buf.len() < PUSH {
             buf.reserve(PUSH);
@@ -494,7 +553,7 @@ async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut Incom
             }
             session.writer.push(chunk.clone()).await?;
             let offset = {
-                let mut p = session.progress.lock().expect("progress lock");
+                let mut p = session.state();
                 p.hasher.update(&chunk);
                 p.offset += chunk.len() as u64;
                 p.offset
