@@ -151,7 +151,7 @@ fn common_base_survives_deletions() {
     let s6 = f.sync();
     assert_eq!(s6.base, None);
     assert!(s6.bytes > 8 << 20, "a full send again: {} bytes", s6.bytes);
-    assert_eq!(f.replica_snapshots(), [s6.snapshot.clone()]);
+    assert_eq!(f.replica_snapshots(), std::slice::from_ref(&s6.snapshot));
     assert_same_tree(&f.source, &f.replica.join("latest"));
     let _ = s1;
 }
@@ -185,7 +185,7 @@ fn sigkill_mid_receive_leaves_nothing_partial() {
     assert!(std::fs::read_dir(&staging).unwrap().count() > 1, "nothing was being received");
 
     // Nothing partial is visible: only the first snapshot, and latest still points at it.
-    assert_eq!(f.replica_snapshots(), [first.snapshot.clone()]);
+    assert_eq!(f.replica_snapshots(), std::slice::from_ref(&first.snapshot));
     assert_eq!(f.latest(), first.snapshot);
     f.assert_replica_matches_origin();
 
@@ -454,10 +454,11 @@ fn hostile_symlinks_inside_a_snapshot_are_data_and_a_wrongly_named_subvolume_is_
     // and nothing of it stays.
     for name in ["latest", ".snapship-staging", ".lock"] {
         let snap = h.snapshot(name, crafted);
-        let err = h.receive(OTHER, &subvol(&snap).uuid, &h.send(&[&snap])).unwrap_err();
-        assert!(format!("{err:#}").contains(&format!("made \"{name}\", not snapshot {OTHER}")), "{err:#}");
+        let result = h.receive(OTHER, &subvol(&snap).uuid, &h.send(&[&snap]));
         h.assert_replica_holds(&[NAME]);
         h.assert_outside_untouched();
+        let err = result.unwrap_err();
+        assert!(format!("{err:#}").contains(&format!("made \"{name}\", not snapshot {OTHER}")), "{err:#}");
     }
     assert_eq!(std::fs::read_link(h.replica.join("latest")).unwrap(), Path::new(NAME));
 }
@@ -469,9 +470,10 @@ fn a_stream_of_two_subvolumes_is_refused_and_leaves_nothing() {
     }
     let h = Hostile::new("two_subvolumes");
     let (a, b) = (h.plain_snapshot(NAME), h.plain_snapshot(OTHER));
-    let err = h.receive(NAME, &subvol(&a).uuid, &h.send(&[&a, &b])).unwrap_err();
-    assert!(format!("{err:#}").contains("this one made 2 entries"), "{err:#}");
+    let result = h.receive(NAME, &subvol(&a).uuid, &h.send(&[&a, &b]));
     h.assert_replica_holds(&[]);
+    let err = result.unwrap_err();
+    assert!(format!("{err:#}").contains("this one made 2 entries"), "{err:#}");
     assert!(h.list().unwrap().is_empty());
     // And the replica still takes a proper stream afterwards.
     h.receive(NAME, &subvol(&a).uuid, &h.send(&[&a])).unwrap();
@@ -498,18 +500,20 @@ fn byte_edited_streams_are_refused_with_nothing_visible() {
     // The subvolume renamed, checksum fixed: not the snapshot asked for.
     let mut renamed = Stream::parse(&stream);
     renamed.rename_subvolume(OTHER);
-    let err = h.receive(NAME, &uuid, &renamed.bytes()).unwrap_err();
-    assert!(format!("{err:#}").contains(&format!("made \"{OTHER}\", not snapshot {NAME}")), "{err:#}");
+    let result = h.receive(NAME, &uuid, &renamed.bytes());
     h.assert_replica_holds(&[]);
+    let err = result.unwrap_err();
+    assert!(format!("{err:#}").contains(&format!("made \"{OTHER}\", not snapshot {NAME}")), "{err:#}");
 
     // A symlink made beside the subvolume (`..` from inside it), pointing outside: refused,
     // the symlink removed, not followed.
     let mut beside = Stream::parse(&stream);
     beside.insert_symlink("../planted", &h.outside);
-    let err = h.receive(NAME, &uuid, &beside.bytes()).unwrap_err();
-    assert!(format!("{err:#}").contains("this one made 2 entries"), "{err:#}");
+    let result = h.receive(NAME, &uuid, &beside.bytes());
     h.assert_replica_holds(&[]);
     h.assert_outside_untouched();
+    let err = result.unwrap_err();
+    assert!(format!("{err:#}").contains("this one made 2 entries"), "{err:#}");
 
     // The untouched stream is still fine.
     h.receive(NAME, &uuid, &stream).unwrap();
@@ -517,25 +521,33 @@ fn byte_edited_streams_are_refused_with_nothing_visible() {
 }
 
 #[test]
-fn symlinks_planted_in_the_replica_directory_are_never_followed() {
-    if !have_root("symlinks_planted_in_the_replica_directory") {
+fn a_staging_directory_that_is_a_symlink_is_refused_and_not_followed() {
+    if !have_root("a_staging_directory_that_is_a_symlink") {
+        return;
+    }
+    let h = Hostile::new("staging_symlink");
+    let snap = h.plain_snapshot(NAME);
+    std::fs::create_dir_all(&h.replica).unwrap();
+    let staging = h.replica.join(".snapship-staging");
+    symlink(&h.outside, &staging);
+    let result = h.receive(NAME, &subvol(&snap).uuid, &h.send(&[&snap]));
+    // Nothing made (no lock, no subvolume) or removed (the marker) through the link.
+    h.assert_outside_untouched();
+    let err = format!("{:#}", result.unwrap_err());
+    assert!(err.contains(&staging.display().to_string()) && err.contains("symbolic link"), "{err}");
+    assert_eq!(names_in(&h.replica), [".snapship-staging"]);
+}
+
+#[test]
+fn symlinks_planted_at_the_hidden_and_temporary_names_are_never_followed() {
+    if !have_root("symlinks_planted_at_the_hidden_and_temporary_names") {
         return;
     }
     let h = Hostile::new("planted_symlinks");
     let snap = h.plain_snapshot(NAME);
-    let (uuid, stream) = (subvol(&snap).uuid, h.send(&[&snap]));
     std::fs::create_dir_all(&h.replica).unwrap();
-
-    // Staging is a symlink to the outside: refused, nothing made or removed there.
-    let staging = h.replica.join(".snapship-staging");
-    symlink(&h.outside, &staging);
-    let err = format!("{:#}", h.receive(NAME, &uuid, &stream).unwrap_err());
-    assert!(err.contains(&staging.display().to_string()) && err.contains("symbolic link"), "{err}");
-    h.assert_outside_untouched();
-    std::fs::remove_file(&staging).unwrap();
-
-    // The hidden publishing name, `latest` and its temporary names planted, pointing at a
-    // subvolume and a directory outside: received fine, and nothing outside touched.
+    // The hidden publishing name pointing at a subvolume outside, `latest` and its temporary
+    // names (this process's) at a directory outside.
     let victim = h.fs.subvolume("victim");
     std::fs::write(victim.join("marker"), "keep me too").unwrap();
     symlink(&victim, h.replica.join(format!(".snapship-publishing-{NAME}")));
@@ -543,11 +555,12 @@ fn symlinks_planted_in_the_replica_directory_are_never_followed() {
     for n in 0..256 {
         symlink(&h.outside, h.replica.join(format!(".latest.tmp-{}-{n}", std::process::id())));
     }
-    h.receive(NAME, &uuid, &stream).unwrap();
-    h.assert_replica_holds(&[NAME]);
-    assert_eq!(std::fs::read_link(h.replica.join("latest")).unwrap(), Path::new(NAME));
+    let result = h.receive(NAME, &subvol(&snap).uuid, &h.send(&[&snap]));
     h.assert_outside_untouched();
     assert_eq!(std::fs::read_to_string(victim.join("marker")).unwrap(), "keep me too");
+    result.unwrap();
+    h.assert_replica_holds(&[NAME]);
+    assert_eq!(std::fs::read_link(h.replica.join("latest")).unwrap(), Path::new(NAME));
 }
 
 #[test]
