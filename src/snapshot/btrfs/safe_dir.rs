@@ -529,4 +529,78 @@ mod tests {
         assert_eq!(std::fs::read_link(tmp.path().join(".lock")).unwrap(), Path::new("c"));
         assert_eq!(dir.entries().unwrap().len(), 3);
     }
+
+    /// A loop-mounted btrfs in a temporary directory, for the tests that need subvolumes;
+    /// `None` (the test skips) without root or btrfs-progs. Unmounted on drop.
+    struct LoopFs {
+        tmp: tempfile::TempDir,
+    }
+
+    impl LoopFs {
+        fn new(test: &str) -> Option<LoopFs> {
+            let have_tools = std::process::Command::new("mkfs.btrfs").arg("--version").output().is_ok_and(|o| o.status.success());
+            if !nix::unistd::geteuid().is_root() || !have_tools {
+                eprintln!("SKIPPED {test}: needs root and btrfs-progs");
+                return None;
+            }
+            // Under the test scratch directory when there is one: `scripts/with-scratch.sh`
+            // sweeps mounts a killed test left there.
+            let base = std::env::var_os("SNAPSHIP_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+            let tmp = tempfile::Builder::new().prefix(test).tempdir_in(base).unwrap();
+            let (image, mnt) = (tmp.path().join("fs.img"), tmp.path().join("mnt"));
+            std::fs::create_dir(&mnt).unwrap();
+            let run = |cmd: &mut std::process::Command| assert!(cmd.output().unwrap().status.success(), "{cmd:?} failed");
+            run(std::process::Command::new("truncate").arg("-s").arg("128M").arg(&image));
+            run(std::process::Command::new("mkfs.btrfs").arg("-q").arg(&image));
+            run(std::process::Command::new("mount").arg("-o").arg("loop").arg(&image).arg(&mnt));
+            Some(LoopFs { tmp })
+        }
+
+        fn mnt(&self) -> PathBuf {
+            self.tmp.path().join("mnt")
+        }
+    }
+
+    impl Drop for LoopFs {
+        fn drop(&mut self) {
+            for _ in 0..50 {
+                if std::process::Command::new("umount").arg(self.mnt()).status().is_ok_and(|s| s.success()) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let _ = std::process::Command::new("umount").arg("-l").arg(self.mnt()).status();
+        }
+    }
+
+    #[test]
+    fn subvolumes_are_recognised_and_removed_with_the_ones_nested_in_them() {
+        let Some(fs) = LoopFs::new("safe-dir-subvolumes") else { return };
+        let mnt = fs.mnt();
+        let create = |path: &Path| libbtrfsutil::create_subvolume(path).unwrap();
+        let outer = mnt.join("outer");
+        create(&outer);
+        std::fs::create_dir(outer.join("dir")).unwrap();
+        create(&outer.join("dir/inner"));
+        std::fs::write(mnt.join("marker"), "keep").unwrap();
+        std::os::unix::fs::symlink(mnt.join("marker"), outer.join("dir/inner/link")).unwrap();
+        libbtrfsutil::set_subvolume_read_only(&outer, true).unwrap();
+        create(&mnt.join("plain"));
+
+        let dir = open_trusted(&mnt, false).unwrap().unwrap();
+        let outer_dir = dir.open_dir(OsStr::new("outer")).unwrap().unwrap();
+        assert!(outer_dir.is_subvolume_root().unwrap());
+        assert!(outer_dir.has_nested_subvolumes().unwrap());
+        assert!(!outer_dir.open_dir(OsStr::new("dir")).unwrap().unwrap().is_subvolume_root().unwrap());
+        let plain = dir.open_dir(OsStr::new("plain")).unwrap().unwrap();
+        assert!(plain.is_subvolume_root().unwrap() && !plain.has_nested_subvolumes().unwrap());
+
+        // Read-only and holding another subvolume: still removed, by fd, without following
+        // the symlink inside.
+        dir.remove_all(OsStr::new("outer")).unwrap();
+        assert!(std::fs::symlink_metadata(&outer).is_err());
+        assert_eq!(std::fs::read_to_string(mnt.join("marker")).unwrap(), "keep");
+        dir.remove_all(OsStr::new("plain")).unwrap();
+        assert_eq!(dir.entries().unwrap(), [OsString::from("marker")]);
+    }
 }
