@@ -328,14 +328,75 @@ impl SafeDir {
         if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
             return self.unlink(name);
         }
-        let Some(child) = self.open_dir(name)? else { return Ok(()) };
-        if child.is_subvolume_root()? {
-            return self.delete_subvolume(name, &child);
+        let Some(top) = self.open_dir(name)? else { return Ok(()) };
+        if top.is_subvolume_root()? {
+            return self.delete_subvolume(name, &top);
         }
-        for entry in child.entries()? {
-            child.remove_all(&entry)?;
+        let shown = top.path.clone();
+        top.sweep(Sweep::Everything)?;
+        rustix::fs::unlinkat(&self.fd, name, AtFlags::REMOVEDIR).with_context(|| format!("cannot remove {}", shown.display()))
+    }
+
+    /// Walks the tree below this directory, depth first, doing `what`.
+    ///
+    /// A hostile stream can make a tree deeper than the fds a process may hold (or than a
+    /// stack of recursive calls), so the walk holds one directory open at a time: it goes down
+    /// by `openat(name, O_NOFOLLOW)`, and back up by `..` (never a symlink; and nobody but
+    /// root and us can move these directories around), keeping only names in memory.
+    fn sweep(self, what: Sweep) -> Result<()> {
+        // Per level: the directory's name in its parent, and its subdirectories still to visit.
+        let mut levels: Vec<(OsString, Vec<OsString>)> = vec![(OsString::new(), self.visit(what)?)];
+        let mut current = self;
+        loop {
+            let (_, pending) = levels.last_mut().expect("the top level stays until the end");
+            if let Some(next) = pending.pop() {
+                if let Some(child) = current.open_dir(&next)? {
+                    levels.push((next, child.visit(what)?));
+                    current = child;
+                }
+                continue;
+            }
+            let (done, _) = levels.pop().expect("not empty");
+            if levels.is_empty() {
+                return Ok(());
+            }
+            let parent = current.open_parent()?;
+            if what == Sweep::Everything {
+                rustix::fs::unlinkat(&parent.fd, &done, AtFlags::REMOVEDIR).with_context(|| format!("cannot remove {}", current.path.display()))?;
+            }
+            current = parent;
         }
-        rustix::fs::unlinkat(&self.fd, name, AtFlags::REMOVEDIR).with_context(|| format!("cannot remove {}", child.path.display()))
+    }
+
+    /// One directory's share of [`Self::sweep`]: deletes the subvolumes in it, and with
+    /// [`Sweep::Everything`] unlinks all that is not a directory; returns the plain
+    /// subdirectories, to visit next.
+    fn visit(&self, what: Sweep) -> Result<Vec<OsString>> {
+        let mut subdirs = Vec::new();
+        for entry in self.entries()? {
+            let Some(st) = self.stat_of(&entry)? else { continue };
+            if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+                if what == Sweep::Everything {
+                    self.unlink(&entry)?;
+                }
+                continue;
+            }
+            let Some(child) = self.open_dir(&entry)? else { continue };
+            if child.is_subvolume_root()? {
+                self.delete_subvolume(&entry, &child)?;
+            } else {
+                subdirs.push(entry);
+            }
+        }
+        Ok(subdirs)
+    }
+
+    /// The parent directory, through `..`.
+    fn open_parent(&self) -> Result<SafeDir> {
+        let fd = rustix::fs::openat(&self.fd, "..", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+            .with_context(|| format!("cannot open the parent of {}", self.path.display()))?;
+        let path = self.path.parent().map(Path::to_path_buf).unwrap_or_else(|| self.path.clone());
+        Ok(SafeDir { fd, path })
     }
 
     /// Deletes subvolume `name` (already opened as `child` and found to be a subvolume root).
@@ -357,26 +418,25 @@ impl SafeDir {
         tracing::warn!(path = %shown.display(), "deleting the subvolumes nested in it first");
         libbtrfsutil::set_subvolume_read_only(child.proc_path(), false)
             .map_err(|e| anyhow!("cannot make {} writable to empty it: {e} ({})", shown.display(), e.os_error()))?;
-        child.remove_nested_subvolumes()?;
+        child.reopen()?.sweep(Sweep::SubvolumesOnly)?;
         libbtrfsutil::delete_subvolume(&path).map_err(|e| anyhow!("cannot delete subvolume {}: {e} ({})", shown.display(), e.os_error()))
     }
 
-    /// Walks this directory (not following symlinks) and deletes every subvolume found.
-    fn remove_nested_subvolumes(&self) -> Result<()> {
-        for entry in self.entries()? {
-            let Some(st) = self.stat_of(&entry)? else { continue };
-            if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
-                continue;
-            }
-            let Some(child) = self.open_dir(&entry)? else { continue };
-            if child.is_subvolume_root()? {
-                self.delete_subvolume(&entry, &child)?;
-            } else {
-                child.remove_nested_subvolumes()?;
-            }
-        }
-        Ok(())
+    /// A second fd on this directory.
+    fn reopen(&self) -> Result<SafeDir> {
+        let fd = rustix::fs::openat(&self.fd, ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        Ok(SafeDir { fd, path: self.path.clone() })
     }
+}
+
+/// What [`SafeDir::sweep`] does in the tree it walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sweep {
+    /// Removes all of it.
+    Everything,
+    /// Deletes the subvolumes in it, leaves the rest.
+    SubvolumesOnly,
 }
 
 /// `struct btrfs_ioctl_get_subvol_rootref_args` of linux/btrfs.h.
@@ -499,6 +559,29 @@ mod tests {
         dir.remove_all(OsStr::new("top-link")).unwrap();
         dir.remove_all(OsStr::new("never-was")).unwrap();
         assert!(!junk.exists() && std::fs::symlink_metadata(tmp.path().join("top-link")).is_err());
+        assert_eq!(std::fs::read_to_string(outside.join("marker")).unwrap(), "keep");
+    }
+
+    #[test]
+    fn remove_all_handles_trees_deeper_than_a_path_can_name() {
+        let (tmp, dir) = scratch("safe-dir-deep");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("marker"), "keep").unwrap();
+        dir.mkdir(OsStr::new("deep"), 0o755).unwrap();
+        let mut current = dir.open_dir(OsStr::new("deep")).unwrap().unwrap();
+        for i in 0..3000 {
+            current.mkdir(OsStr::new("d"), 0o755).unwrap();
+            if i % 500 == 0 {
+                current.mkdir(OsStr::new("side"), 0o755).unwrap();
+                let side = current.open_dir(OsStr::new("side")).unwrap().unwrap();
+                assert!(side.symlink(outside.as_os_str(), OsStr::new("out")).unwrap());
+            }
+            current = current.open_dir(OsStr::new("d")).unwrap().unwrap();
+        }
+        drop(current);
+        dir.remove_all(OsStr::new("deep")).unwrap();
+        assert_eq!(dir.entries().unwrap(), [OsString::from("outside")]);
         assert_eq!(std::fs::read_to_string(outside.join("marker")).unwrap(), "keep");
     }
 
