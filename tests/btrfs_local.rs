@@ -547,20 +547,28 @@ fn symlinks_planted_at_the_hidden_and_temporary_names_are_never_followed() {
     let snap = h.plain_snapshot(NAME);
     std::fs::create_dir_all(&h.replica).unwrap();
     // The hidden publishing name pointing at a subvolume outside, `latest` and its temporary
-    // names (this process's) at a directory outside.
+    // names at a directory outside: the names this process would try next (left alone: a
+    // live process may be about to use its own) and one of a process that is gone.
     let victim = h.fs.subvolume("victim");
     std::fs::write(victim.join("marker"), "keep me too").unwrap();
     symlink(&victim, h.replica.join(format!(".snapship-publishing-{NAME}")));
     symlink(&h.outside, h.replica.join("latest"));
-    for n in 0..256 {
-        symlink(&h.outside, h.replica.join(format!(".latest.tmp-{}-{n}", std::process::id())));
+    let ours: Vec<String> = (0..256).map(|n| format!(".latest.tmp-{}-{n}", std::process::id())).collect();
+    for name in &ours {
+        symlink(&h.outside, h.replica.join(name));
     }
+    symlink(&h.outside, h.replica.join(".latest.tmp-4194999-0"));
     let result = h.receive(NAME, &subvol(&snap).uuid, &h.send(&[&snap]));
     h.assert_outside_untouched();
     assert_eq!(std::fs::read_to_string(victim.join("marker")).unwrap(), "keep me too");
     result.unwrap();
-    h.assert_replica_holds(&[NAME]);
     assert_eq!(std::fs::read_link(h.replica.join("latest")).unwrap(), Path::new(NAME));
+    // This process's planted names are still there, untouched; the rest is as it should be.
+    for name in &ours {
+        assert_eq!(std::fs::read_link(h.replica.join(name)).unwrap(), h.outside, "{name}");
+        std::fs::remove_file(h.replica.join(name)).unwrap();
+    }
+    h.assert_replica_holds(&[NAME]);
 }
 
 #[test]
@@ -578,7 +586,7 @@ fn a_replica_path_others_can_change_is_refused() {
     std::fs::create_dir_all(&h.replica).unwrap();
     chmod(&h.replica, 0o777);
     let err = format!("{:#}", h.receive(NAME, &uuid, &stream).unwrap_err());
-    assert!(err.contains(&format!("refusing replica path {}", h.replica.display())) && err.contains("chmod go-w"), "{err}");
+    assert!(err.contains(&format!("refusing {} (on the replica path)", h.replica.display())) && err.contains("chmod go-w"), "{err}");
     assert!(h.list().is_err(), "listing a replica others can change");
     assert!(names_in(&h.replica).is_empty());
 
@@ -587,7 +595,7 @@ fn a_replica_path_others_can_change_is_refused() {
     let parent = h.replica.parent().unwrap();
     chmod(parent, 0o775);
     let err = format!("{:#}", h.receive(NAME, &uuid, &stream).unwrap_err());
-    assert!(err.contains(&format!("refusing replica path {}", parent.display())), "{err}");
+    assert!(err.contains(&format!("refusing {} (on the replica path)", parent.display())), "{err}");
     assert!(names_in(&h.replica).is_empty());
     chmod(parent, 0o755);
 

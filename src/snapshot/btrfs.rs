@@ -279,7 +279,7 @@ impl BtrfsReplica {
         }
         for entry in replica.entries()? {
             let text = entry.to_string_lossy();
-            if text.starts_with(PUBLISHING) || text.starts_with(LATEST_TMP) {
+            if text.starts_with(PUBLISHING) || stale_latest_tmp(&text) {
                 tracing::info!(path = %replica.shown(&entry).display(), "removing what an interrupted move into place left");
                 replica.remove_all(&entry)?;
             }
@@ -302,6 +302,20 @@ fn transfer_dir_name(name: &SnapshotName, n: u64) -> String {
     format!("{RECEIVING}{name}-{}-{n}", std::process::id())
 }
 
+/// Whether `name` is a temporary `latest` symlink left by a process that is gone, which may
+/// be removed. Its name carries the pid of the process that made it: a live one (this
+/// process, deleting a snapshot while a receive starts; or another snapship) may be about to
+/// rename it over `latest`.
+fn stale_latest_tmp(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(LATEST_TMP) else { return false };
+    match rest.split('-').next().and_then(|pid| pid.parse::<i32>().ok()) {
+        Some(pid) if pid > 0 => {
+            pid != std::process::id() as i32 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH)
+        }
+        _ => true,
+    }
+}
+
 /// Points `latest` in `replica` at the newest complete snapshot (or removes it), atomically:
 /// a fresh symlink under a temporary name, renamed over `latest` (a rename replaces a symlink
 /// there, never follows it).
@@ -315,7 +329,7 @@ fn update_latest(replica: &SafeDir) -> Result<()> {
         };
     };
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    for _ in 0..100 {
+    for _ in 0..10_000 {
         let tmp = OsString::from(format!("{LATEST_TMP}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
         // A name that is taken (a leftover, or planted) is neither reused nor touched here.
         if replica.symlink(OsStr::new(newest.name.as_str()), &tmp)? {
@@ -526,6 +540,19 @@ mod tests {
             assert!(!dir.starts_with(PUBLISHING) && !dir.starts_with(LATEST_TMP) && dir != LOCK);
         }
     }
+
+    #[test]
+    fn only_temporary_latest_links_of_gone_processes_are_stale() {
+        assert!(!stale_latest_tmp(&format!("{LATEST_TMP}{}-3", std::process::id())), "ours may be in flight");
+        assert!(!stale_latest_tmp(&format!("{LATEST_TMP}1-0")), "pid 1 is alive");
+        // Above any pid_max: gone.
+        assert!(stale_latest_tmp(&format!("{LATEST_TMP}4194999-0")));
+        assert!(stale_latest_tmp(&format!("{LATEST_TMP}junk")));
+        assert!(stale_latest_tmp(&format!("{LATEST_TMP}0-0")));
+        assert!(!stale_latest_tmp(LATEST) && !stale_latest_tmp(NAME_FOR_TESTS));
+    }
+
+    const NAME_FOR_TESTS: &str = "snapship-20260101T000000.000Z";
 
     #[test]
     fn only_snapshot_names_are_listed_oldest_first() {

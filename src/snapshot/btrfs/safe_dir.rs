@@ -19,7 +19,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -98,8 +98,8 @@ fn euid() -> u32 {
 fn untrusted(path: &Path, problem: &str) -> anyhow::Error {
     let owner = if euid() == 0 { "root:".to_string() } else { euid().to_string() };
     anyhow!(
-        "refusing replica path {p}: it {problem}. Whoever can write there could swap in a symlink and redirect what snapship \
-         receives or deletes. Fix it with `chown {owner} {p} && chmod go-w {p}`",
+        "refusing {p} (on the replica path): it {problem}. Whoever can write there could swap in a symlink and redirect what \
+         snapship receives or deletes. Fix it with `chown {owner} {p} && chmod go-w {p}`",
         p = path.display()
     )
 }
@@ -133,7 +133,7 @@ pub(crate) fn open_trusted(path: &Path, create: bool) -> Result<Option<SafeDir>>
 }
 
 /// An open directory, reached without following any symlink, and the path it was reached
-/// by (for messages only: no operation uses it).
+/// by (for messages, and for `btrfs receive`, which only takes a path: see `receive_into`).
 #[derive(Debug)]
 pub(crate) struct SafeDir {
     fd: OwnedFd,
@@ -452,12 +452,6 @@ struct RootrefArgs {
 const _: () = assert!(std::mem::size_of::<RootrefArgs>() == 4096);
 const GET_SUBVOL_ROOTREF: rustix::ioctl::Opcode = rustix::ioctl::opcode::read_write::<RootrefArgs>(0x94, 61);
 
-impl AsFd for SafeDir {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,7 +533,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
         let err = open_trusted(&path, false).unwrap_err().to_string();
-        assert!(err.contains(&format!("refusing replica path {}", path.display())), "{err}");
+        assert!(err.contains(&format!("refusing {} (on the replica path)", path.display())), "{err}");
         assert!(err.contains("chmod go-w"), "{err}");
     }
 
