@@ -479,7 +479,8 @@ impl Transfer {
             many => bail!(
                 "refusing the received stream: a snapshot stream makes one subvolume, this one made {} entries ({})",
                 many.len(),
-                many.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+                // The names are the origin's: quoted, and only the first few.
+                many.iter().take(5).map(|n| format!("{n:?}")).chain((many.len() > 5).then(|| "...".to_string())).collect::<Vec<_>>().join(", ")
             ),
         }
         let shown = self.dir.shown(expected);
