@@ -7,21 +7,32 @@
 //! Origin: read-only snapshots in `snapshot_dir`, named by [`SnapshotName`]; identity = uuid.
 //!
 //! Replica: `<path>/<name>` are complete received snapshots (read-only, `received_uuid` set:
-//! identity = received_uuid) and `<path>/latest` links to the newest. A stream is received
-//! into `<path>/.snapship-staging/`, checked, then renamed into place, so an interrupted
-//! receive is never visible as a snapshot; leftovers in staging are removed before the next
-//! receive (see [`BtrfsReplica::publish`] for how a read-only subvolume gets moved). A lock
-//! file in staging keeps two receives from sharing it.
+//! identity = received_uuid) and `<path>/latest` links to the newest. Each stream is received
+//! into a new directory of its own in `<path>/.snapship-staging/`, checked, then renamed into
+//! place, so an interrupted receive is never visible as a snapshot; leftovers in staging are
+//! removed before the next receive (see [`Transfer::publish`] for what is accepted and how a
+//! read-only subvolume gets moved). A lock file in staging keeps two receives from sharing it.
+//!
+//! The stream is shaped by the origin, which may be hostile: it can make any names, symlinks
+//! or several subvolumes. So the replica side never follows a symlink in its directories and
+//! refuses a replica path that others could change; it works on directory fds
+//! ([`safe_dir`]).
 
+mod safe_dir;
+
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use chrono::Utc;
 use libbtrfsutil::{CreateSnapshotOptions, DeleteSubvolumeOptions};
 use nix::fcntl::{Flock, FlockArg};
+use rustix::fs::FileType;
+use safe_dir::{Role, SafeDir};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
@@ -30,8 +41,14 @@ use super::{Incoming, Kind, OriginSide, ReplicaSide, SendStream, Snapshot, Snaps
 
 pub const STAGING_DIR: &str = ".snapship-staging";
 pub const LATEST: &str = "latest";
+/// The receive lock, in staging.
+const LOCK: &str = ".lock";
 /// Prefix of the hidden name a snapshot has for a moment while being moved into place.
 const PUBLISHING: &str = ".snapship-publishing-";
+/// Prefix of the temporary symlink that is renamed over `latest`.
+const LATEST_TMP: &str = ".latest.tmp-";
+/// Prefix of a transfer's own directory in staging.
+const RECEIVING: &str = "receive-";
 
 /// Runs a blocking libbtrfsutil call off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -50,22 +67,23 @@ fn our_names(dir: &Path) -> Result<Vec<SnapshotName>> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
     };
-    let mut names = Vec::new();
-    for entry in entries {
-        let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
-        if let Some(name) = entry.file_name().to_str().and_then(SnapshotName::parse) {
-            names.push(name);
-        }
-    }
-    names.sort();
-    Ok(names)
+    let names = entries.map(|entry| entry.map(|e| e.file_name())).collect::<std::io::Result<Vec<_>>>();
+    Ok(snapshot_names(names.with_context(|| format!("cannot list {}", dir.display()))?))
 }
 
-/// Facts of the subvolume at `path`, as a [`Snapshot`] named `name`. `received` selects the
-/// replica's view (identity = received_uuid; `None` when the subvolume is not a complete receive).
-fn describe(path: &Path, name: SnapshotName, received: bool) -> Result<Option<Snapshot>> {
-    let info = libbtrfsutil::subvolume_info(path).map_err(|e| util_error(format!("cannot read subvolume {}", path.display()), e))?;
-    let read_only = libbtrfsutil::subvolume_read_only(path).map_err(|e| util_error(format!("cannot read flags of {}", path.display()), e))?;
+/// Those of `entries` that are snapship snapshot names, oldest first.
+fn snapshot_names(entries: Vec<OsString>) -> Vec<SnapshotName> {
+    let mut names: Vec<SnapshotName> = entries.iter().filter_map(|e| e.to_str().and_then(SnapshotName::parse)).collect();
+    names.sort();
+    names
+}
+
+/// Facts of the subvolume at `path` (named `shown` in messages: `path` may be a
+/// `/proc/self/fd/N` path), as a [`Snapshot`] named `name`. `received` selects the replica's
+/// view (identity = received_uuid; `None` when the subvolume is not a complete receive).
+fn describe(path: &Path, shown: &Path, name: SnapshotName, received: bool) -> Result<Option<Snapshot>> {
+    let info = libbtrfsutil::subvolume_info(path).map_err(|e| util_error(format!("cannot read subvolume {}", shown.display()), e))?;
+    let read_only = libbtrfsutil::subvolume_read_only(path).map_err(|e| util_error(format!("cannot read flags of {}", shown.display()), e))?;
     let identity = if received {
         match info.received_uuid() {
             Some(uuid) if read_only => uuid.to_string(),
@@ -150,7 +168,7 @@ impl OriginSide for BtrfsOrigin {
                 }
             }
             let path = dir.join(name.as_str());
-            describe(&path, name, false)?.ok_or_else(|| anyhow!("new snapshot {} is not read-only", path.display()))
+            describe(&path, &path, name, false)?.ok_or_else(|| anyhow!("new snapshot {} is not read-only", path.display()))
         })
         .await
     }
@@ -162,7 +180,7 @@ impl OriginSide for BtrfsOrigin {
             // Generations move at transaction commit; commit what is dirty first, so a change
             // shows now rather than within 30 s.
             if flush {
-                sync_fs(&src)?;
+                sync_fs(&src, &src)?;
             }
             let now = libbtrfsutil::subvolume_info(&src).map_err(|e| util_error(format!("cannot read subvolume {}", src.display()), e))?;
             let then = match known {
@@ -187,7 +205,7 @@ impl OriginSide for BtrfsOrigin {
             let mut out = Vec::new();
             for name in our_names(&dir)? {
                 let path = dir.join(name.as_str());
-                match describe(&path, name, false) {
+                match describe(&path, &path, name, false) {
                     Ok(Some(s)) => out.push(s),
                     Ok(None) => tracing::warn!(path = %path.display(), "ignoring a writable subvolume with a snapshot name"),
                     Err(e) => tracing::warn!(path = %path.display(), "ignoring what is not a snapshot: {e:#}"),
@@ -220,99 +238,148 @@ pub struct BtrfsReplica {
     dir: PathBuf,
 }
 
+/// One receive under way: the replica and staging directories, open and checked, the
+/// receive lock, and the fresh directory in staging this transfer alone receives into.
+struct Transfer {
+    replica: SafeDir,
+    staging: SafeDir,
+    /// The name of `dir` in `staging`.
+    dir_name: OsString,
+    dir: SafeDir,
+    _lock: Flock<File>,
+}
+
 impl BtrfsReplica {
     pub fn new(dir: PathBuf) -> Self {
         BtrfsReplica { dir }
     }
 
-    fn staging(&self) -> PathBuf {
-        self.dir.join(STAGING_DIR)
+    /// The replica directory, reached without following symlinks and checked with every
+    /// directory above it (see [`safe_dir::open_trusted`]). `None`: it does not exist (yet)
+    /// and `create` is false.
+    fn open(&self, create: bool) -> Result<Option<SafeDir>> {
+        safe_dir::open_trusted(&self.dir, create)
     }
 
-    /// Creates the replica and staging directories, takes the receive lock and removes
-    /// whatever an interrupted receive left in staging.
-    fn prepare(&self) -> Result<Flock<File>> {
-        let staging = self.staging();
-        std::fs::create_dir_all(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
-        let lock_path = staging.join(".lock");
-        let file = File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| super::ReceiveBusy(self.dir.display().to_string()))?;
-        for entry in std::fs::read_dir(&staging).with_context(|| format!("cannot list {}", staging.display()))? {
-            let path = entry?.path();
-            if path == lock_path {
-                continue;
-            }
-            tracing::info!(path = %path.display(), "removing what an interrupted receive left");
-            remove_any(&path)?;
-        }
-        for entry in std::fs::read_dir(&self.dir).with_context(|| format!("cannot list {}", self.dir.display()))? {
-            let entry = entry?;
-            if entry.file_name().to_string_lossy().starts_with(PUBLISHING) {
-                tracing::info!(path = %entry.path().display(), "removing a snapshot whose move into place was interrupted");
-                remove_any(&entry.path())?;
+    /// Opens (creating them if needed) the replica and staging directories, takes the receive
+    /// lock, removes whatever an interrupted receive left, and makes this transfer's directory.
+    fn prepare(&self, name: &SnapshotName) -> Result<Transfer> {
+        let replica = self.open(true)?.ok_or_else(|| anyhow!("cannot create {}", self.dir.display()))?;
+        let staging_name = OsStr::new(STAGING_DIR);
+        replica.mkdir(staging_name, 0o700)?;
+        let staging = replica.open_dir(staging_name)?.ok_or_else(|| anyhow!("{} vanished", replica.shown(staging_name).display()))?;
+        staging.check(Role::Own)?;
+        let lock = staging.open_file(OsStr::new(LOCK))?;
+        let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock).map_err(|_| super::ReceiveBusy(self.dir.display().to_string()))?;
+        for entry in staging.entries()? {
+            if entry != LOCK {
+                tracing::info!(path = %staging.shown(&entry).display(), "removing what an interrupted receive left");
+                staging.remove_all(&entry)?;
             }
         }
-        Ok(lock)
-    }
-
-    /// Points `latest` at the newest complete snapshot (or removes it), atomically.
-    fn update_latest(&self) -> Result<()> {
-        let latest = self.dir.join(LATEST);
-        let newest = self.complete()?.pop();
-        match newest {
-            None => match std::fs::remove_file(&latest) {
-                Err(e) if e.kind() != ErrorKind::NotFound => Err(e).with_context(|| format!("cannot remove {}", latest.display())),
-                _ => Ok(()),
-            },
-            Some(s) => {
-                static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let tmp = self.dir.join(format!(".{LATEST}.tmp-{}-{n}", std::process::id()));
-                let _ = std::fs::remove_file(&tmp);
-                std::os::unix::fs::symlink(s.name.as_str(), &tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-                std::fs::rename(&tmp, &latest).with_context(|| format!("cannot replace {}", latest.display()))
+        for entry in replica.entries()? {
+            let text = entry.to_string_lossy();
+            if text.starts_with(PUBLISHING) || stale_latest_tmp(&text) {
+                tracing::info!(path = %replica.shown(&entry).display(), "removing what an interrupted move into place left");
+                replica.remove_all(&entry)?;
             }
         }
-    }
-
-    /// Complete received snapshots, oldest first (blocking).
-    fn complete(&self) -> Result<Vec<Snapshot>> {
-        let mut out = Vec::new();
-        for name in our_names(&self.dir)? {
-            let path = self.dir.join(name.as_str());
-            match describe(&path, name, true) {
-                Ok(Some(s)) => out.push(s),
-                Ok(None) => tracing::warn!(path = %path.display(), "ignoring a subvolume that is not a complete received snapshot"),
-                Err(e) => tracing::warn!(path = %path.display(), "ignoring what is not a snapshot: {e:#}"),
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        for _ in 0..100 {
+            let dir_name = OsString::from(transfer_dir_name(name, COUNTER.fetch_add(1, Ordering::Relaxed)));
+            if let Some(dir) = staging.fresh_dir(&dir_name)? {
+                return Ok(Transfer { replica, staging, dir_name, dir, _lock: lock });
             }
         }
-        Ok(out)
+        bail!("cannot make a fresh directory to receive into in {}: every name tried is taken", staging.path().display())
     }
 }
 
-fn remove_any(path: &Path) -> Result<()> {
-    if libbtrfsutil::is_subvolume(path).unwrap_or(false) {
-        delete_subvolume(path)
-    } else if path.is_dir() {
-        std::fs::remove_dir_all(path).with_context(|| format!("cannot remove {}", path.display()))
-    } else {
-        std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))
+/// The name of the directory in staging that one transfer receives into: the snapshot's name
+/// (for whoever looks), this process and a counter. It is created new: a name that exists
+/// already is skipped, never reused.
+fn transfer_dir_name(name: &SnapshotName, n: u64) -> String {
+    format!("{RECEIVING}{name}-{}-{n}", std::process::id())
+}
+
+/// Whether `name` is a temporary `latest` symlink left by a process that is gone, which may
+/// be removed. Its name carries the pid of the process that made it: a live one (this
+/// process, deleting a snapshot while a receive starts; or another snapship) may be about to
+/// rename it over `latest`.
+fn stale_latest_tmp(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(LATEST_TMP) else { return false };
+    match rest.split('-').next().and_then(|pid| pid.parse::<i32>().ok()) {
+        Some(pid) if pid > 0 => {
+            pid != std::process::id() as i32 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH)
+        }
+        _ => true,
     }
 }
 
-fn set_read_only(path: &Path, read_only: bool) -> Result<()> {
-    libbtrfsutil::set_subvolume_read_only(path, read_only).map_err(|e| util_error(format!("cannot set read-only={read_only} on {}", path.display()), e))
+/// Points `latest` in `replica` at the newest complete snapshot (or removes it), atomically:
+/// a fresh symlink under a temporary name, renamed over `latest` (a rename replaces a symlink
+/// there, never follows it).
+fn update_latest(replica: &SafeDir) -> Result<()> {
+    let latest = OsStr::new(LATEST);
+    let Some(newest) = complete_in(replica)?.pop() else {
+        return match replica.stat_of(latest)? {
+            None => Ok(()),
+            Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => replica.unlink(latest),
+            Some(_) => bail!("{} is not the symlink snapship keeps there; move it away", replica.shown(latest).display()),
+        };
+    };
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    for _ in 0..10_000 {
+        let tmp = OsString::from(format!("{LATEST_TMP}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+        // A name that is taken (a leftover, or planted) is neither reused nor touched here.
+        if replica.symlink(OsStr::new(newest.name.as_str()), &tmp)? {
+            return replica.rename_over(&tmp, latest).inspect_err(|_| {
+                let _ = replica.unlink(&tmp);
+            });
+        }
+    }
+    bail!("cannot update {}: every temporary name tried is taken", replica.shown(latest).display())
 }
 
-fn sync_fs(path: &Path) -> Result<()> {
-    libbtrfsutil::sync(path).map_err(|e| util_error(format!("cannot sync the filesystem of {}", path.display()), e))
+/// Complete received snapshots in `replica`, oldest first (blocking). Entries that are not
+/// read-only received subvolumes (a symlink, a plain directory) are skipped with a warning.
+fn complete_in(replica: &SafeDir) -> Result<Vec<Snapshot>> {
+    let mut out = Vec::new();
+    for name in snapshot_names(replica.entries()?) {
+        let shown = replica.shown(name.as_str());
+        let found = replica.open_dir(OsStr::new(name.as_str())).and_then(|sub| match sub {
+            Some(sub) if sub.is_subvolume_root()? => describe(&sub.proc_path(), &shown, name, true),
+            Some(_) => bail!("a plain directory, not a subvolume"),
+            None => Ok(None),
+        });
+        match found {
+            Ok(Some(s)) => out.push(s),
+            Ok(None) => tracing::warn!(path = %shown.display(), "ignoring a subvolume that is not a complete received snapshot"),
+            Err(e) => tracing::warn!(path = %shown.display(), "ignoring what is not a snapshot: {e:#}"),
+        }
+    }
+    Ok(out)
+}
+
+/// `shown` names `path` in messages (`path` may be a `/proc/self/fd/N` path).
+fn set_read_only(path: &Path, shown: &Path, read_only: bool) -> Result<()> {
+    libbtrfsutil::set_subvolume_read_only(path, read_only).map_err(|e| util_error(format!("cannot set read-only={read_only} on {}", shown.display()), e))
+}
+
+/// `shown` names `path` in messages (`path` may be a `/proc/self/fd/N` path).
+fn sync_fs(path: &Path, shown: &Path) -> Result<()> {
+    libbtrfsutil::sync(path).map_err(|e| util_error(format!("cannot sync the filesystem of {}", shown.display()), e))
 }
 
 #[async_trait]
 impl ReplicaSide for BtrfsReplica {
     async fn list(&self) -> Result<Vec<Snapshot>> {
         let me = BtrfsReplica::new(self.dir.clone());
-        blocking(move || me.complete()).await
+        blocking(move || match me.open(false)? {
+            Some(replica) => complete_in(&replica),
+            None => Ok(Vec::new()),
+        })
+        .await
     }
 
     async fn accepts_compact(&self) -> bool {
@@ -321,19 +388,17 @@ impl ReplicaSide for BtrfsReplica {
 
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot> {
         let me = BtrfsReplica::new(self.dir.clone());
-        let lock = blocking(move || me.prepare()).await?;
-        let staged = self.staging().join(incoming.name.as_str());
-        let result = self.receive_into_staging(incoming, stream, &staged).await;
-        let me = BtrfsReplica::new(self.dir.clone());
+        let name = incoming.name.clone();
+        let transfer = blocking(move || me.prepare(&name)).await?;
+        let result = receive_into(transfer.dir.path(), stream).await;
         let (name, identity) = (incoming.name.clone(), incoming.identity.clone());
         blocking(move || {
-            let outcome = result.and_then(|()| me.publish(&staged, name, &identity));
-            if outcome.is_err() && staged.exists() {
-                if let Err(e) = remove_any(&staged) {
-                    tracing::error!("cannot remove the partial receive {}: {e:#}", staged.display());
-                }
+            let outcome = result.and_then(|()| transfer.publish(name, &identity));
+            // Whatever the stream made goes with the transfer's directory (after a publish it
+            // is empty); should that fail, the next receive removes it.
+            if let Err(e) = transfer.staging.remove_all(&transfer.dir_name) {
+                tracing::error!("cannot remove the partial receive {}: {e:#}", transfer.dir.path().display());
             }
-            drop(lock);
             outcome
         })
         .await
@@ -341,82 +406,160 @@ impl ReplicaSide for BtrfsReplica {
 
     async fn delete(&self, snapshot: &Snapshot) -> Result<()> {
         let me = BtrfsReplica::new(self.dir.clone());
-        let path = self.dir.join(snapshot.name.as_str());
+        let name = snapshot.name.clone();
         blocking(move || {
-            delete_subvolume(&path)?;
-            me.update_latest()
+            let replica = me.open(false)?.ok_or_else(|| anyhow!("replica directory {} does not exist", me.dir.display()))?;
+            let entry = OsStr::new(name.as_str());
+            let shown = replica.shown(entry);
+            let sub = replica.open_dir(entry)?.ok_or_else(|| anyhow!("cannot delete {}: it does not exist", shown.display()))?;
+            if !sub.is_subvolume_root()? {
+                bail!("cannot delete {}: it is not a subvolume, so not a snapshot snapship received; leaving it alone", shown.display());
+            }
+            replica.delete_subvolume(entry, &sub)?;
+            update_latest(&replica)
         })
         .await
     }
 }
 
-impl BtrfsReplica {
-    async fn receive_into_staging(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin), staged: &Path) -> Result<()> {
-        // --chroot: whatever paths the stream names, the receive cannot write outside staging.
-        let mut process = Cmd::new("btrfs").arg("receive").arg("-q").arg("-e").arg("--chroot").arg(self.staging()).spawn(Pipe::In)?;
-        let mut stdin = process.stdin();
-        let copied = tokio::io::copy_buf(&mut tokio::io::BufReader::with_capacity(super::PIPE_BUFFER, stream), &mut stdin).await;
-        let flushed = match copied {
-            Ok(_) => stdin.shutdown().await.map_err(anyhow::Error::from),
-            Err(e) => Err(anyhow::Error::from(e)),
+/// Runs `btrfs receive` into `dir`, feeding it `stream` to its end.
+///
+/// `dir` is passed as a path (the command takes no fd). That is safe because every directory
+/// on it was opened without following symlinks and checked to be changeable by nobody but
+/// root and us ([`safe_dir::open_trusted`]; the transfer's directory is new and 0700), so
+/// nobody else can swap a component between our check and the command's `chroot`.
+async fn receive_into(dir: &Path, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
+    // --chroot: whatever paths the stream names, the receive cannot write outside `dir`.
+    let mut process = Cmd::new("btrfs").arg("receive").arg("-q").arg("-e").arg("--chroot").arg(dir).spawn(Pipe::In)?;
+    let mut stdin = process.stdin();
+    let copied = tokio::io::copy_buf(&mut tokio::io::BufReader::with_capacity(super::PIPE_BUFFER, stream), &mut stdin).await;
+    let flushed = match copied {
+        Ok(_) => stdin.shutdown().await.map_err(anyhow::Error::from),
+        Err(e) => Err(anyhow::Error::from(e)),
+    };
+    drop(stdin);
+    if let Err(e) = flushed {
+        let cmdline = process.cmdline().to_string();
+        let receive = process.wait().await;
+        let broken_pipe = e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == ErrorKind::BrokenPipe);
+        return match receive {
+            // `btrfs receive` gave up first (a missing parent, a full disk): its message is the cause.
+            Err(pe) if broken_pipe => Err(pe.into()),
+            // Otherwise the stream's error is the cause (checksum, cut, abort); the receive,
+            // which failed on the broken stream, only adds detail.
+            Err(pe) => Err(e.context(format!("stream into `{cmdline}` broke ({pe})"))),
+            Ok(()) => Err(e.context(format!("stream into `{cmdline}` broke"))),
         };
-        drop(stdin);
-        if let Err(e) = flushed {
-            let cmdline = process.cmdline().to_string();
-            let receive = process.wait().await;
-            let broken_pipe = e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == ErrorKind::BrokenPipe);
-            return match receive {
-                // `btrfs receive` gave up first (a missing parent, a full disk): its message is the cause.
-                Err(pe) if broken_pipe => Err(pe.into()),
-                // Otherwise the stream's error is the cause (checksum, cut, abort); the receive,
-                // which failed on the broken stream, only adds detail.
-                Err(pe) => Err(e.context(format!("stream into `{cmdline}` broke ({pe})"))),
-                Ok(()) => Err(e.context(format!("stream into `{cmdline}` broke"))),
-            };
-        }
-        process.wait().await?;
-        if !staged.exists() {
-            bail!("the stream did not contain snapshot {} (wrong stream for this file set?)", incoming.name);
-        }
-        Ok(())
     }
+    process.wait().await?;
+    Ok(())
+}
 
-    /// Checks the staged snapshot and moves it into place (blocking).
+impl Transfer {
+    /// Checks what the stream made and moves it into place (blocking).
+    ///
+    /// The stream is the origin's to shape, so what it left in the transfer's directory is
+    /// accepted only if it is exactly one entry, named `name`, a directory that is the root of
+    /// a subvolume holding no other subvolume, read-only, with received_uuid `identity`.
+    /// Anything else is refused (and the caller removes it with the directory).
     ///
     /// btrfs refuses to move a read-only subvolume to another directory (its `..` would
     /// change), so the snapshot is made writable for one rename into a hidden name beside its
     /// final place, made read-only again, and then renamed within that directory, which btrfs
     /// allows. The kernel keeps `received_uuid` and the send transid across the flip (it is
     /// `btrfs property set ro false` that clears them), so later incremental receives still
-    /// find it as their parent. It is never visible while writable.
-    fn publish(&self, staged: &Path, name: SnapshotName, identity: &str) -> Result<Snapshot> {
-        let got = describe(staged, name.clone(), true)?
-            .ok_or_else(|| anyhow!("received {} is incomplete: not read-only or without received_uuid", staged.display()))?;
-        if got.identity != identity {
-            bail!("received {} has identity {}, expected {identity}", staged.display(), got.identity);
+    /// find it as their parent. It is never visible while writable. All of it goes through the
+    /// fd of the subvolume opened here, which stays that subvolume across the renames.
+    fn publish(&self, name: SnapshotName, identity: &str) -> Result<Snapshot> {
+        let expected = OsStr::new(name.as_str());
+        match self.dir.entries()?.as_slice() {
+            [one] if one == expected => {}
+            [] => bail!("the stream did not contain snapshot {name} (wrong stream for this file set?)"),
+            [one] => bail!("refusing the received stream: it made {one:?}, not snapshot {name} (wrong stream for this file set?)"),
+            many => bail!(
+                "refusing the received stream: a snapshot stream makes one subvolume, this one made {} entries ({})",
+                many.len(),
+                // The names are the origin's: quoted, and only the first few.
+                many.iter().take(5).map(|n| format!("{n:?}")).chain((many.len() > 5).then(|| "...".to_string())).collect::<Vec<_>>().join(", ")
+            ),
         }
-        let target = self.dir.join(name.as_str());
-        if target.exists() {
+        let shown = self.dir.shown(expected);
+        let staged = self.dir.open_dir(expected).context("refusing the received stream")?.ok_or_else(|| anyhow!("{} vanished", shown.display()))?;
+        if !staged.is_subvolume_root()? {
+            bail!("refusing the received stream: {} is a plain directory, not a subvolume", shown.display());
+        }
+        if staged.has_nested_subvolumes()? {
+            bail!("refusing the received stream: {} holds other subvolumes", shown.display());
+        }
+        let got = describe(&staged.proc_path(), &shown, name.clone(), true)?
+            .ok_or_else(|| anyhow!("received {} is incomplete: not read-only or without received_uuid", shown.display()))?;
+        if got.identity != identity {
+            bail!("received {} has identity {}, expected {identity}", shown.display(), got.identity);
+        }
+        let target = self.replica.shown(expected);
+        if self.replica.stat_of(expected)?.is_some() {
             bail!("{} already exists and is a different snapshot; move it away to receive this one", target.display());
         }
-        let hidden = self.dir.join(format!("{PUBLISHING}{name}"));
-        set_read_only(staged, false)?;
-        std::fs::rename(staged, &hidden).with_context(|| format!("cannot move {} to {}", staged.display(), hidden.display()))?;
-        let placed = set_read_only(&hidden, true).and_then(|()| {
-            describe(&hidden, name.clone(), true)?
+        let hidden = OsString::from(format!("{PUBLISHING}{name}"));
+        let hidden_shown = self.replica.shown(&hidden);
+        set_read_only(&staged.proc_path(), &shown, false)?;
+        self.dir.rename_new(expected, &self.replica, &hidden)?;
+        let placed = set_read_only(&staged.proc_path(), &hidden_shown, true).and_then(|()| {
+            describe(&staged.proc_path(), &hidden_shown, name.clone(), true)?
                 .filter(|s| s.identity == identity)
-                .ok_or_else(|| anyhow!("{} lost its received identity while being moved into place", hidden.display()))?;
-            std::fs::rename(&hidden, &target).with_context(|| format!("cannot move {} to {}", hidden.display(), target.display()))
+                .ok_or_else(|| anyhow!("{} lost its received identity while being moved into place", hidden_shown.display()))?;
+            self.replica.rename_new(&hidden, &self.replica, expected)
         });
         if let Err(e) = placed {
-            let _ = remove_any(&hidden);
+            if let Err(re) = self.replica.remove_all(&hidden) {
+                tracing::error!("cannot remove {}: {re:#}", hidden_shown.display());
+            }
             return Err(e);
         }
-        self.update_latest()?;
+        update_latest(&self.replica)?;
         // One commit makes the received data, the rename and `latest` durable together:
         // btrfs transactions are atomic and ordered, so the rename can never be on disk
         // without the data received before it.
-        sync_fs(&self.dir)?;
+        sync_fs(&self.replica.proc_path(), self.replica.path())?;
         Ok(Snapshot { name, ..got })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfer_dirs_are_plain_names_that_are_never_taken_for_snapshots() {
+        let name = SnapshotName::parse("snapship-20260101T000000.000Z").unwrap();
+        let (a, b) = (transfer_dir_name(&name, 0), transfer_dir_name(&name, 1));
+        assert_ne!(a, b);
+        for dir in [&a, &b] {
+            assert!(dir.starts_with(RECEIVING) && dir.contains(name.as_str()), "{dir}");
+            assert!(!dir.contains('/'));
+            assert!(SnapshotName::parse(dir).is_none(), "{dir} would be listed as a snapshot");
+            assert!(!dir.starts_with(PUBLISHING) && !dir.starts_with(LATEST_TMP) && dir != LOCK);
+        }
+    }
+
+    #[test]
+    fn only_temporary_latest_links_of_gone_processes_are_stale() {
+        assert!(!stale_latest_tmp(&format!("{LATEST_TMP}{}-3", std::process::id())), "ours may be in flight");
+        assert!(!stale_latest_tmp(&format!("{LATEST_TMP}1-0")), "pid 1 is alive");
+        // Above any pid_max: gone.
+        assert!(stale_latest_tmp(&format!("{LATEST_TMP}4194999-0")));
+        assert!(stale_latest_tmp(&format!("{LATEST_TMP}junk")));
+        assert!(stale_latest_tmp(&format!("{LATEST_TMP}0-0")));
+        assert!(!stale_latest_tmp(LATEST) && !stale_latest_tmp(NAME_FOR_TESTS));
+    }
+
+    const NAME_FOR_TESTS: &str = "snapship-20260101T000000.000Z";
+
+    #[test]
+    fn only_snapshot_names_are_listed_oldest_first() {
+        let entries = ["snapship-20260101T010000.000Z", "latest", ".snapship-staging", "snapship-20260101T000000.000Z", ".latest.tmp-1-0", "notes"];
+        let names = snapshot_names(entries.iter().map(OsString::from).collect());
+        let names: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["snapship-20260101T000000.000Z", "snapship-20260101T010000.000Z"]);
     }
 }
