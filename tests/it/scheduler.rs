@@ -164,3 +164,74 @@ fn sync_while_run_is_running_goes_through_the_daemon() {
     c.stop("alpha");
     c.stop("beta");
 }
+
+/// What an outside poller of a replica directory saw.
+#[derive(Default)]
+struct Seen {
+    polls: u64,
+    snapshots_checked: u64,
+    /// `latest` named a snapshot that was not there (and still did on a second look).
+    dangling: Vec<String>,
+    /// A visible snapshot name that was not a read-only subvolume.
+    partial: Vec<String>,
+}
+
+/// Polls `dst` until `stop`: `latest` must always name a snapshot that exists, and every
+/// visible snapshot name must be a complete, read-only subvolume.
+fn poll_replica(dst: &std::path::Path, stop: &std::sync::atomic::AtomicBool) -> Seen {
+    let mut seen = Seen::default();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        seen.polls += 1;
+        if let Ok(target) = std::fs::read_link(dst.join("latest")) {
+            if !dst.join(&target).exists() {
+                // The link may have moved on (and the old target been pruned) between the
+                // two reads: only a link that still names a missing snapshot is dangling.
+                if std::fs::read_link(dst.join("latest")).is_ok_and(|again| again == target) && !dst.join(&target).exists() {
+                    seen.dangling.push(target.display().to_string());
+                }
+            }
+        }
+        for name in snapshots(dst) {
+            match libbtrfsutil::subvolume_read_only(dst.join(&name)) {
+                Ok(true) => seen.snapshots_checked += 1,
+                Ok(false) => seen.partial.push(name),
+                Err(_) => {} // pruned meanwhile
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    seen
+}
+
+#[test]
+fn latest_never_dangles_during_receives_and_prunes() {
+    require_root!();
+    // Continuous snapshots as fast as the policy allows, and a replica that keeps only two:
+    // every receive is followed by a prune, racing the next receive if they were not
+    // serialised.
+    let (mut c, src, dst) = two_nodes("sched_latest", |p| {
+        with_mode(p, "continuous", "continuous:\n  min_interval: 200ms\n") + "retention:\n  origin: { last: 3 }\n  replica: { last: 2 }\n"
+    });
+    wait_for(Duration::from_secs(20), "a first snapshot on the replica", || dst.join("latest").exists());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let seen = std::thread::scope(|s| {
+        let poller = s.spawn(|| poll_replica(&dst, &stop));
+        for i in 0..60 {
+            std::fs::write(src.join(format!("w-{}", i % 5)), format!("write {i}\n").repeat(1000)).unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        wait_for(Duration::from_secs(20), "the last write on the replica", || {
+            std::fs::read_to_string(dst.join("latest/w-4")).is_ok_and(|t| t.starts_with("write 59\n"))
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        poller.join().unwrap()
+    });
+    let received = c.daemons["beta"].log_text().matches("received and committed").count();
+    eprintln!("{} polls, {} snapshot checks, {received} receives", seen.polls, seen.snapshots_checked);
+    assert!(received >= 10, "too few receives ({received}) to have raced anything");
+    assert!(seen.dangling.is_empty(), "latest named a missing snapshot: {:?}", seen.dangling);
+    assert!(seen.partial.is_empty(), "a partial snapshot was visible: {:?}", seen.partial);
+    assert!(snapshots(&dst).len() <= 3, "the replica was not pruned: {:?}", snapshots(&dst));
+    c.stop("alpha");
+    c.stop("beta");
+}
