@@ -2,7 +2,7 @@
 //! streams. See ARCHITECTURE.md for how the modules fit together and who may call whom.
 //!
 //! Layers, lowest first: `config` (what the admin wrote, validated); `snapshot` (the
-//! backends); `schedule` (deciding when, pure); `ship` (moving streams between nodes);
+//! backends); `store` (state files, and the epochs that say who is origin); `schedule` (deciding when, pure); `ship` (moving streams between nodes);
 //! `observe` (status, metrics, progress, logs); `replicate` (the one replication logic);
 //! the roles, `replica` and `origin`; `node` (wiring the roles for `run` and one-shot
 //! commands); `cli`. A module may use those below it, never those above.
@@ -19,3 +19,4 @@ mod role_tests;
 pub mod schedule;
 pub mod ship;
 pub mod snapshot;
+pub mod store;

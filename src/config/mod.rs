@@ -162,6 +162,11 @@ pub struct ReplicaSpec {
     pub node: Name,
     /// btrfs: directory of received snapshots; zfs: dataset.
     pub path: String,
+    /// Where this replica serves the file set once promoted to origin (btrfs: where the
+    /// writable subvolume is made, default the origin's `path`; zfs: a dataset, default the
+    /// replica dataset itself).
+    #[serde(default)]
+    pub promote_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -213,6 +218,42 @@ impl Policy {
     /// The replica entry for `node`, if it is one.
     pub fn replica_on(&self, node: &Name) -> Option<&ReplicaSpec> {
         self.replicas.iter().find(|r| &r.node == node)
+    }
+
+    /// Every member of the star: the policy's origin, then its replicas.
+    pub fn members(&self) -> Vec<&str> {
+        std::iter::once(self.origin.node.0.as_str()).chain(self.replicas.iter().map(|r| r.node.0.as_str())).collect()
+    }
+
+    pub fn is_member(&self, node: &str) -> bool {
+        self.members().contains(&node)
+    }
+
+    /// Where `node` keeps its snapshots of the file set: the policy's origin in its
+    /// `snapshot_dir` (btrfs) or its dataset (zfs), a replica at its `path`. Whichever node is
+    /// the origin now, each member's snapshots stay there, so that after a promotion every
+    /// member's old snapshots serve as common bases.
+    pub fn home_of(&self, node: &str) -> Option<String> {
+        if self.origin.node.0 == node {
+            return Some(match self.backend {
+                BackendKind::Btrfs => self.snapshot_dir().display().to_string(),
+                BackendKind::Zfs => self.origin.path.clone(),
+            });
+        }
+        self.replicas.iter().find(|r| r.node.0 == node).map(|r| r.path.clone())
+    }
+
+    /// The live file set on `node` when it is the origin: the policy's origin path, or a
+    /// replica's `promote_path` (default: btrfs the origin's path, zfs the replica dataset).
+    pub fn live_on(&self, node: &str) -> Option<String> {
+        if self.origin.node.0 == node {
+            return Some(self.origin.path.clone());
+        }
+        let r = self.replicas.iter().find(|r| r.node.0 == node)?;
+        Some(r.promote_path.clone().unwrap_or_else(|| match self.backend {
+            BackendKind::Btrfs => self.origin.path.clone(),
+            BackendKind::Zfs => r.path.clone(),
+        }))
     }
 }
 

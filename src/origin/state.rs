@@ -91,22 +91,9 @@ impl StateStore {
         change(&mut guard);
         let bytes = serde_json::to_vec_pretty(&*guard)?;
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || write_atomically(&path, &bytes)).await??;
+        tokio::task::spawn_blocking(move || crate::store::write_atomically(&path, &bytes)).await??;
         Ok(())
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().expect("state files live in a directory");
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -4,10 +4,16 @@
 //! call runs on a blocking thread); send and receive have no library API and run the `btrfs`
 //! command through the runner, streamed.
 //!
-//! Origin: read-only snapshots in `snapshot_dir`, named by [`SnapshotName`]; identity = uuid.
+//! Origin: read-only snapshots in `snapshot_dir`, named by [`SnapshotName`].
 //!
-//! Replica: `<path>/<name>` are complete received snapshots (read-only, `received_uuid` set:
-//! identity = received_uuid) and `<path>/latest` links to the newest. Each stream is received
+//! Replica: `<path>/<name>` are complete received snapshots and `<path>/latest` links to
+//! the newest.
+//!
+//! Identity, on both sides, is what every copy of a snapshot shares: `received_uuid` for a
+//! received snapshot, the uuid for one taken here. After a promotion the new origin's
+//! received snapshots and the old origin's own ones are bases on both sides: `btrfs send -p`
+//! of a received parent names it by its `received_uuid`, and `btrfs receive` finds a parent
+//! by `received_uuid` and falls back to the uuid. Each stream is received
 //! into a new directory of its own in `<path>/.snapship-staging/`, checked, then renamed into
 //! place, so an interrupted receive is never visible as a snapshot; leftovers in staging are
 //! removed before the next receive (see [`Transfer::publish`] for what is accepted and how a
@@ -79,22 +85,18 @@ fn snapshot_names(entries: Vec<OsString>) -> Vec<SnapshotName> {
 }
 
 /// Facts of the subvolume at `path` (named `shown` in messages: `path` may be a
-/// `/proc/self/fd/N` path), as a [`Snapshot`] named `name`. `received` selects the replica's
-/// view (identity = received_uuid; `None` when the subvolume is not a complete receive).
-fn describe(path: &Path, shown: &Path, name: SnapshotName, received: bool) -> Result<Option<Snapshot>> {
+/// `/proc/self/fd/N` path), as a [`Snapshot`] named `name`; `None` unless it is read-only.
+/// Its identity is what every copy of it shares: its `received_uuid` when it was received,
+/// else its own uuid (a snapshot taken here). So a former replica's received snapshots and a
+/// former origin's own snapshots match the copies on the other members, whichever node is
+/// the origin now.
+fn describe(path: &Path, shown: &Path, name: SnapshotName) -> Result<Option<Snapshot>> {
     let info = libbtrfsutil::subvolume_info(path).map_err(|e| util_error(format!("cannot read subvolume {}", shown.display()), e))?;
     let read_only = libbtrfsutil::subvolume_read_only(path).map_err(|e| util_error(format!("cannot read flags of {}", shown.display()), e))?;
-    let identity = if received {
-        match info.received_uuid() {
-            Some(uuid) if read_only => uuid.to_string(),
-            _ => return Ok(None),
-        }
-    } else {
-        if !read_only {
-            return Ok(None);
-        }
-        info.uuid().to_string()
-    };
+    if !read_only {
+        return Ok(None);
+    }
+    let identity = info.received_uuid().map_or_else(|| info.uuid().to_string(), |u| u.to_string());
     Ok(Some(Snapshot { name, identity, local_id: Some(info.uuid().to_string()), parent_local_id: info.parent_uuid().map(|u| u.to_string()) }))
 }
 
@@ -168,7 +170,7 @@ impl OriginSide for BtrfsOrigin {
                 }
             }
             let path = dir.join(name.as_str());
-            describe(&path, &path, name, false)?.ok_or_else(|| anyhow!("new snapshot {} is not read-only", path.display()))
+            describe(&path, &path, name)?.ok_or_else(|| anyhow!("new snapshot {} is not read-only", path.display()))
         })
         .await
     }
@@ -205,7 +207,7 @@ impl OriginSide for BtrfsOrigin {
             let mut out = Vec::new();
             for name in our_names(&dir)? {
                 let path = dir.join(name.as_str());
-                match describe(&path, &path, name, false) {
+                match describe(&path, &path, name) {
                     Ok(Some(s)) => out.push(s),
                     Ok(None) => tracing::warn!(path = %path.display(), "ignoring a writable subvolume with a snapshot name"),
                     Err(e) => tracing::warn!(path = %path.display(), "ignoring what is not a snapshot: {e:#}"),
@@ -348,7 +350,7 @@ fn complete_in(replica: &SafeDir) -> Result<Vec<Snapshot>> {
     for name in snapshot_names(replica.entries()?) {
         let shown = replica.shown(name.as_str());
         let found = replica.open_dir(OsStr::new(name.as_str())).and_then(|sub| match sub {
-            Some(sub) if sub.is_subvolume_root()? => describe(&sub.proc_path(), &shown, name, true),
+            Some(sub) if sub.is_subvolume_root()? => describe(&sub.proc_path(), &shown, name),
             Some(_) => bail!("a plain directory, not a subvolume"),
             None => Ok(None),
         });
@@ -491,7 +493,7 @@ impl Transfer {
         if staged.has_nested_subvolumes()? {
             bail!("refusing the received stream: {} holds other subvolumes", shown.display());
         }
-        let got = describe(&staged.proc_path(), &shown, name.clone(), true)?
+        let got = describe(&staged.proc_path(), &shown, name.clone())?
             .ok_or_else(|| anyhow!("received {} is incomplete: not read-only or without received_uuid", shown.display()))?;
         if got.identity != identity {
             bail!("received {} has identity {}, expected {identity}", shown.display(), got.identity);
@@ -505,7 +507,7 @@ impl Transfer {
         set_read_only(&staged.proc_path(), &shown, false)?;
         self.dir.rename_new(expected, &self.replica, &hidden)?;
         let placed = set_read_only(&staged.proc_path(), &hidden_shown, true).and_then(|()| {
-            describe(&staged.proc_path(), &hidden_shown, name.clone(), true)?
+            describe(&staged.proc_path(), &hidden_shown, name.clone())?
                 .filter(|s| s.identity == identity)
                 .ok_or_else(|| anyhow!("{} lost its received identity while being moved into place", hidden_shown.display()))?;
             self.replica.rename_new(&hidden, &self.replica, expected)

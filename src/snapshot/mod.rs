@@ -202,19 +202,37 @@ pub trait ReplicaSide: Send + Sync {
     async fn delete(&self, snapshot: &Snapshot) -> Result<()>;
 }
 
-/// The origin side of `policy` on this node.
+/// The origin side of `policy` on this node, its initial origin.
 pub fn origin_for(policy: &Policy) -> Result<Box<dyn OriginSide>> {
+    origin_on(policy, &policy.origin.node.0)
+}
+
+/// The origin side of `policy` on `node`, the origin now (after a promotion, a former
+/// replica): its live file set (`Policy::live_on`) with its snapshots at its home, where its
+/// received ones are, so that they serve as bases.
+pub fn origin_on(policy: &Policy, node: &str) -> Result<Box<dyn OriginSide>> {
+    let not_member = || anyhow::anyhow!("node `{node}` is not a member of file set `{}`", policy.fileset);
+    let live = policy.live_on(node).ok_or_else(not_member)?;
+    let home = policy.home_of(node).ok_or_else(not_member)?;
     match policy.backend {
-        BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsOrigin::new(PathBuf::from(&policy.origin.path), policy.snapshot_dir()))),
-        BackendKind::Zfs => Ok(Box::new(zfs::ZfsOrigin::new(policy.origin.path.clone()))),
+        BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsOrigin::new(PathBuf::from(live), PathBuf::from(home)))),
+        BackendKind::Zfs => Ok(Box::new(zfs::ZfsOrigin::new(live))),
     }
 }
 
 /// The replica side of `policy` held at `replica` on this node.
 pub fn replica_for(policy: &Policy, replica: &ReplicaSpec) -> Result<Box<dyn ReplicaSide>> {
+    replica_on(policy, &replica.node.0)
+}
+
+/// The replica side of `policy` on `node`, at its home: a replica's path, or, for the
+/// policy's initial origin once another node is origin, its own snapshot directory (its own
+/// snapshots are bases there).
+pub fn replica_on(policy: &Policy, node: &str) -> Result<Box<dyn ReplicaSide>> {
+    let home = policy.home_of(node).ok_or_else(|| anyhow::anyhow!("node `{node}` is not a member of file set `{}`", policy.fileset))?;
     match policy.backend {
-        BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsReplica::new(PathBuf::from(&replica.path)))),
-        BackendKind::Zfs => Ok(Box::new(zfs::ZfsReplica::new(replica.path.clone()))),
+        BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsReplica::new(PathBuf::from(home)))),
+        BackendKind::Zfs => Ok(Box::new(zfs::ZfsReplica::new(home))),
     }
 }
 

@@ -10,16 +10,17 @@ use std::path::Path;
 const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &[]),
     ("snapshot", &["config"]),
+    ("store", &["config", "snapshot"]),
     ("schedule", &["config", "snapshot"]),
-    ("ship", &["config", "snapshot"]),
+    ("ship", &["config", "snapshot", "store"]),
     ("observe", &["config", "snapshot", "ship"]),
     ("replicate", &["config", "snapshot", "ship"]),
-    ("replica", &["config", "snapshot", "schedule", "ship", "observe"]),
-    ("origin", &["config", "snapshot", "schedule", "ship", "observe", "replicate"]),
-    ("node", &["config", "snapshot", "schedule", "ship", "observe", "replicate", "replica", "origin"]),
-    ("cli", &["config", "snapshot", "schedule", "ship", "observe", "replicate", "replica", "origin", "node"]),
+    ("replica", &["config", "snapshot", "store", "schedule", "ship", "observe"]),
+    ("origin", &["config", "snapshot", "store", "schedule", "ship", "observe", "replicate"]),
+    ("node", &["config", "snapshot", "store", "schedule", "ship", "observe", "replicate", "replica", "origin"]),
+    ("cli", &["config", "snapshot", "store", "schedule", "ship", "observe", "replicate", "replica", "origin", "node"]),
     // Unit tests of the roles with fake backends (cfg(test) only).
-    ("role_tests", &["config", "snapshot", "schedule", "ship", "observe", "replicate", "replica", "origin", "node", "cli"]),
+    ("role_tests", &["config", "snapshot", "store", "schedule", "ship", "observe", "replicate", "replica", "origin", "node", "cli"]),
 ];
 
 /// The top-level module a file under `src/` belongs to (`None` for the crate root).

@@ -1,0 +1,197 @@
+//! Small files a node keeps in its `state_dir`, and the one that decides roles: the epoch of
+//! each file set.
+//!
+//! A file set starts at epoch 0 with the policy's `origin`. Promoting a replica makes epoch
+//! N+1 with that node as origin; every member keeps the newest epoch it has seen in
+//! `state_dir/epochs/FILESET.json`, and the protocol carries it (list, begin, their answers).
+//! A node refuses data from an origin whose epoch is older than the newest it knows
+//! (fencing), and an origin that learns a newer epoch stops at once. The policy file stays
+//! the same on every node: it names the members and the *initial* origin.
+//!
+//! Every file here is written atomically (temp file, fsync, rename, fsync of the directory):
+//! a crash leaves the old or the new content, never a mix.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, bail};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::Policy;
+
+/// Who is a file set's origin, and since which promotion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Epoch {
+    pub number: u64,
+    pub origin: String,
+}
+
+impl Epoch {
+    /// Epoch 0 of `policy`: its initial origin.
+    pub fn initial(policy: &Policy) -> Epoch {
+        Epoch { number: 0, origin: policy.origin.node.0.clone() }
+    }
+}
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "epoch {} (origin `{}`)", self.number, self.origin)
+    }
+}
+
+/// What a node remembers of a file set's epochs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: Epoch,
+    /// When this node promoted itself, and from which of its snapshots (the failover's RPO).
+    #[serde(default)]
+    pub promoted_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub promoted_from: Option<String>,
+    /// Data this node wrote as origin after the newest snapshot the new origin had: kept
+    /// read-only under these names, never deleted by snapship.
+    #[serde(default)]
+    pub diverged: Vec<String>,
+}
+
+/// The epochs of every file set on this node; watchers hear of each change.
+pub struct EpochStore {
+    dir: PathBuf,
+    known: Mutex<BTreeMap<String, EpochRecord>>,
+    changed: watch::Sender<u64>,
+}
+
+impl EpochStore {
+    /// The store under `state_dir/epochs`; records are read when first asked for.
+    pub fn open(state_dir: &Path) -> EpochStore {
+        EpochStore { dir: state_dir.join("epochs"), known: Mutex::default(), changed: watch::channel(0).0 }
+    }
+
+    fn path(&self, fileset: &str) -> PathBuf {
+        self.dir.join(format!("{fileset}.json"))
+    }
+
+    /// This node's record of `policy`'s file set (epoch 0 when it has none).
+    pub fn record(&self, policy: &Policy) -> Result<EpochRecord> {
+        let fileset = &policy.fileset.0;
+        if let Some(r) = self.known.lock().expect("epochs lock").get(fileset) {
+            return Ok(r.clone());
+        }
+        let path = self.path(fileset);
+        let record = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a valid epoch file; ask a member for the current epoch before moving it away", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                EpochRecord { epoch: Epoch::initial(policy), promoted_at: None, promoted_from: None, diverged: Vec::new() }
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        self.known.lock().expect("epochs lock").insert(fileset.clone(), record.clone());
+        Ok(record)
+    }
+
+    /// The current epoch of `policy`'s file set as this node knows it.
+    pub fn current(&self, policy: &Policy) -> Result<Epoch> {
+        Ok(self.record(policy)?.epoch)
+    }
+
+    /// Changes the record and writes it out before returning.
+    fn update(&self, policy: &Policy, change: impl FnOnce(&mut EpochRecord) -> Result<()>) -> Result<EpochRecord> {
+        let mut record = self.record(policy)?;
+        change(&mut record)?;
+        write_atomically(&self.path(&policy.fileset.0), &serde_json::to_vec_pretty(&record)?)?;
+        self.known.lock().expect("epochs lock").insert(policy.fileset.0.clone(), record.clone());
+        self.changed.send_modify(|n| *n += 1);
+        Ok(record)
+    }
+
+    /// Adopts `seen` when it is newer than what this node knows; whether it was.
+    pub fn learn(&self, policy: &Policy, seen: &Epoch) -> Result<bool> {
+        if seen.number <= self.current(policy)?.number {
+            return Ok(false);
+        }
+        if !policy.is_member(&seen.origin) {
+            bail!("{seen} names a node that is not a member of `{}`", policy.fileset);
+        }
+        self.update(policy, |r| {
+            r.epoch = seen.clone();
+            Ok(())
+        })?;
+        tracing::warn!(fileset = %policy.fileset, "learned a newer {seen}");
+        Ok(true)
+    }
+
+    /// Makes `node` the origin in a new epoch (one past the newest known), promoted from
+    /// `from` (a snapshot name).
+    pub fn promote(&self, policy: &Policy, node: &str, from: &str) -> Result<Epoch> {
+        let record = self.update(policy, |r| {
+            r.epoch = Epoch { number: r.epoch.number + 1, origin: node.to_string() };
+            r.promoted_at = Some(Utc::now());
+            r.promoted_from = Some(from.to_string());
+            Ok(())
+        })?;
+        Ok(record.epoch)
+    }
+
+    /// Remembers data kept as diverged.
+    pub fn add_diverged(&self, policy: &Policy, name: &str) -> Result<()> {
+        self.update(policy, |r| {
+            r.diverged.push(name.to_string());
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// Ticks whenever a record changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync of the directory).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().expect("state files live in a directory");
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        let dir = std::path::Path::new("/tmp");
+        let node = crate::config::parse_node_text(&dir.join("n.yaml"), "node: beta\nstate_dir: s\npolicies: []\n").unwrap();
+        let text = "fileset: p\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: beta\n  path: /srv/p\nreplicas:\n  - node: beta\n    path: /b/p\n";
+        crate::config::parse_policy_text(&dir.join("p.yaml"), text, &node).unwrap()
+    }
+
+    #[test]
+    fn epochs_only_move_forward_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy();
+        let store = EpochStore::open(dir.path());
+        assert_eq!(store.current(&p).unwrap(), Epoch { number: 0, origin: "beta".into() });
+        let ticks = store.subscribe();
+        let e1 = store.promote(&p, "beta", "snapship-20260101T000000.000Z").unwrap();
+        assert_eq!(e1.number, 1);
+        assert!(ticks.has_changed().unwrap());
+        assert!(!store.learn(&p, &Epoch { number: 1, origin: "beta".into() }).unwrap(), "not newer");
+        assert!(store.learn(&p, &Epoch { number: 0, origin: "beta".into() }).is_ok_and(|b| !b), "older is ignored");
+        assert!(store.learn(&p, &Epoch { number: 5, origin: "mallory".into() }).is_err(), "a non-member cannot be origin");
+        let again = EpochStore::open(dir.path());
+        let r = again.record(&p).unwrap();
+        assert_eq!((r.epoch.number, r.promoted_from.as_deref()), (1, Some("snapship-20260101T000000.000Z")));
+    }
+}
