@@ -24,6 +24,7 @@ use crate::ship::protocol::ErrorCode;
 use crate::ship::{ReplicaEndpoint, Resumed, Start, StreamStart};
 use crate::snapshot::runner::{Cmd, Pipe};
 use crate::snapshot::{Incoming, Kind, OriginSide, ReplicaSide, SendStream, Snapshot, SnapshotName};
+use crate::store::{Epoch, EpochStore};
 
 /// An origin whose snapshots are files of bytes; a send stream is `cat` of the file (the
 /// stream of an incremental is the same bytes: the fake replica does not care).
@@ -138,14 +139,15 @@ impl Fixture {
         let node_file = dir.path().join("beta.yaml");
         let node = config::parse_node_text(&node_file, "node: beta\nlisten: 127.0.0.1:1\nstate_dir: state\ntls:\n  ca: ca.pem\n  cert: beta.pem\n  key: beta.key\npeers:\n  alpha: 127.0.0.1:2\n  gamma: 127.0.0.1:3\npolicies: []\n").unwrap();
         let text = format!(
-            "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/projects\nreplicas:\n  - node: beta\n    path: /backup/projects\n{retention}"
+            "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/projects\nreplicas:\n  - node: beta\n    path: /backup/projects\n  - node: gamma\n    path: /backup/projects\n{retention}"
         );
         let policy = config::parse_policy_text(&dir.path().join("projects.yaml"), &text, &node).unwrap();
         let loaded = Arc::new(LoadedConfig { node, policies: vec![policy], errors: vec![] });
         let replica = FakeReplica::default();
         let backend = replica.clone();
-        let service =
-            ReplicaService::new(loaded.clone(), StatusBoard::new("beta"), Arc::new(move |_, _| Ok(Box::new(backend.clone()) as Box<dyn ReplicaSide>)));
+        let epochs = Arc::new(EpochStore::open(&loaded.node.state_dir));
+        let backends: crate::replica::service::Backends = Arc::new(move |_, _| Ok(Box::new(backend.clone()) as Box<dyn ReplicaSide>));
+        let service = ReplicaService::new(loaded.clone(), epochs, StatusBoard::new("beta"), backends);
         let origin_dir = dir.path().join("origin");
         std::fs::create_dir(&origin_dir).unwrap();
         let shutdown = CancellationToken::new();
@@ -160,7 +162,9 @@ impl Fixture {
         self.tasks.spawn(local::serve(streams, self.service.clone(), self.shutdown.clone()));
         // Uncompressed, so that what a cut leaves on the replica is predictable.
         let transfer = config::Transfer { compression: config::units::Compression::None, ..Default::default() };
-        PeerReplica::new("beta".into(), "projects".into(), transfer, STALL, Arc::new(link))
+        // The peer acts in epoch 0 as the origin it claims to be.
+        let epoch = Epoch { number: 0, origin: peer.to_string() };
+        PeerReplica::new("beta".into(), "projects".into(), transfer, STALL, Arc::new(link), Arc::new(move || Ok(epoch.clone())))
     }
 
     fn held(&self) -> Vec<(String, Vec<u8>)> {
@@ -336,5 +340,29 @@ async fn the_replica_prunes_after_a_receive_and_keeps_the_newest() {
     drop(f.service.sessions().fileset_lock("projects").lock().await);
     let names: Vec<String> = f.held().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["snapship-20260101T030000.000Z"]);
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_stale_origin_is_fenced_off_and_a_promoted_one_is_followed() {
+    let f = Fixture::new("");
+    let alpha = f.endpoint("alpha");
+    let s1 = f.origin.add(1, &data(1000, 1));
+    replicate::bring_up_to_date(&f.origin, &s1, &alpha, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    // gamma, a member, promoted in epoch 1: beta follows it.
+    let (link, streams) = LocalLink::pair("gamma");
+    f.tasks.spawn(local::serve(streams, f.service.clone(), f.shutdown.clone()));
+    let transfer = config::Transfer { compression: config::units::Compression::None, ..Default::default() };
+    let e1 = Epoch { number: 1, origin: "gamma".into() };
+    let gamma = PeerReplica::new("beta".into(), "projects".into(), transfer, STALL, Arc::new(link), Arc::new(move || Ok(e1.clone())));
+    let s2 = f.origin.add(2, &data(1000, 2));
+    let report = replicate::bring_up_to_date(&f.origin, &s2, &gamma, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    assert_eq!(report.base.as_deref(), Some(s1.name.as_str()), "the new origin goes on from the common base");
+    // alpha, still in epoch 0, is fenced off and writes nothing.
+    let s3 = f.origin.add(3, &data(1000, 3));
+    let err = replicate::bring_up_to_date(&f.origin, &s3, &alpha, STALL, &NoHooks(RwLock::new(()))).await.unwrap_err();
+    let fenced = err.chain().find_map(|c| c.downcast_ref::<crate::ship::client::Fenced>()).expect("fenced");
+    assert_eq!(fenced.epoch, Epoch { number: 1, origin: "gamma".into() });
+    assert_eq!(f.held().len(), 2, "the stale origin wrote");
     f.stop().await;
 }

@@ -48,6 +48,19 @@ enum Command {
         /// The file set (the policy's `fileset`).
         fileset: String,
     },
+    /// On a replica whose origin is gone: make this node the file set's origin (a new epoch);
+    /// the other members follow with no configuration change, and the old origin, when it
+    /// comes back, steps down and becomes a replica. Refused while the origin still answers
+    /// (use switchover there) unless --force.
+    Promote {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The file set.
+        fileset: String,
+        /// Promote even though the current origin still answers (it is fenced off).
+        #[arg(long)]
+        force: bool,
+    },
     /// Ask the running daemon, per file set and replica: newest snapshots, common base, lag,
     /// the transfer in progress, the last error.
     Status {
@@ -141,6 +154,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Run(args) => crate::node::run(&args.config).await.map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check(&args.config),
         Command::Sync { config, fileset } => sync(&config.config, &fileset).await,
+        Command::Promote { config, fileset, force } => promote(&config.config, &fileset, force).await,
         Command::Certs { out, days, renew, force, nodes } => {
             use crate::ship::tls::Existing;
             let existing = match (renew, force) {
@@ -246,6 +260,35 @@ async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn promote(path: &std::path::Path, fileset: &str, force: bool) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let loaded = Arc::new(config::load(path)?);
+    let policy = find_policy(&loaded, path, fileset)?;
+    let report = match control::promote_through_daemon(&loaded.node.state_dir, fileset, force).await? {
+        Some(report) => report,
+        None => {
+            // No daemon: promote on disk; origin duty starts with `snapship run`.
+            let _lock = crate::node::lock_state_dir(&loaded.node.state_dir)?;
+            let epochs = crate::store::EpochStore::open(&loaded.node.state_dir);
+            let known = epochs.current(policy)?;
+            if known.origin == loaded.node.node.0 {
+                bail!("this node is already the origin of `{fileset}` ({known})");
+            }
+            if !force {
+                bail!(
+                    "no snapship run is running here, so the origin `{}` cannot be asked whether it is gone; start `snapship run` and promote again, or add --force",
+                    known.origin
+                );
+            }
+            let report = crate::origin::failover::promote(policy, &loaded.node.node.0, &epochs).await?;
+            format!("{report}\nstart `snapship run --config {}` to take up origin duty", path.display())
+        }
+    };
+    println!("{report}");
+    println!("promotion took {:.2}s", started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
 fn certs(out: &std::path::Path, nodes: &[String], options: &crate::ship::tls::CertOptions) -> Result<ExitCode> {
     let names = nodes.iter().map(|n| n.parse::<crate::config::units::Name>().map_err(|e| anyhow::anyhow!("node {e}"))).collect::<Result<Vec<_>>>()?;
     for file in crate::ship::tls::make_certs(out, &names, options)? {
@@ -281,7 +324,7 @@ async fn prune(path: &std::path::Path, fileset: Option<&str>, dry_run: bool) -> 
         Some(crate::node::lock_state_dir(&loaded.node.state_dir).map_err(|e| anyhow::anyhow!("{e:#}; it prunes by itself (use --dry-run to see its plan)"))?)
     };
     let (cfg, wanted) = (&loaded, &policies);
-    let reports = crate::node::with_replica_role(cfg, |role| async move { prune::plan_node(cfg, wanted, &role.link).await }).await?;
+    let reports = crate::node::with_replica_role(cfg, |role| async move { prune::plan_node(cfg, wanted, &role.link, &role.epochs).await }).await?;
     for r in &reports {
         println!("{} {}:", r.side, r.fileset);
         for e in &r.plan.entries {
@@ -372,12 +415,16 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
                 None => connector.insert(Arc::new(crate::ship::quic::Connector::new(&loaded.node)?)).clone(),
             };
             let dialer = Arc::new(crate::ship::quic::QuicDialer::new(replica.node.0.clone(), addr.clone(), connector));
+            let epochs = Arc::new(crate::store::EpochStore::open(&loaded.node.state_dir));
+            let (p, store) = (policy.clone(), epochs.clone());
+            let epoch: crate::ship::client::EpochSource = Arc::new(move || store.current(&p));
             let ep = crate::ship::client::PeerReplica::new(
                 replica.node.0.clone(),
                 policy.fileset.0.clone(),
                 policy.transfer.clone(),
                 loaded.node.transfers.stall_timeout.0,
                 dialer,
+                epoch,
             );
             crate::ship::ReplicaEndpoint::list(&ep).await.map(|l| l.snapshots)
         };

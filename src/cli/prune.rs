@@ -11,6 +11,7 @@ use crate::origin::state::StateStore;
 use crate::schedule::retention::{Reason, SidePlan};
 use crate::ship::local::LocalLink;
 use crate::snapshot::{self, common_base};
+use crate::store::EpochStore;
 
 /// The plan for one side of one file set, and whether it may be applied.
 pub struct PruneReport {
@@ -24,7 +25,7 @@ pub struct PruneReport {
 /// Plans every side of `policies` held on this node. On an origin, each replica's common
 /// base is learned live where the replica answers, else from the state file; a replica with
 /// neither blocks pruning of that origin (its base would be unknown).
-pub async fn plan_node(config: &Arc<LoadedConfig>, policies: &[&Policy], local: &LocalLink) -> Result<Vec<PruneReport>> {
+pub async fn plan_node(config: &Arc<LoadedConfig>, policies: &[&Policy], local: &LocalLink, epochs: &Arc<EpochStore>) -> Result<Vec<PruneReport>> {
     let here = &config.node.node;
     let mut out = Vec::new();
     let mut connector = None;
@@ -35,7 +36,7 @@ pub async fn plan_node(config: &Arc<LoadedConfig>, policies: &[&Policy], local: 
             let mut protect = crate::origin::prune::protections(&state);
             let held = origin.list().await?;
             let mut blocked = Vec::new();
-            for ep in crate::node::endpoints(config, policy, &mut connector, local)? {
+            for ep in crate::node::endpoints(config, policy, &mut connector, local, epochs)? {
                 let live = tokio::time::timeout(std::time::Duration::from_secs(10), ep.list()).await;
                 match live {
                     Ok(Ok(listing)) => {

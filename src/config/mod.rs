@@ -229,18 +229,30 @@ impl Policy {
         self.members().contains(&node)
     }
 
-    /// Where `node` keeps its snapshots of the file set: the policy's origin in its
-    /// `snapshot_dir` (btrfs) or its dataset (zfs), a replica at its `path`. Whichever node is
-    /// the origin now, each member's snapshots stay there, so that after a promotion every
-    /// member's old snapshots serve as common bases.
-    pub fn home_of(&self, node: &str) -> Option<String> {
+    /// Where `node` receives the file set as a replica: its replica entry's path; for the
+    /// initial origin (once another node is origin) its own `snapshot_dir` (btrfs) or dataset
+    /// (zfs), where its own snapshots serve as common bases.
+    pub fn replica_home(&self, node: &str) -> Option<String> {
+        if let Some(r) = self.replicas.iter().find(|r| r.node.0 == node) {
+            return Some(r.path.clone());
+        }
+        (self.origin.node.0 == node).then(|| self.origin_snapshots())
+    }
+
+    /// Where `node` keeps its snapshots as the origin: the initial origin in its
+    /// `snapshot_dir` (btrfs) or dataset (zfs); a promoted replica beside what it received.
+    pub fn origin_home(&self, node: &str) -> Option<String> {
         if self.origin.node.0 == node {
-            return Some(match self.backend {
-                BackendKind::Btrfs => self.snapshot_dir().display().to_string(),
-                BackendKind::Zfs => self.origin.path.clone(),
-            });
+            return Some(self.origin_snapshots());
         }
         self.replicas.iter().find(|r| r.node.0 == node).map(|r| r.path.clone())
+    }
+
+    fn origin_snapshots(&self) -> String {
+        match self.backend {
+            BackendKind::Btrfs => self.snapshot_dir().display().to_string(),
+            BackendKind::Zfs => self.origin.path.clone(),
+        }
     }
 
     /// The live file set on `node` when it is the origin: the policy's origin path, or a

@@ -3,7 +3,6 @@
 //! (so that a one-shot sync never races the daemon's own transfers and pruning). One JSON
 //! request line, one JSON answer line.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,7 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::observe::status::{StatusBoard, StatusReport};
-use crate::origin::job::{SyncHandle, SyncRequest};
+use crate::origin::job::SyncRequest;
 use crate::replicate::ReplicaReport;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -22,6 +21,7 @@ use crate::replicate::ReplicaReport;
 pub enum Request {
     Status,
     Sync { fileset: String },
+    Promote { fileset: String, force: bool },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -29,6 +29,7 @@ pub enum Request {
 pub enum Reply {
     Status(StatusReport),
     Sync { results: Vec<SyncReply> },
+    Promoted { report: String },
     Error { message: String },
 }
 
@@ -44,7 +45,8 @@ pub struct SyncReply {
 /// What the control socket serves from.
 pub struct Control {
     pub status: Arc<StatusBoard>,
-    pub syncs: BTreeMap<String, SyncHandle>,
+    /// Origin jobs (their sync handles) and promotion.
+    pub node: Arc<super::Runtime>,
 }
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
@@ -132,6 +134,10 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(Request::Status) => Reply::Status(control.status.report()),
         Ok(Request::Sync { fileset }) => sync(control, &fileset).await,
+        Ok(Request::Promote { fileset, force }) => match control.node.promote(&fileset, force).await {
+            Ok(report) => Reply::Promoted { report },
+            Err(e) => Reply::Error { message: format!("{e:#}") },
+        },
         Err(e) => Reply::Error { message: format!("bad request: {e}") },
     };
     let reply = serde_json::to_string(&reply)
@@ -142,7 +148,8 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
 }
 
 async fn sync(control: &Control, fileset: &str) -> Reply {
-    let Some(handle) = control.syncs.get(fileset) else {
+    let handle = control.node.syncs.lock().expect("syncs lock").get(fileset).cloned();
+    let Some(handle) = handle else {
         return Reply::Error { message: format!("the running daemon is not the origin of a file set `{fileset}`") };
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -206,6 +213,16 @@ pub async fn status(state_dir: &Path) -> Result<StatusReport> {
 }
 
 /// Asks the daemon of `state_dir` to sync `fileset`; `Ok(None)` when no daemon runs.
+/// Asks the running daemon to promote this node for `fileset`; `None` when no daemon runs.
+pub async fn promote_through_daemon(state_dir: &Path, fileset: &str, force: bool) -> Result<Option<String>> {
+    match ask(state_dir, &Request::Promote { fileset: fileset.to_string(), force }).await? {
+        Some(Reply::Promoted { report }) => Ok(Some(report)),
+        Some(Reply::Error { message }) => bail!("{message}"),
+        Some(other) => bail!("the daemon answered {other:?} to promote"),
+        None => Ok(None),
+    }
+}
+
 pub async fn sync_through_daemon(state_dir: &Path, fileset: &str) -> Result<Option<Vec<SyncReply>>> {
     match ask(state_dir, &Request::Sync { fileset: fileset.to_string() }).await? {
         Some(Reply::Sync { results }) => Ok(Some(results)),

@@ -12,7 +12,7 @@ pub mod control;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow, bail};
 use tokio::signal::unix::{SignalKind, signal};
@@ -26,11 +26,12 @@ use crate::origin::job::{GroupHub, GroupMember, OriginJob, SyncHandle};
 use crate::origin::state::StateStore;
 use crate::replica::ReplicaService;
 use crate::schedule::clock::Clock;
-use crate::ship::client::PeerReplica;
+use crate::ship::client::{EpochSource, PeerReplica};
 use crate::ship::local::LocalLink;
 use crate::ship::quic::{self, Connector, QuicDialer};
 use crate::ship::{Dialer, ReplicaEndpoint};
 use crate::snapshot;
+use crate::store::EpochStore;
 
 /// Holds `state_dir/daemon.lock` while the daemon runs.
 pub fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
@@ -45,26 +46,49 @@ pub fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::Fil
         .map_err(|_| anyhow::anyhow!("another snapship process (run, sync or prune) is using {} (its lock {} is held)", state_dir.display(), path.display()))
 }
 
-/// How this node, the origin of `policy`, reaches its replicas: the in-process link for a
-/// replica on this node, QUIC for the others (through `connector`, made on first need).
-pub fn endpoints(config: &LoadedConfig, policy: &Policy, connector: &mut Option<Arc<Connector>>, local: &LocalLink) -> Result<Vec<Arc<dyn ReplicaEndpoint>>> {
-    let here = &config.node.node;
+/// How this node, the origin of `policy` now, reaches the other members: the in-process
+/// link for a replica on this node, QUIC for the others (through `connector`, made on first
+/// need). After a promotion the other members are the replicas, the initial origin among
+/// them; every request carries this node's epoch from `epochs`.
+pub fn endpoints(
+    config: &LoadedConfig,
+    policy: &Policy,
+    connector: &mut Option<Arc<Connector>>,
+    local: &LocalLink,
+    epochs: &Arc<EpochStore>,
+) -> Result<Vec<Arc<dyn ReplicaEndpoint>>> {
+    let here = &config.node.node.0;
     let stall = config.node.transfers.stall_timeout.0;
+    let initial_origin = policy.origin.node.0 == *here;
+    let mut targets: Vec<(&str, bool)> = Vec::new(); // (node, on this node)
+    for r in &policy.replicas {
+        match (r.node.0 == *here, initial_origin) {
+            (true, true) => targets.push((&r.node.0, true)),
+            (true, false) => {} // this node, promoted: it is the origin now
+            (false, _) => targets.push((&r.node.0, false)),
+        }
+    }
+    if !initial_origin {
+        targets.push((&policy.origin.node.0, false));
+    }
+    let (fileset, epoch_policy, store) = (policy.fileset.0.clone(), policy.clone(), epochs.clone());
+    let epoch: EpochSource = Arc::new(move || store.current(&epoch_policy));
     let mut out: Vec<Arc<dyn ReplicaEndpoint>> = Vec::new();
-    for replica in &policy.replicas {
-        let (dialer, transfer): (Arc<dyn Dialer>, _) = if &replica.node == here {
+    for (node, local_replica) in targets {
+        let (dialer, transfer): (Arc<dyn Dialer>, _) = if local_replica {
             // Through this process: compressing would only cost CPU.
             let transfer = Transfer { compression: Compression::None, ..policy.transfer.clone() };
             (Arc::new(local.clone()), transfer)
         } else {
-            let addr = config.node.peers.get(&replica.node).ok_or_else(|| anyhow!("replica `{}` is not in peers", replica.node))?;
+            let name = config::units::Name(node.to_string());
+            let addr = config.node.peers.get(&name).ok_or_else(|| anyhow!("member `{node}` of `{fileset}` is not in peers"))?;
             let connector = match connector {
                 Some(c) => c.clone(),
                 None => connector.insert(Arc::new(Connector::new(&config.node)?)).clone(),
             };
-            (Arc::new(QuicDialer::new(replica.node.0.clone(), addr.clone(), connector)), policy.transfer.clone())
+            (Arc::new(QuicDialer::new(node.to_string(), addr.clone(), connector)), policy.transfer.clone())
         };
-        out.push(Arc::new(PeerReplica::new(replica.node.0.clone(), policy.fileset.0.clone(), transfer, stall, dialer)));
+        out.push(Arc::new(PeerReplica::new(node.to_string(), fileset.clone(), transfer, stall, dialer, epoch.clone())));
     }
     Ok(out)
 }
@@ -74,17 +98,18 @@ pub fn endpoints(config: &LoadedConfig, policy: &Policy, connector: &mut Option<
 pub struct ReplicaRole {
     pub service: Arc<ReplicaService>,
     pub link: LocalLink,
+    pub epochs: Arc<EpochStore>,
     tasks: TaskTracker,
 }
 
 impl ReplicaRole {
-    pub fn start(config: Arc<LoadedConfig>, status: Arc<StatusBoard>, shutdown: &CancellationToken) -> ReplicaRole {
-        let service = ReplicaService::new(config.clone(), status, crate::replica::service::real_backends());
+    pub fn start(config: Arc<LoadedConfig>, epochs: Arc<EpochStore>, status: Arc<StatusBoard>, shutdown: &CancellationToken) -> ReplicaRole {
+        let service = ReplicaService::new(config.clone(), epochs.clone(), status, crate::replica::service::real_backends());
         let (link, streams) = LocalLink::pair(&config.node.node.0);
         let tasks = TaskTracker::new();
         tasks.spawn(service.sessions().clone().watch(shutdown.clone()));
         tasks.spawn(crate::ship::local::serve(streams, service.clone(), shutdown.clone()));
-        ReplicaRole { service, link, tasks }
+        ReplicaRole { service, link, epochs, tasks }
     }
 
     /// Also serves other nodes over QUIC on `addr`.
@@ -111,32 +136,48 @@ pub async fn run(config_path: &Path) -> Result<()> {
         tracing::error!("skipping a broken policy: {e}");
     }
     let here = &loaded.node.node;
-    let replica_of: Vec<&str> =
-        loaded.policies.iter().filter(|p| p.origin.node != *here && p.replica_on(here).is_some()).map(|p| p.fileset.0.as_str()).collect();
-    let origin_of: Vec<&str> = loaded.policies.iter().filter(|p| p.origin.node == *here).map(|p| p.fileset.0.as_str()).collect();
+    let _lock = lock_state_dir(&loaded.node.state_dir)?;
+    let epochs = Arc::new(EpochStore::open(&loaded.node.state_dir));
+    let (mut origin_of, mut replica_of) = (Vec::new(), Vec::new());
+    for p in loaded.policies.iter().filter(|p| p.is_member(&here.0)) {
+        match epochs.current(p) {
+            Ok(e) if e.origin == here.0 => origin_of.push(p.fileset.0.as_str()),
+            Ok(_) => replica_of.push(p.fileset.0.as_str()),
+            Err(e) => tracing::error!(fileset = %p.fileset, "skipping: {e:#}"),
+        }
+    }
     tracing::info!(node = %here, origin_of = ?origin_of, replica_of = ?replica_of, "starting");
 
-    let _lock = lock_state_dir(&loaded.node.state_dir)?;
     let shutdown = CancellationToken::new();
     let status = StatusBoard::new(&here.0);
     let background = TaskTracker::new();
     observe(&loaded, &status, &background, &shutdown)?;
 
-    // The replica role first: this node's own origin jobs may ship to it.
-    let replica = ReplicaRole::start(loaded.clone(), status.clone(), &shutdown);
-    if !replica_of.is_empty() {
-        let Some(addr) = loaded.node.listen else {
-            bail!("node `{here}` is a replica of {} but {} has no `listen:` address", replica_of.join(", "), loaded.node.file.display());
-        };
-        replica.listen(&loaded, addr, &shutdown)?;
+    // The replica role first: this node's own origin jobs may ship to it. It listens on QUIC
+    // wherever `listen:` is set: after a promotion elsewhere, any member is a replica.
+    let replica = ReplicaRole::start(loaded.clone(), epochs.clone(), status.clone(), &shutdown);
+    match loaded.node.listen {
+        Some(addr) => replica.listen(&loaded, addr, &shutdown)?,
+        None if !replica_of.is_empty() => {
+            bail!("node `{here}` is a replica of {} but {} has no `listen:` address", replica_of.join(", "), loaded.node.file.display())
+        }
+        None => {}
     }
-    report_replicas(&loaded, &status).await;
+    report_replicas(&loaded, &epochs, &status).await;
 
-    let origins = TaskTracker::new();
-    let syncs = start_origins(&loaded, &status, &replica.link, &origins, &shutdown);
-    origins.close();
+    let node = Arc::new(Runtime {
+        config: loaded.clone(),
+        epochs: epochs.clone(),
+        status: status.clone(),
+        link: replica.link.clone(),
+        origins: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+        syncs: Mutex::default(),
+        connector: Mutex::default(),
+    });
+    node.start_origins(&origin_of);
     {
-        let control = Arc::new(control::Control { status: status.clone(), syncs });
+        let control = Arc::new(control::Control { status: status.clone(), node: node.clone() });
         let (shutdown, dir) = (shutdown.clone(), loaded.node.state_dir.clone());
         background.spawn(async move {
             if let Err(e) = control::serve(&dir, control, shutdown).await {
@@ -154,13 +195,142 @@ pub async fn run(config_path: &Path) -> Result<()> {
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
     shutdown.cancel();
-    origins.wait().await;
+    node.origins.close();
+    node.origins.wait().await;
     background.wait().await;
     // Give the QUIC endpoints a moment to send the connection closes queued above.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     replica.stop().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What the running daemon needs to start origin duty, at start-up and after a promotion.
+pub struct Runtime {
+    pub config: Arc<LoadedConfig>,
+    pub epochs: Arc<EpochStore>,
+    status: Arc<StatusBoard>,
+    link: LocalLink,
+    origins: TaskTracker,
+    shutdown: CancellationToken,
+    /// Where each origin job takes `sync` requests.
+    pub syncs: Mutex<BTreeMap<String, SyncHandle>>,
+    connector: Mutex<Option<Arc<Connector>>>,
+}
+
+impl Runtime {
+    /// Makes the origin job of `policy` on this node.
+    fn job(&self, policy: &Policy) -> Result<(OriginJob, SyncHandle)> {
+        let here = &self.config.node.node.0;
+        let origin = snapshot::origin_on(policy, here)?.into();
+        let replicas = endpoints(&self.config, policy, &mut self.connector.lock().expect("connector lock"), &self.link, &self.epochs)?;
+        let state = StateStore::open(&self.config.node.state_dir, &policy.fileset.0)?.into();
+        let (job, handle) = OriginJob::new(policy.clone(), origin, replicas, state, Clock::System, self.status.clone());
+        Ok((job.with_stall_timeout(self.config.node.transfers.stall_timeout.0).with_epochs(self.epochs.clone()), handle))
+    }
+
+    /// Starts the origin jobs of `filesets` (consistency groups sharing a hub).
+    fn start_origins(self: &Arc<Self>, filesets: &[&str]) {
+        let mut jobs = Vec::new();
+        for policy in filesets.iter().filter_map(|f| self.config.policy(f)) {
+            match self.job(policy) {
+                Ok(job) => jobs.push(job),
+                // One file set's trouble never stops the others.
+                Err(e) => tracing::error!(fileset = %policy.fileset, "cannot start: {e:#}"),
+            }
+        }
+        // Consistency groups: members share a hub that snapshots them together.
+        let mut members: BTreeMap<String, Vec<GroupMember>> = Default::default();
+        for (job, _) in &jobs {
+            if let Some(g) = &job.policy.group {
+                members.entry(g.0.clone()).or_default().push(GroupMember {
+                    fileset: job.policy.fileset.0.clone(),
+                    path: job.policy.origin.path.clone(),
+                    origin: job.origin.clone(),
+                    replicas: job.replicas.iter().map(|r| r.node().to_string()).collect(),
+                });
+            }
+        }
+        let hubs: BTreeMap<String, _> = members
+            .into_iter()
+            .map(|(name, members)| {
+                let backend = self.config.policies.iter().find(|p| p.group.as_ref().is_some_and(|g| g.0 == name)).map(|p| p.backend).expect("a member");
+                (name.clone(), GroupHub::new(&name, backend, members))
+            })
+            .collect();
+        for (job, sync) in jobs {
+            let job = match job.policy.group.as_ref().and_then(|g| hubs.get(&g.0)) {
+                Some(hub) => job.in_group(hub.clone()),
+                None => job,
+            };
+            self.syncs.lock().expect("syncs lock").insert(job.policy.fileset.0.clone(), sync);
+            let me = self.clone();
+            self.origins.spawn(async move { me.origin_duty(job).await });
+        }
+    }
+
+    /// Runs `job` until shutdown, or until a newer epoch names another origin: then this node
+    /// steps down (its live file set frozen, what it wrote kept as diverged data) and serves
+    /// the file set as a replica (the replica service goes by the epochs).
+    async fn origin_duty(self: Arc<Self>, job: OriginJob) {
+        let policy = job.policy.clone();
+        let origin = job.origin.clone();
+        let here = self.config.node.node.0.clone();
+        let stop = self.shutdown.child_token();
+        let mut changes = self.epochs.subscribe();
+        let moved_on = async {
+            while changes.changed().await.is_ok() {
+                if self.epochs.current(&policy).is_ok_and(|e| e.origin != here) {
+                    return;
+                }
+            }
+            std::future::pending().await
+        };
+        let duty = job.run(stop.clone());
+        tokio::pin!(duty);
+        tokio::select! {
+            () = &mut duty => {}
+            () = moved_on => {
+                stop.cancel();
+                duty.await;
+            }
+        }
+        self.syncs.lock().expect("syncs lock").remove(&policy.fileset.0);
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let epoch = self.epochs.current(&policy).map(|e| e.to_string()).unwrap_or_default();
+        tracing::warn!(fileset = %policy.fileset, "this node is no longer the origin ({epoch}): stepping down");
+        if let Err(e) = crate::origin::failover::step_down(&policy, origin.as_ref(), &self.epochs).await {
+            tracing::error!(fileset = %policy.fileset, "stepping down: {e:#}");
+        }
+    }
+
+    /// `snapship promote` in the running daemon: this node becomes the origin of `fileset` in
+    /// a new epoch, and starts origin duty.
+    pub async fn promote(self: &Arc<Self>, fileset: &str, force: bool) -> Result<String> {
+        let policy = self.config.policy(fileset).ok_or_else(|| anyhow!("no file set `{fileset}` in this node's policies"))?;
+        let here = &self.config.node.node.0;
+        let known = self.epochs.current(policy)?;
+        if known.origin == *here {
+            bail!("this node is already the origin of `{fileset}` ({known})");
+        }
+        if !force {
+            let eps = endpoints(&self.config, policy, &mut self.connector.lock().expect("connector lock"), &self.link, &self.epochs)?;
+            if let Some(ep) = eps.iter().find(|e| e.node() == known.origin) {
+                if crate::origin::failover::answers(ep.as_ref()).await {
+                    bail!(
+                        "the origin `{}` still answers: a planned change is `snapship switchover --to {here}` run there; \
+                         to promote anyway (the old origin will be fenced off), add --force",
+                        known.origin
+                    );
+                }
+            }
+        }
+        let report = crate::origin::failover::promote(policy, here, &self.epochs).await?;
+        self.start_origins(&[fileset]);
+        Ok(report)
+    }
 }
 
 /// Runs `work` with this node's replica role serving the in-process link (a replica on this
@@ -173,7 +343,8 @@ where
 {
     let shutdown = CancellationToken::new();
     let status = StatusBoard::new(&loaded.node.node.0);
-    let role = Arc::new(ReplicaRole::start(loaded.clone(), status, &shutdown));
+    let epochs = Arc::new(EpochStore::open(&loaded.node.state_dir));
+    let role = Arc::new(ReplicaRole::start(loaded.clone(), epochs, status, &shutdown));
     let result = work(role.clone()).await;
     shutdown.cancel();
     if let Ok(role) = Arc::try_unwrap(role) {
@@ -187,7 +358,7 @@ where
 pub async fn sync(loaded: &Arc<LoadedConfig>, policy: &Policy, on_start: crate::origin::sync::OnStart<'_>) -> Result<Vec<crate::origin::sync::SyncReport>> {
     with_replica_role(loaded, |role| async move {
         let connector = std::sync::Mutex::new(None);
-        let endpoints = |p: &Policy| endpoints(loaded, p, &mut connector.lock().expect("connector lock"), &role.link);
+        let endpoints = |p: &Policy| endpoints(loaded, p, &mut connector.lock().expect("connector lock"), &role.link, &role.epochs);
         crate::origin::sync::sync(loaded, policy, &endpoints, on_start).await
     })
     .await
@@ -214,72 +385,17 @@ fn observe(loaded: &LoadedConfig, status: &Arc<StatusBoard>, background: &TaskTr
 }
 
 /// Tells the status board what this node holds of the file sets it is a replica of.
-async fn report_replicas(loaded: &LoadedConfig, status: &StatusBoard) {
-    let here = &loaded.node.node;
-    for policy in loaded.policies.iter().filter(|p| p.origin.node != *here) {
-        if let Some(replica) = policy.replica_on(here) {
-            let held = match snapshot::replica_for(policy, replica) {
-                Ok(side) => side.list().await.unwrap_or_default(),
-                Err(_) => Vec::new(),
-            };
-            status.receiver(&policy.fileset.0, &policy.origin.node.0, held.last().map(|s| &s.name), held.len());
+async fn report_replicas(loaded: &LoadedConfig, epochs: &EpochStore, status: &StatusBoard) {
+    let here = &loaded.node.node.0;
+    for policy in loaded.policies.iter().filter(|p| p.is_member(here)) {
+        let Ok(epoch) = epochs.current(policy) else { continue };
+        if epoch.origin == *here {
+            continue;
         }
-    }
-}
-
-/// Starts the origin job of every file set this node is origin of (consistency groups
-/// sharing a hub) on `origins`; returns where their sync requests go.
-fn start_origins(
-    loaded: &LoadedConfig,
-    status: &Arc<StatusBoard>,
-    local: &LocalLink,
-    origins: &TaskTracker,
-    shutdown: &CancellationToken,
-) -> BTreeMap<String, SyncHandle> {
-    let here = &loaded.node.node;
-    let mut connector = None;
-    let mut jobs = Vec::new();
-    for policy in loaded.policies.iter().filter(|p| p.origin.node == *here) {
-        let job = (|| -> Result<(OriginJob, SyncHandle)> {
-            let origin = snapshot::origin_for(policy)?.into();
-            let replicas = endpoints(loaded, policy, &mut connector, local)?;
-            let state = StateStore::open(&loaded.node.state_dir, &policy.fileset.0)?.into();
-            let (job, handle) = OriginJob::new(policy.clone(), origin, replicas, state, Clock::System, status.clone());
-            Ok((job.with_stall_timeout(loaded.node.transfers.stall_timeout.0), handle))
-        })();
-        match job {
-            Ok(job) => jobs.push(job),
-            // One file set's trouble never stops the others.
-            Err(e) => tracing::error!(fileset = %policy.fileset, "cannot start: {e:#}"),
-        }
-    }
-    // Consistency groups: members share a hub that snapshots them together.
-    let mut members: BTreeMap<String, Vec<GroupMember>> = Default::default();
-    for (job, _) in &jobs {
-        if let Some(g) = &job.policy.group {
-            members.entry(g.0.clone()).or_default().push(GroupMember {
-                fileset: job.policy.fileset.0.clone(),
-                path: job.policy.origin.path.clone(),
-                origin: job.origin.clone(),
-                replicas: job.replicas.iter().map(|r| r.node().to_string()).collect(),
-            });
-        }
-    }
-    let hubs: BTreeMap<String, _> = members
-        .into_iter()
-        .map(|(name, members)| {
-            let backend = loaded.policies.iter().find(|p| p.group.as_ref().is_some_and(|g| g.0 == name)).map(|p| p.backend).expect("a member");
-            (name.clone(), GroupHub::new(&name, backend, members))
-        })
-        .collect();
-    let mut syncs = BTreeMap::new();
-    for (job, sync) in jobs {
-        let job = match job.policy.group.as_ref().and_then(|g| hubs.get(&g.0)) {
-            Some(hub) => job.in_group(hub.clone()),
-            None => job,
+        let held = match snapshot::replica_on(policy, here) {
+            Ok(side) => side.list().await.unwrap_or_default(),
+            Err(_) => Vec::new(),
         };
-        syncs.insert(job.policy.fileset.0.clone(), sync);
-        origins.spawn(job.run(shutdown.clone()));
+        status.receiver(&policy.fileset.0, &epoch.origin, held.last().map(|s| &s.name), held.len());
     }
-    syncs
 }

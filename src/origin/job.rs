@@ -29,8 +29,10 @@ use crate::schedule::clock::Clock;
 use crate::schedule::retention::Reason;
 use crate::schedule::triggers::{ChangeWatcher, Woke, next_fire};
 use crate::ship::ReplicaEndpoint;
+use crate::ship::client::Fenced;
 use crate::ship::meter::Tally;
 use crate::snapshot::{Kind, OriginSide, Snapshot, SnapshotName};
+use crate::store::EpochStore;
 
 /// Retry delays for a failing replica: from 1 s, doubling, at most 5 minutes, jittered.
 fn retry_delays() -> impl Iterator<Item = Duration> {
@@ -55,6 +57,9 @@ pub struct OriginJob {
     group: Option<Arc<GroupHub>>,
     /// A sending process that produces nothing this long is killed.
     stall: Duration,
+    /// Where a newer epoch, learned from a replica that fenced this origin off, is recorded
+    /// (the node then stops this job).
+    epochs: Option<Arc<EpochStore>>,
 }
 
 /// How one transfer to one replica ended.
@@ -161,6 +166,7 @@ impl OriginJob {
             sync_requests: Mutex::new(Some(sync_rx)),
             group: None,
             stall: crate::config::Transfers::default().stall_timeout.0,
+            epochs: None,
         };
         (job, sync_tx)
     }
@@ -168,6 +174,12 @@ impl OriginJob {
     /// Sets the stall timeout for sending processes (the node's `transfers.stall_timeout`).
     pub fn with_stall_timeout(mut self, stall: Duration) -> Self {
         self.stall = stall;
+        self
+    }
+
+    /// Records newer epochs that replicas report in `epochs`.
+    pub fn with_epochs(mut self, epochs: Arc<EpochStore>) -> Self {
+        self.epochs = Some(epochs);
         self
     }
 
@@ -407,6 +419,14 @@ impl Hooks for OriginJob {
         let _ = self.outcomes.send(Outcome { replica: replica.to_string(), snapshot: snapshot.clone(), result: shown });
         if result.is_ok() {
             self.in_flight.lock().expect("in_flight lock").remove(replica);
+        }
+        if let (Err(e), Some(epochs)) = (result, &self.epochs) {
+            if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
+                tracing::warn!(fileset = self.fileset(), replica, "fenced off: {} is the origin in {}", fenced.epoch.origin, fenced.epoch);
+                if let Err(e) = epochs.learn(&self.policy, &fenced.epoch) {
+                    tracing::error!(fileset = self.fileset(), "cannot record the newer epoch: {e:#}");
+                }
+            }
         }
         record::outcome(&self.state, self.origin.as_ref(), self.fileset(), replica, snapshot, result).await;
     }

@@ -11,6 +11,7 @@
 //! Both `run` and `sync` drive [`crate::replicate::bring_up_to_date`], the one replication
 //! logic, and only see replicas through [`crate::ship::ReplicaEndpoint`].
 
+pub mod failover;
 pub mod job;
 pub mod prune;
 pub mod record;

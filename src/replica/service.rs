@@ -21,30 +21,32 @@ use tokio_util::task::TaskTracker;
 
 use super::prune;
 use super::session::{self, Sessions};
-use crate::config::{LoadedConfig, Policy, ReplicaSpec};
+use crate::config::{LoadedConfig, Policy};
 use crate::observe::status::StatusBoard;
 use crate::ship::frame::FrameReader;
 use crate::ship::protocol::{ErrorCode, Message, VERSION, WireSnapshot};
 use crate::ship::transfer::{IncomingData, read_message, write_message};
 use crate::ship::{Handler, RequestStream};
 use crate::snapshot::{self, Incoming, ReplicaSide, SnapshotName};
+use crate::store::{Epoch, EpochStore};
 
 /// A snapshot name dated further into the future than this (by this node's clock) is refused:
 /// retention files snapshots by the time in their names, and a future-dated burst from a
 /// compromised origin would otherwise fill every bucket and push real history out.
 pub const MAX_FUTURE: Duration = Duration::from_secs(300);
 
-/// Makes the backend's replica side for a policy's replica entry on this node (tests put
+/// Makes the backend's replica side of a policy on a node, at that node's home (tests put
 /// fakes here).
-pub type Backends = Arc<dyn Fn(&Policy, &ReplicaSpec) -> Result<Box<dyn ReplicaSide>> + Send + Sync>;
+pub type Backends = Arc<dyn Fn(&Policy, &str) -> Result<Box<dyn ReplicaSide>> + Send + Sync>;
 
 /// The real backends: btrfs or ZFS, by the policy.
 pub fn real_backends() -> Backends {
-    Arc::new(snapshot::replica_for)
+    Arc::new(snapshot::replica_on)
 }
 
 pub struct ReplicaService {
     config: Arc<LoadedConfig>,
+    epochs: Arc<EpochStore>,
     sessions: Arc<Sessions>,
     status: Arc<StatusBoard>,
     backends: Backends,
@@ -53,9 +55,13 @@ pub struct ReplicaService {
 }
 
 impl ReplicaService {
-    pub fn new(config: Arc<LoadedConfig>, status: Arc<StatusBoard>, backends: Backends) -> Arc<ReplicaService> {
+    pub fn new(config: Arc<LoadedConfig>, epochs: Arc<EpochStore>, status: Arc<StatusBoard>, backends: Backends) -> Arc<ReplicaService> {
         let sessions = Sessions::new(&config.node.transfers, &config.node.state_dir);
-        Arc::new(ReplicaService { config, sessions, status, backends, prunes: TaskTracker::new() })
+        Arc::new(ReplicaService { config, epochs, sessions, status, backends, prunes: TaskTracker::new() })
+    }
+
+    fn here(&self) -> &str {
+        &self.config.node.node.0
     }
 
     /// The sessions, for their watchdog ([`Sessions::watch`]) and shutdown.
@@ -70,11 +76,39 @@ impl ReplicaService {
         self.prunes.wait().await;
     }
 
-    /// Answers `peer` asking about `fileset`: the policy and this node's replica entry, or the
-    /// error message to send back.
+    /// Answers `peer`, acting as origin in `claimed`, asking about `fileset`: the policy, or
+    /// the error message to send back. A newer epoch is learned (and this node, if it was the
+    /// origin, stops being one: its origin job watches the epochs); an older one is fenced.
     #[allow(clippy::result_large_err)] // a refusal is the message to send back; a cold path
-    pub fn authorize(&self, peer: &str, fileset: &str) -> Result<(&Policy, &ReplicaSpec), Message> {
-        authorize(&self.config, peer, fileset)
+    pub fn authorize(&self, peer: &str, fileset: &str, claimed: &Epoch) -> Result<&Policy, Message> {
+        let policy = authorize(&self.config, peer, fileset)?;
+        let internal = |e: anyhow::Error| {
+            tracing::error!(%fileset, "cannot read or write the epoch: {e:#}");
+            Message::error(ErrorCode::ReceiveFailed, format!("the replica cannot read its epoch of `{fileset}`; see its log"))
+        };
+        let known = self.epochs.current(policy).map_err(internal)?;
+        let here = &self.config.node.node.0;
+        if claimed.number == known.number && claimed.origin != known.origin {
+            return Err(Message::error(
+                ErrorCode::Unauthorized,
+                format!(
+                    "node `{peer}` is not the origin of `{fileset}` in {known} (the policy on `{here}` names `{}` as the initial origin)",
+                    policy.origin.node
+                ),
+            ));
+        }
+        if claimed.number < known.number {
+            tracing::warn!(peer = ?peer, %fileset, "refusing a stale origin: it acts in {claimed}, this node knows {known}");
+            return Err(Message::fenced(
+                &known,
+                format!("node `{peer}` is not the origin of `{fileset}` in the newest epoch `{here}` knows, {known}; it must stop acting as origin"),
+            ));
+        }
+        if claimed.origin != peer {
+            return Err(Message::error(ErrorCode::Unauthorized, format!("node `{peer}` claims {claimed}, which names another node as origin")));
+        }
+        self.epochs.learn(policy, claimed).map_err(internal)?;
+        Ok(policy)
     }
 
     /// Serves one request; returns the final reply to send.
@@ -95,18 +129,18 @@ impl ReplicaService {
             other => return Ok(Message::error(ErrorCode::BadRequest, format!("expected hello, got {}", other.kind()))),
         }
         match read_message(&mut frames).await? {
-            Message::List { fileset } => {
-                let (policy, replica) = match self.authorize(peer, &fileset) {
+            Message::List { fileset, epoch } => {
+                let policy = match self.authorize(peer, &fileset, &epoch) {
                     Ok(found) => found,
                     Err(refusal) => return Ok(refusal),
                 };
-                let side = (self.backends)(policy, replica)?;
+                let side = (self.backends)(policy, self.here())?;
                 let snapshots = side.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
                 let partial = self.sessions.resumable(&fileset, side.as_ref()).await;
-                Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial })
+                Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial, epoch })
             }
-            Message::Begin { fileset, snapshot, identity, base, compression, compact, resume, from_token } => {
-                let (policy, replica) = match self.authorize(peer, &fileset) {
+            Message::Begin { fileset, snapshot, identity, base, compression, compact, resume, from_token, epoch } => {
+                let policy = match self.authorize(peer, &fileset, &epoch) {
                     Ok(found) => found,
                     Err(refusal) => return Ok(refusal),
                 };
@@ -116,7 +150,7 @@ impl ReplicaService {
                 };
                 let from = resume.as_ref().map_or(0, |r| r.offset);
                 let incoming = Incoming { name, identity, base: base.clone(), from_token };
-                let attached = self.sessions.begin(peer, &fileset, incoming, compact, resume, (self.backends)(policy, replica)?).await?;
+                let attached = self.sessions.begin(peer, &fileset, incoming, compact, resume, (self.backends)(policy, self.here())?).await?;
                 write_message(send, &Message::Ready).await?;
                 tracing::info!(%peer, %fileset, %snapshot, base = base.as_deref().unwrap_or("none (full)"), from, "receiving");
                 let data = IncomingData::new(frames, compression, self.sessions.stall_timeout());
@@ -125,7 +159,7 @@ impl ReplicaService {
                 // Hold the file set's lock before the origin hears `committed`, so that its next
                 // `begin` waits for this prune; prune once it has its answer.
                 let lock = self.sessions.fileset_lock(&fileset).lock_owned().await;
-                let side = (self.backends)(policy, replica)?;
+                let side = (self.backends)(policy, self.here())?;
                 let (policy, status, sessions) = (policy.clone(), self.status.clone(), self.sessions.clone());
                 let origin_is_remote = policy.origin.node != self.config.node.node;
                 self.prunes.spawn(async move {
@@ -153,7 +187,7 @@ impl Handler for ReplicaService {
             Ok(reply) => reply,
             Err(e) => Message::error(session::error_code(&e), format!("{e:#}")),
         };
-        if let Message::Error { code, message } = &reply {
+        if let Message::Error { code, message, .. } = &reply {
             tracing::warn!(%peer, ?code, "request failed: {}", message.escape_debug());
         }
         let _ = write_message(&mut send, &reply).await;
@@ -161,24 +195,28 @@ impl Handler for ReplicaService {
     }
 }
 
-/// Answers `peer` asking about `fileset` with `config`'s policy and this node's replica
-/// entry, or the refusal to send back.
+/// Answers `peer` asking about `fileset` with `config`'s policy, when both `peer` and this
+/// node are members of its star; or the refusal to send back. (Which member is the origin
+/// now is the epoch's business: [`ReplicaService::authorize`].)
 #[allow(clippy::result_large_err)] // a refusal is the message to send back; a cold path
-pub fn authorize<'a>(config: &'a LoadedConfig, peer: &str, fileset: &str) -> Result<(&'a Policy, &'a ReplicaSpec), Message> {
+pub fn authorize<'a>(config: &'a LoadedConfig, peer: &str, fileset: &str) -> Result<&'a Policy, Message> {
     let here = &config.node.node;
     let Some(policy) = config.policy(fileset) else {
         return Err(Message::error(ErrorCode::Unauthorized, format!("node `{here}` has no policy for file set {fileset:?}")));
     };
-    if policy.origin.node.0 != peer {
+    if !policy.is_member(peer) {
         return Err(Message::error(
             ErrorCode::Unauthorized,
-            format!("node `{peer}` is not the origin of `{fileset}` (the policy on `{here}` names `{}`)", policy.origin.node),
+            format!(
+                "node `{peer}` is not the origin of `{fileset}` (nor a member of its star in the policy on `{here}`, whose origin is `{}`)",
+                policy.origin.node
+            ),
         ));
     }
-    match policy.replica_on(here) {
-        Some(replica) => Ok((policy, replica)),
-        None => Err(Message::error(ErrorCode::Unauthorized, format!("node `{here}` is not a replica of `{fileset}`"))),
+    if !policy.is_member(&here.0) {
+        return Err(Message::error(ErrorCode::Unauthorized, format!("node `{here}` is not a replica of `{fileset}`")));
     }
+    Ok(policy)
 }
 
 /// The snapshot name an origin sent, if it is one snapship makes and not dated beyond
@@ -209,7 +247,7 @@ mod tests {
     fn names_from_the_future_are_refused() {
         let now = chrono::DateTime::parse_from_rfc3339("2026-06-01T12:00:00Z").unwrap().with_timezone(&chrono::Utc);
         assert!(check_name("snapship-20260601T120400.000Z", now).is_ok(), "a few minutes of clock skew is fine");
-        let Err(Message::Error { code, message }) = check_name("snapship-20260601T130000.000Z", now) else { panic!("an hour ahead passed") };
+        let Err(Message::Error { code, message, .. }) = check_name("snapship-20260601T130000.000Z", now) else { panic!("an hour ahead passed") };
         assert_eq!(code, ErrorCode::BadRequest);
         assert!(message.contains("ahead of this replica's clock"), "{message}");
         assert!(check_name("../etc/passwd", now).is_err());

@@ -19,6 +19,7 @@ use super::transfer::{self, read_message, write_message};
 use super::{Dialer, Listing, ReplicaEndpoint, Start, StreamStart};
 use crate::config::Transfer;
 use crate::snapshot::{Incoming, Snapshot, SnapshotName};
+use crate::store::Epoch;
 
 /// How long a replica may take to answer a request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -38,6 +39,19 @@ pub struct Refused {
     pub message: String,
 }
 
+/// A replica refused this origin: it knows a newer epoch, whose origin is another node.
+/// The origin must stop acting as origin of the file set.
+#[derive(Debug, thiserror::Error)]
+#[error("replica `{node}` fenced this origin off: {message} (it knows {epoch})")]
+pub struct Fenced {
+    pub node: String,
+    pub epoch: Epoch,
+    pub message: String,
+}
+
+/// The epoch the origin acts in, read at each request (a promotion may change it).
+pub type EpochSource = Arc<dyn Fn() -> Result<Epoch> + Send + Sync>;
+
 /// One replica of one file set, spoken to through `dialer`.
 pub struct PeerReplica {
     node: String,
@@ -46,11 +60,12 @@ pub struct PeerReplica {
     /// A replica that acknowledges nothing for this long, with data outstanding, is stalled.
     stall: Duration,
     dialer: Arc<dyn Dialer>,
+    epoch: EpochSource,
 }
 
 impl PeerReplica {
-    pub fn new(node: String, fileset: String, transfer: Transfer, stall: Duration, dialer: Arc<dyn Dialer>) -> Self {
-        PeerReplica { node, fileset, transfer, stall, dialer }
+    pub fn new(node: String, fileset: String, transfer: Transfer, stall: Duration, dialer: Arc<dyn Dialer>, epoch: EpochSource) -> Self {
+        PeerReplica { node, fileset, transfer, stall, dialer, epoch }
     }
 
     /// Opens a request stream and sends `hello` and `request`.
@@ -62,8 +77,11 @@ impl PeerReplica {
         Ok((FrameReader::new(stream.recv), send))
     }
 
-    fn refused(&self, code: ErrorCode, message: String) -> anyhow::Error {
-        Refused { node: self.node.clone(), code, message }.into()
+    fn refused(&self, code: ErrorCode, message: String, epoch: Option<Epoch>) -> anyhow::Error {
+        match (code, epoch) {
+            (ErrorCode::Fenced, Some(epoch)) => Fenced { node: self.node.clone(), epoch, message }.into(),
+            _ => Refused { node: self.node.clone(), code, message }.into(),
+        }
     }
 }
 
@@ -94,9 +112,9 @@ impl ReplicaEndpoint for PeerReplica {
 
 impl PeerReplica {
     async fn list_snapshots(&self) -> Result<Listing> {
-        let (mut replies, _send) = self.request(&Message::List { fileset: self.fileset.clone() }).await?;
+        let (mut replies, _send) = self.request(&Message::List { fileset: self.fileset.clone(), epoch: (self.epoch)()? }).await?;
         match read_message(&mut replies).await? {
-            Message::Snapshots { snapshots, compact, partial } => {
+            Message::Snapshots { snapshots, compact, partial, .. } => {
                 let snapshots = snapshots
                     .into_iter()
                     .filter_map(|s| {
@@ -106,7 +124,7 @@ impl PeerReplica {
                     .collect();
                 Ok(Listing { snapshots, accepts_compact: compact, resumable: partial })
             }
-            Message::Error { code, message } => Err(self.refused(code, message)),
+            Message::Error { code, message, epoch } => Err(self.refused(code, message, epoch)),
             other => bail!("protocol error: `{}` answered {} to list", self.node, other.kind()),
         }
     }
@@ -127,6 +145,7 @@ impl PeerReplica {
             compact: start.compact,
             resume,
             from_token,
+            epoch: (self.epoch)()?,
         };
         let (mut replies, mut send) = self.request(&begin).await?;
         let ready = tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut replies))
@@ -134,7 +153,7 @@ impl PeerReplica {
             .map_err(|_| anyhow!("replica `{}` did not answer `begin` within {}s", self.node, ANSWER_TIMEOUT.as_secs()))??;
         match ready {
             Message::Ready => {}
-            Message::Error { code, message } => return Err(self.refused(code, message)),
+            Message::Error { code, message, epoch } => return Err(self.refused(code, message, epoch)),
             other => bail!("protocol error: `{}` answered {} to begin", self.node, other.kind()),
         }
         if from > 0 {
@@ -159,7 +178,7 @@ impl PeerReplica {
                 // The replica may have given up first and said why (then it stopped reading,
                 // and our write failed on the reset): its reason is the one to report.
                 if let Ok(Some((code, message))) = tokio::time::timeout(Duration::from_secs(2), self.error_reply(&mut replies)).await {
-                    return Err(self.refused(code, message));
+                    return Err(self.refused(code, message, None));
                 }
                 // Tell the replica why; it keeps what it has for a resume.
                 let _ = write_message(&mut send, &Message::error(ErrorCode::Aborted, format!("{e:#}"))).await;
@@ -180,7 +199,7 @@ impl PeerReplica {
         };
         match committed {
             Message::Committed { .. } => Ok(()),
-            Message::Error { code, message } => Err(self.refused(code, message)),
+            Message::Error { code, message, epoch } => Err(self.refused(code, message, epoch)),
             other => bail!("protocol error: `{}` answered {} to end", self.node, other.kind()),
         }
     }
@@ -190,7 +209,7 @@ impl PeerReplica {
         loop {
             match read_message(replies).await.ok()? {
                 Message::Ack { .. } => continue,
-                Message::Error { code, message } => return Some((code, message)),
+                Message::Error { code, message, .. } => return Some((code, message)),
                 _ => return None,
             }
         }
@@ -215,7 +234,7 @@ impl PeerReplica {
                         behind_since = None;
                     }
                 }
-                Ok(Ok(Message::Error { code, message })) => return self.refused(code, message),
+                Ok(Ok(Message::Error { code, message, epoch })) => return self.refused(code, message, epoch),
                 Ok(Ok(other)) => return anyhow!("protocol error: `{}` sent {} during the transfer", self.node, other.kind()),
                 Ok(Err(e)) => return e.context(format!("replica `{}` broke off the transfer", self.node)),
                 Err(_) => {}

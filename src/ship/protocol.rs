@@ -19,8 +19,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::units::Compression;
+pub use crate::store::Epoch;
 
-pub const VERSION: u32 = 2;
+/// 3: the file set's epoch in `list`, `begin`, `snapshots` and fencing errors.
+pub const VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -30,6 +32,8 @@ pub enum Message {
     },
     List {
         fileset: String,
+        /// The epoch the asking origin acts in.
+        epoch: Epoch,
     },
     Snapshots {
         snapshots: Vec<WireSnapshot>,
@@ -39,6 +43,8 @@ pub enum Message {
         /// A transfer into this file set that was cut and can be resumed.
         #[serde(default)]
         partial: Option<Partial>,
+        /// The newest epoch the replica knows.
+        epoch: Epoch,
     },
     Begin {
         fileset: String,
@@ -56,6 +62,8 @@ pub enum Message {
         /// partial receive the replica's filesystem kept.
         #[serde(default)]
         from_token: bool,
+        /// The epoch the sending origin acts in.
+        epoch: Epoch,
     },
     Ready,
     /// The replica holds the stream up to `offset`.
@@ -73,6 +81,9 @@ pub enum Message {
     Error {
         code: ErrorCode,
         message: String,
+        /// With [`ErrorCode::Fenced`]: the newer epoch the peer knows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<Epoch>,
     },
 }
 
@@ -148,6 +159,9 @@ pub enum ErrorCode {
     Stalled,
     /// The partial transfer to resume is not there (any more) or not at that offset.
     CannotResume,
+    /// The sender is not the origin of the newest epoch the peer knows (it was promoted
+    /// elsewhere): it must stop acting as origin.
+    Fenced,
 }
 
 impl Message {
@@ -160,7 +174,12 @@ impl Message {
     }
 
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Message {
-        Message::Error { code, message: message.into() }
+        Message::Error { code, message: message.into(), epoch: None }
+    }
+
+    /// A refusal of an origin whose epoch is older than `known`.
+    pub fn fenced(known: &Epoch, message: impl Into<String>) -> Message {
+        Message::Error { code: ErrorCode::Fenced, message: message.into(), epoch: Some(known.clone()) }
     }
 
     /// The message's type as it is on the wire (`begin`, `ack`...): what an error about an
@@ -195,6 +214,7 @@ mod tests {
             compact: true,
             resume: Some(ResumeFrom { offset: 7, blake3: "ab".into() }),
             from_token: false,
+            epoch: Epoch { number: 2, origin: "beta".into() },
         };
         let json = m.to_json();
         assert!(String::from_utf8_lossy(&json).starts_with("{\"type\":\"begin\""));
@@ -211,6 +231,7 @@ mod tests {
                 blake3: String::new(),
                 token: Some("1-e604ea4bf-e0-789c63a2".into()),
             }),
+            epoch: Epoch { number: 0, origin: "alpha".into() },
         };
         assert_eq!(Message::from_json(&listing.to_json()).unwrap(), listing);
         let e = Message::error(ErrorCode::Unauthorized, "no");

@@ -146,6 +146,37 @@ impl BtrfsOrigin {
 
 #[async_trait]
 impl OriginSide for BtrfsOrigin {
+    async fn make_live_from(&self, snapshot: &Snapshot) -> Result<()> {
+        let (src, live) = (self.path_of(snapshot), self.subvolume.clone());
+        blocking(move || {
+            if std::fs::symlink_metadata(&live).is_ok() {
+                bail!("{} already exists; move it away (or set `promote_path:` on this replica) and promote again", live.display());
+            }
+            if let Some(parent) = live.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            // A writable snapshot, never `ro=false` on the received one: the received one keeps
+            // its identity and stays a base for the other members.
+            CreateSnapshotOptions::new().create(&src, &live).map_err(|e| util_error(format!("cannot make {} writable at {}", src.display(), live.display()), e))
+        })
+        .await
+    }
+
+    async fn step_down(&self) -> Result<String> {
+        let (live, dir) = (self.subvolume.clone(), self.snapshot_dir.clone());
+        blocking(move || {
+            let name = format!("diverged-{}", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"));
+            let kept = dir.join(&name);
+            CreateSnapshotOptions::new()
+                .readonly(true)
+                .create(&live, &kept)
+                .map_err(|e| util_error(format!("cannot keep {} as {}", live.display(), kept.display()), e))?;
+            libbtrfsutil::set_subvolume_read_only(&live, true).map_err(|e| util_error(format!("cannot make {} read-only", live.display()), e))?;
+            Ok(name)
+        })
+        .await
+    }
+
     async fn take_snapshot(&self, kind: Kind) -> Result<Snapshot> {
         let (src, dir) = (self.subvolume.clone(), self.snapshot_dir.clone());
         blocking(move || {

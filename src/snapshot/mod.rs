@@ -181,6 +181,17 @@ pub trait OriginSide: Send + Sync {
     async fn keep_base(&self, _replica: &str, _base: &SnapshotName, _previous: Option<&SnapshotName>) -> Result<()> {
         Ok(())
     }
+    /// Promotion: makes the live file set a writable copy of `snapshot`, which this node
+    /// received (btrfs: a writable snapshot of it, never `ro=false`, which would break the
+    /// received-uuid chain). The live path must not exist yet.
+    async fn make_live_from(&self, _snapshot: &Snapshot) -> Result<()> {
+        anyhow::bail!("this backend cannot promote a replica yet")
+    }
+    /// Stepping down: keeps the live file set's current content read-only under a name that
+    /// no retention ever deletes (returned), and makes the live file set read-only.
+    async fn step_down(&self) -> Result<String> {
+        anyhow::bail!("this backend cannot step down yet")
+    }
 }
 
 /// A replica's side of a file set.
@@ -213,7 +224,7 @@ pub fn origin_for(policy: &Policy) -> Result<Box<dyn OriginSide>> {
 pub fn origin_on(policy: &Policy, node: &str) -> Result<Box<dyn OriginSide>> {
     let not_member = || anyhow::anyhow!("node `{node}` is not a member of file set `{}`", policy.fileset);
     let live = policy.live_on(node).ok_or_else(not_member)?;
-    let home = policy.home_of(node).ok_or_else(not_member)?;
+    let home = policy.origin_home(node).ok_or_else(not_member)?;
     match policy.backend {
         BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsOrigin::new(PathBuf::from(live), PathBuf::from(home)))),
         BackendKind::Zfs => Ok(Box::new(zfs::ZfsOrigin::new(live))),
@@ -225,11 +236,11 @@ pub fn replica_for(policy: &Policy, replica: &ReplicaSpec) -> Result<Box<dyn Rep
     replica_on(policy, &replica.node.0)
 }
 
-/// The replica side of `policy` on `node`, at its home: a replica's path, or, for the
+/// The replica side of `policy` on `node`, at its `replica_home`: a replica's path, or, for the
 /// policy's initial origin once another node is origin, its own snapshot directory (its own
 /// snapshots are bases there).
 pub fn replica_on(policy: &Policy, node: &str) -> Result<Box<dyn ReplicaSide>> {
-    let home = policy.home_of(node).ok_or_else(|| anyhow::anyhow!("node `{node}` is not a member of file set `{}`", policy.fileset))?;
+    let home = policy.replica_home(node).ok_or_else(|| anyhow::anyhow!("node `{node}` is not a member of file set `{}`", policy.fileset))?;
     match policy.backend {
         BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsReplica::new(PathBuf::from(home)))),
         BackendKind::Zfs => Ok(Box::new(zfs::ZfsReplica::new(home))),

@@ -1,0 +1,62 @@
+//! Changing who is origin: promotion of a replica, and stepping down when another member
+//! was promoted (failback starts there: the old origin then receives from the new one,
+//! incrementally from the newest snapshot both hold).
+//!
+//! The epoch (`crate::store`) is what moves the roles; this module does what the
+//! filesystems need on the way: the promoted node's live file set is made from the newest
+//! snapshot it received, and a node that steps down keeps what it wrote as diverged data and
+//! freezes its live file set. Nothing here deletes anything.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+
+use crate::config::Policy;
+use crate::ship::ReplicaEndpoint;
+use crate::ship::client::Refused;
+use crate::snapshot;
+use crate::store::EpochStore;
+
+/// How long a member gets to answer before it counts as gone.
+const ANSWER: Duration = Duration::from_secs(3);
+
+/// Whether the member behind `ep` answers at all (any answer, a refusal included).
+pub async fn answers(ep: &dyn ReplicaEndpoint) -> bool {
+    match tokio::time::timeout(ANSWER, ep.list()).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => e.chain().any(|c| c.downcast_ref::<Refused>().is_some() || c.downcast_ref::<crate::ship::client::Fenced>().is_some()),
+        Err(_) => false,
+    }
+}
+
+/// Makes `here` the origin of `policy`'s file set: its live file set from the newest
+/// snapshot it holds, then a new epoch. Returns what to tell the admin (promoted from which
+/// snapshot, taken when: the failover's recovery point).
+pub async fn promote(policy: &Policy, here: &str, epochs: &EpochStore) -> Result<String> {
+    let held = snapshot::replica_on(policy, here)?.list().await?;
+    let Some(newest) = held.last() else {
+        bail!("this node holds no snapshot of `{}`: there is nothing to promote", policy.fileset);
+    };
+    let origin = snapshot::origin_on(policy, here)?;
+    origin.make_live_from(newest).await?;
+    let epoch = epochs.promote(policy, here, newest.name.as_str())?;
+    let age = chrono::Utc::now() - newest.name.time();
+    let live = policy.live_on(here).unwrap_or_default();
+    let report = format!(
+        "{}: promoted `{here}` to origin ({epoch}) from {} (taken {} ago: writes after it on the old origin are not here); writable at {live}",
+        policy.fileset,
+        newest.name,
+        humantime::format_duration(Duration::from_secs(age.num_seconds().max(0) as u64)),
+    );
+    tracing::warn!("{report}");
+    Ok(report)
+}
+
+/// This node is no longer the origin: keep the live file set's content read-only as
+/// diverged data (never deleted by snapship; `list` shows it) and freeze the live file set.
+pub async fn step_down(policy: &Policy, origin: &dyn snapshot::OriginSide, epochs: &EpochStore) -> Result<()> {
+    let kept = origin.step_down().await?;
+    epochs.add_diverged(policy, &kept)?;
+    tracing::warn!(fileset = %policy.fileset, kept = %kept, "stepped down: the live file set is read-only; what it held is kept as {kept}");
+    Ok(())
+}
