@@ -43,8 +43,9 @@ pub async fn promote(policy: &Policy, here: &str, epochs: &EpochStore) -> Result
     let age = chrono::Utc::now() - newest.name.time();
     let live = policy.live_on(here).unwrap_or_default();
     let report = format!(
-        "{}: promoted `{here}` to origin ({epoch}) from {} (taken {} ago: writes after it on the old origin are not here); writable at {live}",
+        "{}: promoted `{here}` to origin in epoch {} from {} (taken {} ago: writes after it on the old origin are not here); writable at {live}",
         policy.fileset,
+        epoch.number,
         newest.name,
         humantime::format_duration(Duration::from_secs(age.num_seconds().max(0) as u64)),
     );

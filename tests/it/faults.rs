@@ -322,6 +322,7 @@ fn malformed_and_truncated_frames_are_refused() {
             compact: false,
             resume: None,
             from_token: false,
+            epoch: snapship::store::Epoch { number: 0, origin: "alpha".into() },
         };
         let begin = [hello.clone(), Frame::message(&begin.to_json()).to_vec()].concat();
         let mut oversized = hello.clone();

@@ -5,6 +5,7 @@
 //!
 //! - `btrfs_local`, `zfs`: the backends and one-shot sync on one node;
 //! - `quic`, `scheduler`, `operate`: nodes over QUIC, `snapship run`, status and metrics;
+//! - `failover`: promotion of a replica, fencing, failback without a full resend;
 //! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
 //!   fault proxy they go through;
 //! - `cli_check`, `cli_certs`, `certs_expiry`, `examples`: the config checker, certificates
@@ -20,6 +21,7 @@ mod certs_expiry;
 mod cli_certs;
 mod cli_check;
 mod examples;
+mod failover;
 mod faults;
 mod layers;
 mod operate;

@@ -1,0 +1,94 @@
+//! The day of the disaster, on real loop btrfs and QUIC, three nodes: alpha the origin, beta
+//! and gamma replicas, continuous mode. alpha dies; `snapship promote` on beta makes it the
+//! origin (a new epoch); gamma follows incrementally with no configuration change; alpha,
+//! restarted with its unchanged config, is fenced off, steps down (keeping what it held as
+//! diverged data) and receives from beta incrementally, its own snapshots serving as bases.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::common::cluster::*;
+use crate::common::*;
+
+/// The size of the first stream a daemon log shows shipped to `replica` (lines "replica up
+/// to date" with bytes > 0; 0 means the replica already held the snapshot).
+fn first_stream_bytes(log: &str, replica: &str) -> Option<u64> {
+    log.lines()
+        .filter(|l| l.contains("replica up to date") && l.contains(&format!("replica=\"{replica}\"")))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("bytes=")).and_then(|b| b.parse().ok()))
+        .find(|&b: &u64| b > 0)
+}
+
+fn read(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+#[test]
+fn promote_a_replica_then_fail_back_without_a_full_resend() {
+    require_root!();
+    let mut c = Cluster::new("failover", &["alpha", "beta", "gamma"]);
+    let src = c.fs["alpha"].subvolume("projects");
+    let (beta_dst, gamma_dst) = (c.mnt("beta").join("backup/projects"), c.mnt("gamma").join("backup/projects"));
+    let beta_live: PathBuf = c.mnt("beta").join("projects");
+    let policy = format!(
+        "fileset: projects\nbackend: btrfs\nmode: continuous\ncontinuous:\n  min_interval: 1s\norigin:\n  node: alpha\n  path: {}\nreplicas:\n  - node: beta\n    path: {}\n    promote_path: {}\n  - node: gamma\n    path: {}\n",
+        src.display(),
+        beta_dst.display(),
+        beta_live.display(),
+        gamma_dst.display()
+    );
+    for n in ["alpha", "beta", "gamma"] {
+        c.configure(n, &[("projects", policy.clone())]);
+    }
+    fill(&src, 21);
+    c.start("beta");
+    c.start("gamma");
+    c.start("alpha");
+    std::fs::write(src.join("before.txt"), "written on alpha").unwrap();
+    for dst in [&beta_dst, &gamma_dst] {
+        wait_for(Duration::from_secs(60), "alpha's write on both replicas", || read(&dst.join("latest/before.txt")).is_some());
+    }
+
+    // The disaster: alpha is gone, its port silent.
+    c.kill9("alpha");
+    let started = Instant::now();
+    let out = snapship().args(["promote", "--config"]).arg(c.dir("beta").join("node.yaml")).arg("projects").output().unwrap();
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "promote failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("promote took {:.2}s:\n{text}", took.as_secs_f64());
+    assert!(text.contains("promoted `beta` to origin in epoch 1"), "{text}");
+    // Writable at the promote path, with what beta held.
+    assert_same_tree(&beta_dst.join("latest"), &beta_live);
+    std::fs::write(beta_live.join("after.txt"), "written on beta").unwrap();
+
+    // gamma follows the new origin, incrementally.
+    wait_for(Duration::from_secs(60), "beta's write on gamma", || read(&gamma_dst.join("latest/after.txt")).is_some());
+    let log = c.daemons["beta"].log_text();
+    let to_gamma = first_stream_bytes(&log, "gamma").unwrap_or_else(|| panic!("beta shipped nothing to gamma:\n{log}"));
+    eprintln!("first stream beta -> gamma: {to_gamma} bytes");
+    assert!(to_gamma < 1 << 20, "gamma got {to_gamma} bytes: not an incremental");
+
+    // alpha comes back with its unchanged config: fenced off, it steps down and fails back.
+    c.start("alpha");
+    let alpha_dir = c.mnt("alpha").join(".snapship/projects");
+    wait_for(Duration::from_secs(90), "beta's write on alpha", || read(&alpha_dir.join("latest/after.txt")).is_some());
+    assert_same_tree(&beta_live, &gamma_dst.join("latest"));
+    assert_same_tree(&beta_live, &alpha_dir.join("latest"));
+    // Before it learned the new epoch, alpha was refused: nothing it sent was written.
+    let refused = ["beta", "gamma"].iter().any(|n| c.daemons[*n].log_text().contains("refusing a stale origin"));
+    assert!(refused, "no member fenced the stale origin off");
+    let alpha_log = c.daemons["alpha"].log_text();
+    assert!(alpha_log.contains("stepping down") && alpha_log.contains("stepped down"), "{alpha_log}");
+    let diverged: Vec<String> =
+        std::fs::read_dir(&alpha_dir).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with("diverged-")).collect();
+    assert_eq!(diverged.len(), 1, "alpha kept what it held as diverged data: {diverged:?}");
+    assert!(libbtrfsutil::subvolume_read_only(&src).unwrap(), "alpha's live file set is frozen");
+    let log = c.daemons["beta"].log_text();
+    let to_alpha = first_stream_bytes(&log, "alpha").unwrap_or_else(|| panic!("beta shipped nothing to alpha:\n{log}"));
+    eprintln!("failback: first stream beta -> alpha: {to_alpha} bytes");
+    assert!(to_alpha < 1 << 20, "alpha got {to_alpha} bytes: a full resend");
+    c.stop("alpha");
+    c.stop("gamma");
+    c.stop("beta");
+}
