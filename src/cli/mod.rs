@@ -61,6 +61,18 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// On the origin, planned: freeze writes, take a final snapshot, ship it, have NODE take
+    /// over as origin, and become a replica. No data is lost; if a step before NODE's
+    /// takeover fails, writes are thawed and this node stays the origin. Needs `snapship run`.
+    Switchover {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The file set.
+        fileset: String,
+        /// The member that becomes the origin.
+        #[arg(long, value_name = "NODE")]
+        to: String,
+    },
     /// Ask the running daemon, per file set and replica: newest snapshots, common base, lag,
     /// the transfer in progress, the last error.
     Status {
@@ -155,6 +167,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Check(args) => check(&args.config),
         Command::Sync { config, fileset } => sync(&config.config, &fileset).await,
         Command::Promote { config, fileset, force } => promote(&config.config, &fileset, force).await,
+        Command::Switchover { config, fileset, to } => switchover(&config.config, &fileset, &to).await,
         Command::Certs { out, days, renew, force, nodes } => {
             use crate::ship::tls::Existing;
             let existing = match (renew, force) {
@@ -256,6 +269,17 @@ async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     }
     if failed {
         return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn switchover(path: &std::path::Path, fileset: &str, to: &str) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let loaded = config::load(path)?;
+    find_policy(&loaded, path, fileset)?;
+    match control::switchover_through_daemon(&loaded.node.state_dir, fileset, to).await? {
+        Some(report) => println!("{report}\nswitchover took {:.2}s", started.elapsed().as_secs_f64()),
+        None => bail!("no snapship run is running here; switchover is carried out by the running origin daemon: start it and try again"),
     }
     Ok(ExitCode::SUCCESS)
 }

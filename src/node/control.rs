@@ -22,6 +22,7 @@ pub enum Request {
     Status,
     Sync { fileset: String },
     Promote { fileset: String, force: bool },
+    Switchover { fileset: String, to: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -138,6 +139,10 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
             Ok(report) => Reply::Promoted { report },
             Err(e) => Reply::Error { message: format!("{e:#}") },
         },
+        Ok(Request::Switchover { fileset, to }) => match control.node.switchover(&fileset, &to).await {
+            Ok(report) => Reply::Promoted { report },
+            Err(e) => Reply::Error { message: format!("{e:#}") },
+        },
         Err(e) => Reply::Error { message: format!("bad request: {e}") },
     };
     let reply = serde_json::to_string(&reply)
@@ -213,6 +218,17 @@ pub async fn status(state_dir: &Path) -> Result<StatusReport> {
 }
 
 /// Asks the daemon of `state_dir` to sync `fileset`; `Ok(None)` when no daemon runs.
+/// Asks the running daemon, the origin of `fileset`, to hand it over to `to`; `None` when no
+/// daemon runs.
+pub async fn switchover_through_daemon(state_dir: &Path, fileset: &str, to: &str) -> Result<Option<String>> {
+    match ask(state_dir, &Request::Switchover { fileset: fileset.to_string(), to: to.to_string() }).await? {
+        Some(Reply::Promoted { report }) => Ok(Some(report)),
+        Some(Reply::Error { message }) => bail!("{message}"),
+        Some(other) => bail!("the daemon answered {other:?} to switchover"),
+        None => Ok(None),
+    }
+}
+
 /// Asks the running daemon to promote this node for `fileset`; `None` when no daemon runs.
 pub async fn promote_through_daemon(state_dir: &Path, fileset: &str, force: bool) -> Result<Option<String>> {
     match ask(state_dir, &Request::Promote { fileset: fileset.to_string(), force }).await? {

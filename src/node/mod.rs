@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -174,7 +174,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         shutdown: shutdown.clone(),
         syncs: Mutex::default(),
         connector: Mutex::default(),
+        handing_over: Mutex::default(),
     });
+    replica.service.accept_handovers(Arc::new(node.clone()));
     node.start_origins(&origin_of);
     {
         let control = Arc::new(control::Control { status: status.clone(), node: node.clone() });
@@ -216,6 +218,9 @@ pub struct Runtime {
     /// Where each origin job takes `sync` requests.
     pub syncs: Mutex<BTreeMap<String, SyncHandle>>,
     connector: Mutex<Option<Arc<Connector>>>,
+    /// File sets being handed over in a planned switchover: stepping down keeps no diverged
+    /// data (writes were frozen before the final snapshot).
+    handing_over: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Runtime {
@@ -300,6 +305,10 @@ impl Runtime {
             return;
         }
         let epoch = self.epochs.current(&policy).map(|e| e.to_string()).unwrap_or_default();
+        if self.handing_over.lock().expect("handover lock").remove(&policy.fileset.0) {
+            tracing::info!(fileset = %policy.fileset, "handed over ({epoch}): this node is a replica now");
+            return;
+        }
         tracing::warn!(fileset = %policy.fileset, "this node is no longer the origin ({epoch}): stepping down");
         if let Err(e) = crate::origin::failover::step_down(&policy, origin.as_ref(), &self.epochs).await {
             tracing::error!(fileset = %policy.fileset, "stepping down: {e:#}");
@@ -330,6 +339,75 @@ impl Runtime {
         let report = crate::origin::failover::promote(policy, here, &self.epochs).await?;
         self.start_origins(&[fileset]);
         Ok(report)
+    }
+
+    /// `snapship switchover --to NODE` in the running daemon, the origin: freeze writes, take
+    /// a final snapshot and ship it (to every member, NODE among them), have NODE take over,
+    /// and become a replica. If anything fails before NODE took over, writes are thawed and
+    /// this node stays the origin.
+    pub async fn switchover(self: &Arc<Self>, fileset: &str, to: &str) -> Result<String> {
+        let policy = self.config.policy(fileset).ok_or_else(|| anyhow!("no file set `{fileset}` in this node's policies"))?;
+        let here = &self.config.node.node.0;
+        let known = self.epochs.current(policy)?;
+        if known.origin != *here {
+            bail!("this node is not the origin of `{fileset}` ({known}); run switchover on `{}`", known.origin);
+        }
+        if to == here || !policy.is_member(to) {
+            bail!("`{to}` is not another member of `{fileset}` (members: {})", policy.members().join(", "));
+        }
+        let origin = snapshot::origin_on(policy, here)?;
+        let eps = endpoints(&self.config, policy, &mut self.connector.lock().expect("connector lock"), &self.link, &self.epochs)?;
+        let target = eps.into_iter().find(|e| e.node() == to).ok_or_else(|| anyhow!("`{to}` is not reached from here"))?;
+        self.handing_over.lock().expect("handover lock").insert(fileset.to_string());
+        origin.freeze(true).await?;
+        let attempt = async {
+            let snapshot = self.final_sync(fileset, to).await?;
+            let epoch = target.hand_over(&snapshot).await.with_context(|| format!("`{to}` did not take over"))?;
+            Ok::<_, anyhow::Error>((snapshot, epoch))
+        };
+        match attempt.await {
+            Ok((snapshot, epoch)) => {
+                self.epochs.learn(policy, &epoch)?;
+                Ok(format!(
+                    "{fileset}: `{to}` is the origin in epoch {} from {snapshot} (writes were frozen here first: nothing lost); this node is a replica",
+                    epoch.number
+                ))
+            }
+            Err(e) => {
+                self.handing_over.lock().expect("handover lock").remove(fileset);
+                let thawed = match origin.freeze(false).await {
+                    Ok(()) => "writes are thawed and this node is still the origin".to_string(),
+                    Err(t) => format!("and thawing failed too ({t:#}): make the live file set writable by hand"),
+                };
+                Err(e.context(format!("switchover of `{fileset}` to `{to}` failed; {thawed}")))
+            }
+        }
+    }
+
+    /// A snapshot now through the origin job, shipped; the snapshot's name once `to` has it.
+    async fn final_sync(&self, fileset: &str, to: &str) -> Result<crate::snapshot::SnapshotName> {
+        let handle = self.syncs.lock().expect("syncs lock").get(fileset).cloned().ok_or_else(|| anyhow!("no origin job runs for `{fileset}`"))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        handle.send(crate::origin::job::SyncRequest { reply: tx }).await.map_err(|_| anyhow!("the origin job of `{fileset}` is stopping"))?;
+        let answers = rx.await.map_err(|_| anyhow!("the origin job of `{fileset}` stopped"))?.map_err(|e| anyhow!("{e}"))?;
+        let (_, snapshot, outcomes) = answers.into_iter().find(|(f, _, _)| f == fileset).ok_or_else(|| anyhow!("no snapshot of `{fileset}` was taken"))?;
+        match outcomes.into_iter().find(|o| o.replica == to).map(|o| o.result) {
+            Some(Ok(_)) => Ok(snapshot),
+            Some(Err(e)) => bail!("the final snapshot {snapshot} did not reach `{to}`: {e}"),
+            None => bail!("the final snapshot {snapshot} was not shipped to `{to}`"),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::replica::service::TakeOver for Arc<Runtime> {
+    async fn take_over(&self, policy: &Policy, _snapshot: &crate::snapshot::SnapshotName) -> Result<crate::store::Epoch> {
+        // The service checked that the snapshot is the newest this node holds, which is what
+        // promotion starts from.
+        let here = self.config.node.node.0.clone();
+        crate::origin::failover::promote(policy, &here, &self.epochs).await?;
+        self.start_origins(&[policy.fileset.0.as_str()]);
+        self.epochs.current(policy)
     }
 }
 

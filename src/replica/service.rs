@@ -44,8 +44,17 @@ pub fn real_backends() -> Backends {
     Arc::new(snapshot::replica_on)
 }
 
+/// Takes over origin duty on this node: the daemon's part of a planned switchover.
+#[async_trait]
+pub trait TakeOver: Send + Sync {
+    /// Makes this node the origin of `policy`'s file set from `snapshot`; the new epoch.
+    async fn take_over(&self, policy: &Policy, snapshot: &SnapshotName) -> Result<Epoch>;
+}
+
 pub struct ReplicaService {
     config: Arc<LoadedConfig>,
+    /// Set by the daemon once it runs; one-shot commands cannot take over.
+    take_over: std::sync::OnceLock<Arc<dyn TakeOver>>,
     epochs: Arc<EpochStore>,
     sessions: Arc<Sessions>,
     status: Arc<StatusBoard>,
@@ -57,7 +66,38 @@ pub struct ReplicaService {
 impl ReplicaService {
     pub fn new(config: Arc<LoadedConfig>, epochs: Arc<EpochStore>, status: Arc<StatusBoard>, backends: Backends) -> Arc<ReplicaService> {
         let sessions = Sessions::new(&config.node.transfers, &config.node.state_dir);
-        Arc::new(ReplicaService { config, epochs, sessions, status, backends, prunes: TaskTracker::new() })
+        Arc::new(ReplicaService { config, take_over: Default::default(), epochs, sessions, status, backends, prunes: TaskTracker::new() })
+    }
+
+    /// Lets an origin hand the file set over to this node (the daemon does this).
+    pub fn accept_handovers(&self, take_over: Arc<dyn TakeOver>) {
+        let _ = self.take_over.set(take_over);
+    }
+
+    /// A planned switchover from `peer`: take over from `snapshot` if it is the newest this
+    /// node holds.
+    async fn handover(&self, peer: &str, fileset: &str, snapshot: &str, epoch: &Epoch) -> Result<Message> {
+        let policy = match self.authorize(peer, fileset, epoch) {
+            Ok(found) => found,
+            Err(refusal) => return Ok(refusal),
+        };
+        let Some(take_over) = self.take_over.get() else {
+            return Ok(Message::error(
+                ErrorCode::BadRequest,
+                format!("node `{}` runs no daemon that could take over; start `snapship run` there", self.here()),
+            ));
+        };
+        let Some(name) = SnapshotName::parse(snapshot) else {
+            return Ok(Message::error(ErrorCode::BadRequest, format!("{snapshot:?} is not a snapship snapshot name")));
+        };
+        let held = (self.backends)(policy, self.here())?.list().await?;
+        if held.last().map(|s| &s.name) != Some(&name) {
+            let newest = held.last().map_or("nothing".to_string(), |s| s.name.to_string());
+            return Ok(Message::error(ErrorCode::BadRequest, format!("this node's newest snapshot of `{fileset}` is {newest}, not {name}: ship it first")));
+        }
+        let epoch = take_over.take_over(policy, &name).await?;
+        tracing::warn!(%fileset, peer = ?peer, "took over as origin in {epoch} (planned switchover)");
+        Ok(Message::TookOver { epoch })
     }
 
     fn here(&self) -> &str {
@@ -173,7 +213,8 @@ impl ReplicaService {
                 });
                 Ok(Message::Committed { snapshot })
             }
-            other => Ok(Message::error(ErrorCode::BadRequest, format!("expected list or begin, got {}", other.kind()))),
+            Message::Handover { fileset, snapshot, epoch } => self.handover(peer, &fileset, &snapshot, &epoch).await,
+            other => Ok(Message::error(ErrorCode::BadRequest, format!("expected list, begin or handover, got {}", other.kind()))),
         }
     }
 }

@@ -99,6 +99,20 @@ impl ReplicaEndpoint for PeerReplica {
         self.dialer.reset().await;
     }
 
+    async fn hand_over(&self, snapshot: &SnapshotName) -> Result<Epoch> {
+        let request = Message::Handover { fileset: self.fileset.clone(), snapshot: snapshot.to_string(), epoch: (self.epoch)()? };
+        let (mut replies, _send) = self.request(&request).await.map_err(|e| self.dialer.explain(e))?;
+        // Taking over makes a writable copy and starts origin duty: quick, but give it time.
+        match tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut replies)).await {
+            Err(_) => bail!("replica `{}` did not answer the handover within {}s", self.node, ANSWER_TIMEOUT.as_secs()),
+            Ok(reply) => match reply? {
+                Message::TookOver { epoch } => Ok(epoch),
+                Message::Error { code, message, epoch } => Err(self.refused(code, message, epoch)),
+                other => bail!("protocol error: `{}` answered {} to handover", self.node, other.kind()),
+            },
+        }
+    }
+
     async fn receive(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
         let result = self.ship(incoming, start, stream).await.map_err(|e| self.dialer.explain(e));
         if result.is_err() {

@@ -82,6 +82,11 @@ pub trait ReplicaEndpoint: Send + Sync {
     /// snapshot complete, checked and visible. `start` says whether `stream` goes on from
     /// where a partial transfer stopped (only when the listing offered it).
     async fn receive(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()>;
+    /// A planned switchover: asks the replica, which holds `snapshot` as its newest, to take
+    /// over as origin; the new epoch once it has.
+    async fn hand_over(&self, _snapshot: &crate::snapshot::SnapshotName) -> Result<crate::store::Epoch> {
+        anyhow::bail!("replica `{}` cannot take over", self.node())
+    }
 }
 
 /// One request stream: the replies (or requests, on the replica) come in on `recv`, and

@@ -78,6 +78,17 @@ pub enum Message {
     Committed {
         snapshot: String,
     },
+    /// A planned switchover: the origin (acting in `epoch`) asks this replica to become the
+    /// origin from `snapshot`, which it has just received, and has frozen its own writes.
+    Handover {
+        fileset: String,
+        snapshot: String,
+        epoch: Epoch,
+    },
+    /// The replica took over: it is the origin in `epoch`.
+    TookOver {
+        epoch: Epoch,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -194,6 +205,8 @@ impl Message {
             Message::Ack { .. } => "ack",
             Message::End { .. } => "end",
             Message::Committed { .. } => "committed",
+            Message::Handover { .. } => "handover",
+            Message::TookOver { .. } => "took_over",
             Message::Error { .. } => "error",
         }
     }

@@ -150,7 +150,17 @@ impl OriginSide for BtrfsOrigin {
         let (src, live) = (self.path_of(snapshot), self.subvolume.clone());
         blocking(move || {
             if std::fs::symlink_metadata(&live).is_ok() {
-                bail!("{} already exists; move it away (or set `promote_path:` on this replica) and promote again", live.display());
+                // A live file set frozen when this node stepped down (its content is kept as
+                // diverged data) is moved aside, in its own directory; anything else is
+                // someone's data.
+                let frozen = libbtrfsutil::is_subvolume(&live).unwrap_or(false) && libbtrfsutil::subvolume_read_only(&live).unwrap_or(false);
+                if !frozen {
+                    bail!("{} already exists; move it away (or set `promote_path:` on this replica) and promote again", live.display());
+                }
+                let name = live.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let aside = live.with_file_name(format!(".{name}.frozen-{}", Utc::now().format("%Y%m%dT%H%M%S%.3fZ")));
+                std::fs::rename(&live, &aside).with_context(|| format!("cannot move the frozen {} aside to {}", live.display(), aside.display()))?;
+                tracing::warn!(frozen = %aside.display(), "moved the live file set frozen at the last step-down aside");
             }
             if let Some(parent) = live.parent() {
                 std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
@@ -158,6 +168,14 @@ impl OriginSide for BtrfsOrigin {
             // A writable snapshot, never `ro=false` on the received one: the received one keeps
             // its identity and stays a base for the other members.
             CreateSnapshotOptions::new().create(&src, &live).map_err(|e| util_error(format!("cannot make {} writable at {}", src.display(), live.display()), e))
+        })
+        .await
+    }
+
+    async fn freeze(&self, frozen: bool) -> Result<()> {
+        let live = self.subvolume.clone();
+        blocking(move || {
+            libbtrfsutil::set_subvolume_read_only(&live, frozen).map_err(|e| util_error(format!("cannot set {} read-only={frozen}", live.display()), e))
         })
         .await
     }

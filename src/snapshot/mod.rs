@@ -192,6 +192,11 @@ pub trait OriginSide: Send + Sync {
     async fn step_down(&self) -> Result<String> {
         anyhow::bail!("this backend cannot step down yet")
     }
+    /// Makes the live file set read-only (`true`: a planned switchover freezes writes) or
+    /// writable again (`false`: the switchover failed before the other node took over).
+    async fn freeze(&self, _frozen: bool) -> Result<()> {
+        anyhow::bail!("this backend cannot freeze its live file set yet")
+    }
 }
 
 /// A replica's side of a file set.

@@ -88,6 +88,26 @@ fn promote_a_replica_then_fail_back_without_a_full_resend() {
     let to_alpha = first_stream_bytes(&log, "alpha").unwrap_or_else(|| panic!("beta shipped nothing to alpha:\n{log}"));
     eprintln!("failback: first stream beta -> alpha: {to_alpha} bytes");
     assert!(to_alpha < 1 << 20, "alpha got {to_alpha} bytes: a full resend");
+
+    // Planned switchover back to alpha, with writes going on right up to the command.
+    for i in 0..5 {
+        std::fs::write(beta_live.join(format!("late-{i}.txt")), format!("written on beta {i}")).unwrap();
+    }
+    let started = Instant::now();
+    let out = snapship().args(["switchover", "--config"]).arg(c.dir("beta").join("node.yaml")).args(["projects", "--to", "alpha"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "switchover failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("switchover took {:.2}s:\n{text}", started.elapsed().as_secs_f64());
+    // Every write made on beta before the command is in alpha's live file set, writable.
+    for i in 0..5 {
+        assert_eq!(read(&src.join(format!("late-{i}.txt"))).as_deref(), Some(format!("written on beta {i}").as_str()));
+    }
+    assert!(!libbtrfsutil::subvolume_read_only(&src).unwrap(), "alpha's live file set is writable again");
+    assert!(libbtrfsutil::subvolume_read_only(&beta_live).unwrap(), "beta froze its writes");
+    // gamma follows alpha.
+    std::fs::write(src.join("back.txt"), "alpha again").unwrap();
+    wait_for(Duration::from_secs(60), "alpha's new write on gamma", || read(&gamma_dst.join("latest/back.txt")).is_some());
+    wait_for(Duration::from_secs(60), "alpha's new write on beta", || read(&beta_dst.join("latest/back.txt")).is_some());
     c.stop("alpha");
     c.stop("gamma");
     c.stop("beta");
