@@ -405,6 +405,16 @@ async fn status(path: &std::path::Path, json: bool) -> Result<ExitCode> {
             }
         }
     }
+    for e in report.epochs.iter().filter(|e| e.epoch > 0 || !e.diverged.is_empty()) {
+        print!("{}: origin `{}` in epoch {}", e.fileset, e.origin, e.epoch);
+        if let (Some(at), Some(from)) = (&e.promoted_at, &e.promoted_from) {
+            print!(", promoted here at {} from {from}", at.format("%Y-%m-%d %H:%M:%S UTC"));
+        }
+        println!();
+        for d in &e.diverged {
+            println!("  diverged data kept: {d} (see docs/failover.md)");
+        }
+    }
     for r in &report.replica_of {
         println!(
             "{} (replica of {}): newest {} (lag {}), {} snapshot(s)",

@@ -133,7 +133,7 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
     // A request is one short line; refuse to buffer more.
     BufReader::new(read.take_limit()).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(Request::Status) => Reply::Status(control.status.report()),
+        Ok(Request::Status) => Reply::Status(control.node.report(control.status.report())),
         Ok(Request::Sync { fileset }) => sync(control, &fileset).await,
         Ok(Request::Promote { fileset, force }) => match control.node.promote(&fileset, force).await {
             Ok(report) => Reply::Promoted { report },

@@ -315,6 +315,24 @@ impl Runtime {
         }
     }
 
+    /// `report` with the epoch of every file set this node is a member of.
+    pub fn report(&self, mut report: crate::observe::status::StatusReport) -> crate::observe::status::StatusReport {
+        let here = &self.config.node.node.0;
+        for policy in self.config.policies.iter().filter(|p| p.is_member(here)) {
+            if let Ok(r) = self.epochs.record(policy) {
+                report.epochs.push(crate::observe::status::EpochStatus {
+                    fileset: policy.fileset.0.clone(),
+                    epoch: r.epoch.number,
+                    origin: r.epoch.origin,
+                    promoted_at: r.promoted_at,
+                    promoted_from: r.promoted_from,
+                    diverged: r.diverged,
+                });
+            }
+        }
+        report
+    }
+
     /// `snapship promote` in the running daemon: this node becomes the origin of `fileset` in
     /// a new epoch, and starts origin duty.
     pub async fn promote(self: &Arc<Self>, fileset: &str, force: bool) -> Result<String> {

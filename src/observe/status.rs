@@ -24,6 +24,23 @@ pub struct StatusReport {
     pub node: String,
     pub origin_of: Vec<OriginStatus>,
     pub replica_of: Vec<ReceiverStatus>,
+    /// Per file set this node is a member of: who is origin, since which promotion, and the
+    /// diverged data kept here.
+    #[serde(default)]
+    pub epochs: Vec<EpochStatus>,
+}
+
+/// A file set's epoch as this node knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochStatus {
+    pub fileset: String,
+    pub epoch: u64,
+    pub origin: String,
+    /// When this node was promoted, and from which snapshot (the failover's recovery point).
+    pub promoted_at: Option<DateTime<Utc>>,
+    pub promoted_from: Option<String>,
+    /// Diverged data kept read-only here (never deleted by snapship).
+    pub diverged: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -313,6 +330,7 @@ impl StatusBoard {
                     last_received: e.last_received,
                 })
                 .collect(),
+            epochs: Vec::new(),
         })
     }
 

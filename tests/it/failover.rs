@@ -61,6 +61,10 @@ fn promote_a_replica_then_fail_back_without_a_full_resend() {
     // Writable at the promote path, with what beta held.
     assert_same_tree(&beta_dst.join("latest"), &beta_live);
     std::fs::write(beta_live.join("after.txt"), "written on beta").unwrap();
+    let status = c.status_json("beta");
+    let epoch = &status["epochs"][0];
+    assert_eq!((epoch["epoch"].as_u64(), epoch["origin"].as_str()), (Some(1), Some("beta")), "{status}");
+    assert!(epoch["promoted_from"].as_str().is_some_and(|s| s.starts_with("snapship-")), "{status}");
 
     // gamma follows the new origin, incrementally.
     wait_for(Duration::from_secs(60), "beta's write on gamma", || read(&gamma_dst.join("latest/after.txt")).is_some());
@@ -84,6 +88,8 @@ fn promote_a_replica_then_fail_back_without_a_full_resend() {
         std::fs::read_dir(&alpha_dir).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with("diverged-")).collect();
     assert_eq!(diverged.len(), 1, "alpha kept what it held as diverged data: {diverged:?}");
     assert!(libbtrfsutil::subvolume_read_only(&src).unwrap(), "alpha's live file set is frozen");
+    let status = c.status_json("alpha");
+    assert_eq!(status["epochs"][0]["diverged"][0].as_str(), Some(diverged[0].as_str()), "{status}");
     let log = c.daemons["beta"].log_text();
     let to_alpha = first_stream_bytes(&log, "alpha").unwrap_or_else(|| panic!("beta shipped nothing to alpha:\n{log}"));
     eprintln!("failback: first stream beta -> alpha: {to_alpha} bytes");
