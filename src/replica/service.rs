@@ -147,7 +147,10 @@ impl ReplicaService {
         if claimed.number > 0 && policy.backend == crate::config::BackendKind::Zfs {
             // Failover is btrfs-only so far; a receive -F from another origin could roll back
             // what this node wrote after the common base.
-            return Err(Message::error(ErrorCode::Unauthorized, format!("`{fileset}` is a ZFS file set, and failover (an epoch after 0) is not supported on ZFS yet")));
+            return Err(Message::error(
+                ErrorCode::Unauthorized,
+                format!("`{fileset}` is a ZFS file set, and failover (an epoch after 0) is not supported on ZFS yet"),
+            ));
         }
         if claimed.origin != peer {
             return Err(Message::error(ErrorCode::Unauthorized, format!("node `{peer}` claims {claimed}, which names another node as origin")));

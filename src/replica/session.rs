@@ -64,9 +64,12 @@ pub fn error_code(err: &anyhow::Error) -> ErrorCode {
     if let Some(f) = err.chain().find_map(|c| c.downcast_ref::<Failed>()) {
         return f.code;
     }
-    let text = format!("{err:#}");
-    let no_space = err.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.raw_os_error() == Some(nix::libc::ENOSPC)))
-        || ["No space left on device", "out of space", "insufficient space"].iter().any(|m| text.contains(m));
+    // Classified where it happened: by the command runner from the command's own words, or
+    // an I/O error with ENOSPC (the spool's disk level).
+    let no_space = err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|e| e.raw_os_error() == Some(nix::libc::ENOSPC))
+            || matches!(c.downcast_ref::<crate::snapshot::runner::CommandError>(), Some(crate::snapshot::runner::CommandError::NoSpace { .. }))
+    });
     if no_space { ErrorCode::NoSpace } else { IncomingError::code_of(err) }
 }
 

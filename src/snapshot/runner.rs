@@ -24,13 +24,32 @@ pub enum CommandError {
     Spawn { cmdline: String, source: std::io::Error },
     #[error("`{cmdline}` failed ({status}): {stderr}")]
     Failed { cmdline: String, status: String, stderr: String },
+    /// It failed because a filesystem was full: the admin must free space (classified here,
+    /// where the command's own words are known; commands run with `LC_ALL=C`).
+    #[error("`{cmdline}` ran out of space ({status}): {stderr}")]
+    NoSpace { cmdline: String, status: String, stderr: String },
+}
+
+/// What `btrfs` and `zfs` say when a filesystem or pool is full (English: `LC_ALL=C`).
+const NO_SPACE: &[&str] = &["No space left on device", "out of space", "insufficient space"];
+
+impl CommandError {
+    /// A failure with `stderr`, told apart when it says the filesystem is full.
+    fn exited(cmdline: String, status: String, stderr: String) -> CommandError {
+        let stderr = if stderr.is_empty() { "no error output".into() } else { stderr };
+        if NO_SPACE.iter().any(|m| stderr.contains(m)) {
+            CommandError::NoSpace { cmdline, status, stderr }
+        } else {
+            CommandError::Failed { cmdline, status, stderr }
+        }
+    }
 }
 
 impl CommandError {
     /// What the command wrote on stderr, if it ran and failed.
     pub fn stderr(&self) -> &str {
         match self {
-            CommandError::Failed { stderr, .. } => stderr,
+            CommandError::Failed { stderr, .. } | CommandError::NoSpace { stderr, .. } => stderr,
             CommandError::Spawn { .. } => "",
         }
     }
@@ -115,7 +134,7 @@ impl Cmd {
 
     fn failed(&self, status: ExitStatus, stderr: &[u8]) -> CommandError {
         let text = String::from_utf8_lossy(stderr).trim().to_string();
-        CommandError::Failed { cmdline: self.to_string(), status: status.to_string(), stderr: if text.is_empty() { "no error output".into() } else { text } }
+        CommandError::exited(self.to_string(), status.to_string(), text)
     }
 }
 
@@ -172,7 +191,7 @@ impl Running {
             return Ok(());
         }
         let text = String::from_utf8_lossy(&stderr).trim().to_string();
-        Err(CommandError::Failed { cmdline: self.cmdline, status: status.to_string(), stderr: if text.is_empty() { "no error output".into() } else { text } })
+        Err(CommandError::exited(self.cmdline, status.to_string(), text))
     }
 
     /// Kills the command (used when the other end of the stream failed).
