@@ -124,6 +124,7 @@ impl Hooks for NoHooks {
 /// the in-process link, and `origin` is how alpha (or whoever `peer` is) reaches it.
 struct Fixture {
     _dir: tempfile::TempDir,
+    policy: crate::config::Policy,
     origin: FakeOrigin,
     replica: FakeReplica,
     service: Arc<ReplicaService>,
@@ -142,7 +143,7 @@ impl Fixture {
             "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/projects\nreplicas:\n  - node: beta\n    path: /backup/projects\n  - node: gamma\n    path: /backup/projects\n{retention}"
         );
         let policy = config::parse_policy_text(&dir.path().join("projects.yaml"), &text, &node).unwrap();
-        let loaded = Arc::new(LoadedConfig { node, policies: vec![policy], errors: vec![] });
+        let loaded = Arc::new(LoadedConfig { node, policies: vec![policy.clone()], errors: vec![] });
         let replica = FakeReplica::default();
         let backend = replica.clone();
         let epochs = Arc::new(EpochStore::open(&loaded.node.state_dir));
@@ -153,7 +154,7 @@ impl Fixture {
         let shutdown = CancellationToken::new();
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(service.sessions().clone().watch(shutdown.clone()));
-        Fixture { _dir: dir, origin: FakeOrigin::new(origin_dir), replica, service, shutdown, tasks }
+        Fixture { _dir: dir, policy, origin: FakeOrigin::new(origin_dir), replica, service, shutdown, tasks }
     }
 
     /// An endpoint for the replica as `peer` reaches it (the link names the peer).
@@ -364,5 +365,34 @@ async fn a_stale_origin_is_fenced_off_and_a_promoted_one_is_followed() {
     let fenced = err.chain().find_map(|c| c.downcast_ref::<crate::ship::client::Fenced>()).expect("fenced");
     assert_eq!(fenced.epoch, Epoch { number: 1, origin: "gamma".into() });
     assert_eq!(f.held().len(), 2, "the stale origin wrote");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn the_origin_job_ships_the_newest_snapshot_and_records_the_base() {
+    use crate::origin::job::OriginJob;
+    use crate::origin::state::StateStore;
+    let f = Fixture::new("");
+    let origin = Arc::new(FakeOrigin::new(f.origin.dir.clone()));
+    let s1 = origin.add(1, &data(2000, 4));
+    let ep: Arc<dyn ReplicaEndpoint> = Arc::new(f.endpoint("alpha"));
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = Arc::new(StateStore::open(state_dir.path(), "projects").unwrap());
+    let status = StatusBoard::new("alpha");
+    let (job, _sync) = OriginJob::new(f.policy.clone(), origin, vec![ep], state.clone(), crate::schedule::clock::Clock::System, status);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(job.run(stop.clone()));
+    // The worker ships the newest snapshot it finds at start, then records the base.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while state.get().await.replicas.get("beta").and_then(|r| r.base.clone()) != Some(s1.name.clone()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the base is recorded");
+    assert_eq!(f.held(), vec![(s1.name.to_string(), data(2000, 4))]);
+    assert!(state.get().await.replicas["beta"].in_flight.is_none(), "the finished transfer is no longer in flight");
+    stop.cancel();
+    run.await.unwrap();
     f.stop().await;
 }
