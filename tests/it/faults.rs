@@ -376,6 +376,64 @@ fn malformed_and_truncated_frames_are_refused() {
     s.assert_replica_complete();
 }
 
+/// A compromised origin (alpha's own valid certificate) sends a burst of snapshots dated a
+/// year ahead: retention files snapshots by the time in their names, so they would fill every
+/// bucket and push the real history out. The replica refuses each before anything is
+/// written, and its history stays.
+#[test]
+fn future_dated_snapshots_are_refused_and_history_stays() {
+    require_root!();
+    let s = setup("faults_future", (400, 400), "retention:\n  replica: { last: 3 }\n");
+    fill(&s.src, 50);
+    s.c.sync_ok("alpha", "projects");
+    std::fs::write(s.src.join("second.txt"), "two").unwrap();
+    s.c.sync_ok("alpha", "projects");
+    let history = snapshots(&s.dst);
+    assert_eq!(history.len(), 2, "{history:?}");
+    let config = snapship::config::load(&s.c.dir("alpha").join("node.yaml")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let replies = rt.block_on(async {
+        use snapship::ship::frame::Frame;
+        use snapship::ship::protocol::{Message, VERSION, WireCompression};
+        let connector = snapship::ship::quic::Connector::new(&config.node).unwrap();
+        let conn = connector.connect("beta", &s.proxy.addr().to_string()).await.unwrap();
+        let mut replies = Vec::new();
+        for month in 1..=6 {
+            let begin = Message::Begin {
+                fileset: "projects".into(),
+                snapshot: format!("snapship-2099{month:02}01T000000.000Z"),
+                identity: format!("00000000-0000-0000-0000-00000000000{month}"),
+                base: None,
+                compression: WireCompression::None,
+                compact: false,
+                resume: None,
+                from_token: false,
+                epoch: snapship::store::Epoch { number: 0, origin: "alpha".into() },
+            };
+            let bytes = [Frame::message(&Message::Hello { version: VERSION }.to_json()).to_vec(), Frame::message(&begin.to_json()).to_vec()].concat();
+            let mut handle = conn.handle();
+            let (recv, mut send) = handle.open_bidirectional_stream().await.unwrap().split();
+            use tokio::io::AsyncWriteExt;
+            send.write_all(&bytes).await.unwrap();
+            send.close().await.unwrap();
+            let mut frames = snapship::ship::frame::FrameReader::new(recv);
+            let reply = tokio::time::timeout(Duration::from_secs(20), snapship::ship::transfer::read_message(&mut frames)).await;
+            replies.push(format!("{reply:?}"));
+        }
+        replies
+    });
+    for r in &replies {
+        assert!(r.contains("BadRequest") && r.contains("ahead of this replica's clock"), "not refused: {r}");
+    }
+    assert_eq!(snapshots(&s.dst), history, "the burst changed the replica's history");
+    // A real snapshot still arrives, and retention keeps by what it can trust.
+    std::fs::write(s.src.join("third.txt"), "three").unwrap();
+    s.c.sync_ok("alpha", "projects");
+    let after = snapshots(&s.dst);
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert!(history.iter().all(|h| after.contains(h)), "history was pruned: {history:?} -> {after:?}");
+}
+
 /// Stuck processes: the origin's `btrfs send` and then the replica's `btrfs receive` are
 /// frozen (SIGSTOP) mid-transfer. Each is noticed within the stall timeout, killed and
 /// reported, and the transfer completes (resuming after the stuck send).
