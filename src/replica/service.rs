@@ -34,6 +34,10 @@ use crate::snapshot::{self, Incoming, ReplicaSide, SnapshotName};
 /// compromised origin would otherwise fill every bucket and push real history out.
 pub const MAX_FUTURE: Duration = Duration::from_secs(300);
 
+/// How long a peer has, from opening a request stream, to send `hello` and its request.
+/// Honest origins send both at once; ten seconds covers a slow, lossy path.
+pub const FIRST_REQUEST: Duration = Duration::from_secs(10);
+
 /// Makes the backend's replica side for a policy's replica entry on this node (tests put
 /// fakes here).
 pub type Backends = Arc<dyn Fn(&Policy, &ReplicaSpec) -> Result<Box<dyn ReplicaSide>> + Send + Sync>;
@@ -84,7 +88,19 @@ impl ReplicaService {
         send: &mut W,
         peer: &str,
     ) -> Result<Message> {
-        match read_message(&mut frames).await? {
+        // The opening (hello and the request) must arrive promptly: a peer that trickles it
+        // would otherwise hold one of its admission slots for as long as it likes.
+        let opening = async { Ok::<_, anyhow::Error>((read_message(&mut frames).await?, read_message(&mut frames).await?)) };
+        let (hello, request) = match tokio::time::timeout(FIRST_REQUEST, opening).await {
+            Ok(opening) => opening?,
+            Err(_) => {
+                return Ok(Message::error(
+                    ErrorCode::BadRequest,
+                    format!("no complete hello and request within {}s; the stream was closed", FIRST_REQUEST.as_secs()),
+                ));
+            }
+        };
+        match hello {
             Message::Hello { version } if version == VERSION => {}
             Message::Hello { version } => {
                 return Ok(Message::error(
@@ -94,7 +110,7 @@ impl ReplicaService {
             }
             other => return Ok(Message::error(ErrorCode::BadRequest, format!("expected hello, got {}", other.kind()))),
         }
-        match read_message(&mut frames).await? {
+        match request {
             Message::List { fileset } => {
                 let (policy, replica) = match self.authorize(peer, &fileset) {
                     Ok(found) => found,
@@ -118,7 +134,7 @@ impl ReplicaService {
                 let incoming = Incoming { name, identity, base: base.clone(), from_token };
                 let attached = self.sessions.begin(peer, &fileset, incoming, compact, resume, (self.backends)(policy, replica)?).await?;
                 write_message(send, &Message::Ready).await?;
-                tracing::info!(%peer, %fileset, %snapshot, base = base.as_deref().unwrap_or("none (full)"), from, "receiving");
+                tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving");
                 let data = IncomingData::new(frames, compression, self.sessions.stall_timeout());
                 self.sessions.feed(attached, data, send).await?;
                 tracing::info!(%peer, %fileset, %snapshot, "received and committed");
@@ -151,14 +167,28 @@ impl Handler for ReplicaService {
         let frames = FrameReader::new(recv);
         let reply = match self.serve_request(frames, &mut send, &peer).await {
             Ok(reply) => reply,
-            Err(e) => Message::error(session::error_code(&e), format!("{e:#}")),
+            Err(e) => {
+                // The full error may name this node's paths and commands: it stays here.
+                let code = session::error_code(&e);
+                tracing::warn!(%peer, ?code, "request failed: {}", format!("{e:#}").escape_debug());
+                return send_reply(send, &Message::error(code, session::for_peer(code, &e))).await;
+            }
         };
         if let Message::Error { code, message } = &reply {
             tracing::warn!(%peer, ?code, "request failed: {}", message.escape_debug());
         }
-        let _ = write_message(&mut send, &reply).await;
-        let _ = send.shutdown().await;
+        send_reply(send, &reply).await
     }
+}
+
+/// Sends the final reply and closes the stream; a peer that does not read it gets
+/// [`FIRST_REQUEST`] to take it, not forever.
+async fn send_reply(mut send: Box<dyn AsyncWrite + Send + Unpin>, message: &Message) {
+    let _ = tokio::time::timeout(FIRST_REQUEST, async {
+        let _ = write_message(&mut send, message).await;
+        let _ = send.shutdown().await;
+    })
+    .await;
 }
 
 /// Answers `peer` asking about `fileset` with `config`'s policy and this node's replica
