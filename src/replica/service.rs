@@ -202,7 +202,10 @@ pub fn authorize<'a>(config: &'a LoadedConfig, peer: &str, fileset: &str) -> Res
     if policy.origin.node.0 != peer {
         return Err(Message::error(
             ErrorCode::Unauthorized,
-            format!("node `{peer}` is not the origin of `{fileset}` (the policy on `{here}` names `{}`)", policy.origin.node),
+            format!(
+                "node `{peer}` is not the origin of `{fileset}` (the policy on `{here}` names `{}`): if `{peer}` should be its origin, change `origin.node` in the policy on `{here}` too; otherwise remove `{here}` from the replicas of `{fileset}` on `{peer}`",
+                policy.origin.node
+            ),
         ));
     }
     match policy.replica_on(here) {
