@@ -142,10 +142,13 @@ impl Subscriber for PeerIdentity {
     fn on_connection_closed(&mut self, context: &mut PeerName, _meta: &ConnectionMeta, event: &events::ConnectionClosed) {
         if !context.1 {
             // The peer's certificate is not known here (it was refused), so say what to check.
-            tracing::warn!(
-                "refused a connection during its TLS handshake ({}): if it was a snapship node, its certificate may have expired or not be valid yet (check `openssl x509 -enddate -noout -in CERT` there; renew with `snapship certs --renew NODE`), be from another CA than this node's, or be no snapship certificate at all",
-                format!("{}", event.error).escape_debug()
-            );
+            let error = format!("{}", event.error);
+            let what = if error.contains("expired") {
+                "the peer's certificate has expired or is not valid yet: check it there with `openssl x509 -enddate -noout -in CERT`; renew it with `snapship certs --renew NODE`"
+            } else {
+                "if it was a snapship node, its certificate may have expired or not be valid yet (check `openssl x509 -enddate -noout -in CERT` there; renew with `snapship certs --renew NODE`), be from another CA than this node's, or be no snapship certificate at all"
+            };
+            tracing::warn!("refused a connection during its TLS handshake ({}): {what}", error.escape_debug());
         }
     }
 }
