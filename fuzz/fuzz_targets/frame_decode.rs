@@ -9,7 +9,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use snapship::ship::frame::{Frame, FrameError, FrameReader, MAX_PAYLOAD};
+use snapship::ship::frame::{Frame, FrameError, FrameReader, MAX_MESSAGE, MAX_PAYLOAD};
 use snapship::ship::protocol::Message;
 
 const HEADER: usize = 5;
@@ -121,7 +121,7 @@ fn decode_in_pieces(data: &[u8], piece: usize) -> (Vec<Frame>, End) {
 fn check_frame(frame: &Frame, wire: &[u8]) {
     let encoded = match frame {
         Frame::Message(json) => {
-            assert!(json.len() <= MAX_PAYLOAD, "message of {} bytes", json.len());
+            assert!(json.len() <= MAX_MESSAGE, "message of {} bytes", json.len());
             Frame::message(json).to_vec()
         }
         Frame::Data(chunk) => {
@@ -146,7 +146,7 @@ fn check_error(e: &FrameError, rest: &[u8], consumed: usize) {
             assert_eq!(kind, rest[0]);
             assert!(kind != 1 && kind != 2);
         }
-        FrameError::TooLarge(len) => assert!(len > MAX_PAYLOAD),
+        FrameError::TooLarge { len, limit, .. } => assert!(len > limit && (limit == MAX_MESSAGE || limit == MAX_PAYLOAD)),
         FrameError::ShortData(len) => {
             assert_eq!(rest[0], 2);
             assert!(len < 4);

@@ -63,8 +63,9 @@ pub struct Transfers {
     pub stall_timeout: HumanDuration,
     /// Replica side: how long a cut transfer is kept, waiting for its origin to resume it.
     pub resume_window: HumanDuration,
-    /// Replica side: what an incoming stream may buffer ahead of `btrfs receive`/`zfs
-    /// receive`, in memory first and then on disk under `state_dir/spool`.
+    /// Replica side: what incoming streams may buffer ahead of `btrfs receive`/`zfs
+    /// receive`: in memory first (`spool_memory` for all streams of the node together), then
+    /// on disk under `state_dir/spool` (`spool_disk` per stream).
     pub spool_memory: ByteSize,
     pub spool_disk: ByteSize,
 }

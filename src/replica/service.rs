@@ -35,6 +35,10 @@ use crate::store::{Epoch, EpochStore};
 /// compromised origin would otherwise fill every bucket and push real history out.
 pub const MAX_FUTURE: Duration = Duration::from_secs(300);
 
+/// How long a peer has, from opening a request stream, to send `hello` and its request.
+/// Honest origins send both at once; ten seconds covers a slow, lossy path.
+pub const FIRST_REQUEST: Duration = Duration::from_secs(10);
+
 /// Makes the backend's replica side of a policy on a node, at that node's home (tests put
 /// fakes here).
 pub type Backends = Arc<dyn Fn(&Policy, &str) -> Result<Box<dyn ReplicaSide>> + Send + Sync>;
@@ -166,7 +170,19 @@ impl ReplicaService {
         send: &mut W,
         peer: &str,
     ) -> Result<Message> {
-        match read_message(&mut frames).await? {
+        // The opening (hello and the request) must arrive promptly: a peer that trickles it
+        // would otherwise hold one of its admission slots for as long as it likes.
+        let opening = async { Ok::<_, anyhow::Error>((read_message(&mut frames).await?, read_message(&mut frames).await?)) };
+        let (hello, request) = match tokio::time::timeout(FIRST_REQUEST, opening).await {
+            Ok(opening) => opening?,
+            Err(_) => {
+                return Ok(Message::error(
+                    ErrorCode::BadRequest,
+                    format!("no complete hello and request within {}s; the stream was closed", FIRST_REQUEST.as_secs()),
+                ));
+            }
+        };
+        match hello {
             Message::Hello { version } if version == VERSION => {}
             Message::Hello { version } => {
                 return Ok(Message::error(
@@ -176,7 +192,7 @@ impl ReplicaService {
             }
             other => return Ok(Message::error(ErrorCode::BadRequest, format!("expected hello, got {}", other.kind()))),
         }
-        match read_message(&mut frames).await? {
+        match request {
             Message::List { fileset, epoch } => {
                 let policy = match self.authorize(peer, &fileset, &epoch) {
                     Ok(found) => found,
@@ -200,7 +216,7 @@ impl ReplicaService {
                 let incoming = Incoming { name, identity, base: base.clone(), from_token };
                 let attached = self.sessions.begin(peer, &fileset, incoming, compact, resume, (self.backends)(policy, self.here())?).await?;
                 write_message(send, &Message::Ready).await?;
-                tracing::info!(%peer, %fileset, %snapshot, base = base.as_deref().unwrap_or("none (full)"), from, "receiving");
+                tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving");
                 let data = IncomingData::new(frames, compression, self.sessions.stall_timeout());
                 self.sessions.feed(attached, data, send).await?;
                 tracing::info!(%peer, %fileset, %snapshot, "received and committed");
@@ -234,14 +250,28 @@ impl Handler for ReplicaService {
         let frames = FrameReader::new(recv);
         let reply = match self.serve_request(frames, &mut send, &peer).await {
             Ok(reply) => reply,
-            Err(e) => Message::error(session::error_code(&e), format!("{e:#}")),
+            Err(e) => {
+                // The full error may name this node's paths and commands: it stays here.
+                let code = session::error_code(&e);
+                tracing::warn!(%peer, ?code, "request failed: {}", format!("{e:#}").escape_debug());
+                return send_reply(send, &Message::error(code, session::for_peer(code, &e))).await;
+            }
         };
         if let Message::Error { code, message, .. } = &reply {
             tracing::warn!(%peer, ?code, "request failed: {}", message.escape_debug());
         }
-        let _ = write_message(&mut send, &reply).await;
-        let _ = send.shutdown().await;
+        send_reply(send, &reply).await
     }
+}
+
+/// Sends the final reply and closes the stream; a peer that does not read it gets
+/// [`FIRST_REQUEST`] to take it, not forever.
+async fn send_reply(mut send: Box<dyn AsyncWrite + Send + Unpin>, message: &Message) {
+    let _ = tokio::time::timeout(FIRST_REQUEST, async {
+        let _ = write_message(&mut send, message).await;
+        let _ = send.shutdown().await;
+    })
+    .await;
 }
 
 /// Answers `peer` asking about `fileset` with `config`'s policy, when both `peer` and this
@@ -257,7 +287,7 @@ pub fn authorize<'a>(config: &'a LoadedConfig, peer: &str, fileset: &str) -> Res
         return Err(Message::error(
             ErrorCode::Unauthorized,
             format!(
-                "node `{peer}` is not the origin of `{fileset}` (nor a member of its star in the policy on `{here}`, whose origin is `{}`)",
+                "node `{peer}` is not the origin of `{fileset}` (nor a member of its star in the policy on `{here}`, whose origin is `{}`): if `{peer}` should be a member, add it to the policy on `{here}` too; otherwise remove `{here}` from the replicas of `{fileset}` on `{peer}`",
                 policy.origin.node
             ),
         ));

@@ -73,6 +73,29 @@ pub fn error_code(err: &anyhow::Error) -> ErrorCode {
     if no_space { ErrorCode::NoSpace } else { IncomingError::code_of(err) }
 }
 
+/// What the origin is told about `err` (with `code`): the messages this node made for it
+/// ([`Failed`]) and what is wrong with the origin's own stream ([`IncomingError`]) as they
+/// are; anything else (a backend's or the spool's error, naming this node's paths and
+/// commands) as a generic sentence, the details being in this node's log.
+pub fn for_peer(code: ErrorCode, err: &anyhow::Error) -> String {
+    if let Some(f) = err.chain().find_map(|c| c.downcast_ref::<Failed>()) {
+        return f.message.clone();
+    }
+    let incoming = err.chain().any(|c| {
+        c.downcast_ref::<IncomingError>().is_some()
+            || c.downcast_ref::<std::io::Error>().and_then(|e| e.get_ref()).is_some_and(|e| e.is::<IncomingError>() || e.is::<crate::ship::frame::FrameError>())
+    });
+    if incoming {
+        return format!("{err:#}");
+    }
+    match code {
+        ErrorCode::NoSpace => "no space left on the replica; free space there and the origin retries by itself".into(),
+        ErrorCode::ReceiveFailed => "the replica's filesystem refused the stream; its log says why".into(),
+        ErrorCode::Stalled => "the receive on the replica stalled; its log says why".into(),
+        _ => format!("the replica could not serve the request ({code:?}); its log says why"),
+    }
+}
+
 /// What identifies a stream: a resume must be of the very same one.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct StreamKey {
@@ -217,6 +240,8 @@ pub struct Sessions {
     fileset_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     settings: Transfers,
     spool_dir: PathBuf,
+    /// The memory all sessions' spools share: `spool_memory` for the whole node.
+    spool_budget: spool::MemoryBudget,
     /// `FILESET.json` per receive under way: which stream it is. It outlives a crash, so that
     /// a partial receive the filesystem kept (a ZFS resume token) can be matched to its
     /// snapshot after a restart.
@@ -234,7 +259,14 @@ impl Sessions {
             }
         }
         let receiving_dir = state_dir.join("receiving");
-        Arc::new(Sessions { map: Mutex::default(), fileset_locks: Mutex::default(), settings: settings.clone(), spool_dir, receiving_dir })
+        Arc::new(Sessions {
+            map: Mutex::default(),
+            fileset_locks: Mutex::default(),
+            settings: settings.clone(),
+            spool_dir,
+            spool_budget: spool::MemoryBudget::new(settings.spool_memory.0 as usize),
+            receiving_dir,
+        })
     }
 
     fn receiving_file(&self, fileset: &str) -> PathBuf {
@@ -332,25 +364,26 @@ impl Sessions {
             self.discard(&old, ErrorCode::Aborted, "replaced by a new transfer from the origin", false).await;
         }
         self.remember(fileset, &key);
-        let limits = spool::Limits { memory: self.settings.spool_memory.0 as usize, disk: self.settings.spool_disk.0 };
+        let limits = spool::Limits { memory: self.settings.spool_memory.0 as usize, disk: self.settings.spool_disk.0, budget: self.spool_budget.clone() };
         let (writer, reader) = spool::spool(limits, self.spool_dir.clone());
         let (tx, rx) = watch::channel(None);
         let name = fileset.to_string();
         let receive = tokio::spawn(async move {
             let mut data = reader.into_async_read();
+            // The details (command lines, this node's paths, what the stream made the
+            // filesystem say) stay in this node's log; the origin hears what to do.
             let outcome = match side.receive(&incoming, &mut data).await {
                 Ok(_) => Ok(()),
-                Err(e) => match error_code(&e) {
-                    ErrorCode::NoSpace => Err((
-                        ErrorCode::NoSpace,
-                        format!("no space left on the replica for `{name}`; free space there and the origin retries by itself ({e:#})"),
-                    )),
-                    code => Err((code, format!("{e:#}"))),
-                },
+                Err(e) => {
+                    tracing::error!(fileset = %name, "receive failed: {}", format!("{e:#}").escape_debug());
+                    Err(match error_code(&e) {
+                        ErrorCode::NoSpace => {
+                            (ErrorCode::NoSpace, format!("no space left on the replica for `{name}`; free space there and the origin retries by itself"))
+                        }
+                        code => (code, for_peer(code, &e)),
+                    })
+                }
             };
-            if let Err((_, message)) = &outcome {
-                tracing::error!(fileset = %name, "receive failed: {message}");
-            }
             let _ = tx.send(Some(outcome));
         });
         let session = Arc::new(Session {
@@ -457,7 +490,7 @@ impl Sessions {
             return Err(e);
         }
         let offset = session.state().offset;
-        tracing::info!(peer = %session.peer, fileset = %session.fileset, offset, "transfer cut, kept for resuming: {e:#}");
+        tracing::info!(peer = %session.peer, fileset = %session.fileset, offset, "transfer cut, kept for resuming: {}", format!("{e:#}").escape_debug());
         Err(e) // dropping `attached` marks the session detached
     }
 

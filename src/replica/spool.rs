@@ -14,6 +14,10 @@
 //! punched out of it at once (so the disk level never holds more than its limit, even while
 //! the reader never quite catches up), and it is truncated whenever the reader drains it.
 //!
+//! The memory level of every spool on this node draws from one [`MemoryBudget`]
+//! (`spool_memory`): however many sessions run at once, together they hold no more than that
+//! in RAM; past it, data goes to disk, and past that the writers wait.
+//!
 //! The reader reports the end of the stream only after [`SpoolWriter::finish`], which the
 //! session calls once the origin's end marker and hash checked out, and only if what the
 //! reader handed out hashes the same (a spool file damaged on disk is caught too). A failed
@@ -35,10 +39,53 @@ use tokio_util::io::StreamReader;
 /// Largest read from the disk level.
 const DISK_READ: u64 = 1 << 20;
 
-#[derive(Debug, Clone, Copy)]
+/// How long a writer waiting for room sleeps at most before it looks again: room freed in
+/// the node-wide [`MemoryBudget`] by another spool's reader wakes no one in particular.
+const BUDGET_RECHECK: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone)]
 pub struct Limits {
+    /// This spool's memory level, at most (it also needs room in `budget`).
     pub memory: usize,
     pub disk: u64,
+    /// The memory all spools of the node share.
+    pub budget: MemoryBudget,
+}
+
+/// The bytes that all spools of a node together may hold in memory. A spool takes its share
+/// as chunks enter its memory level and gives it back as its reader takes them (or when the
+/// spool goes). When the whole node holds nothing in memory, one chunk always fits, so a
+/// budget smaller than a chunk still lets streams through.
+#[derive(Debug, Clone)]
+pub struct MemoryBudget {
+    limit: usize,
+    used: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: usize) -> MemoryBudget {
+        MemoryBudget { limit, used: Arc::default() }
+    }
+
+    /// Bytes held in memory by all spools right now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn fits(&self, len: usize) -> bool {
+        let used = self.used();
+        used == 0 || used + len <= self.limit
+    }
+
+    /// Takes `len` bytes of the budget if they fit.
+    fn take(&self, len: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| (used == 0 || used + len <= self.limit).then_some(used + len)).is_ok()
+    }
+
+    fn give_back(&self, len: usize) {
+        self.used.fetch_sub(len, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// Makes a spool whose disk level (if any is allowed) lives in `dir`.
@@ -105,15 +152,22 @@ impl State {
         self.memory_bytes as u64 + (self.disk_end - self.disk_start)
     }
 
-    /// Where `len` more bytes fit now, if anywhere; an error once the reader is gone (the
-    /// receive ended early: its own error says why). Memory only while the disk level is
-    /// empty (that keeps the order), and always for one chunk when memory is empty.
-    fn level_for(&self, len: usize, limits: &Limits) -> io::Result<Option<Level>> {
+    /// Whether `len` more bytes may go to this spool's memory level, budget aside: only while
+    /// the disk level is empty (that keeps the order), and always one chunk when memory is
+    /// empty.
+    fn memory_fits(&self, len: usize, limits: &Limits) -> bool {
+        self.disk_end == self.disk_start && (self.memory_bytes + len <= limits.memory || self.memory.is_empty())
+    }
+
+    /// Where `len` more bytes fit now, if anywhere (`memory`: they may go to memory, budget
+    /// included); an error once the reader is gone (the receive ended early: its own error
+    /// says why).
+    fn level_for(&self, len: usize, limits: &Limits, memory: bool) -> io::Result<Option<Level>> {
         if self.reader_gone {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the receive stopped reading the spool"));
         }
         let disk_held = self.disk_end - self.disk_start;
-        if disk_held == 0 && (self.memory_bytes + len <= limits.memory || self.memory.is_empty()) {
+        if memory {
             Ok(Some(Level::Memory))
         } else if disk_held + len as u64 <= limits.disk {
             Ok(Some(Level::Disk))
@@ -127,6 +181,18 @@ impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("spool lock")
     }
+
+    /// Waits for the reader to take something, or a while (room in the node's budget).
+    async fn wait_for_room(&self) {
+        let _ = tokio::time::timeout(BUDGET_RECHECK, self.to_writer.notified()).await;
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let held = self.state.get_mut().map(|st| st.memory_bytes).unwrap_or_else(|e| e.into_inner().memory_bytes);
+        self.limits.budget.give_back(held);
+    }
 }
 
 pub struct SpoolWriter {
@@ -138,11 +204,16 @@ impl SpoolWriter {
     /// does not wait. Cancel-safe, unlike `push`: a caller that must be able to give up
     /// waits here, then pushes without racing anything.
     pub async fn room(&self, len: usize) -> io::Result<()> {
+        let limits = &self.shared.limits;
         loop {
-            if self.shared.lock().level_for(len, &self.shared.limits)?.is_some() {
-                return Ok(());
+            {
+                let st = self.shared.lock();
+                let memory = st.memory_fits(len, limits) && limits.budget.fits(len);
+                if st.level_for(len, limits, memory)?.is_some() {
+                    return Ok(());
+                }
             }
-            self.shared.to_writer.notified().await;
+            self.shared.wait_for_room().await;
         }
     }
 
@@ -154,10 +225,17 @@ impl SpoolWriter {
             return Ok(());
         }
         let len = chunk.len();
+        let limits = &self.shared.limits;
         let (file, offset) = loop {
             {
                 let mut st = self.shared.lock();
-                let level = st.level_for(len, &self.shared.limits)?;
+                // Budget taken here is held by the chunk in memory, or given back at once.
+                let memory = st.memory_fits(len, limits) && limits.budget.take(len);
+                let level = st.level_for(len, limits, memory);
+                if memory && !matches!(level, Ok(Some(Level::Memory))) {
+                    limits.budget.give_back(len);
+                }
+                let level = level?;
                 if level.is_some() && st.buffered() == 0 {
                     // The receive has been idle until now: its wait starts here.
                     st.last_pull = Instant::now();
@@ -181,7 +259,7 @@ impl SpoolWriter {
                     None => {}
                 }
             }
-            self.shared.to_writer.notified().await;
+            self.shared.wait_for_room().await;
         };
         let written = tokio::task::spawn_blocking(move || file.write_all_at(&chunk, offset)).await.map_err(io::Error::other)?;
         let mut st = self.shared.lock();
@@ -270,6 +348,7 @@ impl SpoolReader {
                 }
                 if let Some(chunk) = st.memory.pop_front() {
                     st.memory_bytes -= chunk.len();
+                    self.shared.limits.budget.give_back(chunk.len());
                     drop(st);
                     self.shared.to_writer.notify_one();
                     self.hasher.update(&chunk);
@@ -347,7 +426,7 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     fn limits(memory: usize, disk: u64) -> Limits {
-        Limits { memory, disk }
+        Limits { memory, disk, budget: MemoryBudget::new(usize::MAX) }
     }
 
     fn chunks(n: usize, size: usize) -> Vec<Bytes> {
@@ -499,5 +578,32 @@ mod tests {
         w.push(Bytes::from_static(b"0123456789")).await.unwrap();
         drop(r);
         assert_eq!(w.push(Bytes::from_static(b"x")).await.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[tokio::test]
+    async fn spools_share_the_node_memory_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = MemoryBudget::new(300);
+        let shared = |disk| Limits { memory: 1000, disk, budget: budget.clone() };
+        let (a, mut ra) = spool(shared(0), dir.path().to_path_buf());
+        let (b, rb) = spool(shared(1 << 20), dir.path().to_path_buf());
+        let (c, _rc) = spool(shared(0), dir.path().to_path_buf());
+        for chunk in chunks(3, 100) {
+            a.push(chunk).await.unwrap();
+        }
+        assert_eq!(budget.used(), 300);
+        // b has a disk level: its data goes there instead of memory.
+        b.push(Bytes::from_static(&[2; 100])).await.unwrap();
+        assert_eq!((b.shared.lock().memory_bytes, budget.used()), (0, 300));
+        // c has none: it waits until a's reader frees some of the budget.
+        let blocked = tokio::time::timeout(Duration::from_millis(250), c.push(Bytes::from_static(&[3; 100]))).await;
+        assert!(blocked.is_err(), "the node's budget is used up: the push must wait");
+        ra.next_chunk().await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(2), c.push(Bytes::from_static(&[3; 100]))).await.expect("room was freed").unwrap();
+        assert_eq!(budget.used(), 300);
+        // A spool that goes gives its share back.
+        drop((a, ra));
+        assert_eq!(budget.used(), 100);
+        drop(rb);
     }
 }

@@ -30,9 +30,10 @@ const COMMIT_SILENCE: Duration = Duration::from_secs(60);
 type Replies = FrameReader<Box<dyn AsyncRead + Send + Unpin>>;
 type Outgoing = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 
-/// An error the replica answered with.
+/// An error the replica answered with. Its message is the replica's text: shown with control
+/// characters escaped, so that it cannot forge lines in this node's log.
 #[derive(Debug, thiserror::Error)]
-#[error("replica `{node}` refused: {message} ({code:?})")]
+#[error("replica `{node}` refused: {} ({code:?})", without_controls(message))]
 pub struct Refused {
     pub node: String,
     pub code: ErrorCode,
@@ -51,6 +52,11 @@ pub struct Fenced {
 
 /// The epoch the origin acts in, read at each request (a promotion may change it).
 pub type EpochSource = Arc<dyn Fn() -> Result<Epoch> + Send + Sync>;
+
+/// `text` with control characters (newlines, escapes) written as escapes.
+fn without_controls(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
 
 /// One replica of one file set, spoken to through `dialer`.
 pub struct PeerReplica {
@@ -267,5 +273,16 @@ impl PeerReplica {
                 behind_since = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replicas_message_cannot_forge_log_lines() {
+        let e = Refused { node: "beta".into(), code: ErrorCode::BadRequest, message: "no\n2026-01-01 INFO forged `line`".into() };
+        assert_eq!(e.to_string(), "replica `beta` refused: no\\n2026-01-01 INFO forged `line` (BadRequest)");
     }
 }

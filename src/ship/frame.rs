@@ -8,12 +8,19 @@
 //! The decoder is a pure function over a buffer, so it can be fuzzed and tested without I/O;
 //! [`FrameReader`] feeds it from an async stream. Every data frame carries a CRC of its
 //! bytes, checked before they go anywhere: a corrupted chunk never reaches `btrfs receive`.
+//!
+//! A frame's size is checked against its kind's limit from the header alone, before any
+//! room is made for it: a peer announcing a huge frame makes us allocate nothing.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// Larger frames are refused as malformed: this bounds what one frame can make us buffer.
+/// Larger data frames are refused as malformed: this bounds what one frame can make us buffer.
 pub const MAX_PAYLOAD: usize = 4 << 20;
+/// Larger message frames are refused: messages are small JSON (the largest, a listing of
+/// snapshots, is about 100 bytes per snapshot), so a peer gets no megabytes per stream out
+/// of the control path. 64 KiB holds a listing of some 600 snapshots.
+pub const MAX_MESSAGE: usize = 64 << 10;
 const HEADER: usize = 5;
 const KIND_MESSAGE: u8 = 1;
 const KIND_DATA: u8 = 2;
@@ -30,8 +37,8 @@ pub enum Frame {
 pub enum FrameError {
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
-    #[error("frame of {0} bytes exceeds the limit of {MAX_PAYLOAD}")]
-    TooLarge(usize),
+    #[error("{kind} frame of {len} bytes exceeds the limit of {limit}")]
+    TooLarge { kind: &'static str, len: usize, limit: usize },
     #[error("data frame of {0} bytes is too short to hold its checksum")]
     ShortData(usize),
     #[error("data frame checksum mismatch: sent {sent:08x}, received bytes give {got:08x} (corrupted in flight)")]
@@ -69,8 +76,9 @@ impl Frame {
         if kind != KIND_MESSAGE && kind != KIND_DATA {
             return Err(FrameError::UnknownKind(kind));
         }
-        if len > MAX_PAYLOAD {
-            return Err(FrameError::TooLarge(len));
+        let (name, limit) = if kind == KIND_MESSAGE { ("message", MAX_MESSAGE) } else { ("data", MAX_PAYLOAD) };
+        if len > limit {
+            return Err(FrameError::TooLarge { kind: name, len, limit });
         }
         if buf.len() < HEADER + len {
             buf.reserve(HEADER + len - buf.len());
@@ -168,9 +176,24 @@ mod tests {
     #[test]
     fn malformed_headers_are_refused() {
         assert_eq!(Frame::decode(&mut BytesMut::from(&[9u8, 0, 0, 0, 0][..])), Err(FrameError::UnknownKind(9)));
-        let huge = [1u8, 0xff, 0xff, 0xff, 0xff];
-        assert_eq!(Frame::decode(&mut BytesMut::from(&huge[..])), Err(FrameError::TooLarge(u32::MAX as usize)));
+        let huge = [2u8, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(Frame::decode(&mut BytesMut::from(&huge[..])), Err(FrameError::TooLarge { kind: "data", len: u32::MAX as usize, limit: MAX_PAYLOAD }));
         assert_eq!(Frame::decode(&mut BytesMut::from(&[2u8, 0, 0, 0, 2, 0, 0][..])), Err(FrameError::ShortData(2)));
+    }
+
+    #[test]
+    fn message_frames_are_small_and_refused_before_any_allocation() {
+        let at_limit = [&[1u8][..], &(MAX_MESSAGE as u32).to_be_bytes()].concat();
+        let mut buf = BytesMut::from(&at_limit[..]);
+        assert_eq!(Frame::decode(&mut buf), Ok(None), "a message of exactly the limit is fine");
+        let over = [&[1u8][..], &(MAX_MESSAGE as u32 + 1).to_be_bytes()].concat();
+        let mut buf = BytesMut::from(&over[..]);
+        let capacity = buf.capacity();
+        assert_eq!(Frame::decode(&mut buf), Err(FrameError::TooLarge { kind: "message", len: MAX_MESSAGE + 1, limit: MAX_MESSAGE }));
+        assert_eq!(buf.capacity(), capacity, "no room was made for the refused frame");
+        // Data frames keep their own, larger limit.
+        let data = [&[2u8][..], &(MAX_PAYLOAD as u32).to_be_bytes()].concat();
+        assert_eq!(Frame::decode(&mut BytesMut::from(&data[..])), Ok(None));
     }
 
     #[tokio::test]

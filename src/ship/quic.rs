@@ -7,17 +7,27 @@
 //! replica, [`serve`] accepts connections, admits only peers listed in the node config (the
 //! name comes from the verified certificate, never from a message), and hands each stream to
 //! the replica role's [`Handler`].
+//!
+//! Admission comes before authorization: a listed peer with a valid certificate may still be
+//! hostile, so every peer gets bounded room on the replica whatever it sends: at most
+//! [`MAX_CONNECTIONS_PER_PEER`] connections (and [`MAX_CONNECTIONS`] in all), at most
+//! [`MAX_STREAMS_PER_CONNECTION`] open request streams per connection (QUIC stream credit),
+//! and at most [`MAX_REQUESTS_PER_PEER`] requests served at once (a semaphore taken before a
+//! stream is accepted, so a flood of streams waits in QUIC instead of spawning tasks). What
+//! a request may then do is the handler's business. A refused connection is closed with a
+//! [`Refusal`] code that the origin turns into what to do.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use s2n_quic::client::Connect;
 use s2n_quic::provider::limits::Limits;
 use s2n_quic::{Client, Connection, Server};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,6 +48,64 @@ pub fn limits() -> Result<Limits> {
         .with_bidirectional_remote_data_window(WINDOW)?)
 }
 
+/// Connections one peer may have open to a replica at once. An origin uses one (a restarted
+/// origin's old one lingers until the idle timeout); the rest is slack.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
+/// Connections a replica accepts in all, from all its peers.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Request streams a peer may have open on one connection (s2n-quic's default is 100): an
+/// origin needs one per file set it is transferring and one per listing.
+pub const MAX_STREAMS_PER_CONNECTION: u64 = 32;
+/// Requests of one peer served at once, over all its connections. A stream beyond it waits
+/// (unaccepted, in QUIC) for a request of that peer to end.
+pub const MAX_REQUESTS_PER_PEER: usize = 32;
+
+/// Why the replica closed a connection right after the handshake: the QUIC application
+/// error code it closes with, which the origin maps back to what to do ([`explain_close`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The replica is shutting down.
+    ShuttingDown = 2,
+    /// The certificate names a node that is not in the replica's `peers`.
+    NotListed = 10,
+    /// The certificate names no node (no DNS subject alternative name).
+    NoNodeName = 11,
+    /// The peer, or all peers together, have as many connections open as allowed.
+    TooManyConnections = 12,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 4] = [Refusal::ShuttingDown, Refusal::NotListed, Refusal::NoNodeName, Refusal::TooManyConnections];
+
+    fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// What the origin `me` is told when `replica` refused it for this reason.
+    fn what_to_do(self, me: &str, replica: &str) -> String {
+        match self {
+            Refusal::ShuttingDown => format!("`{replica}` is shutting down; the origin retries by itself"),
+            Refusal::NotListed => format!(
+                "`{me}` is not listed under `peers` on `{replica}`: add it there (`{me}: HOST:PORT` in `{replica}`'s node config) and restart `snapship run` on `{replica}`"
+            ),
+            Refusal::NoNodeName => format!("`{replica}` found no node name in `{me}`'s certificate: make the certificate with `snapship certs {me}`"),
+            Refusal::TooManyConnections => format!(
+                "`{replica}` has as many connections open as it allows ({MAX_CONNECTIONS_PER_PEER} per peer, {MAX_CONNECTIONS} in all); is another process using `{me}`'s certificate? The origin retries by itself"
+            ),
+        }
+    }
+}
+
+/// The [`Refusal`] in an error that a connection closed by the replica caused, if any.
+fn refusal_in(text: &str) -> Option<Refusal> {
+    // s2n-quic says "closed on the application level with error application::Error(N) by
+    // the remote endpoint".
+    let rest = text.split("application::Error(").nth(1)?;
+    let code: u32 = rest.split(')').next()?.parse().ok()?;
+    let by_remote = rest.contains("remote");
+    Refusal::ALL.into_iter().find(|r| r.code() == code).filter(|_| by_remote)
+}
+
 /// UDP I/O bound to `addr`, probing path MTUs up to 9000 bytes: QUIC at 1500 is CPU-bound,
 /// and where the path carries jumbo frames (loopback, many LANs) the probe finds them;
 /// elsewhere it settles at what the path allows.
@@ -47,6 +115,8 @@ pub fn io(addr: SocketAddr) -> Result<s2n_quic::provider::io::tokio::Provider> {
 
 /// The origin's QUIC clients: one UDP socket per address family, made on first use.
 pub struct Connector {
+    /// This node's name, for what to do when a replica refuses it.
+    me: String,
     tls: TlsFiles,
     prepared: std::sync::Mutex<Option<s2n_quic::provider::tls::default::Client>>,
     v4: std::sync::OnceLock<Client>,
@@ -58,7 +128,7 @@ impl Connector {
         let files = node.tls.as_ref().ok_or_else(|| anyhow!("{} has no `tls:` section; it is needed to reach other nodes", node.file.display()))?;
         // Build it now, so that a missing certificate is reported before any transfer.
         let prepared = std::sync::Mutex::new(Some(tls::client_tls(files)?));
-        Ok(Connector { tls: files.clone(), prepared, v4: Default::default(), v6: Default::default() })
+        Ok(Connector { me: node.node.0.clone(), tls: files.clone(), prepared, v4: Default::default(), v6: Default::default() })
     }
 
     fn client_for(&self, addr: &SocketAddr) -> Result<&Client> {
@@ -78,6 +148,19 @@ impl Connector {
             .start()
             .map_err(|e| anyhow!("cannot start the QUIC client on {bind}: {e}"))?;
         Ok(cell.get_or_init(|| client))
+    }
+
+    /// `e`, from talking to `replica`, with what to do when it is a refusal: a connection
+    /// the replica closed ([`Refusal`]), or certificates refused in the handshake.
+    pub fn explain(&self, replica: &str, e: anyhow::Error) -> anyhow::Error {
+        let text = format!("{e:#}");
+        if let Some(refusal) = refusal_in(&text) {
+            return e.context(refusal.what_to_do(&self.me, replica));
+        }
+        match tls_hint(&text, &self.me, replica, &self.tls) {
+            Some(hint) => e.context(hint),
+            None => e,
+        }
     }
 
     /// Connects to `node` at `addr` (HOST:PORT), requiring its certificate to name `node`;
@@ -137,7 +220,7 @@ impl Dialer for QuicDialer {
     }
 
     fn explain(&self, e: anyhow::Error) -> anyhow::Error {
-        with_tls_hint(e)
+        self.connector.explain(&self.node, e)
     }
 
     async fn reset(&self) {
@@ -151,24 +234,26 @@ impl Dialer for QuicDialer {
 pub fn bind(files: &TlsFiles, addr: SocketAddr) -> Result<Server> {
     Server::builder()
         .with_tls(tls::server_tls(files)?)?
-        .with_limits(limits()?)?
+        .with_limits(limits()?.with_max_open_remote_bidirectional_streams(MAX_STREAMS_PER_CONNECTION)?)?
         .with_event(PeerIdentity)?
         .with_io(io(addr)?)?
         .start()
         .map_err(|e| anyhow!("cannot listen on {addr}: {e}"))
 }
 
-/// Accepts connections until `shutdown`, admitting only the nodes in `peers`, and hands each
-/// of their request streams to `handler`. Every connection and stream task is tracked and
-/// waited for before this returns.
+/// Accepts connections until `shutdown`, admitting only the nodes in `peers`, each within
+/// its limits, and hands each of their request streams to `handler`. Every connection and
+/// stream task is tracked and waited for before this returns.
 pub async fn serve(mut server: Server, peers: Vec<String>, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
     let tasks = TaskTracker::new();
     let peers = Arc::new(peers);
+    let admission = Arc::new(Admission::default());
     loop {
+        // Cancel safety: `accept` hands a connection over only when it returns it.
         tokio::select! {
             _ = shutdown.cancelled() => break,
             conn = server.accept() => match conn {
-                Some(conn) => { tasks.spawn(connection(conn, peers.clone(), handler.clone(), shutdown.clone())); }
+                Some(conn) => { tasks.spawn(connection(conn, peers.clone(), admission.clone(), handler.clone(), shutdown.clone())); }
                 None => break,
             },
         }
@@ -177,32 +262,108 @@ pub async fn serve(mut server: Server, peers: Vec<String>, handler: Arc<dyn Hand
     tasks.wait().await;
 }
 
-async fn connection(mut conn: Connection, peers: Arc<Vec<String>>, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+/// The replica's count of connections, per peer and in all, and each peer's request slots.
+#[derive(Default)]
+struct Admission {
+    state: std::sync::Mutex<AdmissionState>,
+}
+
+#[derive(Default)]
+struct AdmissionState {
+    total: usize,
+    /// Per listed peer (so at most one entry per name in `peers`): its open connections, and
+    /// its request slots, shared by all its connections.
+    peers: HashMap<String, (usize, Arc<Semaphore>)>,
+}
+
+/// An admitted connection; dropping it frees its place.
+struct ConnectionSlot {
+    admission: Arc<Admission>,
+    peer: String,
+    requests: Arc<Semaphore>,
+}
+
+impl Admission {
+    /// A place for a connection of `peer`, or which limit it would exceed.
+    fn admit(self: &Arc<Self>, peer: &str) -> Result<ConnectionSlot, String> {
+        let mut st = self.state.lock().expect("admission lock");
+        let total = st.total;
+        let (open, requests) = st.peers.entry(peer.to_string()).or_insert_with(|| (0, Arc::new(Semaphore::new(MAX_REQUESTS_PER_PEER))));
+        if *open >= MAX_CONNECTIONS_PER_PEER {
+            return Err(format!("it already has {open} connections open (the limit per peer)"));
+        }
+        if total >= MAX_CONNECTIONS {
+            return Err(format!("this node already has {total} connections open (the limit for all peers)"));
+        }
+        *open += 1;
+        let requests = requests.clone();
+        st.total += 1;
+        Ok(ConnectionSlot { admission: self.clone(), peer: peer.to_string(), requests })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut st = self.admission.state.lock().expect("admission lock");
+        st.total -= 1;
+        if let Some((open, _)) = st.peers.get_mut(&self.peer) {
+            *open -= 1;
+        }
+    }
+}
+
+async fn connection(mut conn: Connection, peers: Arc<Vec<String>>, admission: Arc<Admission>, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
     let remote = conn.remote_addr().map(|a| a.to_string()).unwrap_or_default();
     let peer = conn.query_event_context(|p: &PeerName| p.0.clone()).ok().flatten();
+    let refuse = |conn: &Connection, why: Refusal| conn.close(why.code().into());
     let peer = match peer {
         Some(p) if peers.contains(&p) => p,
         Some(p) => {
-            tracing::warn!(%remote, "refusing node {p:?}: it is not listed under `peers` in the node config");
-            conn.close(1u32.into());
+            tracing::warn!(%remote, "refusing node {p:?}: it is not listed under `peers` in the node config (if it should replicate with this node, add it there)");
+            refuse(&conn, Refusal::NotListed);
             return;
         }
         None => {
             tracing::warn!(%remote, "refusing a connection whose certificate names no node (no DNS subject alternative name)");
-            conn.close(1u32.into());
+            refuse(&conn, Refusal::NoNodeName);
+            return;
+        }
+    };
+    let slot = match admission.admit(&peer) {
+        Ok(slot) => slot,
+        Err(why) => {
+            tracing::warn!(%remote, "refusing a connection from node {peer:?}: {why}");
+            refuse(&conn, Refusal::TooManyConnections);
             return;
         }
     };
     tracing::debug!(%peer, %remote, "peer connected");
     let streams = TaskTracker::new();
+    let mut saturated = false;
     loop {
+        // A request slot first, then a stream: while the peer has all its requests running,
+        // its further streams wait in QUIC (bounded by MAX_STREAMS_PER_CONNECTION and the
+        // flow-control windows), not in tasks here.
+        // Cancel safety: a cancelled `acquire_owned` takes no permit; a cancelled
+        // `accept_bidirectional_stream` takes no stream.
+        if slot.requests.available_permits() == 0 && !saturated {
+            tracing::warn!(%peer, %remote, "node {peer:?} has {MAX_REQUESTS_PER_PEER} requests under way (the limit); its further streams wait");
+        }
+        saturated = slot.requests.available_permits() == 0;
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = slot.requests.clone().acquire_owned() => permit.expect("the request semaphore is never closed"),
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
             stream = conn.accept_bidirectional_stream() => match stream {
                 Ok(Some(stream)) => {
                     let (recv, send) = stream.split();
                     let (handler, peer) = (handler.clone(), peer.clone());
-                    streams.spawn(async move { handler.handle(peer, RequestStream { recv: Box::new(recv), send: Box::new(send) }).await });
+                    streams.spawn(async move {
+                        handler.handle(peer, RequestStream { recv: Box::new(recv), send: Box::new(send) }).await;
+                        drop(permit);
+                    });
                 }
                 Ok(None) | Err(_) => break,
             },
@@ -210,23 +371,64 @@ async fn connection(mut conn: Connection, peers: Arc<Vec<String>>, handler: Arc<
     }
     streams.close();
     if shutdown.is_cancelled() {
-        conn.close(2u32.into());
+        refuse(&conn, Refusal::ShuttingDown);
     }
     streams.wait().await;
+    drop(slot);
 }
 
-/// What to check when a handshake failed on certificates.
-fn tls_hint(error: &str) -> &'static str {
-    if error.contains("HANDSHAKE_FAILURE") || error.contains("untrusted") || error.contains("Certificate") {
-        " (the nodes refused each other's certificates: both need certificates from the same CA, made by `snapship certs`, naming the node in `node:`)"
-    } else {
-        ""
+/// What to check when a handshake between this node (`me`, with `files`) and `replica`
+/// failed on certificates; `None` when `error` is no such failure.
+fn tls_hint(error: &str, me: &str, replica: &str, files: &TlsFiles) -> Option<String> {
+    let refused_by_replica = error.contains("HANDSHAKE_FAILURE") || error.contains("Certificate");
+    if !refused_by_replica && !error.contains("untrusted") && !error.contains("expired") {
+        return None;
     }
+    let cert = files.cert.display();
+    // Our own certificate is the one we can look at.
+    if let Some(problem) = std::fs::read_to_string(&files.cert).ok().and_then(|pem| tls::validity_problem(&pem, SystemTime::now())) {
+        return Some(format!(
+            "this node's certificate {cert} {problem}: renew it with `snapship certs --renew {me}` (check with `openssl x509 -enddate -noout -in {cert}`), then copy it here"
+        ));
+    }
+    if error.contains("expired") {
+        return Some(format!(
+            "`{replica}`'s certificate has expired or is not valid yet: check it there with `openssl x509 -enddate -noout -in CERT`; renew it with `snapship certs --renew {replica}`"
+        ));
+    }
+    Some(format!(
+        "the nodes refused each other's certificates: is a certificate expired or not yet valid? check `openssl x509 -enddate -noout -in CERT` on both (this node's: {cert}); renew with `snapship certs --renew NODE`. Otherwise both need certificates from the same CA, made by `snapship certs`, naming the node in `node:` (`{me}`, `{replica}`)"
+    ))
 }
 
-fn with_tls_hint(e: anyhow::Error) -> anyhow::Error {
-    match tls_hint(&format!("{e:#}")) {
-        "" => e,
-        hint => e.context(hint.trim_start().trim_start_matches('(').trim_end_matches(')').to_string()),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_codes_map_back_to_what_to_do() {
+        let closed =
+            |code: u32| format!("cannot read: The connection was closed on the application level with error application::Error({code}) by the remote endpoint");
+        assert_eq!(refusal_in(&closed(10)), Some(Refusal::NotListed));
+        assert_eq!(refusal_in(&closed(12)), Some(Refusal::TooManyConnections));
+        assert_eq!(refusal_in(&closed(99)), None);
+        assert_eq!(refusal_in("application::Error(10) by the local endpoint"), None, "our own close is no refusal");
+        let text = Refusal::NotListed.what_to_do("alpha", "beta");
+        assert!(text.contains("`alpha` is not listed under `peers` on `beta`: add it there"), "{text}");
+    }
+
+    #[test]
+    fn admission_counts_connections_per_peer_and_in_all() {
+        let admission = Arc::new(Admission::default());
+        let alpha: Vec<_> = (0..MAX_CONNECTIONS_PER_PEER).map(|_| admission.admit("alpha").unwrap()).collect();
+        assert!(admission.admit("alpha").err().unwrap().contains("limit per peer"));
+        let mut others = Vec::new();
+        for i in 0..MAX_CONNECTIONS - MAX_CONNECTIONS_PER_PEER {
+            others.push(admission.admit(&format!("n{}", i / MAX_CONNECTIONS_PER_PEER)).unwrap());
+        }
+        assert!(admission.admit("gamma").err().unwrap().contains("for all peers"));
+        drop(alpha);
+        admission.admit("alpha").unwrap();
+        assert!(Arc::ptr_eq(&others[0].requests, &others[1].requests), "a peer's connections share its request slots");
     }
 }

@@ -35,9 +35,49 @@ impl VerifyHostNameCallback for AnyNodeName {
     }
 }
 
+/// The CA, certificate and key of `files`, checked to belong together as far as can be
+/// told without a handshake: the key is the certificate's (else every handshake would fail
+/// with nothing but an alert on the other side).
+fn read_tls_files(files: &TlsFiles) -> Result<(String, String, String)> {
+    let (ca, cert, key) = (read_pem(&files.ca, "CA certificate")?, read_pem(&files.cert, "certificate")?, read_pem(&files.key, "key")?);
+    check_key_matches(&cert, &key, files)?;
+    Ok((ca, cert, key))
+}
+
+/// Fails, naming both files, when `key` is not the private key of `cert`.
+fn check_key_matches(cert: &str, key: &str, files: &TlsFiles) -> Result<()> {
+    let (cert_path, key_path) = (files.cert.display(), files.key.display());
+    let der = x509_parser::pem::parse_x509_pem(cert.as_bytes()).with_context(|| format!("cannot parse the certificate {cert_path}"))?.1;
+    let parsed = der.parse_x509().with_context(|| format!("cannot parse the certificate {cert_path}"))?;
+    let key_pair = KeyPair::from_pem(key).with_context(|| format!("cannot parse the key {key_path}"))?;
+    if parsed.public_key().subject_public_key.data.as_ref() != rcgen::PublicKeyData::der_bytes(&key_pair) {
+        let node = node_name_of(&der.contents).unwrap_or_else(|| "NODE".into());
+        bail!(
+            "the key {key_path} is not the key of the certificate {cert_path}; point `tls.key` at the matching key, or give this key a certificate with `snapship certs --renew {}` (the key file must be the node's NODE.key in the certificate directory)",
+            node.escape_debug()
+        );
+    }
+    Ok(())
+}
+
+/// When `cert` (PEM) is not valid at `now`: the reason, with its date.
+pub fn validity_problem(cert: &str, now: SystemTime) -> Option<String> {
+    let der = x509_parser::pem::parse_x509_pem(cert.as_bytes()).ok()?.1;
+    let parsed = der.parse_x509().ok()?;
+    let (from, until) = (parsed.validity().not_before, parsed.validity().not_after);
+    let now = now.duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
+    if until.timestamp() < now {
+        Some(format!("expired on {until}"))
+    } else if from.timestamp() > now {
+        Some(format!("is not valid before {from}"))
+    } else {
+        None
+    }
+}
+
 /// TLS for the listening (replica) side: our certificate, client certificates required.
 pub fn server_tls(files: &TlsFiles) -> Result<s2n_tls_provider::Server> {
-    let (ca, cert, key) = (read_pem(&files.ca, "CA certificate")?, read_pem(&files.cert, "certificate")?, read_pem(&files.key, "key")?);
+    let (ca, cert, key) = read_tls_files(files)?;
     let build = || -> Result<s2n_tls_provider::Server, s2n_tls_provider::error::Error> {
         s2n_tls_provider::Server::builder()
             .with_application_protocols([ALPN])?
@@ -53,7 +93,7 @@ pub fn server_tls(files: &TlsFiles) -> Result<s2n_tls_provider::Server> {
 
 /// TLS for the connecting (origin) side: trust only our CA, present our certificate.
 pub fn client_tls(files: &TlsFiles) -> Result<s2n_tls_provider::Client> {
-    let (ca, cert, key) = (read_pem(&files.ca, "CA certificate")?, read_pem(&files.cert, "certificate")?, read_pem(&files.key, "key")?);
+    let (ca, cert, key) = read_tls_files(files)?;
     let build = || -> Result<s2n_tls_provider::Client, s2n_tls_provider::error::Error> {
         s2n_tls_provider::Client::builder()
             .with_application_protocols([ALPN])?
@@ -75,25 +115,40 @@ pub fn node_name_of(der: &[u8]) -> Option<String> {
     })
 }
 
-/// s2n-quic event subscriber that records, per connection, the peer's verified node name.
+/// s2n-quic event subscriber that records, per connection, the peer's verified node name,
+/// and logs handshakes that fail (the replica's side of a refused certificate).
 pub struct PeerIdentity;
 
 /// The per-connection context of [`PeerIdentity`]; query it with
 /// `connection.query_event_context(|p: &PeerName| ...)`.
 #[derive(Debug, Default)]
-pub struct PeerName(pub Option<String>);
+pub struct PeerName(pub Option<String>, bool);
 
 impl Subscriber for PeerIdentity {
     type ConnectionContext = PeerName;
 
     fn create_connection_context(&mut self, _meta: &ConnectionMeta, _info: &ConnectionInfo) -> PeerName {
-        PeerName(None)
+        PeerName(None, false)
     }
 
     fn on_tls_exporter_ready(&mut self, context: &mut PeerName, _meta: &ConnectionMeta, event: &events::TlsExporterReady) {
         // Called once the handshake is complete, so the chain has been verified against our CA.
+        context.1 = true;
         if let Ok(chain) = event.session.peer_cert_chain_der() {
             context.0 = chain.first().and_then(|leaf| node_name_of(leaf));
+        }
+    }
+
+    fn on_connection_closed(&mut self, context: &mut PeerName, _meta: &ConnectionMeta, event: &events::ConnectionClosed) {
+        if !context.1 {
+            // The peer's certificate is not known here (it was refused), so say what to check.
+            let error = format!("{}", event.error);
+            let what = if error.contains("expired") {
+                "the peer's certificate has expired or is not valid yet: check it there with `openssl x509 -enddate -noout -in CERT`; renew it with `snapship certs --renew NODE`"
+            } else {
+                "if it was a snapship node, its certificate may have expired or not be valid yet (check `openssl x509 -enddate -noout -in CERT` there; renew with `snapship certs --renew NODE`), be from another CA than this node's, or be no snapship certificate at all"
+            };
+            tracing::warn!("refused a connection during its TLS handshake ({}): {what}", error.escape_debug());
         }
     }
 }
@@ -526,5 +581,30 @@ mod tests {
         assert!(e.contains("is not the key of"), "{e}");
         let e = make_certs(b.path(), &names(&["ca"]), &CertOptions::default()).unwrap_err().to_string();
         assert!(e.contains("cannot be called `ca`"), "{e}");
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused_naming_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        make_certs(dir.path(), &names(&["alpha", "beta"]), &CertOptions::default()).unwrap();
+        let files = TlsFiles { ca: dir.path().join("ca.pem"), cert: dir.path().join("alpha.pem"), key: dir.path().join("beta.key") };
+        for e in [client_tls(&files).err().unwrap(), server_tls(&files).err().unwrap()] {
+            let e = format!("{e:#}");
+            assert!(e.contains("beta.key is not the key of the certificate") && e.contains("alpha.pem") && e.contains("--renew"), "{e}");
+        }
+        let files = TlsFiles { key: dir.path().join("alpha.key"), ..files };
+        client_tls(&files).unwrap();
+        server_tls(&files).unwrap();
+    }
+
+    #[test]
+    fn validity_problems_are_named_with_their_date() {
+        let dir = tempfile::tempdir().unwrap();
+        make_certs(dir.path(), &names(&["alpha"]), &CertOptions::default()).unwrap();
+        let pem = String::from_utf8(read(dir.path(), "alpha.pem")).unwrap();
+        let now = SystemTime::now();
+        assert_eq!(validity_problem(&pem, now), None);
+        assert!(validity_problem(&pem, now + DAY * 900).unwrap().starts_with("expired on"));
+        assert!(validity_problem(&pem, now - DAY).unwrap().starts_with("is not valid before"));
     }
 }

@@ -481,3 +481,133 @@ fn stuck_send_and_receive_are_killed_and_the_transfer_completes() {
     let r = s.replica_status();
     assert!(r["resumes"].as_u64().unwrap() >= 1, "{r}");
 }
+
+/// The peak resident memory of process `pid` (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM in /proc/PID/status");
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// What the hostile peer saw, counted by its tasks.
+#[derive(Default)]
+struct Seen {
+    streams_opened: std::sync::atomic::AtomicUsize,
+    timed_out: std::sync::atomic::AtomicUsize,
+}
+
+/// A listed peer with a valid certificate (gamma, in beta's `peers` but origin of nothing)
+/// attacks beta while alpha ships a real snapshot to it: six connections at once (beta
+/// admits four), a message frame announcing 1 MiB, and then 1,000 request streams that drip
+/// their hello one byte a second. Beta refuses the oversized frame without reading it,
+/// resets each dripping stream after the first-request time limit, lets the rest wait in
+/// QUIC, and serves alpha's transfer meanwhile: it completes, identical, with beta's peak
+/// memory bounded.
+#[test]
+fn a_flood_of_slow_streams_and_an_oversized_message_leave_the_replica_serving() {
+    require_root!();
+    use std::sync::atomic::Ordering;
+    let mut c = Cluster::with_sizes("faults_flood", &[("alpha", 700), ("beta", 700), ("gamma", 200)]);
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst = c.mnt("beta").join("backup/projects");
+    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]) + "transfer:\n  compression: none\n";
+    c.configure("alpha", &[("projects", p.clone())]);
+    c.configure("beta", &[("projects", p)]);
+    c.configure("gamma", &[]);
+    c.start("beta");
+    let beta_pid = c.daemons["beta"].child.as_ref().unwrap().id();
+    let beta_addr = format!("127.0.0.1:{}", c.ports["beta"]);
+    write_random(&src.join("big.bin"), 200 << 20, 50);
+    fill(&src, 51);
+
+    let gamma = snapship::config::load(&c.dir("gamma").join("node.yaml")).unwrap();
+    let seen = std::sync::Arc::new(Seen::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let oversized = rt.block_on(async {
+        use snapship::ship::frame::{Frame, FrameReader};
+        use snapship::ship::protocol::{Message, VERSION};
+        use tokio::io::AsyncWriteExt;
+        let connector = std::sync::Arc::new(snapship::ship::quic::Connector::new(&gamma.node).unwrap());
+        let mut conns = Vec::new();
+        for _ in 0..6 {
+            conns.push(connector.connect("beta", &beta_addr).await.unwrap());
+        }
+        // A message frame announcing 1 MiB, then nothing: refused from its header.
+        let mut handle = conns[0].handle();
+        let (recv, mut send) = handle.open_bidirectional_stream().await.unwrap().split();
+        // (beta may answer and stop the stream before the flush: the reply tells.)
+        let _ = send.write_all(&Frame::message(&Message::Hello { version: VERSION }.to_json())).await;
+        let _ = send.write_all(&[1, 0, 0x10, 0, 0]).await;
+        let _ = send.flush().await;
+        let reply = tokio::time::timeout(Duration::from_secs(20), snapship::ship::transfer::read_message(&mut FrameReader::new(recv))).await;
+        // 1,000 streams over the connections beta kept, each dripping its hello.
+        let hello = Frame::message(&Message::Hello { version: VERSION }.to_json()).to_vec();
+        for i in 0..1000 {
+            let mut handle = conns[i % conns.len()].handle();
+            let (seen, hello) = (seen.clone(), hello.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = handle.open_bidirectional_stream().await else { return };
+                seen.streams_opened.fetch_add(1, Ordering::Relaxed);
+                let (recv, mut send) = stream.split();
+                let mut frames = FrameReader::new(recv);
+                let drip = async {
+                    for b in hello {
+                        if send.write_all(&[b]).await.is_err() || send.flush().await.is_err() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    std::future::pending::<()>().await
+                };
+                tokio::select! {
+                    reply = snapship::ship::transfer::read_message(&mut frames) => {
+                        if format!("{reply:?}").contains("within 10s") {
+                            seen.timed_out.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    _ = drip => {}
+                }
+            });
+        }
+        // Keep the connections (the tasks hold handles only) for as long as the runtime runs.
+        tokio::spawn(async move {
+            let _conns = conns;
+            std::future::pending::<()>().await
+        });
+        format!("{reply:?}")
+    });
+    eprintln!("oversized message frame: {oversized}");
+    assert!(oversized.contains("BadRequest") && oversized.contains("message frame of 1048576 bytes exceeds the limit of 65536"), "{oversized}");
+
+    // The real transfer, while the flood goes on (the hostile tasks run on `rt`'s threads).
+    std::thread::sleep(Duration::from_secs(2));
+    let start = Instant::now();
+    let out = c.sync_ok("alpha", "projects");
+    eprintln!("real transfer under the flood: {:.1}s", start.elapsed().as_secs_f64());
+    assert!(out.contains("-> beta: full"), "{out}");
+    assert_same_tree(&src, &dst.join("latest"));
+    assert_nothing_partial(&dst);
+    // Long enough for at least one round of dripping streams to hit the time limit.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.timed_out.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "no dripping stream was reset after the first-request time limit");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let hwm = peak_rss(beta_pid);
+    let (opened, timed_out) = (seen.streams_opened.load(Ordering::Relaxed), seen.timed_out.load(Ordering::Relaxed));
+    eprintln!(
+        "beta peak RSS (VmHWM) {:.1} MiB; hostile streams opened {opened} of 1000, {timed_out} reset after the time limit",
+        hwm as f64 / (1 << 20) as f64
+    );
+    assert!(hwm < 150 << 20, "beta's peak RSS was {hwm} bytes");
+    rt.shutdown_background();
+
+    let log = c.daemons["beta"].log_text();
+    assert!(
+        log.contains("refusing a connection from node \"gamma\"") && log.contains("connections open (the limit per peer)"),
+        "beta did not log the refused connections:\n{log}"
+    );
+    assert!(log.contains("requests under way (the limit)"), "beta did not log the saturated request slots:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    c.stop("beta");
+}

@@ -134,6 +134,10 @@ fn refusals_write_nothing() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(text.contains("not the origin of `projects`") && text.contains("Unauthorized"), "{text}");
+    assert!(text.contains("change `origin.node` in the policy on `beta`"), "the impostor is not told what to do: {text}");
+    let log = c.daemons["beta"].log_text();
+    let refusal = log.lines().find(|l| l.contains("not the origin of `projects`")).unwrap_or_else(|| panic!("beta did not log the refusal:\n{log}"));
+    assert!(refusal.contains("peer=gamma") && refusal.contains("names `alpha`"), "the log names neither the peer nor the policy's origin: {refusal}");
     assert!(!dst.exists() || snapshots(&dst).is_empty(), "a non-origin peer wrote to the replica");
 
     // 3. alpha (good certificate now) whose copy of the policy names another path on beta:
