@@ -174,7 +174,7 @@ fn check(path: &std::path::Path) -> Result<ExitCode> {
         } else {
             "not involved"
         };
-        println!("  {} ({:?}, {:?}): {role}", p.fileset, p.backend, p.mode);
+        println!("  {} ({}, {}): {role}", p.fileset, p.backend, p.mode);
     }
     Ok(ExitCode::SUCCESS)
 }
