@@ -39,7 +39,8 @@ enum Command {
     /// Run in the foreground: receive as replica (and, as origin, schedule and ship); stop with
     /// SIGINT or SIGTERM.
     Run(ConfigArg),
-    /// Check the node config and every policy it lists; exit 0 when all are valid.
+    /// Check the node config, every policy it lists, and what they name on this node (TLS
+    /// files, the file sets' paths); exit 0 when all are valid (warnings allowed).
     Check(ConfigArg),
     /// Snapshot a file set now and ship it to every replica; exit 0 when every replica has it.
     Sync {
@@ -139,7 +140,7 @@ pub fn main() -> ExitCode {
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(args) => crate::node::run(&args.config).await.map(|()| ExitCode::SUCCESS),
-        Command::Check(args) => check(&args.config),
+        Command::Check(args) => check(&args.config).await,
         Command::Sync { config, fileset } => sync(&config.config, &fileset).await,
         Command::Certs { out, days, renew, force, nodes } => {
             use crate::ship::tls::Existing;
@@ -156,13 +157,25 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
     }
 }
 
-fn check(path: &std::path::Path) -> Result<ExitCode> {
+/// `snapship check`: the config files, then what they point at on this node (TLS files,
+/// the file sets' paths; see `node::preflight`). Warnings alone exit 0.
+async fn check(path: &std::path::Path) -> Result<ExitCode> {
+    use crate::node::preflight;
     let loaded = config::load(path)?;
-    for e in &loaded.errors {
+    let mut errors = loaded.errors.clone();
+    let tls = preflight::tls(&loaded.node);
+    errors.extend(tls.errors);
+    for policy in &loaded.policies {
+        errors.extend(preflight::places(policy, &loaded.node).await);
+    }
+    for w in &tls.warnings {
+        eprintln!("warning: {w}");
+    }
+    for e in &errors {
         eprintln!("error: {e}");
     }
-    if !loaded.errors.is_empty() {
-        eprintln!("{} error(s); fix them and run check again", loaded.errors.len());
+    if !errors.is_empty() {
+        eprintln!("{} error(s); fix them and run check again", errors.len());
         return Ok(ExitCode::FAILURE);
     }
     println!("{}: node `{}`, {} polic{} valid", path.display(), loaded.node.node, loaded.policies.len(), if loaded.policies.len() == 1 { "y" } else { "ies" });

@@ -6,9 +6,11 @@
 //! for its own), and stops cleanly on SIGINT or SIGTERM. A lock file in `state_dir` keeps a
 //! second daemon (and `snapship prune` without `--dry-run`) away. [`endpoints`] is how this
 //! node reaches a file set's replicas, for `run` and `sync` alike; [`control`] is the Unix
-//! socket that `status` and `sync` talk to.
+//! socket that `status` and `sync` talk to. [`preflight`] checks what the config points at
+//! (TLS files, paths) for `run` and `snapship check`.
 
 pub mod control;
+pub mod preflight;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -106,10 +108,32 @@ impl ReplicaRole {
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {
-    let loaded = Arc::new(config::load(config_path)?);
+    let mut loaded = config::load(config_path)?;
     for e in &loaded.errors {
         tracing::error!("skipping a broken policy: {e}");
     }
+    // Without working TLS no peer would accept this node: refuse rather than run idle.
+    let tls = preflight::tls(&loaded.node);
+    for w in &tls.warnings {
+        tracing::warn!("{w}");
+    }
+    if !tls.errors.is_empty() {
+        let reasons: Vec<String> = tls.errors.iter().map(|e| e.to_string()).collect();
+        bail!("cannot start: the TLS files are unusable (`snapship check` shows the same):\n  {}", reasons.join("\n  "));
+    }
+    // A file set whose places on this node are wrong is skipped, like a broken policy.
+    let mut usable = Vec::new();
+    for policy in std::mem::take(&mut loaded.policies) {
+        let problems = preflight::places(&policy, &loaded.node).await;
+        for e in &problems {
+            tracing::error!(fileset = %policy.fileset, "skipping the file set: {e}");
+        }
+        if problems.is_empty() {
+            usable.push(policy);
+        }
+    }
+    loaded.policies = usable;
+    let loaded = Arc::new(loaded);
     let here = &loaded.node.node;
     let replica_of: Vec<&str> =
         loaded.policies.iter().filter(|p| p.origin.node != *here && p.replica_on(here).is_some()).map(|p| p.fileset.0.as_str()).collect();
@@ -126,7 +150,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let replica = ReplicaRole::start(loaded.clone(), status.clone(), &shutdown);
     if !replica_of.is_empty() {
         let Some(addr) = loaded.node.listen else {
-            bail!("node `{here}` is a replica of {} but {} has no `listen:` address", replica_of.join(", "), loaded.node.file.display());
+            bail!(
+                "node `{here}` is a replica of {} but {} has no `listen:` address; add one, like `listen: 0.0.0.0:7441`",
+                replica_of.join(", "),
+                loaded.node.file.display()
+            );
         };
         replica.listen(&loaded, addr, &shutdown)?;
     }
