@@ -41,7 +41,14 @@ enum Command {
     Run(ConfigArg),
     /// Check the node config, every policy it lists, and what they name on this node (TLS
     /// files, the file sets' paths); exit 0 when all are valid (warnings allowed).
-    Check(ConfigArg),
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Check only the config files, not what they name on this node (for a config meant
+        /// for another node, or in CI).
+        #[arg(long)]
+        config_only: bool,
+    },
     /// Snapshot a file set now and ship it to every replica; exit 0 when every replica has it.
     Sync {
         #[command(flatten)]
@@ -140,7 +147,7 @@ pub fn main() -> ExitCode {
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(args) => crate::node::run(&args.config).await.map(|()| ExitCode::SUCCESS),
-        Command::Check(args) => check(&args.config).await,
+        Command::Check { config, config_only } => check(&config.config, config_only).await,
         Command::Sync { config, fileset } => sync(&config.config, &fileset).await,
         Command::Certs { out, days, renew, force, nodes } => {
             use crate::ship::tls::Existing;
@@ -157,18 +164,24 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
     }
 }
 
-/// `snapship check`: the config files, then what they point at on this node (TLS files,
-/// the file sets' paths; see `node::preflight`). Warnings alone exit 0.
-async fn check(path: &std::path::Path) -> Result<ExitCode> {
+/// `snapship check`: the config files, then (unless `config_only`) what they point at on this
+/// node (TLS files, the file sets' paths; see `node::preflight`). Warnings alone exit 0.
+async fn check(path: &std::path::Path, config_only: bool) -> Result<ExitCode> {
     use crate::node::preflight;
     let loaded = config::load(path)?;
     let mut errors = loaded.errors.clone();
-    let tls = preflight::tls(&loaded.node);
-    errors.extend(tls.errors);
-    for policy in &loaded.policies {
-        errors.extend(preflight::places(policy, &loaded.node).await);
+    let mut warnings = Vec::new();
+    if !config_only {
+        let mut tls = preflight::tls(&loaded.node);
+        errors.append(&mut tls.errors);
+        warnings.append(&mut tls.warnings);
+        for policy in &loaded.policies {
+            let mut places = preflight::places(policy, &loaded.node).await;
+            errors.append(&mut places.errors);
+            warnings.append(&mut places.warnings);
+        }
     }
-    for w in &tls.warnings {
+    for w in &warnings {
         eprintln!("warning: {w}");
     }
     for e in &errors {

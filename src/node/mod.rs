@@ -124,11 +124,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // A file set whose places on this node are wrong is skipped, like a broken policy.
     let mut usable = Vec::new();
     for policy in std::mem::take(&mut loaded.policies) {
-        let problems = preflight::places(&policy, &loaded.node).await;
-        for e in &problems {
+        let found = preflight::places(&policy, &loaded.node).await;
+        for w in &found.warnings {
+            tracing::warn!(fileset = %policy.fileset, "{w}");
+        }
+        for e in &found.errors {
             tracing::error!(fileset = %policy.fileset, "skipping the file set: {e}");
         }
-        if problems.is_empty() {
+        if found.errors.is_empty() {
             usable.push(policy);
         }
     }

@@ -13,8 +13,8 @@
 //!   warning.
 //! - Places ([`places`]): where this node is a file set's origin, its path is a btrfs
 //!   subvolume (and `snapshot_dir` on the same filesystem) or an existing ZFS dataset; where
-//!   it holds a replica, the replica's parent directory exists on btrfs, or its ZFS pool
-//!   exists.
+//!   it holds a replica, the replica's directory (or the one it is to be made in) is on
+//!   btrfs, or its ZFS pool exists.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -199,25 +199,29 @@ fn validity(cert: &Certificate, path: &Path, what: &str) -> Option<Validity> {
 
 /// Checks what `policy` names on this node: its origin's path and snapshot directory where
 /// this node is the origin, its replica's place where it holds one.
-pub async fn places(policy: &Policy, node: &NodeConfig) -> Vec<ConfigError> {
+pub async fn places(policy: &Policy, node: &NodeConfig) -> Findings {
     let index = KeyIndex::new(&std::fs::read_to_string(&policy.file).unwrap_or_default());
     let at = |key: &str, message: String| ConfigError { file: policy.file.clone(), position: index.position(key), key: Some(key.to_string()), message };
-    let mut errors = Vec::new();
+    let mut found = Findings::default();
     if policy.origin.node == node.node {
         let problems = match policy.backend {
             BackendKind::Btrfs => btrfs_origin(policy),
             BackendKind::Zfs => zfs_dataset(&policy.origin.path).await.into_iter().map(|m| ("origin.path".to_string(), m)).collect(),
         };
-        errors.extend(problems.into_iter().map(|(key, m)| at(&key, m)));
+        found.errors.extend(problems.into_iter().map(|(key, m)| at(&key, m)));
     }
     for (i, replica) in policy.replicas.iter().enumerate().filter(|(_, r)| r.node == node.node) {
-        let problem = match policy.backend {
-            BackendKind::Btrfs => btrfs_replica(Path::new(&replica.path)),
-            BackendKind::Zfs => zfs_pool(&replica.path).await,
-        };
-        errors.extend(problem.map(|m| at(&format!("replicas[{i}].path"), m)));
+        let key = format!("replicas[{i}].path");
+        match policy.backend {
+            BackendKind::Btrfs => match btrfs_replica(Path::new(&replica.path)) {
+                Place::Fine => {}
+                Place::Warning(m) => found.warnings.push(at(&key, m)),
+                Place::Error(m) => found.errors.push(at(&key, m)),
+            },
+            BackendKind::Zfs => found.errors.extend(zfs_pool(&replica.path).await.map(|m| at(&key, m))),
+        }
     }
-    errors
+    found
 }
 
 /// The origin of a btrfs file set: a subvolume, with its snapshot directory on the same
@@ -268,22 +272,40 @@ fn btrfs_origin(policy: &Policy) -> Vec<(String, String)> {
     }
 }
 
+/// What [`btrfs_replica`] found.
+enum Place {
+    Fine,
+    Warning(String),
+    Error(String),
+}
+
 /// A btrfs replica's place: the directory itself when it exists, else its parent, must be a
-/// directory on btrfs (`btrfs receive` makes subvolumes there).
-fn btrfs_replica(path: &Path) -> Option<String> {
+/// directory on btrfs (`btrfs receive` makes subvolumes there). A parent that does not exist
+/// yet is made by the first receive, as long as the directory it will be made in is on
+/// btrfs: a warning, in case the path is mistyped.
+fn btrfs_replica(path: &Path) -> Place {
     let on_btrfs = "point it at a directory on a btrfs filesystem: received snapshots are btrfs subvolumes";
     if path.exists() {
-        return not_a_btrfs_dir(path).map(|p| format!("{p}; {on_btrfs}"));
+        return not_a_btrfs_dir(path).map_or(Place::Fine, |p| Place::Error(format!("{p}; {on_btrfs}")));
     }
     let parent = path.parent().unwrap_or(Path::new("/"));
-    if !parent.exists() {
-        return Some(format!(
-            "the parent directory {} of the replica does not exist; create it (`mkdir -p {}`) on the btrfs filesystem that is to hold the replica",
+    if parent.exists() {
+        return not_a_btrfs_dir(parent).map_or(Place::Fine, |p| Place::Error(format!("{p} (the replica's parent directory); {on_btrfs}")));
+    }
+    let Some(existing) = parent.ancestors().find(|a| a.exists()) else { return Place::Fine };
+    match not_a_btrfs_dir(existing) {
+        Some(p) => Place::Error(format!(
+            "the parent directory {} of the replica does not exist, and {p}; create the parent (`mkdir -p {}`) on the btrfs filesystem that is to hold the replica, or {on_btrfs}",
             parent.display(),
             parent.display()
-        ));
+        )),
+        None => Place::Warning(format!(
+            "the parent directory {} of the replica does not exist yet; the first receive creates it in {} (on btrfs): check the path, or create it (`mkdir -p {}`)",
+            parent.display(),
+            existing.display(),
+            parent.display()
+        )),
     }
-    not_a_btrfs_dir(parent).map(|p| format!("{p} (the replica's parent directory); {on_btrfs}"))
 }
 
 /// What keeps `path` from being a directory on btrfs, if anything.
@@ -342,7 +364,7 @@ async fn zfs_dataset(dataset: &str) -> Option<String> {
     match Cmd::new("zfs").arg("list").arg("-H").arg("-o").arg("name").arg(dataset).output().await {
         Ok(_) => None,
         Err(e @ CommandError::Spawn { .. }) => Some(format!("{e}; is ZFS installed on this node?")),
-        Err(e) => Some(format!("the dataset {dataset} cannot be listed ({}); create it with `zfs create {dataset}`, or fix the name", e.stderr().trim())),
+        Err(e) => Some(format!("the dataset {dataset} cannot be listed ({}); create it with `zfs create {dataset}`, or fix the name", one_line(e.stderr()))),
     }
 }
 
@@ -355,7 +377,12 @@ async fn zfs_pool(dataset: &str) -> Option<String> {
         Err(e @ CommandError::Spawn { .. }) => Some(format!("{e}; is ZFS installed on this node?")),
         Err(e) => Some(format!(
             "the pool {pool} of the replica dataset {dataset} cannot be listed ({}); the first receive creates the dataset, but its pool must exist (`zpool list` shows this node's pools)",
-            e.stderr().trim()
+            one_line(e.stderr())
         )),
     }
+}
+
+/// A command's stderr on one line, for a message.
+fn one_line(stderr: &str) -> String {
+    stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }
