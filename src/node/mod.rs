@@ -110,7 +110,11 @@ impl ReplicaRole {
 pub async fn run(config_path: &Path) -> Result<()> {
     let mut loaded = config::load(config_path)?;
     for e in &loaded.errors {
-        tracing::error!("skipping a broken policy: {e}");
+        if e.file == loaded.node.file {
+            tracing::error!("{e}");
+        } else {
+            tracing::error!("skipping a broken policy: {e}");
+        }
     }
     // Without working TLS no peer would accept this node: refuse rather than run idle.
     let tls = preflight::tls(&loaded.node);

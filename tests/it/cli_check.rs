@@ -231,6 +231,16 @@ fn run_refuses_to_start_with_broken_tls() {
     drop(s);
 }
 
+#[test]
+fn run_skips_a_file_set_whose_path_is_wrong_and_runs_the_others() {
+    // /srv/home does not exist here: that file set is skipped, the daemon still runs.
+    let (s, cfg) = setup("run_path_wrong", POLICY);
+    let mut daemon = crate::common::Daemon::start(&cfg, &s.dir.join("run.log"), "running");
+    let log = daemon.log_text();
+    assert!(log.contains("skipping the file set") && log.contains("key `origin.path`") && log.contains("/srv/home does not exist"), "{log}");
+    assert!(daemon.stop().is_some_and(|st| st.success()), "{}", daemon.log_text());
+}
+
 // ---------------------------------------------------------------------------------------
 // Paths on this node (root, loop btrfs)
 
