@@ -386,3 +386,39 @@ async fn zfs_pool(dataset: &str) -> Option<String> {
 fn one_line(stderr: &str) -> String {
     stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_replica_parent_on_a_non_btrfs_directory_is_an_error() {
+        // The test machine's temporary directory is not btrfs (ext4 or tmpfs).
+        let dir = tempfile::tempdir().unwrap();
+        if not_a_btrfs_dir(dir.path()).is_none() {
+            return; // on btrfs after all: nothing to see here
+        }
+        match btrfs_replica(&dir.path().join("a/b/replica")) {
+            Place::Error(m) => assert!(m.contains("a/b of the replica does not exist") && m.contains("not btrfs"), "{m}"),
+            _ => panic!("a replica off btrfs must be an error"),
+        }
+        match btrfs_replica(dir.path()) {
+            Place::Error(m) => assert!(m.contains("not btrfs"), "{m}"),
+            _ => panic!("a replica off btrfs must be an error"),
+        }
+    }
+
+    #[test]
+    fn one_filesystem_is_one_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let (a, b) = (filesystem_of(dir.path()), filesystem_of(&dir.path().join("sub")));
+        assert!(a.is_some() && a == b, "{a:?} {b:?}");
+        assert_ne!(filesystem_of(Path::new("/proc")), a, "/proc is a filesystem of its own");
+    }
+
+    #[test]
+    fn stderr_becomes_one_line() {
+        assert_eq!(one_line("connect: refused\n\n  Please start it.\n"), "connect: refused Please start it.");
+    }
+}

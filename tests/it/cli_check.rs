@@ -199,6 +199,14 @@ fn an_expired_certificate_is_refused() {
 }
 
 #[test]
+fn a_certificate_not_yet_valid_is_refused_with_a_word_on_clocks() {
+    let (s, cfg) = tls_setup("check_tls_future", "certs/ca.pem", "certs/alpha.pem", "certs/alpha.key");
+    let now = SystemTime::now();
+    reissue(&s, "alpha", now + DAY, now + DAY * 100);
+    fails_with(&cfg, &["node.yaml:5:3: key `tls.cert`", "is not valid before", "clock"]);
+}
+
+#[test]
 fn a_certificate_near_expiry_warns_and_exits_zero() {
     let (s, cfg) = tls_setup("check_tls_expiring", "certs/ca.pem", "certs/alpha.pem", "certs/alpha.key");
     let now = SystemTime::now();
