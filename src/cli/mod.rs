@@ -39,8 +39,16 @@ enum Command {
     /// Run in the foreground: receive as replica (and, as origin, schedule and ship); stop with
     /// SIGINT or SIGTERM.
     Run(ConfigArg),
-    /// Check the node config and every policy it lists; exit 0 when all are valid.
-    Check(ConfigArg),
+    /// Check the node config, every policy it lists, and what they name on this node (TLS
+    /// files, the file sets' paths); exit 0 when all are valid (warnings allowed).
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Check only the config files, not what they name on this node (for a config meant
+        /// for another node, or in CI).
+        #[arg(long)]
+        config_only: bool,
+    },
     /// Snapshot a file set now and ship it to every replica; exit 0 when every replica has it.
     Sync {
         #[command(flatten)]
@@ -164,7 +172,7 @@ pub fn main() -> ExitCode {
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(args) => crate::node::run(&args.config).await.map(|()| ExitCode::SUCCESS),
-        Command::Check(args) => check(&args.config),
+        Command::Check { config, config_only } => check(&config.config, config_only).await,
         Command::Sync { config, fileset } => sync(&config.config, &fileset).await,
         Command::Promote { config, fileset, force } => promote(&config.config, &fileset, force).await,
         Command::Switchover { config, fileset, to } => switchover(&config.config, &fileset, &to).await,
@@ -183,13 +191,31 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
     }
 }
 
-fn check(path: &std::path::Path) -> Result<ExitCode> {
+/// `snapship check`: the config files, then (unless `config_only`) what they point at on this
+/// node (TLS files, the file sets' paths; see `node::preflight`). Warnings alone exit 0.
+async fn check(path: &std::path::Path, config_only: bool) -> Result<ExitCode> {
+    use crate::node::preflight;
     let loaded = config::load(path)?;
-    for e in &loaded.errors {
+    let mut errors = loaded.errors.clone();
+    let mut warnings = Vec::new();
+    if !config_only {
+        let mut tls = preflight::tls(&loaded.node);
+        errors.append(&mut tls.errors);
+        warnings.append(&mut tls.warnings);
+        for policy in &loaded.policies {
+            let mut places = preflight::places(policy, &loaded.node).await;
+            errors.append(&mut places.errors);
+            warnings.append(&mut places.warnings);
+        }
+    }
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    for e in &errors {
         eprintln!("error: {e}");
     }
-    if !loaded.errors.is_empty() {
-        eprintln!("{} error(s); fix them and run check again", loaded.errors.len());
+    if !errors.is_empty() {
+        eprintln!("{} error(s); fix them and run check again", errors.len());
         return Ok(ExitCode::FAILURE);
     }
     println!("{}: node `{}`, {} polic{} valid", path.display(), loaded.node.node, loaded.policies.len(), if loaded.policies.len() == 1 { "y" } else { "ies" });
@@ -201,7 +227,7 @@ fn check(path: &std::path::Path) -> Result<ExitCode> {
         } else {
             "not involved"
         };
-        println!("  {} ({:?}, {:?}): {role}", p.fileset, p.backend, p.mode);
+        println!("  {} ({}, {}): {role}", p.fileset, p.backend, p.mode);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,14 +6,17 @@
 //! writes them: `origin.node`, `replicas[1].path`.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
-/// Line and column (both 1-based) of every key and sequence item in one YAML document.
+/// Line and column (both 1-based) of every key and sequence item in one YAML document, and
+/// of the second occurrence of a key written twice in one mapping.
 #[derive(Debug, Default)]
 pub struct KeyIndex {
     positions: HashMap<String, (usize, usize)>,
+    duplicates: HashMap<String, (usize, usize)>,
 }
 
 impl KeyIndex {
@@ -25,7 +28,18 @@ impl KeyIndex {
         if parser.load(&mut builder, false).is_err() {
             return KeyIndex::default();
         }
-        KeyIndex { positions: builder.positions }
+        KeyIndex { positions: builder.positions, duplicates: builder.duplicates }
+    }
+
+    /// Whether nothing was indexed (also when the text is not valid YAML).
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// Where `path` is written a second time in its mapping, if it is (serde only says
+    /// "duplicate field", placed at the start of the document).
+    pub fn duplicate(&self, path: &str) -> Option<(usize, usize)> {
+        self.duplicates.get(path).copied()
     }
 
     /// Position of `path`, or of its nearest indexed ancestor (a missing key is reported
@@ -54,6 +68,7 @@ enum Frame {
 struct Builder {
     stack: Vec<Frame>,
     positions: HashMap<String, (usize, usize)>,
+    duplicates: HashMap<String, (usize, usize)>,
 }
 
 impl Builder {
@@ -92,7 +107,14 @@ impl MarkedEventReceiver for Builder {
                 if let Some(Frame::Map { path, key }) = self.stack.last_mut() {
                     if key.is_none() {
                         let full = join(path, &value);
-                        self.positions.entry(full).or_insert(line_col(mark));
+                        match self.positions.entry(full) {
+                            Entry::Occupied(seen) => {
+                                self.duplicates.entry(seen.key().clone()).or_insert(line_col(mark));
+                            }
+                            Entry::Vacant(new) => {
+                                new.insert(line_col(mark));
+                            }
+                        }
                         *key = Some(value);
                         return;
                     }
@@ -133,6 +155,15 @@ mod tests {
         // A missing key falls back to its parent.
         assert_eq!(idx.position("origin.snapshot_dir").map(|p| p.0), Some(2));
         assert_eq!(idx.position("nothing"), None);
+    }
+
+    #[test]
+    fn a_key_written_twice_is_found_where_it_repeats() {
+        let idx = KeyIndex::new("mode: a\norigin:\n  node: x\n  node: y\nmode: b\n");
+        assert_eq!(idx.duplicate("mode"), Some((5, 1)));
+        assert_eq!(idx.duplicate("origin.node"), Some((4, 3)));
+        assert_eq!(idx.position("mode"), Some((1, 1)), "the first stays the key's position");
+        assert_eq!(idx.duplicate("origin"), None);
     }
 
     #[test]

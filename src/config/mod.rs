@@ -9,6 +9,7 @@
 pub mod cron;
 pub mod locate;
 pub mod units;
+pub mod wording;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -132,6 +133,23 @@ pub enum Mode {
     Continuous,
     /// Continuous shipping plus cron snapshots kept for history.
     Hybrid,
+}
+
+/// As written in a policy: `btrfs`, `zfs`.
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Btrfs => "btrfs",
+            BackendKind::Zfs => "zfs",
+        })
+    }
+}
+
+/// As written in a policy: `snapshot`, `continuous`, `hybrid`.
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(mode_name(*self))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -361,8 +379,39 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
             }
         }
     }
+    errors.extend(missing_listen(&node, &policies));
     Ok(LoadedConfig { node, policies, errors })
 }
+
+/// A node that holds replicas of file sets whose origin is another node must listen for them.
+fn missing_listen(node: &NodeConfig, policies: &[Policy]) -> Option<ConfigError> {
+    if node.listen.is_some() {
+        return None;
+    }
+    let remote: Vec<String> = policies
+        .iter()
+        .filter(|p| p.origin.node != node.node && p.replica_on(&node.node).is_some())
+        .map(|p| format!("`{}` from `{}`", p.fileset, p.origin.node))
+        .collect();
+    if remote.is_empty() {
+        return None;
+    }
+    Some(ConfigError {
+        file: node.file.clone(),
+        position: None,
+        key: Some("listen".into()),
+        message: format!(
+            "node `{}` holds replicas of {}, whose origins must reach it: add `listen: 0.0.0.0:7441` (the address and port their `peers:` entry for `{}` points at)",
+            node.node,
+            remote.join(", "),
+            node.node
+        ),
+    })
+}
+
+/// The shortest `continuous.min_interval`: below it, snapshots would follow each other as fast
+/// as the filesystem can take them, each a transfer to every replica.
+pub const MIN_INTERVAL_FLOOR: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Parses and checks the text of a node config as if read from `path`, without touching the
 /// filesystem: relative paths are resolved against `path`'s directory and `peers` is checked,
@@ -420,6 +469,18 @@ pub fn validate_policy(p: &Policy, node: &NodeConfig, index: &KeyIndex) -> Vec<C
             err("continuous", "`continuous` settings are only used in continuous and hybrid mode; remove them, or change `mode`".into())
         }
         _ => {}
+    }
+
+    if let Some(c) = &p.continuous {
+        if c.min_interval.0 < MIN_INTERVAL_FLOOR {
+            err(
+                "continuous.min_interval",
+                format!(
+                    "{} is below the shortest interval, 100ms; write 100ms or more, like `min_interval: 1s` (changes within it share one snapshot)",
+                    c.min_interval
+                ),
+            );
+        }
     }
 
     let known = |n: &Name| *n == node.node || node.peers.contains_key(n);
@@ -629,7 +690,8 @@ fn located(file: &Path, index: &KeyIndex, key: &str, message: String) -> ConfigE
     ConfigError { file: file.to_path_buf(), position: index.position(key), key: Some(key.to_string()), message }
 }
 
-/// Parses YAML into `T`, turning serde's error into one that names file, line, column and key.
+/// Parses YAML into `T`, turning serde's error into one that names file, line, column and key,
+/// in plain words (see [`wording`]).
 fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
     if text.trim().is_empty() {
         return Err(ConfigError { file: file.to_path_buf(), position: None, key: None, message: "the file is empty".into() });
@@ -639,12 +701,24 @@ fn parse_yaml<T: DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigE
         // serde_path_to_error writes `?` for a segment it could not name.
         let path = e.path().to_string();
         let path = path.trim_end_matches(".?").trim_end_matches('?');
-        let key = (path != "." && !path.is_empty()).then(|| path.to_string());
+        let mut key = (path != "." && !path.is_empty()).then(|| path.to_string());
         let inner = e.into_inner();
         let serde_pos = inner.location().map(|l| (l.line(), l.column()));
-        let message = bare_message(&inner.to_string(), key.as_deref(), serde_pos);
+        let bare = bare_message(&inner.to_string(), key.as_deref(), serde_pos);
+        let index = KeyIndex::new(text);
         // serde_yaml places value errors at the enclosing mapping; the key itself is better.
-        let position = key.as_deref().and_then(|k| KeyIndex::new(text).position(k)).or(serde_pos);
+        let mut position = key.as_deref().and_then(|k| index.position(k)).or(serde_pos);
+        // A key written twice: serde names the field, not where; the index knows.
+        if let Some(field) = bare.strip_prefix("duplicate field `").and_then(|r| r.strip_suffix('`')) {
+            let full = key.as_deref().map_or(field.to_string(), |k| format!("{k}.{field}"));
+            position = index.duplicate(&full).or(position);
+            key = Some(full);
+        }
+        let message = match serde_pos.and_then(|(line, _)| wording::quote_hint(text, line)) {
+            // A YAML syntax error (the index is empty then) on a value YAML reserves.
+            Some(hint) if index.is_empty() => hint,
+            _ => wording::plain(&bare, key.as_deref()),
+        };
         ConfigError { file: file.to_path_buf(), position, key, message }
     })
 }

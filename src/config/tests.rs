@@ -104,7 +104,7 @@ fn malformed_yaml_names_file_and_line() {
 fn unknown_key_is_rejected_with_what_is_valid() {
     let bad = GOOD.replace("  min_interval: 1s\n", "  min_interval: 1s\n  max_interval: 5s\n");
     let s = Setup::new(&[("projects.yaml", &bad)]);
-    expect(&s.only_error(), "projects.yaml", 7, "continuous.max_interval", "unknown field `max_interval`, expected `min_interval`");
+    expect(&s.only_error(), "projects.yaml", 7, "continuous.max_interval", "unknown key `max_interval`; valid keys here: `min_interval`");
 }
 
 #[test]
@@ -145,7 +145,7 @@ fn mode_needs_schedule_and_continuous_refuses_one() {
     let s = Setup::new(&[("projects.yaml", &GOOD.replace("mode: hybrid", "mode: continuous"))]);
     expect(&s.only_error(), "projects.yaml", 4, "schedule", "only used in snapshot and hybrid");
     let s = Setup::new(&[("projects.yaml", &GOOD.replace("mode: hybrid", "mode: sometimes"))]);
-    expect(&s.only_error(), "projects.yaml", 3, "mode", "expected one of `snapshot`, `continuous`, `hybrid`");
+    expect(&s.only_error(), "projects.yaml", 3, "mode", "valid: `snapshot`, `continuous`, `hybrid`");
 }
 
 #[test]
@@ -161,7 +161,7 @@ fn paths_must_be_absolute_and_not_overlap() {
 fn missing_required_key() {
     let s = Setup::new(&[("projects.yaml", &GOOD.replace("backend: btrfs\n", ""))]);
     let err = s.only_error();
-    assert!(err.contains("projects.yaml:") && err.contains("missing field `backend`"), "{err}");
+    assert!(err.contains("projects.yaml:") && err.contains("missing key `backend`"), "{err}");
 }
 
 #[test]
@@ -187,7 +187,7 @@ fn node_config_errors_are_fatal_and_located() {
     let s = Setup::new(&[]);
     fs::write(s.dir.path().join("node.yaml"), NODE.replace("state_dir", "statedir")).unwrap();
     let err = load(&s.dir.path().join("node.yaml")).unwrap_err().to_string();
-    assert!(err.contains("node.yaml:3:") && err.contains("unknown field `statedir`"), "{err}");
+    assert!(err.contains("node.yaml:3:") && err.contains("unknown key `statedir`"), "{err}");
     fs::write(s.dir.path().join("node.yaml"), NODE.replace("127.0.0.1:7442", "nowhere")).unwrap();
     let err = load(&s.dir.path().join("node.yaml")).unwrap_err().to_string();
     expect(&err, "node.yaml", 9, "peers.beta", "HOST:PORT");
@@ -234,4 +234,70 @@ fn a_group_must_agree_on_backend_origin_mode_and_schedule() {
     assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
     let members: Vec<_> = loaded.group_of(loaded.policy("mail").unwrap()).iter().map(|p| p.fileset.0.clone()).collect();
     assert_eq!(members, ["projects", "mail"]); // in load order (a.yaml, b.yaml)
+}
+
+#[test]
+fn messages_never_name_rust_types() {
+    let s = Setup::new(&[("projects.yaml", &GOOD.replace("origin:\n  node: alpha\n  path: /srv/projects\n", "origin: alpha\n"))]);
+    let err = s.only_error();
+    expect(&err, "projects.yaml", 7, "origin", "`origin` must be a mapping");
+    assert!(!err.contains("struct"), "{err}");
+    let s = Setup::new(&[("projects.yaml", &GOOD.replace("last: 10", "last: many"))]);
+    let err = s.only_error();
+    expect(&err, "projects.yaml", 14, "retention.origin.last", "must be a whole number (0 or more), not the text \"many\"");
+    assert!(!err.contains("u32"), "{err}");
+}
+
+#[test]
+fn an_unquoted_cron_is_told_to_be_quoted() {
+    let s = Setup::new(&[("projects.yaml", &GOOD.replace("\"*/15 * * * *\"", "*/15 * * * *"))]);
+    let err = s.only_error();
+    expect(&err, "projects.yaml", 4, "schedule", "must be quoted: write schedule: \"*/15 * * * *\"");
+}
+
+#[test]
+fn a_duplicate_key_is_reported_where_it_repeats() {
+    let s = Setup::new(&[("projects.yaml", &GOOD.replace("mode: hybrid\n", "mode: hybrid\nmode: snapshot\n"))]);
+    expect(&s.only_error(), "projects.yaml", 4, "mode", "`mode` is written twice");
+    let s = Setup::new(&[("projects.yaml", &GOOD.replace("  node: alpha\n", "  node: alpha\n  node: alpha\n"))]);
+    expect(&s.only_error(), "projects.yaml", 9, "origin.node", "written twice");
+    let s = Setup::new(&[]);
+    fs::write(s.dir.path().join("node.yaml"), NODE.replace("state_dir: state\n", "state_dir: state\nstate_dir: other\n")).unwrap();
+    let err = load(&s.dir.path().join("node.yaml")).unwrap_err().to_string();
+    expect(&err, "node.yaml", 4, "state_dir", "written twice");
+}
+
+#[test]
+fn a_bad_listen_address_gets_an_example() {
+    let s = Setup::new(&[]);
+    for bad in ["7441", "localhost:7441", "[1, 2]"] {
+        fs::write(s.dir.path().join("node.yaml"), NODE.replace("127.0.0.1:7441", bad)).unwrap();
+        let err = load(&s.dir.path().join("node.yaml")).unwrap_err().to_string();
+        expect(&err, "node.yaml", 2, "listen", "like `listen: 0.0.0.0:7441`");
+    }
+}
+
+#[test]
+fn a_replica_of_another_origin_needs_listen() {
+    // beta's view of the file set alpha is the origin of.
+    let s = Setup::new(&[("projects.yaml", GOOD)]);
+    let beta = NODE.replace("node: alpha", "node: beta").replace("listen: 127.0.0.1:7441\n", "").replace("beta: 127.0.0.1:7442", "alpha: 127.0.0.1:7441");
+    fs::write(s.dir.path().join("node.yaml"), beta).unwrap();
+    let err = s.only_error();
+    assert!(err.contains("node.yaml: key `listen`") && err.contains("`projects` from `alpha`") && err.contains("listen: 0.0.0.0:7441"), "{err}");
+    // The origin itself needs none.
+    fs::write(s.dir.path().join("node.yaml"), NODE.replace("listen: 127.0.0.1:7441\n", "")).unwrap();
+    assert!(s.load().errors.is_empty());
+}
+
+#[test]
+fn min_interval_has_a_floor_of_100ms() {
+    for (value, ok) in [("0s", false), ("99ms", false), ("100ms", true)] {
+        let s = Setup::new(&[("projects.yaml", &GOOD.replace("min_interval: 1s", &format!("min_interval: {value}")))]);
+        let errors = s.load().errors;
+        assert_eq!(errors.is_empty(), ok, "{value}: {errors:?}");
+        if !ok {
+            expect(&errors[0].to_string(), "projects.yaml", 6, "continuous.min_interval", "100ms or more");
+        }
+    }
 }

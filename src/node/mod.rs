@@ -6,9 +6,11 @@
 //! for its own), and stops cleanly on SIGINT or SIGTERM. A lock file in `state_dir` keeps a
 //! second daemon (and `snapship prune` without `--dry-run`) away. [`endpoints`] is how this
 //! node reaches a file set's replicas, for `run` and `sync` alike; [`control`] is the Unix
-//! socket that `status` and `sync` talk to.
+//! socket that `status` and `sync` talk to. [`preflight`] checks what the config points at
+//! (TLS files, paths) for `run` and `snapship check`.
 
 pub mod control;
+pub mod preflight;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -131,10 +133,39 @@ impl ReplicaRole {
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {
-    let loaded = Arc::new(config::load(config_path)?);
+    let mut loaded = config::load(config_path)?;
     for e in &loaded.errors {
-        tracing::error!("skipping a broken policy: {e}");
+        if e.file == loaded.node.file {
+            tracing::error!("{e}");
+        } else {
+            tracing::error!("skipping a broken policy: {e}");
+        }
     }
+    // Without working TLS no peer would accept this node: refuse rather than run idle.
+    let tls = preflight::tls(&loaded.node);
+    for w in &tls.warnings {
+        tracing::warn!("{w}");
+    }
+    if !tls.errors.is_empty() {
+        let reasons: Vec<String> = tls.errors.iter().map(|e| e.to_string()).collect();
+        bail!("cannot start: the TLS files are unusable (`snapship check` shows the same):\n  {}", reasons.join("\n  "));
+    }
+    // A file set whose places on this node are wrong is skipped, like a broken policy.
+    let mut usable = Vec::new();
+    for policy in std::mem::take(&mut loaded.policies) {
+        let found = preflight::places(&policy, &loaded.node).await;
+        for w in &found.warnings {
+            tracing::warn!(fileset = %policy.fileset, "{w}");
+        }
+        for e in &found.errors {
+            tracing::error!(fileset = %policy.fileset, "skipping the file set: {e}");
+        }
+        if found.errors.is_empty() {
+            usable.push(policy);
+        }
+    }
+    loaded.policies = usable;
+    let loaded = Arc::new(loaded);
     let here = &loaded.node.node;
     let _lock = lock_state_dir(&loaded.node.state_dir)?;
     let epochs = Arc::new(EpochStore::open(&loaded.node.state_dir));
@@ -159,7 +190,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
     match loaded.node.listen {
         Some(addr) => replica.listen(&loaded, addr, &shutdown)?,
         None if !replica_of.is_empty() => {
-            bail!("node `{here}` is a replica of {} but {} has no `listen:` address", replica_of.join(", "), loaded.node.file.display())
+            bail!(
+                "node `{here}` is a replica of {} but {} has no `listen:` address; add one, like `listen: 0.0.0.0:7441`",
+                replica_of.join(", "),
+                loaded.node.file.display()
+            )
         }
         None => {}
     }
