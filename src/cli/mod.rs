@@ -465,7 +465,9 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
                 Err(e) => Held::Unreachable(format!("{e:#}")),
             }
         };
-        columns.push((replica.node.0.clone(), held));
+        // A replica on the origin's own node is told apart from the origin's column.
+        let label = if replica.node == policy.origin.node { format!("{} (replica)", replica.node) } else { replica.node.0.clone() };
+        columns.push((label, held));
     }
 
     // Sizes where this node's filesystem knows them cheaply (ZFS); btrfs would need qgroups.
@@ -488,26 +490,27 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     rows.dedup_by(|a, b| a.1 == b.1);
 
     let widths: Vec<usize> = columns.iter().map(|(n, _)| n.len().max(1)).collect();
-    print!("{:<34} {:<23} {:<10} {:>22}", "snapshot", "taken (UTC)", "kind", "size (used/referenced)");
+    let mut header = format!("{:<34} {:<23} {:<10} {:>22}", "snapshot", "taken (UTC)", "kind", "size (used/referenced)");
     for (name, _) in &columns {
-        print!("  {name}");
+        header += &format!("  {name}");
     }
-    println!();
+    println!("{header}");
     for (name, identity) in &rows {
         let size = match sizes.get(name.as_str()) {
             Some((used, referenced)) => format!("{}/{}", bytesize::ByteSize(*used).display().iec(), bytesize::ByteSize(*referenced).display().iec()),
             None => "-".to_string(),
         };
-        print!("{:<34} {:<23} {:<10} {size:>22}", name.to_string(), name.time().format("%Y-%m-%d %H:%M:%S%.3f"), crate::restore::kind_word(name.kind()));
+        let mut line =
+            format!("{:<34} {:<23} {:<10} {size:>22}", name.to_string(), name.time().format("%Y-%m-%d %H:%M:%S%.3f"), crate::restore::kind_word(name.kind()));
         for ((_, held), width) in columns.iter().zip(&widths) {
             let mark = match held {
                 Held::Listed(list) if list.iter().any(|s| s.identity == *identity) => "x",
                 Held::Listed(_) => ".",
                 Held::Unreachable(_) | Held::NotAsked(_) => "?",
             };
-            print!("  {mark:<width$}");
+            line += &format!("  {mark:<width$}");
         }
-        println!();
+        println!("{}", line.trim_end());
     }
     if rows.is_empty() {
         println!("(no snapshots)");
