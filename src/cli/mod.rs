@@ -58,9 +58,10 @@ enum Command {
         json: bool,
     },
     /// List a file set's snapshots: each one's time, kind and size, and which members hold
-    /// it. Works on the origin and on a replica, with or without a running daemon. The origin
-    /// asks each replica over QUIC; a replica shows its own copies and `?` for the members it
-    /// cannot ask. Exits non-zero when a member it asked cannot be reached.
+    /// it. Works on the origin and on a replica, with or without a running daemon here. The
+    /// origin asks each replica over QUIC; a replica reads its own copies and asks the origin,
+    /// and shows `?` for the other replicas (they answer only their origin). Exits non-zero
+    /// when a member it asked cannot be reached.
     List {
         #[command(flatten)]
         config: ConfigArg,
@@ -437,20 +438,23 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
         bail!("node `{here}` holds no copy of `{fileset}`: run list on its origin `{}` or one of its replicas", policy.origin.node);
     }
     // Each member's column: read from this node's filesystem where the copy is here (a
-    // daemon may be receiving into it; listing changes nothing), asked over QUIC where this
-    // node is the origin, and not asked where only the origin may ask (replicas answer only
-    // their origin).
+    // daemon may be receiving into it; listing changes nothing); otherwise asked over QUIC:
+    // the origin asks its replicas, a replica asks its origin; a replica does not ask the
+    // other replicas (they answer only their origin).
     let mut columns: Vec<(String, Held)> = Vec::new();
+    let mut connector = None;
     let origin_column = if is_origin {
         match crate::snapshot::origin_for(policy)?.list().await {
             Ok(list) => Held::Listed(list),
             Err(e) => Held::Unreachable(format!("{e:#}")),
         }
     } else {
-        Held::NotAsked(format!("a replica cannot ask its origin what it holds; run `snapship list` on `{}` to see it", policy.origin.node))
+        match list_remote(&loaded, policy, &policy.origin.node, &mut connector).await {
+            Ok(list) => Held::Listed(list),
+            Err(e) => Held::Unreachable(format!("{e:#} (an origin answers while its `snapship run` runs with a `listen:` address)")),
+        }
     };
     columns.push((format!("{} (origin)", policy.origin.node), origin_column));
-    let mut connector = None;
     for replica in &policy.replicas {
         let held = if replica.node == *here {
             match crate::snapshot::replica_for(policy, replica)?.list().await {
@@ -460,7 +464,7 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
         } else if !is_origin {
             Held::NotAsked(format!("replicas answer only their origin; run `snapship list` on `{}` to see what `{}` holds", policy.origin.node, replica.node))
         } else {
-            match list_remote(&loaded, policy, replica, &mut connector).await {
+            match list_remote(&loaded, policy, &replica.node, &mut connector).await {
                 Ok(list) => Held::Listed(list),
                 Err(e) => Held::Unreachable(format!("{e:#}")),
             }
@@ -534,25 +538,21 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// What a replica on another node holds, asked over QUIC (as its origin).
+/// What `node` holds of `policy`'s file set, asked over QUIC: a replica asked by its origin,
+/// or the origin asked by one of its replicas.
 async fn list_remote(
     loaded: &config::LoadedConfig,
     policy: &config::Policy,
-    replica: &config::ReplicaSpec,
+    node: &config::units::Name,
     connector: &mut Option<Arc<crate::ship::quic::Connector>>,
 ) -> Result<Vec<crate::snapshot::Snapshot>> {
-    let addr = loaded.node.peers.get(&replica.node).ok_or_else(|| anyhow::anyhow!("replica `{}` is not in peers", replica.node))?;
+    let addr = loaded.node.peers.get(node).ok_or_else(|| anyhow::anyhow!("`{node}` is not in peers"))?;
     let connector = match connector {
         Some(c) => Arc::clone(c),
         None => connector.insert(Arc::new(crate::ship::quic::Connector::new(&loaded.node)?)).clone(),
     };
-    let dialer = Arc::new(crate::ship::quic::QuicDialer::new(replica.node.0.clone(), addr.clone(), connector));
-    let ep = crate::ship::client::PeerReplica::new(
-        replica.node.0.clone(),
-        policy.fileset.0.clone(),
-        policy.transfer.clone(),
-        loaded.node.transfers.stall_timeout.0,
-        dialer,
-    );
+    let dialer = Arc::new(crate::ship::quic::QuicDialer::new(node.0.clone(), addr.clone(), connector));
+    let ep =
+        crate::ship::client::PeerReplica::new(node.0.clone(), policy.fileset.0.clone(), policy.transfer.clone(), loaded.node.transfers.stall_timeout.0, dialer);
     Ok(crate::ship::ReplicaEndpoint::list(&ep).await?.snapshots)
 }

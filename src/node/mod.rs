@@ -129,6 +129,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
             bail!("node `{here}` is a replica of {} but {} has no `listen:` address", replica_of.join(", "), loaded.node.file.display());
         };
         replica.listen(&loaded, addr, &shutdown)?;
+    } else if let (Some(addr), Some(_), false) = (loaded.node.listen, &loaded.node.tls, origin_of.is_empty()) {
+        // An origin with an address listens too: its replicas ask it what it holds
+        // (`snapship list` on a replica). It serves nothing else, so failing is not fatal.
+        if let Err(e) = replica.listen(&loaded, addr, &shutdown) {
+            tracing::warn!("cannot listen on {addr}, so replicas cannot list this origin's snapshots: {e:#}");
+        }
     }
     report_replicas(&loaded, &status).await;
 

@@ -1,7 +1,9 @@
 //! The replica service: one per node, serving every file set this node is a replica of.
 //!
 //! A request is authorized only when the peer's certificate names the node that this node's
-//! copy of the policy names as origin, and the policy names this node as a replica. What
+//! copy of the policy names as origin, and the policy names this node as a replica. The one
+//! exception goes the other way: on the origin, a `list` from one of the file set's replicas
+//! is answered with the origin's own snapshots (`snapship list` on a replica). What
 //! the peer sends (file set, snapshot name, identities) is checked against the policy and the
 //! backend before anything touches a filesystem; the target path always comes from the
 //! policy.
@@ -96,6 +98,9 @@ impl ReplicaService {
         }
         match read_message(&mut frames).await? {
             Message::List { fileset } => {
+                if let Some(policy) = origin_listed_to(&self.config, peer, &fileset) {
+                    return origin_listing(policy).await;
+                }
                 let (policy, replica) = match self.authorize(peer, &fileset) {
                     Ok(found) => found,
                     Err(refusal) => return Ok(refusal),
@@ -159,6 +164,22 @@ impl Handler for ReplicaService {
         let _ = write_message(&mut send, &reply).await;
         let _ = send.shutdown().await;
     }
+}
+
+/// The policy of `fileset` when `peer` asks for it as one of its replicas and this node is
+/// its origin: then `list` is a replica asking what the origin holds (`snapship list` run on
+/// a replica). A replica learns nothing new from it: the names and identities are those the
+/// origin ships to it anyway.
+fn origin_listed_to<'a>(config: &'a LoadedConfig, peer: &str, fileset: &str) -> Option<&'a Policy> {
+    let policy = config.policy(fileset)?;
+    let is_member = policy.replicas.iter().any(|r| r.node.0 == peer);
+    (policy.origin.node == config.node.node && policy.origin.node.0 != peer && is_member).then_some(policy)
+}
+
+/// The origin's own snapshots of `policy`'s file set, as the answer to a replica's `list`.
+async fn origin_listing(policy: &Policy) -> Result<Message> {
+    let snapshots = snapshot::origin_for(policy)?.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
+    Ok(Message::Snapshots { snapshots, compact: false, partial: None })
 }
 
 /// Answers `peer` asking about `fileset` with `config`'s policy and this node's replica

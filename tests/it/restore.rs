@@ -5,7 +5,7 @@
 //! a replica without a daemon, and on the origin with a replica down; a ZFS clone.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use crate::common::cluster::*;
@@ -189,53 +189,78 @@ fn listed(out: &str) -> Vec<String> {
     out.lines().filter_map(|l| l.split_whitespace().next()).filter(|w| w.starts_with("snapship-")).map(String::from).collect()
 }
 
+/// `list`'s marks in each row, in column order (origin first).
+fn marks(out: &str, columns: usize) -> Vec<Vec<String>> {
+    out.lines()
+        .filter(|l| l.starts_with("snapship-"))
+        .map(|row| {
+            let mut m: Vec<String> = row.split_whitespace().rev().take(columns).map(String::from).collect();
+            m.reverse();
+            m
+        })
+        .collect()
+}
+
 #[test]
 fn list_on_a_replica_without_a_daemon() {
     require_root!();
-    let mut c = Cluster::with_size("restore_list", &["alpha", "beta"], 300);
+    let mut c = Cluster::with_size("restore_list", &["alpha", "beta", "gamma"], 300);
     let src = c.fs["alpha"].subvolume("projects");
-    let dst = c.mnt("beta").join("backup/projects");
-    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);
+    let (bdst, gdst) = (c.mnt("beta").join("backup/projects"), c.mnt("gamma").join("backup/projects"));
+    let p = policy("projects", "alpha", &src, &[("beta", bdst.clone()), ("gamma", gdst)]);
     let alpha = c.configure("alpha", &[("projects", p.clone())]);
-    let beta = c.configure("beta", &[("projects", p)]);
+    let beta = c.configure("beta", &[("projects", p.clone())]);
+    c.configure("gamma", &[("projects", p)]);
     c.start("beta");
+    c.start("gamma");
     std::fs::write(src.join("a"), "a").unwrap();
     c.sync_ok("alpha", "projects");
     std::fs::write(src.join("b"), "b").unwrap();
     c.sync_ok("alpha", "projects");
-    let held = snapshots(&dst);
+    let held = snapshots(&bdst);
     assert_eq!(held.len(), 2);
+    let list = |config: &Path| {
+        let out = snapship().args(["list", "--config"]).arg(config).arg("projects").output().unwrap();
+        (out.status.success(), text(&out))
+    };
 
-    // The origin, with beta's daemon up: both columns known.
-    let out = snapship().args(["list", "--config"]).arg(&alpha).arg("projects").output().unwrap();
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
+    // The origin, with the replicas' daemons up: every column known.
+    let (ok, t) = list(&alpha);
+    assert!(ok, "{t}");
     assert_eq!(listed(&t), held, "{t}");
     assert!(t.contains("scheduled") && t.contains("alpha (origin)"), "{t}");
+    assert!(marks(&t, 3).iter().all(|m| m == &["x", "x", "x"]), "{t}");
     c.stop("beta");
+    c.stop("gamma");
 
-    // beta without a daemon: its own snapshots, `?` for the origin it cannot ask.
-    let out = snapship().args(["list", "--config"]).arg(&beta).arg("projects").output().unwrap();
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
+    // beta without a daemon, its origin's running: its own snapshots, the origin's (asked
+    // over QUIC), and `?` for gamma, which only answers its origin.
+    c.start("alpha");
+    let (ok, t) = list(&beta);
+    assert!(ok, "{t}");
     assert_eq!(listed(&t), held, "{t}");
-    for row in t.lines().filter(|l| l.starts_with("snapship-")) {
-        let marks: Vec<&str> = row.split_whitespace().rev().take(2).collect();
-        assert_eq!(marks, ["x", "?"], "beta holds it, alpha unknown: {row}");
-    }
-    assert!(t.contains("alpha (origin): not asked"), "{t}");
+    assert!(marks(&t, 3).iter().all(|m| m == &["x", "x", "?"]), "{t}");
+    assert!(t.contains("gamma: not asked: replicas answer only their origin"), "{t}");
+
+    // The origin gone too: beta still shows what it holds, says why alpha is unknown, and
+    // exits non-zero.
+    c.stop("alpha");
+    let (ok, t) = list(&beta);
+    assert!(!ok, "{t}");
+    assert_eq!(listed(&t), held, "{t}");
+    assert!(marks(&t, 3).iter().all(|m| m == &["?", "x", "?"]), "{t}");
+    assert!(t.contains("alpha (origin): cannot list") && t.contains("could not list alpha (origin)"), "{t}");
 
     // A replica can restore what it holds, too.
     let to = c.mnt("beta").join("restored");
     let out = snapship().args(["restore", "--config"]).arg(&beta).args(["projects", "--at", "now", "--to"]).arg(&to).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    assert_same_tree(&dst.join(&held[1]), &to);
+    assert_same_tree(&bdst.join(&held[1]), &to);
 
-    // The origin with beta down: it says which member and why, and exits non-zero.
-    let out = snapship().args(["list", "--config"]).arg(&alpha).arg("projects").output().unwrap();
-    let t = text(&out);
-    assert!(!out.status.success(), "{t}");
-    assert!(t.contains("beta: cannot list") && t.contains("could not list beta"), "{t}");
+    // The origin with its replicas down: it says which members and why, and exits non-zero.
+    let (ok, t) = list(&alpha);
+    assert!(!ok, "{t}");
+    assert!(t.contains("beta: cannot list") && t.contains("gamma: cannot list") && t.contains("could not list beta, gamma"), "{t}");
     assert_eq!(listed(&t), held, "the origin's own snapshots are still shown: {t}");
 }
 
