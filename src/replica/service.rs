@@ -235,4 +235,34 @@ mod tests {
         assert!(message.contains("ahead of this replica's clock"), "{message}");
         assert!(check_name("../etc/passwd", now).is_err());
     }
+
+    /// `node`'s view of a file set with origin alpha and replicas beta and gamma.
+    fn config_of(node: &str) -> LoadedConfig {
+        let file = std::path::Path::new("/nonexistent/node.yaml");
+        let peers: String = ["alpha", "beta", "gamma", "delta"].iter().filter(|n| **n != node).map(|n| format!("  {n}: 127.0.0.1:1\n")).collect();
+        let node = crate::config::parse_node_text(
+            file,
+            &format!("node: {node}\nstate_dir: state\ntls:\n  ca: ca.pem\n  cert: c.pem\n  key: c.key\npeers:\n{peers}policies: []\n"),
+        )
+        .unwrap();
+        let text = "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/projects\nreplicas:\n  - node: beta\n    path: /backup/projects\n  - node: gamma\n    path: /backup/projects\n";
+        let policy = crate::config::parse_policy_text(std::path::Path::new("/nonexistent/projects.yaml"), text, &node).unwrap();
+        LoadedConfig { node, policies: vec![policy], errors: vec![] }
+    }
+
+    #[test]
+    fn only_the_origin_lists_its_own_snapshots_and_only_to_its_replicas() {
+        let origin = config_of("alpha");
+        assert!(origin_listed_to(&origin, "beta", "projects").is_some());
+        assert!(origin_listed_to(&origin, "gamma", "projects").is_some());
+        assert!(origin_listed_to(&origin, "delta", "projects").is_none(), "not a member");
+        assert!(origin_listed_to(&origin, "beta", "other").is_none(), "no such file set");
+        // A replica answers a replica nothing of the kind (and `authorize` refuses it).
+        let replica = config_of("beta");
+        assert!(origin_listed_to(&replica, "gamma", "projects").is_none());
+        assert!(authorize(&replica, "gamma", "projects").is_err());
+        // Its origin's `list` is the usual one: what the replica holds.
+        assert!(origin_listed_to(&replica, "alpha", "projects").is_none());
+        assert!(authorize(&replica, "alpha", "projects").is_ok());
+    }
 }

@@ -153,6 +153,8 @@ fn restore_path_keeps_mode_owner_times_and_xattrs() {
     rustix::fs::setxattr(&file, "user.note", b"kept", rustix::fs::XattrFlags::empty()).unwrap();
     run(Command::new("touch").arg("-h").arg("-d").arg("2024-02-03 04:05:06.5 UTC").arg(&file));
     let meta = std::fs::symlink_metadata(&file).unwrap();
+    // A link out of the file set (an origin's data may hold anything).
+    std::os::unix::fs::symlink("/etc", f.source.join("outside")).unwrap();
     let snap = f.sync();
 
     // The live file changes and goes away; the snapshot's copy comes back.
@@ -182,6 +184,13 @@ fn restore_path_keeps_mode_owner_times_and_xattrs() {
     assert!(!out.status.success() && text(&out).contains("is not in snapshot"), "{}", text(&out));
     let out = f.restore(&["--at", "now", "--path", "../x", "--to", f.restores.join("up").to_str().unwrap()]);
     assert!(!out.status.success() && text(&out).contains("leaves the file set"), "{}", text(&out));
+    let out = f.restore(&["--at", "now", "--path", "outside/hostname", "--to", f.restores.join("escaped").to_str().unwrap()]);
+    assert!(!out.status.success() && text(&out).contains("leads out of snapshot"), "{}", text(&out));
+    assert!(!f.restores.join("escaped").exists());
+    // The link itself is restored as a link.
+    let to = f.restores.join("outside");
+    ok(f.restore(&["--at", "now", "--path", "outside", "--to", to.to_str().unwrap()]));
+    assert_eq!(std::fs::read_link(&to).unwrap(), Path::new("/etc"));
 }
 
 /// Snapshot names in `list`'s rows.
