@@ -421,7 +421,7 @@ async fn restore(path: &std::path::Path, fileset: &str, which: &crate::restore::
 }
 
 /// What `list` knows of one member of the file set.
-enum Held {
+enum Known {
     Listed(Vec<crate::snapshot::Snapshot>),
     /// Asked, and it could not be reached (or failed): why.
     Unreachable(String),
@@ -441,32 +441,32 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     // daemon may be receiving into it; listing changes nothing); otherwise asked over QUIC:
     // the origin asks its replicas, a replica asks its origin; a replica does not ask the
     // other replicas (they answer only their origin).
-    let mut columns: Vec<(String, Held)> = Vec::new();
+    let mut columns: Vec<(String, Known)> = Vec::new();
     let mut connector = None;
     let origin_column = if is_origin {
         match crate::snapshot::origin_for(policy)?.list().await {
-            Ok(list) => Held::Listed(list),
-            Err(e) => Held::Unreachable(format!("{e:#}")),
+            Ok(list) => Known::Listed(list),
+            Err(e) => Known::Unreachable(format!("{e:#}")),
         }
     } else {
         match list_remote(&loaded, policy, &policy.origin.node, &mut connector).await {
-            Ok(list) => Held::Listed(list),
-            Err(e) => Held::Unreachable(format!("{e:#} (an origin answers while its `snapship run` runs with a `listen:` address)")),
+            Ok(list) => Known::Listed(list),
+            Err(e) => Known::Unreachable(format!("{e:#} (an origin answers while its `snapship run` runs with a `listen:` address)")),
         }
     };
     columns.push((format!("{} (origin)", policy.origin.node), origin_column));
     for replica in &policy.replicas {
         let held = if replica.node == *here {
             match crate::snapshot::replica_for(policy, replica)?.list().await {
-                Ok(list) => Held::Listed(list),
-                Err(e) => Held::Unreachable(format!("{e:#}")),
+                Ok(list) => Known::Listed(list),
+                Err(e) => Known::Unreachable(format!("{e:#}")),
             }
         } else if !is_origin {
-            Held::NotAsked(format!("replicas answer only their origin; run `snapship list` on `{}` to see what `{}` holds", policy.origin.node, replica.node))
+            Known::NotAsked(format!("replicas answer only their origin; run `snapship list` on `{}` to see what `{}` holds", policy.origin.node, replica.node))
         } else {
             match list_remote(&loaded, policy, &replica.node, &mut connector).await {
-                Ok(list) => Held::Listed(list),
-                Err(e) => Held::Unreachable(format!("{e:#}")),
+                Ok(list) => Known::Listed(list),
+                Err(e) => Known::Unreachable(format!("{e:#}")),
             }
         };
         // A replica on the origin's own node is told apart from the origin's column.
@@ -483,10 +483,31 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
         config::BackendKind::Btrfs => Default::default(),
     };
 
-    // One row per snapshot identity any member holds, oldest first.
+    print_table(&columns, &sizes);
+    let mut unreachable = Vec::new();
+    for (node, held) in &columns {
+        match held {
+            Known::Unreachable(why) => {
+                println!("{node}: cannot list: {why}");
+                unreachable.push(node.as_str());
+            }
+            Known::NotAsked(why) => println!("{node}: not asked: {why}"),
+            Known::Listed(_) => {}
+        }
+    }
+    if !unreachable.is_empty() {
+        eprintln!("error: could not list {} (see above)", unreachable.join(", "));
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `list`'s table: one row per snapshot identity any member holds, oldest first, with its
+/// time, kind, size (where known) and a mark per member.
+fn print_table(columns: &[(String, Known)], sizes: &std::collections::BTreeMap<String, (u64, u64)>) {
     let mut rows: Vec<(crate::snapshot::SnapshotName, String)> = Vec::new();
-    for (_, held) in &columns {
-        if let Held::Listed(list) = held {
+    for (_, held) in columns {
+        if let Known::Listed(list) = held {
             rows.extend(list.iter().map(|s| (s.name.clone(), s.identity.clone())));
         }
     }
@@ -495,7 +516,7 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
 
     let widths: Vec<usize> = columns.iter().map(|(n, _)| n.len().max(1)).collect();
     let mut header = format!("{:<34} {:<23} {:<10} {:>22}", "snapshot", "taken (UTC)", "kind", "size (used/referenced)");
-    for (name, _) in &columns {
+    for (name, _) in columns {
         header += &format!("  {name}");
     }
     println!("{header}");
@@ -508,9 +529,9 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
             format!("{:<34} {:<23} {:<10} {size:>22}", name.to_string(), name.time().format("%Y-%m-%d %H:%M:%S%.3f"), crate::restore::kind_word(name.kind()));
         for ((_, held), width) in columns.iter().zip(&widths) {
             let mark = match held {
-                Held::Listed(list) if list.iter().any(|s| s.identity == *identity) => "x",
-                Held::Listed(_) => ".",
-                Held::Unreachable(_) | Held::NotAsked(_) => "?",
+                Known::Listed(list) if list.iter().any(|s| s.identity == *identity) => "x",
+                Known::Listed(_) => ".",
+                Known::Unreachable(_) | Known::NotAsked(_) => "?",
             };
             line += &format!("  {mark:<width$}");
         }
@@ -520,22 +541,6 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
         println!("(no snapshots)");
     }
     println!("x: holds it, .: does not, ?: unknown");
-    let mut unreachable = Vec::new();
-    for (node, held) in &columns {
-        match held {
-            Held::Unreachable(why) => {
-                println!("{node}: cannot list: {why}");
-                unreachable.push(node.as_str());
-            }
-            Held::NotAsked(why) => println!("{node}: not asked: {why}"),
-            Held::Listed(_) => {}
-        }
-    }
-    if !unreachable.is_empty() {
-        eprintln!("error: could not list {} (see above)", unreachable.join(", "));
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// What `node` holds of `policy`'s file set, asked over QUIC: a replica asked by its origin,

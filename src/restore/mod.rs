@@ -67,6 +67,9 @@ pub struct Restored {
 /// ways is listed once, as the origin's).
 pub async fn held(config: &LoadedConfig, policy: &Policy) -> Result<Vec<Held>> {
     let here = &config.node.node;
+    if policy.origin.node != *here && policy.replica_on(here).is_none() {
+        bail!("node `{here}` holds no copy of `{}`: it is neither its origin (`{}`) nor one of its replicas", policy.fileset, policy.origin.node);
+    }
     let mut out: Vec<Held> = Vec::new();
     if policy.origin.node == *here {
         for s in snapshot::origin_for(policy)?.list().await? {
@@ -88,9 +91,6 @@ pub async fn held(config: &LoadedConfig, policy: &Policy) -> Result<Vec<Held>> {
             };
             out.push(Held { name: s.name, place });
         }
-    }
-    if policy.origin.node != *here && policy.replica_on(here).is_none() {
-        bail!("node `{here}` holds no copy of `{}`: it is neither its origin (`{}`) nor one of its replicas", policy.fileset, policy.origin.node);
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
