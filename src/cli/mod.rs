@@ -440,38 +440,58 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     // Each member's column: read from this node's filesystem where the copy is here (a
     // daemon may be receiving into it; listing changes nothing); otherwise asked over QUIC:
     // the origin asks its replicas, a replica asks its origin; a replica does not ask the
-    // other replicas (they answer only their origin).
-    let mut columns: Vec<(String, Known)> = Vec::new();
-    let mut connector = None;
-    let origin_column = if is_origin {
-        match crate::snapshot::origin_for(policy)?.list().await {
-            Ok(list) => Known::Listed(list),
-            Err(e) => Known::Unreachable(format!("{e:#}")),
-        }
-    } else {
-        match list_remote(&loaded, policy, &policy.origin.node, &mut connector).await {
-            Ok(list) => Known::Listed(list),
-            Err(e) => Known::Unreachable(format!("{e:#} (an origin answers while its `snapship run` runs with a `listen:` address)")),
+    // other replicas (they answer only their origin). Those asked over QUIC are asked at
+    // once: members that are down cost one connect timeout, not one each.
+    let asks_remote = !is_origin || policy.replicas.iter().any(|r| r.node != *here);
+    let connector = if asks_remote { Some(crate::ship::quic::Connector::new(&loaded.node).map(Arc::new).map_err(|e| format!("{e:#}"))) } else { None };
+    let remote = |node: &config::units::Name| {
+        let (loaded, connector) = (&loaded, connector.clone());
+        let node = node.clone();
+        async move {
+            match connector {
+                Some(Ok(connector)) => list_remote(loaded, policy, &node, connector).await.map_err(|e| format!("{e:#}")),
+                Some(Err(e)) => Err(e),
+                None => Err(format!("`{node}` is on this node")),
+            }
         }
     };
-    columns.push((format!("{} (origin)", policy.origin.node), origin_column));
-    for replica in &policy.replicas {
-        let held = if replica.node == *here {
-            match crate::snapshot::replica_for(policy, replica)?.list().await {
-                Ok(list) => Known::Listed(list),
-                Err(e) => Known::Unreachable(format!("{e:#}")),
+    let origin_column = async {
+        if is_origin {
+            match crate::snapshot::origin_for(policy)?.list().await {
+                Ok(list) => Ok::<_, anyhow::Error>(Known::Listed(list)),
+                Err(e) => Ok(Known::Unreachable(format!("{e:#}"))),
             }
-        } else if !is_origin {
-            Known::NotAsked(format!("replicas answer only their origin; run `snapship list` on `{}` to see what `{}` holds", policy.origin.node, replica.node))
         } else {
-            match list_remote(&loaded, policy, &replica.node, &mut connector).await {
+            Ok(match remote(&policy.origin.node).await {
+                Ok(list) => Known::Listed(list),
+                Err(e) => Known::Unreachable(format!("{e} (an origin answers while its `snapship run` runs with a `listen:` address)")),
+            })
+        }
+    };
+    let replica_columns = policy.replicas.iter().map(|replica| async {
+        if replica.node == *here {
+            return Ok(match crate::snapshot::replica_for(policy, replica)?.list().await {
                 Ok(list) => Known::Listed(list),
                 Err(e) => Known::Unreachable(format!("{e:#}")),
-            }
-        };
+            });
+        }
+        if !is_origin {
+            return Ok(Known::NotAsked(format!(
+                "replicas answer only their origin; run `snapship list` on `{}` to see what `{}` holds",
+                policy.origin.node, replica.node
+            )));
+        }
+        Ok::<_, anyhow::Error>(match remote(&replica.node).await {
+            Ok(list) => Known::Listed(list),
+            Err(e) => Known::Unreachable(e),
+        })
+    });
+    let (origin_column, replica_columns) = tokio::join!(origin_column, futures::future::join_all(replica_columns));
+    let mut columns: Vec<(String, Known)> = vec![(format!("{} (origin)", policy.origin.node), origin_column?)];
+    for (replica, known) in policy.replicas.iter().zip(replica_columns) {
         // A replica on the origin's own node is told apart from the origin's column.
         let label = if replica.node == policy.origin.node { format!("{} (replica)", replica.node) } else { replica.node.0.clone() };
-        columns.push((label, held));
+        columns.push((label, known?));
     }
 
     // Sizes where this node's filesystem knows them cheaply (ZFS); btrfs would need qgroups.
@@ -549,13 +569,9 @@ async fn list_remote(
     loaded: &config::LoadedConfig,
     policy: &config::Policy,
     node: &config::units::Name,
-    connector: &mut Option<Arc<crate::ship::quic::Connector>>,
+    connector: Arc<crate::ship::quic::Connector>,
 ) -> Result<Vec<crate::snapshot::Snapshot>> {
     let addr = loaded.node.peers.get(node).ok_or_else(|| anyhow::anyhow!("`{node}` is not in peers"))?;
-    let connector = match connector {
-        Some(c) => Arc::clone(c),
-        None => connector.insert(Arc::new(crate::ship::quic::Connector::new(&loaded.node)?)).clone(),
-    };
     let dialer = Arc::new(crate::ship::quic::QuicDialer::new(node.0.clone(), addr.clone(), connector));
     let ep =
         crate::ship::client::PeerReplica::new(node.0.clone(), policy.fileset.0.clone(), policy.transfer.clone(), loaded.node.transfers.stall_timeout.0, dialer);
