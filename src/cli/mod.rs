@@ -90,12 +90,49 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List a file set's snapshots on the origin and on each replica, side by side.
+    /// List a file set's snapshots: each one's time, kind and size, and which members hold
+    /// it. Works on the origin and on a replica, with or without a running daemon here. The
+    /// origin asks each replica over QUIC; a replica reads its own copies and asks the origin,
+    /// and shows `?` for the other replicas (they answer only their origin). Exits non-zero
+    /// when a member it asked cannot be reached.
     List {
         #[command(flatten)]
         config: ConfigArg,
         /// The file set.
         fileset: String,
+    },
+    /// Make a snapshot this node holds available as a new, writable copy: the whole file set,
+    /// or one file or directory of it (--path). Never touches the live file set.
+    ///
+    /// btrfs: --to PATH becomes a writable snapshot of the chosen snapshot (instant; PATH must be
+    /// on the same btrfs). ZFS: --to names a new dataset, cloned from the snapshot (same pool).
+    /// With --path, the file or directory is copied to --to PATH with its mode, owner, times and
+    /// xattrs (reflinked where the filesystem can). PATH must not exist.
+    #[command(verbatim_doc_comment)]
+    Restore {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The file set.
+        fileset: String,
+        /// The newest snapshot at or before TIME: RFC 3339 (2026-11-30T14:00:00Z,
+        /// 2026-11-30T15:00:00+01:00), a date and time in UTC (2026-11-30 14:00), a duration
+        /// ago (2h ago, 1h 30m ago), or now.
+        #[arg(long, value_name = "TIME", required_unless_present = "snapshot", conflicts_with = "snapshot")]
+        at: Option<String>,
+        /// The snapshot by name (as `snapship list` shows it).
+        #[arg(long, value_name = "NAME")]
+        snapshot: Option<String>,
+        /// Where the copy goes (a new path; with ZFS and no --path, a new dataset name).
+        #[arg(long, value_name = "PATH")]
+        to: String,
+        /// Only this file or directory, relative to the file set's root (the live path, e.g.
+        /// /srv/projects/docs/a.txt, is understood too).
+        #[arg(long, value_name = "SUBPATH")]
+        path: Option<PathBuf>,
+        /// Restore from another member's copy (not yet supported: restore on a node that holds
+        /// the snapshot).
+        #[arg(long, value_name = "NODE")]
+        from: Option<String>,
     },
     /// Delete snapshots that retention no longer keeps, on every side this node holds (the
     /// newest, every common base and transfers in flight are always kept). With --dry-run,
@@ -187,6 +224,22 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Status { config, json } => status(&config.config, json).await,
         Command::List { config, fileset } => list(&config.config, &fileset).await,
+        Command::Restore { config, fileset, at, snapshot, to, path, from } => {
+            if let Some(node) = from {
+                eprintln!(
+                    "error: --from is not yet supported: run restore on `{node}` itself, or on any node that holds the snapshot (`snapship list` shows which)"
+                );
+                return Ok(ExitCode::from(2));
+            }
+            let which = match (at, snapshot) {
+                (_, Some(name)) => crate::restore::Which::Named(name),
+                (Some(at), None) => {
+                    crate::restore::Which::At(crate::restore::when::parse_time(&at, chrono::Utc::now()).map_err(|e| anyhow::anyhow!("--at: {e}"))?)
+                }
+                (None, None) => bail!("say which snapshot: --at TIME or --snapshot NAME"),
+            };
+            restore(&config.config, &fileset, &which, &to, path.as_deref()).await
+        }
         Command::Prune { config, fileset, dry_run } => prune(&config.config, fileset.as_deref(), dry_run).await,
     }
 }
@@ -454,71 +507,179 @@ async fn status(path: &std::path::Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn restore(path: &std::path::Path, fileset: &str, which: &crate::restore::Which, to: &str, subpath: Option<&std::path::Path>) -> Result<ExitCode> {
+    let loaded = config::load(path)?;
+    let policy = find_policy(&loaded, path, fileset)?;
+    let done = crate::restore::restore(&loaded, policy, which, to, subpath).await?;
+    println!(
+        "restored {fileset} as of snapshot {} (taken {}, {}): {} from {}, at {}",
+        done.snapshot,
+        crate::restore::shown_time(&done.snapshot),
+        crate::restore::kind_word(done.snapshot.kind()),
+        done.how,
+        done.from,
+        done.to
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `list` knows of one member of the file set.
+enum Known {
+    Listed(Vec<crate::snapshot::Snapshot>),
+    /// Asked, and it could not be reached (or failed): why.
+    Unreachable(String),
+    /// Not asked: the protocol gives this node no way to (why).
+    NotAsked(String),
+}
+
 async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     let loaded = config::load(path)?;
     let policy = find_policy(&loaded, path, fileset)?;
-    if policy.origin.node != loaded.node.node {
-        bail!("run list on the origin of `{fileset}` (node `{}`)", policy.origin.node);
+    let here = &loaded.node.node;
+    let is_origin = policy.origin.node == *here;
+    if !is_origin && policy.replica_on(here).is_none() {
+        bail!("node `{here}` holds no copy of `{fileset}`: run list on its origin `{}` or one of its replicas", policy.origin.node);
     }
-    let origin = crate::snapshot::origin_for(policy)?.list().await?;
-    let mut columns = vec![("origin".to_string(), Ok(origin.clone()))];
-    let mut connector = None;
-    for replica in &policy.replicas {
-        // A replica on this node is read straight from its filesystem (a daemon may be
-        // receiving into it; listing changes nothing).
-        let held = if replica.node == loaded.node.node {
-            crate::snapshot::replica_for(policy, replica)?.list().await
+    // Each member's column: read from this node's filesystem where the copy is here (a
+    // daemon may be receiving into it; listing changes nothing); otherwise asked over QUIC:
+    // the origin asks its replicas, a replica asks its origin; a replica does not ask the
+    // other replicas (they answer only their origin). Those asked over QUIC are asked at
+    // once: members that are down cost one connect timeout, not one each.
+    let asks_remote = !is_origin || policy.replicas.iter().any(|r| r.node != *here);
+    let connector = if asks_remote { Some(crate::ship::quic::Connector::new(&loaded.node).map(Arc::new).map_err(|e| format!("{e:#}"))) } else { None };
+    let remote = |node: &config::units::Name| {
+        let (loaded, connector) = (&loaded, connector.clone());
+        let node = node.clone();
+        async move {
+            match connector {
+                Some(Ok(connector)) => list_remote(loaded, policy, &node, connector).await.map_err(|e| format!("{e:#}")),
+                Some(Err(e)) => Err(e),
+                None => Err(format!("`{node}` is on this node")),
+            }
+        }
+    };
+    let origin_column = async {
+        if is_origin {
+            match crate::snapshot::origin_for(policy)?.list().await {
+                Ok(list) => Ok::<_, anyhow::Error>(Known::Listed(list)),
+                Err(e) => Ok(Known::Unreachable(format!("{e:#}"))),
+            }
         } else {
-            let addr = loaded.node.peers.get(&replica.node).ok_or_else(|| anyhow::anyhow!("replica `{}` is not in peers", replica.node))?;
-            let connector = match &connector {
-                Some(c) => Arc::clone(c),
-                None => connector.insert(Arc::new(crate::ship::quic::Connector::new(&loaded.node)?)).clone(),
-            };
-            let dialer = Arc::new(crate::ship::quic::QuicDialer::new(replica.node.0.clone(), addr.clone(), connector));
-            let epochs = Arc::new(crate::store::EpochStore::open(&loaded.node.state_dir));
-            let (p, store) = (policy.clone(), epochs.clone());
-            let epoch: crate::ship::client::EpochSource = Arc::new(move || store.current(&p));
-            let ep = crate::ship::client::PeerReplica::new(
-                replica.node.0.clone(),
-                policy.fileset.0.clone(),
-                policy.transfer.clone(),
-                loaded.node.transfers.stall_timeout.0,
-                dialer,
-                epoch,
-            );
-            crate::ship::ReplicaEndpoint::list(&ep).await.map(|l| l.snapshots)
-        };
-        columns.push((replica.node.0.clone(), held));
+            Ok(match remote(&policy.origin.node).await {
+                Ok(list) => Known::Listed(list),
+                Err(e) => Known::Unreachable(format!("{e} (an origin answers while its `snapship run` runs with a `listen:` address)")),
+            })
+        }
+    };
+    let replica_columns = policy.replicas.iter().map(|replica| async {
+        if replica.node == *here {
+            return Ok(match crate::snapshot::replica_for(policy, replica)?.list().await {
+                Ok(list) => Known::Listed(list),
+                Err(e) => Known::Unreachable(format!("{e:#}")),
+            });
+        }
+        if !is_origin {
+            return Ok(Known::NotAsked(format!(
+                "replicas answer only their origin; run `snapship list` on `{}` to see what `{}` holds",
+                policy.origin.node, replica.node
+            )));
+        }
+        Ok::<_, anyhow::Error>(match remote(&replica.node).await {
+            Ok(list) => Known::Listed(list),
+            Err(e) => Known::Unreachable(e),
+        })
+    });
+    let (origin_column, replica_columns) = tokio::join!(origin_column, futures::future::join_all(replica_columns));
+    let mut columns: Vec<(String, Known)> = vec![(format!("{} (origin)", policy.origin.node), origin_column?)];
+    for (replica, known) in policy.replicas.iter().zip(replica_columns) {
+        // A replica on the origin's own node is told apart from the origin's column.
+        let label = if replica.node == policy.origin.node { format!("{} (replica)", replica.node) } else { replica.node.0.clone() };
+        columns.push((label, known?));
     }
-    print!("{:<34}", "snapshot");
-    for (name, _) in &columns {
-        print!(" {name:>10}");
-    }
-    println!();
-    let mut names: Vec<_> = origin.iter().map(|s| (s.name.clone(), s.identity.clone())).collect();
-    for (_, col) in &columns[1..] {
-        if let Ok(list) = col {
-            names.extend(list.iter().map(|s| (s.name.clone(), s.identity.clone())));
+
+    // Sizes where this node's filesystem knows them cheaply (ZFS); btrfs would need qgroups.
+    let sizes = match policy.backend {
+        config::BackendKind::Zfs => {
+            let dataset = if is_origin { policy.origin.path.clone() } else { policy.replica_on(here).map(|r| r.path.clone()).unwrap_or_default() };
+            crate::snapshot::copy::zfs_sizes(&dataset).await.unwrap_or_default()
+        }
+        config::BackendKind::Btrfs => Default::default(),
+    };
+
+    print_table(&columns, &sizes);
+    let mut unreachable = Vec::new();
+    for (node, held) in &columns {
+        match held {
+            Known::Unreachable(why) => {
+                println!("{node}: cannot list: {why}");
+                unreachable.push(node.as_str());
+            }
+            Known::NotAsked(why) => println!("{node}: not asked: {why}"),
+            Known::Listed(_) => {}
         }
     }
-    names.sort();
-    names.dedup();
-    for (name, identity) in &names {
-        print!("{:<34}", name.to_string());
-        for (_, col) in &columns {
-            let mark = match col {
-                Ok(list) if list.iter().any(|s| s.identity == *identity) => "x",
-                Ok(_) => ".",
-                Err(_) => "?",
-            };
-            print!(" {mark:>10}");
-        }
-        println!();
-    }
-    for (node, col) in &columns {
-        if let Err(e) = col {
-            println!("{node}: cannot list: {e:#}");
-        }
+    if !unreachable.is_empty() {
+        eprintln!("error: could not list {} (see above)", unreachable.join(", "));
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `list`'s table: one row per snapshot identity any member holds, oldest first, with its
+/// time, kind, size (where known) and a mark per member.
+fn print_table(columns: &[(String, Known)], sizes: &std::collections::BTreeMap<String, (u64, u64)>) {
+    let mut rows: Vec<(crate::snapshot::SnapshotName, String)> = Vec::new();
+    for (_, held) in columns {
+        if let Known::Listed(list) = held {
+            rows.extend(list.iter().map(|s| (s.name.clone(), s.identity.clone())));
+        }
+    }
+    rows.sort();
+    rows.dedup_by(|a, b| a.1 == b.1);
+
+    let widths: Vec<usize> = columns.iter().map(|(n, _)| n.len().max(1)).collect();
+    let mut header = format!("{:<34} {:<23} {:<10} {:>22}", "snapshot", "taken (UTC)", "kind", "size (used/referenced)");
+    for (name, _) in columns {
+        header += &format!("  {name}");
+    }
+    println!("{header}");
+    for (name, identity) in &rows {
+        let size = match sizes.get(name.as_str()) {
+            Some((used, referenced)) => format!("{}/{}", bytesize::ByteSize(*used).display().iec(), bytesize::ByteSize(*referenced).display().iec()),
+            None => "-".to_string(),
+        };
+        let mut line =
+            format!("{:<34} {:<23} {:<10} {size:>22}", name.to_string(), name.time().format("%Y-%m-%d %H:%M:%S%.3f"), crate::restore::kind_word(name.kind()));
+        for ((_, held), width) in columns.iter().zip(&widths) {
+            let mark = match held {
+                Known::Listed(list) if list.iter().any(|s| s.identity == *identity) => "x",
+                Known::Listed(_) => ".",
+                Known::Unreachable(_) | Known::NotAsked(_) => "?",
+            };
+            line += &format!("  {mark:<width$}");
+        }
+        println!("{}", line.trim_end());
+    }
+    if rows.is_empty() {
+        println!("(no snapshots)");
+    }
+    println!("x: holds it, .: does not, ?: unknown");
+}
+
+/// What `node` holds of `policy`'s file set, asked over QUIC: a replica asked by its origin,
+/// or the origin asked by one of its replicas.
+async fn list_remote(
+    loaded: &config::LoadedConfig,
+    policy: &config::Policy,
+    node: &config::units::Name,
+    connector: Arc<crate::ship::quic::Connector>,
+) -> Result<Vec<crate::snapshot::Snapshot>> {
+    let addr = loaded.node.peers.get(node).ok_or_else(|| anyhow::anyhow!("`{node}` is not in peers"))?;
+    let dialer = Arc::new(crate::ship::quic::QuicDialer::new(node.0.clone(), addr.clone(), connector));
+    // The epoch this node knows: the origin sees itself as origin, a replica asks as one.
+    let (p, store) = (policy.clone(), Arc::new(crate::store::EpochStore::open(&loaded.node.state_dir)));
+    let epoch: crate::ship::client::EpochSource = Arc::new(move || store.current(&p));
+    let stall = loaded.node.transfers.stall_timeout.0;
+    let ep = crate::ship::client::PeerReplica::new(node.0.clone(), policy.fileset.0.clone(), policy.transfer.clone(), stall, dialer, epoch);
+    Ok(crate::ship::ReplicaEndpoint::list(&ep).await?.snapshots)
 }

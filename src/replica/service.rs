@@ -1,7 +1,9 @@
 //! The replica service: one per node, serving every file set this node is a replica of.
 //!
 //! A request is authorized only when the peer's certificate names the node that this node's
-//! copy of the policy names as origin, and the policy names this node as a replica. What
+//! copy of the policy names as origin, and the policy names this node as a replica. The one
+//! exception goes the other way: on the origin, a `list` from one of the file set's replicas
+//! is answered with the origin's own snapshots (`snapship list` on a replica). What
 //! the peer sends (file set, snapshot name, identities) is checked against the policy and the
 //! backend before anything touches a filesystem; the target path always comes from the
 //! policy.
@@ -104,6 +106,25 @@ impl ReplicaService {
         Ok(Message::TookOver { epoch })
     }
 
+    /// The policy of `fileset` when `peer`, a member, asks what this node holds as the
+    /// current origin (`snapship list` run on a replica): it claims an epoch whose origin is
+    /// not itself, no newer than ours. A replica learns nothing new from the answer: the names
+    /// and identities are those the origin ships to it anyway.
+    fn origin_listed_to(&self, peer: &str, fileset: &str, claimed: &Epoch) -> Option<&Policy> {
+        let policy = self.config.policy(fileset)?;
+        let known = self.epochs.current(policy).ok()?;
+        let asking_replica = claimed.origin != peer && claimed.number <= known.number && policy.is_member(peer) && peer != self.here();
+        (asking_replica && known.origin == self.here()).then_some(policy)
+    }
+
+    /// This origin's own snapshots of `policy`'s file set, as the answer to a replica's `list`.
+    async fn origin_listing(&self, policy: &Policy) -> Result<Message> {
+        let here = self.here();
+        let snapshots =
+            snapshot::origin_on(policy, here)?.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
+        Ok(Message::Snapshots { snapshots, compact: false, partial: None, epoch: self.epochs.current(policy)? })
+    }
+
     fn here(&self) -> &str {
         &self.config.node.node.0
     }
@@ -194,6 +215,9 @@ impl ReplicaService {
         }
         match request {
             Message::List { fileset, epoch } => {
+                if let Some(policy) = self.origin_listed_to(peer, &fileset, &epoch) {
+                    return self.origin_listing(policy).await;
+                }
                 let policy = match self.authorize(peer, &fileset, &epoch) {
                     Ok(found) => found,
                     Err(refusal) => return Ok(refusal),
@@ -330,5 +354,44 @@ mod tests {
         assert_eq!(code, ErrorCode::BadRequest);
         assert!(message.contains("ahead of this replica's clock"), "{message}");
         assert!(check_name("../etc/passwd", now).is_err());
+    }
+
+    /// `node`'s view of a file set with origin alpha and replicas beta and gamma.
+    fn config_of(node: &str) -> LoadedConfig {
+        let file = std::path::Path::new("/nonexistent/node.yaml");
+        let peers: String = ["alpha", "beta", "gamma", "delta"].iter().filter(|n| **n != node).map(|n| format!("  {n}: 127.0.0.1:1\n")).collect();
+        let node = crate::config::parse_node_text(
+            file,
+            &format!("node: {node}\nstate_dir: state\ntls:\n  ca: ca.pem\n  cert: c.pem\n  key: c.key\npeers:\n{peers}policies: []\n"),
+        )
+        .unwrap();
+        let text = "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/projects\nreplicas:\n  - node: beta\n    path: /backup/projects\n  - node: gamma\n    path: /backup/projects\n";
+        let policy = crate::config::parse_policy_text(std::path::Path::new("/nonexistent/projects.yaml"), text, &node).unwrap();
+        LoadedConfig { node, policies: vec![policy], errors: vec![] }
+    }
+
+    /// The replica service of `node`, with its epochs in a temporary directory.
+    fn service_of(node: &str) -> (tempfile::TempDir, Arc<ReplicaService>) {
+        let dir = tempfile::tempdir().unwrap();
+        let epochs = Arc::new(EpochStore::open(dir.path()));
+        let service = ReplicaService::new(Arc::new(config_of(node)), epochs, StatusBoard::new(node), real_backends());
+        (dir, service)
+    }
+
+    #[test]
+    fn only_the_origin_lists_its_own_snapshots_and_only_to_its_replicas() {
+        let e = |origin: &str| Epoch { number: 0, origin: origin.into() };
+        let (_d, origin) = service_of("alpha");
+        assert!(origin.origin_listed_to("beta", "projects", &e("alpha")).is_some());
+        assert!(origin.origin_listed_to("gamma", "projects", &e("alpha")).is_some());
+        assert!(origin.origin_listed_to("delta", "projects", &e("alpha")).is_none(), "not a member");
+        assert!(origin.origin_listed_to("beta", "other", &e("alpha")).is_none(), "no such file set");
+        // A replica answers a replica nothing of the kind, and refuses it as an origin.
+        let (_d, replica) = service_of("beta");
+        assert!(replica.origin_listed_to("gamma", "projects", &e("alpha")).is_none());
+        assert!(replica.authorize("gamma", "projects", &e("gamma")).is_err());
+        // Its origin's `list` is the usual one: what the replica holds.
+        assert!(replica.origin_listed_to("alpha", "projects", &e("alpha")).is_none());
+        assert!(replica.authorize("alpha", "projects", &e("alpha")).is_ok());
     }
 }

@@ -3,6 +3,8 @@
 //! Every request is one QUIC bidirectional stream, opened by the origin:
 //! ```text
 //! list:     O: hello, list{fileset}           R: snapshots{.., partial} | error
+//!           (also a replica to its origin, for `snapship list`: the origin answers with its
+//!           own snapshots)
 //! transfer: O: hello, begin{fileset, snapshot, identity, base, compression, compact, resume}
 //!                                             R: ready | error
 //!           O: data frames..., end{bytes, blake3}

@@ -7,6 +7,7 @@
 //! replication logic in `replicate` only speaks these traits.
 
 pub mod btrfs;
+pub mod copy;
 pub mod name;
 pub mod runner;
 pub mod zfs;

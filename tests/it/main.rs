@@ -8,6 +8,8 @@
 //! - `failover`: promotion of a replica, fencing, failback without a full resend;
 //! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
 //!   fault proxy they go through;
+//! - `restore`: getting data back (restore at a time, one path, a ZFS clone) and `list`
+//!   on every member;
 //! - `cli_check`, `cli_certs`, `certs_expiry`, `examples`: the config checker, certificates
 //!   (making, renewing, refusing expired ones in a handshake) and the shipped examples (no
 //!   root);
@@ -27,5 +29,6 @@ mod layers;
 mod operate;
 mod proxy;
 mod quic;
+mod restore;
 mod scheduler;
 mod zfs;

@@ -15,24 +15,24 @@ use snapship::replicate::ReplicaReport;
 /// tests created datasets at the same moment: they run one at a time, across test processes
 /// too (a file lock; each call opens its own file, so threads of one process exclude each
 /// other as well).
-fn one_at_a_time() -> nix::fcntl::Flock<std::fs::File> {
+pub(crate) fn one_at_a_time() -> nix::fcntl::Flock<std::fs::File> {
     let path = std::env::temp_dir().join("snapship-zfs-tests.lock");
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).unwrap();
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()))
 }
 
 /// One node, two pools: `projects` on the first, its replica on the second.
-struct Local {
-    scratch: Scratch,
-    origin: ZfsPool,
-    replica: ZfsPool,
-    config_path: PathBuf,
-    src_ds: String,
-    dst_ds: String,
+pub(crate) struct Local {
+    pub(crate) scratch: Scratch,
+    pub(crate) origin: ZfsPool,
+    pub(crate) replica: ZfsPool,
+    pub(crate) config_path: PathBuf,
+    pub(crate) src_ds: String,
+    pub(crate) dst_ds: String,
 }
 
 impl Local {
-    fn new(test: &str) -> Local {
+    pub(crate) fn new(test: &str) -> Local {
         let scratch = Scratch::new(test);
         let origin = ZfsPool::new(&scratch, "o", 256);
         let replica = ZfsPool::new(&scratch, "r", 256);
@@ -45,7 +45,7 @@ impl Local {
         Local { scratch, origin, replica, config_path, src_ds, dst_ds }
     }
 
-    fn sync(&self) -> anyhow::Result<ReplicaReport> {
+    pub(crate) fn sync(&self) -> anyhow::Result<ReplicaReport> {
         let cfg = std::sync::Arc::new(config::load(&self.config_path).unwrap());
         assert!(cfg.errors.is_empty(), "{:?}", cfg.errors);
         let rt = tokio::runtime::Runtime::new().unwrap();
@@ -53,7 +53,7 @@ impl Local {
         report.into_iter().next().unwrap().replicas.into_iter().next().unwrap().1
     }
 
-    fn src(&self) -> PathBuf {
+    pub(crate) fn src(&self) -> PathBuf {
         self.origin.mountpoint("projects")
     }
 
@@ -62,7 +62,7 @@ impl Local {
     }
 }
 
-fn fill_small(dir: &std::path::Path, seed: u64) {
+pub(crate) fn fill_small(dir: &std::path::Path, seed: u64) {
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     write_random(&dir.join("data.bin"), 4 << 20, seed);
     for i in 0..20 {
