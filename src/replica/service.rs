@@ -311,7 +311,7 @@ pub fn authorize<'a>(config: &'a LoadedConfig, peer: &str, fileset: &str) -> Res
         return Err(Message::error(
             ErrorCode::Unauthorized,
             format!(
-                "node `{peer}` is not the origin of `{fileset}` (nor a member of its star in the policy on `{here}`, whose origin is `{}`): if `{peer}` should be a member, add it to the policy on `{here}` too; otherwise remove `{here}` from the replicas of `{fileset}` on `{peer}`",
+                "node `{peer}` is not the origin of `{fileset}` (the policy on `{here}` names `{}`, and `{peer}` is not a member): if `{peer}` should be its origin, change `origin.node` in the policy on `{here}` too; otherwise remove `{here}` from the replicas of `{fileset}` on `{peer}`",
                 policy.origin.node
             ),
         ));

@@ -115,6 +115,62 @@ impl Setup {
     }
 }
 
+/// The `hello` frame a real origin opens every request with.
+fn hello_frame() -> Vec<u8> {
+    use snapship::ship::protocol::{Message, VERSION};
+    snapship::ship::frame::Frame::message(&Message::Hello { version: VERSION }.to_json()).to_vec()
+}
+
+/// A `begin` for `projects` as alpha would send it in epoch 0, of `snapshot` with `identity`.
+fn begin_of(snapshot: &str, identity: &str) -> snapship::ship::protocol::Message {
+    snapship::ship::protocol::Message::Begin {
+        fileset: "projects".into(),
+        snapshot: snapshot.into(),
+        identity: identity.into(),
+        base: None,
+        compression: snapship::ship::protocol::WireCompression::None,
+        compact: false,
+        resume: None,
+        from_token: false,
+        epoch: snapship::store::Epoch { number: 0, origin: "alpha".into() },
+    }
+}
+
+impl Setup {
+    /// Plays a hostile alpha (its own valid certificate) to beta, through the proxy: each
+    /// payload on a stream of its own, as raw bytes; beta's answer to each (after any `ready`
+    /// and acknowledgements), as text.
+    fn as_alpha(&self, payloads: Vec<(&str, Vec<u8>)>) -> Vec<String> {
+        use snapship::ship::protocol::Message;
+        let config = snapship::config::load(&self.c.dir("alpha").join("node.yaml")).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let connector = snapship::ship::quic::Connector::new(&config.node).unwrap();
+            let conn = connector.connect("beta", &self.proxy.addr().to_string()).await.unwrap();
+            let mut replies = Vec::new();
+            for (what, bytes) in payloads {
+                let mut handle = conn.handle();
+                let (recv, mut send) = handle.open_bidirectional_stream().await.unwrap().split();
+                use tokio::io::AsyncWriteExt;
+                send.write_all(&bytes).await.unwrap();
+                send.close().await.unwrap();
+                let mut frames = snapship::ship::frame::FrameReader::new(recv);
+                let answer = async {
+                    loop {
+                        match snapship::ship::transfer::read_message(&mut frames).await {
+                            Ok(Message::Ready | Message::Ack { .. }) => continue,
+                            other => return other,
+                        }
+                    }
+                };
+                let reply = tokio::time::timeout(Duration::from_secs(20), answer).await;
+                replies.push(format!("{what}: {reply:?}"));
+            }
+            replies
+        })
+    }
+}
+
 /// What a receive left in the replica's staging directory (its lock file aside).
 fn staging_leftovers(dst: &Path) -> Vec<String> {
     visible(&dst.join(".snapship-staging")).into_iter().filter(|n| n != ".lock").collect()
@@ -305,62 +361,22 @@ fn malformed_and_truncated_frames_are_refused() {
     require_root!();
     let s = setup("faults_frames", (400, 400), "");
     fill(&s.src, 48);
-    let config = snapship::config::load(&s.c.dir("alpha").join("node.yaml")).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let replies = rt.block_on(async {
-        use snapship::ship::frame::Frame;
-        use snapship::ship::protocol::{Message, VERSION, WireCompression};
-        let connector = snapship::ship::quic::Connector::new(&config.node).unwrap();
-        let conn = connector.connect("beta", &s.proxy.addr().to_string()).await.unwrap();
-        let hello = Frame::message(&Message::Hello { version: VERSION }.to_json()).to_vec();
-        let begin = Message::Begin {
-            fileset: "projects".into(),
-            snapshot: "snapship-20260101T000000.000Z".into(),
-            identity: "00000000-0000-0000-0000-000000000000".into(),
-            base: None,
-            compression: WireCompression::None,
-            compact: false,
-            resume: None,
-            from_token: false,
-            epoch: snapship::store::Epoch { number: 0, origin: "alpha".into() },
-        };
-        let begin = [hello.clone(), Frame::message(&begin.to_json()).to_vec()].concat();
-        let mut oversized = hello.clone();
-        oversized.extend_from_slice(&[1, 0xff, 0xff, 0xff, 0xff]);
-        let not_json = [hello.clone(), Frame::message(b"{not json").to_vec()].concat();
-        let mut half_frame = begin.clone();
-        let chunk = vec![7u8; 1000];
-        half_frame.extend_from_slice(&Frame::data_header(&chunk));
-        half_frame.extend_from_slice(&chunk[..500]);
-        let cases: Vec<(&str, Vec<u8>)> = vec![
-            ("garbage", (0..300u32).map(|i| (i * 37 % 256) as u8).collect()),
-            ("oversized", oversized),
-            ("not json", not_json),
-            ("half a data frame", half_frame),
-        ];
-        let mut replies = Vec::new();
-        for (what, bytes) in cases {
-            let mut conn_handle = conn.handle();
-            let stream = conn_handle.open_bidirectional_stream().await.unwrap();
-            let (recv, mut send) = stream.split();
-            use tokio::io::AsyncWriteExt;
-            send.write_all(&bytes).await.unwrap();
-            send.close().await.unwrap();
-            let mut frames = snapship::ship::frame::FrameReader::new(recv);
-            // The answer after any `ready` and acknowledgements.
-            let answer = async {
-                loop {
-                    match snapship::ship::transfer::read_message(&mut frames).await {
-                        Ok(Message::Ready | Message::Ack { .. }) => continue,
-                        other => return other,
-                    }
-                }
-            };
-            let reply = tokio::time::timeout(Duration::from_secs(20), answer).await;
-            replies.push(format!("{what}: {reply:?}"));
-        }
-        replies
-    });
+    use snapship::ship::frame::Frame;
+    let hello = hello_frame();
+    let begin = [hello.clone(), Frame::message(&begin_of("snapship-20260101T000000.000Z", "00000000-0000-0000-0000-000000000000").to_json()).to_vec()].concat();
+    let mut oversized = hello.clone();
+    oversized.extend_from_slice(&[1, 0xff, 0xff, 0xff, 0xff]);
+    let not_json = [hello.clone(), Frame::message(b"{not json").to_vec()].concat();
+    let mut half_frame = begin.clone();
+    let chunk = vec![7u8; 1000];
+    half_frame.extend_from_slice(&Frame::data_header(&chunk));
+    half_frame.extend_from_slice(&chunk[..500]);
+    let replies = s.as_alpha(vec![
+        ("garbage", (0..300u32).map(|i| (i * 37 % 256) as u8).collect()),
+        ("oversized", oversized),
+        ("not json", not_json),
+        ("half a data frame", half_frame),
+    ]);
     for r in &replies {
         eprintln!("{r}");
         assert!(r.contains("Error {"), "the replica did not refuse: {r}");
@@ -390,38 +406,14 @@ fn future_dated_snapshots_are_refused_and_history_stays() {
     s.c.sync_ok("alpha", "projects");
     let history = snapshots(&s.dst);
     assert_eq!(history.len(), 2, "{history:?}");
-    let config = snapship::config::load(&s.c.dir("alpha").join("node.yaml")).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let replies = rt.block_on(async {
-        use snapship::ship::frame::Frame;
-        use snapship::ship::protocol::{Message, VERSION, WireCompression};
-        let connector = snapship::ship::quic::Connector::new(&config.node).unwrap();
-        let conn = connector.connect("beta", &s.proxy.addr().to_string()).await.unwrap();
-        let mut replies = Vec::new();
-        for month in 1..=6 {
-            let begin = Message::Begin {
-                fileset: "projects".into(),
-                snapshot: format!("snapship-2099{month:02}01T000000.000Z"),
-                identity: format!("00000000-0000-0000-0000-00000000000{month}"),
-                base: None,
-                compression: WireCompression::None,
-                compact: false,
-                resume: None,
-                from_token: false,
-                epoch: snapship::store::Epoch { number: 0, origin: "alpha".into() },
-            };
-            let bytes = [Frame::message(&Message::Hello { version: VERSION }.to_json()).to_vec(), Frame::message(&begin.to_json()).to_vec()].concat();
-            let mut handle = conn.handle();
-            let (recv, mut send) = handle.open_bidirectional_stream().await.unwrap().split();
-            use tokio::io::AsyncWriteExt;
-            send.write_all(&bytes).await.unwrap();
-            send.close().await.unwrap();
-            let mut frames = snapship::ship::frame::FrameReader::new(recv);
-            let reply = tokio::time::timeout(Duration::from_secs(20), snapship::ship::transfer::read_message(&mut frames)).await;
-            replies.push(format!("{reply:?}"));
-        }
-        replies
-    });
+    use snapship::ship::frame::Frame;
+    let burst = (1..=6)
+        .map(|month| {
+            let begin = begin_of(&format!("snapship-2099{month:02}01T000000.000Z"), &format!("00000000-0000-0000-0000-00000000000{month}"));
+            ("future-dated", [hello_frame(), Frame::message(&begin.to_json()).to_vec()].concat())
+        })
+        .collect();
+    let replies = s.as_alpha(burst);
     for r in &replies {
         assert!(r.contains("BadRequest") && r.contains("ahead of this replica's clock"), "not refused: {r}");
     }
