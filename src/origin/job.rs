@@ -60,6 +60,9 @@ pub struct OriginJob {
     /// Where a newer epoch, learned from a replica that fenced this origin off, is recorded
     /// (the node then stops this job).
     epochs: Option<Arc<EpochStore>>,
+    /// Replicas listed since this job started: their common base is known live (it is
+    /// registered when a transfer is planned), whatever the state file says.
+    listed: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// How one transfer to one replica ended.
@@ -167,6 +170,7 @@ impl OriginJob {
             group: None,
             stall: crate::config::Transfers::default().stall_timeout.0,
             epochs: None,
+            listed: Mutex::default(),
         };
         (job, sync_tx)
     }
@@ -363,7 +367,27 @@ impl OriginJob {
     /// Prunes the origin by its retention, protecting bases and transfers in flight.
     async fn prune(&self) {
         let _exclusive = self.plan_lock.write().await;
-        let mut protect = prune::protections(&self.state.get().await);
+        let state = self.state.get().await;
+        // A replica whose common base is neither recorded nor learned live since start (the
+        // state file was lost, or it was never reached) may hold any of our snapshots as its
+        // base: prune nothing until it has been asked.
+        let unknown: Vec<String> = {
+            let listed = self.listed.lock().expect("listed lock");
+            self.replicas
+                .iter()
+                .map(|r| r.node().to_string())
+                .filter(|n| !listed.contains(n) && state.replicas.get(n).is_none_or(|r| r.base.is_none()))
+                .collect()
+        };
+        if !unknown.is_empty() {
+            tracing::warn!(
+                fileset = self.fileset(),
+                "not pruning: the common base with {} is not known yet (no record of it, and not reached since start); pruning waits until it answers",
+                unknown.join(", ")
+            );
+            return;
+        }
+        let mut protect = prune::protections(&state);
         for (snapshot, base) in self.in_flight.lock().expect("in_flight lock").values() {
             protect.push((snapshot.clone(), Reason::InFlight));
             if let Some(b) = base {
@@ -395,6 +419,7 @@ impl Hooks for OriginJob {
     }
 
     async fn planned(&self, replica: &str, step: &Step) -> Result<()> {
+        self.listed.lock().expect("listed lock").insert(replica.to_string());
         let has = match &step.plan {
             Plan::AlreadyThere => Some(&step.snapshot.name),
             Plan::Send { base, .. } => base.as_ref().map(|b| &b.name),

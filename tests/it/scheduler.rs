@@ -235,3 +235,34 @@ fn latest_never_dangles_during_receives_and_prunes() {
     c.stop("alpha");
     c.stop("beta");
 }
+
+/// The origin's state file is lost while a replica is away, and retention keeps one
+/// snapshot: the origin must not prune the base it no longer knows about, so the replica's
+/// catch-up is still incremental.
+#[test]
+fn a_lost_state_file_does_not_cost_the_replica_its_base() {
+    require_root!();
+    let (mut c, src, dst) = two_nodes("sched_lost_state", |p| with_mode(p, "snapshot", "schedule: \"* * * * * *\"\n") + "retention:\n  origin: { last: 1 }\n");
+    wait_for(Duration::from_secs(20), "a snapshot on the replica", || !snapshots(&dst).is_empty());
+    c.stop("beta");
+    c.stop("alpha");
+    let base = snapshots(&dst).last().unwrap().clone();
+    std::fs::remove_dir_all(c.dir("alpha").join("state/filesets")).unwrap();
+    c.start("alpha");
+    std::thread::sleep(Duration::from_secs(4));
+    let held = origin_snapshots(&c);
+    assert!(held.contains(&base), "the common base {base} was pruned after the state was lost: {held:?}");
+    assert!(c.daemons["alpha"].log_text().contains("not pruning: the common base with beta is not known yet"));
+
+    std::fs::write(src.join("while-away"), "x").unwrap();
+    c.start("beta");
+    wait_for(Duration::from_secs(30), "the catch-up", || dst.join("latest/while-away").exists());
+    let first = snapshots(&dst).into_iter().find(|n| *n > base).expect("a snapshot newer than the base");
+    let (b, f) = (subvol(&dst.join(&base)), subvol(&dst.join(&first)));
+    assert_eq!(f.parent.as_deref(), Some(b.uuid.as_str()), "the catch-up ({first}) was a full resend, not incremental from the base ({base})");
+    // Once the replica was reached, pruning resumes: the origin is back to its one snapshot
+    // (plus the base and whatever is in flight).
+    wait_for(Duration::from_secs(20), "pruning to resume", || origin_snapshots(&c).len() <= 3);
+    c.stop("alpha");
+    c.stop("beta");
+}
