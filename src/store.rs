@@ -11,7 +11,6 @@
 //! Every file here is written atomically (temp file, fsync, rename, fsync of the directory):
 //! a crash leaves the old or the new content, never a mix.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -58,17 +57,20 @@ pub struct EpochRecord {
     pub diverged: Vec<String>,
 }
 
-/// The epochs of every file set on this node; watchers hear of each change.
+/// The epochs of every file set on this node; watchers hear of each change. Records are
+/// read from their files each time (they are small): the daemon and a one-shot command
+/// (`snapship diverged --remove`, `promote` without a daemon) then agree. Writes are
+/// serialised within a process by `writing`.
 pub struct EpochStore {
     dir: PathBuf,
-    known: Mutex<BTreeMap<String, EpochRecord>>,
+    writing: Mutex<()>,
     changed: watch::Sender<u64>,
 }
 
 impl EpochStore {
     /// The store under `state_dir/epochs`; records are read when first asked for.
     pub fn open(state_dir: &Path) -> EpochStore {
-        EpochStore { dir: state_dir.join("epochs"), known: Mutex::default(), changed: watch::channel(0).0 }
+        EpochStore { dir: state_dir.join("epochs"), writing: Mutex::default(), changed: watch::channel(0).0 }
     }
 
     fn path(&self, fileset: &str) -> PathBuf {
@@ -77,11 +79,7 @@ impl EpochStore {
 
     /// This node's record of `policy`'s file set (epoch 0 when it has none).
     pub fn record(&self, policy: &Policy) -> Result<EpochRecord> {
-        let fileset = &policy.fileset.0;
-        if let Some(r) = self.known.lock().expect("epochs lock").get(fileset) {
-            return Ok(r.clone());
-        }
-        let path = self.path(fileset);
+        let path = self.path(&policy.fileset.0);
         let record = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .with_context(|| format!("{} is not a valid epoch file; ask a member for the current epoch before moving it away", path.display()))?,
@@ -90,7 +88,6 @@ impl EpochStore {
             }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        self.known.lock().expect("epochs lock").insert(fileset.clone(), record.clone());
         Ok(record)
     }
 
@@ -101,10 +98,10 @@ impl EpochStore {
 
     /// Changes the record and writes it out before returning.
     fn update(&self, policy: &Policy, change: impl FnOnce(&mut EpochRecord) -> Result<()>) -> Result<EpochRecord> {
+        let _one = self.writing.lock().expect("epochs lock");
         let mut record = self.record(policy)?;
         change(&mut record)?;
         write_atomically(&self.path(&policy.fileset.0), &serde_json::to_vec_pretty(&record)?)?;
-        self.known.lock().expect("epochs lock").insert(policy.fileset.0.clone(), record.clone());
         self.changed.send_modify(|n| *n += 1);
         Ok(record)
     }
@@ -141,6 +138,19 @@ impl EpochStore {
     pub fn add_diverged(&self, policy: &Policy, name: &str) -> Result<()> {
         self.update(policy, |r| {
             r.diverged.push(name.to_string());
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// Forgets diverged data `name` (its snapshot was removed); an error if it is not kept.
+    pub fn remove_diverged(&self, policy: &Policy, name: &str) -> Result<()> {
+        self.update(policy, |r| {
+            let before = r.diverged.len();
+            r.diverged.retain(|d| d != name);
+            if r.diverged.len() == before {
+                bail!("no diverged data `{name}` is kept for `{}` (kept: {})", policy.fileset, if before == 0 { "none".into() } else { r.diverged.join(", ") });
+            }
             Ok(())
         })
         .map(|_| ())

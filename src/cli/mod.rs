@@ -81,6 +81,19 @@ enum Command {
         #[arg(long, value_name = "NODE")]
         to: String,
     },
+    /// The diverged data this node keeps for a file set (what it wrote as origin after the
+    /// newest snapshot the new origin had, kept read-only when it stepped down); with
+    /// --remove, delete one once you have looked at it (docs/failover.md). Retention never
+    /// deletes diverged data.
+    Diverged {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The file set.
+        fileset: String,
+        /// Delete this diverged data (its name, `diverged-TIME`).
+        #[arg(long, value_name = "NAME")]
+        remove: Option<String>,
+    },
     /// Ask the running daemon, per file set and replica: newest snapshots, common base, lag,
     /// the transfer in progress, the last error.
     Status {
@@ -213,6 +226,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Sync { config, fileset } => sync(&config.config, &fileset).await,
         Command::Promote { config, fileset, force } => promote(&config.config, &fileset, force).await,
         Command::Switchover { config, fileset, to } => switchover(&config.config, &fileset, &to).await,
+        Command::Diverged { config, fileset, remove } => diverged(&config.config, &fileset, remove.as_deref()).await,
         Command::Certs { out, days, renew, force, nodes } => {
             use crate::ship::tls::Existing;
             let existing = match (renew, force) {
@@ -348,6 +362,34 @@ async fn sync(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     }
     if failed {
         return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn diverged(path: &std::path::Path, fileset: &str, remove: Option<&str>) -> Result<ExitCode> {
+    let loaded = config::load(path)?;
+    let policy = find_policy(&loaded, path, fileset)?;
+    let here = &loaded.node.node.0;
+    let epochs = crate::store::EpochStore::open(&loaded.node.state_dir);
+    let record = epochs.record(policy)?;
+    match remove {
+        None => {
+            if record.diverged.is_empty() {
+                println!("{fileset}: no diverged data kept on `{here}`");
+            }
+            let dir = policy.origin_home(here).unwrap_or_default();
+            for d in &record.diverged {
+                println!("{fileset}: {dir}/{d}");
+            }
+        }
+        Some(name) => {
+            if !record.diverged.iter().any(|d| d == name) {
+                bail!("no diverged data `{name}` is kept for `{fileset}` on `{here}` (see `snapship diverged` without --remove)");
+            }
+            crate::snapshot::origin_on(policy, here)?.remove_diverged(name).await?;
+            epochs.remove_diverged(policy, name)?;
+            println!("{fileset}: removed {name}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

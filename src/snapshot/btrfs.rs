@@ -172,6 +172,14 @@ impl OriginSide for BtrfsOrigin {
         .await
     }
 
+    async fn remove_diverged(&self, name: &str) -> Result<()> {
+        if !name.starts_with("diverged-") || name.contains('/') {
+            bail!("{name:?} is not the name of diverged data (diverged-TIME)");
+        }
+        let path = self.snapshot_dir.join(name);
+        blocking(move || libbtrfsutil::delete_subvolume(&path).map_err(|e| util_error(format!("cannot delete {}", path.display()), e))).await
+    }
+
     async fn freeze(&self, frozen: bool) -> Result<()> {
         let live = self.subvolume.clone();
         blocking(move || {

@@ -193,6 +193,10 @@ pub trait OriginSide: Send + Sync {
     async fn step_down(&self) -> Result<String> {
         anyhow::bail!("this backend cannot step down yet")
     }
+    /// Deletes diverged data kept by [`step_down`](Self::step_down), by the name it returned.
+    async fn remove_diverged(&self, _name: &str) -> Result<()> {
+        anyhow::bail!("this backend keeps no diverged data")
+    }
     /// Makes the live file set read-only (`true`: a planned switchover freezes writes) or
     /// writable again (`false`: the switchover failed before the other node took over).
     async fn freeze(&self, _frozen: bool) -> Result<()> {

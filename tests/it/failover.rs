@@ -90,6 +90,13 @@ fn promote_a_replica_then_fail_back_without_a_full_resend() {
     assert!(libbtrfsutil::subvolume_read_only(&src).unwrap(), "alpha's live file set is frozen");
     let status = c.status_json("alpha");
     assert_eq!(status["epochs"][0]["diverged"][0].as_str(), Some(diverged[0].as_str()), "{status}");
+    // The admin looks at the diverged data, then removes it (retention never does).
+    let alpha_config = c.dir("alpha").join("node.yaml");
+    let out = snapship().args(["diverged", "--config"]).arg(&alpha_config).arg("projects").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&diverged[0]), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = snapship().args(["diverged", "--config"]).arg(&alpha_config).args(["projects", "--remove", &diverged[0]]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!alpha_dir.join(&diverged[0]).exists(), "the diverged data is still there");
     let log = c.daemons["beta"].log_text();
     let to_alpha = first_stream_bytes(&log, "alpha").unwrap_or_else(|| panic!("beta shipped nothing to alpha:\n{log}"));
     eprintln!("failback: first stream beta -> alpha: {to_alpha} bytes");
