@@ -9,12 +9,18 @@
 set -u
 scratch=$(mktemp -d /tmp/snapship-test.XXXXXX)
 
-# zfs-fuse: one daemon per machine. Start it if it is installed and not running, and stop
-# it at the end (only if we started it). Test pools are named sstest*.
-zfs_pid=""
+# zfs-fuse: one daemon per machine, shared by every run of this script at once (test pools
+# are named sstest*). Each run holds a shared lock on $users while it lives; a run that
+# finds no daemon starts one and writes its pid to $marker. The last run out (the one that
+# gets the lock exclusively) stops a daemon some run started; a daemon nobody here started is
+# never touched.
+users=/tmp/snapship-zfs-fuse.users
+marker=/tmp/snapship-zfs-fuse.pid
+exec 9>>"$users"
+flock -s 9
 if command -v zfs-fuse >/dev/null 2>&1 && ! pgrep -x zfs-fuse >/dev/null; then
-  zfs-fuse --no-daemon >"$scratch/zfs-fuse.log" 2>&1 &
-  zfs_pid=$!
+  zfs-fuse --no-daemon >/tmp/snapship-zfs-fuse.log 2>&1 &
+  echo $! >"$marker"
   for _ in $(seq 100); do zpool list >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
@@ -31,10 +37,14 @@ cleanup() {
       fi
     done
   fi
-  if [ -n "$zfs_pid" ]; then
-    kill "$zfs_pid" 2>/dev/null
-    for _ in $(seq 100); do kill -0 "$zfs_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$zfs_pid" 2>/dev/null
+  if flock -x -n 9 && [ -f "$marker" ]; then
+    zfs_pid=$(cat "$marker")
+    if [ "$(cat "/proc/$zfs_pid/comm" 2>/dev/null)" = zfs-fuse ]; then
+      kill "$zfs_pid" 2>/dev/null
+      for _ in $(seq 100); do kill -0 "$zfs_pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$zfs_pid" 2>/dev/null
+    fi
+    rm -f "$marker"
   fi
   # Processes started from the scratch dir (a demo's daemons) or holding files in it.
   pkill -KILL -f -- "$scratch/" 2>/dev/null
