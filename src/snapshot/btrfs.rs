@@ -25,6 +25,7 @@
 //! ([`safe_dir`]).
 
 mod safe_dir;
+mod stream_check;
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -449,7 +450,8 @@ impl ReplicaSide for BtrfsReplica {
         let me = BtrfsReplica::new(self.dir.clone());
         let name = incoming.name.clone();
         let transfer = blocking(move || me.prepare(&name)).await?;
-        let result = receive_into(transfer.dir.path(), stream).await;
+        let check = stream_check::StreamCheck::new(&incoming.identity, incoming.base.as_deref());
+        let result = receive_into(transfer.dir.path(), stream, check).await;
         let (name, identity) = (incoming.name.clone(), incoming.identity.clone());
         blocking(move || {
             let outcome = result.and_then(|()| transfer.publish(name, &identity));
@@ -487,14 +489,29 @@ impl ReplicaSide for BtrfsReplica {
 /// on it was opened without following symlinks and checked to be changeable by nobody but
 /// root and us ([`safe_dir::open_trusted`]; the transfer's directory is new and 0700), so
 /// nobody else can swap a component between our check and the command's `chroot`.
-async fn receive_into(dir: &Path, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {
-    // --chroot: whatever paths the stream names, the receive cannot write outside `dir`.
+async fn receive_into(dir: &Path, stream: &mut (dyn AsyncRead + Send + Unpin), mut check: stream_check::StreamCheck) -> Result<()> {
+    // --chroot: whatever paths the stream names, the receive cannot write outside `dir`. (It
+    // still finds parents and clone sources anywhere on the filesystem: `check` holds back
+    // any command that names one the replica did not agree to.)
     let mut process = Cmd::new("btrfs").arg("receive").arg("-q").arg("-e").arg("--chroot").arg(dir).spawn(Pipe::In)?;
     let mut stdin = process.stdin();
-    let copied = tokio::io::copy_buf(&mut tokio::io::BufReader::with_capacity(super::PIPE_BUFFER, stream), &mut stdin).await;
+    let copied = async {
+        let (mut buf, mut out) = (vec![0u8; super::PIPE_BUFFER], Vec::with_capacity(super::PIPE_BUFFER));
+        loop {
+            let n = tokio::io::AsyncReadExt::read(stream, &mut buf).await?;
+            if n == 0 {
+                check.finish()?;
+                return Ok::<_, anyhow::Error>(());
+            }
+            check.push(&buf[..n], &mut out)?;
+            stdin.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    .await;
     let flushed = match copied {
-        Ok(_) => stdin.shutdown().await.map_err(anyhow::Error::from),
-        Err(e) => Err(anyhow::Error::from(e)),
+        Ok(()) => stdin.shutdown().await.map_err(anyhow::Error::from),
+        Err(e) => Err(e),
     };
     drop(stdin);
     if let Err(e) = flushed {

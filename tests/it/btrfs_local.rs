@@ -270,8 +270,13 @@ impl Hostile {
 
     /// Receives `stream` as snapshot `name` with identity `identity`, as a sync would.
     fn receive(&self, name: &str, identity: &str, stream: &[u8]) -> anyhow::Result<Snapshot> {
+        self.receive_on(name, identity, None, stream)
+    }
+
+    /// The same, announced as incremental from `base` (an identity).
+    fn receive_on(&self, name: &str, identity: &str, base: Option<&str>, stream: &[u8]) -> anyhow::Result<Snapshot> {
         let replica = BtrfsReplica::new(self.replica.clone());
-        let incoming = Incoming { name: SnapshotName::parse(name).unwrap(), identity: identity.into(), base: None, from_token: false };
+        let incoming = Incoming { name: SnapshotName::parse(name).unwrap(), identity: identity.into(), base: base.map(Into::into), from_token: false };
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let mut stream = stream;
@@ -463,7 +468,9 @@ fn a_stream_of_two_subvolumes_is_refused_and_leaves_nothing() {
     let result = h.receive(NAME, &subvol(&a).uuid, &h.send(&[&a, &b]));
     h.assert_replica_holds(&[]);
     let err = result.unwrap_err();
-    assert!(format!("{err:#}").contains("this one made 2 entries"), "{err:#}");
+    // Refused on the way in (the stream check), or at the latest when the staging holds two.
+    let text = format!("{err:#}");
+    assert!(text.contains("second subvolume") || text.contains("this one made 2 entries"), "{text}");
     assert!(h.list().unwrap().is_empty());
     // And the replica still takes a proper stream afterwards.
     h.receive(NAME, &subvol(&a).uuid, &h.send(&[&a])).unwrap();
@@ -602,4 +609,43 @@ fn a_replica_path_others_can_change_is_refused() {
     std::fs::remove_file(&h.replica).unwrap();
     h.receive(NAME, &uuid, &stream).unwrap();
     h.assert_replica_holds(&[NAME]);
+}
+
+/// A hostile origin announces an incremental from a base the replica holds, but its stream
+/// builds on another subvolume of the replica's filesystem (`btrfs receive` would find it by
+/// UUID anywhere, `--chroot` notwithstanding) to copy that subvolume's content in. Refused
+/// before `btrfs receive` sees the command; nothing is visible, and the honest incremental
+/// still works.
+#[test]
+fn a_stream_that_builds_on_a_subvolume_outside_the_replica_is_refused() {
+    require_root!();
+    let h = Hostile::new("foreign_parent");
+    // The replica holds `base`; elsewhere on its filesystem is `secret`, received from another star.
+    let base = h.plain_snapshot(NAME);
+    h.receive(NAME, &subvol(&base).uuid, &h.send(&[&base])).unwrap();
+    let secret = h.snapshot(NAME, |src| std::fs::write(src.join("secret"), "another star's data\n").unwrap());
+    let elsewhere = h.fs.mnt.join("other-star");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let send = format!("btrfs send -q {} | btrfs receive -q {}", secret.display(), elsewhere.display());
+    run(std::process::Command::new("sh").arg("-ec").arg(send));
+    // A child of `secret`, sent incrementally from it.
+    let child_src = h.fs.mnt.join("child-src");
+    run(std::process::Command::new("btrfs").args(["-q", "subvolume", "snapshot"]).arg(&secret).arg(&child_src));
+    std::fs::write(child_src.join("more"), "x").unwrap();
+    let child = h.fs.mnt.join("child");
+    run(std::process::Command::new("btrfs").args(["-q", "subvolume", "snapshot", "-r"]).arg(&child_src).arg(&child));
+    let hostile = run(std::process::Command::new("btrfs").args(["send", "-q", "-p"]).arg(&secret).arg(&child)).stdout;
+    let err = h.receive_on(OTHER, &subvol(&child).uuid, Some(&subvol(&base).uuid), &hostile).unwrap_err();
+    assert!(format!("{err:#}").contains("another parent than the base it announced"), "{err:#}");
+    h.assert_replica_holds(&[NAME]);
+    // The honest incremental from the base goes through.
+    let next_src = h.fs.mnt.join("next-src");
+    run(std::process::Command::new("btrfs").args(["-q", "subvolume", "snapshot"]).arg(&base).arg(&next_src));
+    std::fs::write(next_src.join("file2"), "y").unwrap();
+    std::fs::create_dir(h.fs.mnt.join("next")).unwrap();
+    let next = h.fs.mnt.join("next").join(OTHER);
+    run(std::process::Command::new("btrfs").args(["-q", "subvolume", "snapshot", "-r"]).arg(&next_src).arg(&next));
+    let honest = run(std::process::Command::new("btrfs").args(["send", "-q", "-p"]).arg(&base).arg(&next)).stdout;
+    h.receive_on(OTHER, &subvol(&next).uuid, Some(&subvol(&base).uuid), &honest).unwrap();
+    h.assert_replica_holds(&[NAME, OTHER]);
 }
