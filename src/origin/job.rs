@@ -151,7 +151,7 @@ impl OriginJob {
         status: Arc<StatusBoard>,
     ) -> (Self, SyncHandle) {
         let names: Vec<&str> = replicas.iter().map(|r| r.node()).collect();
-        status.origin(&policy.fileset.0, &format!("{:?}", policy.mode).to_lowercase(), &names);
+        status.origin(&policy.fileset.0, &format!("{:?}", policy.mode).to_lowercase(), policy.rpo.map(|r| r.0), &names);
         let (sync_tx, sync_rx) = mpsc::channel(4);
         let job = OriginJob {
             policy,
@@ -192,7 +192,7 @@ impl OriginJob {
     /// Tells the status board what the origin holds.
     async fn report_snapshots(&self) {
         if let Ok(list) = self.origin.list().await {
-            self.status.origin_snapshots(self.fileset(), list.last().map(|s| &s.name), list.len());
+            self.status.origin_snapshots(self.fileset(), &names_of(&list));
         }
     }
 
@@ -207,10 +207,11 @@ impl OriginJob {
         let state = job.state.get().await;
         for (replica, r) in &state.replicas {
             job.status.replica_has(job.fileset(), replica, r.base.as_ref());
+            job.status.replica_totals(job.fileset(), replica, r.totals());
         }
         let newest = match job.origin.list().await {
             Ok(mut list) => {
-                job.status.origin_snapshots(job.fileset(), list.last().map(|s| &s.name), list.len());
+                job.status.origin_snapshots(job.fileset(), &names_of(&list));
                 list.pop()
             }
             Err(e) => {
@@ -260,6 +261,9 @@ impl OriginJob {
                 }
                 woke = async { watcher.as_ref().expect("guarded").wait().await }, if watcher.is_some() => {
                     flush = woke == Woke::Change;
+                    if flush {
+                        self.status.change_noticed(self.fileset());
+                    }
                     Kind::Continuous
                 }
                 Some(request) = sync_requests.recv() => {
@@ -279,8 +283,11 @@ impl OriginJob {
                     None => Ok(true),
                 };
                 match changed {
-                    Ok(true) => {}
-                    Ok(false) => continue,
+                    Ok(true) => self.status.change_noticed(self.fileset()),
+                    Ok(false) => {
+                        self.status.change_undone(self.fileset());
+                        continue;
+                    }
                     Err(e) => {
                         // Most likely the snapshot went away (deleted by hand, or by another
                         // process's prune): take a fresh one rather than stop noticing changes.
@@ -303,6 +310,7 @@ impl OriginJob {
                 Ok(taken) => {
                     for (fileset, s, _) in &taken {
                         tracing::info!(fileset = %fileset, snapshot = %s.name, "snapshot taken");
+                        self.status.snapshot_taken(fileset, &s.name);
                     }
                     last_snapshot = tokio::time::Instant::now();
                     if let Some(request) = pending_sync.take() {
@@ -312,6 +320,11 @@ impl OriginJob {
                 }
                 Err(e) => {
                     tracing::error!(fileset = self.fileset(), "cannot take a snapshot: {e:#}");
+                    let message = format!("cannot take a snapshot: {e:#}");
+                    match &self.group {
+                        Some(hub) => hub.members.iter().for_each(|m| self.status.snapshot_failed(&m.fileset, &message)),
+                        None => self.status.snapshot_failed(self.fileset(), &message),
+                    }
                     if let Some(request) = pending_sync.take() {
                         let _ = request.reply.send(Err(format!("cannot take a snapshot: {e:#}")));
                     }
@@ -375,9 +388,10 @@ impl OriginJob {
             prune::apply(self.fileset(), &plan, self.origin.as_ref()).await
         }
         .await;
-        if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::error!(fileset = self.fileset(), "pruning failed: {e:#}");
         }
+        self.status.pruned(self.fileset(), result.map(|_| ()).map_err(|e| format!("cannot prune the origin: {e:#}")));
     }
 }
 
@@ -430,6 +444,11 @@ impl Hooks for OriginJob {
         }
         record::outcome(&self.state, self.origin.as_ref(), self.fileset(), replica, snapshot, result).await;
     }
+}
+
+/// The names of `snapshots`, for the status board.
+fn names_of(snapshots: &[Snapshot]) -> Vec<SnapshotName> {
+    snapshots.iter().map(|s| s.name.clone()).collect()
 }
 
 /// Waits, per file set, for every replica's first outcome for its target snapshot or a newer
