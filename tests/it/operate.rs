@@ -100,7 +100,7 @@ fn status_and_metrics_follow_a_transfer() {
     // The human form says the same.
     let out = run(snapship().args(["status", "--config"]).arg(&alpha));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("projects (origin, continuous)") && text.contains("-> beta: has snapship-") && text.contains("1 ok, 0 failed"), "{text}");
+    assert!(text.contains("projects (origin, continuous)") && text.contains("-> beta: common base snapship-") && text.contains("totals: 1 ok, 0 failed"), "{text}");
     c.stop("alpha");
     c.stop("beta");
 }
