@@ -77,9 +77,7 @@ fn replica(w: &mut String, r: &ReplicaStatus, rpo: Option<f64>) {
             ),
         );
     }
-    let resent = r.bytes_sent.saturating_sub(r.bytes_shipped);
-    let resent = if resent > 0 && r.transfer.is_none() { format!(" ({} sent again after cuts)", size(resent)) } else { String::new() };
-    line(w, format!("     totals: {} ok, {} failed, {} shipped{resent}", r.transfers_ok, r.transfers_failed, size(r.bytes_shipped)));
+    line(w, format!("     totals: {} ok, {} failed, {} shipped", r.transfers_ok, r.transfers_failed, size(r.bytes_shipped)));
     if let Some(e) = &r.last_error {
         line(w, format!("     last transfer error {}", error(e)));
     }

@@ -85,8 +85,8 @@ pub struct ReplicaStatus {
     pub transfers_ok: u64,
     pub transfers_failed: u64,
     pub bytes_shipped: u64,
-    /// Stream bytes put on the wire, failed and cut attempts included: what exceeds
-    /// `bytes_shipped` was sent more than once.
+    /// Stream bytes put on the wire since the daemon started, failed and cut attempts
+    /// included (not kept across restarts, unlike `bytes_shipped`).
     #[serde(default)]
     pub bytes_sent: u64,
     /// Transfers that went on from where a cut one stopped.
