@@ -64,6 +64,12 @@ fn status_and_metrics_follow_a_transfer() {
     assert_eq!((r.transfers_ok, r.transfers_failed), (0, 0));
     let m = scrape(metrics_port);
     assert_eq!(metric(&m, "snapship_transfers_total{fileset=\"projects\",replica=\"beta\",result=\"ok\"}"), 0.0);
+    // In words: the bytes of the transfer under way, not the (still 0) totals.
+    let text = String::from_utf8_lossy(&run(snapship().args(["status", "--config"]).arg(&alpha)).stdout).into_owned();
+    assert!(
+        text.contains("-> beta: none yet") && text.contains("     sending snapship-") && text.contains("(full): ") && text.contains("MiB so far at "),
+        "{text}"
+    );
 
     // After: restarted without the hook, the transfer completes. (Stopping alpha closes its
     // connection, so beta drops the partial receive at once, not after an idle timeout.)
