@@ -295,11 +295,13 @@ impl StatusBoard {
         });
     }
 
-    /// Starts a replica's counts from the totals kept in the state file (at daemon start).
-    pub fn replica_totals(&self, fileset: &str, replica: &str, totals: Totals) {
+    /// Starts a replica's entry from what the state file kept (at daemon start): the totals,
+    /// the last success and the last error.
+    pub fn replica_history(&self, fileset: &str, replica: &str, totals: Totals, last_success: Option<DateTime<Utc>>, last_error: Option<ErrorStatus>) {
         self.with(|b| {
             let r = b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default();
             (r.ok, r.failed, r.bytes) = (totals.transfers_ok, totals.transfers_failed, totals.bytes_shipped);
+            (r.last_success, r.last_error) = (last_success, last_error);
         });
         let (f, r) = (fileset.to_string(), replica.to_string());
         counter!(names::TRANSFERS, "fileset" => f.clone(), "replica" => r.clone(), "result" => "ok").absolute(totals.transfers_ok);
@@ -641,13 +643,16 @@ mod tests {
     }
 
     #[test]
-    fn totals_start_from_the_state_file() {
+    fn totals_and_the_last_error_start_from_the_state_file() {
         let board = StatusBoard::new("alpha");
         board.origin("projects", "snapshot", None, &["beta"]);
-        board.replica_totals("projects", "beta", Totals { transfers_ok: 4, transfers_failed: 2, bytes_shipped: 100 });
+        let error = ErrorStatus { at: Utc::now(), message: "beta cannot be reached".into() };
+        board.replica_history("projects", "beta", Totals { transfers_ok: 4, transfers_failed: 2, bytes_shipped: 100 }, None, Some(error.clone()));
+        assert_eq!(board.report().origin_of[0].replicas[0].last_error, Some(error));
         let name = SnapshotName::parse("snapship-20200101T000000.000Z").unwrap();
         board.transfer_finished("projects", "beta", &name, Ok(10));
         let r = &board.report().origin_of[0].replicas[0];
         assert_eq!((r.transfers_ok, r.transfers_failed, r.bytes_shipped), (5, 2, 110));
+        assert!(r.last_error.is_none() && r.last_success.is_some());
     }
 }

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use super::state::StateStore;
 use super::{prune, record};
 use crate::config::{BackendKind, Mode, Policy};
-use crate::observe::status::StatusBoard;
+use crate::observe::status::{ErrorStatus, StatusBoard};
 use crate::replicate::{self, Hooks, Plan, ReplicaReport, Step};
 use crate::schedule::clock::Clock;
 use crate::schedule::retention::Reason;
@@ -207,7 +207,8 @@ impl OriginJob {
         let state = job.state.get().await;
         for (replica, r) in &state.replicas {
             job.status.replica_has(job.fileset(), replica, r.base.as_ref());
-            job.status.replica_totals(job.fileset(), replica, r.totals());
+            let last_error = r.last_error.clone().map(|(at, message)| ErrorStatus { at, message });
+            job.status.replica_history(job.fileset(), replica, r.totals(), r.last_success, last_error);
         }
         let newest = match job.origin.list().await {
             Ok(mut list) => {

@@ -237,6 +237,7 @@ fn totals_survive_a_restart_of_the_origin() {
     let after = status(&c, "alpha").origin_of[0].replicas[0].clone();
     assert!(after.transfers_ok >= before.transfers_ok, "{before:#?}\n{after:#?}");
     assert!(after.bytes_shipped >= before.bytes_shipped, "{before:#?}\n{after:#?}");
+    assert!(after.last_success.is_some(), "the last success is remembered too: {after:#?}");
     let text = String::from_utf8_lossy(&run(snapship().args(["status", "--config"]).arg(c.dir("alpha").join("node.yaml"))).stdout).into_owned();
     assert!(text.contains(&format!("totals: {} ok", after.transfers_ok)), "{text}");
     c.stop("alpha");
