@@ -50,6 +50,9 @@ pub fn render(report: &StatusReport) -> String {
                 r.snapshots
             ),
         );
+        if let Some(e) = &r.last_prune_error {
+            line(w, format!("  FAILED {}", error(e)));
+        }
     }
     out
 }

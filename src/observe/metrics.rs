@@ -8,8 +8,8 @@ pub const REPLICA_LAG: &str = "snapship_replica_lag_seconds";
 pub const RPO: &str = "snapship_rpo_seconds";
 /// Gauge: 1 while a replica's lag exceeds its file set's `rpo`, else 0.
 pub const RPO_EXCEEDED: &str = "snapship_rpo_exceeded";
-/// Counter: failures met by a file set on its origin, labelled by `what` (snapshot, prune,
-/// transfer).
+/// Counter: failures met by a file set, labelled by `what`: on its origin `snapshot`,
+/// `prune`, `transfer`; on a replica's node `replica_prune`.
 pub const FAILURES: &str = "snapship_failures_total";
 /// Gauge: age of the newest snapshot received, seen from the replica (seconds).
 pub const RECEIVED_LAG: &str = "snapship_received_lag_seconds";

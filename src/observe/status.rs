@@ -124,6 +124,9 @@ pub struct ReceiverStatus {
     pub lag_seconds: Option<f64>,
     pub snapshots: usize,
     pub last_received: Option<DateTime<Utc>>,
+    /// The last prune of this replica that failed, until one succeeds again.
+    #[serde(default)]
+    pub last_prune_error: Option<ErrorStatus>,
 }
 
 #[derive(Default)]
@@ -183,6 +186,7 @@ struct ReceiverEntry {
     newest: Option<SnapshotName>,
     snapshots: usize,
     last_received: Option<DateTime<Utc>>,
+    last_prune_error: Option<ErrorStatus>,
 }
 
 pub struct StatusBoard {
@@ -240,16 +244,19 @@ pub enum Failure {
     Snapshot,
     Prune,
     Transfer,
+    /// Pruning a replica after a receive (counted on the replica's node).
+    ReplicaPrune,
 }
 
 impl Failure {
-    const ALL: [Failure; 3] = [Failure::Snapshot, Failure::Prune, Failure::Transfer];
+    const ON_ORIGIN: [Failure; 3] = [Failure::Snapshot, Failure::Prune, Failure::Transfer];
 
     fn label(self) -> &'static str {
         match self {
             Failure::Snapshot => "snapshot",
             Failure::Prune => "prune",
             Failure::Transfer => "transfer",
+            Failure::ReplicaPrune => "replica_prune",
         }
     }
 }
@@ -277,7 +284,7 @@ impl StatusBoard {
 
     /// Registers a file set this node is origin of, with its `rpo` and its replicas.
     pub fn origin(&self, fileset: &str, mode: &str, rpo: Option<Duration>, replicas: &[&str]) {
-        for what in Failure::ALL {
+        for what in Failure::ON_ORIGIN {
             counter!(names::FAILURES, "fileset" => fileset.to_string(), "what" => what.label()).absolute(0);
         }
         self.with(|b| {
@@ -427,6 +434,15 @@ impl StatusBoard {
         self.replica_snapshots(fileset, origin, newest, count, false);
     }
 
+    /// How a prune of a replica held here ended.
+    pub fn replica_pruned(&self, fileset: &str, result: Result<(), String>) {
+        let error = result.as_ref().err().map(|message| ErrorStatus { at: Utc::now(), message: message.clone() });
+        self.with(|b| b.receiver.entry(fileset.to_string()).or_default().last_prune_error = error);
+        if result.is_err() {
+            count_failure(fileset, Failure::ReplicaPrune);
+        }
+    }
+
     fn replica_snapshots(&self, fileset: &str, origin: &str, newest: Option<&SnapshotName>, count: usize, just_received: bool) {
         self.with(|b| {
             let e = b.receiver.entry(fileset.to_string()).or_default();
@@ -498,6 +514,7 @@ impl StatusBoard {
                     lag_seconds: lag(&e.newest, now),
                     snapshots: e.snapshots,
                     last_received: e.last_received,
+                    last_prune_error: e.last_prune_error.clone(),
                 })
                 .collect(),
             epochs: Vec::new(),
@@ -539,7 +556,7 @@ pub fn describe_metrics() {
     );
     describe_gauge!(names::RPO, Unit::Seconds, "The file set's recovery point objective (the policy's rpo)");
     describe_gauge!(names::RPO_EXCEEDED, "1 while a replica's lag exceeds the file set's rpo, else 0");
-    describe_counter!(names::FAILURES, "Failures met by a file set on its origin, by what failed (snapshot, prune, transfer)");
+    describe_counter!(names::FAILURES, "Failures met by a file set, by what failed (on its origin: snapshot, prune, transfer; on a replica: replica_prune)");
     describe_gauge!(names::RECEIVED_LAG, Unit::Seconds, "Age of the newest snapshot received, seen from the replica");
     describe_counter!(names::BYTES_SHIPPED, Unit::Bytes, "Send stream bytes shipped to a replica (uncompressed)");
     describe_counter!(names::TRANSFERS, "Transfers to a replica, by result");
@@ -640,6 +657,17 @@ mod tests {
         assert_eq!(board.with(|b| b.origin["projects"].unsnapshotted_change), first);
         board.change_undone("projects");
         assert_eq!(r().replicas[0].lag_seconds, Some(0.0));
+    }
+
+    #[test]
+    fn a_failed_replica_prune_shows_until_one_succeeds() {
+        let board = StatusBoard::new("beta");
+        board.receiver("projects", "alpha", None, 0);
+        board.replica_pruned("projects", Err("cannot prune the replica: busy".into()));
+        let e = board.report().replica_of[0].last_prune_error.clone();
+        assert_eq!(e.map(|e| e.message).as_deref(), Some("cannot prune the replica: busy"));
+        board.replica_pruned("projects", Ok(()));
+        assert!(board.report().replica_of[0].last_prune_error.is_none());
     }
 
     #[test]
