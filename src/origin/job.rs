@@ -327,7 +327,7 @@ impl OriginJob {
                         None => self.status.snapshot_failed(self.fileset(), &message),
                     }
                     if let Some(request) = pending_sync.take() {
-                        let _ = request.reply.send(Err(format!("cannot take a snapshot: {e:#}")));
+                        let _ = request.reply.send(Err(message));
                     }
                 }
             }
