@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 mod prune;
+mod status;
 
 use std::sync::Arc;
 
@@ -498,54 +499,7 @@ async fn status(path: &std::path::Path, json: bool) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let age = |secs: Option<f64>| secs.map_or("-".to_string(), |s| humantime::format_duration(std::time::Duration::from_secs(s as u64)).to_string());
-    println!("node {}", report.node);
-    for o in &report.origin_of {
-        println!("{} (origin, {}): newest {}, {} snapshot(s)", o.fileset, o.mode, o.newest.as_deref().unwrap_or("-"), o.snapshots);
-        for r in &o.replicas {
-            println!(
-                "  -> {}: has {} (lag {}), {} ok, {} failed, {} shipped",
-                r.node,
-                r.newest.as_deref().unwrap_or("nothing yet"),
-                age(r.lag_seconds),
-                r.transfers_ok,
-                r.transfers_failed,
-                bytesize::ByteSize(r.bytes_shipped).display().iec()
-            );
-            if let Some(t) = &r.transfer {
-                println!(
-                    "     sending {} ({}): {} at {}/s",
-                    t.snapshot,
-                    t.base.as_deref().map_or("full".to_string(), |b| format!("from {b}")),
-                    bytesize::ByteSize(t.bytes).display().iec(),
-                    bytesize::ByteSize(t.bytes_per_second as u64).display().iec()
-                );
-            }
-            if let Some(e) = &r.last_error {
-                println!("     last error at {}: {}", e.at.format("%Y-%m-%d %H:%M:%S UTC"), e.message);
-            }
-        }
-    }
-    for e in report.epochs.iter().filter(|e| e.epoch > 0 || !e.diverged.is_empty()) {
-        print!("{}: origin `{}` in epoch {}", e.fileset, e.origin, e.epoch);
-        if let (Some(at), Some(from)) = (&e.promoted_at, &e.promoted_from) {
-            print!(", promoted here at {} from {from}", at.format("%Y-%m-%d %H:%M:%S UTC"));
-        }
-        println!();
-        for d in &e.diverged {
-            println!("  diverged data kept: {d} (see docs/failover.md)");
-        }
-    }
-    for r in &report.replica_of {
-        println!(
-            "{} (replica of {}): newest {} (lag {}), {} snapshot(s)",
-            r.fileset,
-            r.origin,
-            r.newest.as_deref().unwrap_or("-"),
-            age(r.lag_seconds),
-            r.snapshots
-        );
-    }
+    print!("{}", status::render(&report));
     Ok(ExitCode::SUCCESS)
 }
 

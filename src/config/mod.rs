@@ -112,6 +112,10 @@ pub struct Policy {
     /// btrfs, which has no multi-subvolume snapshot).
     #[serde(default)]
     pub group: Option<Name>,
+    /// Recovery point objective: a replica whose lag (the age of the oldest origin change it
+    /// lacks) exceeds this is flagged in `status` and the metrics.
+    #[serde(default)]
+    pub rpo: Option<HumanDuration>,
     /// The file this was read from.
     #[serde(skip)]
     pub file: PathBuf,
@@ -469,6 +473,10 @@ pub fn validate_policy(p: &Policy, node: &NodeConfig, index: &KeyIndex) -> Vec<C
             err("continuous", "`continuous` settings are only used in continuous and hybrid mode; remove them, or change `mode`".into())
         }
         _ => {}
+    }
+
+    if p.rpo.as_ref().is_some_and(|r| r.0.is_zero()) {
+        err("rpo", "an rpo of 0 is exceeded by every change; write how much data loss is acceptable, like `rpo: 5m`, or remove the key".into());
     }
 
     if let Some(c) = &p.continuous {

@@ -301,3 +301,15 @@ fn min_interval_has_a_floor_of_100ms() {
         }
     }
 }
+
+#[test]
+fn rpo_is_a_duration_above_zero() {
+    let s = Setup::new(&[("projects.yaml", &format!("{GOOD}rpo: 5m\n"))]);
+    assert_eq!(s.load().policy("projects").unwrap().rpo.unwrap().0.as_secs(), 300);
+    let s = Setup::new(&[("projects.yaml", GOOD)]);
+    assert!(s.load().policy("projects").unwrap().rpo.is_none());
+    let s = Setup::new(&[("projects.yaml", &format!("{GOOD}rpo: 0s\n"))]);
+    expect(&s.only_error(), "projects.yaml", 19, "rpo", "like `rpo: 5m`");
+    let s = Setup::new(&[("projects.yaml", &format!("{GOOD}rpo: soon\n"))]);
+    expect(&s.only_error(), "projects.yaml", 19, "rpo", "like 500ms, 1s, 15m");
+}

@@ -1,8 +1,16 @@
 //! The names of the Prometheus metrics, in one place: dashboards and alert rules depend on
 //! them, so a name changes here or nowhere.
 
-/// Gauge: age of the newest snapshot a replica holds, seen from the origin (seconds).
+/// Gauge: how long ago the oldest origin change happened that a replica does not hold yet
+/// (seconds; 0 while it holds everything), seen from the origin.
 pub const REPLICA_LAG: &str = "snapship_replica_lag_seconds";
+/// Gauge: a file set's recovery point objective, the policy's `rpo` (seconds).
+pub const RPO: &str = "snapship_rpo_seconds";
+/// Gauge: 1 while a replica's lag exceeds its file set's `rpo`, else 0.
+pub const RPO_EXCEEDED: &str = "snapship_rpo_exceeded";
+/// Counter: failures met by a file set, labelled by `what`: on its origin `snapshot`,
+/// `prune`, `transfer`; on a replica's node `replica_prune`.
+pub const FAILURES: &str = "snapship_failures_total";
 /// Gauge: age of the newest snapshot received, seen from the replica (seconds).
 pub const RECEIVED_LAG: &str = "snapship_received_lag_seconds";
 /// Counter: send stream bytes shipped to a replica (uncompressed).

@@ -1,14 +1,19 @@
 //! What the daemon is doing, for `snapship status` and for Prometheus.
 //!
-//! The origin loops and the replica server report events to one [`StatusBoard`]: snapshots
-//! taken, transfers started (with a live byte count) and finished, snapshots received. The
-//! board answers `status` requests on the control socket with a [`StatusReport`] and keeps
-//! the Prometheus metrics current (the lag gauges are refreshed every second, since lag grows
-//! by itself).
+//! The origin loops and the replica server report events to one [`StatusBoard`]: changes
+//! noticed, snapshots taken or failed, prunes, transfers started (with a live byte count) and
+//! finished, snapshots received. The board answers `status` requests on the control socket
+//! with a [`StatusReport`] and keeps the Prometheus metrics current (the lag gauges are
+//! refreshed every second, since lag grows by itself).
+//!
+//! **Lag is exposure**: how long ago the oldest change on the origin happened that a replica
+//! does not hold yet, i.e. what losing the origin now would cost ([`exposure`]). It is 0 for
+//! a replica that holds the origin's newest snapshot while nothing changed since; it is not
+//! the age of the replica's newest snapshot (which grows on an idle, fully current replica).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use metrics::{counter, gauge};
@@ -49,6 +54,15 @@ pub struct OriginStatus {
     pub mode: String,
     pub newest: Option<String>,
     pub snapshots: usize,
+    /// The policy's `rpo`, in seconds: a replica whose lag exceeds it is flagged.
+    #[serde(default)]
+    pub rpo_seconds: Option<f64>,
+    /// The last snapshot that could not be taken, until one is taken again.
+    #[serde(default)]
+    pub last_snapshot_error: Option<ErrorStatus>,
+    /// The last prune of the origin that failed, until one succeeds again.
+    #[serde(default)]
+    pub last_prune_error: Option<ErrorStatus>,
     pub replicas: Vec<ReplicaStatus>,
 }
 
@@ -57,17 +71,22 @@ pub struct ReplicaStatus {
     pub node: String,
     /// The newest snapshot the replica holds from us: the common base of the next transfer.
     pub newest: Option<String>,
-    /// Age of `newest`, in seconds.
+    /// How long ago the oldest origin change happened that the replica lacks, in seconds;
+    /// 0 while it holds everything (see [`exposure`]). None before anything is known.
     pub lag_seconds: Option<f64>,
+    /// The lag exceeds the policy's `rpo`.
+    #[serde(default)]
+    pub rpo_exceeded: bool,
     pub transfer: Option<TransferStatus>,
     pub last_success: Option<DateTime<Utc>>,
     pub last_error: Option<ErrorStatus>,
+    /// Transfers that succeeded and failed, and the stream bytes of the snapshots delivered:
+    /// totals kept in the origin's state file, so they survive restarts.
     pub transfers_ok: u64,
     pub transfers_failed: u64,
-    /// Stream bytes of the snapshots delivered.
     pub bytes_shipped: u64,
-    /// Stream bytes put on the wire, failed and cut attempts included: what exceeds
-    /// `bytes_shipped` was sent more than once.
+    /// Stream bytes put on the wire since the daemon started, failed and cut attempts
+    /// included (not kept across restarts, unlike `bytes_shipped`).
     #[serde(default)]
     pub bytes_sent: u64,
     /// Transfers that went on from where a cut one stopped.
@@ -79,7 +98,9 @@ pub struct ReplicaStatus {
 pub struct TransferStatus {
     pub snapshot: String,
     pub base: Option<String>,
+    /// How far into the stream it is (`resumed_from` included).
     pub bytes: u64,
+    /// Of this attempt: bytes sent per second since it started.
     pub bytes_per_second: f64,
     pub started: DateTime<Utc>,
     /// The replica already held this much of the stream (a resumed transfer).
@@ -98,9 +119,14 @@ pub struct ReceiverStatus {
     pub fileset: String,
     pub origin: String,
     pub newest: Option<String>,
+    /// Age of `newest`, in seconds: a replica does not see the origin's changes, so this is
+    /// an upper bound of what it lacks only while the origin keeps taking snapshots.
     pub lag_seconds: Option<f64>,
     pub snapshots: usize,
     pub last_received: Option<DateTime<Utc>>,
+    /// The last prune of this replica that failed, until one succeeds again.
+    #[serde(default)]
+    pub last_prune_error: Option<ErrorStatus>,
 }
 
 #[derive(Default)]
@@ -112,8 +138,14 @@ struct Board {
 #[derive(Default)]
 struct OriginEntry {
     mode: String,
-    newest: Option<SnapshotName>,
-    snapshots: usize,
+    rpo: Option<Duration>,
+    /// The origin's snapshots, oldest first.
+    snapshots: Vec<SnapshotName>,
+    /// When a change was first noticed that no snapshot holds yet (continuous and hybrid
+    /// mode: the change watcher, or `changed_since` on its poll).
+    unsnapshotted_change: Option<DateTime<Utc>>,
+    last_snapshot_error: Option<ErrorStatus>,
+    last_prune_error: Option<ErrorStatus>,
     replicas: BTreeMap<String, ReplicaEntry>,
 }
 
@@ -154,6 +186,7 @@ struct ReceiverEntry {
     newest: Option<SnapshotName>,
     snapshots: usize,
     last_received: Option<DateTime<Utc>>,
+    last_prune_error: Option<ErrorStatus>,
 }
 
 pub struct StatusBoard {
@@ -161,8 +194,83 @@ pub struct StatusBoard {
     board: Mutex<Board>,
 }
 
+/// Seconds from `then` to `now`, never negative.
+fn seconds_since(then: DateTime<Utc>, now: DateTime<Utc>) -> f64 {
+    (now - then).num_milliseconds().max(0) as f64 / 1000.0
+}
+
 fn lag(newest: &Option<SnapshotName>, now: DateTime<Utc>) -> Option<f64> {
-    newest.as_ref().map(|n| (now - n.time()).num_milliseconds().max(0) as f64 / 1000.0)
+    newest.as_ref().map(|n| seconds_since(n.time(), now))
+}
+
+/// A replica's lag as exposure, in seconds: how long ago the oldest origin change happened
+/// that the replica does not hold.
+///
+/// - `origin`: the origin's snapshots, oldest first; `replica_newest`: the newest of them the
+///   replica holds (None: nothing yet);
+/// - `unsnapshotted_change`: when a change was first noticed that no origin snapshot holds
+///   yet (only continuous and hybrid mode watch for changes; in snapshot mode it is None, and
+///   "nothing changed" means the replica holds the origin's newest snapshot).
+///
+/// The oldest change the replica lacks is approximated by the time of the oldest origin
+/// snapshot newer than the replica's newest (the change happened before it was taken) or
+/// by the first change noticed since the origin's newest, whichever is older. None of
+/// either: the replica is current, lag 0. Nothing on either side and no change seen: None.
+pub fn exposure(
+    origin: &[SnapshotName],
+    replica_newest: Option<&SnapshotName>,
+    unsnapshotted_change: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<f64> {
+    if origin.is_empty() && replica_newest.is_none() && unsnapshotted_change.is_none() {
+        return None;
+    }
+    let oldest_missing = origin.iter().find(|s| replica_newest.is_none_or(|r| s.time() > r.time())).map(SnapshotName::time);
+    let oldest = match (oldest_missing, unsnapshotted_change) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Some(oldest.map_or(0.0, |t| seconds_since(t, now)))
+}
+
+/// Whether a lag exceeds the policy's `rpo` (an unknown lag exceeds nothing).
+fn over_rpo(lag: Option<f64>, rpo: Option<Duration>) -> bool {
+    matches!((lag, rpo), (Some(lag), Some(rpo)) if lag > rpo.as_secs_f64())
+}
+
+/// What failed, for the `what` label of the failures counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Snapshot,
+    Prune,
+    Transfer,
+    /// Pruning a replica after a receive (counted on the replica's node).
+    ReplicaPrune,
+}
+
+impl Failure {
+    const ON_ORIGIN: [Failure; 3] = [Failure::Snapshot, Failure::Prune, Failure::Transfer];
+
+    fn label(self) -> &'static str {
+        match self {
+            Failure::Snapshot => "snapshot",
+            Failure::Prune => "prune",
+            Failure::Transfer => "transfer",
+            Failure::ReplicaPrune => "replica_prune",
+        }
+    }
+}
+
+fn count_failure(fileset: &str, what: Failure) {
+    counter!(names::FAILURES, "fileset" => fileset.to_string(), "what" => what.label()).increment(1);
+}
+
+/// A replica's totals as kept in the origin's state file, to start the board from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub transfers_ok: u64,
+    pub transfers_failed: u64,
+    pub bytes_shipped: u64,
 }
 
 impl StatusBoard {
@@ -174,11 +282,15 @@ impl StatusBoard {
         f(&mut self.board.lock().expect("status board lock"))
     }
 
-    /// Registers a file set this node is origin of, with its replicas.
-    pub fn origin(&self, fileset: &str, mode: &str, replicas: &[&str]) {
+    /// Registers a file set this node is origin of, with its `rpo` and its replicas.
+    pub fn origin(&self, fileset: &str, mode: &str, rpo: Option<Duration>, replicas: &[&str]) {
+        for what in Failure::ON_ORIGIN {
+            counter!(names::FAILURES, "fileset" => fileset.to_string(), "what" => what.label()).absolute(0);
+        }
         self.with(|b| {
             let e = b.origin.entry(fileset.to_string()).or_default();
             e.mode = mode.to_string();
+            e.rpo = rpo;
             for r in replicas {
                 e.replicas.entry(r.to_string()).or_default();
                 counter!(names::TRANSFERS, "fileset" => fileset.to_string(), "replica" => r.to_string(), "result" => "ok").absolute(0);
@@ -190,14 +302,69 @@ impl StatusBoard {
         });
     }
 
-    /// The origin's snapshots now: the newest and how many.
-    pub fn origin_snapshots(&self, fileset: &str, newest: Option<&SnapshotName>, count: usize) {
+    /// Starts a replica's entry from what the state file kept (at daemon start): the totals,
+    /// the last success and the last error.
+    pub fn replica_history(&self, fileset: &str, replica: &str, totals: Totals, last_success: Option<DateTime<Utc>>, last_error: Option<ErrorStatus>) {
+        self.with(|b| {
+            let r = b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default();
+            (r.ok, r.failed, r.bytes) = (totals.transfers_ok, totals.transfers_failed, totals.bytes_shipped);
+            (r.last_success, r.last_error) = (last_success, last_error);
+        });
+        let (f, r) = (fileset.to_string(), replica.to_string());
+        counter!(names::TRANSFERS, "fileset" => f.clone(), "replica" => r.clone(), "result" => "ok").absolute(totals.transfers_ok);
+        counter!(names::TRANSFERS, "fileset" => f.clone(), "replica" => r.clone(), "result" => "failed").absolute(totals.transfers_failed);
+        counter!(names::BYTES_SHIPPED, "fileset" => f, "replica" => r).absolute(totals.bytes_shipped);
+    }
+
+    /// The origin's snapshots now, oldest first.
+    pub fn origin_snapshots(&self, fileset: &str, snapshots: &[SnapshotName]) {
+        let mut sorted = snapshots.to_vec();
+        sorted.sort();
+        self.with(|b| b.origin.entry(fileset.to_string()).or_default().snapshots = sorted);
+        gauge!(names::SNAPSHOTS, "fileset" => fileset.to_string(), "side" => "origin").set(snapshots.len() as f64);
+    }
+
+    /// A change to the origin's data was noticed (the first one since the last snapshot
+    /// counts: it is the oldest that no snapshot holds).
+    pub fn change_noticed(&self, fileset: &str) {
+        self.with(|b| {
+            b.origin.entry(fileset.to_string()).or_default().unsnapshotted_change.get_or_insert_with(Utc::now);
+        });
+    }
+
+    /// What looked like a change left the data as the newest snapshot has it.
+    pub fn change_undone(&self, fileset: &str) {
+        self.with(|b| b.origin.entry(fileset.to_string()).or_default().unsnapshotted_change = None);
+    }
+
+    /// A snapshot was taken: it holds every change noticed so far, and snapshots work again.
+    pub fn snapshot_taken(&self, fileset: &str, snapshot: &SnapshotName) {
         self.with(|b| {
             let e = b.origin.entry(fileset.to_string()).or_default();
-            e.newest = newest.cloned();
-            e.snapshots = count;
+            if !e.snapshots.contains(snapshot) {
+                e.snapshots.push(snapshot.clone());
+                e.snapshots.sort();
+            }
+            e.unsnapshotted_change = None;
+            e.last_snapshot_error = None;
         });
-        gauge!(names::SNAPSHOTS, "fileset" => fileset.to_string(), "side" => "origin").set(count as f64);
+    }
+
+    /// A snapshot could not be taken.
+    pub fn snapshot_failed(&self, fileset: &str, message: &str) {
+        self.with(|b| {
+            b.origin.entry(fileset.to_string()).or_default().last_snapshot_error = Some(ErrorStatus { at: Utc::now(), message: message.to_string() })
+        });
+        count_failure(fileset, Failure::Snapshot);
+    }
+
+    /// How a prune of the origin ended.
+    pub fn pruned(&self, fileset: &str, result: Result<(), String>) {
+        let error = result.as_ref().err().map(|message| ErrorStatus { at: Utc::now(), message: message.clone() });
+        self.with(|b| b.origin.entry(fileset.to_string()).or_default().last_prune_error = error);
+        if result.is_err() {
+            count_failure(fileset, Failure::Prune);
+        }
     }
 
     /// What a replica holds from us, as last learned.
@@ -250,7 +417,10 @@ impl StatusBoard {
                 counter!(names::BYTES_SHIPPED, &labels).increment(bytes);
                 gauge!(names::LAST_SUCCESS, &labels).set(Utc::now().timestamp() as f64);
             }
-            Err(_) => counter!(names::TRANSFERS, "fileset" => fileset.to_string(), "replica" => replica.to_string(), "result" => "failed").increment(1),
+            Err(_) => {
+                counter!(names::TRANSFERS, "fileset" => fileset.to_string(), "replica" => replica.to_string(), "result" => "failed").increment(1);
+                count_failure(fileset, Failure::Transfer);
+            }
         }
     }
 
@@ -262,6 +432,15 @@ impl StatusBoard {
     /// Registers a file set this node is a replica of.
     pub fn receiver(&self, fileset: &str, origin: &str, newest: Option<&SnapshotName>, count: usize) {
         self.replica_snapshots(fileset, origin, newest, count, false);
+    }
+
+    /// How a prune of a replica held here ended.
+    pub fn replica_pruned(&self, fileset: &str, result: Result<(), String>) {
+        let error = result.as_ref().err().map(|message| ErrorStatus { at: Utc::now(), message: message.clone() });
+        self.with(|b| b.receiver.entry(fileset.to_string()).or_default().last_prune_error = error);
+        if result.is_err() {
+            count_failure(fileset, Failure::ReplicaPrune);
+        }
     }
 
     fn replica_snapshots(&self, fileset: &str, origin: &str, newest: Option<&SnapshotName>, count: usize, just_received: bool) {
@@ -287,33 +466,40 @@ impl StatusBoard {
                 .map(|(fileset, e)| OriginStatus {
                     fileset: fileset.clone(),
                     mode: e.mode.clone(),
-                    newest: e.newest.as_ref().map(|n| n.to_string()),
-                    snapshots: e.snapshots,
+                    newest: e.snapshots.last().map(|n| n.to_string()),
+                    snapshots: e.snapshots.len(),
+                    rpo_seconds: e.rpo.map(|r| r.as_secs_f64()),
+                    last_snapshot_error: e.last_snapshot_error.clone(),
+                    last_prune_error: e.last_prune_error.clone(),
                     replicas: e
                         .replicas
                         .iter()
-                        .map(|(node, r)| ReplicaStatus {
-                            node: node.clone(),
-                            newest: r.newest.as_ref().map(|n| n.to_string()),
-                            lag_seconds: lag(&r.newest, now),
-                            transfer: r.transfer.as_ref().map(|t| {
-                                let secs = t.started.elapsed().as_secs_f64().max(0.001);
-                                TransferStatus {
-                                    snapshot: t.snapshot.clone(),
-                                    base: t.base.clone(),
-                                    bytes: t.tally.bytes(),
-                                    bytes_per_second: t.sent() as f64 / secs,
-                                    started: t.started_at,
-                                    resumed_from: t.from,
-                                }
-                            }),
-                            last_success: r.last_success,
-                            last_error: r.last_error.clone(),
-                            transfers_ok: r.ok,
-                            transfers_failed: r.failed,
-                            bytes_shipped: r.bytes,
-                            bytes_sent: r.sent + r.transfer.as_ref().map_or(0, Running::sent),
-                            resumes: r.resumes,
+                        .map(|(node, r)| {
+                            let lag = exposure(&e.snapshots, r.newest.as_ref(), e.unsnapshotted_change, now);
+                            ReplicaStatus {
+                                node: node.clone(),
+                                newest: r.newest.as_ref().map(|n| n.to_string()),
+                                lag_seconds: lag,
+                                rpo_exceeded: over_rpo(lag, e.rpo),
+                                transfer: r.transfer.as_ref().map(|t| {
+                                    let secs = t.started.elapsed().as_secs_f64().max(0.001);
+                                    TransferStatus {
+                                        snapshot: t.snapshot.clone(),
+                                        base: t.base.clone(),
+                                        bytes: t.tally.bytes(),
+                                        bytes_per_second: t.sent() as f64 / secs,
+                                        started: t.started_at,
+                                        resumed_from: t.from,
+                                    }
+                                }),
+                                last_success: r.last_success,
+                                last_error: r.last_error.clone(),
+                                transfers_ok: r.ok,
+                                transfers_failed: r.failed,
+                                bytes_shipped: r.bytes,
+                                bytes_sent: r.sent + r.transfer.as_ref().map_or(0, Running::sent),
+                                resumes: r.resumes,
+                            }
                         })
                         .collect(),
                 })
@@ -328,19 +514,27 @@ impl StatusBoard {
                     lag_seconds: lag(&e.newest, now),
                     snapshots: e.snapshots,
                     last_received: e.last_received,
+                    last_prune_error: e.last_prune_error.clone(),
                 })
                 .collect(),
             epochs: Vec::new(),
         })
     }
 
-    /// Refreshes the lag gauges (they grow by themselves between events).
+    /// Refreshes the lag and RPO gauges (lag grows by itself between events).
     pub fn refresh_lag_metrics(&self) {
         let report = self.report();
         for o in &report.origin_of {
+            if let Some(rpo) = o.rpo_seconds {
+                gauge!(names::RPO, "fileset" => o.fileset.clone()).set(rpo);
+            }
             for r in &o.replicas {
+                let labels = [("fileset", o.fileset.clone()), ("replica", r.node.clone())];
                 if let Some(lag) = r.lag_seconds {
-                    gauge!(names::REPLICA_LAG, "fileset" => o.fileset.clone(), "replica" => r.node.clone()).set(lag);
+                    gauge!(names::REPLICA_LAG, &labels).set(lag);
+                }
+                if o.rpo_seconds.is_some() {
+                    gauge!(names::RPO_EXCEEDED, &labels).set(if r.rpo_exceeded { 1.0 } else { 0.0 });
                 }
             }
         }
@@ -355,7 +549,14 @@ impl StatusBoard {
 /// Metric descriptions, registered once when the exporter starts.
 pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge};
-    describe_gauge!(names::REPLICA_LAG, Unit::Seconds, "Age of the newest snapshot a replica holds, seen from the origin");
+    describe_gauge!(
+        names::REPLICA_LAG,
+        Unit::Seconds,
+        "How long ago the oldest origin change happened that a replica does not hold yet (0: it holds everything), seen from the origin"
+    );
+    describe_gauge!(names::RPO, Unit::Seconds, "The file set's recovery point objective (the policy's rpo)");
+    describe_gauge!(names::RPO_EXCEEDED, "1 while a replica's lag exceeds the file set's rpo, else 0");
+    describe_counter!(names::FAILURES, "Failures met by a file set, by what failed (on its origin: snapshot, prune, transfer; on a replica: replica_prune)");
     describe_gauge!(names::RECEIVED_LAG, Unit::Seconds, "Age of the newest snapshot received, seen from the replica");
     describe_counter!(names::BYTES_SHIPPED, Unit::Bytes, "Send stream bytes shipped to a replica (uncompressed)");
     describe_counter!(names::TRANSFERS, "Transfers to a replica, by result");
@@ -363,4 +564,123 @@ pub fn describe_metrics() {
     describe_counter!(names::BYTES_SENT, Unit::Bytes, "Send stream bytes put on the wire, failed and cut attempts included");
     describe_gauge!(names::SNAPSHOTS, "Snapshots held, per side");
     describe_gauge!(names::LAST_SUCCESS, Unit::Seconds, "When a transfer to a replica last succeeded (Unix time)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(hms: &str) -> SnapshotName {
+        SnapshotName::parse(&format!("snapship-20260101T{hms}.000Z")).unwrap()
+    }
+
+    fn at(hms: &str) -> DateTime<Utc> {
+        name(hms).time()
+    }
+
+    #[test]
+    fn lag_is_the_age_of_the_oldest_change_the_replica_lacks() {
+        let origin = [name("100000"), name("101000"), name("102000")];
+        let now = at("103000");
+        // (replica's newest, first change noticed since the origin's newest, lag)
+        let cases: [(Option<&str>, Option<&str>, Option<f64>); 8] = [
+            // Holds the newest, nothing changed since: current, however long ago that was.
+            (Some("102000"), None, Some(0.0)),
+            // Holds the newest, a change noticed 5 minutes ago.
+            (Some("102000"), Some("102500"), Some(300.0)),
+            // Lacks the newest: since it was taken.
+            (Some("101000"), None, Some(600.0)),
+            // Lacks two: since the older of them.
+            (Some("100000"), None, Some(1200.0)),
+            // Lacks the newest and later changes: the snapshot is the older.
+            (Some("101000"), Some("102500"), Some(600.0)),
+            // Holds nothing: since the origin's oldest snapshot.
+            (None, None, Some(1800.0)),
+            (None, Some("102500"), Some(1800.0)),
+            // Newer than what the origin lists (the list is behind): nothing lacking known.
+            (Some("102900"), None, Some(0.0)),
+        ];
+        for (replica, change, want) in cases {
+            let got = exposure(&origin, replica.map(name).as_ref(), change.map(at), now);
+            assert_eq!(got, want, "replica {replica:?}, change {change:?}");
+        }
+    }
+
+    #[test]
+    fn lag_before_anything_is_known() {
+        let now = at("103000");
+        assert_eq!(exposure(&[], None, None, now), None);
+        // No snapshot yet, but a change seen: exposed since.
+        assert_eq!(exposure(&[], None, Some(at("102900")), now), Some(60.0));
+        // A change noticed "later" than now (clock step): never negative.
+        assert_eq!(exposure(&[name("102000")], Some(&name("102000")), Some(at("104000")), now), Some(0.0));
+    }
+
+    #[test]
+    fn rpo_exceeded_only_beyond_the_target() {
+        let rpo = Some(Duration::from_secs(60));
+        assert!(!over_rpo(Some(60.0), rpo));
+        assert!(over_rpo(Some(60.5), rpo));
+        assert!(!over_rpo(None, rpo));
+        assert!(!over_rpo(Some(1e6), None));
+    }
+
+    #[test]
+    fn the_board_reports_exposure_rpo_and_failures() {
+        let board = StatusBoard::new("alpha");
+        board.origin("projects", "continuous", Some(Duration::from_secs(2)), &["beta"]);
+        let old = SnapshotName::parse("snapship-20200101T000000.000Z").unwrap();
+        board.origin_snapshots("projects", std::slice::from_ref(&old));
+        board.replica_has("projects", "beta", Some(&old));
+        let r = || board.report().origin_of[0].clone();
+        // An old snapshot, held: current, not years behind.
+        assert_eq!((r().replicas[0].lag_seconds, r().replicas[0].rpo_exceeded), (Some(0.0), false));
+        board.snapshot_failed("projects", "cannot take a snapshot: gone");
+        board.pruned("projects", Err("cannot prune the origin: busy".into()));
+        assert_eq!(r().last_snapshot_error.unwrap().message, "cannot take a snapshot: gone");
+        assert_eq!(r().last_prune_error.unwrap().message, "cannot prune the origin: busy");
+        // A snapshot the replica lacks, taken long ago: exposed, beyond the rpo.
+        let newer = SnapshotName::parse("snapship-20200101T000001.000Z").unwrap();
+        board.snapshot_taken("projects", &newer);
+        board.pruned("projects", Ok(()));
+        let o = r();
+        assert!(o.last_snapshot_error.is_none() && o.last_prune_error.is_none(), "failures clear when it works again");
+        assert_eq!((o.newest.as_deref(), o.snapshots, o.rpo_seconds), (Some(newer.to_string().as_str()), 2, Some(2.0)));
+        assert!(o.replicas[0].lag_seconds.unwrap() > 1e8 && o.replicas[0].rpo_exceeded);
+        // Delivered: current again.
+        board.transfer_finished("projects", "beta", &newer, Ok(10));
+        assert_eq!((r().replicas[0].lag_seconds, r().replicas[0].rpo_exceeded), (Some(0.0), false));
+        // A change noticed: exposed from now on, once.
+        board.change_noticed("projects");
+        let first = board.with(|b| b.origin["projects"].unsnapshotted_change);
+        board.change_noticed("projects");
+        assert_eq!(board.with(|b| b.origin["projects"].unsnapshotted_change), first);
+        board.change_undone("projects");
+        assert_eq!(r().replicas[0].lag_seconds, Some(0.0));
+    }
+
+    #[test]
+    fn a_failed_replica_prune_shows_until_one_succeeds() {
+        let board = StatusBoard::new("beta");
+        board.receiver("projects", "alpha", None, 0);
+        board.replica_pruned("projects", Err("cannot prune the replica: busy".into()));
+        let e = board.report().replica_of[0].last_prune_error.clone();
+        assert_eq!(e.map(|e| e.message).as_deref(), Some("cannot prune the replica: busy"));
+        board.replica_pruned("projects", Ok(()));
+        assert!(board.report().replica_of[0].last_prune_error.is_none());
+    }
+
+    #[test]
+    fn totals_and_the_last_error_start_from_the_state_file() {
+        let board = StatusBoard::new("alpha");
+        board.origin("projects", "snapshot", None, &["beta"]);
+        let error = ErrorStatus { at: Utc::now(), message: "beta cannot be reached".into() };
+        board.replica_history("projects", "beta", Totals { transfers_ok: 4, transfers_failed: 2, bytes_shipped: 100 }, None, Some(error.clone()));
+        assert_eq!(board.report().origin_of[0].replicas[0].last_error, Some(error));
+        let name = SnapshotName::parse("snapship-20200101T000000.000Z").unwrap();
+        board.transfer_finished("projects", "beta", &name, Ok(10));
+        let r = &board.report().origin_of[0].replicas[0];
+        assert_eq!((r.transfers_ok, r.transfers_failed, r.bytes_shipped), (5, 2, 110));
+        assert!(r.last_error.is_none() && r.last_success.is_some());
+    }
 }

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use super::state::StateStore;
 use super::{prune, record};
 use crate::config::{BackendKind, Mode, Policy};
-use crate::observe::status::StatusBoard;
+use crate::observe::status::{ErrorStatus, StatusBoard};
 use crate::replicate::{self, Hooks, Plan, ReplicaReport, Step};
 use crate::schedule::clock::Clock;
 use crate::schedule::retention::Reason;
@@ -154,7 +154,7 @@ impl OriginJob {
         status: Arc<StatusBoard>,
     ) -> (Self, SyncHandle) {
         let names: Vec<&str> = replicas.iter().map(|r| r.node()).collect();
-        status.origin(&policy.fileset.0, &format!("{:?}", policy.mode).to_lowercase(), &names);
+        status.origin(&policy.fileset.0, &format!("{:?}", policy.mode).to_lowercase(), policy.rpo.map(|r| r.0), &names);
         let (sync_tx, sync_rx) = mpsc::channel(4);
         let job = OriginJob {
             policy,
@@ -196,7 +196,7 @@ impl OriginJob {
     /// Tells the status board what the origin holds.
     async fn report_snapshots(&self) {
         if let Ok(list) = self.origin.list().await {
-            self.status.origin_snapshots(self.fileset(), list.last().map(|s| &s.name), list.len());
+            self.status.origin_snapshots(self.fileset(), &names_of(&list));
         }
     }
 
@@ -211,10 +211,12 @@ impl OriginJob {
         let state = job.state.get().await;
         for (replica, r) in &state.replicas {
             job.status.replica_has(job.fileset(), replica, r.base.as_ref());
+            let last_error = r.last_error.clone().map(|(at, message)| ErrorStatus { at, message });
+            job.status.replica_history(job.fileset(), replica, r.totals(), r.last_success, last_error);
         }
         let newest = match job.origin.list().await {
             Ok(mut list) => {
-                job.status.origin_snapshots(job.fileset(), list.last().map(|s| &s.name), list.len());
+                job.status.origin_snapshots(job.fileset(), &names_of(&list));
                 list.pop()
             }
             Err(e) => {
@@ -264,6 +266,9 @@ impl OriginJob {
                 }
                 woke = async { watcher.as_ref().expect("guarded").wait().await }, if watcher.is_some() => {
                     flush = woke == Woke::Change;
+                    if flush {
+                        self.status.change_noticed(self.fileset());
+                    }
                     Kind::Continuous
                 }
                 Some(request) = sync_requests.recv() => {
@@ -283,8 +288,11 @@ impl OriginJob {
                     None => Ok(true),
                 };
                 match changed {
-                    Ok(true) => {}
-                    Ok(false) => continue,
+                    Ok(true) => self.status.change_noticed(self.fileset()),
+                    Ok(false) => {
+                        self.status.change_undone(self.fileset());
+                        continue;
+                    }
                     Err(e) => {
                         // Most likely the snapshot went away (deleted by hand, or by another
                         // process's prune): take a fresh one rather than stop noticing changes.
@@ -307,6 +315,7 @@ impl OriginJob {
                 Ok(taken) => {
                     for (fileset, s, _) in &taken {
                         tracing::info!(fileset = %fileset, snapshot = %s.name, "snapshot taken");
+                        self.status.snapshot_taken(fileset, &s.name);
                     }
                     last_snapshot = tokio::time::Instant::now();
                     if let Some(request) = pending_sync.take() {
@@ -316,8 +325,13 @@ impl OriginJob {
                 }
                 Err(e) => {
                     tracing::error!(fileset = self.fileset(), "cannot take a snapshot: {e:#}");
+                    let message = format!("cannot take a snapshot: {e:#}");
+                    match &self.group {
+                        Some(hub) => hub.members.iter().for_each(|m| self.status.snapshot_failed(&m.fileset, &message)),
+                        None => self.status.snapshot_failed(self.fileset(), &message),
+                    }
                     if let Some(request) = pending_sync.take() {
-                        let _ = request.reply.send(Err(format!("cannot take a snapshot: {e:#}")));
+                        let _ = request.reply.send(Err(message));
                     }
                 }
             }
@@ -399,9 +413,10 @@ impl OriginJob {
             prune::apply(self.fileset(), &plan, self.origin.as_ref()).await
         }
         .await;
-        if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::error!(fileset = self.fileset(), "pruning failed: {e:#}");
         }
+        self.status.pruned(self.fileset(), result.map(|_| ()).map_err(|e| format!("cannot prune the origin: {e:#}")));
     }
 }
 
@@ -455,6 +470,11 @@ impl Hooks for OriginJob {
         }
         record::outcome(&self.state, self.origin.as_ref(), self.fileset(), replica, snapshot, result).await;
     }
+}
+
+/// The names of `snapshots`, for the status board.
+fn names_of(snapshots: &[Snapshot]) -> Vec<SnapshotName> {
+    snapshots.iter().map(|s| s.name.clone()).collect()
 }
 
 /// Waits, per file set, for every replica's first outcome for its target snapshot or a newer

@@ -11,7 +11,7 @@ use crate::snapshot::{OriginSide, SnapshotName};
 /// Records how the transfer of `snapshot` to `replica` ended.
 pub async fn outcome(state: &StateStore, origin: &dyn OriginSide, fileset: &str, replica: &str, snapshot: &SnapshotName, result: &Result<ReplicaReport>) {
     log(fileset, replica, result);
-    match state.record_outcome(replica, snapshot, result).await {
+    match state.record_outcome(replica, snapshot, result.as_ref().map(|r| r.bytes)).await {
         Err(e) => tracing::error!(fileset, "cannot record the state: {e:#}"),
         Ok(previous) if result.is_ok() => {
             if let Err(e) = origin.keep_base(replica, snapshot, previous.as_ref()).await {

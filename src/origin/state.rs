@@ -1,7 +1,8 @@
 //! What a node remembers between runs, per file set it is origin of, in
 //! `state_dir/filesets/FILESET.json`: for each replica the common base last seen (so that it
 //! stays protected from pruning while the replica is away, even across restarts), the
-//! transfer in flight, and the last success and error (for status).
+//! transfer in flight, the last success and error, and the totals of transfers and bytes
+//! shipped (for status: they survive restarts).
 //!
 //! Written atomically (temp file, fsync, rename): a crash leaves the old or the new state.
 
@@ -13,6 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use crate::observe::status::Totals;
 use crate::snapshot::SnapshotName;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -29,6 +31,21 @@ pub struct ReplicaState {
     pub in_flight: Option<(SnapshotName, Option<SnapshotName>)>,
     pub last_success: Option<DateTime<Utc>>,
     pub last_error: Option<(DateTime<Utc>, String)>,
+    /// Totals since the state file was made (files from before they were kept read as 0).
+    #[serde(default)]
+    pub transfers_ok: u64,
+    #[serde(default)]
+    pub transfers_failed: u64,
+    /// Stream bytes of the snapshots delivered.
+    #[serde(default)]
+    pub bytes_shipped: u64,
+}
+
+impl ReplicaState {
+    /// The totals, for the status board.
+    pub fn totals(&self) -> Totals {
+        Totals { transfers_ok: self.transfers_ok, transfers_failed: self.transfers_failed, bytes_shipped: self.bytes_shipped }
+    }
 }
 
 pub struct StateStore {
@@ -61,24 +78,29 @@ impl StateStore {
         self.state.lock().await.clone()
     }
 
-    /// Records how a transfer of `snapshot` to `replica` ended: on success the snapshot is
-    /// the new common base. On failure the transfer stays recorded as in flight (protected
-    /// from pruning): the replica may hold it although its answer was lost.
-    /// Returns the previous common base.
-    pub async fn record_outcome<T>(&self, replica: &str, snapshot: &SnapshotName, result: &Result<T>) -> Result<Option<SnapshotName>> {
+    /// Records how a transfer of `snapshot` to `replica` ended (`Ok` with the stream bytes
+    /// delivered): on success the snapshot is the new common base. On failure the transfer
+    /// stays recorded as in flight (protected from pruning): the replica may hold it although
+    /// its answer was lost. Returns the previous common base.
+    pub async fn record_outcome(&self, replica: &str, snapshot: &SnapshotName, result: Result<u64, &anyhow::Error>) -> Result<Option<SnapshotName>> {
         let now = Utc::now();
         let mut previous = None;
         self.update(|s| {
             let r = s.replicas.entry(replica.to_string()).or_default();
             match result {
-                Ok(_) => {
+                Ok(bytes) => {
                     r.in_flight = None;
                     previous = r.base.take();
                     r.base = Some(snapshot.clone());
                     r.last_success = Some(now);
                     r.last_error = None;
+                    r.transfers_ok += 1;
+                    r.bytes_shipped += bytes;
                 }
-                Err(e) => r.last_error = Some((now, format!("{e:#}"))),
+                Err(e) => {
+                    r.last_error = Some((now, format!("{e:#}")));
+                    r.transfers_failed += 1;
+                }
             }
         })
         .await?;
@@ -117,5 +139,25 @@ mod tests {
         )
         .unwrap();
         assert!(StateStore::open(dir.path(), "odd").is_err());
+    }
+
+    #[tokio::test]
+    async fn totals_add_up_and_old_files_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        // A state file from before the totals were kept.
+        std::fs::create_dir_all(dir.path().join("filesets")).unwrap();
+        std::fs::write(
+            StateStore::path_for(dir.path(), "projects"),
+            r#"{"replicas":{"beta":{"base":null,"in_flight":null,"last_success":null,"last_error":null}}}"#,
+        )
+        .unwrap();
+        let store = StateStore::open(dir.path(), "projects").unwrap();
+        assert_eq!(store.get().await.replicas["beta"].totals(), Totals::default());
+        let name = SnapshotName::parse("snapship-20260101T000000.000Z").unwrap();
+        store.record_outcome("beta", &name, Ok(1000)).await.unwrap();
+        store.record_outcome("beta", &name, Err(&anyhow::anyhow!("cut"))).await.unwrap();
+        store.record_outcome("beta", &name, Ok(24)).await.unwrap();
+        let again = StateStore::open(dir.path(), "projects").unwrap();
+        assert_eq!(again.get().await.replicas["beta"].totals(), Totals { transfers_ok: 2, transfers_failed: 1, bytes_shipped: 1024 });
     }
 }

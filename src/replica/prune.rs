@@ -30,14 +30,16 @@ pub async fn apply(fileset: &str, plan: &SidePlan, side: &dyn ReplicaSide) -> Re
     Ok(n)
 }
 
-/// Prunes a replica by its policy after a receive; errors are logged, not returned (a failed
-/// prune must not turn a good transfer into a failed one).
-pub async fn after_receive(policy: &Policy, side: &dyn ReplicaSide, sessions: &Sessions) {
+/// Prunes a replica by its policy after a receive. An error is logged and returned for the
+/// status board, never to the origin (a failed prune must not turn a good transfer into a
+/// failed one).
+pub async fn after_receive(policy: &Policy, side: &dyn ReplicaSide, sessions: &Sessions) -> Result<(), String> {
     let result = async {
         let plan = plan(policy, side, &sessions.needs(&policy.fileset.0), Utc::now()).await?;
         apply(&policy.fileset.0, &plan, side).await
     };
-    if let Err(e) = result.await {
+    result.await.map(|_| ()).map_err(|e| {
         tracing::error!(fileset = %policy.fileset, "pruning the replica failed: {e:#}");
-    }
+        format!("cannot prune the replica: {e:#}")
+    })
 }

@@ -251,12 +251,13 @@ impl ReplicaService {
                 let (policy, status, sessions) = (policy.clone(), self.status.clone(), self.sessions.clone());
                 let origin_is_remote = policy.origin.node != self.config.node.node;
                 self.prunes.spawn(async move {
-                    prune::after_receive(&policy, side.as_ref(), &sessions).await;
+                    let pruned = prune::after_receive(&policy, side.as_ref(), &sessions).await;
                     drop(lock);
                     if origin_is_remote {
                         if let Ok(held) = side.list().await {
                             status.received(&policy.fileset.0, &policy.origin.node.0, held.last().map(|s| &s.name), held.len());
                         }
+                        status.replica_pruned(&policy.fileset.0, pruned);
                     }
                 });
                 Ok(Message::Committed { snapshot })

@@ -64,6 +64,12 @@ fn status_and_metrics_follow_a_transfer() {
     assert_eq!((r.transfers_ok, r.transfers_failed), (0, 0));
     let m = scrape(metrics_port);
     assert_eq!(metric(&m, "snapship_transfers_total{fileset=\"projects\",replica=\"beta\",result=\"ok\"}"), 0.0);
+    // In words: the bytes of the transfer under way, not the (still 0) totals.
+    let text = String::from_utf8_lossy(&run(snapship().args(["status", "--config"]).arg(&alpha)).stdout).into_owned();
+    assert!(
+        text.contains("-> beta: none yet") && text.contains("     sending snapship-") && text.contains("(full): ") && text.contains("MiB so far at "),
+        "{text}"
+    );
 
     // After: restarted without the hook, the transfer completes. (Stopping alpha closes its
     // connection, so beta drops the partial receive at once, not after an idle timeout.)
@@ -100,7 +106,10 @@ fn status_and_metrics_follow_a_transfer() {
     // The human form says the same.
     let out = run(snapship().args(["status", "--config"]).arg(&alpha));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("projects (origin, continuous)") && text.contains("-> beta: has snapship-") && text.contains("1 ok, 0 failed"), "{text}");
+    assert!(
+        text.contains("projects (origin, continuous)") && text.contains("-> beta: common base snapship-") && text.contains("totals: 1 ok, 0 failed"),
+        "{text}"
+    );
     c.stop("alpha");
     c.stop("beta");
 }
@@ -129,4 +138,151 @@ fn list_shows_both_sides() {
     let marks = |row: &str| row.split_whitespace().rev().take(2).map(String::from).collect::<Vec<_>>();
     assert_eq!(marks(rows[0]), ["x", "x"], "{text}");
     assert!(rows[1].starts_with(&newest) && marks(rows[1]) == [".", "x"], "{text}");
+}
+
+/// A continuous-mode pair with `rpo: 2s` and metrics on alpha: (cluster, alpha's config,
+/// the origin's subvolume, the metrics port).
+fn continuous_pair(test: &str, extra: &str) -> (Cluster, std::path::PathBuf, std::path::PathBuf, u16) {
+    let c = Cluster::new(test, &["alpha", "beta"]);
+    let metrics_port = free_port();
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst = c.mnt("beta").join("backup/projects");
+    let p = policy("projects", "alpha", &src, &[("beta", dst)]).replace("mode: snapshot\nschedule: \"@hourly\"\n", "mode: continuous\n") + extra;
+    let alpha = c.configure("alpha", &[("projects", p.clone())]);
+    std::fs::write(&alpha, std::fs::read_to_string(&alpha).unwrap() + &format!("metrics: 127.0.0.1:{metrics_port}\n")).unwrap();
+    c.configure("beta", &[("projects", p)]);
+    (c, alpha, src, metrics_port)
+}
+
+/// Waits until beta holds alpha's newest snapshot and nothing is under way.
+fn wait_current(c: &Cluster, limit: Duration) -> StatusReport {
+    wait_until(limit, "beta to hold alpha's newest snapshot", || {
+        let s = status(c, "alpha");
+        let (o, r) = (&s.origin_of[0], &s.origin_of[0].replicas[0]);
+        (o.newest.is_some() && r.newest == o.newest && r.transfer.is_none()).then_some(s)
+    })
+}
+
+#[test]
+fn lag_is_zero_while_current_and_grows_past_the_rpo_in_an_outage() {
+    require_root!();
+    let (mut c, alpha, src, metrics_port) = continuous_pair("operate_lag", "rpo: 2s\n");
+    fill(&src, 31);
+    c.start("beta");
+    c.start("alpha");
+    let labels = "{fileset=\"projects\",replica=\"beta\"}";
+
+    // Idle and current: lag stays 0 while the newest snapshot grows old (the old
+    // definition, the age of the replica's newest, would pass the rpo here).
+    wait_current(&c, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(4));
+    let s = status(&c, "alpha");
+    let (o, r) = (&s.origin_of[0], &s.origin_of[0].replicas[0]);
+    assert_eq!(r.newest, o.newest, "nothing new was taken meanwhile");
+    let age = chrono::Utc::now() - snapship::snapshot::SnapshotName::parse(o.newest.as_deref().unwrap()).unwrap().time();
+    assert!(age.num_seconds() >= 3, "the newest snapshot is {age} old");
+    assert_eq!((r.lag_seconds, r.rpo_exceeded, o.rpo_seconds), (Some(0.0), false, Some(2.0)), "{r:#?}");
+    let m = scrape(metrics_port);
+    assert_eq!(metric(&m, &format!("snapship_replica_lag_seconds{labels}")), 0.0);
+    assert_eq!(metric(&m, &format!("snapship_rpo_exceeded{labels}")), 0.0);
+    assert_eq!(metric(&m, "snapship_rpo_seconds{fileset=\"projects\"}"), 2.0);
+
+    // Beta is down and alpha's data changes: exposed from the change on, beyond the rpo.
+    c.stop("beta");
+    std::fs::write(src.join("new.txt"), "written while beta is down\n").unwrap();
+    let s = wait_until(Duration::from_secs(30), "the lag to pass the rpo", || {
+        let s = status(&c, "alpha");
+        s.origin_of[0].replicas[0].rpo_exceeded.then_some(s)
+    });
+    let r = &s.origin_of[0].replicas[0];
+    assert!(r.lag_seconds.unwrap() > 2.0 && r.lag_seconds.unwrap() < 30.0, "lag {:?}", r.lag_seconds);
+    std::thread::sleep(Duration::from_millis(1100)); // one metrics refresh
+    let m = scrape(metrics_port);
+    assert_eq!(metric(&m, &format!("snapship_rpo_exceeded{labels}")), 1.0);
+    assert!(metric(&m, &format!("snapship_replica_lag_seconds{labels}")) > 2.0);
+    let text = String::from_utf8_lossy(&run(snapship().args(["status", "--config"]).arg(&alpha)).stdout).into_owned();
+    assert!(text.contains("RPO EXCEEDED") && text.contains("more than the rpo of 2s"), "{text}");
+    // The failed attempts show, with the message, as they happen.
+    let s = wait_until(Duration::from_secs(60), "a failed transfer to beta", || {
+        let s = status(&c, "alpha");
+        (s.origin_of[0].replicas[0].transfers_failed > 0).then_some(s)
+    });
+    assert!(s.origin_of[0].replicas[0].last_error.is_some());
+    assert!(metric(&scrape(metrics_port), "snapship_failures_total{fileset=\"projects\",what=\"transfer\"}") >= 1.0);
+
+    // Beta is back: current again, the error cleared.
+    c.start("beta");
+    let s = wait_current(&c, Duration::from_secs(360));
+    let r = &s.origin_of[0].replicas[0];
+    assert_eq!((r.lag_seconds, r.rpo_exceeded), (Some(0.0), false), "{r:#?}");
+    assert!(r.last_error.is_none());
+    c.stop("alpha");
+    c.stop("beta");
+}
+
+#[test]
+fn totals_survive_a_restart_of_the_origin() {
+    require_root!();
+    let (mut c, _alpha, src, _) = continuous_pair("operate_totals", "");
+    fill(&src, 32);
+    c.start("beta");
+    c.start("alpha");
+    wait_current(&c, Duration::from_secs(60));
+    std::fs::write(src.join("more.txt"), "a second snapshot\n").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let before = wait_current(&c, Duration::from_secs(60)).origin_of[0].replicas[0].clone();
+    assert!(before.transfers_ok >= 2 && before.bytes_shipped > 6 << 20, "{before:#?}");
+    c.stop("alpha");
+    c.start("alpha");
+    let after = status(&c, "alpha").origin_of[0].replicas[0].clone();
+    assert!(after.transfers_ok >= before.transfers_ok, "{before:#?}\n{after:#?}");
+    assert!(after.bytes_shipped >= before.bytes_shipped, "{before:#?}\n{after:#?}");
+    assert!(after.last_success.is_some(), "the last success is remembered too: {after:#?}");
+    let text = String::from_utf8_lossy(&run(snapship().args(["status", "--config"]).arg(c.dir("alpha").join("node.yaml"))).stdout).into_owned();
+    assert!(text.contains(&format!("totals: {} ok", after.transfers_ok)), "{text}");
+    c.stop("alpha");
+    c.stop("beta");
+}
+
+#[test]
+fn a_failed_snapshot_shows_in_status_until_one_is_taken() {
+    require_root!();
+    let mut c = Cluster::new("operate_snapfail", &["alpha", "beta"]);
+    let metrics_port = free_port();
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst = c.mnt("beta").join("backup/projects");
+    let p = policy("projects", "alpha", &src, &[("beta", dst)]);
+    let alpha = c.configure("alpha", &[("projects", p.clone())]);
+    std::fs::write(&alpha, std::fs::read_to_string(&alpha).unwrap() + &format!("metrics: 127.0.0.1:{metrics_port}\n")).unwrap();
+    c.configure("beta", &[("projects", p)]);
+    fill(&src, 33);
+    c.start("beta");
+    c.start("alpha");
+    c.sync_ok("alpha", "projects");
+    let before = status(&c, "alpha");
+    assert!(before.origin_of[0].last_snapshot_error.is_none());
+
+    // The subvolume moved away, a plain directory in its place: no snapshot can be taken.
+    let away = src.with_file_name("projects.away");
+    std::fs::rename(&src, &away).unwrap();
+    std::fs::create_dir(&src).unwrap();
+    let out = c.sync("alpha", "projects");
+    assert!(!out.status.success());
+    let s = status(&c, "alpha");
+    let e = s.origin_of[0].last_snapshot_error.as_ref().expect("the failed snapshot in status");
+    assert!(e.message.contains("cannot take a snapshot"), "{e:?}");
+    assert!((chrono::Utc::now() - e.at).num_seconds() < 60, "{e:?}");
+    let text = String::from_utf8_lossy(&run(snapship().args(["status", "--config"]).arg(&alpha)).stdout).into_owned();
+    assert!(text.contains("  FAILED at ") && text.contains("cannot take a snapshot"), "{text}");
+    assert_eq!(metric(&scrape(metrics_port), "snapship_failures_total{fileset=\"projects\",what=\"snapshot\"}"), 1.0);
+
+    // Put back: the next snapshot works, and the error is gone.
+    std::fs::remove_dir(&src).unwrap();
+    std::fs::rename(&away, &src).unwrap();
+    c.sync_ok("alpha", "projects");
+    let s = status(&c, "alpha");
+    assert!(s.origin_of[0].last_snapshot_error.is_none(), "{:#?}", s.origin_of[0]);
+    assert_eq!(s.origin_of[0].replicas[0].transfers_ok, 2);
+    c.stop("alpha");
+    c.stop("beta");
 }
