@@ -11,7 +11,7 @@ BENCH_DEBS := openssh-server openssh-client
 # Only fuzzing needs this: libfuzzer-sys compiles libFuzzer (C++).
 FUZZ_DEBS := g++
 
-.PHONY: all deps build lint test demo bench fuzz clean
+.PHONY: all deps build install lint test demo bench fuzz clean
 
 all: build
 
@@ -20,6 +20,36 @@ deps:
 
 build: deps
 	$(CARGO) build --release
+
+# Installs the release binary (made by `make build` when missing), the systemd unit, the man
+# pages and the bash, zsh and fish completions under $(DESTDIR)$(PREFIX). The man pages and
+# completions come from the binary itself (`snapship generate`, hidden from --help), so they
+# always match its verbs and options. The unit goes where systemd looks for units of a local
+# prefix, with its ExecStart pointing at the installed binary; then: `systemctl daemon-reload`
+# and the drop-in of `snapship generate unit-paths --config FILE` (docs/configuration.md).
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+GEN := target/release/generated
+
+target/release/snapship:
+	$(MAKE) build
+
+install: target/release/snapship
+	rm -rf $(GEN)
+	target/release/snapship generate man $(GEN)/man
+	@set -e; for sh in bash zsh fish; do target/release/snapship generate completions $$sh $(GEN)/completions; done
+	install -D -m 755 target/release/snapship $(DESTDIR)$(BINDIR)/snapship
+	install -d -m 755 $(DESTDIR)$(MANDIR)/man1
+	install -m 644 $(GEN)/man/*.1 $(DESTDIR)$(MANDIR)/man1/
+	install -D -m 644 $(GEN)/completions/snapship.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/snapship
+	install -D -m 644 $(GEN)/completions/_snapship $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_snapship
+	install -D -m 644 $(GEN)/completions/snapship.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/snapship.fish
+	install -d -m 755 $(DESTDIR)$(UNITDIR)
+	sed 's|/usr/local/bin/snapship|$(BINDIR)/snapship|g' examples/snapship.service > $(DESTDIR)$(UNITDIR)/snapship.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/snapship.service
 
 # Formatting (rustfmt.toml) and clippy with warnings as errors, on every target.
 lint: deps

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+mod generate;
 mod prune;
 
 use std::sync::Arc;
@@ -178,6 +179,10 @@ enum Command {
         #[arg(required = true, value_name = "NODE")]
         nodes: Vec<String>,
     },
+    /// Files for installing snapship: man pages, shell completions, the systemd unit's
+    /// ReadWritePaths (`make install` runs it; see cli/generate.rs). Hidden from --help.
+    #[command(hide = true, subcommand)]
+    Generate(generate::Generate),
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +246,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             restore(&config.config, &fileset, &which, &to, path.as_deref()).await
         }
         Command::Prune { config, fileset, dry_run } => prune(&config.config, fileset.as_deref(), dry_run).await,
+        Command::Generate(what) => generate::run(what),
     }
 }
 

@@ -13,7 +13,9 @@
 //! - `cli_check`, `cli_certs`, `certs_expiry`, `examples`: the config checker, certificates
 //!   (making, renewing, refusing expired ones in a handshake) and the shipped examples (no
 //!   root);
-//! - `layers`: the dependency rule between the modules of `src/` (no root).
+//! - `layers`: the dependency rule between the modules of `src/` (no root);
+//! - `install`: what `make install` ships (man pages, completions, the unit-paths drop-in)
+//!   (no root).
 
 #[macro_use]
 mod common;
@@ -25,6 +27,7 @@ mod cli_check;
 mod examples;
 mod failover;
 mod faults;
+mod install;
 mod layers;
 mod operate;
 mod proxy;
