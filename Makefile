@@ -3,8 +3,10 @@
 CARGO ?= cargo
 # Debian packages the build and the tests need: btrfs tools, the libbtrfsutil C library,
 # libclang for the bindgen run of libbtrfsutil-sys, zfs-fuse for real ZFS pools on files
-# (there is no ZFS kernel module here), and procps (pgrep, kill) for the fault tests.
-DEBS := btrfs-progs libbtrfsutil-dev libclang-dev pkg-config zfs-fuse procps
+# (there is no ZFS kernel module here), procps (pgrep, kill) for the fault tests, systemd for
+# `systemd-analyze security --offline` on the shipped unit (3 MB; installing it in a
+# container starts nothing) and libcap2-bin (setcap, getcap) for the unit's capability test.
+DEBS := btrfs-progs libbtrfsutil-dev libclang-dev pkg-config zfs-fuse procps systemd libcap2-bin
 
 # Only the benchmarks need these: the ssh comparison.
 BENCH_DEBS := openssh-server openssh-client

@@ -227,9 +227,21 @@ pub async fn run(config_path: &Path) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    // snapship reads its config once; a SIGHUP (a stray `kill -HUP`, a closed terminal) must
+    // not stop it, so it is answered with what to do instead.
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping");
+                break;
+            }
+            _ = hup.recv() => tracing::warn!("SIGHUP: snapship does not reload its config in place; restart it to apply changes (`systemctl restart snapship`: transfers in flight resume)"),
+        }
     }
     shutdown.cancel();
     node.origins.close();

@@ -14,8 +14,9 @@
 //!   (making, renewing, refusing expired ones in a handshake) and the shipped examples (no
 //!   root);
 //! - `layers`: the dependency rule between the modules of `src/` (no root);
-//! - `install`: what `make install` ships (man pages, completions, the unit-paths drop-in)
-//!   (no root).
+//! - `install`, `service_unit`: what `make install` ships (man pages, completions, the
+//!   unit-paths drop-in), the systemd unit's hardening score (no root) and its capability
+//!   set on a real btrfs sync (root).
 
 #[macro_use]
 mod common;
@@ -34,4 +35,5 @@ mod proxy;
 mod quic;
 mod restore;
 mod scheduler;
+mod service_unit;
 mod zfs;
