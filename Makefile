@@ -61,7 +61,10 @@ lint: deps
 # Unit tests, then the integration tests on loop-mounted btrfs images and zfs-fuse pools.
 # Everything they mount or start is torn down on exit, failures included. The fault tests
 # break transfers through test hooks that only a `test-hooks` build has (see Cargo.toml).
+# promtool for the alert-rule checks is unpacked from Debian's prometheus package into
+# target/tools (not installed: that would start a Prometheus server); without it they skip.
 test: deps
+	@scripts/fetch-promtool.sh
 	$(CARGO) build --all-targets --features test-hooks
 	scripts/with-scratch.sh $(CARGO) test --all-targets --features test-hooks
 

@@ -14,9 +14,9 @@
 //!   (making, renewing, refusing expired ones in a handshake) and the shipped examples (no
 //!   root);
 //! - `layers`: the dependency rule between the modules of `src/` (no root);
-//! - `install`, `service_unit`: what `make install` ships (man pages, completions, the
-//!   unit-paths drop-in), the systemd unit's hardening score (no root) and its capability
-//!   set on a real btrfs sync (root).
+//! - `install`, `service_unit`, `monitoring`: what `make install` ships (man pages,
+//!   completions), the systemd unit's hardening score, the Prometheus rules and Grafana
+//!   dashboard in examples/monitoring (no root).
 
 #[macro_use]
 mod common;
@@ -30,6 +30,7 @@ mod failover;
 mod faults;
 mod install;
 mod layers;
+mod monitoring;
 mod operate;
 mod proxy;
 mod quic;
