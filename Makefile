@@ -5,8 +5,9 @@ CARGO ?= cargo
 # libclang for the bindgen run of libbtrfsutil-sys, zfs-fuse for real ZFS pools on files
 # (there is no ZFS kernel module here), procps (pgrep, kill) for the fault tests, systemd for
 # `systemd-analyze security --offline` on the shipped unit (3 MB; installing it in a
-# container starts nothing) and libcap2-bin (setcap, getcap) for the unit's capability test.
-DEBS := btrfs-progs libbtrfsutil-dev libclang-dev pkg-config zfs-fuse procps systemd libcap2-bin
+# container starts nothing), libcap2-bin (setcap, getcap) and python3-seccomp (the unit's
+# system call filter, rebuilt by tests/data/seccomp_like_unit.py) for the unit's tests.
+DEBS := btrfs-progs libbtrfsutil-dev libclang-dev pkg-config zfs-fuse procps systemd libcap2-bin python3-seccomp
 
 # Only the benchmarks need these: the ssh comparison.
 BENCH_DEBS := openssh-server openssh-client

@@ -3,11 +3,13 @@
 //!
 //! - `systemd-analyze security --offline=yes` scores it at most [`MAX_EXPOSURE`] (no running
 //!   systemd needed; skipped with a message where systemd-analyze is absent).
-//! - A btrfs sync whose files need the privileged parts of a receive (setuid bits, a device
-//!   node, a file capability, files of another owner with no permissions) works with only
-//!   the unit's `CapabilityBoundingSet=` and `NoNewPrivileges=`, applied by `setpriv` as
-//!   systemd would (root). The unit's other settings (namespaces, seccomp) need systemd as
-//!   PID 1, which a container does not have.
+//! - A btrfs sync (full, then incremental) whose files need the privileged parts of a
+//!   receive (setuid bits, a device node, a file capability, files of another owner with no
+//!   permissions) works with only the unit's `CapabilityBoundingSet=` and
+//!   `NoNewPrivileges=` (applied by `setpriv`, root) and its `SystemCallFilter=` and
+//!   `MemoryDenyWriteExecute=` (a seccomp filter built like systemd's by
+//!   tests/data/seccomp_like_unit.py, where python3-seccomp is installed). The unit's
+//!   namespaces (ProtectSystem=, ...) need systemd as PID 1, which a container does not have.
 //! - A SIGHUP does not stop the daemon (the unit has no reload).
 
 use std::path::Path;
@@ -74,8 +76,34 @@ fn bounding_set() -> String {
     arg
 }
 
+/// The unit's system call filter, as a command prefix (tests/data/seccomp_like_unit.py,
+/// with MemoryDenyWriteExecute= when the unit sets it), or `None` without python3-seccomp.
+fn seccomp_prefix() -> Option<Vec<String>> {
+    let have = Command::new("/usr/bin/python3").args(["-c", "import seccomp"]).output().is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("the sync runs without the unit's system call filter: no python3-seccomp (Debian package)");
+        return None;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/seccomp_like_unit.py");
+    let mut prefix = vec!["/usr/bin/python3".to_string(), script.display().to_string(), setting("SystemCallFilter").expect("a system call filter")];
+    if setting("MemoryDenyWriteExecute").as_deref() == Some("yes") {
+        prefix.push("--mdwe".into());
+    }
+    prefix.push("--".into());
+    Some(prefix)
+}
+
+/// `snapship sync` of `fileset` as the unit would run it: the unit's capability bounding
+/// set and no_new_privs (setpriv), and its seccomp filter where python3-seccomp is there.
+fn sync_like_the_unit(config: &Path, fileset: &str) -> std::process::Output {
+    let mut argv = seccomp_prefix().unwrap_or_default();
+    argv.extend(["setpriv".into(), "--no-new-privs".into(), format!("--bounding-set={}", bounding_set()), "--inh-caps=-all".into()]);
+    argv.extend([env!("CARGO_BIN_EXE_snapship").to_string(), "sync".into(), "--config".into(), config.display().to_string(), fileset.into()]);
+    Command::new(&argv[0]).args(&argv[1..]).output().unwrap()
+}
+
 #[test]
-fn a_sync_works_with_only_the_units_capabilities() {
+fn a_sync_works_with_only_what_the_unit_allows() {
     require_root!();
     if Command::new("setpriv").arg("--version").output().is_err() {
         eprintln!("skipping: no setpriv (Debian package util-linux)");
@@ -89,7 +117,7 @@ fn a_sync_works_with_only_the_units_capabilities() {
     let config = single_node_config(&scratch, "alpha", &[("data", local_policy("data", "alpha", &source, &replica_dir))]);
     // What replaying these takes: CHOWN, FSETID and FOWNER (owner, setuid/setgid bits kept),
     // MKNOD (a device node), SETFCAP (a file capability), DAC_OVERRIDE (a mode-000 file of
-    // another owner), SYS_ADMIN (the ioctls).
+    // another owner), SYS_ADMIN (the ioctls); chroot() (`btrfs receive --chroot`).
     sh(&format!(
         "cd {dir}
          echo hi > setuid && chown 1234:5678 setuid && chmod 6755 setuid
@@ -98,22 +126,15 @@ fn a_sync_works_with_only_the_units_capabilities() {
          mkdir private && echo secret > private/file && chown -R 4321:4321 private && chmod 000 private/file private",
         dir = source.display()
     ));
-    let out = Command::new("setpriv")
-        .arg("--no-new-privs")
-        .arg(format!("--bounding-set={}", bounding_set()))
-        .arg("--inh-caps=-all")
-        .arg(env!("CARGO_BIN_EXE_snapship"))
-        .args(["sync", "--config"])
-        .arg(&config)
-        .arg("data")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sync with the unit's capabilities failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for (round, kind) in [(1, "full"), (2, "incremental")] {
+        if round == 2 {
+            std::fs::write(source.join("second"), "more").unwrap();
+        }
+        let out = sync_like_the_unit(&config, "data");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "the {kind} sync failed with only what the unit allows:\n{text}");
+        assert!(text.contains(&format!("-> alpha: {kind}")), "{text}");
+    }
     let got = replica_dir.join("latest");
     assert_same_tree(&source, &got);
     let facts = sh(&format!("cd {}; stat -c '%u:%g %a' setuid; stat -c %F null-like; getcap capable", got.display()));
