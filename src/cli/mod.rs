@@ -179,8 +179,10 @@ enum Command {
         #[arg(required = true, value_name = "NODE")]
         nodes: Vec<String>,
     },
-    /// Files for installing snapship: man pages, shell completions, the systemd unit's
-    /// ReadWritePaths (`make install` runs it; see cli/generate.rs). Hidden from --help.
+    // Hidden from --help and the man pages: `make install` and packagers run it, and admins
+    // its `unit-paths` (docs/configuration.md). Shell completions still offer it.
+    /// Files for installing snapship: man pages, shell completions, a systemd drop-in with the
+    /// places this node's policies write.
     #[command(hide = true, subcommand)]
     Generate(generate::Generate),
 }
