@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+mod generate;
 mod prune;
 mod status;
 
@@ -192,6 +193,12 @@ enum Command {
         #[arg(required = true, value_name = "NODE")]
         nodes: Vec<String>,
     },
+    // Hidden from --help and the man pages: `make install` and packagers run it, and admins
+    // its `unit-paths` (docs/configuration.md). Shell completions still offer it.
+    /// Files for installing snapship: man pages, shell completions, a systemd drop-in with the
+    /// places this node's policies write.
+    #[command(hide = true, subcommand)]
+    Generate(generate::Generate),
 }
 
 #[derive(Debug, Args)]
@@ -256,6 +263,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             restore(&config.config, &fileset, &which, &to, path.as_deref()).await
         }
         Command::Prune { config, fileset, dry_run } => prune(&config.config, fileset.as_deref(), dry_run).await,
+        Command::Generate(what) => generate::run(what),
     }
 }
 

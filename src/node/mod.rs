@@ -227,9 +227,21 @@ pub async fn run(config_path: &Path) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    // snapship reads its config once; a SIGHUP (a stray `kill -HUP`, a closed terminal) must
+    // not stop it, so it is answered with what to do instead.
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping");
+                break;
+            }
+            _ = hup.recv() => tracing::warn!("SIGHUP: snapship does not reload its config in place; restart it to apply changes (`systemctl restart snapship`: transfers in flight resume)"),
+        }
     }
     shutdown.cancel();
     node.origins.close();
@@ -500,6 +512,7 @@ fn observe(loaded: &LoadedConfig, status: &Arc<StatusBoard>, background: &TaskTr
     if let Some(addr) = loaded.node.metrics {
         metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr).install().map_err(|e| anyhow!("cannot serve metrics on {addr}: {e}"))?;
         crate::observe::status::describe_metrics();
+        export_certificate_expiry(loaded);
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     }
     let (status, shutdown) = (status.clone(), shutdown.clone());
@@ -513,6 +526,20 @@ fn observe(loaded: &LoadedConfig, status: &Arc<StatusBoard>, background: &TaskTr
         }
     });
     Ok(())
+}
+
+/// Exports when this node's certificate expires, for an alert before peers start refusing
+/// it (examples/monitoring/). Read once here: a renewed certificate takes a restart anyway.
+fn export_certificate_expiry(loaded: &LoadedConfig) {
+    use crate::observe::metrics as names;
+    let Some(files) = &loaded.node.tls else { return };
+    metrics::describe_gauge!(names::CERTIFICATE_EXPIRY, metrics::Unit::Seconds, "When this node's TLS certificate expires (Unix time, its notAfter)");
+    match preflight::certificate_expiry(&files.cert) {
+        Some(not_after) => metrics::gauge!(names::CERTIFICATE_EXPIRY).set(not_after as f64),
+        None => {
+            tracing::warn!(cert = %files.cert.display(), "cannot read the certificate's expiry for {}; `snapship check` says what is wrong", names::CERTIFICATE_EXPIRY)
+        }
+    }
 }
 
 /// Tells the status board what this node holds of the file sets it is a replica of.

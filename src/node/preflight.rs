@@ -140,6 +140,13 @@ pub fn tls(node: &NodeConfig) -> Findings {
     found
 }
 
+/// When the certificate in the PEM file at `path` expires (its notAfter, Unix seconds), or
+/// `None` when the file does not hold one (`tls` says what is wrong with it).
+pub fn certificate_expiry(path: &Path) -> Option<i64> {
+    let cert = read_certificate(path, "the certificate", "tls.cert", "NODE.pem").ok()?;
+    Some(cert.parsed().validity().not_after.timestamp())
+}
+
 /// A certificate read from a PEM file, kept as DER.
 struct Certificate {
     der: Vec<u8>,

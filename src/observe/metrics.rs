@@ -25,3 +25,6 @@ pub const BYTES_SENT: &str = "snapship_bytes_sent_total";
 pub const SNAPSHOTS: &str = "snapship_snapshots";
 /// Gauge: when a transfer to a replica last succeeded (Unix time).
 pub const LAST_SUCCESS: &str = "snapship_last_success_timestamp_seconds";
+/// Gauge: when this node's TLS certificate (`tls.cert`) expires (Unix time, its notAfter);
+/// set once at daemon start, so a renewed certificate shows after the restart that loads it.
+pub const CERTIFICATE_EXPIRY: &str = "snapship_certificate_expiry_timestamp_seconds";

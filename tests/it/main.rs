@@ -13,7 +13,10 @@
 //! - `cli_check`, `cli_certs`, `certs_expiry`, `examples`: the config checker, certificates
 //!   (making, renewing, refusing expired ones in a handshake) and the shipped examples (no
 //!   root);
-//! - `layers`: the dependency rule between the modules of `src/` (no root).
+//! - `layers`: the dependency rule between the modules of `src/` (no root);
+//! - `install`, `service_unit`, `monitoring`: what `make install` ships (man pages,
+//!   completions), the systemd unit's hardening score, the Prometheus rules and Grafana
+//!   dashboard in examples/monitoring (no root).
 
 #[macro_use]
 mod common;
@@ -25,10 +28,13 @@ mod cli_check;
 mod examples;
 mod failover;
 mod faults;
+mod install;
 mod layers;
+mod monitoring;
 mod operate;
 mod proxy;
 mod quic;
 mod restore;
 mod scheduler;
+mod service_unit;
 mod zfs;
