@@ -17,3 +17,6 @@ pub const BYTES_SENT: &str = "snapship_bytes_sent_total";
 pub const SNAPSHOTS: &str = "snapship_snapshots";
 /// Gauge: when a transfer to a replica last succeeded (Unix time).
 pub const LAST_SUCCESS: &str = "snapship_last_success_timestamp_seconds";
+/// Counter: differences `snapship verify` found between the origin's copy of a snapshot and
+/// a replica's, labelled by `fileset` and `replica`.
+pub const VERIFY_MISMATCHES: &str = "snapship_verify_mismatches_total";

@@ -16,8 +16,9 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use super::frame::FrameReader;
 use super::protocol::{ErrorCode, Message, ResumeFrom, VERSION};
 use super::transfer::{self, read_message, write_message};
-use super::{Dialer, Listing, ReplicaEndpoint, Start, StreamStart};
+use super::{Dialer, Listing, ReplicaEndpoint, Start, StreamStart, TreeSource};
 use crate::config::Transfer;
+use crate::snapshot::tree::Entry;
 use crate::snapshot::{Incoming, Snapshot, SnapshotName};
 use crate::store::Epoch;
 
@@ -116,6 +117,18 @@ impl ReplicaEndpoint for PeerReplica {
                 Message::Error { code, message, epoch } => Err(self.refused(code, message, epoch)),
                 other => bail!("protocol error: `{}` answered {} to handover", self.node, other.kind()),
             },
+        }
+    }
+
+    async fn verify(&self, snapshot: &SnapshotName, full: bool) -> Result<Box<dyn TreeSource>> {
+        let request = Message::Verify { fileset: self.fileset.clone(), snapshot: snapshot.to_string(), full, epoch: (self.epoch)()? };
+        let (mut replies, send) = self.request(&request).await.map_err(|e| self.dialer.explain(e))?;
+        // The replica hashes its whole copy before it answers (rehashing only what changed
+        // since its last verify, unless `full`): no time limit but the connection's liveness.
+        match read_message(&mut replies).await.map_err(|e| self.dialer.explain(e))? {
+            Message::VerifyRoot { root } => Ok(Box::new(RemoteTree { node: self.node.clone(), root, replies, send })),
+            Message::Error { code, message, epoch } => Err(self.refused(code, message, epoch)),
+            other => bail!("protocol error: `{}` answered {} to verify", self.node, other.kind()),
         }
     }
 
@@ -272,6 +285,58 @@ impl PeerReplica {
             } else {
                 behind_since = None;
             }
+        }
+    }
+}
+
+/// A replica's hash tree, read over one request stream: one `verify_dir` per page.
+struct RemoteTree {
+    node: String,
+    root: Entry,
+    replies: Replies,
+    send: Outgoing,
+}
+
+#[async_trait]
+impl TreeSource for RemoteTree {
+    fn root(&self) -> &Entry {
+        &self.root
+    }
+
+    async fn dir(&mut self, path: &str) -> Result<Vec<Entry>> {
+        let parts: Vec<String> = if path.is_empty() { Vec::new() } else { path.split('/').map(str::to_string).collect() };
+        let mut out: Vec<Entry> = Vec::new();
+        loop {
+            let after = out.last().map(|e| e.name.clone());
+            write_message(&mut self.send, &Message::VerifyDir { path: parts.clone(), after }).await?;
+            let reply = tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut self.replies))
+                .await
+                .map_err(|_| anyhow!("replica `{}` did not answer verify_dir within {}s", self.node, ANSWER_TIMEOUT.as_secs()))??;
+            match reply {
+                Message::VerifyEntries { entries, more } => {
+                    let progressed = !entries.is_empty();
+                    out.extend(entries);
+                    if !more {
+                        return Ok(out);
+                    }
+                    if !progressed {
+                        bail!("protocol error: `{}` sent an empty page with more to come", self.node);
+                    }
+                }
+                Message::Error { code, message, .. } => return Err(Refused { node: self.node.clone(), code, message }.into()),
+                other => bail!("protocol error: `{}` answered {} to verify_dir", self.node, other.kind()),
+            }
+        }
+    }
+
+    async fn done(&mut self) -> Result<()> {
+        write_message(&mut self.send, &Message::VerifyDone).await?;
+        self.send.shutdown().await.ok();
+        match tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut self.replies)).await {
+            Ok(Ok(Message::VerifyDone)) => Ok(()),
+            Ok(Ok(other)) => bail!("protocol error: `{}` answered {} to verify_done", self.node, other.kind()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => bail!("replica `{}` did not answer verify_done within {}s", self.node, ANSWER_TIMEOUT.as_secs()),
         }
     }
 }

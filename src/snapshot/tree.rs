@@ -86,7 +86,7 @@ pub struct Meta {
 pub struct Entry {
     #[serde(rename = "n")]
     pub name: String,
-    #[serde(flatten)]
+    #[serde(rename = "a")]
     pub meta: Meta,
     /// Hex BLAKE3: a file's content, a symlink's target, a directory's entries.
     #[serde(rename = "h")]
