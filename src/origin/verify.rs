@@ -46,7 +46,11 @@ pub async fn verify(config: &LoadedConfig, policy: &Policy, replica: &dyn Replic
                 bail!("this origin holds no snapshot named `{text}` (`snapship list {fileset}` shows which it holds)");
             };
             if !both.iter().any(|b| b.name == o.name) {
-                bail!("replica `{}` holds no copy of {} (`snapship list {fileset}` shows what it holds)", replica.node(), o.name);
+                bail!(
+                    "replica `{}` holds no received copy of {} (`snapship list {fileset}` shows what it holds; a copy made writable with `btrfs property set -f` lost its received UUID and is no copy any more)",
+                    replica.node(),
+                    o.name
+                );
             }
             o
         }

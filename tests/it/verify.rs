@@ -1,0 +1,135 @@
+//! `snapship verify` between two nodes over QUIC, each with its own loop btrfs: a faithful
+//! replica is equal (exit 0), also when verified again from the kept hashes; a received
+//! snapshot tampered with by hand (made writable, a file's content changed, a file removed,
+//! a mode and an xattr changed, made read-only again: it keeps its received UUID) differs
+//! (exit 1), each path named with what differs; a replica that is down cannot be verified
+//! (exit 2, with the reason). `btrfs property set -f`, which also clears the received UUID,
+//! leaves no copy to verify (exit 2, saying so).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+use std::time::Instant;
+
+use crate::common::cluster::*;
+use crate::common::*;
+
+fn verify(c: &Cluster, args: &[&str]) -> (Output, f64) {
+    let started = Instant::now();
+    let out = snapship().args(["verify", "--config"]).arg(c.dir("alpha").join("node.yaml")).arg("projects").args(args).output().unwrap();
+    (out, started.elapsed().as_secs_f64())
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn two_nodes(test: &str) -> (Cluster, std::path::PathBuf, std::path::PathBuf) {
+    let mut c = Cluster::new(test, &["alpha", "beta"]);
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst = c.mnt("beta").join("backup/projects");
+    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);
+    c.configure("alpha", &[("projects", p.clone())]);
+    c.configure("beta", &[("projects", p)]);
+    c.start("beta");
+    fill(&src, 1);
+    std::fs::set_permissions(src.join("sub/f5.txt"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("sub/f1.txt", src.join("link")).unwrap();
+    set_xattr(&src.join("sub/f6.txt"), "blue");
+    (c, src, dst)
+}
+
+fn set_xattr(path: &Path, value: &str) {
+    rustix::fs::lsetxattr(path, "user.color", value.as_bytes(), rustix::fs::XattrFlags::empty()).unwrap();
+}
+
+/// Flips a subvolume's read-only flag. `btrfs property set -f -ts PATH ro false` does the
+/// same but btrfs-progs 6.2 also clears the received UUID; the kernel's flag alone (this
+/// ioctl, as an intruder would use it) keeps it, the case nothing but the content can show.
+fn set_ro(path: &Path, ro: bool) {
+    libbtrfsutil::set_subvolume_read_only(path, ro).unwrap();
+}
+
+#[test]
+fn verify_finds_a_faithful_replica_equal_and_a_tampered_one_different() {
+    require_root!();
+    let (mut c, src, dst) = two_nodes("verify_tamper");
+    c.sync_ok("alpha", "projects");
+
+    let (out, full) = verify(&c, &["--full"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("projects -> beta: snapship-"), "{}", text(&out));
+    assert!(text(&out).contains(" equal ("), "{}", text(&out));
+    let (out, again) = verify(&c, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("0 files hashed, 31 reused"), "the second verify reuses every hash:\n{}", text(&out));
+
+    // A later snapshot: only what changed is rehashed.
+    std::fs::write(src.join("sub/f2.txt"), "changed on the origin").unwrap();
+    c.sync_ok("alpha", "projects");
+    let (out, incremental) = verify(&c, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("1 files hashed, 30 reused"), "{}", text(&out));
+    eprintln!("verify figures: full {full:.2}s, again {again:.2}s, next snapshot {incremental:.2}s");
+
+    // Tamper with the replica's newest snapshot by hand.
+    let name = snapshots(&dst).pop().unwrap();
+    let copy = dst.join(&name);
+    let received = subvol(&copy).received.clone();
+    set_ro(&copy, false);
+    std::fs::write(copy.join("sub/f3.txt"), "file 3 seed 9\n".repeat(50)).unwrap(); // same size
+    std::fs::remove_file(copy.join("sub/f4.txt")).unwrap();
+    std::fs::set_permissions(copy.join("sub/f5.txt"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    set_xattr(&copy.join("sub/f6.txt"), "red");
+    std::fs::write(copy.join("extra"), "x").unwrap();
+    set_ro(&copy, true);
+    assert_eq!(subvol(&copy).received, received, "the tampered copy keeps its received UUID");
+
+    let (out, _) = verify(&c, &[]);
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    for line in [
+        "M sub/f3.txt: content",
+        "D sub/f4.txt: only on the origin",
+        "M sub/f5.txt: mode 0755 -> 0700",
+        "M sub/f6.txt: xattr user.color",
+        "A extra: only on the replica",
+        "DIFFERS",
+    ] {
+        assert!(shown.contains(line), "missing {line:?} in:\n{shown}");
+    }
+    assert!(!shown.contains("f1.txt") && !shown.contains("data.bin"), "only what differs is named:\n{shown}");
+    // --full finds the same, and an older snapshot named by --snapshot is still equal.
+    let (out, _) = verify(&c, &["--full", "--replica", "beta"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("M sub/f3.txt: content"), "{}", text(&out));
+    let older = snapshots(&dst).remove(0);
+    let (out, _) = verify(&c, &["--snapshot", &older]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (out, _) = verify(&c, &["--snapshot", "snapship-20200101T000000.000Z"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("holds no snapshot named"), "{}", text(&out));
+
+    // By `btrfs property set -f -ts PATH ro false` instead, btrfs-progs (6.2) clears the
+    // received UUID: the replica no longer counts it as a copy, and verify says so.
+    run(std::process::Command::new("btrfs").args(["property", "set", "-f", "-ts"]).arg(&copy).args(["ro", "false"]));
+    std::fs::write(copy.join("sub/f7.txt"), "changed by hand").unwrap();
+    run(std::process::Command::new("btrfs").args(["property", "set", "-ts"]).arg(&copy).args(["ro", "true"]));
+    let (out, _) = verify(&c, &["--snapshot", &name]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("holds no received copy of"), "{}", text(&out));
+    c.stop("beta");
+}
+
+#[test]
+fn verify_against_a_replica_that_is_down_exits_2_with_the_reason() {
+    require_root!();
+    let (mut c, _src, _dst) = two_nodes("verify_down");
+    c.sync_ok("alpha", "projects");
+    c.stop("beta");
+    let (out, _) = verify(&c, &[]);
+    let shown = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{shown}");
+    assert!(shown.contains("projects -> beta: COULD NOT VERIFY"), "{shown}");
+    eprintln!("{shown}");
+}
