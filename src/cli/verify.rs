@@ -37,7 +37,13 @@ pub async fn verify(path: &std::path::Path, fileset: &str, replica: Option<&str>
     let (mut differ, mut failed) = (false, false);
     for member in members {
         let outcome = match super::remote_member(&loaded, policy, &member, connector.clone()) {
-            Ok(endpoint) => verify_one(&loaded, policy, &endpoint, snapshot, full).await,
+            Ok(endpoint) => {
+                let outcome = verify_one(&loaded, policy, &endpoint, snapshot, full).await;
+                // Close the connection now: the replica counts open connections per peer, and
+                // one left to its idle timeout would hold a slot after this process exits.
+                crate::ship::ReplicaEndpoint::close(&endpoint).await;
+                outcome
+            }
             Err(e) => Err(e),
         };
         match outcome {
@@ -49,6 +55,7 @@ pub async fn verify(path: &std::path::Path, fileset: &str, replica: Option<&str>
             }
         }
     }
+    connector.wait_closed(std::time::Duration::from_secs(2)).await;
     match (differ, failed) {
         (true, _) => ExitCode::from(1),
         (false, true) => ExitCode::from(2),
