@@ -6,7 +6,9 @@
 //! is answered with the origin's own snapshots (`snapship list` on a replica). What
 //! the peer sends (file set, snapshot name, identities) is checked against the policy and the
 //! backend before anything touches a filesystem; the target path always comes from the
-//! policy.
+//! policy. `verify` (from the current origin only, like `list`) hashes the received snapshot
+//! it names, found by name among this node's received snapshots, and answers the origin's
+//! `verify_dir` requests from that tree in memory: no path from the wire reaches a filesystem.
 //!
 //! Receives and pruning of one file set never overlap: the file set's lock (the one `begin`
 //! takes) is taken before the origin hears `committed` and held while the replica prunes, so

@@ -87,6 +87,7 @@ fn verify_finds_a_faithful_replica_equal_and_a_tampered_one_different() {
 
     let (out, _) = verify(&c, &[]);
     let shown = text(&out);
+    eprintln!("{shown}");
     assert_eq!(out.status.code(), Some(1), "{shown}");
     for line in [
         "M sub/f3.txt: content",
@@ -132,4 +133,41 @@ fn verify_against_a_replica_that_is_down_exits_2_with_the_reason() {
     assert_eq!(out.status.code(), Some(2), "{shown}");
     assert!(shown.contains("projects -> beta: COULD NOT VERIFY"), "{shown}");
     eprintln!("{shown}");
+}
+
+/// The figures in docs/restore.md ("Verify"): a larger file set (256 MiB in 2,000 files),
+/// verified in full, then after a change to 10 files, incrementally and in full. Ignored by
+/// default (it writes a quarter GiB on each node); run with `-- --ignored verify_figures`.
+#[test]
+#[ignore]
+fn verify_figures() {
+    require_root!();
+    let mut c = Cluster::with_size("verify_figures", &["alpha", "beta"], 1200);
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst = c.mnt("beta").join("backup/projects");
+    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);
+    c.configure("alpha", &[("projects", p.clone())]);
+    c.configure("beta", &[("projects", p)]);
+    c.start("beta");
+    for d in 0..20 {
+        std::fs::create_dir_all(src.join(format!("d{d}"))).unwrap();
+        for f in 0..100 {
+            write_random(&src.join(format!("d{d}/f{f}")), 128 << 10, (d * 100 + f) as u64);
+        }
+    }
+    c.sync_ok("alpha", "projects");
+    let (out, full) = verify(&c, &["--full"]);
+    assert!(out.status.success(), "{}", text(&out));
+    eprintln!("full, first: {full:.2}s: {}", text(&out).lines().next().unwrap_or(""));
+    for f in 0..10 {
+        write_random(&src.join(format!("d3/f{f}")), 128 << 10, 9000 + f);
+    }
+    c.sync_ok("alpha", "projects");
+    let (out, incremental) = verify(&c, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    eprintln!("incremental, 10 files changed: {incremental:.2}s: {}", text(&out).lines().next().unwrap_or(""));
+    let (out, full) = verify(&c, &["--full"]);
+    assert!(out.status.success(), "{}", text(&out));
+    eprintln!("full, same snapshot: {full:.2}s: {}", text(&out).lines().next().unwrap_or(""));
+    c.stop("beta");
 }
