@@ -292,6 +292,32 @@ mod tests {
     }
 
     #[test]
+    fn verify_messages_round_trip_and_carry_names_only() {
+        use crate::snapshot::tree::{FileType, Meta};
+        let entry = Entry {
+            name: "a.txt".into(),
+            meta: Meta { kind: FileType::File, mode: 0o644, uid: 1, gid: 2, size: 3, mtime: (4, 5), xattrs: vec![("user.x".into(), "h".into())], target: None },
+            hash: "c0ffee".into(),
+        };
+        for m in [
+            Message::Verify {
+                fileset: "projects".into(),
+                snapshot: "snapship-20260101T000000.000Z".into(),
+                full: true,
+                epoch: Epoch { number: 0, origin: "alpha".into() },
+            },
+            Message::VerifyRoot { root: entry.clone() },
+            Message::VerifyDir { path: vec!["docs".into()], after: Some("a.txt".into()) },
+            Message::VerifyEntries { entries: vec![entry], more: false },
+            Message::VerifyDone,
+        ] {
+            assert_eq!(Message::from_json(&m.to_json()).unwrap(), m);
+        }
+        let with_path = br#"{"type":"verify","fileset":"x","snapshot":"s","epoch":{"number":0,"origin":"a"},"path":"/etc"}"#;
+        assert!(Message::from_json(with_path).unwrap_err().contains("unknown field `path`"));
+    }
+
+    #[test]
     fn unknown_or_malformed_messages_are_errors() {
         assert!(Message::from_json(b"{\"type\":\"launch_missiles\"}").is_err());
         // A sender cannot smuggle in fields the protocol does not have (like a target path).
