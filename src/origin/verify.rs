@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
 
 use crate::config::{LoadedConfig, Policy};
 use crate::observe::metrics as names;
@@ -29,6 +30,36 @@ pub struct Verified {
     pub hashed: usize,
     pub reused: usize,
     pub elapsed: Duration,
+}
+
+/// One replica's outcome as the command prints it (and the daemon sends it over its control
+/// socket): the summary, or why it could not be verified.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Outcome {
+    pub replica: String,
+    pub result: Result<Summary, String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub snapshot: String,
+    /// Each difference in words (`M docs/a.txt: content`); empty when equal.
+    pub differences: Vec<String>,
+    pub hashed: usize,
+    pub reused: usize,
+    pub seconds: f64,
+}
+
+impl From<Verified> for Summary {
+    fn from(v: Verified) -> Summary {
+        Summary {
+            snapshot: v.snapshot.to_string(),
+            differences: v.differences.iter().map(|d| d.to_string()).collect(),
+            hashed: v.hashed,
+            reused: v.reused,
+            seconds: v.elapsed.as_secs_f64(),
+        }
+    }
 }
 
 /// Verifies `replica`'s copy of `policy`'s file set against this origin's: the snapshot named
@@ -64,9 +95,10 @@ pub async fn verify(config: &LoadedConfig, policy: &Policy, replica: &dyn Replic
     let state_dir = config.node.state_dir.clone();
     let (fs, snap) = (fileset.clone(), name.to_string());
     let local = tokio::task::spawn_blocking(move || -> Result<Tree> {
-        let cache = if full { Cache::default() } else { tree::load_cache(&state_dir, &fs) };
+        let dir = tree::cache_dir(&state_dir, &fs, "origin");
+        let cache = if full { Cache::default() } else { tree::load_cache(&dir) };
         let tree = Tree::compute(&root, &cache, tree::hash_workers()).with_context(|| format!("cannot hash this origin's snapshot {snap}"))?;
-        if let Err(e) = tree::save_cache(&state_dir, &fs, &tree::cache_of(&tree, &root, &snap)) {
+        if let Err(e) = tree::save_cache(&dir, &tree::cache_of(&tree, &root, &snap)) {
             tracing::warn!(fileset = %fs, "cannot keep the verify cache: {e:#}");
         }
         Ok(tree)

@@ -186,9 +186,10 @@ impl ReplicaService {
         let (fs, snap) = (fileset.to_string(), name.to_string());
         let started = std::time::Instant::now();
         let tree = tokio::task::spawn_blocking(move || -> Result<Tree> {
-            let cache = if full { Cache::default() } else { tree::load_cache(&state_dir, &fs) };
+            let dir = tree::cache_dir(&state_dir, &fs, "replica");
+            let cache = if full { Cache::default() } else { tree::load_cache(&dir) };
             let tree = Tree::compute(&root, &cache, tree::hash_workers())?;
-            if let Err(e) = tree::save_cache(&state_dir, &fs, &tree::cache_of(&tree, &root, &snap)) {
+            if let Err(e) = tree::save_cache(&dir, &tree::cache_of(&tree, &root, &snap)) {
                 tracing::warn!(fileset = %fs, "cannot keep the verify cache: {e:#}");
             }
             Ok(tree)

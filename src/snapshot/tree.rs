@@ -387,29 +387,28 @@ fn unescape(path: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsStr::from_bytes(&out))
 }
 
-/// Where the cache of a file set's trees lives: `STATE_DIR/verify/FILESET/`.
-pub fn cache_dir(state_dir: &Path, fileset: &str) -> PathBuf {
-    state_dir.join("verify").join(fileset)
+/// Where the cache of a file set's trees lives on one side (`origin`, `replica`: a node may
+/// hold both copies): `STATE_DIR/verify/FILESET/SIDE/`.
+pub fn cache_dir(state_dir: &Path, fileset: &str, side: &str) -> PathBuf {
+    state_dir.join("verify").join(fileset).join(side)
 }
 
-/// The newest cache kept for the file set (any snapshot), or an empty one.
-pub fn load_cache(state_dir: &Path, fileset: &str) -> Cache {
-    let dir = cache_dir(state_dir, fileset);
-    let Ok(read) = std::fs::read_dir(&dir) else { return Cache::default() };
+/// The newest cache kept in `dir` (any snapshot), or an empty one.
+pub fn load_cache(dir: &Path) -> Cache {
+    let Ok(read) = std::fs::read_dir(dir) else { return Cache::default() };
     let mut names: Vec<PathBuf> = read.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "tree")).collect();
     names.sort();
     names.last().and_then(|p| std::fs::read(p).ok()).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
 }
 
-/// Keeps `cache` as the file set's one cache (`SNAPSHOT.tree`), replacing older ones.
-pub fn save_cache(state_dir: &Path, fileset: &str, cache: &Cache) -> Result<()> {
-    let dir = cache_dir(state_dir, fileset);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+/// Keeps `cache` as the one cache in `dir` (`SNAPSHOT.tree`), replacing older ones.
+pub fn save_cache(dir: &Path, cache: &Cache) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let path = dir.join(format!("{}.tree", cache.snapshot));
     let tmp = dir.join(format!(".{}.tree.tmp", cache.snapshot));
     std::fs::write(&tmp, serde_json::to_vec(cache)?).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
-    for e in std::fs::read_dir(&dir)?.flatten() {
+    for e in std::fs::read_dir(dir)?.flatten() {
         if e.path() != path && e.path().extension().is_some_and(|x| x == "tree") {
             let _ = std::fs::remove_file(e.path());
         }
@@ -672,8 +671,9 @@ mod tests {
         let (t, a, _b) = pair();
         let full = Tree::compute(&a, &Cache::default(), 2).unwrap();
         let cache = cache_of(&full, &a, "s1");
-        save_cache(t.path(), "projects", &cache).unwrap();
-        let loaded = load_cache(t.path(), "projects");
+        let dir = cache_dir(t.path(), "projects", "origin");
+        save_cache(&dir, &cache).unwrap();
+        let loaded = load_cache(&dir);
         assert_eq!(loaded.files.len(), 4);
         std::fs::write(a.join("docs/a.txt"), "ALPHA").unwrap();
         let again = Tree::compute(&a, &loaded, 2).unwrap();

@@ -171,3 +171,63 @@ fn verify_figures() {
     eprintln!("full, same snapshot: {full:.2}s: {}", text(&out).lines().next().unwrap_or(""));
     c.stop("beta");
 }
+
+/// With `snapship run` on the origin, the daemon verifies: the mismatches go to its log and
+/// to `snapship_verify_mismatches_total{fileset,replica}` on its metrics endpoint.
+#[test]
+fn verify_through_the_daemon_logs_and_counts_the_mismatches() {
+    require_root!();
+    let (mut c, _src, dst) = two_nodes("verify_daemon");
+    let metrics_port = free_port();
+    c.node_extra.insert("alpha".into(), format!("metrics: 127.0.0.1:{metrics_port}\n"));
+    let p = std::fs::read_to_string(c.dir("alpha").join("policies/projects.yaml")).unwrap();
+    c.configure("alpha", &[("projects", p)]);
+    c.start("alpha");
+    c.sync_ok("alpha", "projects");
+    let (out, _) = verify(&c, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("verified by the running snapship run"), "{}", text(&out));
+
+    let copy = dst.join(snapshots(&dst).pop().unwrap());
+    set_ro(&copy, false);
+    std::fs::write(copy.join("sub/f9.txt"), "not what the origin has").unwrap();
+    set_ro(&copy, true);
+    let (out, _) = verify(&c, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("M sub/f9.txt: content"), "{}", text(&out));
+
+    let log = c.daemons["alpha"].log_text();
+    assert!(log.contains("verify: M sub/f9.txt: content"), "the daemon logs each difference:\n{log}");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut scraped = String::new();
+    std::io::Read::read_to_string(&mut s, &mut scraped).unwrap();
+    let line = scraped.lines().find(|l| l.starts_with("snapship_verify_mismatches_total")).unwrap_or_else(|| panic!("no counter in:\n{scraped}"));
+    assert!(line.contains("fileset=\"projects\"") && line.contains("replica=\"beta\""), "{line}");
+    let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 1.0, "{line}");
+    c.stop("alpha");
+    c.stop("beta");
+}
+
+/// A replica on the origin's own node is verified through the in-process link, with its own
+/// kept hashes (`STATE_DIR/verify/FILESET/replica`, beside the origin's).
+#[test]
+fn verify_of_a_replica_on_the_origins_own_node() {
+    require_root!();
+    let scratch = Scratch::new("verify_local");
+    let fs = LoopBtrfs::new(&scratch, "fs", 300);
+    let source = fs.subvolume("projects");
+    let replica = fs.mnt.join("backup/projects");
+    let config = single_node_config(&scratch, "alpha", &[("projects", local_policy("projects", "alpha", &source, &replica))]);
+    fill(&source, 3);
+    let out = snapship().args(["sync", "--config"]).arg(&config).arg("projects").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    for _ in 0..2 {
+        let out = snapship().args(["verify", "--config"]).arg(&config).arg("projects").output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("projects -> alpha: snapship-"), "{}", text(&out));
+    }
+    let state = config.parent().unwrap().join("state/verify/projects");
+    assert!(state.join("origin").is_dir() && state.join("replica").is_dir(), "{}", state.display());
+}
