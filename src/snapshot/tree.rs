@@ -224,7 +224,8 @@ fn hash_file(path: &Path) -> Result<String> {
         .open(path)
         .with_context(|| format!("cannot open {} to hash it", path.display()))?;
     let mut hasher = blake3::Hasher::new();
-    std::io::copy(&mut file, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
+    // blake3 reads in large blocks itself (`update_reader`), which `io::copy`'s 8 KiB do not give.
+    hasher.update_reader(&mut file).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(hasher.finalize().to_hex().to_string())
 }
 
