@@ -28,6 +28,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// says it is alive at least every half second: it is given this long between two signs.
 const COMMIT_SILENCE: Duration = Duration::from_secs(60);
 
+/// The most entries verify takes from a replica for one directory.
+const MAX_DIR_ENTRIES: usize = 10_000_000;
+
 type Replies = FrameReader<Box<dyn AsyncRead + Send + Unpin>>;
 type Outgoing = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 
@@ -314,13 +317,20 @@ impl TreeSource for RemoteTree {
                 .map_err(|_| anyhow!("replica `{}` did not answer verify_dir within {}s", self.node, ANSWER_TIMEOUT.as_secs()))??;
             match reply {
                 Message::VerifyEntries { entries, more } => {
-                    let progressed = !entries.is_empty();
+                    // Pages must go forward in name order (so the comparison's merge holds and a
+                    // hostile replica cannot page forever), and a directory has a bounded size.
+                    let last = out.last().map(|e| e.name.clone());
+                    let ordered =
+                        entries.windows(2).all(|w| w[0].name < w[1].name) && entries.first().is_none_or(|e| last.as_ref().is_none_or(|l| e.name > *l));
+                    if !ordered || (more && entries.is_empty()) {
+                        bail!("protocol error: `{}` sent a page of `verify_entries` out of name order", self.node);
+                    }
                     out.extend(entries);
+                    if out.len() > MAX_DIR_ENTRIES {
+                        bail!("replica `{}` lists more than {MAX_DIR_ENTRIES} entries in one directory of the snapshot; verify gives up there", self.node);
+                    }
                     if !more {
                         return Ok(out);
-                    }
-                    if !progressed {
-                        bail!("protocol error: `{}` sent an empty page with more to come", self.node);
                     }
                 }
                 Message::Error { code, message, .. } => return Err(Refused { node: self.node.clone(), code, message }.into()),
