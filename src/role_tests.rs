@@ -139,8 +139,11 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         let node_file = dir.path().join("beta.yaml");
         let node = config::parse_node_text(&node_file, "node: beta\nlisten: 127.0.0.1:1\nstate_dir: state\ntls:\n  ca: ca.pem\n  cert: beta.pem\n  key: beta.key\npeers:\n  alpha: 127.0.0.1:2\n  gamma: 127.0.0.1:3\npolicies: []\n").unwrap();
+        // beta's replica directory is real (verify reads the snapshots' files there).
+        let backup = dir.path().join("backup");
         let text = format!(
-            "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/projects\nreplicas:\n  - node: beta\n    path: /backup/projects\n  - node: gamma\n    path: /backup/projects\n{retention}"
+            "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/projects\nreplicas:\n  - node: beta\n    path: {}\n  - node: gamma\n    path: /backup/projects\n{retention}",
+            backup.display()
         );
         let policy = config::parse_policy_text(&dir.path().join("projects.yaml"), &text, &node).unwrap();
         let loaded = Arc::new(LoadedConfig { node, policies: vec![policy.clone()], errors: vec![] });
@@ -394,5 +397,42 @@ async fn the_origin_job_ships_the_newest_snapshot_and_records_the_base() {
     assert!(state.get().await.replicas["beta"].in_flight.is_none(), "the finished transfer is no longer in flight");
     stop.cancel();
     run.await.unwrap();
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn verify_reads_the_replicas_tree_by_name_in_pages_and_only_for_its_origin() {
+    use crate::snapshot::tree::{Cache, Tree};
+    let f = Fixture::new("");
+    let s1 = f.origin.add(1, b"x");
+    f.replica.held.lock().unwrap().push((s1.clone(), Vec::new()));
+    // The received snapshot's files, where beta's policy puts them: enough long names for
+    // several pages.
+    let copy = f._dir.path().join("backup").join(s1.name.as_str());
+    std::fs::create_dir_all(copy.join("sub")).unwrap();
+    for i in 0..600 {
+        std::fs::write(copy.join(format!("{}-{i:04}", "long-name".repeat(8))), format!("{i}")).unwrap();
+    }
+    std::fs::write(copy.join("sub/f"), "f").unwrap();
+    let local = Tree::compute(&copy, &Cache::default(), 2).unwrap();
+
+    let mut tree = f.endpoint("alpha").verify(&s1.name, true).await.unwrap();
+    assert_eq!(tree.root(), &local.root);
+    assert_eq!(tree.dir("").await.unwrap(), local.dir("").unwrap(), "every page, once, in order");
+    assert_eq!(tree.dir("sub").await.unwrap(), local.dir("sub").unwrap());
+    let refused = tree.dir("sub/..").await.unwrap_err();
+    assert!(format!("{refused:#}").contains("not inside the snapshot"), "{refused:#}");
+    // A refusal ends the stream; a new one goes on.
+    let mut tree = f.endpoint("alpha").verify(&s1.name, false).await.unwrap();
+    assert!(format!("{:#}", tree.dir("nope").await.unwrap_err()).contains("no directory"));
+    let mut tree = f.endpoint("alpha").verify(&s1.name, false).await.unwrap();
+    tree.done().await.unwrap();
+
+    // Only the origin may ask, and only for a snapshot the replica holds.
+    let err = f.endpoint("gamma").verify(&s1.name, false).await.err().expect("refused");
+    assert_eq!(err.downcast_ref::<crate::ship::client::Refused>().expect("a refusal").code, ErrorCode::Unauthorized);
+    let other = SnapshotName::parse("snapship-20200101T000000.000Z").unwrap();
+    let err = f.endpoint("alpha").verify(&other, false).await.err().expect("refused");
+    assert!(format!("{err:#}").contains("holds no snapshot"), "{err:#}");
     f.stop().await;
 }

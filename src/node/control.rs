@@ -1,7 +1,8 @@
 //! The control socket: `state_dir/control.sock`, through which `snapship status` asks the
 //! running daemon what it is doing, and `snapship sync` asks it to snapshot and ship now
-//! (so that a one-shot sync never races the daemon's own transfers and pruning). One JSON
-//! request line, one JSON answer line.
+//! (so that a one-shot sync never races the daemon's own transfers and pruning), and
+//! `snapship verify` asks it to verify (counted in its metrics). One JSON request line, one
+//! JSON answer line.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +24,7 @@ pub enum Request {
     Sync { fileset: String },
     Promote { fileset: String, force: bool },
     Switchover { fileset: String, to: String },
+    Verify { fileset: String, replica: Option<String>, snapshot: Option<String>, full: bool },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -31,6 +33,7 @@ pub enum Reply {
     Status(StatusReport),
     Sync { results: Vec<SyncReply> },
     Promoted { report: String },
+    Verified { results: Vec<crate::origin::verify::Outcome> },
     Error { message: String },
 }
 
@@ -143,6 +146,10 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
             Ok(report) => Reply::Promoted { report },
             Err(e) => Reply::Error { message: format!("{e:#}") },
         },
+        Ok(Request::Verify { fileset, replica, snapshot, full }) => match control.node.verify(&fileset, replica.as_deref(), snapshot.as_deref(), full).await {
+            Ok(results) => Reply::Verified { results },
+            Err(e) => Reply::Error { message: format!("{e:#}") },
+        },
         Err(e) => Reply::Error { message: format!("bad request: {e}") },
     };
     let reply = serde_json::to_string(&reply)
@@ -235,6 +242,24 @@ pub async fn promote_through_daemon(state_dir: &Path, fileset: &str, force: bool
         Some(Reply::Promoted { report }) => Ok(Some(report)),
         Some(Reply::Error { message }) => bail!("{message}"),
         Some(other) => bail!("the daemon answered {other:?} to promote"),
+        None => Ok(None),
+    }
+}
+
+/// Asks the running daemon, the origin of `fileset`, to verify its replicas; `None` when no
+/// daemon runs.
+pub async fn verify_through_daemon(
+    state_dir: &Path,
+    fileset: &str,
+    replica: Option<&str>,
+    snapshot: Option<&str>,
+    full: bool,
+) -> Result<Option<Vec<crate::origin::verify::Outcome>>> {
+    let request = Request::Verify { fileset: fileset.to_string(), replica: replica.map(str::to_string), snapshot: snapshot.map(str::to_string), full };
+    match ask(state_dir, &request).await? {
+        Some(Reply::Verified { results }) => Ok(Some(results)),
+        Some(Reply::Error { message }) => bail!("{message}"),
+        Some(other) => bail!("the daemon answered {other:?} to verify"),
         None => Ok(None),
     }
 }

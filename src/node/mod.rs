@@ -271,6 +271,12 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// `snapship verify` through the control socket: counted in this daemon's metrics and log.
+    pub async fn verify(&self, fileset: &str, only: Option<&str>, snapshot: Option<&str>, full: bool) -> Result<Vec<crate::origin::verify::Outcome>> {
+        let policy = self.config.policy(fileset).ok_or_else(|| anyhow!("the running daemon has no file set `{fileset}`"))?;
+        verify_replicas(&self.config, policy, &self.link, &self.epochs, only, snapshot, full).await
+    }
+
     /// Makes the origin job of `policy` on this node.
     fn job(&self, policy: &Policy) -> Result<(OriginJob, SyncHandle)> {
         let here = &self.config.node.node.0;
@@ -494,6 +500,59 @@ where
         role.stop().await;
     }
     result
+}
+
+/// `snapship verify` of `policy`'s replicas (or only `only`) from this node, which must be its
+/// origin, reaching them as replication does (`endpoints`): each replica's outcome, one after
+/// the other. The daemon calls it with its own link and epochs, [`verify`] with a replica role
+/// of its own. Each connection is closed afterwards (a replica counts them per peer).
+async fn verify_replicas(
+    config: &LoadedConfig,
+    policy: &Policy,
+    link: &LocalLink,
+    epochs: &Arc<EpochStore>,
+    only: Option<&str>,
+    snapshot: Option<&str>,
+    full: bool,
+) -> Result<Vec<crate::origin::verify::Outcome>> {
+    let (here, fileset) = (&config.node.node.0, &policy.fileset.0);
+    let current = epochs.current(policy)?;
+    if policy.origin.node.0 != *here || current.origin != *here {
+        bail!("run verify on the origin of `{fileset}` (`{}` in {current}): it compares each replica's copy with its own", current.origin);
+    }
+    let mut connector = None;
+    let mut targets = endpoints(config, policy, &mut connector, link, epochs)?;
+    if let Some(only) = only {
+        targets.retain(|e| e.node() == only);
+        if targets.is_empty() {
+            let known: Vec<&str> = policy.replicas.iter().map(|r| r.node.0.as_str()).collect();
+            bail!("`{only}` is not a replica of `{fileset}` (its replicas: {})", known.join(", "));
+        }
+    }
+    let mut out = Vec::new();
+    for replica in targets {
+        let result = crate::origin::verify::verify(config, policy, replica.as_ref(), snapshot, full).await;
+        replica.close().await;
+        if let Err(e) = &result {
+            tracing::error!(%fileset, replica = %replica.node(), "could not verify: {e:#}");
+        }
+        out.push(crate::origin::verify::Outcome { replica: replica.node().to_string(), result: result.map(Into::into).map_err(|e| format!("{e:#}")) });
+    }
+    if let Some(connector) = connector {
+        connector.wait_closed(std::time::Duration::from_secs(2)).await;
+    }
+    Ok(out)
+}
+
+/// `snapship verify` without a daemon (the caller holds the `state_dir` lock).
+pub async fn verify(
+    loaded: &Arc<LoadedConfig>,
+    policy: &Policy,
+    only: Option<&str>,
+    snapshot: Option<&str>,
+    full: bool,
+) -> Result<Vec<crate::origin::verify::Outcome>> {
+    with_replica_role(loaded, |role| async move { verify_replicas(loaded, policy, &role.link, &role.epochs, only, snapshot, full).await }).await
 }
 
 /// `snapship sync` without a daemon: snapshot `policy`'s file set (with its group) now and

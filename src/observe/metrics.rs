@@ -28,3 +28,6 @@ pub const LAST_SUCCESS: &str = "snapship_last_success_timestamp_seconds";
 /// Gauge: when this node's TLS certificate (`tls.cert`) expires (Unix time, its notAfter);
 /// set once at daemon start, so a renewed certificate shows after the restart that loads it.
 pub const CERTIFICATE_EXPIRY: &str = "snapship_certificate_expiry_timestamp_seconds";
+/// Counter: differences `snapship verify` found between the origin's copy of a snapshot and
+/// a replica's, labelled by `fileset` and `replica`.
+pub const VERIFY_MISMATCHES: &str = "snapship_verify_mismatches_total";

@@ -7,6 +7,7 @@
 //! - [`prune`]: the origin's retention, protecting every replica's base and transfers in
 //!   flight; [`state`]: what the origin remembers per replica across runs (bases, in flight,
 //!   last outcome); [`record`]: how a transfer's outcome is written down, for both callers.
+//! - [`verify`]: `snapship verify`: a replica's copy of a snapshot against this origin's.
 //!
 //! Both `run` and `sync` drive [`crate::replicate::bring_up_to_date`], the one replication
 //! logic, and only see replicas through [`crate::ship::ReplicaEndpoint`].
@@ -17,3 +18,4 @@ pub mod prune;
 pub mod record;
 pub mod state;
 pub mod sync;
+pub mod verify;

@@ -6,7 +6,9 @@
 //! is answered with the origin's own snapshots (`snapship list` on a replica). What
 //! the peer sends (file set, snapshot name, identities) is checked against the policy and the
 //! backend before anything touches a filesystem; the target path always comes from the
-//! policy.
+//! policy. `verify` (from the current origin only, like `list`) hashes the received snapshot
+//! it names, found by name among this node's received snapshots, and answers the origin's
+//! `verify_dir` requests from that tree in memory: no path from the wire reaches a filesystem.
 //!
 //! Receives and pruning of one file set never overlap: the file set's lock (the one `begin`
 //! takes) is taken before the origin hears `committed` and held while the replica prunes, so
@@ -29,6 +31,7 @@ use crate::ship::frame::FrameReader;
 use crate::ship::protocol::{ErrorCode, Message, VERSION, WireSnapshot};
 use crate::ship::transfer::{IncomingData, read_message, write_message};
 use crate::ship::{Handler, RequestStream};
+use crate::snapshot::tree::{self, Cache, Tree};
 use crate::snapshot::{self, Incoming, ReplicaSide, SnapshotName};
 use crate::store::{Epoch, EpochStore};
 
@@ -40,6 +43,14 @@ pub const MAX_FUTURE: Duration = Duration::from_secs(300);
 /// How long a peer has, from opening a request stream, to send `hello` and its request.
 /// Honest origins send both at once; ten seconds covers a slow, lossy path.
 pub const FIRST_REQUEST: Duration = Duration::from_secs(10);
+
+/// How long a verifying origin may take between two `verify_dir` requests (it compares a
+/// page with its own tree in between: quick).
+pub const VERIFY_IDLE: Duration = Duration::from_secs(60);
+
+/// About how many bytes of entries go into one `verify_entries` page, well under the 64 KiB
+/// message frame limit.
+const PAGE_BYTES: usize = 32 * 1024;
 
 /// Makes the backend's replica side of a policy on a node, at that node's home (tests put
 /// fakes here).
@@ -67,12 +78,23 @@ pub struct ReplicaService {
     backends: Backends,
     /// Prunes after receives (each holds its file set's lock).
     prunes: TaskTracker,
+    /// One verify hashes at a time on this node.
+    verifies: tokio::sync::Semaphore,
 }
 
 impl ReplicaService {
     pub fn new(config: Arc<LoadedConfig>, epochs: Arc<EpochStore>, status: Arc<StatusBoard>, backends: Backends) -> Arc<ReplicaService> {
         let sessions = Sessions::new(&config.node.transfers, &config.node.state_dir);
-        Arc::new(ReplicaService { config, take_over: Default::default(), epochs, sessions, status, backends, prunes: TaskTracker::new() })
+        Arc::new(ReplicaService {
+            config,
+            take_over: Default::default(),
+            epochs,
+            sessions,
+            status,
+            backends,
+            prunes: TaskTracker::new(),
+            verifies: tokio::sync::Semaphore::new(1),
+        })
     }
 
     /// Lets an origin hand the file set over to this node (the daemon does this).
@@ -123,6 +145,77 @@ impl ReplicaService {
         let snapshots =
             snapshot::origin_on(policy, here)?.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
         Ok(Message::Snapshots { snapshots, compact: false, partial: None, epoch: self.epochs.current(policy)? })
+    }
+
+    /// `snapship verify` from `peer`, authorized like `list`: this node's hash tree of the
+    /// received snapshot named `snapshot` (found by name in this node's replica directory of
+    /// the file set, never by a path from the wire), then one page of a directory per
+    /// `verify_dir`, until `verify_done`.
+    #[allow(clippy::too_many_arguments)]
+    async fn verify<W: AsyncWrite + Unpin>(
+        &self,
+        peer: &str,
+        fileset: &str,
+        snapshot: &str,
+        full: bool,
+        epoch: &Epoch,
+        mut frames: FrameReader<Box<dyn tokio::io::AsyncRead + Send + Unpin>>,
+        send: &mut W,
+    ) -> Result<Message> {
+        let policy = match self.authorize(peer, fileset, epoch) {
+            Ok(found) => found,
+            Err(refusal) => return Ok(refusal),
+        };
+        let Some(replica) = policy.replica_on(&self.config.node.node) else {
+            return Ok(Message::error(ErrorCode::Unauthorized, format!("node `{}` is not a replica of `{fileset}`", self.here())));
+        };
+        if policy.backend != crate::config::BackendKind::Btrfs {
+            return Ok(Message::error(ErrorCode::BadRequest, format!("verify of ZFS file sets is not supported yet (`{fileset}` is ZFS)")));
+        }
+        let Some(name) = SnapshotName::parse(snapshot) else {
+            return Ok(Message::error(ErrorCode::BadRequest, format!("{snapshot:?} is not a snapship snapshot name")));
+        };
+        let held = (self.backends)(policy, self.here())?.list().await?;
+        if !held.iter().any(|s| s.name == name) {
+            return Ok(Message::error(ErrorCode::BadRequest, format!("node `{}` holds no snapshot {name} of `{fileset}`", self.here())));
+        }
+        // One tree at a time on this node: hashing reads the whole copy.
+        let _turn = self.verifies.acquire().await?;
+        let root = std::path::Path::new(&replica.path).join(name.as_str());
+        let state_dir = self.config.node.state_dir.clone();
+        let (fs, snap) = (fileset.to_string(), name.to_string());
+        let started = std::time::Instant::now();
+        let tree = tokio::task::spawn_blocking(move || -> Result<Tree> {
+            let dir = tree::cache_dir(&state_dir, &fs, "replica");
+            let cache = if full { Cache::default() } else { tree::load_cache(&dir) };
+            let tree = Tree::compute(&root, &cache, tree::hash_workers())?;
+            if let Err(e) = tree::save_cache(&dir, &tree::cache_of(&tree, &root, &snap)) {
+                tracing::warn!(fileset = %fs, "cannot keep the verify cache: {e:#}");
+            }
+            Ok(tree)
+        })
+        .await??;
+        tracing::info!(%peer, %fileset, %snapshot, hashed = tree.hashed, reused = tree.reused, seconds = started.elapsed().as_secs_f64(), "hashed for verify");
+        write_message(send, &Message::VerifyRoot { root: tree.root.clone() }).await?;
+        loop {
+            let request = match tokio::time::timeout(VERIFY_IDLE, read_message(&mut frames)).await {
+                Ok(request) => request?,
+                Err(_) => return Ok(Message::error(ErrorCode::BadRequest, format!("no verify_dir or verify_done within {}s", VERIFY_IDLE.as_secs()))),
+            };
+            match request {
+                Message::VerifyDir { path, after } => {
+                    let Ok(at) = tree::check_path(&path) else {
+                        return Ok(Message::error(ErrorCode::BadRequest, "verify_dir names a path that is not inside the snapshot"));
+                    };
+                    let Some((entries, more)) = tree.page(&at, after.as_deref(), PAGE_BYTES) else {
+                        return Ok(Message::error(ErrorCode::BadRequest, "verify_dir names no directory of the snapshot"));
+                    };
+                    write_message(send, &Message::VerifyEntries { entries, more }).await?;
+                }
+                Message::VerifyDone => return Ok(Message::VerifyDone),
+                other => return Ok(Message::error(ErrorCode::BadRequest, format!("expected verify_dir or verify_done, got {}", other.kind()))),
+            }
+        }
     }
 
     fn here(&self) -> &str {
@@ -263,7 +356,8 @@ impl ReplicaService {
                 Ok(Message::Committed { snapshot })
             }
             Message::Handover { fileset, snapshot, epoch } => self.handover(peer, &fileset, &snapshot, &epoch).await,
-            other => Ok(Message::error(ErrorCode::BadRequest, format!("expected list, begin or handover, got {}", other.kind()))),
+            Message::Verify { fileset, snapshot, full, epoch } => self.verify(peer, &fileset, &snapshot, full, &epoch, frames, send).await,
+            other => Ok(Message::error(ErrorCode::BadRequest, format!("expected list, begin, handover or verify, got {}", other.kind()))),
         }
     }
 }

@@ -16,8 +16,9 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use super::frame::FrameReader;
 use super::protocol::{ErrorCode, Message, ResumeFrom, VERSION};
 use super::transfer::{self, read_message, write_message};
-use super::{Dialer, Listing, ReplicaEndpoint, Start, StreamStart};
+use super::{Dialer, Listing, ReplicaEndpoint, Start, StreamStart, TreeSource};
 use crate::config::Transfer;
+use crate::snapshot::tree::Entry;
 use crate::snapshot::{Incoming, Snapshot, SnapshotName};
 use crate::store::Epoch;
 
@@ -26,6 +27,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// After the end of a stream, the replica finishes receiving (it may have much spooled) and
 /// says it is alive at least every half second: it is given this long between two signs.
 const COMMIT_SILENCE: Duration = Duration::from_secs(60);
+
+/// The most entries verify takes from a replica for one directory.
+const MAX_DIR_ENTRIES: usize = 10_000_000;
 
 type Replies = FrameReader<Box<dyn AsyncRead + Send + Unpin>>;
 type Outgoing = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
@@ -116,6 +120,18 @@ impl ReplicaEndpoint for PeerReplica {
                 Message::Error { code, message, epoch } => Err(self.refused(code, message, epoch)),
                 other => bail!("protocol error: `{}` answered {} to handover", self.node, other.kind()),
             },
+        }
+    }
+
+    async fn verify(&self, snapshot: &SnapshotName, full: bool) -> Result<Box<dyn TreeSource>> {
+        let request = Message::Verify { fileset: self.fileset.clone(), snapshot: snapshot.to_string(), full, epoch: (self.epoch)()? };
+        let (mut replies, send) = self.request(&request).await.map_err(|e| self.dialer.explain(e))?;
+        // The replica hashes its whole copy before it answers (rehashing only what changed
+        // since its last verify, unless `full`): no time limit but the connection's liveness.
+        match read_message(&mut replies).await.map_err(|e| self.dialer.explain(e))? {
+            Message::VerifyRoot { root } => Ok(Box::new(RemoteTree { node: self.node.clone(), root, replies, send })),
+            Message::Error { code, message, epoch } => Err(self.refused(code, message, epoch)),
+            other => bail!("protocol error: `{}` answered {} to verify", self.node, other.kind()),
         }
     }
 
@@ -272,6 +288,65 @@ impl PeerReplica {
             } else {
                 behind_since = None;
             }
+        }
+    }
+}
+
+/// A replica's hash tree, read over one request stream: one `verify_dir` per page.
+struct RemoteTree {
+    node: String,
+    root: Entry,
+    replies: Replies,
+    send: Outgoing,
+}
+
+#[async_trait]
+impl TreeSource for RemoteTree {
+    fn root(&self) -> &Entry {
+        &self.root
+    }
+
+    async fn dir(&mut self, path: &str) -> Result<Vec<Entry>> {
+        let parts: Vec<String> = if path.is_empty() { Vec::new() } else { path.split('/').map(str::to_string).collect() };
+        let mut out: Vec<Entry> = Vec::new();
+        loop {
+            let after = out.last().map(|e| e.name.clone());
+            write_message(&mut self.send, &Message::VerifyDir { path: parts.clone(), after }).await?;
+            let reply = tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut self.replies))
+                .await
+                .map_err(|_| anyhow!("replica `{}` did not answer verify_dir within {}s", self.node, ANSWER_TIMEOUT.as_secs()))??;
+            match reply {
+                Message::VerifyEntries { entries, more } => {
+                    // Pages must go forward in name order (so the comparison's merge holds and a
+                    // hostile replica cannot page forever), and a directory has a bounded size.
+                    let last = out.last().map(|e| e.name.clone());
+                    let ordered =
+                        entries.windows(2).all(|w| w[0].name < w[1].name) && entries.first().is_none_or(|e| last.as_ref().is_none_or(|l| e.name > *l));
+                    if !ordered || (more && entries.is_empty()) {
+                        bail!("protocol error: `{}` sent a page of `verify_entries` out of name order", self.node);
+                    }
+                    out.extend(entries);
+                    if out.len() > MAX_DIR_ENTRIES {
+                        bail!("replica `{}` lists more than {MAX_DIR_ENTRIES} entries in one directory of the snapshot; verify gives up there", self.node);
+                    }
+                    if !more {
+                        return Ok(out);
+                    }
+                }
+                Message::Error { code, message, .. } => return Err(Refused { node: self.node.clone(), code, message }.into()),
+                other => bail!("protocol error: `{}` answered {} to verify_dir", self.node, other.kind()),
+            }
+        }
+    }
+
+    async fn done(&mut self) -> Result<()> {
+        write_message(&mut self.send, &Message::VerifyDone).await?;
+        self.send.shutdown().await.ok();
+        match tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut self.replies)).await {
+            Ok(Ok(Message::VerifyDone)) => Ok(()),
+            Ok(Ok(other)) => bail!("protocol error: `{}` answered {} to verify_done", self.node, other.kind()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => bail!("replica `{}` did not answer verify_done within {}s", self.node, ANSWER_TIMEOUT.as_secs()),
         }
     }
 }

@@ -22,6 +22,7 @@ use anyhow::Result;
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::snapshot::tree::Entry;
 use crate::snapshot::{Incoming, Snapshot};
 pub use protocol::Partial;
 
@@ -86,6 +87,39 @@ pub trait ReplicaEndpoint: Send + Sync {
     /// over as origin; the new epoch once it has.
     async fn hand_over(&self, _snapshot: &crate::snapshot::SnapshotName) -> Result<crate::store::Epoch> {
         anyhow::bail!("replica `{}` cannot take over", self.node())
+    }
+    /// The replica's hash tree of `snapshot` (`snapship verify`), to descend into where it
+    /// differs from the origin's; `full`: the replica rehashes every file.
+    async fn verify(&self, _snapshot: &crate::snapshot::SnapshotName, _full: bool) -> Result<Box<dyn TreeSource>> {
+        anyhow::bail!("replica `{}` cannot be verified this way", self.node())
+    }
+}
+
+/// A snapshot's hash tree held elsewhere (a replica over the protocol) or here, read one
+/// directory at a time.
+#[async_trait]
+pub trait TreeSource: Send {
+    /// The root: its metadata and the hash over everything below it.
+    fn root(&self) -> &Entry;
+    /// The entries of the directory at `path` (a tree path, `""` for the root), sorted by name.
+    async fn dir(&mut self, path: &str) -> Result<Vec<Entry>>;
+    /// Says the comparison is over.
+    async fn done(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A tree computed on this node, as a [`TreeSource`] (a replica on the origin's own node).
+pub struct LocalTree(pub crate::snapshot::tree::Tree);
+
+#[async_trait]
+impl TreeSource for LocalTree {
+    fn root(&self) -> &Entry {
+        &self.0.root
+    }
+
+    async fn dir(&mut self, path: &str) -> Result<Vec<Entry>> {
+        self.0.dir(path).map(<[Entry]>::to_vec).ok_or_else(|| anyhow::anyhow!("{path:?} is not a directory of the tree"))
     }
 }
 

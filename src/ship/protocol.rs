@@ -1,4 +1,4 @@
-//! The snapship protocol, version 2: what origin and replica say to each other.
+//! The snapship protocol, version 4: what origin and replica say to each other.
 //!
 //! Every request is one QUIC bidirectional stream, opened by the origin:
 //! ```text
@@ -9,6 +9,11 @@
 //!                                             R: ready | error
 //!           O: data frames..., end{bytes, blake3}
 //!                                             R: ack{offset}..., committed | error
+//! verify:   O: hello, verify{fileset, snapshot, full}
+//!                                             R: verify_root{root} | error
+//!           O: verify_dir{path, after}        R: verify_entries{entries, more} | error
+//!           ... (one page per request, only where the origin's tree differs)
+//!           O: verify_done                    R: verify_done
 //! ```
 //! The replica acknowledges the stream offsets it holds (in its spool) as they grow. A cut
 //! transfer stays with the replica for a while, and `snapshots` reports it as `partial`: the
@@ -21,10 +26,12 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::units::Compression;
+use crate::snapshot::tree::Entry;
 pub use crate::store::Epoch;
 
 /// 3: the file set's epoch in `list`, `begin`, `snapshots` and fencing errors.
-pub const VERSION: u32 = 3;
+/// 4: `verify`, `verify_dir` and their answers (`snapship verify`).
+pub const VERSION: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -91,6 +98,32 @@ pub enum Message {
     TookOver {
         epoch: Epoch,
     },
+    /// Asks for the hash tree of `snapshot` (a name) as the replica holds it, authorized like
+    /// `list`; `full`: rehash every file rather than reuse the replica's cached hashes.
+    Verify {
+        fileset: String,
+        snapshot: String,
+        #[serde(default)]
+        full: bool,
+        epoch: Epoch,
+    },
+    /// The root of the replica's tree of the snapshot (metadata and hash).
+    VerifyRoot {
+        root: Entry,
+    },
+    /// The entries of the directory at `path` (names from the root) after the name `after`.
+    VerifyDir {
+        path: Vec<String>,
+        #[serde(default)]
+        after: Option<String>,
+    },
+    /// One page of a directory's entries, sorted by name; `more`: ask again after the last.
+    VerifyEntries {
+        entries: Vec<Entry>,
+        more: bool,
+    },
+    /// The origin has compared all it needed; the replica answers it in kind and closes.
+    VerifyDone,
     Error {
         code: ErrorCode,
         message: String,
@@ -209,6 +242,11 @@ impl Message {
             Message::Committed { .. } => "committed",
             Message::Handover { .. } => "handover",
             Message::TookOver { .. } => "took_over",
+            Message::Verify { .. } => "verify",
+            Message::VerifyRoot { .. } => "verify_root",
+            Message::VerifyDir { .. } => "verify_dir",
+            Message::VerifyEntries { .. } => "verify_entries",
+            Message::VerifyDone => "verify_done",
             Message::Error { .. } => "error",
         }
     }
@@ -251,6 +289,32 @@ mod tests {
         assert_eq!(Message::from_json(&listing.to_json()).unwrap(), listing);
         let e = Message::error(ErrorCode::Unauthorized, "no");
         assert_eq!(Message::from_json(&e.to_json()).unwrap(), e);
+    }
+
+    #[test]
+    fn verify_messages_round_trip_and_carry_names_only() {
+        use crate::snapshot::tree::{FileType, Meta};
+        let entry = Entry {
+            name: "a.txt".into(),
+            meta: Meta { kind: FileType::File, mode: 0o644, uid: 1, gid: 2, size: 3, mtime: (4, 5), xattrs: vec![("user.x".into(), "h".into())], target: None },
+            hash: "c0ffee".into(),
+        };
+        for m in [
+            Message::Verify {
+                fileset: "projects".into(),
+                snapshot: "snapship-20260101T000000.000Z".into(),
+                full: true,
+                epoch: Epoch { number: 0, origin: "alpha".into() },
+            },
+            Message::VerifyRoot { root: entry.clone() },
+            Message::VerifyDir { path: vec!["docs".into()], after: Some("a.txt".into()) },
+            Message::VerifyEntries { entries: vec![entry], more: false },
+            Message::VerifyDone,
+        ] {
+            assert_eq!(Message::from_json(&m.to_json()).unwrap(), m);
+        }
+        let with_path = br#"{"type":"verify","fileset":"x","snapshot":"s","epoch":{"number":0,"origin":"a"},"path":"/etc"}"#;
+        assert!(Message::from_json(with_path).unwrap_err().contains("unknown field `path`"));
     }
 
     #[test]

@@ -124,6 +124,16 @@ pub struct Connector {
 }
 
 impl Connector {
+    /// Waits (up to `limit`) until every connection made through this connector has closed,
+    /// so that a one-shot command's close reaches the peer before the process exits: a peer
+    /// counts open connections, and one never told would hold a slot until its idle timeout.
+    pub async fn wait_closed(&self, limit: std::time::Duration) {
+        for client in [self.v4.get(), self.v6.get()].into_iter().flatten() {
+            let mut client = client.clone();
+            let _ = tokio::time::timeout(limit, client.wait_idle()).await;
+        }
+    }
+
     pub fn new(node: &NodeConfig) -> Result<Connector> {
         let files = node.tls.as_ref().ok_or_else(|| anyhow!("{} has no `tls:` section; it is needed to reach other nodes", node.file.display()))?;
         // Build it now, so that a missing certificate is reported before any transfer.

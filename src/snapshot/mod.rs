@@ -10,6 +10,7 @@ pub mod btrfs;
 pub mod copy;
 pub mod name;
 pub mod runner;
+pub mod tree;
 pub mod zfs;
 
 use std::path::PathBuf;

@@ -10,6 +10,7 @@
 //!   fault proxy they go through;
 //! - `restore`: getting data back (restore at a time, one path, a ZFS clone) and `list`
 //!   on every member;
+//! - `verify`: `snapship verify` of a faithful, a tampered and an unreachable replica;
 //! - `cli_check`, `cli_certs`, `certs_expiry`, `examples`: the config checker, certificates
 //!   (making, renewing, refusing expired ones in a handshake) and the shipped examples (no
 //!   root);
@@ -37,4 +38,5 @@ mod quic;
 mod restore;
 mod scheduler;
 mod service_unit;
+mod verify;
 mod zfs;

@@ -1,0 +1,720 @@
+//! The hash tree of a snapshot, for `snapship verify`: what a snapshot holds, content and
+//! metadata, as one root hash that two nodes compare, with directory listings to descend
+//! where they differ.
+//!
+//! Read top-down:
+//! - [`Entry`] is one name in a directory: its [`Meta`] (type, mode, owner, size, mtime,
+//!   xattrs, symlink target) and its hash (a file: BLAKE3 of its content; a symlink: of its
+//!   target; a directory: of its sorted entries, names, metadata and hashes, so a directory's
+//!   hash covers everything below it).
+//! - [`Tree::compute`] walks a snapshot without ever following a symlink (`lstat`, and files
+//!   opened `O_NOFOLLOW`), hashes the files on a few threads, and builds the directories'
+//!   hashes bottom-up. A [`Cache`] of content hashes from an earlier verify lets it rehash
+//!   only files whose inode, size, mtime or ctime changed (the kernel sets ctime on every
+//!   change and no one can set it back, and a btrfs snapshot keeps the inodes and ctimes of
+//!   what it did not change).
+//! - [`compare_entries`] is the pure comparison of one directory's listings on two nodes:
+//!   the differences to print, and the subdirectories to descend into.
+//!
+//! Names go on the wire as text: UTF-8 names as they are, anything else (and `%`) escaped
+//! as `%XX` ([`wire_name`]). Paths inside a tree are those names joined with `/`; the root
+//! is `""`. A tree is looked up by such a path only in memory: nothing a peer sends is ever
+//! used as a filesystem path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// What kind of file an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileType {
+    File,
+    Dir,
+    Symlink,
+    /// A device, fifo or socket (compared by metadata; `rdev` is in `size`).
+    Special,
+}
+
+impl FileType {
+    fn word(self) -> &'static str {
+        match self {
+            FileType::File => "file",
+            FileType::Dir => "directory",
+            FileType::Symlink => "symlink",
+            FileType::Special => "special file",
+        }
+    }
+}
+
+/// The metadata `verify` compares. A directory's size is left out (btrfs counts its names'
+/// lengths, which the entries already cover); a special file's `size` is its device number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    #[serde(rename = "t")]
+    pub kind: FileType,
+    /// Permission bits with setuid, setgid and sticky (`mode & 0o7777`).
+    #[serde(rename = "m")]
+    pub mode: u32,
+    #[serde(rename = "u")]
+    pub uid: u32,
+    #[serde(rename = "g")]
+    pub gid: u32,
+    #[serde(rename = "s")]
+    pub size: u64,
+    /// Modification time: seconds and nanoseconds since the epoch.
+    #[serde(rename = "mt")]
+    pub mtime: (i64, i64),
+    /// Extended attributes, sorted by name: the name and the BLAKE3 of the value.
+    #[serde(rename = "x", default, skip_serializing_if = "Vec::is_empty")]
+    pub xattrs: Vec<(String, String)>,
+    /// A symlink's target (escaped like names).
+    #[serde(rename = "l", default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// One name in a directory of the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    #[serde(rename = "n")]
+    pub name: String,
+    #[serde(rename = "a")]
+    pub meta: Meta,
+    /// Hex BLAKE3: a file's content, a symlink's target, a directory's entries.
+    #[serde(rename = "h")]
+    pub hash: String,
+}
+
+/// A snapshot's hash tree: the root (name `""`) and every directory's entries, sorted by
+/// name, keyed by the directory's path inside the snapshot.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    pub root: Entry,
+    pub dirs: HashMap<String, Vec<Entry>>,
+    /// How many files were hashed, and how many content hashes came from the cache.
+    pub hashed: usize,
+    pub reused: usize,
+}
+
+/// Content hashes of an earlier tree, by path: reused for a file whose identity (inode, size,
+/// mtime, ctime) is the same.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Cache {
+    /// The snapshot the hashes were taken of.
+    pub snapshot: String,
+    pub files: HashMap<String, CachedFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedFile {
+    /// (inode, size, mtime s, mtime ns, ctime s, ctime ns)
+    pub id: (u64, u64, i64, i64, i64, i64),
+    pub hash: String,
+}
+
+/// How many threads hash file contents at once: a few, so a verify leaves the node's other
+/// work some cores (hashing is I/O bound on most disks anyway).
+pub fn hash_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 4)
+}
+
+/// `name` as text on the wire: UTF-8 as is, other bytes and `%` as `%XX`.
+pub fn wire_name(name: &[u8]) -> String {
+    match std::str::from_utf8(name) {
+        Ok(text) if !text.contains('%') => text.to_string(),
+        _ => {
+            let mut out = String::new();
+            for chunk in name.utf8_chunks() {
+                for c in chunk.valid().chars() {
+                    if c == '%' { out.push_str("%25") } else { out.push(c) }
+                }
+                for b in chunk.invalid() {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            }
+            out
+        }
+    }
+}
+
+/// `path` (a tree path, `a/b`) joined with `name`.
+pub fn join(path: &str, name: &str) -> String {
+    if path.is_empty() { name.to_string() } else { format!("{path}/{name}") }
+}
+
+/// A tree path as a peer sent it, checked: names without `/`, `..`, `.` or NUL, so that it
+/// can only ever name a directory of the tree (it is looked up in memory, never opened).
+pub fn check_path(parts: &[String]) -> Result<String> {
+    for p in parts {
+        if p.is_empty() || p == "." || p == ".." || p.contains('/') || p.contains('\0') {
+            bail!("{p:?} is not a name inside a snapshot");
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// The identity that makes a cached content hash reusable.
+fn file_id(md: &std::fs::Metadata) -> (u64, u64, i64, i64, i64, i64) {
+    (md.ino(), md.size(), md.mtime(), md.mtime_nsec(), md.ctime(), md.ctime_nsec())
+}
+
+fn meta_of(path: &Path, md: &std::fs::Metadata) -> Result<Meta> {
+    let ft = md.file_type();
+    let kind = if ft.is_symlink() {
+        FileType::Symlink
+    } else if ft.is_dir() {
+        FileType::Dir
+    } else if ft.is_file() {
+        FileType::File
+    } else {
+        FileType::Special
+    };
+    let size = match kind {
+        FileType::File | FileType::Symlink => md.size(),
+        FileType::Dir => 0,
+        FileType::Special => md.rdev(),
+    };
+    let target = match kind {
+        FileType::Symlink => Some(wire_name(std::fs::read_link(path)?.as_os_str().as_bytes())),
+        _ => None,
+    };
+    Ok(Meta { kind, mode: md.mode() & 0o7777, uid: md.uid(), gid: md.gid(), size, mtime: (md.mtime(), md.mtime_nsec()), xattrs: xattrs_of(path)?, target })
+}
+
+/// The extended attributes of `path` itself (never a symlink's target), sorted by name,
+/// each with the BLAKE3 of its value.
+fn xattrs_of(path: &Path) -> Result<Vec<(String, String)>> {
+    let unsupported = |e: &rustix::io::Errno| *e == rustix::io::Errno::NOTSUP || *e == rustix::io::Errno::NODATA;
+    let size = match rustix::fs::llistxattr_query(path) {
+        Ok(size) => size,
+        Err(e) if unsupported(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(std::io::Error::from(e)).with_context(|| format!("cannot list the xattrs of {}", path.display())),
+    };
+    let mut list = vec![0u8; size];
+    let n = rustix::fs::llistxattr(path, &mut list[..]).with_context(|| format!("cannot list the xattrs of {}", path.display()))?;
+    let mut out = Vec::new();
+    for name in list[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name_os = std::ffi::OsStr::from_bytes(name);
+        let len = rustix::fs::lgetxattr_query(path, name_os).unwrap_or(0);
+        let mut value = vec![0u8; len];
+        let got = match rustix::fs::lgetxattr(path, name_os, &mut value[..]) {
+            Ok(got) => got,
+            Err(e) if unsupported(&e) => continue, // removed meanwhile
+            Err(e) => return Err(std::io::Error::from(e)).with_context(|| format!("cannot read xattr {} of {}", wire_name(name), path.display())),
+        };
+        out.push((wire_name(name), blake3::hash(&value[..got]).to_hex().to_string()));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// BLAKE3 of one file's content, opened without following a symlink.
+fn hash_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot open {} to hash it", path.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    // blake3 reads in large blocks itself (`update_reader`), which `io::copy`'s 8 KiB do not give.
+    hasher.update_reader(&mut file).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// The hash of a directory: over its sorted entries (names, metadata, hashes).
+fn dir_hash(entries: &[Entry]) -> String {
+    blake3::hash(&serde_json::to_vec(entries).expect("entries serialize")).to_hex().to_string()
+}
+
+/// A file whose content is to be hashed: where its entry is, and where it is on disk.
+struct Pending {
+    dir: String,
+    index: usize,
+    path: PathBuf,
+}
+
+impl Tree {
+    /// The hash tree of the snapshot at `root`, reusing content hashes from `cache` where a
+    /// file's identity is unchanged (pass an empty cache for a full rehash), with
+    /// `workers` threads hashing contents. Blocking: run it off the async runtime.
+    pub fn compute(root: &Path, cache: &Cache, workers: usize) -> Result<Tree> {
+        let root_md = std::fs::symlink_metadata(root).with_context(|| format!("cannot read {}", root.display()))?;
+        if !root_md.is_dir() {
+            bail!("{} is not a directory", root.display());
+        }
+        // Walk: every directory's entries, metadata only; files to hash are collected.
+        let mut dirs: HashMap<String, Vec<Entry>> = HashMap::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut reused = 0;
+        let mut todo: Vec<(String, PathBuf)> = vec![(String::new(), root.to_path_buf())];
+        while let Some((at, dir)) = todo.pop() {
+            let mut entries = Vec::new();
+            for item in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+                let item = item.with_context(|| format!("cannot list {}", dir.display()))?;
+                let name = wire_name(item.file_name().as_bytes());
+                let path = item.path();
+                let md = std::fs::symlink_metadata(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                let meta = meta_of(&path, &md)?;
+                let child = join(&at, &name);
+                let hash = match meta.kind {
+                    FileType::Symlink => blake3::hash(meta.target.as_deref().unwrap_or("").as_bytes()).to_hex().to_string(),
+                    FileType::File => match cache.files.get(&child) {
+                        Some(c) if c.id == file_id(&md) => {
+                            reused += 1;
+                            c.hash.clone()
+                        }
+                        _ => {
+                            pending.push(Pending { dir: at.clone(), index: entries.len(), path: path.clone() });
+                            String::new()
+                        }
+                    },
+                    FileType::Dir => {
+                        todo.push((child, path));
+                        String::new() // filled in bottom-up below
+                    }
+                    FileType::Special => String::new(),
+                };
+                entries.push(Entry { name, meta, hash });
+            }
+            dirs.insert(at, entries);
+        }
+        // Hash the contents on `workers` threads, each taking the next file.
+        let next = AtomicUsize::new(0);
+        let results: Mutex<Vec<(usize, Result<String>)>> = Mutex::new(Vec::with_capacity(pending.len()));
+        std::thread::scope(|s| {
+            for _ in 0..workers.max(1).min(pending.len().max(1)) {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(p) = pending.get(i) else { break };
+                        let hash = hash_file(&p.path);
+                        results.lock().expect("results lock").push((i, hash));
+                    }
+                });
+            }
+        });
+        let hashed = pending.len();
+        for (i, hash) in results.into_inner().expect("results lock") {
+            let p = &pending[i];
+            dirs.get_mut(&p.dir).expect("walked")[p.index].hash = hash?;
+        }
+        // Directories bottom-up: sort each, hash it, and put the hash into its parent.
+        let mut order: Vec<String> = dirs.keys().cloned().collect();
+        order.sort_by_key(|p| std::cmp::Reverse(if p.is_empty() { 0 } else { p.matches('/').count() + 1 }));
+        let mut hashes: HashMap<String, String> = HashMap::new();
+        for at in order {
+            let entries = dirs.get_mut(&at).expect("walked");
+            for e in entries.iter_mut().filter(|e| e.meta.kind == FileType::Dir) {
+                e.hash = hashes.remove(&join(&at, &e.name)).expect("children before parents");
+            }
+            entries.sort_by(|a, b| a.name.cmp(&b.name));
+            hashes.insert(at, dir_hash(entries));
+        }
+        let root = Entry { name: String::new(), meta: meta_of(root, &root_md)?, hash: hashes.remove("").expect("the root") };
+        Ok(Tree { root, dirs, hashed, reused })
+    }
+
+    /// The entries of the directory at `path`, if it is one.
+    pub fn dir(&self, path: &str) -> Option<&[Entry]> {
+        self.dirs.get(path).map(Vec::as_slice)
+    }
+
+    /// One page of the directory at `path`: entries after `after` (by name), up to about
+    /// `max_bytes` of serialized entries (at least one), and whether more follow.
+    pub fn page(&self, path: &str, after: Option<&str>, max_bytes: usize) -> Option<(Vec<Entry>, bool)> {
+        let entries = self.dir(path)?;
+        let start = match after {
+            Some(a) => entries.partition_point(|e| e.name.as_str() <= a),
+            None => 0,
+        };
+        let mut out = Vec::new();
+        let mut size = 0;
+        for e in &entries[start..] {
+            let len = serde_json::to_vec(e).map_or(0, |v| v.len()) + 1;
+            if !out.is_empty() && size + len > max_bytes {
+                return Some((out, true));
+            }
+            size += len;
+            out.push(e.clone());
+        }
+        Some((out, false))
+    }
+}
+
+/// The cache of content hashes of `tree` computed from the snapshot at `root`: the file
+/// identities are read again (cheap: metadata only).
+pub fn cache_of(tree: &Tree, root: &Path, snapshot: &str) -> Cache {
+    let mut files = HashMap::new();
+    for (at, entries) in &tree.dirs {
+        for e in entries.iter().filter(|e| e.meta.kind == FileType::File) {
+            let path = join(at, &e.name);
+            let on_disk = root.join(unescape(&path));
+            if let Ok(md) = std::fs::symlink_metadata(&on_disk) {
+                files.insert(path, CachedFile { id: file_id(&md), hash: e.hash.clone() });
+            }
+        }
+    }
+    Cache { snapshot: snapshot.to_string(), files }
+}
+
+/// A tree path back to a relative filesystem path (for paths this node computed itself).
+fn unescape(path: &str) -> PathBuf {
+    if !path.contains('%') {
+        return PathBuf::from(path);
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+}
+
+/// Where the cache of a file set's trees lives on one side (`origin`, `replica`: a node may
+/// hold both copies): `STATE_DIR/verify/FILESET/SIDE/`.
+pub fn cache_dir(state_dir: &Path, fileset: &str, side: &str) -> PathBuf {
+    state_dir.join("verify").join(fileset).join(side)
+}
+
+/// The newest cache kept in `dir` (any snapshot), or an empty one.
+pub fn load_cache(dir: &Path) -> Cache {
+    let Ok(read) = std::fs::read_dir(dir) else { return Cache::default() };
+    let mut names: Vec<PathBuf> = read.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "tree")).collect();
+    names.sort();
+    names.last().and_then(|p| std::fs::read(p).ok()).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+/// Keeps `cache` as the one cache in `dir` (`SNAPSHOT.tree`), replacing older ones.
+pub fn save_cache(dir: &Path, cache: &Cache) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(format!("{}.tree", cache.snapshot));
+    let tmp = dir.join(format!(".{}.tree.tmp", cache.snapshot));
+    std::fs::write(&tmp, serde_json::to_vec(cache)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    for e in std::fs::read_dir(dir)?.flatten() {
+        if e.path() != path && e.path().extension().is_some_and(|x| x == "tree") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(())
+}
+
+/// One difference between the origin's and a replica's copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Difference {
+    /// Present on both, but differs (what differs, in words: `content`, `mode 0755 -> 0700`).
+    Modified {
+        path: String,
+        what: Vec<String>,
+    },
+    OnlyOnOrigin {
+        path: String,
+    },
+    OnlyOnReplica {
+        path: String,
+    },
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |p: &str| if p.is_empty() { ".".to_string() } else { p.escape_debug().to_string() };
+        match self {
+            Difference::Modified { path, what } => write!(f, "M {}: {}", shown(path), what.join(", ").escape_debug()),
+            Difference::OnlyOnOrigin { path } => write!(f, "D {}: only on the origin", shown(path)),
+            Difference::OnlyOnReplica { path } => write!(f, "A {}: only on the replica", shown(path)),
+        }
+    }
+}
+
+/// What differs between the origin's `o` and the replica's `r` of one entry, in words
+/// (origin's value first): empty when equal. The content of directories is not compared here
+/// (their entries are).
+pub fn entry_differences(o: &Entry, r: &Entry) -> Vec<String> {
+    let (a, b) = (&o.meta, &r.meta);
+    let mut out = Vec::new();
+    if a.kind != b.kind {
+        return vec![format!("type {} -> {}", a.kind.word(), b.kind.word())];
+    }
+    if a.kind == FileType::File && o.hash != r.hash {
+        out.push("content".to_string());
+    }
+    if a.mode != b.mode {
+        out.push(format!("mode {:04o} -> {:04o}", a.mode, b.mode));
+    }
+    if (a.uid, a.gid) != (b.uid, b.gid) {
+        out.push(format!("owner {}:{} -> {}:{}", a.uid, a.gid, b.uid, b.gid));
+    }
+    if a.size != b.size {
+        out.push(format!("size {} -> {}", a.size, b.size));
+    }
+    if a.mtime != b.mtime {
+        let t = |(s, ns): (i64, i64)| {
+            chrono::DateTime::from_timestamp(s, ns as u32).map_or(format!("{s}.{ns:09}"), |t| t.format("%Y-%m-%d %H:%M:%S%.9f").to_string())
+        };
+        out.push(format!("mtime {} -> {}", t(a.mtime), t(b.mtime)));
+    }
+    if a.target != b.target {
+        out.push(format!("target {} -> {}", a.target.as_deref().unwrap_or(""), b.target.as_deref().unwrap_or("")));
+    }
+    let xa: BTreeMap<&str, &str> = a.xattrs.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let xb: BTreeMap<&str, &str> = b.xattrs.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let mut names: Vec<&str> = xa.keys().chain(xb.keys()).copied().collect();
+    names.sort();
+    names.dedup();
+    for n in names {
+        match (xa.get(n), xb.get(n)) {
+            (Some(x), Some(y)) if x == y => {}
+            (Some(_), Some(_)) => out.push(format!("xattr {n}")),
+            (Some(_), None) => out.push(format!("xattr {n} only on the origin")),
+            (None, _) => out.push(format!("xattr {n} only on the replica")),
+        }
+    }
+    out
+}
+
+/// Compares one directory (at `path`) as listed by the origin (`origin`) and a replica
+/// (`replica`), both sorted by name: the differences, and the subdirectories present on both
+/// whose hashes differ (to descend into).
+pub fn compare_entries(path: &str, origin: &[Entry], replica: &[Entry]) -> (Vec<Difference>, Vec<String>) {
+    let mut diffs = Vec::new();
+    let mut descend = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < origin.len() || j < replica.len() {
+        let order = match (origin.get(i), replica.get(j)) {
+            (Some(o), Some(r)) => o.name.cmp(&r.name),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, _) => std::cmp::Ordering::Greater,
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                diffs.push(Difference::OnlyOnOrigin { path: join(path, &origin[i].name) });
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                diffs.push(Difference::OnlyOnReplica { path: join(path, &replica[j].name) });
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                let (o, r) = (&origin[i], &replica[j]);
+                let child = join(path, &o.name);
+                let what = entry_differences(o, r);
+                if !what.is_empty() {
+                    diffs.push(Difference::Modified { path: child.clone(), what });
+                }
+                if o.meta.kind == FileType::Dir && r.meta.kind == FileType::Dir && o.hash != r.hash {
+                    descend.push(child);
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    (diffs, descend)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn sample(dir: &Path) {
+        std::fs::create_dir_all(dir.join("docs/deep")).unwrap();
+        std::fs::write(dir.join("docs/a.txt"), "alpha").unwrap();
+        std::fs::write(dir.join("docs/deep/b.txt"), "beta").unwrap();
+        std::fs::write(dir.join("old.txt"), "old").unwrap();
+        std::fs::write(dir.join("x"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(dir.join("x"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("docs/a.txt", dir.join("link")).unwrap();
+        // A symlink out of the tree is read as a link, never followed.
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("escape")).unwrap();
+    }
+
+    /// Makes `b`'s mtimes equal to `a`'s for every path both have (a copy made by hand gets new
+    /// ones).
+    fn same_times(a: &Path, b: &Path) {
+        let mut paths = vec![PathBuf::new()];
+        while let Some(rel) = paths.pop() {
+            let md = std::fs::symlink_metadata(a.join(&rel)).unwrap();
+            if md.is_dir() {
+                for e in std::fs::read_dir(a.join(&rel)).unwrap() {
+                    paths.push(rel.join(e.unwrap().file_name()));
+                }
+            }
+            let t = rustix::fs::Timestamps {
+                last_access: rustix::fs::Timespec { tv_sec: md.atime(), tv_nsec: md.atime_nsec() as _ },
+                last_modification: rustix::fs::Timespec { tv_sec: md.mtime(), tv_nsec: md.mtime_nsec() as _ },
+            };
+            // Paths only in `a` are left alone.
+            let _ = rustix::fs::utimensat(rustix::fs::CWD, b.join(&rel), &t, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
+        }
+    }
+
+    /// Compares two trees fully in memory, descending like `verify` does.
+    fn compare(a: &Tree, b: &Tree) -> Vec<String> {
+        let mut out = Vec::new();
+        let root_diffs = entry_differences(&a.root, &b.root);
+        if !root_diffs.is_empty() {
+            out.push(Difference::Modified { path: String::new(), what: root_diffs }.to_string());
+        }
+        if a.root.hash == b.root.hash {
+            return out;
+        }
+        let mut todo = vec![String::new()];
+        while let Some(at) = todo.pop() {
+            let (diffs, descend) = compare_entries(&at, a.dir(&at).unwrap(), b.dir(&at).unwrap());
+            out.extend(diffs.iter().map(|d| d.to_string()));
+            todo.extend(descend);
+        }
+        out.sort();
+        out
+    }
+
+    fn pair() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        sample(&a);
+        sample(&b);
+        // Directory mtimes last: making entries changed them.
+        same_times(&a, &b);
+        (t, a, b)
+    }
+
+    #[test]
+    fn equal_copies_have_equal_roots() {
+        let (_t, a, b) = pair();
+        let (ta, tb) = (Tree::compute(&a, &Cache::default(), 2).unwrap(), Tree::compute(&b, &Cache::default(), 2).unwrap());
+        assert_eq!(ta.root, tb.root);
+        assert_eq!(ta.hashed, 4);
+        assert_eq!(compare(&ta, &tb), Vec::<String>::new());
+        let escape = ta.dir("").unwrap().iter().find(|e| e.name == "escape").unwrap();
+        assert_eq!(escape.meta.kind, FileType::Symlink);
+        assert_eq!(escape.meta.target.as_deref(), Some("/etc/passwd"));
+    }
+
+    #[test]
+    fn each_kind_of_difference_is_named_with_its_path() {
+        let (_t, a, b) = pair();
+        std::fs::write(b.join("docs/deep/b.txt"), "BETA").unwrap();
+        std::fs::remove_file(b.join("old.txt")).unwrap();
+        std::fs::write(b.join("extra"), "").unwrap();
+        std::fs::set_permissions(b.join("x"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::remove_file(b.join("link")).unwrap();
+        std::os::unix::fs::symlink("elsewhere", b.join("link")).unwrap();
+        same_times(&a, &b);
+        let (ta, tb) = (Tree::compute(&a, &Cache::default(), 2).unwrap(), Tree::compute(&b, &Cache::default(), 2).unwrap());
+        let got = compare(&ta, &tb);
+        assert_eq!(
+            got,
+            vec![
+                "A extra: only on the replica",
+                "D old.txt: only on the origin",
+                "M docs/deep/b.txt: content",
+                "M link: size 10 -> 9, target docs/a.txt -> elsewhere",
+                "M x: mode 0755 -> 0700",
+            ],
+            "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn a_type_change_is_one_difference() {
+        let (_t, a, b) = pair();
+        std::fs::remove_file(b.join("old.txt")).unwrap();
+        std::fs::create_dir(b.join("old.txt")).unwrap();
+        same_times(&a, &b);
+        let (ta, tb) = (Tree::compute(&a, &Cache::default(), 1).unwrap(), Tree::compute(&b, &Cache::default(), 1).unwrap());
+        assert_eq!(compare(&ta, &tb), vec!["M old.txt: type file -> directory"]);
+    }
+
+    #[test]
+    fn xattr_differences_are_named() {
+        let o = Entry {
+            name: "f".into(),
+            meta: Meta {
+                kind: FileType::File,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                size: 1,
+                mtime: (1, 0),
+                xattrs: vec![("user.x".into(), "h1".into())],
+                target: None,
+            },
+            hash: "c".into(),
+        };
+        let mut r = o.clone();
+        r.meta.xattrs = vec![("user.x".into(), "h2".into()), ("user.y".into(), "h3".into())];
+        assert_eq!(entry_differences(&o, &r), vec!["xattr user.x", "xattr user.y only on the replica"]);
+        r.meta.xattrs.clear();
+        assert_eq!(entry_differences(&o, &r), vec!["xattr user.x only on the origin"]);
+    }
+
+    #[test]
+    fn the_cache_rehashes_only_changed_files() {
+        let (t, a, _b) = pair();
+        let full = Tree::compute(&a, &Cache::default(), 2).unwrap();
+        let cache = cache_of(&full, &a, "s1");
+        let dir = cache_dir(t.path(), "projects", "origin");
+        save_cache(&dir, &cache).unwrap();
+        let loaded = load_cache(&dir);
+        assert_eq!(loaded.files.len(), 4);
+        std::fs::write(a.join("docs/a.txt"), "ALPHA").unwrap();
+        let again = Tree::compute(&a, &loaded, 2).unwrap();
+        assert_eq!((again.hashed, again.reused), (1, 3));
+        assert_eq!(again.root, Tree::compute(&a, &Cache::default(), 2).unwrap().root);
+        assert_ne!(again.root.hash, full.root.hash);
+    }
+
+    #[test]
+    fn names_and_paths_from_peers() {
+        assert_eq!(wire_name(b"plain.txt"), "plain.txt");
+        assert_eq!(wire_name(b"50%"), "50%25");
+        assert_eq!(wire_name(b"a\xffb"), "a%FFb");
+        assert_eq!(unescape("a%FFb").as_os_str().as_bytes(), b"a\xffb");
+        assert_eq!(unescape("50%25").as_os_str().as_bytes(), b"50%");
+        assert_eq!(check_path(&["docs".into(), "deep".into()]).unwrap(), "docs/deep");
+        assert_eq!(check_path(&[]).unwrap(), "");
+        for bad in ["..", ".", "", "a/b", "/etc"] {
+            assert!(check_path(&[bad.to_string()]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pages_cover_a_directory_once() {
+        let t = tempfile::tempdir().unwrap();
+        for i in 0..300 {
+            std::fs::write(t.path().join(format!("file-{i:04}")), "").unwrap();
+        }
+        let tree = Tree::compute(t.path(), &Cache::default(), 2).unwrap();
+        let (mut all, mut after) = (Vec::new(), None::<String>);
+        loop {
+            let (page, more) = tree.page("", after.as_deref(), 4096).unwrap();
+            assert!(serde_json::to_vec(&page).unwrap().len() < 4096 + 512);
+            after = page.last().map(|e| e.name.clone());
+            all.extend(page);
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(all, tree.dir("").unwrap());
+        assert!(tree.page("nope", None, 4096).is_none());
+    }
+}
