@@ -7,13 +7,7 @@ use crate::common::*;
 #[test]
 fn two_nodes_full_then_incremental() {
     require_root!();
-    let mut c = Cluster::new("quic_two_nodes", &["alpha", "beta"]);
-    let src = c.fs["alpha"].subvolume("projects");
-    let dst = c.mnt("beta").join("backup/projects");
-    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);
-    c.configure("alpha", &[("projects", p.clone())]);
-    c.configure("beta", &[("projects", p)]);
-    c.start("beta");
+    let (mut c, src, dst) = Cluster::two_nodes("quic_two_nodes", 400, |p| p);
 
     fill(&src, 1);
     let out = c.sync_ok("alpha", "projects");

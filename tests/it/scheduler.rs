@@ -11,16 +11,10 @@ fn with_mode(policy: String, mode: &str, extra: &str) -> String {
     policy.replace("mode: snapshot\nschedule: \"@hourly\"\n", &format!("mode: {mode}\n{extra}"))
 }
 
-/// Two nodes, `projects` from alpha to beta with `policy`, both daemons running.
+/// Two nodes, `projects` from alpha to beta with `policy`, filled, both daemons running.
 fn two_nodes(test: &str, make_policy: impl Fn(String) -> String) -> (Cluster, std::path::PathBuf, std::path::PathBuf) {
-    let mut c = Cluster::new(test, &["alpha", "beta"]);
-    let src = c.fs["alpha"].subvolume("projects");
-    let dst = c.mnt("beta").join("backup/projects");
-    let p = make_policy(policy("projects", "alpha", &src, &[("beta", dst.clone())]));
-    c.configure("alpha", &[("projects", p.clone())]);
-    c.configure("beta", &[("projects", p)]);
+    let (mut c, src, dst) = Cluster::two_nodes(test, 400, make_policy);
     fill(&src, 11);
-    c.start("beta");
     c.start("alpha");
     (c, src, dst)
 }

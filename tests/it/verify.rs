@@ -25,13 +25,7 @@ fn text(out: &Output) -> String {
 }
 
 fn two_nodes(test: &str) -> (Cluster, std::path::PathBuf, std::path::PathBuf) {
-    let mut c = Cluster::new(test, &["alpha", "beta"]);
-    let src = c.fs["alpha"].subvolume("projects");
-    let dst = c.mnt("beta").join("backup/projects");
-    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);
-    c.configure("alpha", &[("projects", p.clone())]);
-    c.configure("beta", &[("projects", p)]);
-    c.start("beta");
+    let (c, src, dst) = Cluster::two_nodes(test, 400, |p| p);
     fill(&src, 1);
     std::fs::set_permissions(src.join("sub/f5.txt"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::symlink("sub/f1.txt", src.join("link")).unwrap();
@@ -142,13 +136,7 @@ fn verify_against_a_replica_that_is_down_exits_2_with_the_reason() {
 #[ignore]
 fn verify_figures() {
     require_root!();
-    let mut c = Cluster::with_size("verify_figures", &["alpha", "beta"], 1200);
-    let src = c.fs["alpha"].subvolume("projects");
-    let dst = c.mnt("beta").join("backup/projects");
-    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);
-    c.configure("alpha", &[("projects", p.clone())]);
-    c.configure("beta", &[("projects", p)]);
-    c.start("beta");
+    let (mut c, src, _dst) = Cluster::two_nodes("verify_figures", 1200, |p| p);
     for d in 0..20 {
         std::fs::create_dir_all(src.join(format!("d{d}"))).unwrap();
         for f in 0..100 {

@@ -45,6 +45,21 @@ impl Cluster {
         Cluster { scratch, fs, ports, daemons: BTreeMap::new(), routes: BTreeMap::new(), node_extra: BTreeMap::new() }
     }
 
+    /// The usual pair: alpha the origin of `projects` (a fresh subvolume on a loop image of
+    /// `size_mib`), beta its replica at `backup/projects`, both configured with the same
+    /// policy (`shape` may change the text), beta's daemon running. Returns the cluster, the
+    /// origin subvolume and beta's replica directory.
+    pub fn two_nodes(test: &str, size_mib: u64, shape: impl Fn(String) -> String) -> (Cluster, PathBuf, PathBuf) {
+        let mut c = Cluster::with_size(test, &["alpha", "beta"], size_mib);
+        let src = c.fs["alpha"].subvolume("projects");
+        let dst = c.mnt("beta").join("backup/projects");
+        let p = shape(policy("projects", "alpha", &src, &[("beta", dst.clone())]));
+        c.configure("alpha", &[("projects", p.clone())]);
+        c.configure("beta", &[("projects", p)]);
+        c.start("beta");
+        (c, src, dst)
+    }
+
     /// Makes `from` reach `to` at `addr` (a proxy in front of it) in configs written later.
     pub fn route(&mut self, from: &str, to: &str, addr: std::net::SocketAddr) {
         self.routes.insert((from.to_string(), to.to_string()), addr.to_string());
