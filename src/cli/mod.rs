@@ -453,10 +453,7 @@ async fn promote(path: &std::path::Path, fileset: &str, force: bool) -> Result<E
             // No daemon: promote on disk; origin duty starts with `snapship run`.
             let _lock = crate::node::lock_state_dir(&loaded.node.state_dir)?;
             let epochs = crate::store::EpochStore::open(&loaded.node.state_dir);
-            let known = epochs.current(policy)?;
-            if known.origin == loaded.node.node.0 {
-                bail!("this node is already the origin of `{fileset}` ({known})");
-            }
+            let known = crate::origin::failover::other_origin(policy, &loaded.node.node.0, &epochs)?;
             if !force {
                 bail!(
                     "no snapship run is running here, so the origin `{}` cannot be asked whether it is gone; start `snapship run` and promote again, or add --force",

@@ -212,38 +212,52 @@ async fn ask(state_dir: &Path, request: &Request) -> Result<Option<Reply>> {
 }
 
 /// Asks the daemon of `state_dir` for its status.
-pub async fn status(state_dir: &Path) -> Result<StatusReport> {
-    match ask(state_dir, &Request::Status).await? {
-        Some(Reply::Status(report)) => Ok(report),
+/// Asks the running daemon `request` (`verb` in messages); `pick` takes the reply that
+/// answers it, or gives back any other. `Ok(None)` when no daemon runs; the daemon's own error
+/// is an error here.
+async fn ask_for<T>(state_dir: &Path, request: &Request, verb: &str, pick: impl FnOnce(Reply) -> Result<T, Reply>) -> Result<Option<T>> {
+    match ask(state_dir, request).await? {
+        None => Ok(None),
         Some(Reply::Error { message }) => bail!("{message}"),
-        Some(other) => bail!("the daemon answered {other:?} to status"),
-        None => bail!(
+        Some(reply) => match pick(reply) {
+            Ok(answer) => Ok(Some(answer)),
+            Err(other) => bail!("the daemon answered {other:?} to {verb}"),
+        },
+    }
+}
+
+pub async fn status(state_dir: &Path) -> Result<StatusReport> {
+    let report = ask_for(state_dir, &Request::Status, "status", |r| match r {
+        Reply::Status(report) => Ok(report),
+        other => Err(other),
+    })
+    .await?;
+    report.ok_or_else(|| {
+        anyhow::anyhow!(
             "no snapship run is running for this node (nothing answers on {}); start it with `snapship run --config ...`",
             socket_path(state_dir).display()
-        ),
-    }
+        )
+    })
 }
 
 /// Asks the daemon of `state_dir` to sync `fileset`; `Ok(None)` when no daemon runs.
 /// Asks the running daemon, the origin of `fileset`, to hand it over to `to`; `None` when no
 /// daemon runs.
 pub async fn switchover_through_daemon(state_dir: &Path, fileset: &str, to: &str) -> Result<Option<String>> {
-    match ask(state_dir, &Request::Switchover { fileset: fileset.to_string(), to: to.to_string() }).await? {
-        Some(Reply::Promoted { report }) => Ok(Some(report)),
-        Some(Reply::Error { message }) => bail!("{message}"),
-        Some(other) => bail!("the daemon answered {other:?} to switchover"),
-        None => Ok(None),
-    }
+    ask_for(state_dir, &Request::Switchover { fileset: fileset.to_string(), to: to.to_string() }, "switchover", |r| match r {
+        Reply::Promoted { report } => Ok(report),
+        other => Err(other),
+    })
+    .await
 }
 
 /// Asks the running daemon to promote this node for `fileset`; `None` when no daemon runs.
 pub async fn promote_through_daemon(state_dir: &Path, fileset: &str, force: bool) -> Result<Option<String>> {
-    match ask(state_dir, &Request::Promote { fileset: fileset.to_string(), force }).await? {
-        Some(Reply::Promoted { report }) => Ok(Some(report)),
-        Some(Reply::Error { message }) => bail!("{message}"),
-        Some(other) => bail!("the daemon answered {other:?} to promote"),
-        None => Ok(None),
-    }
+    ask_for(state_dir, &Request::Promote { fileset: fileset.to_string(), force }, "promote", |r| match r {
+        Reply::Promoted { report } => Ok(report),
+        other => Err(other),
+    })
+    .await
 }
 
 /// Asks the running daemon, the origin of `fileset`, to verify its replicas; `None` when no
@@ -256,21 +270,19 @@ pub async fn verify_through_daemon(
     full: bool,
 ) -> Result<Option<Vec<crate::origin::verify::Outcome>>> {
     let request = Request::Verify { fileset: fileset.to_string(), replica: replica.map(str::to_string), snapshot: snapshot.map(str::to_string), full };
-    match ask(state_dir, &request).await? {
-        Some(Reply::Verified { results }) => Ok(Some(results)),
-        Some(Reply::Error { message }) => bail!("{message}"),
-        Some(other) => bail!("the daemon answered {other:?} to verify"),
-        None => Ok(None),
-    }
+    ask_for(state_dir, &request, "verify", |r| match r {
+        Reply::Verified { results } => Ok(results),
+        other => Err(other),
+    })
+    .await
 }
 
 pub async fn sync_through_daemon(state_dir: &Path, fileset: &str) -> Result<Option<Vec<SyncReply>>> {
-    match ask(state_dir, &Request::Sync { fileset: fileset.to_string() }).await? {
-        Some(Reply::Sync { results }) => Ok(Some(results)),
-        Some(Reply::Error { message }) => bail!("{message}"),
-        Some(other) => bail!("the daemon answered {other:?} to sync"),
-        None => Ok(None),
-    }
+    ask_for(state_dir, &Request::Sync { fileset: fileset.to_string() }, "sync", |r| match r {
+        Reply::Sync { results } => Ok(results),
+        other => Err(other),
+    })
+    .await
 }
 
 #[cfg(test)]

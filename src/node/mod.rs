@@ -277,11 +277,17 @@ impl Runtime {
         verify_replicas(&self.config, policy, &self.link, &self.epochs, only, snapshot, full).await
     }
 
+    /// How this node, the origin of `policy` now, reaches the other members (one QUIC client
+    /// for the daemon).
+    fn endpoints(&self, policy: &Policy) -> Result<Vec<Arc<dyn ReplicaEndpoint>>> {
+        endpoints(&self.config, policy, &mut self.connector.lock().expect("connector lock"), &self.link, &self.epochs)
+    }
+
     /// Makes the origin job of `policy` on this node.
     fn job(&self, policy: &Policy) -> Result<(OriginJob, SyncHandle)> {
         let here = &self.config.node.node.0;
         let origin = snapshot::origin_on(policy, here)?.into();
-        let replicas = endpoints(&self.config, policy, &mut self.connector.lock().expect("connector lock"), &self.link, &self.epochs)?;
+        let replicas = self.endpoints(policy)?;
         let state = StateStore::open(&self.config.node.state_dir, &policy.fileset.0)?.into();
         let (job, handle) = OriginJob::new(policy.clone(), origin, replicas, state, Clock::System, self.status.clone());
         Ok((job.with_stall_timeout(self.config.node.transfers.stall_timeout.0).with_epochs(self.epochs.clone()), handle))
@@ -391,13 +397,9 @@ impl Runtime {
     pub async fn promote(self: &Arc<Self>, fileset: &str, force: bool) -> Result<String> {
         let policy = self.config.policy(fileset).ok_or_else(|| anyhow!("no file set `{fileset}` in this node's policies"))?;
         let here = &self.config.node.node.0;
-        let known = self.epochs.current(policy)?;
-        if known.origin == *here {
-            bail!("this node is already the origin of `{fileset}` ({known})");
-        }
+        let known = crate::origin::failover::other_origin(policy, here, &self.epochs)?;
         if !force {
-            let eps = endpoints(&self.config, policy, &mut self.connector.lock().expect("connector lock"), &self.link, &self.epochs)?;
-            if let Some(ep) = eps.iter().find(|e| e.node() == known.origin) {
+            if let Some(ep) = self.endpoints(policy)?.iter().find(|e| e.node() == known.origin) {
                 if crate::origin::failover::answers(ep.as_ref()).await {
                     bail!(
                         "the origin `{}` still answers: a planned change is `snapship switchover --to {here}` run there; \
@@ -427,8 +429,7 @@ impl Runtime {
             bail!("`{to}` is not another member of `{fileset}` (members: {})", policy.members().join(", "));
         }
         let origin = snapshot::origin_on(policy, here)?;
-        let eps = endpoints(&self.config, policy, &mut self.connector.lock().expect("connector lock"), &self.link, &self.epochs)?;
-        let target = eps.into_iter().find(|e| e.node() == to).ok_or_else(|| anyhow!("`{to}` is not reached from here"))?;
+        let target = self.endpoints(policy)?.into_iter().find(|e| e.node() == to).ok_or_else(|| anyhow!("`{to}` is not reached from here"))?;
         self.handing_over.lock().expect("handover lock").insert(fileset.to_string());
         origin.freeze(true).await?;
         let attempt = async {

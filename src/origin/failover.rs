@@ -15,7 +15,7 @@ use crate::config::Policy;
 use crate::ship::ReplicaEndpoint;
 use crate::ship::client::Refused;
 use crate::snapshot;
-use crate::store::EpochStore;
+use crate::store::{Epoch, EpochStore};
 
 /// How long a member gets to answer before it counts as gone.
 const ANSWER: Duration = Duration::from_secs(3);
@@ -29,10 +29,21 @@ pub async fn answers(ep: &dyn ReplicaEndpoint) -> bool {
     }
 }
 
+/// The current epoch of `policy`'s file set, whose origin is another node than `here`; an
+/// error when `here` is the origin already (there is nothing to promote).
+pub fn other_origin(policy: &Policy, here: &str, epochs: &EpochStore) -> Result<Epoch> {
+    let known = epochs.current(policy)?;
+    if known.origin == here {
+        bail!("this node is already the origin of `{}` ({known})", policy.fileset);
+    }
+    Ok(known)
+}
+
 /// Makes `here` the origin of `policy`'s file set: its live file set from the newest
 /// snapshot it holds, then a new epoch. Returns what to tell the admin (promoted from which
 /// snapshot, taken when: the failover's recovery point).
 pub async fn promote(policy: &Policy, here: &str, epochs: &EpochStore) -> Result<String> {
+    other_origin(policy, here, epochs)?;
     let held = snapshot::replica_on(policy, here)?.list().await?;
     let Some(newest) = held.last() else {
         bail!("this node holds no snapshot of `{}`: there is nothing to promote", policy.fileset);
