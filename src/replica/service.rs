@@ -273,7 +273,9 @@ impl ReplicaService {
         if claimed.origin != peer {
             return Err(Message::error(ErrorCode::Unauthorized, format!("node `{peer}` claims {claimed}, which names another node as origin")));
         }
-        self.epochs.learn(policy, claimed).map_err(internal)?;
+        if claimed.number > known.number {
+            self.epochs.learn(policy, claimed).map_err(internal)?;
+        }
         Ok(policy)
     }
 
