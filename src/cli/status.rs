@@ -54,6 +54,12 @@ pub fn render(report: &StatusReport) -> String {
             line(w, format!("  FAILED {}", error(e)));
         }
     }
+    for b in &report.config.broken {
+        line(w, format!("{}: broken, left out: {} (fix it, then `systemctl reload snapship`)", b.file, b.error));
+    }
+    if let Some(r) = report.config.reload.as_ref().filter(|r| !r.ok) {
+        line(w, format!("RELOAD REFUSED at {}: {}", when(&r.at), r.message));
+    }
     out
 }
 
@@ -148,6 +154,7 @@ mod tests {
             }],
             replica_of: vec![],
             epochs: vec![],
+            config: Default::default(),
         }
     }
 

@@ -30,7 +30,7 @@ pub enum Request {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     Sync { results: Vec<SyncReply> },
     Promoted { report: String },
     Verified { results: Vec<crate::origin::verify::Outcome> },
@@ -136,7 +136,7 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
     // A request is one short line; refuse to buffer more.
     BufReader::new(read.take_limit()).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
-        Ok(Request::Status) => Reply::Status(control.node.report(control.status.report())),
+        Ok(Request::Status) => Reply::Status(Box::new(control.node.report(control.status.report()))),
         Ok(Request::Sync { fileset }) => sync(control, &fileset).await,
         Ok(Request::Promote { fileset, force }) => match control.node.promote(&fileset, force).await {
             Ok(report) => Reply::Promoted { report },
@@ -228,7 +228,7 @@ async fn ask_for<T>(state_dir: &Path, request: &Request, verb: &str, pick: impl 
 
 pub async fn status(state_dir: &Path) -> Result<StatusReport> {
     let report = ask_for(state_dir, &Request::Status, "status", |r| match r {
-        Reply::Status(report) => Ok(report),
+        Reply::Status(report) => Ok(*report),
         other => Err(other),
     })
     .await?;

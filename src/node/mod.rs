@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::units::Compression;
 use crate::config::{self, LoadedConfig, Policy, Transfer};
+use crate::observe::status::BrokenPolicy;
 use crate::observe::status::StatusBoard;
 use crate::origin::job::{GroupHub, GroupMember, OriginJob, SyncHandle};
 use crate::origin::state::StateStore;
@@ -31,6 +32,7 @@ use crate::schedule::clock::Clock;
 use crate::ship::client::{EpochSource, PeerReplica};
 use crate::ship::local::LocalLink;
 use crate::ship::quic::{self, Connector, QuicDialer};
+use crate::ship::tls::LiveTls;
 use crate::ship::{Dialer, ReplicaEndpoint};
 use crate::snapshot;
 use crate::store::EpochStore;
@@ -101,6 +103,8 @@ pub struct ReplicaRole {
     pub service: Arc<ReplicaService>,
     pub link: LocalLink,
     pub epochs: Arc<EpochStore>,
+    /// The peers the QUIC side admits (the node config's `peers`), replaced on reload.
+    peers: Arc<tokio::sync::watch::Sender<Vec<String>>>,
     tasks: TaskTracker,
 }
 
@@ -111,17 +115,24 @@ impl ReplicaRole {
         let tasks = TaskTracker::new();
         tasks.spawn(service.sessions().clone().watch(shutdown.clone()));
         tasks.spawn(crate::ship::local::serve(streams, service.clone(), shutdown.clone()));
-        ReplicaRole { service, link, epochs, tasks }
+        let peers = Arc::new(tokio::sync::watch::Sender::new(peer_names(&config)));
+        ReplicaRole { service, link, epochs, peers, tasks }
     }
 
-    /// Also serves other nodes over QUIC on `addr`.
-    pub fn listen(&self, config: &LoadedConfig, addr: std::net::SocketAddr, shutdown: &CancellationToken) -> Result<()> {
-        let files = config.node.tls.as_ref().ok_or_else(|| anyhow!("{} has no `tls:` section; a replica needs one", config.node.file.display()))?;
-        let server = quic::bind(files, addr)?;
+    /// Also serves other nodes over QUIC on `addr`, with the TLS of `tls`.
+    pub fn listen(&self, config: &LoadedConfig, tls: Option<&LiveTls>, addr: std::net::SocketAddr, shutdown: &CancellationToken) -> Result<()> {
+        let tls = tls.ok_or_else(|| anyhow!("{} has no `tls:` section; a replica needs one", config.node.file.display()))?;
+        let server = quic::bind(tls, addr)?;
         tracing::info!(node = %config.node.node, %addr, "listening for origins");
-        let peers = config.node.peers.keys().map(|k| k.0.clone()).collect();
-        self.tasks.spawn(quic::serve(server, peers, self.service.clone(), shutdown.clone()));
+        self.tasks.spawn(quic::serve(server, self.peers.subscribe(), self.service.clone(), shutdown.clone()));
         Ok(())
+    }
+
+    /// Answers by `config` from now on (the daemon reloaded): requests, and which peers may
+    /// connect. Sessions and connections under way keep going.
+    pub fn replace_config(&self, config: Arc<LoadedConfig>) {
+        self.peers.send_replace(peer_names(&config));
+        self.service.replace_config(config);
     }
 
     /// After `shutdown` was cancelled: ends the sessions and waits for every task.
@@ -132,13 +143,23 @@ impl ReplicaRole {
     }
 }
 
-pub async fn run(config_path: &Path) -> Result<()> {
-    let mut loaded = config::load(config_path)?;
+fn peer_names(config: &LoadedConfig) -> Vec<String> {
+    config.node.peers.keys().map(|k| k.0.clone()).collect()
+}
+
+/// The config at `path` as `run` uses it, at start-up and on reload: the node config and its
+/// TLS files must be usable (else an error: `run` refuses to start, a reload keeps the old
+/// config); a broken policy, or one whose places on this node are wrong, is left out and
+/// listed.
+async fn prepare(path: &Path) -> Result<(LoadedConfig, Vec<BrokenPolicy>)> {
+    let mut loaded = config::load(path)?;
+    let mut broken = Vec::new();
     for e in &loaded.errors {
         if e.file == loaded.node.file {
             tracing::error!("{e}");
         } else {
             tracing::error!("skipping a broken policy: {e}");
+            broken.push(BrokenPolicy { file: e.file.display().to_string(), error: e.to_string() });
         }
     }
     // Without working TLS no peer would accept this node: refuse rather than run idle.
@@ -148,7 +169,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
     if !tls.errors.is_empty() {
         let reasons: Vec<String> = tls.errors.iter().map(|e| e.to_string()).collect();
-        bail!("cannot start: the TLS files are unusable (`snapship check` shows the same):\n  {}", reasons.join("\n  "));
+        bail!("the TLS files are unusable (`snapship check` shows the same):\n  {}", reasons.join("\n  "));
     }
     // A file set whose places on this node are wrong is skipped, like a broken policy.
     let mut usable = Vec::new();
@@ -159,12 +180,19 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
         for e in &found.errors {
             tracing::error!(fileset = %policy.fileset, "skipping the file set: {e}");
+            broken.push(BrokenPolicy { file: policy.file.display().to_string(), error: format!("file set `{}`: {e}", policy.fileset) });
         }
         if found.errors.is_empty() {
             usable.push(policy);
         }
     }
     loaded.policies = usable;
+    Ok((loaded, broken))
+}
+
+pub async fn run(config_path: &Path) -> Result<()> {
+    let (loaded, broken) = prepare(config_path).await.context("cannot start")?;
+    let tls = loaded.node.tls.as_ref().map(LiveTls::load).transpose().context("cannot start")?;
     let loaded = Arc::new(loaded);
     let here = &loaded.node.node;
     let _lock = lock_state_dir(&loaded.node.state_dir)?;
@@ -181,6 +209,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
 
     let shutdown = CancellationToken::new();
     let status = StatusBoard::new(&here.0);
+    status.config_loaded(broken);
     let background = TaskTracker::new();
     observe(&loaded, &status, &background, &shutdown)?;
 
@@ -188,7 +217,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // wherever `listen:` is set: after a promotion elsewhere, any member is a replica.
     let replica = ReplicaRole::start(loaded.clone(), epochs.clone(), status.clone(), &shutdown);
     match loaded.node.listen {
-        Some(addr) => replica.listen(&loaded, addr, &shutdown)?,
+        Some(addr) => replica.listen(&loaded, tls.as_ref(), addr, &shutdown)?,
         None if !replica_of.is_empty() => {
             bail!(
                 "node `{here}` is a replica of {} but {} has no `listen:` address; add one, like `listen: 0.0.0.0:7441`",
@@ -200,8 +229,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
     report_replicas(&loaded, &epochs, &status).await;
 
+    let replica = Arc::new(replica);
     let node = Arc::new(Runtime {
-        config: loaded.clone(),
+        config: std::sync::RwLock::new(loaded.clone()),
+        config_path: config_path.to_path_buf(),
+        tls,
+        replica: replica.clone(),
         epochs: epochs.clone(),
         status: status.clone(),
         link: replica.link.clone(),
@@ -210,6 +243,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         syncs: Mutex::default(),
         connector: Mutex::default(),
         handing_over: Mutex::default(),
+        duties: Mutex::default(),
+        reloading: tokio::sync::Mutex::new(()),
     });
     replica.service.accept_handovers(Arc::new(node.clone()));
     node.start_origins(&origin_of);
@@ -227,8 +262,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    // snapship reads its config once; a SIGHUP (a stray `kill -HUP`, a closed terminal) must
-    // not stop it, so it is answered with what to do instead.
+    // SIGHUP (`systemctl reload`) rereads the config in a task of its own, so that a reload
+    // waiting for transfers in flight never delays a SIGTERM.
     let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
@@ -240,7 +275,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 tracing::info!("SIGINT: stopping");
                 break;
             }
-            _ = hup.recv() => tracing::warn!("SIGHUP: snapship does not reload its config in place; restart it to apply changes (`systemctl restart snapship`: transfers in flight resume)"),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: rereading {}", config_path.display());
+                let node = node.clone();
+                node.origins.clone().spawn(async move { node.reload().await });
+            }
         }
     }
     shutdown.cancel();
@@ -249,14 +288,50 @@ pub async fn run(config_path: &Path) -> Result<()> {
     background.wait().await;
     // Give the QUIC endpoints a moment to send the connection closes queued above.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    replica.stop().await;
+    drop(node);
+    match Arc::try_unwrap(replica) {
+        Ok(replica) => replica.stop().await,
+        Err(_) => tracing::warn!("the replica role is still referenced at shutdown; not waiting for its sessions"),
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
-/// What the running daemon needs to start origin duty, at start-up and after a promotion.
+/// Fails, naming the key, when `new` changes what a running daemon cannot apply in place.
+fn needs_restart(old: &config::NodeConfig, new: &config::NodeConfig) -> Result<()> {
+    let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let keys: [(&str, bool); 6] = [
+        ("node", old.node != new.node),
+        ("listen", old.listen != new.listen),
+        ("state_dir", old.state_dir != new.state_dir),
+        ("metrics", old.metrics != new.metrics),
+        ("transfers", differs(&old.transfers, &new.transfers)),
+        ("tls", old.tls.is_some() != new.tls.is_some()),
+    ];
+    if let Some((key, _)) = keys.iter().find(|(_, changed)| *changed) {
+        bail!("`{key}` changed in {}: that takes a restart (`systemctl restart snapship`); nothing was reloaded", new.file.display());
+    }
+    Ok(())
+}
+
+/// Whether the origin job of `fileset` must start anew under `new`: its policy changed, or
+/// the address of one of its members did.
+fn changed(old: &LoadedConfig, new: &LoadedConfig, fileset: &str) -> bool {
+    let (Some(a), Some(b)) = (old.policy(fileset), new.policy(fileset)) else { return true };
+    // The parsed values, compared whole: any key of the policy counts.
+    format!("{a:?}") != format!("{b:?}")
+        || b.members().iter().any(|m| old.node.peers.get(&config::units::Name(m.to_string())) != new.node.peers.get(&config::units::Name(m.to_string())))
+}
+
+/// What the running daemon needs to start origin duty, at start-up, after a promotion and
+/// after a reload.
 pub struct Runtime {
-    pub config: Arc<LoadedConfig>,
+    /// The config in use; replaced by [`Runtime::reload`].
+    config: std::sync::RwLock<Arc<LoadedConfig>>,
+    config_path: std::path::PathBuf,
+    /// This node's TLS, replaced in place by a reload.
+    tls: Option<LiveTls>,
+    replica: Arc<ReplicaRole>,
     pub epochs: Arc<EpochStore>,
     status: Arc<StatusBoard>,
     link: LocalLink,
@@ -268,35 +343,63 @@ pub struct Runtime {
     /// File sets being handed over in a planned switchover: stepping down keeps no diverged
     /// data (writes were frozen before the final snapshot).
     handing_over: Mutex<std::collections::BTreeSet<String>>,
+    /// The origin duty running per file set, to drain when a reload changes it.
+    duties: Mutex<BTreeMap<String, Duty>>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+static NEXT_DUTY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One origin job running in the daemon.
+struct Duty {
+    /// Tells this duty apart from a later one of the same file set.
+    id: u64,
+    /// Cancelled by a reload: the job ends once its transfers under way have finished.
+    drain: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
 }
 
 impl Runtime {
+    /// The config in use now.
+    pub fn config(&self) -> Arc<LoadedConfig> {
+        self.config.read().expect("config lock").clone()
+    }
     /// `snapship verify` through the control socket: counted in this daemon's metrics and log.
     pub async fn verify(&self, fileset: &str, only: Option<&str>, snapshot: Option<&str>, full: bool) -> Result<Vec<crate::origin::verify::Outcome>> {
-        let policy = self.config.policy(fileset).ok_or_else(|| anyhow!("the running daemon has no file set `{fileset}`"))?;
-        verify_replicas(&self.config, policy, &self.link, &self.epochs, only, snapshot, full).await
+        let config = self.config();
+        let policy = config.policy(fileset).ok_or_else(|| anyhow!("the running daemon has no file set `{fileset}`"))?;
+        verify_replicas(&config, policy, &self.link, &self.epochs, only, snapshot, full).await
     }
 
     /// How this node, the origin of `policy` now, reaches the other members (one QUIC client
     /// for the daemon).
     fn endpoints(&self, policy: &Policy) -> Result<Vec<Arc<dyn ReplicaEndpoint>>> {
-        endpoints(&self.config, policy, &mut self.connector.lock().expect("connector lock"), &self.link, &self.epochs)
+        let config = self.config();
+        let mut connector = self.connector.lock().expect("connector lock");
+        if let (None, Some(live), Some(files)) = (connector.as_ref(), &self.tls, &config.node.tls) {
+            // Handshakes through the daemon's TLS, which a reload replaces.
+            *connector = Some(Arc::new(Connector::with_tls(&config.node.node.0, files, live.clone())));
+        }
+        endpoints(&config, policy, &mut connector, &self.link, &self.epochs)
     }
 
     /// Makes the origin job of `policy` on this node.
     fn job(&self, policy: &Policy) -> Result<(OriginJob, SyncHandle)> {
-        let here = &self.config.node.node.0;
+        let config = self.config();
+        let here = &config.node.node.0;
         let origin = snapshot::origin_on(policy, here)?.into();
         let replicas = self.endpoints(policy)?;
-        let state = StateStore::open(&self.config.node.state_dir, &policy.fileset.0)?.into();
+        let state = StateStore::open(&config.node.state_dir, &policy.fileset.0)?.into();
         let (job, handle) = OriginJob::new(policy.clone(), origin, replicas, state, Clock::System, self.status.clone());
-        Ok((job.with_stall_timeout(self.config.node.transfers.stall_timeout.0).with_epochs(self.epochs.clone()), handle))
+        Ok((job.with_stall_timeout(config.node.transfers.stall_timeout.0).with_epochs(self.epochs.clone()), handle))
     }
 
     /// Starts the origin jobs of `filesets` (consistency groups sharing a hub).
     fn start_origins(self: &Arc<Self>, filesets: &[&str]) {
+        let config = self.config();
         let mut jobs = Vec::new();
-        for policy in filesets.iter().filter_map(|f| self.config.policy(f)) {
+        for policy in filesets.iter().filter_map(|f| config.policy(f)) {
             match self.job(policy) {
                 Ok(job) => jobs.push(job),
                 // One file set's trouble never stops the others.
@@ -318,7 +421,7 @@ impl Runtime {
         let hubs: BTreeMap<String, _> = members
             .into_iter()
             .map(|(name, members)| {
-                let backend = self.config.policies.iter().find(|p| p.group.as_ref().is_some_and(|g| g.0 == name)).map(|p| p.backend).expect("a member");
+                let backend = config.policies.iter().find(|p| p.group.as_ref().is_some_and(|g| g.0 == name)).map(|p| p.backend).expect("a member");
                 (name.clone(), GroupHub::new(&name, backend, members))
             })
             .collect();
@@ -327,19 +430,26 @@ impl Runtime {
                 Some(hub) => job.in_group(hub.clone()),
                 None => job,
             };
-            self.syncs.lock().expect("syncs lock").insert(job.policy.fileset.0.clone(), sync);
+            let fileset = job.policy.fileset.0.clone();
+            self.syncs.lock().expect("syncs lock").insert(fileset.clone(), sync);
+            let (id, drain) = (NEXT_DUTY.fetch_add(1, std::sync::atomic::Ordering::Relaxed), CancellationToken::new());
+            let job = job.with_drain(drain.clone());
             let me = self.clone();
-            self.origins.spawn(async move { me.origin_duty(job).await });
+            // Registered under the lock the duty takes to deregister, so it cannot end first.
+            let mut duties = self.duties.lock().expect("duties lock");
+            let done = self.origins.spawn(async move { me.origin_duty(job, id).await });
+            duties.insert(fileset, Duty { id, drain, done });
         }
     }
 
     /// Runs `job` until shutdown, or until a newer epoch names another origin: then this node
     /// steps down (its live file set frozen, what it wrote kept as diverged data) and serves
     /// the file set as a replica (the replica service goes by the epochs).
-    async fn origin_duty(self: Arc<Self>, job: OriginJob) {
+    async fn origin_duty(self: Arc<Self>, job: OriginJob, id: u64) {
+        let config = self.config();
         let policy = job.policy.clone();
         let origin = job.origin.clone();
-        let here = self.config.node.node.0.clone();
+        let here = config.node.node.0.clone();
         let stop = self.shutdown.child_token();
         let mut changes = self.epochs.subscribe();
         let moved_on = async {
@@ -359,8 +469,21 @@ impl Runtime {
                 duty.await;
             }
         }
-        self.syncs.lock().expect("syncs lock").remove(&policy.fileset.0);
-        if self.shutdown.is_cancelled() {
+        let drained = {
+            let mut duties = self.duties.lock().expect("duties lock");
+            match duties.get(&policy.fileset.0) {
+                Some(d) if d.id == id => {
+                    duties.remove(&policy.fileset.0);
+                    false
+                }
+                // A reload took it out of the map to drain it, and starts its successor.
+                _ => true,
+            }
+        };
+        if !drained {
+            self.syncs.lock().expect("syncs lock").remove(&policy.fileset.0);
+        }
+        if self.shutdown.is_cancelled() || drained {
             return;
         }
         let epoch = self.epochs.current(&policy).map(|e| e.to_string()).unwrap_or_default();
@@ -374,10 +497,99 @@ impl Runtime {
         }
     }
 
+    /// SIGHUP: rereads the node config, the policies and the TLS files. A new config whose
+    /// node file or TLS files are unusable, or that changes what only a restart can apply, is
+    /// refused (the daemon keeps running as it was, and says why in its log and `status`).
+    /// Otherwise it is used from now on: new connections use the new certificates, the
+    /// replica side answers by the new policies, and each origin job whose policy changed
+    /// (or whose members' addresses did) is drained and started anew: its transfers under
+    /// way finish first. Jobs of unchanged file sets are left alone.
+    pub async fn reload(self: Arc<Self>) {
+        let _one = self.reloading.lock().await;
+        match self.apply_new_config().await {
+            Ok(summary) => {
+                tracing::info!("reloaded: {summary}");
+                self.status.reloaded(true, &summary);
+            }
+            Err(e) => {
+                let message = format!("the new config was refused, the daemon runs with the one it had: {e:#}");
+                tracing::error!("{message}");
+                self.status.reloaded(false, &message);
+            }
+        }
+    }
+
+    async fn apply_new_config(self: &Arc<Self>) -> Result<String> {
+        let old = self.config();
+        let (new, broken) = prepare(&self.config_path).await?;
+        needs_restart(&old.node, &new.node)?;
+        if let (Some(live), Some(files)) = (&self.tls, &new.node.tls) {
+            live.replace(files)?;
+        }
+        let new = Arc::new(new);
+        let here = new.node.node.0.clone();
+        let origin_here = |c: &LoadedConfig| -> std::collections::BTreeSet<String> {
+            c.policies.iter().filter(|p| p.is_member(&here) && self.epochs.current(p).is_ok_and(|e| e.origin == here)).map(|p| p.fileset.0.clone()).collect()
+        };
+        let wanted = origin_here(&new);
+        let running: std::collections::BTreeSet<String> = self.duties.lock().expect("duties lock").keys().cloned().collect();
+        let mut restart: std::collections::BTreeSet<String> = running.iter().filter(|f| !wanted.contains(*f) || changed(&old, &new, f)).cloned().collect();
+        // A consistency group's members share one hub: restart the group as a whole.
+        let groups: std::collections::BTreeSet<String> =
+            restart.iter().flat_map(|f| [old.policy(f), new.policy(f)]).flatten().filter_map(|p| p.group.as_ref().map(|g| g.0.clone())).collect();
+        for c in [&old, &new] {
+            for p in c.policies.iter().filter(|p| p.group.as_ref().is_some_and(|g| groups.contains(&g.0))) {
+                if running.contains(&p.fileset.0) {
+                    restart.insert(p.fileset.0.clone());
+                }
+            }
+        }
+        let start: Vec<String> = wanted.iter().filter(|f| !running.contains(*f) || restart.contains(*f)).cloned().collect();
+        let removed: Vec<&String> = restart.iter().filter(|f| !wanted.contains(*f)).collect();
+
+        *self.config.write().expect("config lock") = new.clone();
+        self.replica.replace_config(new.clone());
+        self.status.config_loaded(broken.clone());
+        report_replicas(&new, &self.epochs, &self.status).await;
+        let mut draining = Vec::new();
+        for f in &restart {
+            let Some(duty) = self.duties.lock().expect("duties lock").remove(f) else { continue };
+            self.syncs.lock().expect("syncs lock").remove(f);
+            duty.drain.cancel();
+            draining.push(duty.done);
+        }
+        if !draining.is_empty() {
+            tracing::info!(filesets = ?restart, "reload: waiting for the transfers under way of the changed file sets to finish");
+        }
+        for done in draining {
+            let _ = done.await;
+        }
+        for f in &removed {
+            self.status.forget_origin(f);
+        }
+        if self.shutdown.is_cancelled() {
+            bail!("stopping");
+        }
+        let names: Vec<&str> = start.iter().map(String::as_str).collect();
+        self.start_origins(&names);
+        let list = |v: &[&String]| if v.is_empty() { "none".to_string() } else { v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ") };
+        let restarted: Vec<&String> = restart.iter().filter(|f| wanted.contains(*f)).collect();
+        let added: Vec<&String> = start.iter().filter(|f| !running.contains(*f)).collect();
+        Ok(format!(
+            "{} policies in use, {} broken; origin jobs started: {}, restarted: {}, stopped: {}",
+            new.policies.len(),
+            broken.len(),
+            list(&added),
+            list(&restarted),
+            list(&removed)
+        ))
+    }
+
     /// `report` with the epoch of every file set this node is a member of.
     pub fn report(&self, mut report: crate::observe::status::StatusReport) -> crate::observe::status::StatusReport {
-        let here = &self.config.node.node.0;
-        for policy in self.config.policies.iter().filter(|p| p.is_member(here)) {
+        let config = self.config();
+        let here = &config.node.node.0;
+        for policy in config.policies.iter().filter(|p| p.is_member(here)) {
             if let Ok(r) = self.epochs.record(policy) {
                 report.epochs.push(crate::observe::status::EpochStatus {
                     fileset: policy.fileset.0.clone(),
@@ -395,8 +607,9 @@ impl Runtime {
     /// `snapship promote` in the running daemon: this node becomes the origin of `fileset` in
     /// a new epoch, and starts origin duty.
     pub async fn promote(self: &Arc<Self>, fileset: &str, force: bool) -> Result<String> {
-        let policy = self.config.policy(fileset).ok_or_else(|| anyhow!("no file set `{fileset}` in this node's policies"))?;
-        let here = &self.config.node.node.0;
+        let config = self.config();
+        let policy = config.policy(fileset).ok_or_else(|| anyhow!("no file set `{fileset}` in this node's policies"))?;
+        let here = &config.node.node.0;
         let known = crate::origin::failover::other_origin(policy, here, &self.epochs)?;
         if !force {
             if let Some(ep) = self.endpoints(policy)?.iter().find(|e| e.node() == known.origin) {
@@ -419,8 +632,9 @@ impl Runtime {
     /// and become a replica. If anything fails before NODE took over, writes are thawed and
     /// this node stays the origin.
     pub async fn switchover(self: &Arc<Self>, fileset: &str, to: &str) -> Result<String> {
-        let policy = self.config.policy(fileset).ok_or_else(|| anyhow!("no file set `{fileset}` in this node's policies"))?;
-        let here = &self.config.node.node.0;
+        let config = self.config();
+        let policy = config.policy(fileset).ok_or_else(|| anyhow!("no file set `{fileset}` in this node's policies"))?;
+        let here = &config.node.node.0;
         let known = self.epochs.current(policy)?;
         if known.origin != *here {
             bail!("this node is not the origin of `{fileset}` ({known}); run switchover on `{}`", known.origin);
@@ -474,9 +688,10 @@ impl Runtime {
 #[async_trait::async_trait]
 impl crate::replica::service::TakeOver for Arc<Runtime> {
     async fn take_over(&self, policy: &Policy, _snapshot: &crate::snapshot::SnapshotName) -> Result<crate::store::Epoch> {
+        let config = self.config();
         // The service checked that the snapshot is the newest this node holds, which is what
         // promotion starts from.
-        let here = self.config.node.node.0.clone();
+        let here = config.node.node.0.clone();
         crate::origin::failover::promote(policy, &here, &self.epochs).await?;
         self.start_origins(&[policy.fileset.0.as_str()]);
         self.epochs.current(policy)

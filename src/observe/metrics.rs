@@ -31,3 +31,7 @@ pub const CERTIFICATE_EXPIRY: &str = "snapship_certificate_expiry_timestamp_seco
 /// Counter: differences `snapship verify` found between the origin's copy of a snapshot and
 /// a replica's, labelled by `fileset` and `replica`.
 pub const VERIFY_MISMATCHES: &str = "snapship_verify_mismatches_total";
+/// Gauge: policy files the daemon left out because they are broken (status names each).
+pub const BROKEN_POLICIES: &str = "snapship_broken_policies";
+/// Counter: config reloads (SIGHUP), labelled by `result` (ok, refused).
+pub const RELOADS: &str = "snapship_config_reloads_total";

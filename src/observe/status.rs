@@ -33,6 +33,32 @@ pub struct StatusReport {
     /// diverged data kept here.
     #[serde(default)]
     pub epochs: Vec<EpochStatus>,
+    /// The config the daemon runs with: broken policy files left out, the last reload.
+    #[serde(default)]
+    pub config: ConfigStatus,
+}
+
+/// What the daemon made of its config files.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ConfigStatus {
+    /// Policies left out, each with its file and why (fix the file, then reload).
+    pub broken: Vec<BrokenPolicy>,
+    /// The last SIGHUP (or `systemctl reload`), if any since the start.
+    pub reload: Option<ReloadStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BrokenPolicy {
+    pub file: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReloadStatus {
+    pub at: DateTime<Utc>,
+    /// False: the new config was refused and the daemon runs with the one it had.
+    pub ok: bool,
+    pub message: String,
 }
 
 /// A file set's epoch as this node knows it.
@@ -133,6 +159,7 @@ pub struct ReceiverStatus {
 struct Board {
     origin: BTreeMap<String, OriginEntry>,
     receiver: BTreeMap<String, ReceiverEntry>,
+    config: ConfigStatus,
 }
 
 #[derive(Default)]
@@ -443,6 +470,23 @@ impl StatusBoard {
         }
     }
 
+    /// The policies the config in use left out (at start-up, and after each reload).
+    pub fn config_loaded(&self, broken: Vec<BrokenPolicy>) {
+        gauge!(names::BROKEN_POLICIES).set(broken.len() as f64);
+        self.with(|b| b.config.broken = broken);
+    }
+
+    /// How a reload went: `ok` false when the new config was refused (the old one stays).
+    pub fn reloaded(&self, ok: bool, message: &str) {
+        counter!(names::RELOADS, "result" => if ok { "ok" } else { "refused" }).increment(1);
+        self.with(|b| b.config.reload = Some(ReloadStatus { at: Utc::now(), ok, message: message.to_string() }));
+    }
+
+    /// Forgets a file set this node is no longer origin of (a reload removed it).
+    pub fn forget_origin(&self, fileset: &str) {
+        self.with(|b| b.origin.remove(fileset));
+    }
+
     fn replica_snapshots(&self, fileset: &str, origin: &str, newest: Option<&SnapshotName>, count: usize, just_received: bool) {
         self.with(|b| {
             let e = b.receiver.entry(fileset.to_string()).or_default();
@@ -518,6 +562,7 @@ impl StatusBoard {
                 })
                 .collect(),
             epochs: Vec::new(),
+            config: b.config.clone(),
         })
     }
 
@@ -563,6 +608,8 @@ pub fn describe_metrics() {
     describe_counter!(names::RESUMES, "Transfers resumed after an interruption");
     describe_counter!(names::BYTES_SENT, Unit::Bytes, "Send stream bytes put on the wire, failed and cut attempts included");
     describe_gauge!(names::SNAPSHOTS, "Snapshots held, per side");
+    describe_gauge!(names::BROKEN_POLICIES, "Policy files left out of the config in use (status lists each with its error)");
+    describe_counter!(names::RELOADS, "Config reloads (SIGHUP), by result (ok, refused: the old config stays)");
     describe_gauge!(names::LAST_SUCCESS, Unit::Seconds, "When a transfer to a replica last succeeded (Unix time)");
 }
 

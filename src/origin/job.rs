@@ -63,6 +63,9 @@ pub struct OriginJob {
     /// Replicas listed since this job started: their common base is known live (it is
     /// registered when a transfer is planned), whatever the state file says.
     listed: Mutex<std::collections::BTreeSet<String>>,
+    /// Cancelled to end the job gently (a reload changed its policy): no new snapshot or
+    /// transfer starts, the transfers under way finish, then `run` returns.
+    drain: CancellationToken,
 }
 
 /// How one transfer to one replica ended.
@@ -171,6 +174,7 @@ impl OriginJob {
             stall: crate::config::Transfers::default().stall_timeout.0,
             epochs: None,
             listed: Mutex::default(),
+            drain: CancellationToken::new(),
         };
         (job, sync_tx)
     }
@@ -184,6 +188,12 @@ impl OriginJob {
     /// Records newer epochs that replicas report in `epochs`.
     pub fn with_epochs(mut self, epochs: Arc<EpochStore>) -> Self {
         self.epochs = Some(epochs);
+        self
+    }
+
+    /// Ends [`Self::run`] gently when `drain` is cancelled: transfers under way finish first.
+    pub fn with_drain(mut self, drain: CancellationToken) -> Self {
+        self.drain = drain;
         self
     }
 
@@ -205,7 +215,8 @@ impl OriginJob {
     }
 
     /// Runs until `shutdown`; transfers in flight are then dropped: the replica keeps what it
-    /// received for `resume_window`, and the next run resumes from there.
+    /// received for `resume_window`, and the next run resumes from there. Or until the drain
+    /// token ([`Self::with_drain`]) is cancelled: then the transfers in flight finish first.
     pub async fn run(self, shutdown: CancellationToken) {
         let job = Arc::new(self);
         let state = job.state.get().await;
@@ -260,6 +271,7 @@ impl OriginJob {
             }
             let kind = tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = self.drain.cancelled() => return,
                 t = async { next_fire(schedule.expect("guarded"), &self.clock, last_fire).await }, if schedule.is_some() => {
                     last_fire = t;
                     Kind::Scheduled
@@ -280,6 +292,7 @@ impl OriginJob {
                 // At most one snapshot per min_interval: changes within it coalesce.
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    _ = self.drain.cancelled() => return,
                     _ = tokio::time::sleep_until(last_snapshot + min_interval) => {}
                 }
                 let current = newest.borrow().clone();
@@ -344,6 +357,9 @@ impl OriginJob {
     async fn replica_worker(self: Arc<Self>, ep: Arc<dyn ReplicaEndpoint>, mut newest: watch::Receiver<Option<Snapshot>>, shutdown: CancellationToken) {
         let mut delays = None;
         loop {
+            if self.drain.is_cancelled() {
+                return;
+            }
             let target = newest.borrow_and_update().clone();
             if let Some(snapshot) = target {
                 let attempt = tokio::select! {
@@ -357,6 +373,7 @@ impl OriginJob {
                         tracing::warn!(fileset = self.fileset(), replica = ep.node(), "retrying in {:.1}s: {e:#}", delay.as_secs_f64());
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
+                            _ = self.drain.cancelled() => return,
                             _ = tokio::time::sleep(delay) => continue,
                         }
                     }
@@ -364,6 +381,7 @@ impl OriginJob {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = self.drain.cancelled() => return,
                 changed = newest.changed() => if changed.is_err() { return },
             }
         }

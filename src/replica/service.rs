@@ -69,7 +69,11 @@ pub trait TakeOver: Send + Sync {
 }
 
 pub struct ReplicaService {
-    config: Arc<LoadedConfig>,
+    /// The node config and policies; replaced when the daemon reloads ([`Self::replace_config`]).
+    config: std::sync::RwLock<Arc<LoadedConfig>>,
+    /// This node's name and `state_dir` (a reload never changes them).
+    here: String,
+    state_dir: std::path::PathBuf,
     /// Set by the daemon once it runs; one-shot commands cannot take over.
     take_over: std::sync::OnceLock<Arc<dyn TakeOver>>,
     epochs: Arc<EpochStore>,
@@ -86,7 +90,9 @@ impl ReplicaService {
     pub fn new(config: Arc<LoadedConfig>, epochs: Arc<EpochStore>, status: Arc<StatusBoard>, backends: Backends) -> Arc<ReplicaService> {
         let sessions = Sessions::new(&config.node.transfers, &config.node.state_dir);
         Arc::new(ReplicaService {
-            config,
+            here: config.node.node.0.clone(),
+            state_dir: config.node.state_dir.clone(),
+            config: std::sync::RwLock::new(config),
             take_over: Default::default(),
             epochs,
             sessions,
@@ -95,6 +101,17 @@ impl ReplicaService {
             prunes: TaskTracker::new(),
             verifies: tokio::sync::Semaphore::new(1),
         })
+    }
+
+    /// The config requests are answered by now.
+    fn config(&self) -> Arc<LoadedConfig> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Answers requests from now on by `config` (the daemon reloaded). Sessions under way
+    /// keep the policy they began with.
+    pub fn replace_config(&self, config: Arc<LoadedConfig>) {
+        *self.config.write().expect("config lock") = config;
     }
 
     /// Lets an origin hand the file set over to this node (the daemon does this).
@@ -118,12 +135,12 @@ impl ReplicaService {
         let Some(name) = SnapshotName::parse(snapshot) else {
             return Ok(Message::error(ErrorCode::BadRequest, format!("{snapshot:?} is not a snapship snapshot name")));
         };
-        let held = (self.backends)(policy, self.here())?.list().await?;
+        let held = (self.backends)(&policy, self.here())?.list().await?;
         if held.last().map(|s| &s.name) != Some(&name) {
             let newest = held.last().map_or("nothing".to_string(), |s| s.name.to_string());
             return Ok(Message::error(ErrorCode::BadRequest, format!("this node's newest snapshot of `{fileset}` is {newest}, not {name}: ship it first")));
         }
-        let epoch = take_over.take_over(policy, &name).await?;
+        let epoch = take_over.take_over(&policy, &name).await?;
         tracing::warn!(%fileset, peer = ?peer, "took over as origin in {epoch} (planned switchover)");
         Ok(Message::TookOver { epoch })
     }
@@ -132,9 +149,9 @@ impl ReplicaService {
     /// current origin (`snapship list` run on a replica): it claims an epoch whose origin is
     /// not itself, no newer than ours. A replica learns nothing new from the answer: the names
     /// and identities are those the origin ships to it anyway.
-    fn origin_listed_to(&self, peer: &str, fileset: &str, claimed: &Epoch) -> Option<&Policy> {
-        let policy = self.config.policy(fileset)?;
-        let known = self.epochs.current(policy).ok()?;
+    fn origin_listed_to(&self, peer: &str, fileset: &str, claimed: &Epoch) -> Option<Policy> {
+        let policy = self.config().policy(fileset)?.clone();
+        let known = self.epochs.current(&policy).ok()?;
         let asking_replica = claimed.origin != peer && claimed.number <= known.number && policy.is_member(peer) && peer != self.here();
         (asking_replica && known.origin == self.here()).then_some(policy)
     }
@@ -166,7 +183,7 @@ impl ReplicaService {
             Ok(found) => found,
             Err(refusal) => return Ok(refusal),
         };
-        let Some(replica) = policy.replica_on(&self.config.node.node) else {
+        let Some(replica) = policy.replica_on(&crate::config::units::Name(self.here.clone())) else {
             return Ok(Message::error(ErrorCode::Unauthorized, format!("node `{}` is not a replica of `{fileset}`", self.here())));
         };
         if policy.backend != crate::config::BackendKind::Btrfs {
@@ -175,14 +192,14 @@ impl ReplicaService {
         let Some(name) = SnapshotName::parse(snapshot) else {
             return Ok(Message::error(ErrorCode::BadRequest, format!("{snapshot:?} is not a snapship snapshot name")));
         };
-        let held = (self.backends)(policy, self.here())?.list().await?;
+        let held = (self.backends)(&policy, self.here())?.list().await?;
         if !held.iter().any(|s| s.name == name) {
             return Ok(Message::error(ErrorCode::BadRequest, format!("node `{}` holds no snapshot {name} of `{fileset}`", self.here())));
         }
         // One tree at a time on this node: hashing reads the whole copy.
         let _turn = self.verifies.acquire().await?;
         let root = std::path::Path::new(&replica.path).join(name.as_str());
-        let state_dir = self.config.node.state_dir.clone();
+        let state_dir = self.state_dir.clone();
         let (fs, snap) = (fileset.to_string(), name.to_string());
         let started = std::time::Instant::now();
         let tree = tokio::task::spawn_blocking(move || -> Result<Tree> {
@@ -219,7 +236,7 @@ impl ReplicaService {
     }
 
     fn here(&self) -> &str {
-        &self.config.node.node.0
+        &self.here
     }
 
     /// The sessions, for their watchdog ([`Sessions::watch`]) and shutdown.
@@ -238,14 +255,15 @@ impl ReplicaService {
     /// the error message to send back. A newer epoch is learned (and this node, if it was the
     /// origin, stops being one: its origin job watches the epochs); an older one is fenced.
     #[allow(clippy::result_large_err)] // a refusal is the message to send back; a cold path
-    pub fn authorize(&self, peer: &str, fileset: &str, claimed: &Epoch) -> Result<&Policy, Message> {
-        let policy = authorize(&self.config, peer, fileset)?;
+    pub fn authorize(&self, peer: &str, fileset: &str, claimed: &Epoch) -> Result<Policy, Message> {
+        let owned = authorize(&self.config(), peer, fileset)?.clone();
+        let policy = &owned;
         let internal = |e: anyhow::Error| {
             tracing::error!(%fileset, "cannot read or write the epoch: {e:#}");
             Message::error(ErrorCode::ReceiveFailed, format!("the replica cannot read its epoch of `{fileset}`; see its log"))
         };
         let known = self.epochs.current(policy).map_err(internal)?;
-        let here = &self.config.node.node.0;
+        let here = &self.here;
         if claimed.number == known.number && claimed.origin != known.origin {
             return Err(Message::error(
                 ErrorCode::Unauthorized,
@@ -276,7 +294,7 @@ impl ReplicaService {
         if claimed.number > known.number {
             self.epochs.learn(policy, claimed).map_err(internal)?;
         }
-        Ok(policy)
+        Ok(owned)
     }
 
     /// Serves one request; returns the final reply to send.
@@ -311,13 +329,13 @@ impl ReplicaService {
         match request {
             Message::List { fileset, epoch } => {
                 if let Some(policy) = self.origin_listed_to(peer, &fileset, &epoch) {
-                    return self.origin_listing(policy).await;
+                    return self.origin_listing(&policy).await;
                 }
                 let policy = match self.authorize(peer, &fileset, &epoch) {
                     Ok(found) => found,
                     Err(refusal) => return Ok(refusal),
                 };
-                let side = (self.backends)(policy, self.here())?;
+                let side = (self.backends)(&policy, self.here())?;
                 let snapshots = side.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
                 let partial = self.sessions.resumable(&fileset, side.as_ref()).await;
                 Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial, epoch })
@@ -333,7 +351,7 @@ impl ReplicaService {
                 };
                 let from = resume.as_ref().map_or(0, |r| r.offset);
                 let incoming = Incoming { name, identity, base: base.clone(), from_token };
-                let attached = self.sessions.begin(peer, &fileset, incoming, compact, resume, (self.backends)(policy, self.here())?).await?;
+                let attached = self.sessions.begin(peer, &fileset, incoming, compact, resume, (self.backends)(&policy, self.here())?).await?;
                 write_message(send, &Message::Ready).await?;
                 tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving");
                 let data = IncomingData::new(frames, compression, self.sessions.stall_timeout());
@@ -342,9 +360,9 @@ impl ReplicaService {
                 // Hold the file set's lock before the origin hears `committed`, so that its next
                 // `begin` waits for this prune; prune once it has its answer.
                 let lock = self.sessions.fileset_lock(&fileset).lock_owned().await;
-                let side = (self.backends)(policy, self.here())?;
+                let side = (self.backends)(&policy, self.here())?;
                 let (policy, status, sessions) = (policy.clone(), self.status.clone(), self.sessions.clone());
-                let origin_is_remote = policy.origin.node != self.config.node.node;
+                let origin_is_remote = policy.origin.node.0 != self.here;
                 self.prunes.spawn(async move {
                     let pruned = prune::after_receive(&policy, side.as_ref(), &sessions).await;
                     drop(lock);

@@ -86,7 +86,7 @@ impl Refusal {
         match self {
             Refusal::ShuttingDown => format!("`{replica}` is shutting down; the origin retries by itself"),
             Refusal::NotListed => format!(
-                "`{me}` is not listed under `peers` on `{replica}`: add it there (`{me}: HOST:PORT` in `{replica}`'s node config) and restart `snapship run` on `{replica}`"
+                "`{me}` is not listed under `peers` on `{replica}`: add it there (`{me}: HOST:PORT` in `{replica}`'s node config) and reload `snapship run` there (`systemctl reload snapship`, or SIGHUP)"
             ),
             Refusal::NoNodeName => format!("`{replica}` found no node name in `{me}`'s certificate: make the certificate with `snapship certs {me}`"),
             Refusal::TooManyConnections => format!(
@@ -117,8 +117,10 @@ pub fn io(addr: SocketAddr) -> Result<s2n_quic::provider::io::tokio::Provider> {
 pub struct Connector {
     /// This node's name, for what to do when a replica refuses it.
     me: String,
+    /// The TLS files, for what to check when a handshake fails.
     tls: TlsFiles,
-    prepared: std::sync::Mutex<Option<s2n_quic::provider::tls::default::Client>>,
+    /// The TLS every handshake uses: replaced in place when the daemon reloads.
+    live: tls::LiveTls,
     v4: std::sync::OnceLock<Client>,
     v6: std::sync::OnceLock<Client>,
 }
@@ -136,9 +138,14 @@ impl Connector {
 
     pub fn new(node: &NodeConfig) -> Result<Connector> {
         let files = node.tls.as_ref().ok_or_else(|| anyhow!("{} has no `tls:` section; it is needed to reach other nodes", node.file.display()))?;
-        // Build it now, so that a missing certificate is reported before any transfer.
-        let prepared = std::sync::Mutex::new(Some(tls::client_tls(files)?));
-        Ok(Connector { me: node.node.0.clone(), tls: files.clone(), prepared, v4: Default::default(), v6: Default::default() })
+        // Built now, so that a missing certificate is reported before any transfer.
+        Ok(Self::with_tls(&node.node.0, files, tls::LiveTls::load(files)?))
+    }
+
+    /// A connector for node `me` whose handshakes use `live` (the daemon's, replaced when it
+    /// reloads); `files` are what `live` was made from.
+    pub fn with_tls(me: &str, files: &TlsFiles, live: tls::LiveTls) -> Connector {
+        Connector { me: me.to_string(), tls: files.clone(), live, v4: Default::default(), v6: Default::default() }
     }
 
     fn client_for(&self, addr: &SocketAddr) -> Result<&Client> {
@@ -146,13 +153,8 @@ impl Connector {
         if let Some(c) = cell.get() {
             return Ok(c);
         }
-        // The TLS config built (and checked) in `new` serves the first client.
-        let tls = match self.prepared.lock().expect("tls lock").take() {
-            Some(tls) => tls,
-            None => tls::client_tls(&self.tls)?,
-        };
         let client = Client::builder()
-            .with_tls(tls)?
+            .with_tls(self.live.client())?
             .with_limits(limits()?)?
             .with_io(io(bind.parse().expect("a literal address"))?)?
             .start()
@@ -241,9 +243,9 @@ impl Dialer for QuicDialer {
 }
 
 /// Binds the replica's listening socket (so that a port in use is an error at start-up).
-pub fn bind(files: &TlsFiles, addr: SocketAddr) -> Result<Server> {
+pub fn bind(live: &tls::LiveTls, addr: SocketAddr) -> Result<Server> {
     Server::builder()
-        .with_tls(tls::server_tls(files)?)?
+        .with_tls(live.server())?
         .with_limits(limits()?.with_max_open_remote_bidirectional_streams(MAX_STREAMS_PER_CONNECTION)?)?
         .with_event(PeerIdentity)?
         .with_io(io(addr)?)?
@@ -251,12 +253,12 @@ pub fn bind(files: &TlsFiles, addr: SocketAddr) -> Result<Server> {
         .map_err(|e| anyhow!("cannot listen on {addr}: {e}"))
 }
 
-/// Accepts connections until `shutdown`, admitting only the nodes in `peers`, each within
+/// Accepts connections until `shutdown`, admitting only the nodes in `peers` (as they are
+/// when each connection is made: a reload may change them), each within
 /// its limits, and hands each of their request streams to `handler`. Every connection and
 /// stream task is tracked and waited for before this returns.
-pub async fn serve(mut server: Server, peers: Vec<String>, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+pub async fn serve(mut server: Server, peers: tokio::sync::watch::Receiver<Vec<String>>, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
     let tasks = TaskTracker::new();
-    let peers = Arc::new(peers);
     let admission = Arc::new(Admission::default());
     loop {
         // Cancel safety: `accept` hands a connection over only when it returns it.
@@ -322,12 +324,18 @@ impl Drop for ConnectionSlot {
     }
 }
 
-async fn connection(mut conn: Connection, peers: Arc<Vec<String>>, admission: Arc<Admission>, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+async fn connection(
+    mut conn: Connection,
+    peers: tokio::sync::watch::Receiver<Vec<String>>,
+    admission: Arc<Admission>,
+    handler: Arc<dyn Handler>,
+    shutdown: CancellationToken,
+) {
     let remote = conn.remote_addr().map(|a| a.to_string()).unwrap_or_default();
     let peer = conn.query_event_context(|p: &PeerName| p.0.clone()).ok().flatten();
     let refuse = |conn: &Connection, why: Refusal| conn.close(why.code().into());
     let peer = match peer {
-        Some(p) if peers.contains(&p) => p,
+        Some(p) if peers.borrow().contains(&p) => p,
         Some(p) => {
             tracing::warn!(%remote, "refusing node {p:?}: it is not listed under `peers` in the node config (if it should replicate with this node, add it there)");
             refuse(&conn, Refusal::NotListed);

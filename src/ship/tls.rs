@@ -8,6 +8,7 @@
 //! only identity the replica trusts, whatever messages say.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -103,6 +104,90 @@ pub fn client_tls(files: &TlsFiles) -> Result<s2n_tls_provider::Client> {
             .build()
     };
     build().map_err(|e| anyhow!("cannot set up TLS from {}, {}, {}: {e}", files.ca.display(), files.cert.display(), files.key.display()))
+}
+
+/// This node's TLS while `snapship run` runs: replaced on SIGHUP ([`LiveTls::replace`]).
+/// Handshakes after a replace use the new files; connections already open keep theirs, so
+/// transfers in flight are not cut. Both endpoints read the current config through a
+/// [`ConfigLoader`](s2n_tls_provider::ConfigLoader) at each handshake.
+#[derive(Clone)]
+pub struct LiveTls {
+    server: Current<s2n_tls_provider::Server>,
+    client: Current<s2n_tls_provider::Client>,
+}
+
+impl LiveTls {
+    /// Both configs from `files`, checked as [`server_tls`] and [`client_tls`] check them.
+    pub fn load(files: &TlsFiles) -> Result<LiveTls> {
+        let (server, client) = (server_tls(files)?, client_tls(files)?);
+        Ok(LiveTls { server: Current(Arc::new(Mutex::new(server))), client: Current(Arc::new(Mutex::new(client))) })
+    }
+
+    /// Uses `files` for every handshake from now on; on an error the old ones stay.
+    pub fn replace(&self, files: &TlsFiles) -> Result<()> {
+        let (server, client) = (server_tls(files)?, client_tls(files)?);
+        *self.server.0.lock().expect("tls lock") = server;
+        *self.client.0.lock().expect("tls lock") = client;
+        Ok(())
+    }
+
+    /// For `Server::builder().with_tls(..)`.
+    pub fn server(&self) -> LiveServer {
+        LiveServer(self.server.clone())
+    }
+
+    /// For `Client::builder().with_tls(..)`.
+    pub fn client(&self) -> LiveClient {
+        LiveClient(self.client.clone())
+    }
+}
+
+/// The config an endpoint uses now, shared with the [`LiveTls`] that replaces it.
+pub struct Current<T>(Arc<Mutex<T>>);
+
+impl<T> Clone for Current<T> {
+    fn clone(&self) -> Self {
+        Current(self.0.clone())
+    }
+}
+
+impl<T: s2n_tls_provider::ConfigLoader> s2n_tls_provider::ConfigLoader for Current<T> {
+    fn load(&mut self, cx: s2n_tls_provider::ConnectionContext) -> s2n_tls_provider::config::Config {
+        self.0.lock().expect("tls lock").load(cx)
+    }
+}
+
+/// The listening side's TLS provider of a [`LiveTls`].
+pub struct LiveServer(Current<s2n_tls_provider::Server>);
+/// The connecting side's TLS provider of a [`LiveTls`].
+pub struct LiveClient(Current<s2n_tls_provider::Client>);
+
+impl s2n_quic::provider::tls::Provider for LiveServer {
+    type Server = s2n_tls_provider::Server<Current<s2n_tls_provider::Server>>;
+    type Client = s2n_tls_provider::Client;
+    type Error = String;
+
+    fn start_server(self) -> Result<Self::Server, String> {
+        Ok(s2n_tls_provider::Server::from_loader(self.0))
+    }
+
+    fn start_client(self) -> Result<Self::Client, String> {
+        Err("the listening side's TLS cannot start a client".into())
+    }
+}
+
+impl s2n_quic::provider::tls::Provider for LiveClient {
+    type Server = s2n_tls_provider::Server;
+    type Client = s2n_tls_provider::Client<Current<s2n_tls_provider::Client>>;
+    type Error = String;
+
+    fn start_server(self) -> Result<Self::Server, String> {
+        Err("the connecting side's TLS cannot start a server".into())
+    }
+
+    fn start_client(self) -> Result<Self::Client, String> {
+        Ok(s2n_tls_provider::Client::from_loader(self.0))
+    }
 }
 
 /// The node name in a DER certificate: its first DNS subject alternative name.

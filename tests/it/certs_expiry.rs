@@ -136,10 +136,11 @@ async fn ask_beta(dir: &Path, alpha_files: TlsFiles, peers: &[&str]) -> (Result<
     let writer = log.clone();
     let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
     let _guard = tracing::subscriber::set_default(subscriber);
-    let server = snapship::ship::quic::bind(&files(dir, "beta"), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let tls = snapship::ship::tls::LiveTls::load(&files(dir, "beta")).unwrap();
+    let server = snapship::ship::quic::bind(&tls, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = server.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let peers = peers.iter().map(|p| p.to_string()).collect();
+    let (_peers, peers) = tokio::sync::watch::channel(peers.iter().map(|p| p.to_string()).collect());
     let served = tokio::spawn(snapship::ship::quic::serve(server, peers, std::sync::Arc::new(EmptyListing), shutdown.clone()));
     let text = format!(
         "node: alpha\nstate_dir: state\ntls:\n  ca: {}\n  cert: {}\n  key: {}\n",

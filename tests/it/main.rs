@@ -35,6 +35,7 @@ mod monitoring;
 mod operate;
 mod proxy;
 mod quic;
+mod reload;
 mod restore;
 mod scheduler;
 mod service_unit;

@@ -141,18 +141,18 @@ fn a_sync_works_with_only_what_the_unit_allows() {
     assert_eq!(facts, "1234:5678 6755\ncharacter special file\ncapable cap_net_bind_service=ep\n");
 }
 
-/// The unit has no ExecReload= (the config is read once), and a SIGHUP, from a stray
-/// `kill -HUP` or a habit, must not stop the daemon: it logs what to do and keeps running.
+/// `systemctl reload` sends SIGHUP (the unit's ExecReload=), and the daemon reloads and keeps
+/// running (tests/it/reload.rs checks what a reload applies).
 #[test]
-fn sighup_leaves_the_daemon_running() {
+fn sighup_reloads_and_leaves_the_daemon_running() {
     let scratch = Scratch::new("sighup");
     let config = single_node_config(&scratch, "alpha", &[]);
     let mut daemon = Daemon::start(&config, &scratch.dir.join("run.log"), "running");
     let pid = nix::unistd::Pid::from_raw(daemon.child.as_ref().unwrap().id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    wait_for(std::time::Duration::from_secs(10), "the SIGHUP warning", || daemon.log_text().contains("SIGHUP: snapship does not reload"));
+    wait_for(std::time::Duration::from_secs(10), "the reload", || daemon.log_text().contains("reloaded: "));
     assert!(daemon.child.as_mut().unwrap().try_wait().unwrap().is_none(), "SIGHUP stopped the daemon:\n{}", daemon.log_text());
     let status = daemon.stop().unwrap();
     assert!(status.success(), "after a SIGHUP, SIGTERM should still stop it cleanly: {status}\n{}", daemon.log_text());
-    assert!(setting("ExecReload").is_none(), "the unit must not claim a reload it does not do");
+    assert_eq!(setting("ExecReload").as_deref(), Some("/bin/kill -HUP $MAINPID"), "`systemctl reload` sends SIGHUP");
 }
