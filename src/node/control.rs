@@ -21,10 +21,27 @@ use crate::replicate::ReplicaReport;
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Sync { fileset: String },
-    Promote { fileset: String, force: bool },
-    Switchover { fileset: String, to: String },
-    Verify { fileset: String, replica: Option<String>, snapshot: Option<String>, full: bool },
+    /// `wait_seconds`: how long the daemon waits for every replica (0: answer once the
+    /// snapshot is taken).
+    Sync {
+        fileset: String,
+        #[serde(default = "default_sync_wait")]
+        wait_seconds: f64,
+    },
+    Promote {
+        fileset: String,
+        force: bool,
+    },
+    Switchover {
+        fileset: String,
+        to: String,
+    },
+    Verify {
+        fileset: String,
+        replica: Option<String>,
+        snapshot: Option<String>,
+        full: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -35,6 +52,10 @@ pub enum Reply {
     Promoted { report: String },
     Verified { results: Vec<crate::origin::verify::Outcome> },
     Error { message: String },
+}
+
+fn default_sync_wait() -> f64 {
+    600.0
 }
 
 /// How a sync through the daemon went, per file set (several for a consistency group): the
@@ -137,7 +158,10 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
     BufReader::new(read.take_limit()).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(Request::Status) => Reply::Status(Box::new(control.node.report(control.status.report()))),
-        Ok(Request::Sync { fileset }) => sync(control, &fileset).await,
+        Ok(Request::Sync { fileset, wait_seconds }) => {
+            let wait = std::time::Duration::try_from_secs_f64(wait_seconds).unwrap_or(std::time::Duration::from_secs(600));
+            sync(control, &fileset, wait).await
+        }
         Ok(Request::Promote { fileset, force }) => match control.node.promote(&fileset, force).await {
             Ok(report) => Reply::Promoted { report },
             Err(e) => Reply::Error { message: format!("{e:#}") },
@@ -159,13 +183,13 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
     Ok(())
 }
 
-async fn sync(control: &Control, fileset: &str) -> Reply {
+async fn sync(control: &Control, fileset: &str, wait: std::time::Duration) -> Reply {
     let handle = control.node.syncs.lock().expect("syncs lock").get(fileset).cloned();
     let Some(handle) = handle else {
         return Reply::Error { message: format!("the running daemon is not the origin of a file set `{fileset}`") };
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if handle.send(SyncRequest { reply: tx }).await.is_err() {
+    if handle.send(SyncRequest { reply: tx, wait }).await.is_err() {
         return Reply::Error { message: format!("file set `{fileset}` is stopping") };
     }
     match rx.await {
@@ -240,7 +264,6 @@ pub async fn status(state_dir: &Path) -> Result<StatusReport> {
     })
 }
 
-/// Asks the daemon of `state_dir` to sync `fileset`; `Ok(None)` when no daemon runs.
 /// Asks the running daemon, the origin of `fileset`, to hand it over to `to`; `None` when no
 /// daemon runs.
 pub async fn switchover_through_daemon(state_dir: &Path, fileset: &str, to: &str) -> Result<Option<String>> {
@@ -277,8 +300,10 @@ pub async fn verify_through_daemon(
     .await
 }
 
-pub async fn sync_through_daemon(state_dir: &Path, fileset: &str) -> Result<Option<Vec<SyncReply>>> {
-    ask_for(state_dir, &Request::Sync { fileset: fileset.to_string() }, "sync", |r| match r {
+/// Asks the daemon of `state_dir` to sync `fileset`, waiting up to `wait` for every replica
+/// (zero: only for the snapshot); `Ok(None)` when no daemon runs.
+pub async fn sync_through_daemon(state_dir: &Path, fileset: &str, wait: std::time::Duration) -> Result<Option<Vec<SyncReply>>> {
+    ask_for(state_dir, &Request::Sync { fileset: fileset.to_string(), wait_seconds: wait.as_secs_f64() }, "sync", |r| match r {
         Reply::Sync { results } => Ok(results),
         other => Err(other),
     })

@@ -349,6 +349,10 @@ pub struct Runtime {
     reloading: tokio::sync::Mutex<()>,
 }
 
+/// How long a switchover waits for its final snapshot to reach the new origin (a failed
+/// transfer is retried meanwhile); after it, the switchover is called off and writes thawed.
+const FINAL_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 static NEXT_DUTY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One origin job running in the daemon.
@@ -674,7 +678,10 @@ impl Runtime {
     async fn final_sync(&self, fileset: &str, to: &str) -> Result<crate::snapshot::SnapshotName> {
         let handle = self.syncs.lock().expect("syncs lock").get(fileset).cloned().ok_or_else(|| anyhow!("no origin job runs for `{fileset}`"))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        handle.send(crate::origin::job::SyncRequest { reply: tx }).await.map_err(|_| anyhow!("the origin job of `{fileset}` is stopping"))?;
+        handle
+            .send(crate::origin::job::SyncRequest { reply: tx, wait: FINAL_SYNC_WAIT })
+            .await
+            .map_err(|_| anyhow!("the origin job of `{fileset}` is stopping"))?;
         let answers = rx.await.map_err(|_| anyhow!("the origin job of `{fileset}` stopped"))?.map_err(|e| anyhow!("{e}"))?;
         let (_, snapshot, outcomes) = answers.into_iter().find(|(f, _, _)| f == fileset).ok_or_else(|| anyhow!("no snapshot of `{fileset}` was taken"))?;
         match outcomes.into_iter().find(|o| o.replica == to).map(|o| o.result) {

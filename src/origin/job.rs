@@ -81,6 +81,10 @@ pub struct Outcome {
 /// snapshot, which carries the same data).
 pub struct SyncRequest {
     pub reply: oneshot::Sender<SyncAnswer>,
+    /// How long to wait for every replica to hold the snapshot: a failed transfer is retried
+    /// by the workers meanwhile, so only a success or the end of the wait answers for a
+    /// replica. Zero: answer once the snapshot is taken, with no outcomes.
+    pub wait: Duration,
 }
 
 /// Per file set: its name, the snapshot taken, and each replica's outcome; or why no
@@ -503,21 +507,50 @@ async fn answer_sync(
     group: Option<Arc<GroupHub>>,
     own_replicas: Vec<String>,
 ) {
+    let deadline = tokio::time::Instant::now() + request.wait;
     let mut answers = Vec::new();
     for (fileset, target, mut outcomes) in waits {
+        if request.wait.is_zero() {
+            answers.push((fileset, target, Vec::new()));
+            continue;
+        }
         let replicas = match &group {
             Some(hub) => hub.replicas_of(&fileset),
             None => own_replicas.clone(),
         };
-        let mut got: Vec<Outcome> = Vec::new();
-        while got.len() < replicas.len() {
-            match outcomes.recv().await {
-                Ok(o) if o.snapshot >= target && !got.iter().any(|g| g.replica == o.replica) => got.push(o),
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => break,
+        let mut done: BTreeMap<String, Outcome> = BTreeMap::new();
+        let mut failed: BTreeMap<String, Outcome> = BTreeMap::new();
+        while done.len() < replicas.len() {
+            match tokio::time::timeout_at(deadline, outcomes.recv()).await {
+                Ok(Ok(o)) if o.snapshot >= target && o.result.is_ok() => {
+                    failed.remove(&o.replica);
+                    done.insert(o.replica.clone(), o);
+                }
+                Ok(Ok(o)) if o.snapshot >= target && !done.contains_key(&o.replica) => {
+                    failed.insert(o.replica.clone(), o);
+                }
+                Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => break,
             }
         }
-        got.sort_by(|a, b| replicas.iter().position(|r| *r == a.replica).cmp(&replicas.iter().position(|r| *r == b.replica)));
+        let waited = humantime::format_duration(Duration::from_secs(request.wait.as_secs()));
+        let got = replicas
+            .iter()
+            .map(|r| match (done.remove(r), failed.remove(r)) {
+                (Some(ok), _) => ok,
+                (None, Some(mut last)) => {
+                    if let Err(e) = &mut last.result {
+                        e.push_str(&format!(" (after waiting {waited}; the daemon keeps retrying: `snapship status` shows how it goes)"));
+                    }
+                    last
+                }
+                (None, None) => Outcome {
+                    replica: r.clone(),
+                    snapshot: target.clone(),
+                    result: Err(format!("not there after waiting {waited}: the transfer is still under way (`snapship status` shows it)")),
+                },
+            })
+            .collect();
         answers.push((fileset, target, got));
     }
     let _ = request.reply.send(Ok(answers));

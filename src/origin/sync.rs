@@ -45,7 +45,14 @@ pub async fn sync(config: &LoadedConfig, policy: &Policy, endpoints: Endpoints<'
     let origins = members.iter().map(|p| snapshot::origin_for(p)).collect::<Result<Vec<_>>>()?;
     let endpoints = members.iter().map(|p| endpoints(p)).collect::<Result<Vec<_>>>()?;
     let snaps = if members.len() == 1 {
-        vec![origins[0].take_snapshot(Kind::Scheduled).await.with_context(|| format!("file set `{}`: cannot take a snapshot", policy.fileset))?]
+        let state = StateStore::open(&config.node.state_dir, &policy.fileset.0)?;
+        match unshipped_and_current(origins[0].as_ref(), &state, &endpoints[0]).await {
+            Some(snap) => {
+                tracing::info!(fileset = %policy.fileset, snapshot = %snap.name, "nothing changed since the newest snapshot, which not every replica holds yet: shipping it");
+                vec![snap]
+            }
+            None => vec![origins[0].take_snapshot(Kind::Scheduled).await.with_context(|| format!("file set `{}`: cannot take a snapshot", policy.fileset))?],
+        }
     } else {
         let sides: Vec<(&str, &dyn OriginSide)> = members.iter().zip(&origins).map(|(p, o)| (p.origin.path.as_str(), o.as_ref())).collect();
         snapshot::take_group(policy.backend, &sides, Kind::Scheduled)
@@ -66,6 +73,21 @@ pub async fn sync(config: &LoadedConfig, policy: &Policy, endpoints: Endpoints<'
         reports.push(SyncReport { fileset: member.fileset.0.clone(), snapshot: snap, replicas });
     }
     Ok(reports)
+}
+
+/// The origin's newest snapshot when some replica is not known to hold it (a sync before
+/// this one failed) and nothing changed since it was taken: then this sync ships it rather
+/// than take another, so failed syncs retried do not pile up snapshots (and a cut transfer
+/// of it resumes). `None`: take a new snapshot.
+async fn unshipped_and_current(origin: &dyn OriginSide, state: &StateStore, replicas: &[Arc<dyn ReplicaEndpoint>]) -> Option<Snapshot> {
+    let newest = origin.list().await.ok()?.pop()?;
+    let known = state.get().await;
+    let everywhere = replicas.iter().all(|r| known.replicas.get(r.node()).and_then(|s| s.base.as_ref()) == Some(&newest.name));
+    if everywhere {
+        return None;
+    }
+    // Flushed first: a write still in the page cache counts as a change.
+    matches!(origin.changed_since(&newest, true).await, Ok(false)).then_some(newest)
 }
 
 /// What a one-shot sync does around each transfer: progress, and the state file.

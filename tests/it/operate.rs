@@ -286,3 +286,69 @@ fn a_failed_snapshot_shows_in_status_until_one_is_taken() {
     c.stop("alpha");
     c.stop("beta");
 }
+
+/// `sync` through the daemon waits for the outcome the daemon reaches, not its first try: a
+/// replica down when the sync starts and back a little later is reported as synced. With a
+/// bound too short it says what is still under way and exits 1; `--no-wait` returns once the
+/// snapshot is taken.
+#[test]
+fn sync_through_the_daemon_waits_for_the_retry_within_its_bound() {
+    require_root!();
+    let mut c = Cluster::new("operate_syncwait", &["alpha", "beta"]);
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst = c.mnt("beta").join("backup/projects");
+    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);
+    c.configure("alpha", &[("projects", p.clone())]);
+    c.configure("beta", &[("projects", p)]);
+    fill(&src, 41);
+    c.start("alpha");
+    let config = c.dir("alpha").join("node.yaml");
+
+    // beta down: a short bound ends with what is under way.
+    let out = snapship().args(["sync", "--wait", "2s", "--config"]).arg(&config).arg("projects").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success() && text.contains("-> beta: FAILED") && (text.contains("keeps retrying") || text.contains("still under way")), "{text}");
+    let out = run(snapship().args(["sync", "--no-wait", "--config"]).arg(&config).arg("projects"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && text.contains("taken; the running daemon ships it"), "{text}");
+
+    // beta comes back while a sync waits: the sync reports the daemon's retry that worked.
+    std::fs::write(src.join("late.txt"), "after the outage").unwrap();
+    let waiting = snapship().args(["sync", "--config"]).arg(&config).arg("projects").stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    c.start("beta");
+    let out = waiting.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && text.contains("-> beta: "), "{text}");
+    assert_eq!(std::fs::read_to_string(dst.join("latest/late.txt")).unwrap(), "after the outage");
+    c.stop("alpha");
+    c.stop("beta");
+}
+
+/// Without a daemon, a sync that fails (its replica is down) and is run again with nothing
+/// changed ships the snapshot the first one took instead of taking another.
+#[test]
+fn failed_one_shot_syncs_do_not_pile_up_snapshots() {
+    require_root!();
+    let mut c = Cluster::new("operate_syncpile", &["alpha", "beta"]);
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst = c.mnt("beta").join("backup/projects");
+    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]);
+    c.configure("alpha", &[("projects", p.clone())]);
+    c.configure("beta", &[("projects", p)]);
+    fill(&src, 42);
+    let snapdir = src.parent().unwrap().join(".snapship/projects");
+    for _ in 0..3 {
+        assert!(!c.sync("alpha", "projects").status.success(), "beta is down: the sync fails");
+    }
+    assert_eq!(snapshots(&snapdir).len(), 1, "three failed syncs of unchanged data, one snapshot: {:?}", snapshots(&snapdir));
+    c.start("beta");
+    let text = c.sync_ok("alpha", "projects");
+    assert_eq!(snapshots(&snapdir).len(), 1, "{text}");
+    assert_eq!(snapshots(&dst), snapshots(&snapdir));
+    // A change: the next sync takes a new snapshot, as always.
+    std::fs::write(src.join("new.txt"), "changed").unwrap();
+    c.sync_ok("alpha", "projects");
+    assert_eq!(snapshots(&snapdir).len(), 2);
+    c.stop("beta");
+}
