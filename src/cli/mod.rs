@@ -580,71 +580,84 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
     let loaded = config::load(path)?;
     let policy = find_policy(&loaded, path, fileset)?;
     let here = &loaded.node.node;
-    let is_origin = policy.origin.node == *here;
-    if !is_origin && policy.replica_on(here).is_none() {
-        bail!("node `{here}` holds no copy of `{fileset}`: run list on its origin `{}` or one of its replicas", policy.origin.node);
+    if !policy.is_member(&here.0) {
+        bail!("node `{here}` holds no copy of `{fileset}`: run list on one of its members ({})", policy.members().join(", "));
+    }
+    // The origin now (after a promotion, not the policy's `origin`), from this node's epoch.
+    let epochs = crate::store::EpochStore::open(&loaded.node.state_dir);
+    let current = epochs.current(policy)?.origin;
+    let is_origin = current == here.0;
+    // The other members: every replica entry (one on the origin's own node too, as a column
+    // of its own), and the initial origin once another node is origin.
+    let mut others: Vec<(String, bool)> = Vec::new(); // (node, a replica on the origin's node)
+    for r in &policy.replicas {
+        if r.node.0 != current {
+            others.push((r.node.0.clone(), false));
+        } else if policy.origin.node.0 == current {
+            others.push((r.node.0.clone(), true));
+        }
+    }
+    if policy.origin.node.0 != current {
+        others.push((policy.origin.node.0.clone(), false));
     }
     // Each member's column: read from this node's filesystem where the copy is here (a
     // daemon may be receiving into it; listing changes nothing); otherwise asked over QUIC:
-    // the origin asks its replicas, a replica asks its origin; a replica does not ask the
-    // other replicas (they answer only their origin). Those asked over QUIC are asked at
-    // once: members that are down cost one connect timeout, not one each.
-    let asks_remote = !is_origin || policy.replicas.iter().any(|r| r.node != *here);
+    // the origin asks the others, another member asks the origin; members that are not the
+    // origin do not ask each other (they answer only their origin). Those asked over QUIC are
+    // asked at once: members that are down cost one connect timeout, not one each.
+    let asks_remote = !is_origin || others.iter().any(|(n, _)| *n != here.0);
     let connector = if asks_remote { Some(crate::ship::quic::Connector::new(&loaded.node).map(Arc::new).map_err(|e| format!("{e:#}"))) } else { None };
-    let remote = |node: &config::units::Name| {
+    let remote = |node: String| {
         let (loaded, connector) = (&loaded, connector.clone());
-        let node = node.clone();
         async move {
             match connector {
-                Some(Ok(connector)) => list_remote(loaded, policy, &node, connector).await.map_err(|e| format!("{e:#}")),
+                Some(Ok(connector)) => list_remote(loaded, policy, &config::units::Name(node), connector).await.map_err(|e| format!("{e:#}")),
                 Some(Err(e)) => Err(e),
                 None => Err(format!("`{node}` is on this node")),
             }
         }
     };
+    let listed = |r: Result<Vec<crate::snapshot::Snapshot>>| match r {
+        Ok(list) => Known::Listed(list),
+        Err(e) => Known::Unreachable(format!("{e:#}")),
+    };
     let origin_column = async {
         if is_origin {
-            match crate::snapshot::origin_for(policy)?.list().await {
-                Ok(list) => Ok::<_, anyhow::Error>(Known::Listed(list)),
-                Err(e) => Ok(Known::Unreachable(format!("{e:#}"))),
-            }
+            Ok::<_, anyhow::Error>(listed(crate::snapshot::origin_on(policy, &here.0)?.list().await))
         } else {
-            Ok(match remote(&policy.origin.node).await {
+            Ok(match remote(current.clone()).await {
                 Ok(list) => Known::Listed(list),
                 Err(e) => Known::Unreachable(format!("{e} (an origin answers while its `snapship run` runs with a `listen:` address)")),
             })
         }
     };
-    let replica_columns = policy.replicas.iter().map(|replica| async {
-        if replica.node == *here {
-            return Ok(match crate::snapshot::replica_for(policy, replica)?.list().await {
+    let other_columns = others.iter().map(|(node, _)| {
+        let (node, remote, listed, current) = (node.clone(), &remote, &listed, &current);
+        async move {
+            if node == here.0 {
+                return Ok(listed(crate::snapshot::replica_on(policy, &node)?.list().await));
+            }
+            if !is_origin {
+                return Ok(Known::NotAsked(format!("members answer only their origin; run `snapship list` on `{current}` to see what `{node}` holds")));
+            }
+            Ok::<_, anyhow::Error>(match remote(node.clone()).await {
                 Ok(list) => Known::Listed(list),
-                Err(e) => Known::Unreachable(format!("{e:#}")),
-            });
+                Err(e) => Known::Unreachable(e),
+            })
         }
-        if !is_origin {
-            return Ok(Known::NotAsked(format!(
-                "replicas answer only their origin; run `snapship list` on `{}` to see what `{}` holds",
-                policy.origin.node, replica.node
-            )));
-        }
-        Ok::<_, anyhow::Error>(match remote(&replica.node).await {
-            Ok(list) => Known::Listed(list),
-            Err(e) => Known::Unreachable(e),
-        })
     });
-    let (origin_column, replica_columns) = tokio::join!(origin_column, futures::future::join_all(replica_columns));
-    let mut columns: Vec<(String, Known)> = vec![(format!("{} (origin)", policy.origin.node), origin_column?)];
-    for (replica, known) in policy.replicas.iter().zip(replica_columns) {
+    let (origin_column, other_columns) = tokio::join!(origin_column, futures::future::join_all(other_columns));
+    let mut columns: Vec<(String, Known)> = vec![(format!("{current} (origin)"), origin_column?)];
+    for ((node, beside_origin), known) in others.iter().zip(other_columns) {
         // A replica on the origin's own node is told apart from the origin's column.
-        let label = if replica.node == policy.origin.node { format!("{} (replica)", replica.node) } else { replica.node.0.clone() };
+        let label = if *beside_origin { format!("{node} (replica)") } else { node.clone() };
         columns.push((label, known?));
     }
 
     // Sizes where this node's filesystem knows them cheaply (ZFS); btrfs would need qgroups.
     let sizes = match policy.backend {
         config::BackendKind::Zfs => {
-            let dataset = if is_origin { policy.origin.path.clone() } else { policy.replica_on(here).map(|r| r.path.clone()).unwrap_or_default() };
+            let dataset = if is_origin { policy.origin_home(&here.0) } else { policy.replica_home(&here.0) }.unwrap_or_default();
             crate::snapshot::copy::zfs_sizes(&dataset).await.unwrap_or_default()
         }
         config::BackendKind::Btrfs => Default::default(),

@@ -79,6 +79,12 @@ fn promote_a_replica_then_fail_back_without_a_full_resend() {
     wait_for(Duration::from_secs(90), "beta's write on alpha", || read(&alpha_dir.join("latest/after.txt")).is_some());
     assert_same_tree(&beta_live, &gamma_dst.join("latest"));
     assert_same_tree(&beta_live, &alpha_dir.join("latest"));
+    // `list` on the new origin labels it so, and asks the others, the old origin among them.
+    let out = snapship().args(["list", "--config"]).arg(c.dir("beta").join("node.yaml")).arg("projects").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "list on beta failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let header = text.lines().next().unwrap_or_default();
+    assert!(header.contains("beta (origin)") && header.contains("gamma") && header.contains("alpha"), "{text}");
     // Before it learned the new epoch, alpha was refused: nothing it sent was written.
     let refused = ["beta", "gamma"].iter().any(|n| c.daemons[*n].log_text().contains("refusing a stale origin"));
     assert!(refused, "no member fenced the stale origin off");

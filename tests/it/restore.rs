@@ -249,7 +249,7 @@ fn list_on_a_replica_without_a_daemon() {
     assert!(ok, "{t}");
     assert_eq!(listed(&t), held, "{t}");
     assert!(marks(&t, 3).iter().all(|m| m == &["x", "x", "?"]), "{t}");
-    assert!(t.contains("gamma: not asked: replicas answer only their origin"), "{t}");
+    assert!(t.contains("gamma: not asked: members answer only their origin"), "{t}");
 
     // The origin gone too: beta still shows what it holds, says why alpha is unknown, and
     // exits non-zero.
