@@ -166,11 +166,11 @@ impl ReplicaService {
             Ok(found) => found,
             Err(refusal) => return Ok(refusal),
         };
-        let Some(replica) = policy.replica_on(&self.config.node.node) else {
-            return Ok(Message::error(ErrorCode::Unauthorized, format!("node `{}` is not a replica of `{fileset}`", self.here())));
-        };
-        if policy.backend != crate::config::BackendKind::Btrfs {
-            return Ok(Message::error(ErrorCode::BadRequest, format!("verify of ZFS file sets is not supported yet (`{fileset}` is ZFS)")));
+        // A replica of the policy, or any member while another node is the origin (the old
+        // origin after a failover holds its copies at its own snapshot directory or dataset).
+        let replica_here = policy.replica_on(&self.config.node.node).is_some();
+        if !replica_here && self.epochs.current(policy).is_ok_and(|e| e.origin == self.here()) {
+            return Ok(Message::error(ErrorCode::Unauthorized, format!("node `{}` is the origin of `{fileset}`, not a replica", self.here())));
         }
         let Some(name) = SnapshotName::parse(snapshot) else {
             return Ok(Message::error(ErrorCode::BadRequest, format!("{snapshot:?} is not a snapship snapshot name")));
@@ -181,8 +181,10 @@ impl ReplicaService {
         }
         // One tree at a time on this node: hashing reads the whole copy.
         let _turn = self.verifies.acquire().await?;
-        let root = std::path::Path::new(&replica.path).join(name.as_str());
         let state_dir = self.config.node.state_dir.clone();
+        // The snapshot's files (on ZFS a temporary clone, destroyed after, failures included).
+        let view = snapshot::view(policy, self.here(), false, &name, &state_dir.join("verify-mnt")).await?;
+        let root = view.path().to_path_buf();
         let (fs, snap) = (fileset.to_string(), name.to_string());
         let started = std::time::Instant::now();
         let tree = tokio::task::spawn_blocking(move || -> Result<Tree> {
@@ -194,7 +196,10 @@ impl ReplicaService {
             }
             Ok(tree)
         })
-        .await??;
+        .await;
+        let closed = view.close().await;
+        let tree = tree??;
+        closed?;
         tracing::info!(%peer, %fileset, %snapshot, hashed = tree.hashed, reused = tree.reused, seconds = started.elapsed().as_secs_f64(), "hashed for verify");
         write_message(send, &Message::VerifyRoot { root: tree.root.clone() }).await?;
         loop {
@@ -220,6 +225,28 @@ impl ReplicaService {
 
     fn here(&self) -> &str {
         &self.config.node.node.0
+    }
+
+    /// Records in the epoch store the diverged data the backend set aside while receiving
+    /// (ZFS: the snapshots after the common base with a new origin), so that `status` and
+    /// `snapship diverged` show it. A failure is logged: the data itself is kept either way.
+    async fn record_diverged(&self, policy: &Policy) {
+        let kept = match (self.backends)(policy, self.here()) {
+            Ok(side) => side.diverged().await,
+            Err(e) => Err(e),
+        };
+        let known = self.epochs.record(policy).map(|r| r.diverged);
+        match (kept, known) {
+            (Ok(kept), Ok(known)) => {
+                for name in kept.iter().filter(|k| !known.contains(k)) {
+                    tracing::warn!(fileset = %policy.fileset, kept = %name, "diverged data kept (snapshots after the common base with the new origin); see `snapship diverged`");
+                    if let Err(e) = self.epochs.add_diverged(policy, name) {
+                        tracing::error!(fileset = %policy.fileset, "cannot record the diverged data {name}: {e:#}");
+                    }
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => tracing::error!(fileset = %policy.fileset, "cannot list the diverged data kept: {e:#}"),
+        }
     }
 
     /// The sessions, for their watchdog ([`Sessions::watch`]) and shutdown.
@@ -260,14 +287,6 @@ impl ReplicaService {
             return Err(Message::fenced(
                 &known,
                 format!("node `{peer}` is not the origin of `{fileset}` in the newest epoch `{here}` knows, {known}; it must stop acting as origin"),
-            ));
-        }
-        if claimed.number > 0 && policy.backend == crate::config::BackendKind::Zfs {
-            // Failover is btrfs-only so far; a receive -F from another origin could roll back
-            // what this node wrote after the common base.
-            return Err(Message::error(
-                ErrorCode::Unauthorized,
-                format!("`{fileset}` is a ZFS file set, and failover (an epoch after 0) is not supported on ZFS yet"),
             ));
         }
         if claimed.origin != peer {
@@ -339,6 +358,7 @@ impl ReplicaService {
                 let data = IncomingData::new(frames, compression, self.sessions.stall_timeout());
                 self.sessions.feed(attached, data, send).await?;
                 tracing::info!(%peer, %fileset, %snapshot, "received and committed");
+                self.record_diverged(policy).await;
                 // Hold the file set's lock before the origin hears `committed`, so that its next
                 // `begin` waits for this prune; prune once it has its answer.
                 let lock = self.sessions.fileset_lock(&fileset).lock_owned().await;
