@@ -80,7 +80,16 @@ pub struct ReplicaService {
     prunes: TaskTracker,
     /// One verify hashes at a time on this node.
     verifies: tokio::sync::Semaphore,
+    /// The backend's preparation for a stream, per file set, while it runs (see `prepare`).
+    preparing: std::sync::Mutex<std::collections::HashMap<String, Prepared>>,
 }
+
+/// The outcome of a backend's preparation for a stream, once it is known.
+type Prepared = tokio::sync::watch::Receiver<Option<Result<(), String>>>;
+
+/// How long a `begin` waits for the backend's preparation before it answers `Busy` (the
+/// origin waits a minute for an answer, and retries after `Busy`).
+const PREPARE_WAIT: Duration = Duration::from_secs(30);
 
 impl ReplicaService {
     pub fn new(config: Arc<LoadedConfig>, epochs: Arc<EpochStore>, status: Arc<StatusBoard>, backends: Backends) -> Arc<ReplicaService> {
@@ -94,6 +103,7 @@ impl ReplicaService {
             backends,
             prunes: TaskTracker::new(),
             verifies: tokio::sync::Semaphore::new(1),
+            preparing: Default::default(),
         })
     }
 
@@ -227,6 +237,48 @@ impl ReplicaService {
         &self.config.node.node.0
     }
 
+    /// Has the backend make room for `incoming` before its stream flows (ZFS: snapshots after
+    /// the base set aside as diverged data, a local copy that may take long). It runs in a
+    /// task of its own, one per file set, under the file set's lock, so a request that goes
+    /// away does not cut it; a `begin` that finds it still running after [`PREPARE_WAIT`]
+    /// is answered `Busy`, and the origin's retry waits for the same task.
+    #[allow(clippy::result_large_err)] // a refusal is the message to send back
+    async fn prepare(&self, policy: &Policy, incoming: &Incoming) -> Result<(), Message> {
+        let fileset = policy.fileset.0.clone();
+        let failed = |e: String| {
+            tracing::error!(%fileset, "preparing the receive failed: {}", e.escape_debug());
+            Message::error(ErrorCode::ReceiveFailed, "the replica could not prepare its file set for the stream (nothing was lost); its log says why")
+        };
+        let mut done = {
+            let mut map = self.preparing.lock().expect("preparing lock");
+            match map.get(&fileset).filter(|rx| rx.borrow().is_none()) {
+                Some(running) => running.clone(),
+                None => {
+                    let side = (self.backends)(policy, self.here()).map_err(|e| failed(format!("{e:#}")))?;
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    let (lock, incoming) = (self.sessions.fileset_lock(&fileset), incoming.clone());
+                    self.prunes.spawn(async move {
+                        let _one_at_a_time = lock.lock_owned().await;
+                        let _ = tx.send(Some(side.prepare(&incoming).await.map_err(|e| format!("{e:#}"))));
+                    });
+                    map.insert(fileset.clone(), rx.clone());
+                    rx
+                }
+            }
+        };
+        let outcome = match tokio::time::timeout(PREPARE_WAIT, done.wait_for(|r| r.is_some())).await {
+            Ok(Ok(r)) => r.clone().expect("waited for it"),
+            Ok(Err(_)) => Err("the preparation ended without an outcome".to_string()),
+            Err(_) => {
+                return Err(Message::error(
+                    ErrorCode::Busy,
+                    format!("the replica is setting aside diverged data of `{fileset}` before this stream (a local copy); retry in a moment"),
+                ));
+            }
+        };
+        outcome.map_err(failed)
+    }
+
     /// Records in the epoch store the diverged data the backend set aside while receiving
     /// (ZFS: the snapshots after the common base with a new origin), so that `status` and
     /// `snapship diverged` show it. A failure is logged: the data itself is kept either way.
@@ -352,6 +404,11 @@ impl ReplicaService {
                 };
                 let from = resume.as_ref().map_or(0, |r| r.offset);
                 let incoming = Incoming { name, identity, base: base.clone(), from_token };
+                if resume.is_none()
+                    && let Err(refusal) = self.prepare(policy, &incoming).await
+                {
+                    return Ok(refusal);
+                }
                 let attached = self.sessions.begin(peer, &fileset, incoming, compact, resume, (self.backends)(policy, self.here())?).await?;
                 write_message(send, &Message::Ready).await?;
                 tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving");

@@ -222,6 +222,12 @@ pub trait ReplicaSide: Send + Sync {
         None
     }
     async fn delete(&self, snapshot: &Snapshot) -> Result<()>;
+    /// Makes room for `incoming` before its stream flows, outside the receive's stall
+    /// watch (it may take long): ZFS sets aside the snapshots after its base as diverged
+    /// data (see `zfs::ZfsReplica`). Nothing is lost if it is cut; the next call completes it.
+    async fn prepare(&self, _incoming: &Incoming) -> Result<()> {
+        Ok(())
+    }
     /// The diverged data this side keeps beside what it received, by name (ZFS: snapshots
     /// after the common base with a new origin, set aside before its first receive); the
     /// replica service records them in the epoch store, so that `snapship diverged` shows them.

@@ -827,6 +827,15 @@ impl ReplicaSide for ZfsReplica {
         features().await.compressed_send
     }
 
+    async fn prepare(&self, incoming: &Incoming) -> Result<()> {
+        if let Some(base) = incoming.base.as_deref().filter(|_| !incoming.from_token) {
+            if dataset_exists(&self.dataset).await? {
+                self.set_aside_after(base).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn resume_token(&self) -> Option<String> {
         if !features().await.resumable {
             return None;
@@ -853,6 +862,7 @@ impl ReplicaSide for ZfsReplica {
             && !incoming.from_token
             && let Some(base) = &incoming.base
         {
+            // Done by `prepare` already, outside the stall watch; this finds nothing then.
             self.set_aside_after(base).await?;
         }
         if !incoming.from_token {

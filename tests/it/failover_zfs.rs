@@ -117,6 +117,10 @@ fn zfs_promote_fail_back_and_switch_over() {
     wait_for(Duration::from_secs(60), "alpha stepping down", || c.daemons["alpha"].log_text().contains("stepped down"));
     let refused = ["beta", "gamma"].iter().any(|n| c.daemons[*n].log_text().contains("refusing a stale origin"));
     assert!(refused, "no member fenced the stale origin off");
+    // Nothing the stale origin had was written on a replica: its own snapshot is on neither.
+    for (pool, ds) in [(&pb, &beta_ds), (&pg, &gamma_ds)] {
+        assert!(pool.snapshot_props(ds, "guid").iter().all(|(n, _)| *n != own), "the stale origin's {own} reached {ds}");
+    }
     assert!(!writable(&src), "alpha's live dataset is not frozen");
     let out = c.sync_ok("beta", "projects");
     let (incremental, to_alpha) = shipped(&out, "alpha").unwrap_or_else(|| panic!("beta shipped nothing to alpha:\n{out}"));
