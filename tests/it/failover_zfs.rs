@@ -126,6 +126,9 @@ fn zfs_promote_fail_back_and_switch_over() {
     let (incremental, to_alpha) = shipped(&out, "alpha").unwrap_or_else(|| panic!("beta shipped nothing to alpha:\n{out}"));
     assert!(incremental, "alpha's first stream is a full one:\n{out}");
     assert_same_tree(&beta_live, &src);
+    // The old origin, a replica now, is verified from the new one like any replica.
+    let out = snapship_on(&c, "beta", &["verify", "projects", "--replica", "alpha"]);
+    assert!(out.status.success() && text(&out).contains(" equal ("), "verify of the old origin:\n{}", text(&out));
     // What `zfs send -i` needs for the same change, from the common base to what alpha got.
     let newest = pa.snapshot_props(&src_ds, "guid").pop().unwrap().0;
     let by_hand =
@@ -184,7 +187,9 @@ fn zfs_promote_fail_back_and_switch_over() {
 }
 
 /// A replica holding a snapshot newer than the base a new origin sends from keeps it, by name
-/// and guid, in a sibling dataset; the incremental is received on the base.
+/// and guid, in a sibling dataset; the incremental is received on the base. (The same holds
+/// for a hostile origin naming an old base on purpose: it costs the replica a local copy,
+/// never a snapshot.)
 #[test]
 fn zfs_replica_keeps_snapshots_after_the_base_as_diverged() {
     if !have_zfs("zfs_replica_keeps_snapshots_after_the_base_as_diverged") {
