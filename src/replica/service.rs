@@ -88,8 +88,8 @@ pub struct ReplicaService {
 type Prepared = tokio::sync::watch::Receiver<Option<Result<(), String>>>;
 
 /// How long a `begin` waits for the backend's preparation before it answers `Busy` (the
-/// origin waits a minute for an answer, and retries after `Busy`).
-const PREPARE_WAIT: Duration = Duration::from_secs(30);
+/// origin waits a minute for an answer, and retries after `Busy`); a second in unit tests.
+const PREPARE_WAIT: Duration = if cfg!(test) { Duration::from_secs(1) } else { Duration::from_secs(30) };
 
 impl ReplicaService {
     pub fn new(config: Arc<LoadedConfig>, epochs: Arc<EpochStore>, status: Arc<StatusBoard>, backends: Backends) -> Arc<ReplicaService> {
