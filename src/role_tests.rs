@@ -77,6 +77,9 @@ type Held = Arc<Mutex<Vec<(Snapshot, Vec<u8>)>>>;
 #[derive(Clone, Default)]
 struct FakeReplica {
     held: Held,
+    /// How long its preparation for a stream takes, and how many preparations ended.
+    prepare_delay: Arc<Mutex<Duration>>,
+    prepared: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[async_trait]
@@ -86,6 +89,12 @@ impl ReplicaSide for FakeReplica {
     }
     async fn accepts_compact(&self) -> bool {
         false
+    }
+    async fn prepare(&self, _: &Incoming) -> Result<()> {
+        let delay = *self.prepare_delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
+        self.prepared.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot> {
         if let Some(base) = &incoming.base {
@@ -211,6 +220,31 @@ async fn a_snapshot_goes_through_the_service_and_is_listed() {
     let listing = ep.list().await.unwrap();
     assert_eq!(listing.snapshots.iter().map(|s| s.identity.as_str()).collect::<Vec<_>>(), ["id-1", "id-2"]);
     assert!(listing.resumable.is_none());
+    f.stop().await;
+}
+
+/// A backend's preparation that takes long (ZFS: setting diverged data aside, a local copy)
+/// is answered `Busy` and goes on without the request; the origin's next try is received.
+#[tokio::test]
+async fn a_long_preparation_is_busy_then_done_without_the_request() {
+    let f = Fixture::new("");
+    let ep = f.endpoint("alpha");
+    *f.replica.prepare_delay.lock().unwrap() = Duration::from_secs(3);
+    let s1 = f.origin.add(1, &data(1000, 3));
+    let err = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap_err();
+    assert!(format!("{err:#}").contains("Busy") && format!("{err:#}").contains("retry in a moment"), "{err:#}");
+    assert!(f.held().is_empty());
+    // The request went away; the preparation was not cut.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while f.replica.prepared.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the preparation ended");
+    *f.replica.prepare_delay.lock().unwrap() = Duration::ZERO;
+    replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    assert_eq!(f.held(), vec![(s1.name.to_string(), data(1000, 3))]);
     f.stop().await;
 }
 

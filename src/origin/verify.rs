@@ -67,7 +67,8 @@ impl From<Verified> for Summary {
 pub async fn verify(config: &LoadedConfig, policy: &Policy, replica: &dyn ReplicaEndpoint, which: Option<&str>, full: bool) -> Result<Verified> {
     let started = Instant::now();
     let fileset = policy.fileset.0.clone();
-    let ours = snapshot::origin_for(policy)?.list().await.context("cannot list this origin's snapshots")?;
+    let here = config.node.node.0.as_str();
+    let ours = snapshot::origin_on(policy, here)?.list().await.context("cannot list this origin's snapshots")?;
     let theirs = replica.list().await?.snapshots;
     let both: Vec<&snapshot::Snapshot> = ours.iter().filter(|o| theirs.iter().any(|t| t.identity == o.identity && t.name == o.name)).collect();
     let chosen = match which {
@@ -90,9 +91,13 @@ pub async fn verify(config: &LoadedConfig, policy: &Policy, replica: &dyn Replic
             .ok_or_else(|| anyhow!("origin and replica `{}` hold no snapshot in common yet: run `snapship sync {fileset}` first", replica.node()))?,
     };
     let name = chosen.name.clone();
-    let root = policy.snapshot_dir().join(name.as_str());
-    // Both sides hash at once: the replica its copy, this node its own.
+    // Where this node's copy can be read: a btrfs snapshot as it is; on ZFS a temporary
+    // read-only clone, destroyed once hashed, on failures too.
     let state_dir = config.node.state_dir.clone();
+    let view =
+        snapshot::view(policy, here, true, &name, &state_dir.join("verify-mnt")).await.with_context(|| format!("cannot read this origin's snapshot {name}"))?;
+    let root = view.path().to_path_buf();
+    // Both sides hash at once: the replica its copy, this node its own.
     let (fs, snap) = (fileset.clone(), name.to_string());
     let local = tokio::task::spawn_blocking(move || -> Result<Tree> {
         let dir = tree::cache_dir(&state_dir, &fs, "origin");
@@ -104,7 +109,9 @@ pub async fn verify(config: &LoadedConfig, policy: &Policy, replica: &dyn Replic
         Ok(tree)
     });
     let (local, remote) = tokio::join!(local, replica.verify(&name, full));
+    let closed = view.close().await;
     let (local, mut remote) = (local??, remote?);
+    closed?;
     let differences = descend(&local, remote.as_mut()).await?;
     remote.done().await?;
     let verified =

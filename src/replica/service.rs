@@ -84,7 +84,16 @@ pub struct ReplicaService {
     prunes: TaskTracker,
     /// One verify hashes at a time on this node.
     verifies: tokio::sync::Semaphore,
+    /// The backend's preparation for a stream, per file set, while it runs (see `prepare`).
+    preparing: std::sync::Mutex<std::collections::HashMap<String, Prepared>>,
 }
+
+/// The outcome of a backend's preparation for a stream, once it is known.
+type Prepared = tokio::sync::watch::Receiver<Option<Result<(), String>>>;
+
+/// How long a `begin` waits for the backend's preparation before it answers `Busy` (the
+/// origin waits a minute for an answer, and retries after `Busy`); a second in unit tests.
+const PREPARE_WAIT: Duration = if cfg!(test) { Duration::from_secs(1) } else { Duration::from_secs(30) };
 
 impl ReplicaService {
     pub fn new(config: Arc<LoadedConfig>, epochs: Arc<EpochStore>, status: Arc<StatusBoard>, backends: Backends) -> Arc<ReplicaService> {
@@ -100,6 +109,7 @@ impl ReplicaService {
             backends,
             prunes: TaskTracker::new(),
             verifies: tokio::sync::Semaphore::new(1),
+            preparing: Default::default(),
         })
     }
 
@@ -183,11 +193,11 @@ impl ReplicaService {
             Ok(found) => found,
             Err(refusal) => return Ok(refusal),
         };
-        let Some(replica) = policy.replica_on(&crate::config::units::Name(self.here.clone())) else {
-            return Ok(Message::error(ErrorCode::Unauthorized, format!("node `{}` is not a replica of `{fileset}`", self.here())));
-        };
-        if policy.backend != crate::config::BackendKind::Btrfs {
-            return Ok(Message::error(ErrorCode::BadRequest, format!("verify of ZFS file sets is not supported yet (`{fileset}` is ZFS)")));
+        // A replica of the policy, or any member while another node is the origin (the old
+        // origin after a failover holds its copies at its own snapshot directory or dataset).
+        let replica_here = policy.replica_on(&crate::config::units::Name(self.here.clone())).is_some();
+        if !replica_here && self.epochs.current(&policy).is_ok_and(|e| e.origin == self.here()) {
+            return Ok(Message::error(ErrorCode::Unauthorized, format!("node `{}` is the origin of `{fileset}`, not a replica", self.here())));
         }
         let Some(name) = SnapshotName::parse(snapshot) else {
             return Ok(Message::error(ErrorCode::BadRequest, format!("{snapshot:?} is not a snapship snapshot name")));
@@ -198,8 +208,10 @@ impl ReplicaService {
         }
         // One tree at a time on this node: hashing reads the whole copy.
         let _turn = self.verifies.acquire().await?;
-        let root = std::path::Path::new(&replica.path).join(name.as_str());
         let state_dir = self.state_dir.clone();
+        // The snapshot's files (on ZFS a temporary clone, destroyed after, failures included).
+        let view = snapshot::view(&policy, self.here(), false, &name, &state_dir.join("verify-mnt")).await?;
+        let root = view.path().to_path_buf();
         let (fs, snap) = (fileset.to_string(), name.to_string());
         let started = std::time::Instant::now();
         let tree = tokio::task::spawn_blocking(move || -> Result<Tree> {
@@ -211,7 +223,10 @@ impl ReplicaService {
             }
             Ok(tree)
         })
-        .await??;
+        .await;
+        let closed = view.close().await;
+        let tree = tree??;
+        closed?;
         tracing::info!(%peer, %fileset, %snapshot, hashed = tree.hashed, reused = tree.reused, seconds = started.elapsed().as_secs_f64(), "hashed for verify");
         write_message(send, &Message::VerifyRoot { root: tree.root.clone() }).await?;
         loop {
@@ -237,6 +252,70 @@ impl ReplicaService {
 
     fn here(&self) -> &str {
         &self.here
+    }
+
+    /// Has the backend make room for `incoming` before its stream flows (ZFS: snapshots after
+    /// the base set aside as diverged data, a local copy that may take long). It runs in a
+    /// task of its own, one per file set, under the file set's lock, so a request that goes
+    /// away does not cut it; a `begin` that finds it still running after [`PREPARE_WAIT`]
+    /// is answered `Busy`, and the origin's retry waits for the same task.
+    #[allow(clippy::result_large_err)] // a refusal is the message to send back
+    async fn prepare(&self, policy: &Policy, incoming: &Incoming) -> Result<(), Message> {
+        let fileset = policy.fileset.0.clone();
+        let failed = |e: String| {
+            tracing::error!(%fileset, "preparing the receive failed: {}", e.escape_debug());
+            Message::error(ErrorCode::ReceiveFailed, "the replica could not prepare its file set for the stream (nothing was lost); its log says why")
+        };
+        let mut done = {
+            let mut map = self.preparing.lock().expect("preparing lock");
+            match map.get(&fileset).filter(|rx| rx.borrow().is_none()) {
+                Some(running) => running.clone(),
+                None => {
+                    let side = (self.backends)(policy, self.here()).map_err(|e| failed(format!("{e:#}")))?;
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    let (lock, incoming) = (self.sessions.fileset_lock(&fileset), incoming.clone());
+                    self.prunes.spawn(async move {
+                        let _one_at_a_time = lock.lock_owned().await;
+                        let _ = tx.send(Some(side.prepare(&incoming).await.map_err(|e| format!("{e:#}"))));
+                    });
+                    map.insert(fileset.clone(), rx.clone());
+                    rx
+                }
+            }
+        };
+        let outcome = match tokio::time::timeout(PREPARE_WAIT, done.wait_for(|r| r.is_some())).await {
+            Ok(Ok(r)) => r.clone().expect("waited for it"),
+            Ok(Err(_)) => Err("the preparation ended without an outcome".to_string()),
+            Err(_) => {
+                return Err(Message::error(
+                    ErrorCode::Busy,
+                    format!("the replica is setting aside diverged data of `{fileset}` before this stream (a local copy); retry in a moment"),
+                ));
+            }
+        };
+        outcome.map_err(failed)
+    }
+
+    /// Records in the epoch store the diverged data the backend set aside while receiving
+    /// (ZFS: the snapshots after the common base with a new origin), so that `status` and
+    /// `snapship diverged` show it. A failure is logged: the data itself is kept either way.
+    async fn record_diverged(&self, policy: &Policy) {
+        let kept = match (self.backends)(policy, self.here()) {
+            Ok(side) => side.diverged().await,
+            Err(e) => Err(e),
+        };
+        let known = self.epochs.record(policy).map(|r| r.diverged);
+        match (kept, known) {
+            (Ok(kept), Ok(known)) => {
+                for name in kept.iter().filter(|k| !known.contains(k)) {
+                    tracing::warn!(fileset = %policy.fileset, kept = %name, "diverged data kept (snapshots after the common base with the new origin); see `snapship diverged`");
+                    if let Err(e) = self.epochs.add_diverged(policy, name) {
+                        tracing::error!(fileset = %policy.fileset, "cannot record the diverged data {name}: {e:#}");
+                    }
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => tracing::error!(fileset = %policy.fileset, "cannot list the diverged data kept: {e:#}"),
+        }
     }
 
     /// The sessions, for their watchdog ([`Sessions::watch`]) and shutdown.
@@ -278,14 +357,6 @@ impl ReplicaService {
             return Err(Message::fenced(
                 &known,
                 format!("node `{peer}` is not the origin of `{fileset}` in the newest epoch `{here}` knows, {known}; it must stop acting as origin"),
-            ));
-        }
-        if claimed.number > 0 && policy.backend == crate::config::BackendKind::Zfs {
-            // Failover is btrfs-only so far; a receive -F from another origin could roll back
-            // what this node wrote after the common base.
-            return Err(Message::error(
-                ErrorCode::Unauthorized,
-                format!("`{fileset}` is a ZFS file set, and failover (an epoch after 0) is not supported on ZFS yet"),
             ));
         }
         if claimed.origin != peer {
@@ -351,12 +422,18 @@ impl ReplicaService {
                 };
                 let from = resume.as_ref().map_or(0, |r| r.offset);
                 let incoming = Incoming { name, identity, base: base.clone(), from_token };
+                if resume.is_none()
+                    && let Err(refusal) = self.prepare(&policy, &incoming).await
+                {
+                    return Ok(refusal);
+                }
                 let attached = self.sessions.begin(peer, &fileset, incoming, compact, resume, (self.backends)(&policy, self.here())?).await?;
                 write_message(send, &Message::Ready).await?;
                 tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving");
                 let data = IncomingData::new(frames, compression, self.sessions.stall_timeout());
                 self.sessions.feed(attached, data, send).await?;
                 tracing::info!(%peer, %fileset, %snapshot, "received and committed");
+                self.record_diverged(&policy).await;
                 // Hold the file set's lock before the origin hears `committed`, so that its next
                 // `begin` waits for this prune; prune once it has its answer.
                 let lock = self.sessions.fileset_lock(&fileset).lock_owned().await;

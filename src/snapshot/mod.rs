@@ -3,7 +3,7 @@
 //! A file set is seen from two sides. The origin side ([`OriginSide`]) takes snapshots, lists
 //! them with their identity and opens send streams; the replica side ([`ReplicaSide`]) lists
 //! what it received and receives a stream so that the new snapshot only becomes visible once
-//! it is complete and checked. Each backend (btrfs, later zfs) implements both; the
+//! it is complete and checked. Each backend (btrfs, zfs) implements both; the
 //! replication logic in `replicate` only speaks these traits.
 
 pub mod btrfs;
@@ -222,6 +222,61 @@ pub trait ReplicaSide: Send + Sync {
         None
     }
     async fn delete(&self, snapshot: &Snapshot) -> Result<()>;
+    /// Makes room for `incoming` before its stream flows, outside the receive's stall
+    /// watch (it may take long): ZFS sets aside the snapshots after its base as diverged
+    /// data (see `zfs::ZfsReplica`). Nothing is lost if it is cut; the next call completes it.
+    async fn prepare(&self, _incoming: &Incoming) -> Result<()> {
+        Ok(())
+    }
+    /// The diverged data this side keeps beside what it received, by name (ZFS: snapshots
+    /// after the common base with a new origin, set aside before its first receive); the
+    /// replica service records them in the epoch store, so that `snapship diverged` shows them.
+    async fn diverged(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+/// A snapshot's files, readable at [`SnapshotView::path`] while it lives (`verify` hashes
+/// them): on btrfs the snapshot itself; on ZFS a temporary read-only clone (zfs-fuse shows
+/// no `.zfs/snapshot`), destroyed by [`SnapshotView::close`], or when dropped on a failure.
+pub struct SnapshotView {
+    path: PathBuf,
+    clone: Option<zfs::TempClone>,
+}
+
+impl SnapshotView {
+    pub fn path(&self) -> &std::path::Path {
+        match &self.clone {
+            Some(c) => c.path(),
+            None => &self.path,
+        }
+    }
+
+    /// Releases what was made to read the snapshot (the ZFS clone).
+    pub async fn close(mut self) -> Result<()> {
+        match self.clone.take() {
+            Some(c) => c.remove().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The snapshot `name` of `policy`'s file set held on `node`, as its origin (`as_origin`:
+/// among the snapshots of its live file set) or as a replica, for reading. `scratch`: a
+/// private directory where a ZFS clone may be mounted.
+pub async fn view(policy: &Policy, node: &str, as_origin: bool, name: &SnapshotName, scratch: &std::path::Path) -> Result<SnapshotView> {
+    let not_member = || anyhow::anyhow!("node `{node}` is not a member of file set `{}`", policy.fileset);
+    match policy.backend {
+        BackendKind::Btrfs => {
+            let home = if as_origin { policy.origin_home(node) } else { policy.replica_home(node) }.ok_or_else(not_member)?;
+            Ok(SnapshotView { path: PathBuf::from(home).join(name.as_str()), clone: None })
+        }
+        BackendKind::Zfs => {
+            let dataset = if as_origin { policy.live_on(node) } else { policy.replica_home(node) }.ok_or_else(not_member)?;
+            let clone = zfs::TempClone::new(&dataset, name, scratch).await?;
+            Ok(SnapshotView { path: PathBuf::new(), clone: Some(clone) })
+        }
+    }
 }
 
 /// The origin side of `policy` on this node, its initial origin.
@@ -238,7 +293,7 @@ pub fn origin_on(policy: &Policy, node: &str) -> Result<Box<dyn OriginSide>> {
     let home = policy.origin_home(node).ok_or_else(not_member)?;
     match policy.backend {
         BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsOrigin::new(PathBuf::from(live), PathBuf::from(home)))),
-        BackendKind::Zfs => Ok(Box::new(zfs::ZfsOrigin::new(live))),
+        BackendKind::Zfs => Ok(Box::new(zfs::ZfsOrigin::promoted(live, home))),
     }
 }
 
@@ -254,7 +309,7 @@ pub fn replica_on(policy: &Policy, node: &str) -> Result<Box<dyn ReplicaSide>> {
     let home = policy.replica_home(node).ok_or_else(|| anyhow::anyhow!("node `{node}` is not a member of file set `{}`", policy.fileset))?;
     match policy.backend {
         BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsReplica::new(PathBuf::from(home)))),
-        BackendKind::Zfs => Ok(Box::new(zfs::ZfsReplica::new(home))),
+        BackendKind::Zfs => Ok(Box::new(zfs::ZfsReplica::new(home).with_members(policy.members().into_iter().map(String::from).collect()))),
     }
 }
 

@@ -440,12 +440,93 @@ async fn list_snapshots(dataset: &str) -> Result<Vec<Snapshot>> {
 
 pub struct ZfsOrigin {
     dataset: String,
+    /// Where this node's snapshots are while it is a replica (its replica dataset), when
+    /// that is another dataset than the live one (`promote_path:` set): promotion moves
+    /// the replica dataset there (`zfs rename`), stepping down moves it back.
+    home: Option<String>,
 }
 
 impl ZfsOrigin {
     pub fn new(dataset: String) -> Self {
-        ZfsOrigin { dataset }
+        ZfsOrigin { dataset, home: None }
     }
+
+    /// The origin side of a promoted replica whose live dataset is `live` and whose
+    /// replica dataset is `home`.
+    pub fn promoted(live: String, home: String) -> Self {
+        let home = (home != live).then_some(home);
+        ZfsOrigin { dataset: live, home }
+    }
+}
+
+/// The name of diverged data (`diverged-TIME`), as a snapshot name and in a dataset name: a
+/// name this module made, refused otherwise before it reaches a command line.
+pub fn check_diverged_name(name: &str) -> Result<()> {
+    let rest = name.strip_prefix("diverged-").unwrap_or("");
+    if rest.is_empty() || !rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '.') {
+        bail!("{name:?} is not the name of diverged data (diverged-TIME)");
+    }
+    Ok(())
+}
+
+/// A fresh name for diverged data, from the time now.
+fn diverged_name() -> String {
+    format!("diverged-{}", Utc::now().format("%Y%m%dT%H%M%S%.3fZ"))
+}
+
+/// The dataset that keeps diverged data `label` set aside from `dataset`: a sibling,
+/// `DATASET-LABEL` (a child would have to mount inside the read-only replica).
+pub fn diverged_dataset(dataset: &str, label: &str) -> String {
+    format!("{dataset}-{label}")
+}
+
+/// Every snapshot of `dataset` (snapship's, diverged ones and foreign ones) with its guid,
+/// in creation order.
+async fn all_snapshots(dataset: &str) -> Result<Vec<(String, String)>> {
+    let text = zfs(&["get", "-H", "-p", "-o", "name,property,value", "-d", "1", "guid,createtxg", dataset]).await?;
+    let prefix = format!("{dataset}@");
+    let mut out: Vec<(u64, String, String)> = parse_properties(&text)
+        .into_iter()
+        .filter_map(|(name, p)| {
+            let snap = name.strip_prefix(&prefix)?.to_string();
+            Some((p.get("createtxg")?.parse().ok()?, snap, p.get("guid")?.clone()))
+        })
+        .collect();
+    out.sort();
+    Ok(out.into_iter().map(|(_, n, g)| (n, g)).collect())
+}
+
+/// `zfs send SEND | zfs receive RECEIVE` on this node, through a bounded buffer.
+async fn local_copy(send: Cmd, receive: Cmd) -> Result<()> {
+    let mut sender = send.spawn(Pipe::Out)?;
+    let mut receiver = receive.spawn(Pipe::In)?;
+    let (mut out, mut inp) = (sender.stdout(), receiver.stdin());
+    let copied = tokio::io::copy_buf(&mut tokio::io::BufReader::with_capacity(super::PIPE_BUFFER, &mut out), &mut inp).await;
+    let closed = inp.shutdown().await;
+    drop(inp);
+    let (sent, received) = (sender.wait().await, receiver.wait().await);
+    sent?;
+    received?;
+    copied?;
+    closed?;
+    Ok(())
+}
+
+/// `zfs set readonly=...` of `dataset`.
+async fn set_read_only(dataset: &str, on: bool) -> Result<()> {
+    zfs(&["set", if on { "readonly=on" } else { "readonly=off" }, dataset])
+        .await
+        .with_context(|| format!("cannot set readonly={} on {dataset}", if on { "on" } else { "off" }))?;
+    Ok(())
+}
+
+/// Moves `from` to `to` (`zfs rename`), with what to do when this ZFS cannot (zfs-fuse
+/// cannot rename a file system at all).
+async fn rename_dataset(from: &str, to: &str) -> Result<()> {
+    with_busy_retry(&Cmd::new("zfs").arg("rename").arg(from).arg(to)).await.with_context(|| {
+        format!("cannot move {from} to {to}; where this ZFS cannot rename a file system (zfs-fuse), leave `promote_path:` unset: the replica dataset is then made writable in place")
+    })?;
+    Ok(())
 }
 
 /// Takes a snapshot named after now (and after the newest existing one) of every dataset, at
@@ -497,6 +578,64 @@ async fn discard_other_children(members: &[&str], name: &str) -> Result<()> {
 
 #[async_trait]
 impl OriginSide for ZfsOrigin {
+    /// In place: the replica dataset (moved to the live dataset first when `promote_path:`
+    /// names another one) made writable, with atime back to what the pool says. Its head is
+    /// its newest received snapshot, `snapshot`: a replica is kept read-only.
+    async fn make_live_from(&self, snapshot: &Snapshot) -> Result<()> {
+        if let Some(home) = &self.home {
+            if dataset_exists(&self.dataset).await? {
+                bail!("{} already exists; move it away (or set `promote_path:` on this replica to another dataset) and promote again", self.dataset);
+            }
+            rename_dataset(home, &self.dataset).await?;
+        }
+        if !self.list().await?.iter().any(|s| s.identity == snapshot.identity) {
+            bail!("{}@{} is not there to promote from", self.dataset, snapshot.name);
+        }
+        set_read_only(&self.dataset, false).await?;
+        if let Err(e) = zfs(&["inherit", "atime", &self.dataset]).await {
+            tracing::warn!("cannot put atime of {} back to inherited: {e}", self.dataset);
+        }
+        Ok(())
+    }
+
+    /// A snapshot `diverged-TIME` of the live dataset (not a snapship name: retention never
+    /// sees it), then the dataset read-only. The first incremental receive from the new
+    /// origin sets it aside with every snapshot after the common base ([`ZfsReplica`]'s
+    /// receive), so `receive -F` never rolls it back.
+    async fn step_down(&self) -> Result<String> {
+        let name = diverged_name();
+        zfs(&["snapshot", &format!("{}@{name}", self.dataset)]).await.with_context(|| format!("cannot keep {} as {name}", self.dataset))?;
+        set_read_only(&self.dataset, true).await?;
+        if let Some(home) = &self.home {
+            // Its snapshots go back where this node receives them as a replica.
+            rename_dataset(&self.dataset, home).await?;
+        }
+        Ok(name)
+    }
+
+    async fn remove_diverged(&self, name: &str) -> Result<()> {
+        check_diverged_name(name)?;
+        let dataset = self.home.as_deref().unwrap_or(&self.dataset);
+        let (snap, aside) = (format!("{dataset}@{name}"), diverged_dataset(dataset, name));
+        let mut found = false;
+        if dataset_exists(&aside).await? {
+            with_busy_retry(&Cmd::new("zfs").arg("destroy").arg("-r").arg(&aside)).await?;
+            found = true;
+        }
+        if dataset_exists(&snap).await? {
+            with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&snap)).await?;
+            found = true;
+        }
+        if !found {
+            bail!("neither {snap} nor {aside} exists: the diverged data `{name}` is gone already");
+        }
+        Ok(())
+    }
+
+    async fn freeze(&self, frozen: bool) -> Result<()> {
+        set_read_only(&self.dataset, frozen).await
+    }
+
     async fn take_snapshot(&self, kind: Kind) -> Result<Snapshot> {
         let name = snapshot_datasets(&[&self.dataset], kind).await.with_context(|| format!("cannot snapshot {}", self.dataset))?;
         self.list().await?.into_iter().find(|s| s.name == name).ok_or_else(|| anyhow!("snapshot {}@{name} vanished right after it was taken", self.dataset))
@@ -575,11 +714,84 @@ impl OriginSide for ZfsOrigin {
 
 pub struct ZfsReplica {
     dataset: String,
+    /// The file set's members: the tags of the holds this node put on its snapshots while it
+    /// was origin (`snapship:MEMBER`), released before diverged snapshots are set aside.
+    members: Vec<String>,
 }
 
 impl ZfsReplica {
     pub fn new(dataset: String) -> Self {
-        ZfsReplica { dataset }
+        ZfsReplica { dataset, members: Vec::new() }
+    }
+
+    /// With the members of its file set (see [`ZfsReplica::members`]).
+    pub fn with_members(mut self, members: Vec<String>) -> Self {
+        self.members = members;
+        self
+    }
+
+    /// Before an incremental receive from the base with guid `base`: every snapshot after the
+    /// base (what this node wrote as origin after it, the live data kept at step-down, or a
+    /// snapshot newer than the one a new origin was promoted from) would block the receive
+    /// (zfs-fuse) or be destroyed by `receive -F` (OpenZFS). They are copied first, by name
+    /// and guid, into the sibling dataset `DATASET-diverged-TIME` (read-only; `snapship
+    /// diverged` lists it), checked there, and only then removed here (`zfs rollback -r` to
+    /// the base). Returns the name the data is kept under, if any was set aside.
+    ///
+    /// The copy is local: a full stream of the first snapshot after the base, then one
+    /// incremental to the newest (a clone of the base would be free, but zfs-fuse receives
+    /// into no clone). A copy cut short is found and completed by the next attempt.
+    async fn set_aside_after(&self, base: &str) -> Result<Option<String>> {
+        let all = all_snapshots(&self.dataset).await?;
+        let Some(at) = all.iter().position(|(_, guid)| guid == base) else {
+            return Ok(None); // the receive refuses a base it does not hold
+        };
+        let after = &all[at + 1..];
+        let (Some((first, _)), Some((newest, newest_guid))) = (after.first(), after.last()) else { return Ok(None) };
+        let label = after.iter().rev().map(|(n, _)| n).find(|n| check_diverged_name(n).is_ok()).cloned().unwrap_or_else(diverged_name);
+        let aside = diverged_dataset(&self.dataset, &label);
+        let names: Vec<&str> = after.iter().map(|(n, _)| n.as_str()).collect();
+        tracing::warn!(dataset = %self.dataset, kept = %aside, snapshots = ?names, "snapshots after the common base with the new origin: keeping them as diverged data before receiving");
+        let held = || async { all_snapshots(&aside).await.unwrap_or_default() };
+        let mut there = if dataset_exists(&aside).await? { held().await } else { Vec::new() };
+        if !there.iter().any(|(_, g)| g == newest_guid) {
+            let src = |n: &str| format!("{}@{n}", self.dataset);
+            if there.is_empty() {
+                if dataset_exists(&aside).await? {
+                    bail!("{aside} exists but holds no snapshot of {}; move it away so that the diverged data can be kept there", self.dataset);
+                }
+                local_copy(Cmd::new("zfs").arg("send").arg(src(first)), Cmd::new("zfs").arg("receive").arg(&aside))
+                    .await
+                    .with_context(|| format!("cannot keep {}@{first} as diverged data in {aside}; nothing was removed from {}", self.dataset, self.dataset))?;
+                there = held().await;
+            }
+            let (from, _) = there.last().cloned().ok_or_else(|| anyhow!("{aside} holds no snapshot after receiving {first}"))?;
+            if &from != newest {
+                local_copy(Cmd::new("zfs").arg("send").arg("-I").arg(src(&from)).arg(src(newest)), Cmd::new("zfs").arg("receive").arg("-F").arg(&aside))
+                    .await
+                    .with_context(|| format!("cannot keep the snapshots of {} after {from} as diverged data in {aside}; nothing was removed", self.dataset))?;
+                there = held().await;
+            }
+        }
+        for (name, guid) in after {
+            if !there.iter().any(|(n, g)| n == name && g == guid) {
+                bail!("{aside} lacks {name} (guid {guid}) after the copy; nothing was removed from {}", self.dataset);
+            }
+        }
+        set_read_only(&aside, true).await?;
+        // The copy is complete: this node's own holds may go, then the snapshots after the base.
+        if features().await.holds {
+            for (name, _) in after {
+                for member in &self.members {
+                    let _ = zfs(&["release", &format!("snapship:{member}"), &format!("{}@{name}", self.dataset)]).await;
+                }
+            }
+        }
+        let (base_name, _) = &all[at];
+        with_busy_retry(&Cmd::new("zfs").arg("rollback").arg("-r").arg(format!("{}@{base_name}", self.dataset)))
+            .await
+            .with_context(|| format!("cannot roll {} back to the common base {base_name} (the diverged data is kept in {aside}); a hold of another tool may keep a snapshot after it", self.dataset))?;
+        Ok(Some(label))
     }
 
     /// Where `zfs receive -x` is missing (zfs-fuse): puts the [`RECEIVE_EXCLUDED`] properties
@@ -615,6 +827,15 @@ impl ReplicaSide for ZfsReplica {
         features().await.compressed_send
     }
 
+    async fn prepare(&self, incoming: &Incoming) -> Result<()> {
+        if let Some(base) = incoming.base.as_deref().filter(|_| !incoming.from_token) {
+            if dataset_exists(&self.dataset).await? {
+                self.set_aside_after(base).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn resume_token(&self) -> Option<String> {
         if !features().await.resumable {
             return None;
@@ -637,6 +858,13 @@ impl ReplicaSide for ZfsReplica {
         }
         let first = read_first_record(stream).await?;
         check_stream_header(&first).with_context(|| format!("the stream for {}@{}", self.dataset, incoming.name))?;
+        if exists
+            && !incoming.from_token
+            && let Some(base) = &incoming.base
+        {
+            // Done by `prepare` already, outside the stall watch; this finds nothing then.
+            self.set_aside_after(base).await?;
+        }
         if !incoming.from_token {
             // A new stream cannot start while an old partial receive is kept.
             self.discard_partial().await;
@@ -720,6 +948,99 @@ impl ReplicaSide for ZfsReplica {
         with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(format!("{}@{}", self.dataset, snapshot.name))).await?;
         Ok(())
     }
+
+    /// The diverged data kept beside the replica dataset (`DATASET-diverged-TIME`) and in it
+    /// (`DATASET@diverged-TIME`, kept at step-down until the first receive sets it aside).
+    async fn diverged(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        if let Some((parent, _)) = self.dataset.rsplit_once('/') {
+            let prefix = format!("{}-", self.dataset);
+            match zfs(&["list", "-H", "-o", "name", "-d", "1", "-t", "filesystem", parent]).await {
+                Ok(text) => out.extend(text.lines().filter_map(|l| l.strip_prefix(&prefix)).filter(|n| check_diverged_name(n).is_ok()).map(String::from)),
+                Err(e) if e.stderr().contains("does not exist") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if dataset_exists(&self.dataset).await? {
+            for (name, _) in all_snapshots(&self.dataset).await? {
+                if check_diverged_name(&name).is_ok() && !out.contains(&name) {
+                    out.push(name);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// A temporary read-only clone of a snapshot, mounted in a directory of its own, for reading
+/// the snapshot's files (zfs-fuse shows no `.zfs/snapshot`). [`TempClone::remove`] destroys
+/// it; dropped without that (a failure, a panic), it is destroyed all the same.
+pub struct TempClone {
+    clone: Option<String>,
+    dir: std::path::PathBuf,
+}
+
+impl TempClone {
+    /// Clones `dataset@snapshot` as `DATASET-verify-PID-N`, mounted at a fresh directory
+    /// under `scratch`.
+    pub async fn new(dataset: &str, snapshot: &SnapshotName, scratch: &std::path::Path) -> Result<TempClone> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("verify-{}-{n}", std::process::id());
+        let clone = format!("{dataset}-{tag}");
+        let dir = scratch.join(&tag);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let made = Cmd::new("zfs")
+            .arg("clone")
+            .arg("-o")
+            .arg("readonly=on")
+            .arg("-o")
+            .arg(format!("mountpoint={}", dir.display()))
+            .arg(format!("{dataset}@{snapshot}"))
+            .arg(&clone)
+            .output()
+            .await;
+        // From here on the guard cleans up, whatever happens.
+        let guard = TempClone { clone: Some(clone.clone()), dir };
+        made.with_context(|| format!("cannot clone {dataset}@{snapshot} to read it"))?;
+        Ok(guard)
+    }
+
+    /// Where the snapshot's files are.
+    pub fn path(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// Destroys the clone and its directory.
+    pub async fn remove(mut self) -> Result<()> {
+        if let Some(clone) = self.clone.take() {
+            if dataset_exists(&clone).await? {
+                with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&clone)).await.with_context(|| format!("cannot destroy the temporary clone {clone}"))?;
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+        Ok(())
+    }
+}
+
+impl Drop for TempClone {
+    fn drop(&mut self) {
+        let Some(clone) = self.clone.take() else { return };
+        // Blocking, on a failure path only: retried while ZFS says it is busy.
+        for _ in 0..20 {
+            match std::process::Command::new("zfs").args(["destroy", &clone]).env("LC_ALL", "C").output() {
+                Ok(o) if o.status.success() || String::from_utf8_lossy(&o.stderr).contains("does not exist") => break,
+                Ok(o) => tracing::debug!("destroying {clone}: {}", String::from_utf8_lossy(&o.stderr).trim()),
+                Err(e) => {
+                    tracing::error!("cannot run zfs to destroy the temporary clone {clone}: {e}");
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 #[cfg(test)]
@@ -728,6 +1049,19 @@ mod tests {
 
     const OLD: &str = include_str!("../../tests/data/zfs/zfs-fuse-0.7.0-usage.txt");
     const MODERN: &str = include_str!("../../tests/data/zfs/openzfs-2.1.11-usage.txt");
+
+    #[test]
+    fn diverged_names_are_ours_only() {
+        let name = "diverged-20261201T123456.789Z";
+        check_diverged_name(name).unwrap();
+        assert_eq!(diverged_dataset("tank/backup/projects", name), "tank/backup/projects-diverged-20261201T123456.789Z");
+        check_diverged_name(&diverged_name()).unwrap();
+        for bad in
+            ["diverged-", "snapship-20261201T123456.789Z", "diverged-x/y", "diverged-x@y", "diverged-x y", "diverged--r", "../diverged-x", "diverged-x;id"]
+        {
+            assert!(check_diverged_name(bad).is_err(), "{bad:?} passed");
+        }
+    }
 
     #[test]
     fn detects_zfs_fuse_as_old() {

@@ -5,12 +5,14 @@
 //!
 //! - `btrfs_local`, `zfs`: the backends and one-shot sync on one node;
 //! - `quic`, `scheduler`, `operate`: nodes over QUIC, `snapship run`, status and metrics;
-//! - `failover`: promotion of a replica, fencing, failback without a full resend;
+//! - `failover`, `failover_zfs`: promotion of a replica, fencing, failback without a full
+//!   resend, switchover (loop btrfs; zfs-fuse pools, with verify from the promoted member);
 //! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
 //!   fault proxy they go through;
 //! - `restore`: getting data back (restore at a time, one path, a ZFS clone) and `list`
 //!   on every member;
-//! - `verify`: `snapship verify` of a faithful, a tampered and an unreachable replica;
+//! - `verify`, `verify_zfs`: `snapship verify` of a faithful, a tampered and an unreachable
+//!   replica (loop btrfs; zfs-fuse, through temporary clones);
 //! - `cli_check`, `cli_certs`, `certs_expiry`, `examples`: the config checker, certificates
 //!   (making, renewing, refusing expired ones in a handshake) and the shipped examples (no
 //!   root);
@@ -28,6 +30,7 @@ mod cli_certs;
 mod cli_check;
 mod examples;
 mod failover;
+mod failover_zfs;
 mod faults;
 mod install;
 mod layers;
@@ -40,4 +43,5 @@ mod restore;
 mod scheduler;
 mod service_unit;
 mod verify;
+mod verify_zfs;
 mod zfs;
