@@ -209,9 +209,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
 
     let shutdown = CancellationToken::new();
     let status = StatusBoard::new(&here.0);
-    status.config_loaded(broken);
     let background = TaskTracker::new();
     observe(&loaded, &status, &background, &shutdown)?;
+    status.config_loaded(broken);
 
     // The replica role first: this node's own origin jobs may ship to it. It listens on QUIC
     // wherever `listen:` is set: after a promotion elsewhere, any member is a replica.
@@ -254,6 +254,18 @@ pub async fn run(config_path: &Path) -> Result<()> {
         background.spawn(async move {
             if let Err(e) = control::serve(&dir, control, shutdown).await {
                 tracing::error!("control socket: {e:#}");
+            }
+        });
+    }
+    {
+        let (node, shutdown) = (node.clone(), shutdown.clone());
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(15));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => node.export_epochs(),
+                }
             }
         });
     }
@@ -587,6 +599,23 @@ impl Runtime {
             list(&restarted),
             list(&removed)
         ))
+    }
+
+    /// The epoch gauges of every file set this node is a member of, refreshed every 15 s (a
+    /// promotion elsewhere is learned from a request, not announced; each refresh reads one
+    /// small file per file set).
+    fn export_epochs(&self) {
+        use crate::observe::metrics as names;
+        let config = self.config();
+        let here = &config.node.node.0;
+        for policy in config.policies.iter().filter(|p| p.is_member(here)) {
+            if let Ok(r) = self.epochs.record(policy) {
+                let fileset = policy.fileset.0.clone();
+                metrics::gauge!(names::EPOCH, "fileset" => fileset.clone()).set(r.epoch.number as f64);
+                metrics::gauge!(names::IS_ORIGIN, "fileset" => fileset.clone()).set(if r.epoch.origin == *here { 1.0 } else { 0.0 });
+                metrics::gauge!(names::DIVERGED, "fileset" => fileset).set(r.diverged.len() as f64);
+            }
+        }
     }
 
     /// `report` with the epoch of every file set this node is a member of.

@@ -35,3 +35,10 @@ pub const VERIFY_MISMATCHES: &str = "snapship_verify_mismatches_total";
 pub const BROKEN_POLICIES: &str = "snapship_broken_policies";
 /// Counter: config reloads (SIGHUP), labelled by `result` (ok, refused).
 pub const RELOADS: &str = "snapship_config_reloads_total";
+/// Gauge: a file set's epoch as this node knows it (0 until a promotion).
+pub const EPOCH: &str = "snapship_epoch";
+/// Gauge: 1 while this node is a file set's origin, else 0.
+pub const IS_ORIGIN: &str = "snapship_is_origin";
+/// Gauge: diverged snapshots (or datasets) kept on this node for a file set; only the admin
+/// removes them (`snapship diverged --remove`).
+pub const DIVERGED: &str = "snapship_diverged_kept";

@@ -608,6 +608,9 @@ pub fn describe_metrics() {
     describe_counter!(names::RESUMES, "Transfers resumed after an interruption");
     describe_counter!(names::BYTES_SENT, Unit::Bytes, "Send stream bytes put on the wire, failed and cut attempts included");
     describe_gauge!(names::SNAPSHOTS, "Snapshots held, per side");
+    describe_gauge!(names::EPOCH, "A file set's epoch as this node knows it (0 until a promotion)");
+    describe_gauge!(names::IS_ORIGIN, "1 while this node is the file set's origin, else 0");
+    describe_gauge!(names::DIVERGED, "Diverged snapshots kept on this node for a file set (removed only by `snapship diverged --remove`)");
     describe_gauge!(names::BROKEN_POLICIES, "Policy files left out of the config in use (status lists each with its error)");
     describe_counter!(names::RELOADS, "Config reloads (SIGHUP), by result (ok, refused: the old config stays)");
     describe_gauge!(names::LAST_SUCCESS, Unit::Seconds, "When a transfer to a replica last succeeded (Unix time)");

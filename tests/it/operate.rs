@@ -97,6 +97,11 @@ fn status_and_metrics_follow_a_transfer() {
     assert!(metric(&m, &format!("snapship_replica_lag_seconds{labels}")) < 60.0);
     assert!(metric(&m, &format!("snapship_last_success_timestamp_seconds{labels}")) > 1.7e9);
     assert!(metric(&m, "snapship_snapshots{fileset=\"projects\",side=\"origin\"}") >= 1.0);
+    // Who is origin, in which epoch, and the diverged data kept (none).
+    assert_eq!(metric(&m, "snapship_epoch{fileset=\"projects\"}"), 0.0);
+    assert_eq!(metric(&m, "snapship_is_origin{fileset=\"projects\"}"), 1.0);
+    assert_eq!(metric(&m, "snapship_diverged_kept{fileset=\"projects\"}"), 0.0);
+    assert_eq!(metric(&m, "snapship_broken_policies"), 0.0);
 
     // The replica's view.
     let b = status(&c, "beta");
