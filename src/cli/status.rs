@@ -53,6 +53,14 @@ pub fn render(report: &StatusReport) -> String {
         if let Some(e) = &r.last_prune_error {
             line(w, format!("  FAILED {}", error(e)));
         }
+        for t in &r.tampered {
+            line(
+                w,
+                format!(
+                    "  TAMPERED {t}: changed after it was received; never used as a base (`snapship verify --snapshot {t}` on the origin shows what differs)"
+                ),
+            );
+        }
     }
     for b in &report.config.broken {
         line(w, format!("{}: broken, left out: {} (fix it, then `systemctl reload snapship`)", b.file, b.error));

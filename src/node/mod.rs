@@ -866,5 +866,6 @@ async fn report_replicas(loaded: &LoadedConfig, epochs: &EpochStore, status: &St
             Err(_) => Vec::new(),
         };
         status.receiver(&policy.fileset.0, &epoch.origin, held.last().map(|s| &s.name), held.len());
+        status.tampered(&policy.fileset.0, held.iter().filter(|s| snapshot::is_tampered(s)).map(|s| s.name.to_string()).collect());
     }
 }

@@ -42,3 +42,6 @@ pub const IS_ORIGIN: &str = "snapship_is_origin";
 /// Gauge: diverged snapshots (or datasets) kept on this node for a file set; only the admin
 /// removes them (`snapship diverged --remove`).
 pub const DIVERGED: &str = "snapship_diverged_kept";
+/// Gauge: received snapshots of a file set on this node that changed after they were
+/// received (made writable behind snapship's back): never bases, never pruned.
+pub const TAMPERED: &str = "snapship_tampered_snapshots";

@@ -153,6 +153,9 @@ pub struct ReceiverStatus {
     /// The last prune of this replica that failed, until one succeeds again.
     #[serde(default)]
     pub last_prune_error: Option<ErrorStatus>,
+    /// Received snapshots changed after they were received: never bases, never pruned.
+    #[serde(default)]
+    pub tampered: Vec<String>,
 }
 
 #[derive(Default)]
@@ -214,6 +217,7 @@ struct ReceiverEntry {
     snapshots: usize,
     last_received: Option<DateTime<Utc>>,
     last_prune_error: Option<ErrorStatus>,
+    tampered: Vec<String>,
 }
 
 pub struct StatusBoard {
@@ -470,6 +474,12 @@ impl StatusBoard {
         }
     }
 
+    /// The received snapshots of `fileset` on this node that changed after they were received.
+    pub fn tampered(&self, fileset: &str, names: Vec<String>) {
+        gauge!(names::TAMPERED, "fileset" => fileset.to_string()).set(names.len() as f64);
+        self.with(|b| b.receiver.entry(fileset.to_string()).or_default().tampered = names);
+    }
+
     /// The policies the config in use left out (at start-up, and after each reload).
     pub fn config_loaded(&self, broken: Vec<BrokenPolicy>) {
         gauge!(names::BROKEN_POLICIES).set(broken.len() as f64);
@@ -559,6 +569,7 @@ impl StatusBoard {
                     snapshots: e.snapshots,
                     last_received: e.last_received,
                     last_prune_error: e.last_prune_error.clone(),
+                    tampered: e.tampered.clone(),
                 })
                 .collect(),
             epochs: Vec::new(),
@@ -608,6 +619,7 @@ pub fn describe_metrics() {
     describe_counter!(names::RESUMES, "Transfers resumed after an interruption");
     describe_counter!(names::BYTES_SENT, Unit::Bytes, "Send stream bytes put on the wire, failed and cut attempts included");
     describe_gauge!(names::SNAPSHOTS, "Snapshots held, per side");
+    describe_gauge!(names::TAMPERED, "Received snapshots on this node changed after they were received (never bases; verify shows what differs)");
     describe_gauge!(names::EPOCH, "A file set's epoch as this node knows it (0 until a promotion)");
     describe_gauge!(names::IS_ORIGIN, "1 while this node is the file set's origin, else 0");
     describe_gauge!(names::DIVERGED, "Diverged snapshots kept on this node for a file set (removed only by `snapship diverged --remove`)");

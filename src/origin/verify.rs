@@ -70,7 +70,10 @@ pub async fn verify(config: &LoadedConfig, policy: &Policy, replica: &dyn Replic
     let here = config.node.node.0.as_str();
     let ours = snapshot::origin_on(policy, here)?.list().await.context("cannot list this origin's snapshots")?;
     let theirs = replica.list().await?.snapshots;
-    let both: Vec<&snapshot::Snapshot> = ours.iter().filter(|o| theirs.iter().any(|t| t.identity == o.identity && t.name == o.name)).collect();
+    // A copy changed after it was received is still a copy to verify (it is what verify is
+    // for), though never a base: its identity carries the tampered mark.
+    let received_as = |t: &snapshot::Snapshot| t.identity.strip_prefix(snapshot::btrfs::TAMPERED).unwrap_or(&t.identity).to_string();
+    let both: Vec<&snapshot::Snapshot> = ours.iter().filter(|o| theirs.iter().any(|t| received_as(t) == o.identity && t.name == o.name)).collect();
     let chosen = match which {
         Some(text) => {
             let prefixed = format!("{}{text}", snapshot::name::PREFIX);

@@ -15,7 +15,8 @@ use crate::snapshot::ReplicaSide;
 /// The plan for the replica's snapshots; `needed`: identities a transfer still needs.
 pub async fn plan(policy: &Policy, side: &dyn ReplicaSide, needed: &[String], now: DateTime<Utc>) -> Result<SidePlan> {
     let snapshots = side.list().await?;
-    let protect: Vec<_> = snapshots.iter().filter(|s| needed.contains(&s.identity)).map(|s| (s.name.clone(), Reason::InFlight)).collect();
+    let mut protect: Vec<_> = snapshots.iter().filter(|s| needed.contains(&s.identity)).map(|s| (s.name.clone(), Reason::InFlight)).collect();
+    protect.extend(snapshots.iter().filter(|s| crate::snapshot::is_tampered(s)).map(|s| (s.name.clone(), Reason::Tampered)));
     Ok(SidePlan::new(snapshots, policy, &policy.retention.replica, &protect, now))
 }
 

@@ -446,6 +446,7 @@ impl ReplicaService {
                     if origin_is_remote {
                         if let Ok(held) = side.list().await {
                             status.received(&policy.fileset.0, &policy.origin.node.0, held.last().map(|s| &s.name), held.len());
+                            status.tampered(&policy.fileset.0, held.iter().filter(|s| snapshot::is_tampered(s)).map(|s| s.name.to_string()).collect());
                         }
                         status.replica_pruned(&policy.fileset.0, pruned);
                     }

@@ -34,12 +34,15 @@ pub enum Reason {
     Monthly,
     /// The side has no retention rules: nothing is pruned.
     NoRules,
+    /// Changed after it was received (`snapshot::is_tampered`): kept for the admin to look at.
+    Tampered,
 }
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Reason::Newest => f.write_str("newest"),
+            Reason::Tampered => f.write_str("changed after it was received: kept for you to look at"),
             Reason::CommonBase(replica) => write!(f, "common base of {replica}"),
             Reason::InFlight => f.write_str("in flight"),
             Reason::Within => f.write_str("within"),

@@ -56,6 +56,16 @@ const PUBLISHING: &str = ".snapship-publishing-";
 const LATEST_TMP: &str = ".latest.tmp-";
 /// Prefix of a transfer's own directory in staging.
 const RECEIVING: &str = "receive-";
+/// Beside the received snapshots: per snapshot, its `ctransid` once published (its seal).
+/// A received snapshot never changes; one whose `ctransid` moved was made writable behind
+/// snapship's back (a raw ioctl keeps its received UUID) and changed ([`TAMPERED`]).
+const SEALS: &str = ".snapship-seals";
+/// The prefix a received snapshot changed after it was published has on its identity: it
+/// then matches no origin snapshot, so it is never a common base; verify still finds it by
+/// name and shows what differs. A new receive of the same name moves it aside under
+/// [`TAMPERED_ASIDE`] (kept, never deleted by snapship).
+pub const TAMPERED: &str = "tampered:";
+const TAMPERED_ASIDE: &str = "tampered-";
 
 /// Runs a blocking libbtrfsutil call off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -408,7 +418,16 @@ fn complete_in(replica: &SafeDir) -> Result<Vec<Snapshot>> {
     for name in snapshot_names(replica.entries()?) {
         let shown = replica.shown(name.as_str());
         let found = replica.open_dir(OsStr::new(name.as_str())).and_then(|sub| match sub {
-            Some(sub) if sub.is_subvolume_root()? => describe(&sub.proc_path(), &shown, name),
+            Some(sub) if sub.is_subvolume_root()? => {
+                let found = describe(&sub.proc_path(), &shown, name.clone())?;
+                match found {
+                    Some(mut s) if !sealed_intact(replica, &name, &sub, &shown)? => {
+                        s.identity = format!("{TAMPERED}{}", s.identity);
+                        Ok(Some(s))
+                    }
+                    other => Ok(other),
+                }
+            }
             Some(_) => bail!("a plain directory, not a subvolume"),
             None => Ok(None),
         });
@@ -419,6 +438,82 @@ fn complete_in(replica: &SafeDir) -> Result<Vec<Snapshot>> {
         }
     }
     Ok(out)
+}
+
+/// The `ctransid` of subvolume `sub`: the transaction that last changed its content (a
+/// flip of its read-only flag or a balance leaves it alone).
+fn ctransid_of(sub: &SafeDir, shown: &Path) -> Result<u64> {
+    Ok(libbtrfsutil::subvolume_info(sub.proc_path()).map_err(|e| util_error(format!("cannot read subvolume {}", shown.display()), e))?.ctransid())
+}
+
+/// Records `sub`'s `ctransid` as the seal of snapshot `name` (a fresh file renamed into
+/// place). The root item holds the `ctransid` of the last commit, so the publisher seals
+/// after its commit and replaces any seal; a listing that seals on first sight only adds a
+/// missing one (it may have read the value before that commit).
+fn seal(replica: &SafeDir, name: &SnapshotName, sub: &SafeDir, shown: &Path, replace: bool) -> Result<()> {
+    use std::io::Write;
+    let ctransid = ctransid_of(sub, shown)?;
+    replica.mkdir(OsStr::new(SEALS), 0o700)?;
+    let seals = replica.open_dir(OsStr::new(SEALS))?.ok_or_else(|| anyhow!("{} vanished", replica.shown(SEALS).display()))?;
+    seals.check(Role::Own)?;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let tmp = OsString::from(format!(".tmp-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let mut file = seals.open_file(&tmp)?;
+    file.set_len(0)?;
+    file.write_all(ctransid.to_string().as_bytes())?;
+    if replace {
+        return seals.rename_over(&tmp, OsStr::new(name.as_str()));
+    }
+    let added = seals.rename_new(&tmp, &seals, OsStr::new(name.as_str()));
+    if added.is_err() {
+        let _ = seals.unlink(&tmp); // sealed meanwhile
+    }
+    Ok(())
+}
+
+/// Whether snapshot `name` (subvolume `sub`) is as it was published: its seal matches its
+/// `ctransid`. A snapshot without a seal (received before seals existed) is sealed now.
+/// A broken seal is logged as an error each time it is seen.
+fn sealed_intact(replica: &SafeDir, name: &SnapshotName, sub: &SafeDir, shown: &Path) -> Result<bool> {
+    let recorded = replica
+        .open_dir(OsStr::new(SEALS))?
+        .and_then(|seals| seals.stat_of(OsStr::new(name.as_str())).ok().flatten().map(|_| seals))
+        .and_then(|seals| std::fs::read_to_string(seals.proc_path().join(name.as_str())).ok())
+        .and_then(|text| text.trim().parse::<u64>().ok());
+    let Some(recorded) = recorded else {
+        if let Err(e) = seal(replica, name, sub, shown, false) {
+            tracing::warn!(path = %shown.display(), "cannot seal the received snapshot: {e:#}");
+        }
+        return Ok(true);
+    };
+    let now = ctransid_of(sub, shown)?;
+    if now == recorded {
+        return Ok(true);
+    }
+    tracing::error!(
+        path = %shown.display(),
+        "received snapshot {name} was changed after it was received (its ctransid moved from {recorded} to {now}: made writable behind snapship's back?): \
+         it is never used as a base; `snapship verify --snapshot {name}` on the origin shows what differs, and the next transfer of it moves it aside"
+    );
+    Ok(false)
+}
+
+/// Moves received snapshot `name`, changed after it was published, out of the way of a new
+/// receive of it: renamed to `tampered-NAME` (kept; snapship never deletes it).
+fn move_tampered_aside(replica: &SafeDir, name: &SnapshotName) -> Result<()> {
+    let entry = OsStr::new(name.as_str());
+    for n in 0..1000 {
+        let aside = OsString::from(if n == 0 { format!("{TAMPERED_ASIDE}{name}") } else { format!("{TAMPERED_ASIDE}{name}-{n}") });
+        if replica.stat_of(&aside)?.is_none() {
+            replica.rename_new(entry, replica, &aside)?;
+            if let Some(seals) = replica.open_dir(OsStr::new(SEALS))? {
+                let _ = seals.unlink(entry);
+            }
+            tracing::warn!(path = %replica.shown(&aside).display(), "moved the changed copy of {name} aside (kept for you to look at); receiving it anew");
+            return Ok(());
+        }
+    }
+    bail!("cannot move the changed copy of {name} aside: every name tried is taken")
 }
 
 /// `shown` names `path` in messages (`path` may be a `/proc/self/fd/N` path).
@@ -477,6 +572,9 @@ impl ReplicaSide for BtrfsReplica {
                 bail!("cannot delete {}: it is not a subvolume, so not a snapshot snapship received; leaving it alone", shown.display());
             }
             replica.delete_subvolume(entry, &sub)?;
+            if let Some(seals) = replica.open_dir(OsStr::new(SEALS))? {
+                let _ = seals.unlink(entry);
+            }
             update_latest(&replica)
         })
         .await
@@ -574,7 +672,11 @@ impl Transfer {
         }
         let target = self.replica.shown(expected);
         if self.replica.stat_of(expected)?.is_some() {
-            bail!("{} already exists and is a different snapshot; move it away to receive this one", target.display());
+            let tampered = complete_in(&self.replica)?.iter().any(|s| s.name == name && s.identity.starts_with(TAMPERED));
+            if !tampered {
+                bail!("{} already exists and is a different snapshot; move it away to receive this one", target.display());
+            }
+            move_tampered_aside(&self.replica, &name)?;
         }
         let hidden = OsString::from(format!("{PUBLISHING}{name}"));
         let hidden_shown = self.replica.shown(&hidden);
@@ -592,10 +694,13 @@ impl Transfer {
             }
             return Err(e);
         }
+        // One commit makes the received data and the rename durable together: btrfs
+        // transactions are atomic and ordered, so the rename can never be on disk without
+        // the data received before it. Then the seal (of the committed `ctransid`), and
+        // `latest`, made durable by a second commit.
+        sync_fs(&self.replica.proc_path(), self.replica.path())?;
+        seal(&self.replica, &name, &staged, &target, true)?;
         update_latest(&self.replica)?;
-        // One commit makes the received data, the rename and `latest` durable together:
-        // btrfs transactions are atomic and ordered, so the rename can never be on disk
-        // without the data received before it.
         sync_fs(&self.replica.proc_path(), self.replica.path())?;
         Ok(Snapshot { name, ..got })
     }

@@ -45,6 +45,12 @@ pub struct Snapshot {
     pub parent_local_id: Option<String>,
 }
 
+/// Whether `snapshot`, a received copy, was changed after it was received (btrfs: its
+/// `ctransid` moved past its seal): never a common base, never pruned, flagged in status.
+pub fn is_tampered(snapshot: &Snapshot) -> bool {
+    snapshot.identity.starts_with(btrfs::TAMPERED)
+}
+
 /// The wait for a sending process's exit, once its output ended.
 type ExitWait = Pin<Box<dyn Future<Output = Result<(), runner::CommandError>> + Send>>;
 

@@ -304,7 +304,13 @@ impl Hostile {
             expected.push("latest".into());
         }
         expected.sort();
-        assert_eq!(names_in(&self.replica), expected);
+        // The seals of the received snapshots (their ctransid once published), when any was.
+        let names: Vec<String> = names_in(&self.replica).into_iter().filter(|n| n != ".snapship-seals").collect();
+        assert_eq!(names, expected);
+        if self.replica.join(".snapship-seals").exists() {
+            let seals = names_in(&self.replica.join(".snapship-seals"));
+            assert!(snapshots.iter().all(|s| seals.contains(&s.to_string())), "every snapshot is sealed: {seals:?}");
+        }
         assert_eq!(names_in(&self.replica.join(".snapship-staging")), [".lock"], "leftovers in staging");
         for s in snapshots {
             assert!(subvol(&self.replica.join(s)).read_only, "{s} is writable");

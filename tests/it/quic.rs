@@ -166,11 +166,11 @@ fn corrupted_byte_is_caught_and_retry_succeeds() {
     assert!(text.contains("checksum mismatch") && text.contains("Checksum"), "{text}");
     assert!(snapshots(&dst).is_empty(), "a corrupted stream became visible");
 
-    // The replica kept the stream up to the last good frame: the next sync finishes that
-    // snapshot from there, then sends the new one on top of it.
+    // The replica kept the stream up to the last good frame: the next sync (nothing changed
+    // since) ships that same snapshot, finishing it from there.
     let text = c.sync_ok("alpha", "projects");
-    assert!(text.contains("-> beta: incremental"), "{text}");
-    assert_eq!(snapshots(&dst).len(), 2, "the cut snapshot was finished too");
+    assert!(text.contains("-> beta: full"), "{text}");
+    assert_eq!(snapshots(&dst).len(), 1, "the cut snapshot was finished, and no other taken");
     assert_same_tree(&src, &dst.join("latest"));
     let log = c.daemons["beta"].log_text();
     assert!(log.contains("resuming a cut transfer"), "{log}");

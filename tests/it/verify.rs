@@ -51,7 +51,7 @@ fn verify_finds_a_faithful_replica_equal_and_a_tampered_one_different() {
     c.sync_ok("alpha", "projects");
 
     let (out, full) = verify(&c, &["--full"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), c.daemons["beta"].log_text());
     assert!(text(&out).contains("projects -> beta: snapship-"), "{}", text(&out));
     assert!(text(&out).contains(" equal ("), "{}", text(&out));
     let (out, again) = verify(&c, &[]);
@@ -104,6 +104,17 @@ fn verify_finds_a_faithful_replica_equal_and_a_tampered_one_different() {
     let (out, _) = verify(&c, &["--snapshot", "snapship-20200101T000000.000Z"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("holds no snapshot named"), "{}", text(&out));
+
+    // The tampered copy is never a base: the next snapshot goes incremental from the older
+    // one, the replica is whole again, and beta's status flags the changed copy.
+    std::fs::write(src.join("sub/f8.txt"), "after the tampering").unwrap();
+    let shipped = c.sync_ok("alpha", "projects");
+    assert!(shipped.contains(&format!("incremental from {older}")), "the base is not the tampered {name}:\n{shipped}");
+    let (out, _) = verify(&c, &[]);
+    assert!(out.status.success(), "the newest snapshot on beta is whole: {}", text(&out));
+    let status = c.status_json("beta");
+    assert_eq!(status["replica_of"][0]["tampered"], serde_json::json!([name]), "{status}");
+    assert!(c.daemons["beta"].log_text().contains("was changed after it was received"), "the log says so");
 
     // By `btrfs property set -f -ts PATH ro false` instead, btrfs-progs (6.2) clears the
     // received UUID: the replica no longer counts it as a copy, and verify says so.
