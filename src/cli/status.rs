@@ -28,6 +28,13 @@ pub fn render(report: &StatusReport) -> String {
             replica(w, r, o.rpo_seconds);
         }
     }
+    for o in &report.relay_of {
+        let fed_by = o.fed_by.as_deref().unwrap_or("-");
+        line(w, format!("{} (relay, fed by {fed_by}): newest received {}, {} snapshot(s)", o.fileset, o.newest.as_deref().unwrap_or("-"), o.snapshots));
+        for r in &o.replicas {
+            replica(w, r, o.rpo_seconds);
+        }
+    }
     for e in report.epochs.iter().filter(|e| e.epoch > 0 || !e.diverged.is_empty()) {
         let mut text = format!("{}: origin `{}` in epoch {}", e.fileset, e.origin, e.epoch);
         if let (Some(at), Some(from)) = (&e.promoted_at, &e.promoted_from) {
@@ -81,6 +88,9 @@ fn replica(w: &mut String, r: &ReplicaStatus, rpo: Option<f64>) {
         );
     }
     line(w, format!("     totals: {} ok, {} failed, {} shipped", r.transfers_ok, r.transfers_failed, size(r.bytes_shipped)));
+    if r.backfill_pending > 0 || r.backfill_bytes > 0 {
+        line(w, format!("     backfill: {} missed snapshot(s) to go, {} backfilled", r.backfill_pending, size(r.backfill_bytes)));
+    }
     if let Some(e) = &r.last_error {
         line(w, format!("     last transfer error {}", error(e)));
     }
@@ -130,6 +140,8 @@ mod tests {
             bytes_shipped: 24 << 20,
             bytes_sent: 24 << 20,
             resumes: 0,
+            backfill_pending: 0,
+            backfill_bytes: 0,
         }
     }
 
@@ -145,8 +157,10 @@ mod tests {
                 last_snapshot_error: None,
                 last_prune_error: None,
                 replicas: vec![replica],
+                fed_by: None,
             }],
             replica_of: vec![],
+            relay_of: vec![],
             epochs: vec![],
         }
     }

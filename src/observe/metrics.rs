@@ -31,3 +31,8 @@ pub const CERTIFICATE_EXPIRY: &str = "snapship_certificate_expiry_timestamp_seco
 /// Counter: differences `snapship verify` found between the origin's copy of a snapshot and
 /// a replica's, labelled by `fileset` and `replica`.
 pub const VERIFY_MISMATCHES: &str = "snapship_verify_mismatches_total";
+/// Gauge: missed snapshots a replica still gets backfilled (its retention keeps them), as
+/// last counted by the node that feeds it.
+pub const BACKFILL_PENDING: &str = "snapship_backfill_pending";
+/// Counter: send stream bytes of backfilled snapshots.
+pub const BACKFILL_BYTES: &str = "snapship_backfill_bytes_total";

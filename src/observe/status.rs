@@ -29,6 +29,10 @@ pub struct StatusReport {
     pub node: String,
     pub origin_of: Vec<OriginStatus>,
     pub replica_of: Vec<ReceiverStatus>,
+    /// File sets this node relays (a cascade): what it forwards to the replicas it feeds,
+    /// in the shape of an origin's entry (its `newest` and `snapshots` are what it received).
+    #[serde(default)]
+    pub relay_of: Vec<OriginStatus>,
     /// Per file set this node is a member of: who is origin, since which promotion, and the
     /// diverged data kept here.
     #[serde(default)]
@@ -64,6 +68,9 @@ pub struct OriginStatus {
     #[serde(default)]
     pub last_prune_error: Option<ErrorStatus>,
     pub replicas: Vec<ReplicaStatus>,
+    /// On a relay: the node that feeds it (the origin, or the relay up the chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fed_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -92,6 +99,12 @@ pub struct ReplicaStatus {
     /// Transfers that went on from where a cut one stopped.
     #[serde(default)]
     pub resumes: u64,
+    /// Missed snapshots still to backfill (once the replica is current), as last counted.
+    #[serde(default)]
+    pub backfill_pending: usize,
+    /// Stream bytes of the snapshots backfilled since the daemon started.
+    #[serde(default)]
+    pub backfill_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -147,6 +160,8 @@ struct OriginEntry {
     last_snapshot_error: Option<ErrorStatus>,
     last_prune_error: Option<ErrorStatus>,
     replicas: BTreeMap<String, ReplicaEntry>,
+    /// This node relays the file set, fed by this node; `None` on the origin.
+    fed_by: Option<String>,
 }
 
 #[derive(Default)]
@@ -160,6 +175,8 @@ struct ReplicaEntry {
     bytes: u64,
     sent: u64,
     resumes: u64,
+    backfill_pending: usize,
+    backfill_bytes: u64,
 }
 
 struct Running {
@@ -302,6 +319,26 @@ impl StatusBoard {
         });
     }
 
+    /// Registers a file set this node relays (fed by `fed_by`) to `downstreams`: shown
+    /// under `relay_of`, with the same per-replica entries an origin has.
+    pub fn relay(&self, fileset: &str, mode: &str, rpo: Option<Duration>, downstreams: &[&str], fed_by: &str) {
+        self.origin(fileset, mode, rpo, downstreams);
+        self.with(|b| b.origin.entry(fileset.to_string()).or_default().fed_by = Some(fed_by.to_string()));
+    }
+
+    /// A replica's backfill queue: `pending` missed snapshots to go, `sent` bytes of one
+    /// just backfilled.
+    pub fn backfill(&self, fileset: &str, replica: &str, pending: usize, sent: u64) {
+        self.with(|b| {
+            let r = b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default();
+            r.backfill_pending = pending;
+            r.backfill_bytes += sent;
+        });
+        let labels = [("fileset", fileset.to_string()), ("replica", replica.to_string())];
+        gauge!(names::BACKFILL_PENDING, &labels).set(pending as f64);
+        counter!(names::BACKFILL_BYTES, &labels).increment(sent);
+    }
+
     /// Starts a replica's entry from what the state file kept (at daemon start): the totals,
     /// the last success and the last error.
     pub fn replica_history(&self, fileset: &str, replica: &str, totals: Totals, last_success: Option<DateTime<Utc>>, last_error: Option<ErrorStatus>) {
@@ -369,7 +406,10 @@ impl StatusBoard {
 
     /// What a replica holds from us, as last learned.
     pub fn replica_has(&self, fileset: &str, replica: &str, newest: Option<&SnapshotName>) {
-        self.with(|b| b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default().newest = newest.cloned());
+        self.with(|b| {
+            let e = b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default();
+            e.newest = newest.cloned();
+        });
     }
 
     /// A transfer started, `from` bytes into the stream (not 0 when resumed); `tally` counts
@@ -401,7 +441,10 @@ impl StatusBoard {
                 Ok(bytes) => {
                     r.ok += 1;
                     r.bytes += bytes;
-                    r.newest = Some(snapshot.clone());
+                    // A backfilled snapshot is older than what the replica holds already.
+                    if r.newest.as_ref().is_none_or(|n| n < snapshot) {
+                        r.newest = Some(snapshot.clone());
+                    }
                     r.last_success = Some(Utc::now());
                     r.last_error = None;
                 }
@@ -458,73 +501,81 @@ impl StatusBoard {
 
     pub fn report(&self) -> StatusReport {
         let now = Utc::now();
-        self.with(|b| StatusReport {
-            node: self.node.clone(),
-            origin_of: b
-                .origin
-                .iter()
-                .map(|(fileset, e)| OriginStatus {
-                    fileset: fileset.clone(),
-                    mode: e.mode.clone(),
-                    newest: e.snapshots.last().map(|n| n.to_string()),
-                    snapshots: e.snapshots.len(),
-                    rpo_seconds: e.rpo.map(|r| r.as_secs_f64()),
-                    last_snapshot_error: e.last_snapshot_error.clone(),
-                    last_prune_error: e.last_prune_error.clone(),
-                    replicas: e
-                        .replicas
-                        .iter()
-                        .map(|(node, r)| {
-                            let lag = exposure(&e.snapshots, r.newest.as_ref(), e.unsnapshotted_change, now);
-                            ReplicaStatus {
-                                node: node.clone(),
-                                newest: r.newest.as_ref().map(|n| n.to_string()),
-                                lag_seconds: lag,
-                                rpo_exceeded: over_rpo(lag, e.rpo),
-                                transfer: r.transfer.as_ref().map(|t| {
-                                    let secs = t.started.elapsed().as_secs_f64().max(0.001);
-                                    TransferStatus {
-                                        snapshot: t.snapshot.clone(),
-                                        base: t.base.clone(),
-                                        bytes: t.tally.bytes(),
-                                        bytes_per_second: t.sent() as f64 / secs,
-                                        started: t.started_at,
-                                        resumed_from: t.from,
-                                    }
-                                }),
-                                last_success: r.last_success,
-                                last_error: r.last_error.clone(),
-                                transfers_ok: r.ok,
-                                transfers_failed: r.failed,
-                                bytes_shipped: r.bytes,
-                                bytes_sent: r.sent + r.transfer.as_ref().map_or(0, Running::sent),
-                                resumes: r.resumes,
-                            }
-                        })
-                        .collect(),
-                })
-                .collect(),
-            replica_of: b
-                .receiver
-                .iter()
-                .map(|(fileset, e)| ReceiverStatus {
-                    fileset: fileset.clone(),
-                    origin: e.origin.clone(),
-                    newest: e.newest.as_ref().map(|n| n.to_string()),
-                    lag_seconds: lag(&e.newest, now),
-                    snapshots: e.snapshots,
-                    last_received: e.last_received,
-                    last_prune_error: e.last_prune_error.clone(),
-                })
-                .collect(),
-            epochs: Vec::new(),
+        self.with(|b| {
+            let (relayed, own): (Vec<_>, Vec<_>) = b.origin.iter().partition(|(_, e)| e.fed_by.is_some());
+            let entries = |list: Vec<(&String, &OriginEntry)>| -> Vec<OriginStatus> {
+                list.into_iter()
+                    .map(|(fileset, e)| OriginStatus {
+                        fileset: fileset.clone(),
+                        mode: e.mode.clone(),
+                        newest: e.snapshots.last().map(|n| n.to_string()),
+                        snapshots: e.snapshots.len(),
+                        rpo_seconds: e.rpo.map(|r| r.as_secs_f64()),
+                        last_snapshot_error: e.last_snapshot_error.clone(),
+                        last_prune_error: e.last_prune_error.clone(),
+                        replicas: e
+                            .replicas
+                            .iter()
+                            .map(|(node, r)| {
+                                let lag = exposure(&e.snapshots, r.newest.as_ref(), e.unsnapshotted_change, now);
+                                ReplicaStatus {
+                                    node: node.clone(),
+                                    newest: r.newest.as_ref().map(|n| n.to_string()),
+                                    lag_seconds: lag,
+                                    rpo_exceeded: over_rpo(lag, e.rpo),
+                                    transfer: r.transfer.as_ref().map(|t| {
+                                        let secs = t.started.elapsed().as_secs_f64().max(0.001);
+                                        TransferStatus {
+                                            snapshot: t.snapshot.clone(),
+                                            base: t.base.clone(),
+                                            bytes: t.tally.bytes(),
+                                            bytes_per_second: t.sent() as f64 / secs,
+                                            started: t.started_at,
+                                            resumed_from: t.from,
+                                        }
+                                    }),
+                                    last_success: r.last_success,
+                                    last_error: r.last_error.clone(),
+                                    transfers_ok: r.ok,
+                                    transfers_failed: r.failed,
+                                    bytes_shipped: r.bytes,
+                                    bytes_sent: r.sent + r.transfer.as_ref().map_or(0, Running::sent),
+                                    resumes: r.resumes,
+                                    backfill_pending: r.backfill_pending,
+                                    backfill_bytes: r.backfill_bytes,
+                                }
+                            })
+                            .collect(),
+                        fed_by: e.fed_by.clone(),
+                    })
+                    .collect()
+            };
+            StatusReport {
+                node: self.node.clone(),
+                origin_of: entries(own),
+                relay_of: entries(relayed),
+                replica_of: b
+                    .receiver
+                    .iter()
+                    .map(|(fileset, e)| ReceiverStatus {
+                        fileset: fileset.clone(),
+                        origin: e.origin.clone(),
+                        newest: e.newest.as_ref().map(|n| n.to_string()),
+                        lag_seconds: lag(&e.newest, now),
+                        snapshots: e.snapshots,
+                        last_received: e.last_received,
+                        last_prune_error: e.last_prune_error.clone(),
+                    })
+                    .collect(),
+                epochs: Vec::new(),
+            }
         })
     }
 
     /// Refreshes the lag and RPO gauges (lag grows by itself between events).
     pub fn refresh_lag_metrics(&self) {
         let report = self.report();
-        for o in &report.origin_of {
+        for o in report.origin_of.iter().chain(&report.relay_of) {
             if let Some(rpo) = o.rpo_seconds {
                 gauge!(names::RPO, "fileset" => o.fileset.clone()).set(rpo);
             }
@@ -561,6 +612,11 @@ pub fn describe_metrics() {
     describe_counter!(names::BYTES_SHIPPED, Unit::Bytes, "Send stream bytes shipped to a replica (uncompressed)");
     describe_counter!(names::TRANSFERS, "Transfers to a replica, by result");
     describe_counter!(names::RESUMES, "Transfers resumed after an interruption");
+    describe_gauge!(
+        names::BACKFILL_PENDING,
+        "Missed snapshots a replica still gets backfilled (its own retention keeps them), as last counted by the node feeding it"
+    );
+    describe_counter!(names::BACKFILL_BYTES, Unit::Bytes, "Send stream bytes of backfilled snapshots");
     describe_counter!(names::BYTES_SENT, Unit::Bytes, "Send stream bytes put on the wire, failed and cut attempts included");
     describe_gauge!(names::SNAPSHOTS, "Snapshots held, per side");
     describe_gauge!(names::LAST_SUCCESS, Unit::Seconds, "When a transfer to a replica last succeeded (Unix time)");
