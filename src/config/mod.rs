@@ -284,13 +284,13 @@ impl Policy {
 
     /// Who feeds `node` the file set while `origin` is its origin: the relay its replica
     /// entry names with `from:`, else the origin; `None` for the origin itself.
+    /// A replica on the origin's own node is fed by the origin.
     pub fn feeder<'a>(&'a self, node: &str, origin: &'a str) -> Option<&'a str> {
-        if node == origin {
-            return None;
-        }
-        match self.replicas.iter().find(|r| r.node.0 == node).and_then(|r| r.from.as_ref()) {
-            Some(relay) => Some(relay.0.as_str()),
-            None => Some(origin),
+        let entry = self.replicas.iter().find(|r| r.node.0 == node);
+        match entry.and_then(|r| r.from.as_ref()) {
+            Some(relay) if relay.0 != origin && node != origin => Some(relay.0.as_str()),
+            _ if node == origin && entry.is_none() => None,
+            _ => Some(origin),
         }
     }
 

@@ -343,6 +343,11 @@ fn from_names_a_relay_and_says_who_feeds_whom() {
     // gamma promoted: beta and alpha are fed by gamma; nothing names gamma's relay as fed.
     assert_eq!(p.downstreams("gamma", "gamma"), ["alpha", "beta"]);
     assert!(p.downstreams("beta", "gamma").is_empty());
+    // A replica on the origin's own node is the origin's to feed.
+    let local = GOOD.replace("  - node: beta\n    path: /backup/projects\n", "  - node: alpha\n    path: /backup/projects\n");
+    let loaded = Setup::new(&[("projects.yaml", &local)]).load();
+    assert!(loaded.errors.is_empty(), "{:#?}", loaded.errors);
+    assert_eq!(loaded.policies[0].feeder("alpha", "alpha"), Some("alpha"));
 }
 
 #[test]
