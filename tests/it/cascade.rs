@@ -289,3 +289,47 @@ fn only_the_configured_relay_can_feed_a_cascaded_replica() {
     assert!(log.contains("fed by `beta`"), "gamma did not log the refusal:\n{log}");
     c.stop("gamma");
 }
+
+#[test]
+fn a_promoted_relay_feeds_its_downstream_as_origin() {
+    require_root!();
+    let nodes = ["alpha", "beta", "gamma"];
+    let mut c = Cluster::with_size("cascade_promote", &nodes, 300);
+    let src = c.fs["alpha"].subvolume("projects");
+    let (beta_dst, gamma_dst) = (c.mnt("beta").join("backup/projects"), c.mnt("gamma").join("backup/projects"));
+    let beta_live = c.mnt("beta").join("projects");
+    let policy = format!(
+        "fileset: projects\nbackend: btrfs\nmode: continuous\ncontinuous:\n  min_interval: 1s\norigin:\n  node: alpha\n  path: {}\nreplicas:\n  - node: beta\n    path: {}\n    promote_path: {}\n  - node: gamma\n    path: {}\n    from: beta\n",
+        src.display(),
+        beta_dst.display(),
+        beta_live.display(),
+        gamma_dst.display()
+    );
+    for n in nodes {
+        c.configure(n, &[("projects", policy.clone())]);
+    }
+    fill(&src, 61);
+    for n in ["beta", "gamma", "alpha"] {
+        c.start(n);
+    }
+    std::fs::write(src.join("before.txt"), "written on alpha").unwrap();
+    wait_for(Duration::from_secs(60), "alpha's write on gamma, through beta", || gamma_dst.join("latest/before.txt").exists());
+    assert!(c.daemons["gamma"].log_text().lines().any(|l| l.contains("receiving") && l.contains("peer=beta")), "gamma was not fed by beta");
+
+    // alpha is lost; beta, the relay, is promoted and feeds gamma as its origin.
+    c.kill9("alpha");
+    let out = snapship().args(["promote", "--config"]).arg(c.dir("beta").join("node.yaml")).arg("projects").output().unwrap();
+    assert!(out.status.success(), "promote failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    std::fs::write(beta_live.join("after.txt"), "written on beta").unwrap();
+    wait_for(Duration::from_secs(60), "beta's write on gamma", || gamma_dst.join("latest/after.txt").exists());
+    let to_gamma = wait_until(Duration::from_secs(30), "beta's origin job shipping to gamma", || {
+        delivered(&c.daemons["beta"].log_text(), "gamma", "replica up to date").into_iter().find(|(_, b)| *b > 0)
+    });
+    eprintln!("after the promotion: beta -> gamma {} bytes", to_gamma.1);
+    assert!(to_gamma.1 < 1 << 20, "gamma got {} bytes: not incremental from what beta relayed", to_gamma.1);
+    assert_same_tree(&beta_live, &gamma_dst.join("latest"));
+    let status = c.status_json("gamma");
+    assert_eq!(status["epochs"][0]["epoch"].as_u64(), Some(1), "gamma follows epoch 1: {status}");
+    c.stop("gamma");
+    c.stop("beta");
+}
