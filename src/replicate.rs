@@ -95,6 +95,8 @@ pub trait Hooks: Send + Sync {
     fn started(&self, replica: &str, step: &Step, tally: Arc<Tally>, from: u64);
     /// The attempt to send `snapshot` ended (listing and planning errors included).
     async fn finished(&self, replica: &str, snapshot: &SnapshotName, result: &Result<ReplicaReport>);
+    /// The replica answered a listing (a relay reports the replicas it feeds in it).
+    fn listed(&self, _replica: &str, _listing: &Listing) {}
     /// [`follow`] brought the replica up to the newest snapshot, or backfilled one (the
     /// origin prunes here).
     async fn caught_up(&self, _replica: &str) {}
@@ -134,6 +136,7 @@ async fn bring_up_to(
             // Ask the replica first, outside the planning lock: a slow replica must not hold
             // up the caller's pruning, and through it everything else.
             let listing = list_replica(ep).await?;
+            hooks.listed(node, &listing);
             if let Some(newest) = newer.and_then(|rx| rx.borrow().clone()).filter(|n| n.name > target.name) {
                 target = newest;
             }

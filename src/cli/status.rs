@@ -88,11 +88,25 @@ fn replica(w: &mut String, r: &ReplicaStatus, rpo: Option<f64>) {
         );
     }
     line(w, format!("     totals: {} ok, {} failed, {} shipped", r.transfers_ok, r.transfers_failed, size(r.bytes_shipped)));
+    feeds(w, &r.downstream, 1);
     if r.backfill_pending > 0 || r.backfill_bytes > 0 {
         line(w, format!("     backfill: {} missed snapshot(s) to go, {} backfilled", r.backfill_pending, size(r.backfill_bytes)));
     }
     if let Some(e) = &r.last_error {
         line(w, format!("     last transfer error {}", error(e)));
+    }
+}
+
+/// The replicas a relay feeds (cascades), as it reported them, indented by depth.
+fn feeds(w: &mut String, hops: &[crate::ship::protocol::Hop], depth: usize) {
+    for h in hops {
+        let lag = h.lag_seconds.map_or("-".to_string(), |l| seconds(l as f64));
+        let backfill = if h.backfill_pending > 0 { format!(", {} to backfill", h.backfill_pending) } else { String::new() };
+        line(w, format!("     {}feeds {}: newest {}, lag {lag}{backfill}", "  ".repeat(depth - 1), h.node, h.newest.as_deref().unwrap_or("none yet")));
+        if let Some(e) = &h.last_error {
+            line(w, format!("     {}  last error: {e}", "  ".repeat(depth - 1)));
+        }
+        feeds(w, &h.downstream, depth + 1);
     }
 }
 
@@ -142,6 +156,7 @@ mod tests {
             resumes: 0,
             backfill_pending: 0,
             backfill_bytes: 0,
+            downstream: vec![],
         }
     }
 

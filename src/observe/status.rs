@@ -20,7 +20,9 @@ use metrics::{counter, gauge};
 use serde::{Deserialize, Serialize};
 
 use super::metrics as names;
+use crate::config::Policy;
 use crate::ship::meter::Tally;
+use crate::ship::protocol::Hop;
 use crate::snapshot::SnapshotName;
 
 /// The answer to `snapship status --json`.
@@ -105,6 +107,9 @@ pub struct ReplicaStatus {
     /// Stream bytes of the snapshots backfilled since the daemon started.
     #[serde(default)]
     pub backfill_bytes: u64,
+    /// A relay's report of the replicas it feeds (cascades), from its last listing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub downstream: Vec<Hop>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -177,6 +182,7 @@ struct ReplicaEntry {
     resumes: u64,
     backfill_pending: usize,
     backfill_bytes: u64,
+    downstream: Vec<Hop>,
 }
 
 struct Running {
@@ -337,6 +343,32 @@ impl StatusBoard {
         let labels = [("fileset", fileset.to_string()), ("replica", replica.to_string())];
         gauge!(names::BACKFILL_PENDING, &labels).set(pending as f64);
         counter!(names::BACKFILL_BYTES, &labels).increment(sent);
+    }
+
+    /// What `replica` (a relay) reports of the replicas it feeds, checked: only members of
+    /// `policy`, at most as deep as it has members, text without control characters.
+    pub fn downstream_of(&self, policy: &Policy, replica: &str, hops: &[Hop]) {
+        let checked = checked_hops(policy, hops, policy.members().len());
+        self.with(|b| b.origin.entry(policy.fileset.0.clone()).or_default().replicas.entry(replica.to_string()).or_default().downstream = checked);
+    }
+
+    /// What this node relays of `fileset` (cascades), as hops for its `snapshots` answer;
+    /// empty unless it is a relay of it.
+    pub fn hops(&self, fileset: &str) -> Vec<Hop> {
+        let report = self.report();
+        let Some(relay) = report.relay_of.into_iter().find(|r| r.fileset == fileset) else { return Vec::new() };
+        relay
+            .replicas
+            .into_iter()
+            .map(|r| Hop {
+                node: r.node,
+                newest: r.newest,
+                lag_seconds: r.lag_seconds.map(|l| l as u64),
+                backfill_pending: r.backfill_pending,
+                last_error: r.last_error.map(|e| e.message),
+                downstream: r.downstream,
+            })
+            .collect()
     }
 
     /// Starts a replica's entry from what the state file kept (at daemon start): the totals,
@@ -543,6 +575,7 @@ impl StatusBoard {
                                     resumes: r.resumes,
                                     backfill_pending: r.backfill_pending,
                                     backfill_bytes: r.backfill_bytes,
+                                    downstream: r.downstream.clone(),
                                 }
                             })
                             .collect(),
@@ -597,6 +630,25 @@ impl StatusBoard {
     }
 }
 
+/// `hops` from the wire, kept only as far as `policy` allows: members, `depth` levels.
+fn checked_hops(policy: &Policy, hops: &[Hop], depth: usize) -> Vec<Hop> {
+    if depth == 0 {
+        return Vec::new();
+    }
+    let clean = |t: &str| t.chars().filter(|c| !c.is_control()).take(500).collect::<String>();
+    hops.iter()
+        .filter(|h| policy.is_member(&h.node))
+        .map(|h| Hop {
+            node: h.node.clone(),
+            newest: h.newest.as_deref().and_then(SnapshotName::parse).map(|n| n.to_string()),
+            lag_seconds: h.lag_seconds,
+            backfill_pending: h.backfill_pending,
+            last_error: h.last_error.as_deref().map(clean),
+            downstream: checked_hops(policy, &h.downstream, depth - 1),
+        })
+        .collect()
+}
+
 /// Metric descriptions, registered once when the exporter starts.
 pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge};
@@ -625,6 +677,42 @@ pub fn describe_metrics() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relays_report_of_its_downstreams_is_checked_against_the_policy() {
+        let dir = std::path::Path::new("/nonexistent");
+        let node = crate::config::parse_node_text(
+            &dir.join("n.yaml"),
+            "node: alpha\nstate_dir: s\ntls:\n  ca: ca.pem\n  cert: c.pem\n  key: c.key\npeers:\n  beta: 127.0.0.1:1\n  gamma: 127.0.0.1:2\npolicies: []\n",
+        )
+        .unwrap();
+        let text = "fileset: p\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/p\nreplicas:\n  - node: beta\n    path: /b/p\n  - node: gamma\n    path: /b/p\n    from: beta\n";
+        let policy = crate::config::parse_policy_text(&dir.join("p.yaml"), text, &node).unwrap();
+        let hop = |node: &str, newest: &str, downstream: Vec<Hop>| Hop {
+            node: node.into(),
+            newest: Some(newest.into()),
+            lag_seconds: Some(3),
+            backfill_pending: 1,
+            last_error: Some("cut\n\x1b[31mFORGED LINE".into()),
+            downstream,
+        };
+        let deep = (0..10).fold(Vec::new(), |inner, _| vec![hop("gamma", "snapship-20260101T000000.000Z", inner)]);
+        let wire = vec![hop("gamma", "../../etc", deep), hop("mallory", "snapship-20260101T000000.000Z", vec![])];
+        let board = StatusBoard::new("alpha");
+        board.origin("p", "snapshot", None, &["beta"]);
+        board.downstream_of(&policy, "beta", &wire);
+        let shown = &board.report().origin_of[0].replicas[0].downstream;
+        assert_eq!(shown.len(), 1, "only members: {shown:?}");
+        assert_eq!((shown[0].node.as_str(), shown[0].newest.as_ref()), ("gamma", None), "a name that is no snapshot's is dropped");
+        assert!(shown[0].last_error.as_deref().is_some_and(|e| !e.chars().any(char::is_control)), "{shown:?}");
+        let mut depth = 0;
+        let mut at = shown;
+        while let Some(h) = at.first() {
+            depth += 1;
+            at = &h.downstream;
+        }
+        assert!(depth <= policy.members().len(), "{depth} levels kept");
+    }
 
     fn name(hms: &str) -> SnapshotName {
         SnapshotName::parse(&format!("snapship-20260101T{hms}.000Z")).unwrap()

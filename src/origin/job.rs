@@ -414,6 +414,10 @@ impl Hooks for OriginJob {
         Ok(())
     }
 
+    fn listed(&self, replica: &str, listing: &crate::ship::Listing) {
+        self.status.downstream_of(&self.policy, replica, &listing.downstream);
+    }
+
     async fn caught_up(&self, _replica: &str) {
         self.prune().await;
         self.report_snapshots().await;

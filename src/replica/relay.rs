@@ -334,6 +334,10 @@ impl Hooks for RelayHooks {
         }
     }
 
+    fn listed(&self, replica: &str, listing: &crate::ship::Listing) {
+        self.job.status.downstream_of(&self.job.policy, replica, &listing.downstream);
+    }
+
     async fn caught_up(&self, _replica: &str) {}
 
     fn backfill(&self, replica: &str, pending: usize, sent: u64) {

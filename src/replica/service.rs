@@ -162,7 +162,7 @@ impl ReplicaService {
         let here = self.here();
         let snapshots =
             snapshot::origin_on(policy, here)?.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
-        Ok(Message::Snapshots { snapshots, compact: false, partial: None, epoch: self.epochs.current(policy)? })
+        Ok(Message::Snapshots { snapshots, compact: false, partial: None, epoch: self.epochs.current(policy)?, downstream: Vec::new() })
     }
 
     /// `snapship verify` from `peer`, authorized like `list`: this node's hash tree of the
@@ -345,7 +345,8 @@ impl ReplicaService {
                 let side = (self.backends)(policy, self.here())?;
                 let snapshots = side.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
                 let partial = self.sessions.resumable(&fileset, side.as_ref()).await;
-                Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial, epoch })
+                let downstream = self.status.hops(&fileset);
+                Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial, epoch, downstream })
             }
             Message::Begin { fileset, snapshot, identity, base, compression, compact, resume, from_token, epoch } => {
                 let policy = match self.authorize(peer, &fileset, &epoch) {

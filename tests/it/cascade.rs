@@ -198,6 +198,17 @@ fn a_relay_forwards_alphas_snapshots_to_two_downstreams() {
     assert_eq!(relay["fed_by"].as_str(), Some("alpha"), "{status}");
     let downstreams: Vec<&str> = relay["replicas"].as_array().unwrap().iter().filter_map(|r| r["node"].as_str()).collect();
     assert_eq!(downstreams, ["delta", "gamma"], "{status}");
+    // The origin shows the whole tree: beta reports whom it feeds when alpha lists it.
+    c.sync_ok("alpha", "projects");
+    let status = c.status_json("alpha");
+    let fed: Vec<&str> = status["origin_of"][0]["replicas"][0]["downstream"].as_array().unwrap().iter().filter_map(|h| h["node"].as_str()).collect();
+    assert_eq!(fed, ["delta", "gamma"], "{status}");
+    let text = String::from_utf8_lossy(&run(snapship().args(["status", "--config"]).arg(c.dir("alpha").join("node.yaml"))).stdout).into_owned();
+    assert!(text.contains("feeds gamma: newest") && text.contains("feeds delta: newest"), "{text}");
+    eprintln!("status on alpha:\n{text}");
+    for n in ["beta", "gamma", "delta"] {
+        wait_for(Duration::from_secs(60), &format!("alpha's newest on {n}"), || current(n));
+    }
 
     // beta away: gamma waits, and catches up once beta is back.
     c.stop("beta");
