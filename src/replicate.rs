@@ -361,7 +361,8 @@ pub fn backfill_queue(policy: &Policy, origin: &[Snapshot], replica_has: &[Snaps
         return Vec::new();
     }
     let missing: Vec<&Snapshot> =
-        origin.iter().filter(|o| o.name > *oldest && o.name < *newest && !replica_has.iter().any(|r| r.identity == o.identity)).collect();
+        // A name the replica holds under another identity is not sent either: it would refuse it.
+        origin.iter().filter(|o| o.name > *oldest && o.name < *newest && !replica_has.iter().any(|r| r.identity == o.identity || r.name == o.name)).collect();
     if missing.is_empty() {
         return Vec::new();
     }
@@ -558,7 +559,11 @@ mod tests {
         // What the replica's rules would delete is not sent.
         let daily = policy("hybrid", "btrfs", "{ daily: 7 }");
         assert!(backfill_queue(&daily, &origin, &replica, now()).is_empty(), "one per day: the replica keeps 06:00 only");
-        // Nothing before the replica's history began, nothing it holds.
+        // Nothing it holds, by identity or by name.
+        let mut renamed = replica.to_vec();
+        renamed.push(Snapshot { identity: "other".into(), ..at(3, 0, false) });
+        assert!(!names(&backfill_queue(&hybrid, &origin, &renamed, now())).contains(&"0300".to_string()));
+        // Nothing before the replica's history began.
         let joined = [at(3, 0, false), at(4, 0, false), at(6, 0, false)];
         assert_eq!(names(&backfill_queue(&hybrid, &origin, &joined, now())), ["0500", "0550"]);
         // Continuous mode and ZFS never backfill.

@@ -115,7 +115,8 @@ impl RelayGuard {
             if !unknown.is_empty() {
                 return Err(unknown);
             }
-            Ok(f.downstreams.values().flat_map(|d| d.base.iter().map(|b| b.identity.clone()).chain(d.in_flight.iter().cloned())).collect())
+            let current = f.downstreams.iter().filter(|(name, _)| downstreams.contains(&name.as_str())).map(|(_, d)| d);
+            Ok(current.flat_map(|d| d.base.iter().map(|b| b.identity.clone()).chain(d.in_flight.iter().cloned())).collect())
         })
     }
 
