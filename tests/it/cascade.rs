@@ -103,7 +103,11 @@ fn a_replica_back_from_an_outage_is_current_first_then_gets_its_history() {
         let held = names(&dst);
         missed.iter().all(|m| held.contains(m))
     });
-    let log = c.daemons["beta"].log_text();
+    // (beta logs a receive a moment after it is visible.)
+    let log = wait_until(Duration::from_secs(30), "beta's log of every missed snapshot", || {
+        let log = c.daemons["beta"].log_text();
+        missed.iter().all(|m| log.contains(&format!("received and committed peer=alpha fileset=projects snapshot={m}"))).then_some(log)
+    });
     let received: Vec<&str> = log.lines().filter(|l| l.contains("received and committed")).filter_map(|l| field(l, "snapshot")).collect();
     let first = received.first().expect("beta received something");
     assert!(missed.iter().all(|m| m.as_str() <= *first), "the first snapshot received ({first}) is not newer than every missed one: {received:?}");
