@@ -10,18 +10,32 @@
 //! prune cannot delete a base chosen for a transfer before it is registered), started and
 //! finished. This module knows nothing of filesystems or networks: it drives the
 //! [`OriginSide`] and [`ReplicaEndpoint`] traits.
+//!
+//! **Backfill** (snapshot and hybrid mode, btrfs): once a replica holds the newest snapshot
+//! (RPO first), the snapshots it missed that its own retention would keep
+//! ([`backfill_queue`], the replica's rules from the same policy file) follow, oldest first,
+//! each incremental from the nearest snapshot both hold ([`backfill_base`]: on btrfs any
+//! held snapshot can be a parent, older or newer). [`follow`] is the loop a worker runs for
+//! one replica: ship the newest, backfill one snapshot at a time while nothing newer came,
+//! retry with backoff. The origin's workers and a relay's (cascades) run it alike.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use async_trait::async_trait;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::RwLock;
+use tokio::sync::{RwLock, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BackendKind, Mode, Policy};
+use crate::schedule::retention::{self, Reason};
 
 use crate::ship::meter::{Metered, Tally};
 use crate::ship::{Listing, Partial, ReplicaEndpoint, Resumed, Start, StreamStart};
-use crate::snapshot::{self, Incoming, OriginSide, Snapshot, SnapshotName, common_base};
+use crate::snapshot::{self, Incoming, Kind, OriginSide, Snapshot, SnapshotName, common_base};
 
 /// What one replica got.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -65,6 +79,8 @@ pub struct Step {
     pub plan: Plan,
     /// The replica takes the backend's compact stream format (from its listing).
     pub accepts_compact: bool,
+    /// A missed snapshot sent after the replica became current (older than its newest).
+    pub backfill: bool,
 }
 
 /// What the caller of [`bring_up_to_date`] does around each step.
@@ -79,6 +95,14 @@ pub trait Hooks: Send + Sync {
     fn started(&self, replica: &str, step: &Step, tally: Arc<Tally>, from: u64);
     /// The attempt to send `snapshot` ended (listing and planning errors included).
     async fn finished(&self, replica: &str, snapshot: &SnapshotName, result: &Result<ReplicaReport>);
+    /// The replica answered a listing (a relay reports the replicas it feeds in it).
+    fn listed(&self, _replica: &str, _listing: &Listing) {}
+    /// [`follow`] brought the replica up to the newest snapshot, or backfilled one (the
+    /// origin prunes here).
+    async fn caught_up(&self, _replica: &str) {}
+    /// The replica's backfill queue: `pending` snapshots still to send, `sent` bytes of the
+    /// one just backfilled (0 when only the queue was counted).
+    fn backfill(&self, _replica: &str, _pending: usize, _sent: u64) {}
 }
 
 /// Brings `ep` up to `target`: a cut transfer of an older snapshot that the replica holds
@@ -91,13 +115,32 @@ pub async fn bring_up_to_date(
     stall: Duration,
     hooks: &dyn Hooks,
 ) -> Result<ReplicaReport> {
+    bring_up_to(origin, target, None, ep, stall, hooks).await
+}
+
+/// [`bring_up_to_date`], with the target moved to the newest on `newer` once the replica
+/// answered (reaching a replica that was away can take a while: RPO first).
+async fn bring_up_to(
+    origin: &dyn OriginSide,
+    target: &Snapshot,
+    newer: Option<&watch::Receiver<Option<Snapshot>>>,
+    ep: &dyn ReplicaEndpoint,
+    stall: Duration,
+    hooks: &dyn Hooks,
+) -> Result<ReplicaReport> {
     let node = ep.node();
+    let mut target = target.clone();
     loop {
         let mut sending = target.name.clone();
         let result = async {
             // Ask the replica first, outside the planning lock: a slow replica must not hold
             // up the caller's pruning, and through it everything else.
             let listing = list_replica(ep).await?;
+            hooks.listed(node, &listing);
+            if let Some(newest) = newer.and_then(|rx| rx.borrow().clone()).filter(|n| n.name > target.name) {
+                target = newest;
+            }
+            let target = &target;
             let step = {
                 let _planning = hooks.planning().read().await;
                 let step = next_step(origin, target, &listing).await?;
@@ -140,10 +183,10 @@ const LIST_TIMEOUT: Duration = Duration::from_secs(60);
 /// else the target itself.
 pub async fn next_step(origin: &dyn OriginSide, target: &Snapshot, listing: &Listing) -> Result<Step> {
     if let Some((older, plan)) = partial_to_finish(origin, target, listing.resumable.as_ref()).await? {
-        return Ok(Step { snapshot: older, plan, accepts_compact: listing.accepts_compact });
+        return Ok(Step { snapshot: older, plan, accepts_compact: listing.accepts_compact, backfill: false });
     }
     let plan = plan_from(origin, target, &listing.snapshots, listing.resumable.as_ref()).await?;
-    Ok(Step { snapshot: target.clone(), plan, accepts_compact: listing.accepts_compact })
+    Ok(Step { snapshot: target.clone(), plan, accepts_compact: listing.accepts_compact, backfill: false })
 }
 
 /// Picks the base given what the replica holds. A partial transfer of this very snapshot is
@@ -182,6 +225,178 @@ pub async fn partial_to_finish(origin: &dyn OriginSide, target: &Snapshot, parti
     let Some(older) = snaps.iter().find(|s| s.identity == p.identity && s.name < target.name) else { return Ok(None) };
     let before: Vec<Snapshot> = snaps.iter().filter(|s| s.name < older.name).cloned().collect();
     Ok(base_of_partial(&before, p).map(|base| (older.clone(), Plan::Send { base, resume: Some(p.clone()) })))
+}
+
+/// Retry delays for a failing replica: from 1 s, doubling, at most 5 minutes, jittered.
+fn retry_delays() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default().with_min_delay(Duration::from_secs(1)).with_max_delay(Duration::from_secs(300)).with_jitter().without_max_times().build()
+}
+
+/// Keeps `ep` up to the newest snapshot on `newest` until `shutdown`: ships it (again
+/// whenever a newer one appears; snapshots published during a transfer fold into the next),
+/// then, while nothing newer came, backfills the snapshots the replica missed one at a time
+/// (RPO first: a new snapshot is shipped before the next backfill step). A failure is
+/// retried after 1 s, doubling to at most 5 minutes, with jitter; a newer snapshot cuts the
+/// wait short.
+///
+/// # Cancel safety
+/// Returns at `shutdown`, dropping any transfer in flight (the replica keeps what it
+/// received for a resume). At `drain` it returns once the transfer in flight (if any) has
+/// ended, starting no other.
+#[allow(clippy::too_many_arguments)]
+pub async fn follow(
+    origin: &dyn OriginSide,
+    ep: &dyn ReplicaEndpoint,
+    mut newest: watch::Receiver<Option<Snapshot>>,
+    policy: &Policy,
+    stall: Duration,
+    hooks: &dyn Hooks,
+    shutdown: &CancellationToken,
+    drain: &CancellationToken,
+) {
+    let node = ep.node();
+    let mut delays = None;
+    loop {
+        // Drained (a reload changed the policy): the transfer under way finished; start none.
+        if drain.is_cancelled() {
+            return;
+        }
+        let target = newest.borrow_and_update().clone();
+        if let Some(snapshot) = target {
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = async {
+                    let report = bring_up_to(origin, &snapshot, Some(&newest), ep, stall, hooks).await?;
+                    hooks.caught_up(node).await;
+                    let snapshot = origin.list().await?.into_iter().find(|s| s.name.as_str() == report.snapshot).unwrap_or(snapshot);
+                    // Backfill while nothing newer is waiting.
+                    while !newest.has_changed().unwrap_or(true) && !drain.is_cancelled() {
+                        match backfill_step(origin, &snapshot, ep, policy, stall, hooks, Utc::now()).await? {
+                            Backfilled::Sent => hooks.caught_up(node).await,
+                            Backfilled::Nothing => break,
+                        }
+                    }
+                    Ok::<_, anyhow::Error>(())
+                } => r,
+            };
+            match attempt {
+                Ok(()) => delays = None,
+                Err(e) => {
+                    let delay = delays.get_or_insert_with(retry_delays).next().unwrap_or(Duration::from_secs(300));
+                    tracing::warn!(fileset = %policy.fileset, replica = node, "retrying in {:.1}s: {e:#}", delay.as_secs_f64());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = drain.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => continue,
+                        changed = newest.changed() => if changed.is_err() { return } else { continue },
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = drain.cancelled() => return,
+            changed = newest.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// What one [`backfill_step`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Backfilled {
+    /// One missed snapshot went to the replica.
+    Sent,
+    /// Nothing to backfill (or the replica is not current: the newest goes first).
+    Nothing,
+}
+
+/// Sends the oldest snapshot of the replica's backfill queue, if it is current (holds
+/// `newest`, the newest snapshot the caller ships).
+pub async fn backfill_step(
+    origin: &dyn OriginSide,
+    newest: &Snapshot,
+    ep: &dyn ReplicaEndpoint,
+    policy: &Policy,
+    stall: Duration,
+    hooks: &dyn Hooks,
+    now: DateTime<Utc>,
+) -> Result<Backfilled> {
+    if !backfills(policy) {
+        return Ok(Backfilled::Nothing);
+    }
+    let node = ep.node();
+    let listing = list_replica(ep).await?;
+    if !listing.snapshots.iter().any(|s| s.identity == newest.identity) {
+        return Ok(Backfilled::Nothing);
+    }
+    let (step, pending) = {
+        let _planning = hooks.planning().read().await;
+        let held = origin.list().await?;
+        let queue = backfill_queue(policy, &held, &listing.snapshots, now);
+        hooks.backfill(node, queue.len(), 0);
+        let Some(first) = queue.first() else { return Ok(Backfilled::Nothing) };
+        let partial = listing.resumable.as_ref().filter(|p| p.identity == first.identity && (p.offset > 0 || p.token.is_some()));
+        let plan = match partial.and_then(|p| base_of_partial(&held, p).map(|base| (base, p))) {
+            Some((base, p)) => Plan::Send { base, resume: Some(p.clone()) },
+            None => Plan::Send { base: backfill_base(&held, first, &listing.snapshots).cloned(), resume: None },
+        };
+        let step = Step { snapshot: first.clone(), plan, accepts_compact: listing.accepts_compact, backfill: true };
+        hooks.planned(node, &step).await?;
+        (step, queue.len())
+    };
+    tracing::info!(fileset = %policy.fileset, replica = node, snapshot = %step.snapshot.name, base = ?step.plan.base().map(|b| b.name.to_string()), pending, "backfilling a missed snapshot");
+    let result = transfer(origin, &step, ep, stall, &|tally, from| hooks.started(node, &step, tally, from)).await;
+    hooks.finished(node, &step.snapshot.name, &result).await;
+    let report = result?;
+    hooks.backfill(node, pending - 1, report.bytes);
+    Ok(Backfilled::Sent)
+}
+
+/// Whether `policy`'s replicas get missed snapshots backfilled: snapshot and hybrid mode, on
+/// btrfs (a ZFS replica cannot take a snapshot older than its newest; `send -I` carries the
+/// intermediate ones in the stream to the newest anyway).
+pub fn backfills(policy: &Policy) -> bool {
+    policy.mode != Mode::Continuous && policy.backend == BackendKind::Btrfs
+}
+
+/// The snapshots of `origin` that a replica holding `replica_has` lacks and that its own
+/// retention (the policy's `retention.replica`) would keep if it held them, oldest first.
+/// Only the span of the replica's history counts (between its oldest and newest snapshot: a
+/// new replica's history starts when it joins). Continuous snapshots (hybrid mode) come
+/// only where `within` or `last` keep them. Pure.
+pub fn backfill_queue(policy: &Policy, origin: &[Snapshot], replica_has: &[Snapshot], now: DateTime<Utc>) -> Vec<Snapshot> {
+    let (Some(oldest), Some(newest)) = (replica_has.iter().map(|s| &s.name).min(), replica_has.iter().map(|s| &s.name).max()) else { return Vec::new() };
+    if !backfills(policy) {
+        return Vec::new();
+    }
+    let missing: Vec<&Snapshot> =
+        // A name the replica holds under another identity is not sent either: it would refuse it.
+        origin.iter().filter(|o| o.name > *oldest && o.name < *newest && !replica_has.iter().any(|r| r.identity == o.identity || r.name == o.name)).collect();
+    if missing.is_empty() {
+        return Vec::new();
+    }
+    let names: Vec<SnapshotName> = replica_has.iter().map(|s| s.name.clone()).chain(missing.iter().map(|s| s.name.clone())).collect();
+    let plan = retention::plan(&names, &policy.retention.replica, policy.mode == Mode::Hybrid, now, &[]);
+    let mut out: Vec<Snapshot> = missing
+        .into_iter()
+        .filter(|s| {
+            plan.iter().find(|e| e.name == s.name).is_some_and(|e| match s.name.kind() {
+                Kind::Continuous => e.keep.contains(&Reason::Within) || e.keep.contains(&Reason::Last),
+                Kind::Scheduled => !e.keep.is_empty(),
+            })
+        })
+        .cloned()
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The base for backfilling `snapshot`: of the snapshots both sides hold (by identity), the
+/// one nearest to it in time, older or newer (btrfs takes any parent; the nearer, the less
+/// the stream carries). Pure.
+pub fn backfill_base<'a>(origin: &'a [Snapshot], snapshot: &Snapshot, replica_has: &[Snapshot]) -> Option<&'a Snapshot> {
+    let at = snapshot.name.time();
+    origin.iter().filter(|o| o.identity != snapshot.identity && replica_has.iter().any(|r| r.identity == o.identity)).min_by_key(|o| (o.name.time() - at).abs())
 }
 
 /// Called when a stream starts, with its live byte count (from the start of the stream, for
@@ -304,6 +519,81 @@ mod tests {
         }
     }
 
+    /// A policy in `mode` on `backend` with the replica's retention `rules` (YAML flow map).
+    fn policy(mode: &str, backend: &str, rules: &str) -> Policy {
+        let file = std::path::Path::new("/nonexistent/node.yaml");
+        let node = crate::config::parse_node_text(
+            file,
+            "node: alpha\nstate_dir: state\ntls:\n  ca: ca.pem\n  cert: c.pem\n  key: c.key\npeers:\n  beta: 127.0.0.1:1\npolicies: []\n",
+        )
+        .unwrap();
+        let (origin, replica) = if backend == "zfs" { ("tank/projects", "backup/projects") } else { ("/srv/projects", "/backup/projects") };
+        let schedule = if mode == "continuous" { "continuous:\n  min_interval: 1s\n".to_string() } else { "schedule: \"@hourly\"\n".to_string() };
+        let text = format!(
+            "fileset: projects\nbackend: {backend}\nmode: {mode}\n{schedule}origin:\n  node: alpha\n  path: {origin}\nreplicas:\n  - node: beta\n    path: {replica}\nretention:\n  replica: {rules}\n"
+        );
+        crate::config::parse_policy_text(std::path::Path::new("/nonexistent/projects.yaml"), &text, &node).unwrap()
+    }
+
+    /// A snapshot at `hh:mm` on 2026-01-01, continuous when `continuous`; its identity is its time.
+    fn at(hh: u32, mm: u32, continuous: bool) -> Snapshot {
+        let suffix = if continuous { "-c" } else { "" };
+        let name = SnapshotName::parse(&format!("snapship-20260101T{hh:02}{mm:02}00.000Z{suffix}")).unwrap();
+        Snapshot { name, identity: format!("{hh:02}{mm:02}"), local_id: None, parent_local_id: None }
+    }
+
+    fn names(list: &[Snapshot]) -> Vec<String> {
+        list.iter().map(|s| s.identity.clone()).collect()
+    }
+
+    fn now() -> DateTime<Utc> {
+        "2026-01-01T06:10:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn backfill_sends_what_the_replicas_retention_keeps_oldest_first() {
+        // The origin kept every hourly snapshot and two continuous ones; the replica was
+        // away from 00:00 to 06:00 and has just received the newest.
+        let mut origin: Vec<Snapshot> = (0..=6).map(|h| at(h, 0, false)).collect();
+        origin.extend([at(1, 30, true), at(5, 50, true)]);
+        origin.sort_by(|a, b| a.name.cmp(&b.name));
+        let replica = [at(0, 0, false), at(6, 0, false)];
+        let hybrid = policy("hybrid", "btrfs", "{ within: 30m, hourly: 48 }");
+        // Every missed hour; of the continuous ones only what `within` keeps (05:50).
+        assert_eq!(names(&backfill_queue(&hybrid, &origin, &replica, now())), ["0100", "0200", "0300", "0400", "0500", "0550"]);
+        // Snapshot mode (scheduled snapshots only): what `hourly` keeps.
+        let scheduled: Vec<Snapshot> = (0..=6).map(|h| at(h, 0, false)).collect();
+        let snapshot_mode = policy("snapshot", "btrfs", "{ hourly: 3 }");
+        assert_eq!(names(&backfill_queue(&snapshot_mode, &scheduled, &replica, now())), ["0400", "0500"], "hourly: 3 keeps 04, 05 and 06");
+        // What the replica's rules would delete is not sent.
+        let daily = policy("hybrid", "btrfs", "{ daily: 7 }");
+        assert!(backfill_queue(&daily, &origin, &replica, now()).is_empty(), "one per day: the replica keeps 06:00 only");
+        // Nothing it holds, by identity or by name.
+        let mut renamed = replica.to_vec();
+        renamed.push(Snapshot { identity: "other".into(), ..at(3, 0, false) });
+        assert!(!names(&backfill_queue(&hybrid, &origin, &renamed, now())).contains(&"0300".to_string()));
+        // Nothing before the replica's history began.
+        let joined = [at(3, 0, false), at(4, 0, false), at(6, 0, false)];
+        assert_eq!(names(&backfill_queue(&hybrid, &origin, &joined, now())), ["0500", "0550"]);
+        // Continuous mode and ZFS never backfill.
+        assert!(backfill_queue(&policy("continuous", "btrfs", "{ last: 10 }"), &origin, &replica, now()).is_empty());
+        assert!(backfill_queue(&policy("hybrid", "zfs", "{ hourly: 48 }"), &origin, &replica, now()).is_empty());
+        // A replica without rules keeps all it gets: scheduled history yes, continuous no.
+        let keep_all = policy("hybrid", "btrfs", "{}");
+        assert_eq!(names(&backfill_queue(&keep_all, &origin, &replica, now())), ["0100", "0200", "0300", "0400", "0500"]);
+    }
+
+    #[test]
+    fn a_backfilled_snapshot_goes_from_the_nearest_held_one_either_side() {
+        let origin: Vec<Snapshot> = (0..=6).map(|h| at(h, 0, false)).collect();
+        let replica = [at(0, 0, false), at(5, 0, false), at(6, 0, false)];
+        assert_eq!(backfill_base(&origin, &at(4, 0, false), &replica).unwrap().identity, "0500", "newer and nearer");
+        assert_eq!(backfill_base(&origin, &at(1, 0, false), &replica).unwrap().identity, "0000");
+        // Only what both hold counts.
+        assert_eq!(backfill_base(&origin[..2], &at(1, 0, false), &replica).unwrap().identity, "0000");
+        assert!(backfill_base(&origin, &at(1, 0, false), &[]).is_none());
+    }
+
     #[tokio::test]
     async fn a_partial_of_the_target_is_resumed_from_its_own_base() {
         let (a, b, c) = (snap(1, "a"), snap(2, "b"), snap(3, "c"));
@@ -400,7 +690,7 @@ mod tests {
         let c = snap(3, "c");
         let mut p = partial(&c, None, 0);
         p.token = Some("1-abc".into());
-        let step = Step { snapshot: c, plan: Plan::Send { base: None, resume: Some(p) }, accepts_compact: false };
+        let step = Step { snapshot: c, plan: Plan::Send { base: None, resume: Some(p) }, accepts_compact: false, backfill: false };
         let ep = Recorder::default();
         let report = transfer(&RefusesTokens, &step, &ep, Duration::from_secs(30), &|_, _| {}).await.unwrap();
         // A fresh stream from the start, and the replica told it is not a token's.

@@ -470,3 +470,32 @@ async fn verify_reads_the_replicas_tree_by_name_in_pages_and_only_for_its_origin
     assert!(format!("{err:#}").contains("holds no snapshot"), "{err:#}");
     f.stop().await;
 }
+
+#[tokio::test]
+async fn a_returning_replica_gets_the_newest_first_then_the_history_it_keeps_oldest_first() {
+    let f = Fixture::new("retention:\n  replica: { last: 4 }\n");
+    let ep = f.endpoint("alpha");
+    let s1 = f.origin.add(1, &data(1000, 1));
+    replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    // Away while the origin took 2 to 6; `last: 4` keeps 3, 4, 5 (and 6), not 2.
+    let newest = (2..=6).map(|h| f.origin.add(h, &data(1000, h as u8))).last().unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(Some(newest));
+    let stop = CancellationToken::new();
+    let hooks = NoHooks(RwLock::new(()));
+    let never = CancellationToken::new();
+    let follow = replicate::follow(&f.origin, &ep, rx, &f.policy, STALL, &hooks, &stop, &never);
+    let done = async {
+        while f.held().len() < 4 || f.held().iter().any(|(n, _)| n.contains("T01")) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Let the worker count an empty queue, then stop it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.cancel();
+    };
+    tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(follow, done) }).await.expect("the backfill ends");
+    let order: Vec<String> = f.held().into_iter().map(|(n, _)| n[18..20].to_string()).collect();
+    // Received in this order: 6 first, then 3, 4, 5 (2 is not kept); the replica's own
+    // pruning then let 1 go (`last: 4`).
+    assert_eq!(order, ["06", "03", "04", "05"]);
+    f.stop().await;
+}

@@ -53,8 +53,13 @@ pub async fn plan_node(config: &Arc<LoadedConfig>, policies: &[&Policy], local: 
         }
         if let Some(replica) = policy.replica_on(here) {
             let side = snapshot::replica_for(policy, replica)?;
-            let plan = crate::replica::prune::plan(policy, side.as_ref(), &[], Utc::now()).await?;
-            out.push(PruneReport { side: "replica", fileset: policy.fileset.0.clone(), plan, blocked: None });
+            // A relay keeps what the replicas it feeds need (their bases, as last recorded).
+            let (needed, blocked) = match crate::replica::relay::RelayGuard::new(&config.node.state_dir).needs(policy, &here.0) {
+                Ok(needed) => (needed, None),
+                Err(unknown) => (Vec::new(), Some(format!("the common base with {} (fed by this node) is not recorded yet", unknown.join(", ")))),
+            };
+            let plan = crate::replica::prune::plan(policy, side.as_ref(), &needed, Utc::now()).await?;
+            out.push(PruneReport { side: "replica", fileset: policy.fileset.0.clone(), plan, blocked });
         }
     }
     Ok(out)

@@ -28,6 +28,13 @@ pub fn render(report: &StatusReport) -> String {
             replica(w, r, o.rpo_seconds);
         }
     }
+    for o in &report.relay_of {
+        let fed_by = o.fed_by.as_deref().unwrap_or("-");
+        line(w, format!("{} (relay, fed by {fed_by}): newest received {}, {} snapshot(s)", o.fileset, o.newest.as_deref().unwrap_or("-"), o.snapshots));
+        for r in &o.replicas {
+            replica(w, r, o.rpo_seconds);
+        }
+    }
     for e in report.epochs.iter().filter(|e| e.epoch > 0 || !e.diverged.is_empty()) {
         let mut text = format!("{}: origin `{}` in epoch {}", e.fileset, e.origin, e.epoch);
         if let (Some(at), Some(from)) = (&e.promoted_at, &e.promoted_from) {
@@ -95,8 +102,25 @@ fn replica(w: &mut String, r: &ReplicaStatus, rpo: Option<f64>) {
         );
     }
     line(w, format!("     totals: {} ok, {} failed, {} shipped", r.transfers_ok, r.transfers_failed, size(r.bytes_shipped)));
+    feeds(w, &r.downstream, 1);
+    if r.backfill_pending > 0 || r.backfill_bytes > 0 {
+        line(w, format!("     backfill: {} missed snapshot(s) to go, {} backfilled", r.backfill_pending, size(r.backfill_bytes)));
+    }
     if let Some(e) = &r.last_error {
         line(w, format!("     last transfer error {}", error(e)));
+    }
+}
+
+/// The replicas a relay feeds (cascades), as it reported them, indented by depth.
+fn feeds(w: &mut String, hops: &[crate::ship::protocol::Hop], depth: usize) {
+    for h in hops {
+        let lag = h.lag_seconds.map_or("-".to_string(), |l| seconds(l as f64));
+        let backfill = if h.backfill_pending > 0 { format!(", {} to backfill", h.backfill_pending) } else { String::new() };
+        line(w, format!("     {}feeds {}: newest {}, lag {lag}{backfill}", "  ".repeat(depth - 1), h.node, h.newest.as_deref().unwrap_or("none yet")));
+        if let Some(e) = &h.last_error {
+            line(w, format!("     {}  last error: {e}", "  ".repeat(depth - 1)));
+        }
+        feeds(w, &h.downstream, depth + 1);
     }
 }
 
@@ -144,6 +168,9 @@ mod tests {
             bytes_shipped: 24 << 20,
             bytes_sent: 24 << 20,
             resumes: 0,
+            backfill_pending: 0,
+            backfill_bytes: 0,
+            downstream: vec![],
         }
     }
 
@@ -159,8 +186,10 @@ mod tests {
                 last_snapshot_error: None,
                 last_prune_error: None,
                 replicas: vec![replica],
+                fed_by: None,
             }],
             replica_of: vec![],
+            relay_of: vec![],
             epochs: vec![],
             config: Default::default(),
         }

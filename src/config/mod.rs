@@ -190,6 +190,10 @@ pub struct ReplicaSpec {
     /// replica dataset itself).
     #[serde(default)]
     pub promote_path: Option<String>,
+    /// Cascade: this replica is fed by that node (another replica of the file set, a relay
+    /// that forwards what it received) instead of by the origin.
+    #[serde(default)]
+    pub from: Option<Name>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -276,6 +280,25 @@ impl Policy {
             BackendKind::Btrfs => self.snapshot_dir().display().to_string(),
             BackendKind::Zfs => self.origin.path.clone(),
         }
+    }
+
+    /// Who feeds `node` the file set while `origin` is its origin: the relay its replica
+    /// entry names with `from:`, else the origin; `None` for the origin itself.
+    /// A replica on the origin's own node is fed by the origin.
+    pub fn feeder<'a>(&'a self, node: &str, origin: &'a str) -> Option<&'a str> {
+        let entry = self.replicas.iter().find(|r| r.node.0 == node);
+        match entry.and_then(|r| r.from.as_ref()) {
+            Some(relay) if relay.0 != origin && node != origin => Some(relay.0.as_str()),
+            _ if node == origin && entry.is_none() => None,
+            _ => Some(origin),
+        }
+    }
+
+    /// The members that `node` feeds while `origin` is the origin: for the origin, every
+    /// member without `from:` (and those whose relay is the origin itself, after a
+    /// promotion); for a relay, the replicas naming it in `from:`.
+    pub fn downstreams(&self, node: &str, origin: &str) -> Vec<&str> {
+        self.members().into_iter().filter(|m| *m != node && self.feeder(m, origin) == Some(node)).collect()
     }
 
     /// The live file set on `node` when it is the origin: the policy's origin path, or a
@@ -517,6 +540,12 @@ pub fn validate_policy(p: &Policy, node: &NodeConfig, index: &KeyIndex) -> Vec<C
         }
     }
 
+    for (i, r) in p.replicas.iter().enumerate() {
+        if let Some(message) = cascade_problem(p, r) {
+            err(&format!("replicas[{i}].from"), message);
+        }
+    }
+
     let involves_remote = {
         let here = &node.node;
         let origin_here = &p.origin.node == here;
@@ -598,6 +627,39 @@ fn places_on(policy: &Policy, node: &Name) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// What is wrong with replica `r`'s `from:` in `p`, if anything: it must name another
+/// replica of the same file set, and following `from:` must end at a replica the origin
+/// feeds (no cycle).
+fn cascade_problem(p: &Policy, r: &ReplicaSpec) -> Option<String> {
+    let relay = r.from.as_ref()?;
+    let replicas: Vec<&str> = p.replicas.iter().map(|r| r.node.0.as_str()).collect();
+    if p.backend == BackendKind::Zfs {
+        return Some("cascades (`from:`) are supported on btrfs only so far; remove `from:` so that the origin feeds this replica".into());
+    }
+    if *relay == r.node {
+        return Some(format!("`{}` cannot feed itself; name another replica of `{}` ({}), or remove `from:`", relay, p.fileset, replicas.join(", ")));
+    }
+    if *relay == p.origin.node {
+        return Some(format!("`{relay}` is the origin, which feeds every replica without `from:`; remove `from: {relay}`"));
+    }
+    if !replicas.contains(&relay.0.as_str()) {
+        return Some(format!("`{relay}` is not a replica of `{}`; `from:` names the replica that feeds this one (one of {})", p.fileset, replicas.join(", ")));
+    }
+    let mut chain = vec![r.node.0.as_str()];
+    let mut at = relay;
+    loop {
+        if chain.contains(&at.0.as_str()) {
+            chain.push(&at.0);
+            return Some(format!("`from:` makes a cycle ({}); one replica of the chain must be fed by the origin (no `from:`)", chain.join(" <- ")));
+        }
+        chain.push(&at.0);
+        match p.replicas.iter().find(|x| x.node == *at).and_then(|x| x.from.as_ref()) {
+            Some(next) => at = next,
+            None => return None,
+        }
+    }
 }
 
 /// Whether two places nest (path components for btrfs, dataset names for zfs).

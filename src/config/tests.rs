@@ -313,3 +313,52 @@ fn rpo_is_a_duration_above_zero() {
     let s = Setup::new(&[("projects.yaml", &format!("{GOOD}rpo: soon\n"))]);
     expect(&s.only_error(), "projects.yaml", 19, "rpo", "like 500ms, 1s, 15m");
 }
+
+/// GOOD with a third node, gamma, as a replica whose entry ends with `from` (if any).
+fn cascade(gamma_from: Option<&str>, beta_from: Option<&str>) -> Setup {
+    let mut text = GOOD.replace("    path: /backup/projects\n", "    path: /backup/projects\n  - node: gamma\n    path: /backup/projects\n");
+    if let Some(f) = gamma_from {
+        text = text.replacen("  - node: gamma\n    path: /backup/projects\n", &format!("  - node: gamma\n    path: /backup/projects\n    from: {f}\n"), 1);
+    }
+    if let Some(f) = beta_from {
+        text = text.replacen("  - node: beta\n    path: /backup/projects\n", &format!("  - node: beta\n    path: /backup/projects\n    from: {f}\n"), 1);
+    }
+    let s = Setup::new(&[("projects.yaml", &text)]);
+    fs::write(s.dir.path().join("node.yaml"), NODE.replace("  beta: 127.0.0.1:7442\n", "  beta: 127.0.0.1:7442\n  gamma: 127.0.0.1:7443\n")).unwrap();
+    s
+}
+
+#[test]
+fn from_names_a_relay_and_says_who_feeds_whom() {
+    let loaded = cascade(Some("beta"), None).load();
+    assert!(loaded.errors.is_empty(), "{:#?}", loaded.errors);
+    let p = &loaded.policies[0];
+    assert_eq!(p.feeder("gamma", "alpha"), Some("beta"));
+    assert_eq!(p.feeder("beta", "alpha"), Some("alpha"));
+    assert_eq!(p.feeder("alpha", "alpha"), None);
+    assert_eq!(p.downstreams("alpha", "alpha"), ["beta"], "the origin skips gamma, which beta feeds");
+    assert_eq!(p.downstreams("beta", "alpha"), ["gamma"]);
+    // beta promoted: it is the origin and feeds everyone; alpha, now a replica, too.
+    assert_eq!(p.downstreams("beta", "beta"), ["alpha", "gamma"]);
+    // gamma promoted: beta and alpha are fed by gamma; nothing names gamma's relay as fed.
+    assert_eq!(p.downstreams("gamma", "gamma"), ["alpha", "beta"]);
+    assert!(p.downstreams("beta", "gamma").is_empty());
+    // A replica on the origin's own node is the origin's to feed.
+    let local = GOOD.replace("  - node: beta\n    path: /backup/projects\n", "  - node: alpha\n    path: /backup/projects\n");
+    let loaded = Setup::new(&[("projects.yaml", &local)]).load();
+    assert!(loaded.errors.is_empty(), "{:#?}", loaded.errors);
+    assert_eq!(loaded.policies[0].feeder("alpha", "alpha"), Some("alpha"));
+}
+
+#[test]
+fn a_bad_from_is_located() {
+    expect(&cascade(Some("gamma"), None).only_error(), "projects.yaml", 15, "replicas[1].from", "cannot feed itself");
+    expect(&cascade(Some("alpha"), None).only_error(), "projects.yaml", 15, "replicas[1].from", "is the origin");
+    let err = cascade(Some("delta"), None).only_error();
+    expect(&err, "projects.yaml", 15, "replicas[1].from", "`delta` is not a replica of `projects`");
+    let loaded = cascade(Some("beta"), Some("gamma")).load();
+    let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(errors.iter().all(|e| e.contains("makes a cycle")), "{errors:#?}");
+    expect(&errors[0], "projects.yaml", 13, "replicas[0].from", "beta <- gamma <- beta");
+}

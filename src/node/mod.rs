@@ -97,6 +97,12 @@ pub fn endpoints(
     Ok(out)
 }
 
+/// Of `endpoints`, those that `origin` feeds: a replica with `from:` is fed by its relay.
+fn fed_from(policy: &Policy, origin: &str, mut endpoints: Vec<Arc<dyn ReplicaEndpoint>>) -> Vec<Arc<dyn ReplicaEndpoint>> {
+    endpoints.retain(|e| policy.feeder(e.node(), origin) == Some(origin));
+    endpoints
+}
+
 /// The replica role of this node, serving the in-process link (and, when started with
 /// [`ReplicaRole::listen`], QUIC) until `shutdown`.
 pub struct ReplicaRole {
@@ -248,6 +254,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     });
     replica.service.accept_handovers(Arc::new(node.clone()));
     node.start_origins(&origin_of);
+    node.start_relays(&replica);
     {
         let control = Arc::new(control::Control { status: status.clone(), node: node.clone() });
         let (shutdown, dir) = (shutdown.clone(), loaded.node.state_dir.clone());
@@ -405,7 +412,7 @@ impl Runtime {
         let config = self.config();
         let here = &config.node.node.0;
         let origin = snapshot::origin_on(policy, here)?.into();
-        let replicas = self.endpoints(policy)?;
+        let replicas = fed_from(policy, here, self.endpoints(policy)?);
         let state = StateStore::open(&config.node.state_dir, &policy.fileset.0)?.into();
         let (job, handle) = OriginJob::new(policy.clone(), origin, replicas, state, Clock::System, self.status.clone());
         Ok((job.with_stall_timeout(config.node.transfers.stall_timeout.0).with_epochs(self.epochs.clone()), handle))
@@ -455,6 +462,43 @@ impl Runtime {
             let mut duties = self.duties.lock().expect("duties lock");
             let done = self.origins.spawn(async move { me.origin_duty(job, id).await });
             duties.insert(fileset, Duty { id, drain, done });
+        }
+    }
+
+    /// Starts the relay of every file set whose replicas name this node in `from:`
+    /// (cascades, `replica::relay`): it feeds them what this node received, whenever the
+    /// epoch names another node as origin.
+    fn start_relays(&self, role: &ReplicaRole) {
+        let config = self.config();
+        let here = &config.node.node.0;
+        for policy in config.policies.iter().filter(|p| p.is_member(here)) {
+            let feeds: Vec<&str> = policy.replicas.iter().filter(|r| r.from.as_ref().is_some_and(|f| f.0 == *here)).map(|r| r.node.0.as_str()).collect();
+            if feeds.is_empty() {
+                continue;
+            }
+            let started = (|| {
+                let side: Arc<dyn snapshot::OriginSide> = snapshot::relay_on(policy, here)?.into();
+                let mut downstreams = self.endpoints(policy)?;
+                downstreams.retain(|d| feeds.contains(&d.node()));
+                Ok::<_, anyhow::Error>(crate::replica::relay::RelayJob::new(
+                    policy.clone(),
+                    here,
+                    side,
+                    downstreams,
+                    self.epochs.clone(),
+                    role.service.relay_guard().clone(),
+                    self.status.clone(),
+                    role.service.subscribe_received(),
+                    config.node.transfers.stall_timeout.0,
+                ))
+            })();
+            match started {
+                Ok(job) => {
+                    tracing::info!(fileset = %policy.fileset, downstreams = ?feeds, "relaying");
+                    self.origins.spawn(job.run(self.shutdown.clone()));
+                }
+                Err(e) => tracing::error!(fileset = %policy.fileset, "cannot relay: {e:#}"),
+            }
         }
     }
 
@@ -812,7 +856,8 @@ pub async fn verify(
 pub async fn sync(loaded: &Arc<LoadedConfig>, policy: &Policy, on_start: crate::origin::sync::OnStart<'_>) -> Result<Vec<crate::origin::sync::SyncReport>> {
     with_replica_role(loaded, |role| async move {
         let connector = std::sync::Mutex::new(None);
-        let endpoints = |p: &Policy| endpoints(loaded, p, &mut connector.lock().expect("connector lock"), &role.link, &role.epochs);
+        let here = &loaded.node.node.0;
+        let endpoints = |p: &Policy| Ok(fed_from(p, here, endpoints(loaded, p, &mut connector.lock().expect("connector lock"), &role.link, &role.epochs)?));
         crate::origin::sync::sync(loaded, policy, &endpoints, on_start).await
     })
     .await

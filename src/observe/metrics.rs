@@ -45,3 +45,8 @@ pub const DIVERGED: &str = "snapship_diverged_kept";
 /// Gauge: received snapshots of a file set on this node that changed after they were
 /// received (made writable behind snapship's back): never bases, never pruned.
 pub const TAMPERED: &str = "snapship_tampered_snapshots";
+/// Gauge: missed snapshots a replica still gets backfilled (its retention keeps them), as
+/// last counted by the node that feeds it.
+pub const BACKFILL_PENDING: &str = "snapship_backfill_pending";
+/// Counter: send stream bytes of backfilled snapshots.
+pub const BACKFILL_BYTES: &str = "snapship_backfill_bytes_total";

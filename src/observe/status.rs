@@ -20,7 +20,9 @@ use metrics::{counter, gauge};
 use serde::{Deserialize, Serialize};
 
 use super::metrics as names;
+use crate::config::Policy;
 use crate::ship::meter::Tally;
+use crate::ship::protocol::Hop;
 use crate::snapshot::SnapshotName;
 
 /// The answer to `snapship status --json`.
@@ -29,6 +31,10 @@ pub struct StatusReport {
     pub node: String,
     pub origin_of: Vec<OriginStatus>,
     pub replica_of: Vec<ReceiverStatus>,
+    /// File sets this node relays (a cascade): what it forwards to the replicas it feeds,
+    /// in the shape of an origin's entry (its `newest` and `snapshots` are what it received).
+    #[serde(default)]
+    pub relay_of: Vec<OriginStatus>,
     /// Per file set this node is a member of: who is origin, since which promotion, and the
     /// diverged data kept here.
     #[serde(default)]
@@ -90,6 +96,9 @@ pub struct OriginStatus {
     #[serde(default)]
     pub last_prune_error: Option<ErrorStatus>,
     pub replicas: Vec<ReplicaStatus>,
+    /// On a relay: the node that feeds it (the origin, or the relay up the chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fed_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -118,6 +127,15 @@ pub struct ReplicaStatus {
     /// Transfers that went on from where a cut one stopped.
     #[serde(default)]
     pub resumes: u64,
+    /// Missed snapshots still to backfill (once the replica is current), as last counted.
+    #[serde(default)]
+    pub backfill_pending: usize,
+    /// Stream bytes of the snapshots backfilled since the daemon started.
+    #[serde(default)]
+    pub backfill_bytes: u64,
+    /// A relay's report of the replicas it feeds (cascades), from its last listing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub downstream: Vec<Hop>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -177,6 +195,8 @@ struct OriginEntry {
     last_snapshot_error: Option<ErrorStatus>,
     last_prune_error: Option<ErrorStatus>,
     replicas: BTreeMap<String, ReplicaEntry>,
+    /// This node relays the file set, fed by this node; `None` on the origin.
+    fed_by: Option<String>,
 }
 
 #[derive(Default)]
@@ -190,6 +210,9 @@ struct ReplicaEntry {
     bytes: u64,
     sent: u64,
     resumes: u64,
+    backfill_pending: usize,
+    backfill_bytes: u64,
+    downstream: Vec<Hop>,
 }
 
 struct Running {
@@ -333,6 +356,52 @@ impl StatusBoard {
         });
     }
 
+    /// Registers a file set this node relays (fed by `fed_by`) to `downstreams`: shown
+    /// under `relay_of`, with the same per-replica entries an origin has.
+    pub fn relay(&self, fileset: &str, mode: &str, rpo: Option<Duration>, downstreams: &[&str], fed_by: &str) {
+        self.origin(fileset, mode, rpo, downstreams);
+        self.with(|b| b.origin.entry(fileset.to_string()).or_default().fed_by = Some(fed_by.to_string()));
+    }
+
+    /// A replica's backfill queue: `pending` missed snapshots to go, `sent` bytes of one
+    /// just backfilled.
+    pub fn backfill(&self, fileset: &str, replica: &str, pending: usize, sent: u64) {
+        self.with(|b| {
+            let r = b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default();
+            r.backfill_pending = pending;
+            r.backfill_bytes += sent;
+        });
+        let labels = [("fileset", fileset.to_string()), ("replica", replica.to_string())];
+        gauge!(names::BACKFILL_PENDING, &labels).set(pending as f64);
+        counter!(names::BACKFILL_BYTES, &labels).increment(sent);
+    }
+
+    /// What `replica` (a relay) reports of the replicas it feeds, checked: only members of
+    /// `policy`, at most as deep as it has members, text without control characters.
+    pub fn downstream_of(&self, policy: &Policy, replica: &str, hops: &[Hop]) {
+        let checked = checked_hops(policy, hops, policy.members().len());
+        self.with(|b| b.origin.entry(policy.fileset.0.clone()).or_default().replicas.entry(replica.to_string()).or_default().downstream = checked);
+    }
+
+    /// What this node relays of `fileset` (cascades), as hops for its `snapshots` answer;
+    /// empty unless it is a relay of it.
+    pub fn hops(&self, fileset: &str) -> Vec<Hop> {
+        let report = self.report();
+        let Some(relay) = report.relay_of.into_iter().find(|r| r.fileset == fileset) else { return Vec::new() };
+        relay
+            .replicas
+            .into_iter()
+            .map(|r| Hop {
+                node: r.node,
+                newest: r.newest,
+                lag_seconds: r.lag_seconds.map(|l| l as u64),
+                backfill_pending: r.backfill_pending,
+                last_error: r.last_error.map(|e| e.message),
+                downstream: r.downstream,
+            })
+            .collect()
+    }
+
     /// Starts a replica's entry from what the state file kept (at daemon start): the totals,
     /// the last success and the last error.
     pub fn replica_history(&self, fileset: &str, replica: &str, totals: Totals, last_success: Option<DateTime<Utc>>, last_error: Option<ErrorStatus>) {
@@ -400,7 +469,10 @@ impl StatusBoard {
 
     /// What a replica holds from us, as last learned.
     pub fn replica_has(&self, fileset: &str, replica: &str, newest: Option<&SnapshotName>) {
-        self.with(|b| b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default().newest = newest.cloned());
+        self.with(|b| {
+            let e = b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default();
+            e.newest = newest.cloned();
+        });
     }
 
     /// A transfer started, `from` bytes into the stream (not 0 when resumed); `tally` counts
@@ -432,7 +504,10 @@ impl StatusBoard {
                 Ok(bytes) => {
                     r.ok += 1;
                     r.bytes += bytes;
-                    r.newest = Some(snapshot.clone());
+                    // A backfilled snapshot is older than what the replica holds already.
+                    if r.newest.as_ref().is_none_or(|n| n < snapshot) {
+                        r.newest = Some(snapshot.clone());
+                    }
                     r.last_success = Some(Utc::now());
                     r.last_error = None;
                 }
@@ -512,75 +587,84 @@ impl StatusBoard {
 
     pub fn report(&self) -> StatusReport {
         let now = Utc::now();
-        self.with(|b| StatusReport {
-            node: self.node.clone(),
-            origin_of: b
-                .origin
-                .iter()
-                .map(|(fileset, e)| OriginStatus {
-                    fileset: fileset.clone(),
-                    mode: e.mode.clone(),
-                    newest: e.snapshots.last().map(|n| n.to_string()),
-                    snapshots: e.snapshots.len(),
-                    rpo_seconds: e.rpo.map(|r| r.as_secs_f64()),
-                    last_snapshot_error: e.last_snapshot_error.clone(),
-                    last_prune_error: e.last_prune_error.clone(),
-                    replicas: e
-                        .replicas
-                        .iter()
-                        .map(|(node, r)| {
-                            let lag = exposure(&e.snapshots, r.newest.as_ref(), e.unsnapshotted_change, now);
-                            ReplicaStatus {
-                                node: node.clone(),
-                                newest: r.newest.as_ref().map(|n| n.to_string()),
-                                lag_seconds: lag,
-                                rpo_exceeded: over_rpo(lag, e.rpo),
-                                transfer: r.transfer.as_ref().map(|t| {
-                                    let secs = t.started.elapsed().as_secs_f64().max(0.001);
-                                    TransferStatus {
-                                        snapshot: t.snapshot.clone(),
-                                        base: t.base.clone(),
-                                        bytes: t.tally.bytes(),
-                                        bytes_per_second: t.sent() as f64 / secs,
-                                        started: t.started_at,
-                                        resumed_from: t.from,
-                                    }
-                                }),
-                                last_success: r.last_success,
-                                last_error: r.last_error.clone(),
-                                transfers_ok: r.ok,
-                                transfers_failed: r.failed,
-                                bytes_shipped: r.bytes,
-                                bytes_sent: r.sent + r.transfer.as_ref().map_or(0, Running::sent),
-                                resumes: r.resumes,
-                            }
-                        })
-                        .collect(),
-                })
-                .collect(),
-            replica_of: b
-                .receiver
-                .iter()
-                .map(|(fileset, e)| ReceiverStatus {
-                    fileset: fileset.clone(),
-                    origin: e.origin.clone(),
-                    newest: e.newest.as_ref().map(|n| n.to_string()),
-                    lag_seconds: lag(&e.newest, now),
-                    snapshots: e.snapshots,
-                    last_received: e.last_received,
-                    last_prune_error: e.last_prune_error.clone(),
-                    tampered: e.tampered.clone(),
-                })
-                .collect(),
-            epochs: Vec::new(),
-            config: b.config.clone(),
+        self.with(|b| {
+            let (relayed, own): (Vec<_>, Vec<_>) = b.origin.iter().partition(|(_, e)| e.fed_by.is_some());
+            let entries = |list: Vec<(&String, &OriginEntry)>| -> Vec<OriginStatus> {
+                list.into_iter()
+                    .map(|(fileset, e)| OriginStatus {
+                        fileset: fileset.clone(),
+                        mode: e.mode.clone(),
+                        newest: e.snapshots.last().map(|n| n.to_string()),
+                        snapshots: e.snapshots.len(),
+                        rpo_seconds: e.rpo.map(|r| r.as_secs_f64()),
+                        last_snapshot_error: e.last_snapshot_error.clone(),
+                        last_prune_error: e.last_prune_error.clone(),
+                        replicas: e
+                            .replicas
+                            .iter()
+                            .map(|(node, r)| {
+                                let lag = exposure(&e.snapshots, r.newest.as_ref(), e.unsnapshotted_change, now);
+                                ReplicaStatus {
+                                    node: node.clone(),
+                                    newest: r.newest.as_ref().map(|n| n.to_string()),
+                                    lag_seconds: lag,
+                                    rpo_exceeded: over_rpo(lag, e.rpo),
+                                    transfer: r.transfer.as_ref().map(|t| {
+                                        let secs = t.started.elapsed().as_secs_f64().max(0.001);
+                                        TransferStatus {
+                                            snapshot: t.snapshot.clone(),
+                                            base: t.base.clone(),
+                                            bytes: t.tally.bytes(),
+                                            bytes_per_second: t.sent() as f64 / secs,
+                                            started: t.started_at,
+                                            resumed_from: t.from,
+                                        }
+                                    }),
+                                    last_success: r.last_success,
+                                    last_error: r.last_error.clone(),
+                                    transfers_ok: r.ok,
+                                    transfers_failed: r.failed,
+                                    bytes_shipped: r.bytes,
+                                    bytes_sent: r.sent + r.transfer.as_ref().map_or(0, Running::sent),
+                                    resumes: r.resumes,
+                                    backfill_pending: r.backfill_pending,
+                                    backfill_bytes: r.backfill_bytes,
+                                    downstream: r.downstream.clone(),
+                                }
+                            })
+                            .collect(),
+                        fed_by: e.fed_by.clone(),
+                    })
+                    .collect()
+            };
+            StatusReport {
+                node: self.node.clone(),
+                origin_of: entries(own),
+                relay_of: entries(relayed),
+                replica_of: b
+                    .receiver
+                    .iter()
+                    .map(|(fileset, e)| ReceiverStatus {
+                        fileset: fileset.clone(),
+                        origin: e.origin.clone(),
+                        newest: e.newest.as_ref().map(|n| n.to_string()),
+                        lag_seconds: lag(&e.newest, now),
+                        snapshots: e.snapshots,
+                        last_received: e.last_received,
+                        last_prune_error: e.last_prune_error.clone(),
+                        tampered: e.tampered.clone(),
+                    })
+                    .collect(),
+                epochs: Vec::new(),
+                config: b.config.clone(),
+            }
         })
     }
 
     /// Refreshes the lag and RPO gauges (lag grows by itself between events).
     pub fn refresh_lag_metrics(&self) {
         let report = self.report();
-        for o in &report.origin_of {
+        for o in report.origin_of.iter().chain(&report.relay_of) {
             if let Some(rpo) = o.rpo_seconds {
                 gauge!(names::RPO, "fileset" => o.fileset.clone()).set(rpo);
             }
@@ -602,6 +686,25 @@ impl StatusBoard {
     }
 }
 
+/// `hops` from the wire, kept only as far as `policy` allows: members, `depth` levels.
+fn checked_hops(policy: &Policy, hops: &[Hop], depth: usize) -> Vec<Hop> {
+    if depth == 0 {
+        return Vec::new();
+    }
+    let clean = |t: &str| t.chars().filter(|c| !c.is_control()).take(500).collect::<String>();
+    hops.iter()
+        .filter(|h| policy.is_member(&h.node))
+        .map(|h| Hop {
+            node: h.node.clone(),
+            newest: h.newest.as_deref().and_then(SnapshotName::parse).map(|n| n.to_string()),
+            lag_seconds: h.lag_seconds,
+            backfill_pending: h.backfill_pending,
+            last_error: h.last_error.as_deref().map(clean),
+            downstream: checked_hops(policy, &h.downstream, depth - 1),
+        })
+        .collect()
+}
+
 /// Metric descriptions, registered once when the exporter starts.
 pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge};
@@ -617,6 +720,11 @@ pub fn describe_metrics() {
     describe_counter!(names::BYTES_SHIPPED, Unit::Bytes, "Send stream bytes shipped to a replica (uncompressed)");
     describe_counter!(names::TRANSFERS, "Transfers to a replica, by result");
     describe_counter!(names::RESUMES, "Transfers resumed after an interruption");
+    describe_gauge!(
+        names::BACKFILL_PENDING,
+        "Missed snapshots a replica still gets backfilled (its own retention keeps them), as last counted by the node feeding it"
+    );
+    describe_counter!(names::BACKFILL_BYTES, Unit::Bytes, "Send stream bytes of backfilled snapshots");
     describe_counter!(names::BYTES_SENT, Unit::Bytes, "Send stream bytes put on the wire, failed and cut attempts included");
     describe_gauge!(names::SNAPSHOTS, "Snapshots held, per side");
     describe_gauge!(names::TAMPERED, "Received snapshots on this node changed after they were received (never bases; verify shows what differs)");
@@ -631,6 +739,42 @@ pub fn describe_metrics() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relays_report_of_its_downstreams_is_checked_against_the_policy() {
+        let dir = std::path::Path::new("/nonexistent");
+        let node = crate::config::parse_node_text(
+            &dir.join("n.yaml"),
+            "node: alpha\nstate_dir: s\ntls:\n  ca: ca.pem\n  cert: c.pem\n  key: c.key\npeers:\n  beta: 127.0.0.1:1\n  gamma: 127.0.0.1:2\npolicies: []\n",
+        )
+        .unwrap();
+        let text = "fileset: p\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/p\nreplicas:\n  - node: beta\n    path: /b/p\n  - node: gamma\n    path: /b/p\n    from: beta\n";
+        let policy = crate::config::parse_policy_text(&dir.join("p.yaml"), text, &node).unwrap();
+        let hop = |node: &str, newest: &str, downstream: Vec<Hop>| Hop {
+            node: node.into(),
+            newest: Some(newest.into()),
+            lag_seconds: Some(3),
+            backfill_pending: 1,
+            last_error: Some("cut\n\x1b[31mFORGED LINE".into()),
+            downstream,
+        };
+        let deep = (0..10).fold(Vec::new(), |inner, _| vec![hop("gamma", "snapship-20260101T000000.000Z", inner)]);
+        let wire = vec![hop("gamma", "../../etc", deep), hop("mallory", "snapship-20260101T000000.000Z", vec![])];
+        let board = StatusBoard::new("alpha");
+        board.origin("p", "snapshot", None, &["beta"]);
+        board.downstream_of(&policy, "beta", &wire);
+        let shown = &board.report().origin_of[0].replicas[0].downstream;
+        assert_eq!(shown.len(), 1, "only members: {shown:?}");
+        assert_eq!((shown[0].node.as_str(), shown[0].newest.as_ref()), ("gamma", None), "a name that is no snapshot's is dropped");
+        assert!(shown[0].last_error.as_deref().is_some_and(|e| !e.chars().any(char::is_control)), "{shown:?}");
+        let mut depth = 0;
+        let mut at = shown;
+        while let Some(h) = at.first() {
+            depth += 1;
+            at = &h.downstream;
+        }
+        assert!(depth <= policy.members().len(), "{depth} levels kept");
+    }
 
     fn name(hms: &str) -> SnapshotName {
         SnapshotName::parse(&format!("snapship-20260101T{hms}.000Z")).unwrap()

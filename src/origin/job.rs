@@ -6,6 +6,8 @@
 //! worker never runs two transfers at once, and snapshots taken during a transfer fold into
 //! the next one (the channel holds only the newest), so nothing piles up. A failed transfer is
 //! retried with exponential backoff and jitter; a slow or dead replica delays nobody else.
+//! Once a replica is current, the snapshots it missed that its retention keeps are
+//! backfilled (`replicate::follow`).
 //! After each snapshot and each successful transfer the origin is pruned, protecting every
 //! replica's common base and whatever is in flight.
 
@@ -15,7 +17,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::{RwLock, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,11 +34,6 @@ use crate::ship::client::Fenced;
 use crate::ship::meter::Tally;
 use crate::snapshot::{Kind, OriginSide, Snapshot, SnapshotName};
 use crate::store::EpochStore;
-
-/// Retry delays for a failing replica: from 1 s, doubling, at most 5 minutes, jittered.
-fn retry_delays() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default().with_min_delay(Duration::from_secs(1)).with_max_delay(Duration::from_secs(300)).with_jitter().without_max_times().build()
-}
 
 pub struct OriginJob {
     pub policy: Policy,
@@ -357,47 +353,10 @@ impl OriginJob {
         }
     }
 
-    /// Ships the newest snapshot to one replica, again whenever a newer one appears.
-    async fn replica_worker(self: Arc<Self>, ep: Arc<dyn ReplicaEndpoint>, mut newest: watch::Receiver<Option<Snapshot>>, shutdown: CancellationToken) {
-        let mut delays = None;
-        loop {
-            if self.drain.is_cancelled() {
-                return;
-            }
-            let target = newest.borrow_and_update().clone();
-            if let Some(snapshot) = target {
-                let attempt = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = self.ship(ep.as_ref(), &snapshot) => r,
-                };
-                match attempt {
-                    Ok(()) => delays = None,
-                    Err(e) => {
-                        let delay = delays.get_or_insert_with(retry_delays).next().unwrap_or(Duration::from_secs(300));
-                        tracing::warn!(fileset = self.fileset(), replica = ep.node(), "retrying in {:.1}s: {e:#}", delay.as_secs_f64());
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = self.drain.cancelled() => return,
-                            _ = tokio::time::sleep(delay) => continue,
-                        }
-                    }
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = self.drain.cancelled() => return,
-                changed = newest.changed() => if changed.is_err() { return },
-            }
-        }
-    }
-
-    /// Brings `ep` up to `snapshot` (finishing first a cut transfer of an older snapshot
-    /// that the replica holds part of), then prunes.
-    async fn ship(&self, ep: &dyn ReplicaEndpoint, snapshot: &Snapshot) -> Result<()> {
-        replicate::bring_up_to_date(self.origin.as_ref(), snapshot, ep, self.stall, self).await?;
-        self.prune().await;
-        self.report_snapshots().await;
-        Ok(())
+    /// Keeps one replica up to the newest snapshot, backfilling what it missed
+    /// ([`replicate::follow`]); pruning after each success ([`Hooks::caught_up`]).
+    async fn replica_worker(self: Arc<Self>, ep: Arc<dyn ReplicaEndpoint>, newest: watch::Receiver<Option<Snapshot>>, shutdown: CancellationToken) {
+        replicate::follow(self.origin.as_ref(), ep.as_ref(), newest, &self.policy, self.stall, self.as_ref(), &shutdown, &self.drain).await;
     }
 
     /// Prunes the origin by its retention, protecting bases and transfers in flight.
@@ -461,13 +420,28 @@ impl Hooks for OriginJob {
             Plan::AlreadyThere => Some(&step.snapshot.name),
             Plan::Send { base, .. } => base.as_ref().map(|b| &b.name),
         };
-        self.status.replica_has(self.fileset(), replica, has);
+        if !step.backfill {
+            self.status.replica_has(self.fileset(), replica, has);
+        }
         if let Plan::Send { base, .. } = &step.plan {
             let base = base.as_ref().map(|b| b.name.clone());
             self.in_flight.lock().expect("in_flight lock").insert(replica.to_string(), (step.snapshot.name.clone(), base.clone()));
             record::in_flight(&self.state, replica, &step.snapshot.name, base.as_ref()).await?;
         }
         Ok(())
+    }
+
+    fn listed(&self, replica: &str, listing: &crate::ship::Listing) {
+        self.status.downstream_of(&self.policy, replica, &listing.downstream);
+    }
+
+    async fn caught_up(&self, _replica: &str) {
+        self.prune().await;
+        self.report_snapshots().await;
+    }
+
+    fn backfill(&self, replica: &str, pending: usize, sent: u64) {
+        self.status.backfill(self.fileset(), replica, pending, sent);
     }
 
     fn started(&self, replica: &str, step: &Step, tally: Arc<Tally>, from: u64) {

@@ -13,7 +13,7 @@ pub async fn outcome(state: &StateStore, origin: &dyn OriginSide, fileset: &str,
     log(fileset, replica, result);
     match state.record_outcome(replica, snapshot, result.as_ref().map(|r| r.bytes)).await {
         Err(e) => tracing::error!(fileset, "cannot record the state: {e:#}"),
-        Ok(previous) if result.is_ok() => {
+        Ok(Some(previous)) if result.is_ok() => {
             if let Err(e) = origin.keep_base(replica, snapshot, previous.as_ref()).await {
                 tracing::warn!(fileset, replica, "cannot guard the new common base: {e:#}");
             }

@@ -81,17 +81,21 @@ impl StateStore {
     /// Records how a transfer of `snapshot` to `replica` ended (`Ok` with the stream bytes
     /// delivered): on success the snapshot is the new common base. On failure the transfer
     /// stays recorded as in flight (protected from pruning): the replica may hold it although
-    /// its answer was lost. Returns the previous common base.
-    pub async fn record_outcome(&self, replica: &str, snapshot: &SnapshotName, result: Result<u64, &anyhow::Error>) -> Result<Option<SnapshotName>> {
+    /// its answer was lost. The base only moves forward: a backfilled snapshot older than
+    /// it leaves it. Returns the previous common base when the base moved, `None` if not.
+    pub async fn record_outcome(&self, replica: &str, snapshot: &SnapshotName, result: Result<u64, &anyhow::Error>) -> Result<Option<Option<SnapshotName>>> {
         let now = Utc::now();
-        let mut previous = None;
+        let (mut previous, mut moved) = (None, false);
         self.update(|s| {
             let r = s.replicas.entry(replica.to_string()).or_default();
             match result {
                 Ok(bytes) => {
                     r.in_flight = None;
-                    previous = r.base.take();
-                    r.base = Some(snapshot.clone());
+                    // A backfilled snapshot, older than the base, does not move it back.
+                    if r.base.as_ref().is_none_or(|b| b <= snapshot) {
+                        previous = r.base.replace(snapshot.clone());
+                        moved = true;
+                    }
                     r.last_success = Some(now);
                     r.last_error = None;
                     r.transfers_ok += 1;
@@ -104,7 +108,7 @@ impl StateStore {
             }
         })
         .await?;
-        Ok(previous)
+        Ok(moved.then_some(previous))
     }
 
     /// Changes the state and writes it out before returning.
@@ -157,7 +161,11 @@ mod tests {
         store.record_outcome("beta", &name, Ok(1000)).await.unwrap();
         store.record_outcome("beta", &name, Err(&anyhow::anyhow!("cut"))).await.unwrap();
         store.record_outcome("beta", &name, Ok(24)).await.unwrap();
+        // A backfilled older snapshot counts, but leaves the base where it was.
+        let older = SnapshotName::parse("snapship-20251231T000000.000Z").unwrap();
+        assert_eq!(store.record_outcome("beta", &older, Ok(0)).await.unwrap(), None);
+        assert_eq!(store.get().await.replicas["beta"].base.as_ref(), Some(&name));
         let again = StateStore::open(dir.path(), "projects").unwrap();
-        assert_eq!(again.get().await.replicas["beta"].totals(), Totals { transfers_ok: 2, transfers_failed: 1, bytes_shipped: 1024 });
+        assert_eq!(again.get().await.replicas["beta"].totals(), Totals { transfers_ok: 3, transfers_failed: 1, bytes_shipped: 1024 });
     }
 }

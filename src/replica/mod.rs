@@ -9,6 +9,7 @@
 //! by the replica's retention ([`prune`]), serialised with the next receive of the file set.
 
 pub mod prune;
+pub mod relay;
 pub mod service;
 pub mod session;
 pub mod spool;

@@ -7,6 +7,7 @@
 use anyhow::Result;
 use chrono::{DateTime, Utc};
 
+use super::relay::RelayGuard;
 use super::session::Sessions;
 use crate::config::Policy;
 use crate::schedule::retention::{Reason, SidePlan};
@@ -33,10 +34,25 @@ pub async fn apply(fileset: &str, plan: &SidePlan, side: &dyn ReplicaSide) -> Re
 
 /// Prunes a replica by its policy after a receive. An error is logged and returned for the
 /// status board, never to the origin (a failed prune must not turn a good transfer into a
-/// failed one).
-pub async fn after_receive(policy: &Policy, side: &dyn ReplicaSide, sessions: &Sessions) -> Result<(), String> {
+/// failed one). On a relay (`here` named in other replicas' `from:`), what its downstreams
+/// need is kept too, and nothing is pruned while a downstream's base is unknown.
+pub async fn after_receive(policy: &Policy, side: &dyn ReplicaSide, sessions: &Sessions, relays: &RelayGuard, here: &str) -> Result<(), String> {
+    let planning = relays.planning(&policy.fileset.0);
+    let _exclusive = planning.write().await;
+    let mut needed = sessions.needs(&policy.fileset.0);
+    match relays.needs(policy, here) {
+        Ok(more) => needed.extend(more),
+        Err(unknown) => {
+            tracing::warn!(
+                fileset = %policy.fileset,
+                "not pruning: the common base with {} (fed by this node) is not known yet; pruning waits until it answers",
+                unknown.join(", ")
+            );
+            return Ok(());
+        }
+    }
     let result = async {
-        let plan = plan(policy, side, &sessions.needs(&policy.fileset.0), Utc::now()).await?;
+        let plan = plan(policy, side, &needed, Utc::now()).await?;
         apply(&policy.fileset.0, &plan, side).await
     };
     result.await.map(|_| ()).map_err(|e| {

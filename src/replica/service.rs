@@ -24,6 +24,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::task::TaskTracker;
 
 use super::prune;
+use super::relay::RelayGuard;
 use super::session::{self, Sessions};
 use crate::config::{LoadedConfig, Policy};
 use crate::observe::status::StatusBoard;
@@ -86,6 +87,10 @@ pub struct ReplicaService {
     verifies: tokio::sync::Semaphore,
     /// The backend's preparation for a stream, per file set, while it runs (see `prepare`).
     preparing: std::sync::Mutex<std::collections::HashMap<String, Prepared>>,
+    /// What the replicas this node relays to need kept (cascades: `replica::relay`).
+    relays: Arc<RelayGuard>,
+    /// Ticks once a receive is committed and pruned: a relay forwards it.
+    received: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The outcome of a backend's preparation for a stream, once it is known.
@@ -98,6 +103,7 @@ const PREPARE_WAIT: Duration = if cfg!(test) { Duration::from_secs(1) } else { D
 impl ReplicaService {
     pub fn new(config: Arc<LoadedConfig>, epochs: Arc<EpochStore>, status: Arc<StatusBoard>, backends: Backends) -> Arc<ReplicaService> {
         let sessions = Sessions::new(&config.node.transfers, &config.node.state_dir);
+        let relays = RelayGuard::new(&config.node.state_dir);
         Arc::new(ReplicaService {
             here: config.node.node.0.clone(),
             state_dir: config.node.state_dir.clone(),
@@ -110,6 +116,8 @@ impl ReplicaService {
             prunes: TaskTracker::new(),
             verifies: tokio::sync::Semaphore::new(1),
             preparing: Default::default(),
+            relays,
+            received: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
@@ -122,6 +130,16 @@ impl ReplicaService {
     /// keep the policy they began with.
     pub fn replace_config(&self, config: Arc<LoadedConfig>) {
         *self.config.write().expect("config lock") = config;
+    }
+
+    /// What this node's relays register for its pruning to keep.
+    pub fn relay_guard(&self) -> &Arc<RelayGuard> {
+        &self.relays
+    }
+
+    /// Ticks after each committed (and pruned) receive, for this node's relays.
+    pub fn subscribe_received(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.received.subscribe()
     }
 
     /// Lets an origin hand the file set over to this node (the daemon does this).
@@ -171,7 +189,7 @@ impl ReplicaService {
         let here = self.here();
         let snapshots =
             snapshot::origin_on(policy, here)?.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
-        Ok(Message::Snapshots { snapshots, compact: false, partial: None, epoch: self.epochs.current(policy)? })
+        Ok(Message::Snapshots { snapshots, compact: false, partial: None, epoch: self.epochs.current(policy)?, downstream: Vec::new() })
     }
 
     /// `snapship verify` from `peer`, authorized like `list`: this node's hash tree of the
@@ -359,8 +377,15 @@ impl ReplicaService {
                 format!("node `{peer}` is not the origin of `{fileset}` in the newest epoch `{here}` knows, {known}; it must stop acting as origin"),
             ));
         }
-        if claimed.origin != peer {
-            return Err(Message::error(ErrorCode::Unauthorized, format!("node `{peer}` claims {claimed}, which names another node as origin")));
+        // A cascade: the relay this node's replica entry names in `from:` feeds it, acting in
+        // the origin's epoch; any other member claiming someone else's epoch is refused.
+        let relay = policy.feeder(here, &claimed.origin).filter(|f| *f != claimed.origin);
+        if claimed.origin != peer && relay != Some(peer) {
+            let fed_by = match relay {
+                Some(r) => format!("; this node is fed by `{r}` (`from:` in its replica entry)"),
+                None => String::new(),
+            };
+            return Err(Message::error(ErrorCode::Unauthorized, format!("node `{peer}` claims {claimed}, which names another node as origin{fed_by}")));
         }
         if claimed.number > known.number {
             self.epochs.learn(policy, claimed).map_err(internal)?;
@@ -409,7 +434,8 @@ impl ReplicaService {
                 let side = (self.backends)(&policy, self.here())?;
                 let snapshots = side.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
                 let partial = self.sessions.resumable(&fileset, side.as_ref()).await;
-                Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial, epoch })
+                let downstream = self.status.hops(&fileset);
+                Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial, epoch, downstream })
             }
             Message::Begin { fileset, snapshot, identity, base, compression, compact, resume, from_token, epoch } => {
                 let policy = match self.authorize(peer, &fileset, &epoch) {
@@ -439,10 +465,12 @@ impl ReplicaService {
                 let lock = self.sessions.fileset_lock(&fileset).lock_owned().await;
                 let side = (self.backends)(&policy, self.here())?;
                 let (policy, status, sessions) = (policy.clone(), self.status.clone(), self.sessions.clone());
+                let (relays, received, here) = (self.relays.clone(), self.received.clone(), self.here().to_string());
                 let origin_is_remote = policy.origin.node.0 != self.here;
                 self.prunes.spawn(async move {
-                    let pruned = prune::after_receive(&policy, side.as_ref(), &sessions).await;
+                    let pruned = prune::after_receive(&policy, side.as_ref(), &sessions, &relays, &here).await;
                     drop(lock);
+                    received.send_modify(|n| *n += 1);
                     if origin_is_remote {
                         if let Ok(held) = side.list().await {
                             status.received(&policy.fileset.0, &policy.origin.node.0, held.last().map(|s| &s.name), held.len());
@@ -551,6 +579,11 @@ mod tests {
 
     /// `node`'s view of a file set with origin alpha and replicas beta and gamma.
     fn config_of(node: &str) -> LoadedConfig {
+        config_with(node, "")
+    }
+
+    /// The same with `gamma_extra` (keys) added to gamma's replica entry, and delta a replica.
+    fn config_with(node: &str, gamma_extra: &str) -> LoadedConfig {
         let file = std::path::Path::new("/nonexistent/node.yaml");
         let peers: String = ["alpha", "beta", "gamma", "delta"].iter().filter(|n| **n != node).map(|n| format!("  {n}: 127.0.0.1:1\n")).collect();
         let node = crate::config::parse_node_text(
@@ -559,16 +592,46 @@ mod tests {
         )
         .unwrap();
         let text = "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/projects\nreplicas:\n  - node: beta\n    path: /backup/projects\n  - node: gamma\n    path: /backup/projects\n";
+        let text = &format!("{text}{gamma_extra}");
         let policy = crate::config::parse_policy_text(std::path::Path::new("/nonexistent/projects.yaml"), text, &node).unwrap();
         LoadedConfig { node, policies: vec![policy], errors: vec![] }
     }
 
     /// The replica service of `node`, with its epochs in a temporary directory.
     fn service_of(node: &str) -> (tempfile::TempDir, Arc<ReplicaService>) {
+        service_with(config_of(node))
+    }
+
+    fn service_with(config: LoadedConfig) -> (tempfile::TempDir, Arc<ReplicaService>) {
         let dir = tempfile::tempdir().unwrap();
         let epochs = Arc::new(EpochStore::open(dir.path()));
-        let service = ReplicaService::new(Arc::new(config_of(node)), epochs, StatusBoard::new(node), real_backends());
+        let node = config.node.node.0.clone();
+        let service = ReplicaService::new(Arc::new(config), epochs, StatusBoard::new(&node), real_backends());
         (dir, service)
+    }
+
+    #[test]
+    fn a_cascaded_replica_takes_its_relay_and_no_other_member() {
+        let e = |number: u64, origin: &str| Epoch { number, origin: origin.into() };
+        let cascade = "    from: beta\n  - node: delta\n    path: /backup/projects\n";
+        let (_d, gamma) = service_with(config_with("gamma", cascade));
+        assert!(gamma.authorize("beta", "projects", &e(0, "alpha")).is_ok(), "the relay, in the origin's epoch");
+        assert!(gamma.authorize("alpha", "projects", &e(0, "alpha")).is_ok(), "the origin itself");
+        let Err(Message::Error { code, message, .. }) = gamma.authorize("delta", "projects", &e(0, "alpha")) else {
+            panic!("delta, not the relay, was let in")
+        };
+        assert_eq!(code, ErrorCode::Unauthorized);
+        assert!(message.contains("fed by `beta`"), "{message}");
+        assert!(gamma.authorize("beta", "projects", &e(0, "beta")).is_err(), "the relay is not the origin of epoch 0");
+        // Fencing holds for the relay too: once gamma knows epoch 1 (delta promoted), the
+        // relay acting in epoch 0 is fenced off, and taken again in epoch 1.
+        assert!(gamma.authorize("delta", "projects", &e(1, "delta")).is_ok());
+        let Err(Message::Error { code, .. }) = gamma.authorize("beta", "projects", &e(0, "alpha")) else { panic!("a stale relay was let in") };
+        assert_eq!(code, ErrorCode::Fenced);
+        assert!(gamma.authorize("beta", "projects", &e(1, "delta")).is_ok());
+        // Without `from:`, a replica takes no other replica.
+        let (_d, plain) = service_with(config_with("gamma", "  - node: delta\n    path: /backup/projects\n"));
+        assert!(plain.authorize("beta", "projects", &e(0, "alpha")).is_err());
     }
 
     #[test]

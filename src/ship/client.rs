@@ -150,7 +150,7 @@ impl PeerReplica {
     async fn list_snapshots(&self) -> Result<Listing> {
         let (mut replies, _send) = self.request(&Message::List { fileset: self.fileset.clone(), epoch: (self.epoch)()? }).await?;
         match read_message(&mut replies).await? {
-            Message::Snapshots { snapshots, compact, partial, .. } => {
+            Message::Snapshots { snapshots, compact, partial, downstream, .. } => {
                 let snapshots = snapshots
                     .into_iter()
                     .filter_map(|s| {
@@ -158,7 +158,7 @@ impl PeerReplica {
                         Some(Snapshot { name, identity: s.identity, local_id: None, parent_local_id: None })
                     })
                     .collect();
-                Ok(Listing { snapshots, accepts_compact: compact, resumable: partial })
+                Ok(Listing { snapshots, accepts_compact: compact, resumable: partial, downstream })
             }
             Message::Error { code, message, epoch } => Err(self.refused(code, message, epoch)),
             other => bail!("protocol error: `{}` answered {} to list", self.node, other.kind()),

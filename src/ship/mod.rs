@@ -34,6 +34,8 @@ pub struct Listing {
     pub snapshots: Vec<Snapshot>,
     pub accepts_compact: bool,
     pub resumable: Option<Partial>,
+    /// A relay's report of the replicas it feeds (cascades), unchecked: for status only.
+    pub downstream: Vec<protocol::Hop>,
 }
 
 /// Where a stream starts.

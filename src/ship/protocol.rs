@@ -54,6 +54,9 @@ pub enum Message {
         partial: Option<Partial>,
         /// The newest epoch the replica knows.
         epoch: Epoch,
+        /// On a relay (cascades): the replicas it feeds, and theirs, as it last saw them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        downstream: Vec<Hop>,
     },
     Begin {
         fileset: String,
@@ -138,6 +141,25 @@ pub enum Message {
 pub struct WireSnapshot {
     pub name: String,
     pub identity: String,
+}
+
+/// One replica a relay feeds, as the relay last saw it: for the origin's status of the whole
+/// tree. Only shown, never acted on; the receiver checks it against its own policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hop {
+    pub node: String,
+    /// The newest snapshot it holds.
+    pub newest: Option<String>,
+    /// Its lag behind the relay, in whole seconds.
+    pub lag_seconds: Option<u64>,
+    #[serde(default)]
+    pub backfill_pending: usize,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// The replicas it feeds in turn.
+    #[serde(default)]
+    pub downstream: Vec<Hop>,
 }
 
 /// A cut transfer the replica keeps: which stream, and how much of it it holds.
@@ -273,6 +295,7 @@ mod tests {
         assert!(String::from_utf8_lossy(&json).starts_with("{\"type\":\"begin\""));
         assert_eq!(Message::from_json(&json).unwrap(), m);
         let listing = Message::Snapshots {
+            downstream: vec![],
             snapshots: vec![WireSnapshot { name: "snapship-20260101T000000.000Z".into(), identity: "u0".into() }],
             compact: false,
             partial: Some(Partial {

@@ -319,6 +319,17 @@ pub fn replica_on(policy: &Policy, node: &str) -> Result<Box<dyn ReplicaSide>> {
     }
 }
 
+/// The send side of a relay (a cascade): `node`'s received snapshots of `policy`, at its
+/// `replica_home`, listed and sent like an origin's (btrfs: a received snapshot sends with
+/// its `received_uuid`, the origin's identity). Nothing is snapshotted or made live there.
+pub fn relay_on(policy: &Policy, node: &str) -> Result<Box<dyn OriginSide>> {
+    let home = policy.replica_home(node).ok_or_else(|| anyhow::anyhow!("node `{node}` is not a member of file set `{}`", policy.fileset))?;
+    match policy.backend {
+        BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsOrigin::new(PathBuf::from(&home), PathBuf::from(&home)))),
+        BackendKind::Zfs => anyhow::bail!("file set `{}` is ZFS: cascades (`from:`) are btrfs-only so far", policy.fileset),
+    }
+}
+
 /// Takes one snapshot of each member of a consistency group at one point in time (all are
 /// of `backend`): atomically on ZFS, one right after the other on btrfs.
 pub async fn take_group(backend: BackendKind, members: &[(&str, &dyn OriginSide)], kind: Kind) -> Result<Vec<Snapshot>> {

@@ -120,7 +120,7 @@ impl snapship::ship::Handler for EmptyListing {
         use tokio::io::AsyncWriteExt;
         let mut send = stream.send;
         let epoch = snapship::store::Epoch { number: 0, origin: "alpha".into() };
-        let listing = snapship::ship::protocol::Message::Snapshots { snapshots: vec![], compact: false, partial: None, epoch };
+        let listing = snapship::ship::protocol::Message::Snapshots { snapshots: vec![], compact: false, partial: None, epoch, downstream: vec![] };
         let _ = snapship::ship::transfer::write_message(&mut send, &listing).await;
         let _ = send.shutdown().await;
     }

@@ -68,8 +68,9 @@ fn promote_a_replica_then_fail_back_without_a_full_resend() {
 
     // gamma follows the new origin, incrementally.
     wait_for(Duration::from_secs(60), "beta's write on gamma", || read(&gamma_dst.join("latest/after.txt")).is_some());
-    let log = c.daemons["beta"].log_text();
-    let to_gamma = first_stream_bytes(&log, "gamma").unwrap_or_else(|| panic!("beta shipped nothing to gamma:\n{log}"));
+    // beta logs a transfer after recording it (an fsync'ed state file), a moment after gamma
+    // committed it.
+    let to_gamma = wait_until(Duration::from_secs(30), "beta's log of its stream to gamma", || first_stream_bytes(&c.daemons["beta"].log_text(), "gamma"));
     eprintln!("first stream beta -> gamma: {to_gamma} bytes");
     assert!(to_gamma < 1 << 20, "gamma got {to_gamma} bytes: not an incremental");
 

@@ -7,6 +7,7 @@
 //! - `quic`, `scheduler`, `operate`: nodes over QUIC, `snapship run`, status and metrics;
 //! - `failover`, `failover_zfs`: promotion of a replica, fencing, failback without a full
 //!   resend, switchover (loop btrfs; zfs-fuse pools, with verify from the promoted member);
+//! - `cascade`: backfill of the history a replica missed, and relays (A → B → C);
 //! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
 //!   fault proxy they go through;
 //! - `restore`: getting data back (restore at a time, one path, a ZFS clone) and `list`
@@ -25,6 +26,7 @@
 mod common;
 
 mod btrfs_local;
+mod cascade;
 mod certs_expiry;
 mod cli_certs;
 mod cli_check;
