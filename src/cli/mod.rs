@@ -58,9 +58,9 @@ enum Command {
         config: ConfigArg,
         /// The file set (the policy's `fileset`).
         fileset: String,
-        /// With a daemon running: how long to wait for every replica to hold the snapshot
-        /// (the daemon retries a failed transfer meanwhile); after it, the command says what
-        /// is still under way and exits 1, while the daemon goes on.
+        /// With a daemon running: how long to wait, after a replica's first attempt failed,
+        /// for the daemon's retries to get the snapshot there; after it, the command reports
+        /// the failure and exits 1, while the daemon goes on (`0s`: report the first attempt).
         #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
         wait: std::time::Duration,
         /// With a daemon running: return once the snapshot is taken; the daemon ships it.
@@ -265,7 +265,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(args) => crate::node::run(&args.config).await.map(|()| ExitCode::SUCCESS),
         Command::Check { config, config_only } => check(&config.config, config_only).await,
-        Command::Sync { config, fileset, wait, no_wait } => sync(&config.config, &fileset, if no_wait { std::time::Duration::ZERO } else { wait }).await,
+        Command::Sync { config, fileset, wait, no_wait } => sync(&config.config, &fileset, (!no_wait).then_some(wait)).await,
         Command::Promote { config, fileset, force } => promote(&config.config, &fileset, force).await,
         Command::Switchover { config, fileset, to } => switchover(&config.config, &fileset, &to).await,
         Command::Diverged { config, fileset, remove } => diverged(&config.config, &fileset, remove.as_deref()).await,
@@ -360,7 +360,7 @@ fn find_policy<'a>(loaded: &'a config::LoadedConfig, path: &std::path::Path, fil
 /// One file set's sync: its name, the snapshot, and each replica's outcome.
 type SyncResult = (String, String, Vec<(String, Result<replicate::ReplicaReport, String>)>);
 
-async fn sync(path: &std::path::Path, fileset: &str, wait: std::time::Duration) -> Result<ExitCode> {
+async fn sync(path: &std::path::Path, fileset: &str, wait: Option<std::time::Duration>) -> Result<ExitCode> {
     let loaded = Arc::new(config::load(path)?);
     let policy = find_policy(&loaded, path, fileset)?;
     for e in &loaded.errors {
@@ -368,14 +368,14 @@ async fn sync(path: &std::path::Path, fileset: &str, wait: std::time::Duration) 
     }
     // With a daemon running, it does the sync: one process owns transfers and pruning.
     let results: Vec<SyncResult> = match control::sync_through_daemon(&loaded.node.state_dir, fileset, wait).await? {
-        Some(replies) if wait.is_zero() => {
+        Some(replies) if wait.is_none() => {
             for r in &replies {
                 println!("{}: {} taken; the running daemon ships it (`snapship status` shows the transfers)", r.fileset, r.snapshot);
             }
             return Ok(ExitCode::SUCCESS);
         }
         Some(replies) => {
-            tracing::info!("synced by the running snapship run (waiting up to {} for every replica)", humantime::format_duration(wait));
+            tracing::info!("synced by the running snapship run");
             replies.into_iter().map(|r| (r.fileset, r.snapshot, r.replicas)).collect()
         }
         None => {

@@ -21,12 +21,14 @@ use crate::replicate::ReplicaReport;
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    /// `wait_seconds`: how long the daemon waits for every replica (0: answer once the
-    /// snapshot is taken).
+    /// `wait_seconds`: how long the daemon waits, after a replica's first attempt failed, for
+    /// a retry to succeed; `no_wait`: answer once the snapshot is taken.
     Sync {
         fileset: String,
         #[serde(default = "default_sync_wait")]
         wait_seconds: f64,
+        #[serde(default)]
+        no_wait: bool,
     },
     Promote {
         fileset: String,
@@ -158,9 +160,9 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
     BufReader::new(read.take_limit()).read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(Request::Status) => Reply::Status(Box::new(control.node.report(control.status.report()))),
-        Ok(Request::Sync { fileset, wait_seconds }) => {
+        Ok(Request::Sync { fileset, wait_seconds, no_wait }) => {
             let wait = std::time::Duration::try_from_secs_f64(wait_seconds).unwrap_or(std::time::Duration::from_secs(600));
-            sync(control, &fileset, wait).await
+            sync(control, &fileset, (!no_wait).then_some(wait)).await
         }
         Ok(Request::Promote { fileset, force }) => match control.node.promote(&fileset, force).await {
             Ok(report) => Reply::Promoted { report },
@@ -183,7 +185,7 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
     Ok(())
 }
 
-async fn sync(control: &Control, fileset: &str, wait: std::time::Duration) -> Reply {
+async fn sync(control: &Control, fileset: &str, wait: Option<std::time::Duration>) -> Reply {
     let handle = control.node.syncs.lock().expect("syncs lock").get(fileset).cloned();
     let Some(handle) = handle else {
         return Reply::Error { message: format!("the running daemon is not the origin of a file set `{fileset}`") };
@@ -300,10 +302,12 @@ pub async fn verify_through_daemon(
     .await
 }
 
-/// Asks the daemon of `state_dir` to sync `fileset`, waiting up to `wait` for every replica
-/// (zero: only for the snapshot); `Ok(None)` when no daemon runs.
-pub async fn sync_through_daemon(state_dir: &Path, fileset: &str, wait: std::time::Duration) -> Result<Option<Vec<SyncReply>>> {
-    ask_for(state_dir, &Request::Sync { fileset: fileset.to_string(), wait_seconds: wait.as_secs_f64() }, "sync", |r| match r {
+/// Asks the daemon of `state_dir` to sync `fileset`: every replica's first attempt, then up
+/// to `wait` for a retry of those that failed (`None`: only the snapshot); `Ok(None)` when no
+/// daemon runs.
+pub async fn sync_through_daemon(state_dir: &Path, fileset: &str, wait: Option<std::time::Duration>) -> Result<Option<Vec<SyncReply>>> {
+    let request = Request::Sync { fileset: fileset.to_string(), wait_seconds: wait.unwrap_or_default().as_secs_f64(), no_wait: wait.is_none() };
+    ask_for(state_dir, &request, "sync", |r| match r {
         Reply::Sync { results } => Ok(results),
         other => Err(other),
     })

@@ -752,7 +752,7 @@ impl Runtime {
         let handle = self.syncs.lock().expect("syncs lock").get(fileset).cloned().ok_or_else(|| anyhow!("no origin job runs for `{fileset}`"))?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         handle
-            .send(crate::origin::job::SyncRequest { reply: tx, wait: FINAL_SYNC_WAIT })
+            .send(crate::origin::job::SyncRequest { reply: tx, wait: Some(FINAL_SYNC_WAIT) })
             .await
             .map_err(|_| anyhow!("the origin job of `{fileset}` is stopping"))?;
         let answers = rx.await.map_err(|_| anyhow!("the origin job of `{fileset}` stopped"))?.map_err(|e| anyhow!("{e}"))?;

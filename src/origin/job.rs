@@ -77,10 +77,10 @@ pub struct Outcome {
 /// snapshot, which carries the same data).
 pub struct SyncRequest {
     pub reply: oneshot::Sender<SyncAnswer>,
-    /// How long to wait for every replica to hold the snapshot: a failed transfer is retried
-    /// by the workers meanwhile, so only a success or the end of the wait answers for a
-    /// replica. Zero: answer once the snapshot is taken, with no outcomes.
-    pub wait: Duration,
+    /// How long to wait, after a replica's first attempt failed, for a retry of the workers
+    /// to succeed (zero: the first attempt's outcome answers). `None`: answer once the
+    /// snapshot is taken, with no outcomes.
+    pub wait: Option<Duration>,
 }
 
 /// Per file set: its name, the snapshot taken, and each replica's outcome; or why no
@@ -481,21 +481,30 @@ async fn answer_sync(
     group: Option<Arc<GroupHub>>,
     own_replicas: Vec<String>,
 ) {
-    let deadline = tokio::time::Instant::now() + request.wait;
     let mut answers = Vec::new();
     for (fileset, target, mut outcomes) in waits {
-        if request.wait.is_zero() {
+        let Some(wait) = request.wait else {
             answers.push((fileset, target, Vec::new()));
             continue;
-        }
+        };
         let replicas = match &group {
             Some(hub) => hub.replicas_of(&fileset),
             None => own_replicas.clone(),
         };
+        // Every replica's first outcome (each attempt is bounded by the stall timeouts), then,
+        // for those that failed, a retry that works, until `wait` has passed.
         let mut done: BTreeMap<String, Outcome> = BTreeMap::new();
         let mut failed: BTreeMap<String, Outcome> = BTreeMap::new();
+        let mut deadline = None;
         while done.len() < replicas.len() {
-            match tokio::time::timeout_at(deadline, outcomes.recv()).await {
+            if deadline.is_none() && done.len() + failed.len() == replicas.len() {
+                deadline = Some(tokio::time::Instant::now() + wait);
+            }
+            let next = match deadline {
+                Some(at) => tokio::time::timeout_at(at, outcomes.recv()).await,
+                None => Ok(outcomes.recv().await),
+            };
+            match next {
                 Ok(Ok(o)) if o.snapshot >= target && o.result.is_ok() => {
                     failed.remove(&o.replica);
                     done.insert(o.replica.clone(), o);
@@ -507,21 +516,21 @@ async fn answer_sync(
                 Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => break,
             }
         }
-        let waited = humantime::format_duration(Duration::from_secs(request.wait.as_secs()));
+        let waited = humantime::format_duration(Duration::from_secs(wait.as_secs()));
         let got = replicas
             .iter()
             .map(|r| match (done.remove(r), failed.remove(r)) {
                 (Some(ok), _) => ok,
                 (None, Some(mut last)) => {
                     if let Err(e) = &mut last.result {
-                        e.push_str(&format!(" (after waiting {waited}; the daemon keeps retrying: `snapship status` shows how it goes)"));
+                        e.push_str(&format!(" (waited {waited} more for a retry; the daemon keeps retrying: `snapship status` shows how it goes)"));
                     }
                     last
                 }
                 (None, None) => Outcome {
                     replica: r.clone(),
                     snapshot: target.clone(),
-                    result: Err(format!("not there after waiting {waited}: the transfer is still under way (`snapship status` shows it)")),
+                    result: Err("the daemon stopped before the transfer ended (`snapship status` shows it)".to_string()),
                 },
             })
             .collect();

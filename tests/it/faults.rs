@@ -56,7 +56,7 @@ impl Setup {
     /// Starts `snapship sync` (carried out by alpha's daemon) without waiting for it.
     fn start_sync(&self) -> Child {
         snapship()
-            .args(["sync", "--config"])
+            .args(["sync", "--wait", "0s", "--config"])
             .arg(self.c.dir("alpha").join("node.yaml"))
             .arg("projects")
             .stdout(std::process::Stdio::piped())

@@ -133,8 +133,10 @@ impl Cluster {
         }
     }
 
+    /// `snapship sync` reporting each replica's first attempt (`--wait 0s`: with a daemon, no
+    /// waiting for its retries; without one it changes nothing).
     pub fn sync(&self, node: &str, fileset: &str) -> Output {
-        snapship().args(["sync", "--config"]).arg(self.dir(node).join("node.yaml")).arg(fileset).output().unwrap()
+        snapship().args(["sync", "--wait", "0s", "--config"]).arg(self.dir(node).join("node.yaml")).arg(fileset).output().unwrap()
     }
 
     pub fn sync_ok(&self, node: &str, fileset: &str) -> String {
