@@ -92,6 +92,10 @@ pub fn endpoints(
         };
         out.push(Arc::new(PeerReplica::new(node.to_string(), fileset.clone(), transfer, stall, dialer, epoch.clone())));
     }
+    // Object-storage replicas are fed by whichever node is the origin now.
+    for store in crate::objstore::ObjectReplica::all_of(policy) {
+        out.push(Arc::new(store));
+    }
     Ok(out)
 }
 

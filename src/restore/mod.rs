@@ -246,7 +246,7 @@ fn resolve_inside(root: &Path, rel: &Path, name: &SnapshotName) -> Result<PathBu
 
 /// `to` as a new path to restore into: it must not exist, its parent must, and it must lie
 /// outside the live file set, the snapshot directory and this node's replica directory.
-async fn check_new_path(config: &LoadedConfig, policy: &Policy, to: &str) -> Result<PathBuf> {
+pub async fn check_new_path(config: &LoadedConfig, policy: &Policy, to: &str) -> Result<PathBuf> {
     let given = Path::new(to);
     if std::fs::symlink_metadata(given).is_ok() {
         bail!("{to} already exists; restore never overwrites anything: choose a path that does not exist (or move it away first)");
