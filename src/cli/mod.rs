@@ -145,9 +145,10 @@ enum Command {
         /// /srv/projects/docs/a.txt, is understood too).
         #[arg(long, value_name = "SUBPATH")]
         path: Option<PathBuf>,
-        /// Restore from another member's copy (not yet supported: restore on a node that holds
-        /// the snapshot).
-        #[arg(long, value_name = "NODE")]
+        /// Restore from one of the file set's object-storage replicas, by its `name`
+        /// (docs/object-storage.md): its chain of streams is downloaded, checked and received.
+        /// (Another member node's copy is not supported: restore on a node that holds it.)
+        #[arg(long, value_name = "NAME")]
         from: Option<String>,
     },
     /// Prove that a replica's copy of a snapshot equals the origin's, content and metadata
@@ -286,6 +287,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 }
             }
             if let Some(node) = from {
+                // Not an object store of the file set (those are restored above): a member node.
                 eprintln!(
                     "error: --from is not yet supported: run restore on `{node}` itself, or on any node that holds the snapshot (`snapship list` shows which)"
                 );

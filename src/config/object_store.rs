@@ -50,6 +50,9 @@ pub struct StoreReplica {
     /// transfer is about twice this.
     #[serde(default = "default_part_size")]
     pub part_size: ByteSize,
+    /// Its index in the policy's `replicas:` (for messages: `replicas[N].…`).
+    #[serde(skip)]
+    pub index: usize,
 }
 
 /// The S3-compatible store.
@@ -133,6 +136,7 @@ pub fn store_entries(path: &Path, text: &str) -> Result<Vec<(usize, StoreReplica
             let message = super::wording::plain(&e.into_inner().to_string(), Some(&key));
             super::located(path, &super::locate::KeyIndex::new(text), &key, message)
         })?;
+        r.index = i;
         r.encryption_key = base.join(&r.encryption_key);
         if let Some(c) = &mut r.object_store.credentials {
             *c = base.join(&*c);

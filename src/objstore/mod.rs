@@ -398,6 +398,20 @@ impl ReplicaEndpoint for ObjectReplica {
     }
 }
 
+/// What `snapship check` (and `run`, before it starts) finds wrong with the files an object
+/// store needs on this node, without asking the store: (key, message) pairs.
+pub fn check_files(spec: &StoreReplica) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let key = |k: &str| format!("replicas[{}].{k}", spec.index);
+    if let Err(e) = SealKey::load(&spec.encryption_key) {
+        out.push((key("encryption_key"), format!("{e:#}")));
+    }
+    if let Err(e) = credentials(spec) {
+        out.push((key("object_store.credentials"), format!("{e:#}")));
+    }
+    out
+}
+
 /// Reads until `buf` is full or the stream ends; how much was read.
 async fn read_full(stream: &mut (dyn AsyncRead + Send + Unpin), buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;

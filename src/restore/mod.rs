@@ -303,7 +303,7 @@ async fn forbidden_dirs(config: &LoadedConfig, policy: &Policy) -> Vec<(PathBuf,
 
 /// `to` as a new ZFS dataset for a clone: a dataset name that does not exist, outside the
 /// live dataset and this node's replica dataset.
-async fn check_new_dataset(config: &LoadedConfig, policy: &Policy, to: &str) -> Result<()> {
+pub async fn check_new_dataset(config: &LoadedConfig, policy: &Policy, to: &str) -> Result<()> {
     if to.starts_with('/') || !to.contains('/') {
         bail!(
             "with ZFS, --to names the new dataset to clone into (e.g. {}/restore), not a path; to copy files into a directory, add --path",

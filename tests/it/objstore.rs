@@ -27,6 +27,24 @@ struct Fixture {
     scratch: Scratch,
 }
 
+/// The key and credentials files, and the policy's `replicas:` entry for the store.
+fn offsite_entry(scratch: &Scratch, garage: &Garage) -> String {
+    let keys = scratch.dir.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let key = keys.join("offsite.key");
+    std::fs::write(&key, format!("{}\n", "5e".repeat(32))).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    garage.credentials_file(&keys.join("offsite.env"));
+    format!(
+        "replicas:\n  - name: offsite\n    object_store:\n      endpoint: {}\n      bucket: {}\n      prefix: backups/\n      region: {}\n      credentials: {}\n    encryption_key: {}\n    part_size: 5MiB\n",
+        garage.endpoint,
+        crate::common::garage::BUCKET,
+        crate::common::garage::REGION,
+        keys.join("offsite.env").display(),
+        key.display()
+    )
+}
+
 impl Fixture {
     fn new(test: &str) -> Option<Fixture> {
         let scratch = Scratch::new(test);
@@ -34,20 +52,10 @@ impl Fixture {
         let origin = LoopBtrfs::new(&scratch, "origin", 400);
         let target = LoopBtrfs::new(&scratch, "target", 400);
         let source = origin.subvolume("projects");
-        let keys = scratch.dir.join("keys");
-        std::fs::create_dir_all(&keys).unwrap();
-        let key = keys.join("offsite.key");
-        std::fs::write(&key, format!("{}\n", "5e".repeat(32))).unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        garage.credentials_file(&keys.join("offsite.env"));
         let policy = format!(
-            "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {}\nreplicas:\n  - name: offsite\n    object_store:\n      endpoint: {}\n      bucket: {}\n      prefix: backups/\n      region: {}\n      credentials: {}\n    encryption_key: {}\n    part_size: 5MiB\n",
+            "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {}\n{}",
             source.display(),
-            garage.endpoint,
-            crate::common::garage::BUCKET,
-            crate::common::garage::REGION,
-            keys.join("offsite.env").display(),
-            key.display()
+            offsite_entry(&scratch, &garage)
         );
         let config = single_node_config(&scratch, "alpha", &[("projects", policy)]);
         let snapdir = origin.mnt.join(".snapship/projects");
@@ -211,4 +219,51 @@ fn a_cut_upload_resumes_after_the_parts_already_stored() {
     assert_ne!(s1, s2);
     f.restore_and_compare(&s1, "cut");
     f.restore_and_compare(&s2, "after");
+}
+
+#[test]
+fn zfs_uploads_and_restores_onto_an_empty_pool() {
+    if !have_zfs("objstore_zfs") {
+        return;
+    }
+    let _one = crate::zfs::one_at_a_time();
+    let scratch = Scratch::new("objstore_zfs");
+    let Some(garage) = Garage::start(&scratch, "objstore_zfs") else { return };
+    let origin = ZfsPool::new(&scratch, "o", 256);
+    let target = ZfsPool::new(&scratch, "t", 256);
+    let src = origin.dataset("projects");
+    let policy = format!(
+        "fileset: projects\nbackend: zfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {src}\n{}",
+        offsite_entry(&scratch, &garage)
+    );
+    let config = single_node_config(&scratch, "alpha", &[("projects", policy)]);
+    let sync = || {
+        let out = snapship().args(["sync", "--config"]).arg(&config).arg("projects").output().unwrap();
+        assert!(out.status.success(), "sync failed:\n{}", text(&out));
+        text(&out)
+    };
+    let marker = format!("SNAPSHIP-ZFS-MARKER-{}", std::process::id());
+    std::fs::write(origin.mountpoint("projects").join("marker.txt"), marker.repeat(500)).unwrap();
+    write_random(&origin.mountpoint("projects").join("big.bin"), 6 << 20, 5);
+    assert!(sync().contains("full"));
+    std::fs::write(origin.mountpoint("projects").join("later.txt"), "second").unwrap();
+    let second = sync();
+    assert!(second.contains("incremental from"), "{second}");
+    let snaps: Vec<String> = origin.snapshot_props(&src, "guid").into_iter().map(|(n, _)| n).collect();
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    for dir in garage.dirs() {
+        assert!(found_in(&dir, &marker).is_empty(), "plaintext in Garage's {}", dir.display());
+    }
+    for (i, snap) in snaps.iter().enumerate() {
+        let to = format!("{}/restored{i}", target.name);
+        let out =
+            snapship().args(["restore", "--config"]).arg(&config).args(["projects", "--from", "offsite", "--snapshot", snap, "--to", &to]).output().unwrap();
+        assert!(out.status.success(), "restore of {snap} failed:\n{}", text(&out));
+        // The origin's snapshot, seen through a clone (zfs-fuse has no .zfs directory).
+        let clone = format!("{}/cmp{i}", origin.name);
+        run(std::process::Command::new("zfs").args(["clone", &format!("{src}@{snap}"), &clone]));
+        assert_same_tree(&origin.mountpoint(&format!("cmp{i}")), &target.mountpoint(&format!("restored{i}")));
+        let ro = sh(&format!("zfs get -H -o value readonly {to}"));
+        assert_eq!(ro.trim(), "off", "the restored dataset is writable");
+    }
 }
