@@ -267,3 +267,54 @@ fn zfs_uploads_and_restores_onto_an_empty_pool() {
         assert_eq!(ro.trim(), "off", "the restored dataset is writable");
     }
 }
+
+#[test]
+fn a_garage_node_killed_mid_upload_does_not_stop_it() {
+    require_root!();
+    let scratch = Scratch::new("objstore_cluster");
+    let Some(mut garage) = Garage::cluster(&scratch, "objstore_cluster", 3) else { return };
+    let origin = LoopBtrfs::new(&scratch, "origin", 400);
+    let target = LoopBtrfs::new(&scratch, "target", 300);
+    let source = origin.subvolume("projects");
+    // Paced, so that the upload is still under way when a node goes.
+    let policy = format!(
+        "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {}\n{}transfer:\n  bandwidth_limit: 10MiB/s\n",
+        source.display(),
+        offsite_entry(&scratch, &garage)
+    );
+    let config = single_node_config(&scratch, "alpha", &[("projects", policy)]);
+    write_random(&source.join("data.bin"), 40 << 20, 21);
+    let sync = snapship()
+        .args(["sync", "--config"])
+        .arg(&config)
+        .arg("projects")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the first part is stored (its upload record is there) and before the manifest is,
+    // one of the three nodes dies.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s3 = garage.client();
+    let keys = |dir: &str| {
+        rt.block_on(async {
+            use futures::TryStreamExt;
+            use object_store::ObjectStore;
+            let prefix = object_store::path::Path::from(format!("backups/projects/{dir}"));
+            s3.list(Some(&prefix)).try_collect::<Vec<_>>().await.map(|v| v.len()).unwrap_or(0)
+        })
+    };
+    wait_for(std::time::Duration::from_secs(60), "the first part stored", || keys("pending") > 0);
+    assert_eq!(keys("manifests"), 0, "the upload is still under way");
+    garage.kill(2);
+    let out = sync.wait_with_output().unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "sync failed with one Garage node down:\n{t}");
+    let snapdir = origin.mnt.join(".snapship/projects");
+    let s1 = names(&snapdir).pop().unwrap();
+    let to = target.mnt.join("restored");
+    let out =
+        snapship().args(["restore", "--config"]).arg(&config).args(["projects", "--from", "offsite", "--snapshot", &s1, "--to"]).arg(&to).output().unwrap();
+    assert!(out.status.success(), "restore with one Garage node down failed:\n{}", text(&out));
+    assert_same_tree(&snapdir.join(&s1), &to);
+}

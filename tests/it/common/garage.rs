@@ -35,11 +35,18 @@ pub fn binary(test: &str) -> Option<PathBuf> {
     None
 }
 
-/// One Garage node serving S3 on 127.0.0.1, with a bucket and a key that may use it.
-pub struct Garage {
-    child: Child,
-    bin: PathBuf,
+/// One Garage node: its process, config and directories.
+struct Node {
+    child: Option<Child>,
     config: PathBuf,
+    dir: PathBuf,
+}
+
+/// Garage on 127.0.0.1 (one node, or a cluster), with a bucket and a key that may use it.
+/// S3 requests go to the first node.
+pub struct Garage {
+    nodes: Vec<Node>,
+    bin: PathBuf,
     pub dir: PathBuf,
     pub endpoint: String,
     pub key_id: String,
@@ -47,44 +54,70 @@ pub struct Garage {
 }
 
 impl Garage {
-    /// Starts Garage under `scratch` (`None`: not installed and not required).
+    /// Starts one Garage node under `scratch` (`None`: not installed and not required).
     pub fn start(scratch: &Scratch, test: &str) -> Option<Garage> {
+        Self::cluster(scratch, test, 1)
+    }
+
+    /// Starts `n` Garage nodes replicating everything `n` times (one zone each).
+    pub fn cluster(scratch: &Scratch, test: &str, n: usize) -> Option<Garage> {
         let bin = binary(test)?;
         let dir = scratch.dir.join("garage");
-        std::fs::create_dir_all(dir.join("meta")).unwrap();
-        std::fs::create_dir_all(dir.join("data")).unwrap();
-        let (rpc, s3, admin) = (free_port(), free_port(), free_port());
         let secret: String = (0..32).map(|i| format!("{:02x}", (i * 37 + 11) as u8)).collect();
-        let config = dir.join("garage.toml");
-        // compression off: plaintext reaching the store would show in its data directory.
-        std::fs::write(
-            &config,
-            format!(
-                "metadata_dir = \"{meta}\"\ndata_dir = \"{data}\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\ncompression_level = \"none\"\n\
-                 rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\n\
-                 [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\n[admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
-                meta = dir.join("meta").display(),
-                data = dir.join("data").display(),
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("garage.log")).unwrap();
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&config)
-            .arg("server")
-            .env("RUST_LOG", "garage=warn")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
+        let mut nodes = Vec::new();
+        let mut endpoint = String::new();
+        for i in 0..n {
+            let ndir = dir.join(format!("node{i}"));
+            std::fs::create_dir_all(ndir.join("meta")).unwrap();
+            std::fs::create_dir_all(ndir.join("data")).unwrap();
+            let (rpc, s3, admin) = (free_port(), free_port(), free_port());
+            if i == 0 {
+                endpoint = format!("http://127.0.0.1:{s3}");
+            }
+            let config = ndir.join("garage.toml");
+            // compression off: plaintext reaching the store would show in its data directory.
+            std::fs::write(
+                &config,
+                format!(
+                    "metadata_dir = \"{meta}\"\ndata_dir = \"{data}\"\ndb_engine = \"sqlite\"\nreplication_factor = {n}\ncompression_level = \"none\"\n\
+                     rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\n\
+                     [s3_api]\ns3_region = \"{REGION}\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\n[admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+                    meta = ndir.join("meta").display(),
+                    data = ndir.join("data").display(),
+                ),
+            )
             .unwrap();
-        let mut g = Garage { child, bin, config, endpoint: format!("http://127.0.0.1:{s3}"), dir, key_id: String::new(), secret: String::new() };
-        let id = super::wait_until(std::time::Duration::from_secs(60), "garage to answer", || {
-            let out = g.command(&["node", "id", "-q"]).output().ok()?;
-            out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        });
-        let node = id.split('@').next().unwrap().to_string();
-        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
+            let log = std::fs::File::create(ndir.join("garage.log")).unwrap();
+            let child = Command::new(&bin)
+                .arg("-c")
+                .arg(&config)
+                .arg("server")
+                .env("RUST_LOG", "garage=warn")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            nodes.push(Node { child: Some(child), config, dir: ndir });
+        }
+        let mut g = Garage { nodes, bin, dir, endpoint, key_id: String::new(), secret: String::new() };
+        let mut ids = Vec::new();
+        for i in 0..n {
+            ids.push(super::wait_until(std::time::Duration::from_secs(60), "garage to answer", || {
+                let out = g.command_on(i, &["node", "id", "-q"]).output().ok()?;
+                out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+            }));
+        }
+        for id in &ids[1..] {
+            g.cli(&["node", "connect", id]);
+        }
+        for (i, id) in ids.iter().enumerate() {
+            let node = id.split('@').next().unwrap();
+            let zone = format!("dc{}", i + 1);
+            // The other nodes are known once they connected.
+            super::wait_until(std::time::Duration::from_secs(60), "garage to know every node", || {
+                g.command(&["layout", "assign", "-z", &zone, "-c", "1G", node]).output().ok()?.status.success().then_some(())
+            });
+        }
         g.cli(&["layout", "apply", "--version", "1"]);
         // The layout takes a moment to be in force: bucket creation fails until it is.
         super::wait_until(std::time::Duration::from_secs(60), "garage to take the bucket", || {
@@ -100,10 +133,22 @@ impl Garage {
         Some(g)
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    /// Kills node `i` (SIGKILL), as a crashed server.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn command_on(&self, i: usize, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
-        c.arg("-c").arg(&self.config).args(args).stdin(Stdio::null());
+        c.arg("-c").arg(&self.nodes[i].config).args(args).stdin(Stdio::null());
         c
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        self.command_on(0, args)
     }
 
     /// Runs a `garage` CLI command against this node; its output.
@@ -111,9 +156,9 @@ impl Garage {
         String::from_utf8(super::run(&mut self.command(args)).stdout).unwrap()
     }
 
-    /// The directories Garage keeps everything in.
-    pub fn dirs(&self) -> [PathBuf; 2] {
-        [self.dir.join("meta"), self.dir.join("data")]
+    /// The directories Garage keeps everything in (every node's).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        self.nodes.iter().flat_map(|n| [n.dir.join("meta"), n.dir.join("data")]).collect()
     }
 
     /// A credentials file for snapship, and the object_store client the tests look with.
@@ -136,7 +181,8 @@ impl Garage {
 
 impl Drop for Garage {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
     }
 }
