@@ -108,7 +108,10 @@ impl Garage {
             }));
         }
         for id in &ids[1..] {
-            g.cli(&["node", "connect", id]);
+            // `node id` answers from the node's files: its RPC may not listen yet.
+            super::wait_until(std::time::Duration::from_secs(60), "garage nodes to connect", || {
+                g.command(&["node", "connect", id]).output().ok()?.status.success().then_some(())
+            });
         }
         for (i, id) in ids.iter().enumerate() {
             let node = id.split('@').next().unwrap();
