@@ -4,7 +4,9 @@
 //! snapshot onto an empty filesystem, equal to the origin's snapshots; no plaintext of the
 //! file set anywhere in Garage's directories; tampered object bytes refused on restore with
 //! nothing left behind; an upload cut mid-stream resumed after the parts already stored
-//! (bytes re-sent measured).
+//! (bytes re-sent measured); retention across a new full stream keeping every kept snapshot
+//! restorable; a Garage cluster (replication factor 3) losing a node mid-upload; ZFS on
+//! zfs-fuse.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -47,13 +49,19 @@ fn offsite_entry(scratch: &Scratch, garage: &Garage) -> String {
 
 impl Fixture {
     fn new(test: &str) -> Option<Fixture> {
+        Self::with(test, "", "")
+    }
+
+    /// With more keys in the store's entry (`entry`, indented as its keys) and the policy
+    /// (`policy`, top-level keys).
+    fn with(test: &str, entry: &str, more: &str) -> Option<Fixture> {
         let scratch = Scratch::new(test);
         let garage = Garage::start(&scratch, test)?;
         let origin = LoopBtrfs::new(&scratch, "origin", 400);
         let target = LoopBtrfs::new(&scratch, "target", 400);
         let source = origin.subvolume("projects");
         let policy = format!(
-            "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {}\n{}",
+            "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {}\n{}{entry}{more}",
             source.display(),
             offsite_entry(&scratch, &garage)
         );
@@ -317,4 +325,62 @@ fn a_garage_node_killed_mid_upload_does_not_stop_it() {
         snapship().args(["restore", "--config"]).arg(&config).args(["projects", "--from", "offsite", "--snapshot", &s1, "--to"]).arg(&to).output().unwrap();
     assert!(out.status.success(), "restore with one Garage node down failed:\n{}", text(&out));
     assert_same_tree(&snapdir.join(&s1), &to);
+}
+
+/// The streams the store holds for `projects` (by their manifests): (snapshot name, full).
+fn stored_streams(garage: &Garage) -> Vec<(String, bool)> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use futures::TryStreamExt;
+        use object_store::ObjectStore;
+        let s3 = garage.client();
+        let prefix = object_store::path::Path::from("backups/projects/manifests");
+        let mut v: Vec<(String, bool)> = s3
+            .list(Some(&prefix))
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| {
+                // NAME.IDENTITY.full or NAME.IDENTITY.from.BASE; a name has one dot.
+                let key = m.location.filename().unwrap().to_string();
+                let name: Vec<&str> = key.splitn(3, '.').take(2).collect();
+                (name.join("."), key.ends_with(".full"))
+            })
+            .collect();
+        v.sort();
+        v
+    })
+}
+
+#[test]
+fn retention_across_a_new_full_keeps_every_kept_snapshot_restorable() {
+    require_root!();
+    // Every incremental exceeds 1 % of the full: the upload after one is a new full.
+    let Some(f) = Fixture::with("objstore_retention", "    full_ratio: 0.01\n", "retention:\n  replica: { last: 2 }\n") else { return };
+    let mut taken = Vec::new();
+    let mut kinds = Vec::new();
+    for i in 0..4u64 {
+        write_random(&f.source.join(format!("file{i}.bin")), 1 << 20, 30 + i);
+        if i == 0 {
+            write_random(&f.source.join("base.bin"), 8 << 20, 29);
+        }
+        let out = f.sync_ok();
+        kinds.push(if out.contains("incremental from") { "incremental" } else { "full" });
+        taken.push(names(&f.snapdir).pop().unwrap());
+        // Every snapshot retention keeps (the last two) restores, equal to the origin's.
+        let keep = &taken[taken.len().saturating_sub(2)..];
+        for (j, s) in keep.iter().enumerate() {
+            f.restore_and_compare(s, &format!("r{i}-{j}"));
+        }
+        let held = stored_streams(&f.garage);
+        eprintln!("after upload {i} ({}): {held:?}", kinds[i as usize]);
+    }
+    // full, incremental (over 1 %), then a new full, then an incremental on it.
+    assert_eq!(kinds, ["full", "incremental", "full", "incremental"]);
+    // What is left: the new full and the incremental on it; the old chain went whole once
+    // no kept snapshot needed it.
+    let held = stored_streams(&f.garage);
+    let expect: Vec<(String, bool)> = vec![(taken[2].clone(), true), (taken[3].clone(), false)];
+    assert_eq!(held, expect);
 }
