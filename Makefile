@@ -64,8 +64,11 @@ lint: deps
 # break transfers through test hooks that only a `test-hooks` build has (see Cargo.toml).
 # promtool for the alert-rule checks is unpacked from Debian's prometheus package into
 # target/tools (not installed: that would start a Prometheus server); without it they skip.
+# Garage, the S3 store the object-storage tests run against, is built once into
+# ~/.cache/snapship/tools (scripts/fetch-garage.sh).
 test: deps
 	@scripts/fetch-promtool.sh
+	@scripts/fetch-garage.sh
 	$(CARGO) build --all-targets --features test-hooks
 	scripts/with-scratch.sh $(CARGO) test --all-targets --features test-hooks
 

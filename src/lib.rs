@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod config;
 pub mod node;
+pub mod objstore;
 pub mod observe;
 pub mod origin;
 pub mod replica;

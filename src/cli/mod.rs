@@ -153,9 +153,10 @@ enum Command {
         /// /srv/projects/docs/a.txt, is understood too).
         #[arg(long, value_name = "SUBPATH")]
         path: Option<PathBuf>,
-        /// Restore from another member's copy (not yet supported: restore on a node that holds
-        /// the snapshot).
-        #[arg(long, value_name = "NODE")]
+        /// Restore from one of the file set's object-storage replicas, by its `name`
+        /// (docs/object-storage.md): its chain of streams is downloaded, checked and received.
+        /// (Another member node's copy is not supported: restore on a node that holds it.)
+        #[arg(long, value_name = "NAME")]
         from: Option<String>,
     },
     /// Prove that a replica's copy of a snapshot equals the origin's, content and metadata
@@ -281,7 +282,20 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Status { config, json } => status(&config.config, json).await,
         Command::List { config, fileset } => list(&config.config, &fileset).await,
         Command::Restore { config, fileset, at, snapshot, to, path, from } => {
+            let which = match (&at, &snapshot) {
+                (_, Some(name)) => Some(crate::restore::Which::Named(name.clone())),
+                (Some(at), None) => {
+                    Some(crate::restore::Which::At(crate::restore::when::parse_time(at, chrono::Utc::now()).map_err(|e| anyhow::anyhow!("--at: {e}"))?))
+                }
+                (None, None) => None,
+            };
+            if let (Some(store), Some(which)) = (from.as_deref(), &which) {
+                if let Some(code) = restore_from_store(&config.config, &fileset, store, which, &to, path.as_deref()).await? {
+                    return Ok(code);
+                }
+            }
             if let Some(node) = from {
+                // Not an object store of the file set (those are restored above): a member node.
                 eprintln!(
                     "error: --from is not yet supported: run restore on `{node}` itself, or on any node that holds the snapshot (`snapship list` shows which)"
                 );
@@ -395,7 +409,7 @@ async fn sync(path: &std::path::Path, fileset: &str, wait: Option<std::time::Dur
         for (node, result) in outcomes {
             match result {
                 Ok(r) => println!(
-                    "{fileset}: {} -> {node}: {} ({} bytes in {:.2}s)",
+                    "{fileset}: {} -> {node}: {} ({} bytes in {:.2}s){}",
                     r.snapshot,
                     match &r.base {
                         Some(b) => format!("incremental from {b}"),
@@ -403,7 +417,8 @@ async fn sync(path: &std::path::Path, fileset: &str, wait: Option<std::time::Dur
                         None => "full".into(),
                     },
                     r.bytes,
-                    r.elapsed.as_secs_f64()
+                    r.elapsed.as_secs_f64(),
+                    if r.resumed_from > 0 { format!(", resumed after {} bytes the replica held", r.resumed_from) } else { String::new() }
                 ),
                 Err(e) => {
                     failed = true;
@@ -567,6 +582,36 @@ async fn restore(path: &std::path::Path, fileset: &str, which: &crate::restore::
     Ok(ExitCode::SUCCESS)
 }
 
+/// `restore --from STORE` where STORE is one of the file set's object-storage replicas;
+/// `None` when it names no object store (a member node: handled as before).
+async fn restore_from_store(
+    path: &std::path::Path,
+    fileset: &str,
+    store: &str,
+    which: &crate::restore::Which,
+    to: &str,
+    subpath: Option<&std::path::Path>,
+) -> Result<Option<ExitCode>> {
+    let loaded = config::load(path)?;
+    let policy = find_policy(&loaded, path, fileset)?;
+    let Some(spec) = policy.object_stores.iter().find(|s| s.name.0 == store) else { return Ok(None) };
+    if subpath.is_some() {
+        bail!("--path is not supported with an object store: restore the whole file set from `{store}`, then copy what you need from it");
+    }
+    let replica = crate::objstore::ObjectReplica::new(policy, spec);
+    let done = crate::objstore::restore::restore(&loaded, policy, &replica, which, to).await?;
+    println!(
+        "restored {fileset} as of snapshot {} (taken {}, {}): {} from {}, at {}",
+        done.snapshot,
+        crate::restore::shown_time(&done.snapshot),
+        crate::restore::kind_word(done.snapshot.kind()),
+        done.how,
+        done.from,
+        done.to
+    );
+    Ok(Some(ExitCode::SUCCESS))
+}
+
 /// What `list` knows of one member of the file set.
 enum Known {
     Listed(Vec<crate::snapshot::Snapshot>),
@@ -652,6 +697,14 @@ async fn list(path: &std::path::Path, fileset: &str) -> Result<ExitCode> {
         // A replica on the origin's own node is told apart from the origin's column.
         let label = if *beside_origin { format!("{node} (replica)") } else { node.clone() };
         columns.push((label, known?));
+    }
+    // Object stores are read from here, with this node's key and credentials.
+    for store in crate::objstore::ObjectReplica::all_of(policy) {
+        let known = match store.held().await {
+            Ok(list) => Known::Listed(list),
+            Err(e) => Known::Unreachable(format!("{e:#}")),
+        };
+        columns.push((format!("{} (object store)", crate::ship::ReplicaEndpoint::node(&store)), known));
     }
 
     // Sizes where this node's filesystem knows them cheaply (ZFS); btrfs would need qgroups.

@@ -8,6 +8,7 @@
 
 pub mod cron;
 pub mod locate;
+pub mod object_store;
 pub mod units;
 pub mod wording;
 
@@ -102,7 +103,12 @@ pub struct Policy {
     #[serde(default)]
     pub continuous: Option<Continuous>,
     pub origin: Origin,
+    /// The node replicas; object-store entries of `replicas:` are in `object_stores`.
+    #[serde(deserialize_with = "object_store::node_entries")]
     pub replicas: Vec<ReplicaSpec>,
+    /// The object-storage replicas (`replicas:` entries with `name` and `object_store`).
+    #[serde(skip)]
+    pub object_stores: Vec<object_store::StoreReplica>,
     #[serde(default)]
     pub retention: RetentionSides,
     #[serde(default)]
@@ -476,7 +482,16 @@ pub fn load_policy(path: &Path, node: &NodeConfig) -> Result<Policy, Vec<ConfigE
 pub fn parse_policy_text(path: &Path, text: &str, node: &NodeConfig) -> Result<Policy, Vec<ConfigError>> {
     let mut policy: Policy = parse_yaml(path, text).map_err(|e| vec![e])?;
     policy.file = path.to_path_buf();
-    let errors = validate_policy(&policy, node, &KeyIndex::new(text));
+    let stores = object_store::store_entries(path, text).map_err(|e| vec![e])?;
+    let mut errors = validate_policy(&policy, node, &KeyIndex::new(text));
+    let index = KeyIndex::new(text);
+    let names: Vec<&str> = policy.nodes().map(|n| n.0.as_str()).collect();
+    errors.extend(object_store::check(&stores, &names).into_iter().map(|(key, message)| located(path, &index, &key, message)));
+    if !stores.is_empty() {
+        // `validate_policy` saw no object store: its complaint about no replica at all is moot.
+        errors.retain(|e| e.key.as_deref() != Some("replicas"));
+    }
+    policy.object_stores = stores.into_iter().map(|(_, s)| s).collect();
     if errors.is_empty() { Ok(policy) } else { Err(errors) }
 }
 

@@ -362,3 +362,56 @@ fn a_bad_from_is_located() {
     assert!(errors.iter().all(|e| e.contains("makes a cycle")), "{errors:#?}");
     expect(&errors[0], "projects.yaml", 13, "replicas[0].from", "beta <- gamma <- beta");
 }
+
+const OFFSITE: &str = "  - name: offsite
+    object_store:
+      endpoint: http://127.0.0.1:3900
+      bucket: snapship
+      prefix: projects/
+      region: garage
+      credentials: keys/offsite.env
+    encryption_key: keys/offsite.key
+    full_every: 7d
+";
+
+#[test]
+fn object_store_replicas_load_beside_node_replicas() {
+    let text = GOOD.replace("retention:", &format!("{OFFSITE}retention:"));
+    let s = Setup::new(&[("projects.yaml", &text)]);
+    let loaded = s.load();
+    assert!(loaded.errors.is_empty(), "{:#?}", loaded.errors);
+    let p = loaded.policy("projects").unwrap();
+    assert_eq!(p.replicas.len(), 1, "the node replica stays a node replica");
+    let o = &p.object_stores[0];
+    assert_eq!((o.name.0.as_str(), o.object_store.bucket.as_str(), o.object_store.region.as_str()), ("offsite", "snapship", "garage"));
+    assert_eq!(o.full_every.0.as_secs(), 7 * 86400);
+    assert_eq!((o.full_ratio, o.part_size.0), (0.5, 16 << 20));
+    // Files are named relative to the policy.
+    assert_eq!(o.encryption_key, s.dir.path().join("policies/keys/offsite.key"));
+    assert_eq!(o.object_store.credentials.as_deref(), Some(s.dir.path().join("policies/keys/offsite.env").as_path()));
+    // An object store alone is a replica too.
+    let only = GOOD.replace("  - node: beta\n    path: /backup/projects\n", OFFSITE);
+    let s = Setup::new(&[("projects.yaml", &only)]);
+    let loaded = s.load();
+    assert!(loaded.errors.is_empty(), "{:#?}", loaded.errors);
+    assert!(loaded.policy("projects").unwrap().replicas.is_empty());
+}
+
+#[test]
+fn object_store_mistakes_name_their_key_and_no_secret_is_taken() {
+    let with = |o: &str| GOOD.replace("retention:", &format!("{o}retention:"));
+    // A secret written into the policy is not a key we take.
+    let s = Setup::new(&[("projects.yaml", &with(&OFFSITE.replace("      region: garage\n", "      region: garage\n      secret_access_key: abc\n")))]);
+    let err = s.only_error();
+    assert!(err.contains("key `replicas[1].object_store.secret_access_key`") && err.contains("unknown key"), "{err}");
+    assert!(err.contains("projects.yaml:19:"), "{err}");
+    let s = Setup::new(&[("projects.yaml", &with(&OFFSITE.replace("      bucket: snapship\n", "")))]);
+    let err = s.only_error();
+    assert!(err.contains("key `replicas[1].object_store`") && err.contains("bucket"), "{err}");
+    let s = Setup::new(&[("projects.yaml", &with(&OFFSITE.replace("http://127.0.0.1:3900", "127.0.0.1:3900")))]);
+    expect(&s.only_error(), "projects.yaml", 15, "replicas[1].object_store.endpoint", "is not an http:// or https:// URL");
+    let s = Setup::new(&[("projects.yaml", &with(&OFFSITE.replace("name: offsite", "name: beta")))]);
+    expect(&s.only_error(), "projects.yaml", 13, "replicas[1].name", "already the name of a member");
+    let s = Setup::new(&[("projects.yaml", &with(&format!("{OFFSITE}    part_size: 1MiB\n")))]);
+    expect(&s.only_error(), "projects.yaml", 22, "replicas[1].part_size", "write 5MiB to 5GiB");
+}

@@ -94,6 +94,10 @@ pub fn endpoints(
         };
         out.push(Arc::new(PeerReplica::new(node.to_string(), fileset.clone(), transfer, stall, dialer, epoch.clone())));
     }
+    // Object-storage replicas are fed by whichever node is the origin now.
+    for store in crate::objstore::ObjectReplica::all_of(policy) {
+        out.push(Arc::new(store));
+    }
     Ok(out)
 }
 
@@ -818,6 +822,12 @@ async fn verify_replicas(
     }
     let mut connector = None;
     let mut targets = endpoints(config, policy, &mut connector, link, epochs)?;
+    // Object stores hold streams, not trees to compare: every restore checks their parts'
+    // hashes instead (docs/object-storage.md).
+    if let Some(store) = policy.object_stores.iter().find(|s| only == Some(s.name.0.as_str())) {
+        bail!("`{}` is an object store: verify compares trees with node replicas only; a restore from it checks every part against its manifest", store.name);
+    }
+    targets.retain(|e| !policy.object_stores.iter().any(|s| s.name.0 == e.node()));
     if let Some(only) = only {
         targets.retain(|e| e.node() == only);
         if targets.is_empty() {

@@ -246,7 +246,7 @@ fn resolve_inside(root: &Path, rel: &Path, name: &SnapshotName) -> Result<PathBu
 
 /// `to` as a new path to restore into: it must not exist, its parent must, and it must lie
 /// outside the live file set, the snapshot directory and this node's replica directory.
-async fn check_new_path(config: &LoadedConfig, policy: &Policy, to: &str) -> Result<PathBuf> {
+pub async fn check_new_path(config: &LoadedConfig, policy: &Policy, to: &str) -> Result<PathBuf> {
     let given = Path::new(to);
     if std::fs::symlink_metadata(given).is_ok() {
         bail!("{to} already exists; restore never overwrites anything: choose a path that does not exist (or move it away first)");
@@ -303,7 +303,7 @@ async fn forbidden_dirs(config: &LoadedConfig, policy: &Policy) -> Vec<(PathBuf,
 
 /// `to` as a new ZFS dataset for a clone: a dataset name that does not exist, outside the
 /// live dataset and this node's replica dataset.
-async fn check_new_dataset(config: &LoadedConfig, policy: &Policy, to: &str) -> Result<()> {
+pub async fn check_new_dataset(config: &LoadedConfig, policy: &Policy, to: &str) -> Result<()> {
     if to.starts_with('/') || !to.contains('/') {
         bail!(
             "with ZFS, --to names the new dataset to clone into (e.g. {}/restore), not a path; to copy files into a directory, add --path",

@@ -16,12 +16,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("observe", &["config", "snapshot", "ship"]),
     ("replicate", &["config", "snapshot", "schedule", "ship"]),
     ("restore", &["config", "snapshot"]),
+    ("objstore", &["config", "snapshot", "schedule", "ship", "restore"]),
     ("replica", &["config", "snapshot", "store", "schedule", "ship", "observe", "replicate"]),
     ("origin", &["config", "snapshot", "store", "schedule", "ship", "observe", "replicate"]),
-    ("node", &["config", "snapshot", "store", "schedule", "ship", "observe", "replicate", "replica", "origin"]),
-    ("cli", &["config", "snapshot", "store", "schedule", "ship", "observe", "replicate", "restore", "replica", "origin", "node"]),
+    ("node", &["config", "snapshot", "store", "schedule", "ship", "observe", "replicate", "objstore", "replica", "origin"]),
+    ("cli", &["config", "snapshot", "store", "schedule", "ship", "observe", "replicate", "restore", "objstore", "replica", "origin", "node"]),
     // Unit tests of the roles with fake backends (cfg(test) only).
-    ("role_tests", &["config", "snapshot", "store", "schedule", "ship", "observe", "replicate", "restore", "replica", "origin", "node", "cli"]),
+    ("role_tests", &["config", "snapshot", "store", "schedule", "ship", "observe", "replicate", "restore", "objstore", "replica", "origin", "node", "cli"]),
 ];
 
 /// The top-level module a file under `src/` belongs to (`None` for the crate root).

@@ -17,6 +17,8 @@
 //! - `cli_check`, `cli_certs`, `certs_expiry`, `examples`: the config checker, certificates
 //!   (making, renewing, refusing expired ones in a handshake) and the shipped examples (no
 //!   root);
+//! - `objstore`: object-storage replicas against a real Garage store: uploads, restores,
+//!   resume, tamper and plaintext checks;
 //! - `layers`: the dependency rule between the modules of `src/` (no root);
 //! - `install`, `service_unit`, `monitoring`: what `make install` ships (man pages,
 //!   completions), the systemd unit's hardening score, the Prometheus rules and Grafana
@@ -37,6 +39,7 @@ mod faults;
 mod install;
 mod layers;
 mod monitoring;
+mod objstore;
 mod operate;
 mod proxy;
 mod quic;

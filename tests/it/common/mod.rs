@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod garage;
 pub mod proxy;
 
 use std::collections::BTreeMap;
