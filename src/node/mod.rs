@@ -117,7 +117,7 @@ impl ReplicaRole {
     /// Also serves other nodes over QUIC on `addr`.
     pub fn listen(&self, config: &LoadedConfig, addr: std::net::SocketAddr, shutdown: &CancellationToken) -> Result<()> {
         let files = config.node.tls.as_ref().ok_or_else(|| anyhow!("{} has no `tls:` section; a replica needs one", config.node.file.display()))?;
-        let server = quic::bind(files, addr)?;
+        let server = quic::bind(files, addr, config.node.transfers.stall_timeout.0)?;
         tracing::info!(node = %config.node.node, %addr, "listening for origins");
         let peers = config.node.peers.keys().map(|k| k.0.clone()).collect();
         self.tasks.spawn(quic::serve(server, peers, self.service.clone(), shutdown.clone()));

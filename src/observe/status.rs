@@ -92,6 +92,20 @@ pub struct ReplicaStatus {
     /// Transfers that went on from where a cut one stopped.
     #[serde(default)]
     pub resumes: u64,
+    /// The replica said it has no room for the stream: the origin waits for room there
+    /// (checking with the replica, not resending) before it tries again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for_room: Option<RoomWait>,
+}
+
+/// A replica without room for a stream, as the origin last heard from it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoomWait {
+    pub since: DateTime<Utc>,
+    /// Bytes free there, at the last check.
+    pub free: u64,
+    /// The stream's length, when the replica had all of it.
+    pub needed: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -160,6 +174,7 @@ struct ReplicaEntry {
     bytes: u64,
     sent: u64,
     resumes: u64,
+    waiting_for_room: Option<RoomWait>,
 }
 
 struct Running {
@@ -388,6 +403,15 @@ impl StatusBoard {
         }
     }
 
+    /// The replica has no room (`Some`: how much it has now), or the wait for room is over
+    /// (`None`).
+    pub fn waiting_for_room(&self, fileset: &str, replica: &str, room: Option<(u64, Option<u64>)>) {
+        self.with(|b| {
+            let r = b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default();
+            r.waiting_for_room = room.map(|(free, needed)| RoomWait { since: r.waiting_for_room.as_ref().map_or_else(Utc::now, |w| w.since), free, needed });
+        });
+    }
+
     /// A transfer ended: `Ok(bytes)` or the error.
     pub fn transfer_finished(&self, fileset: &str, replica: &str, snapshot: &SnapshotName, result: Result<u64, String>) {
         let labels = [("fileset", fileset.to_string()), ("replica", replica.to_string())];
@@ -499,6 +523,7 @@ impl StatusBoard {
                                 bytes_shipped: r.bytes,
                                 bytes_sent: r.sent + r.transfer.as_ref().map_or(0, Running::sent),
                                 resumes: r.resumes,
+                                waiting_for_room: r.waiting_for_room.clone(),
                             }
                         })
                         .collect(),

@@ -8,6 +8,8 @@
 //! - `failover`: promotion of a replica, fencing, failback without a full resend;
 //! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
 //!   fault proxy they go through;
+//! - `heal`: connections that heal (a replica restarted between syncs, one dead in the
+//!   commit phase) and the wait for room on a full replica instead of blind resends;
 //! - `restore`: getting data back (restore at a time, one path, a ZFS clone) and `list`
 //!   on every member;
 //! - `verify`: `snapship verify` of a faithful, a tampered and an unreachable replica;
@@ -29,6 +31,7 @@ mod cli_check;
 mod examples;
 mod failover;
 mod faults;
+mod heal;
 mod install;
 mod layers;
 mod monitoring;
