@@ -37,8 +37,10 @@ use crate::snapshot::{Kind, OriginSide, Snapshot, SnapshotName};
 use crate::store::EpochStore;
 
 /// How long a probe of a replica (a `list`) may take before the replica counts as out of
-/// reach: a QUIC handshake is given as long.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// reach: its period, at least 2 s (a handshake and a listing, a few round trips).
+fn probe_timeout(stall: Duration) -> Duration {
+    retry::probe_period(stall).max(Duration::from_secs(2))
+}
 
 /// Retry delays for a failing replica: from 1 s, doubling, at most 5 minutes, jittered.
 fn retry_delays() -> impl Iterator<Item = Duration> {
@@ -406,7 +408,7 @@ impl OriginJob {
                 Next::Probe => {
                     let answered = tokio::select! {
                         _ = shutdown.cancelled() => return false,
-                        answered = probe(ep) => answered,
+                        answered = probe(ep, probe_timeout(self.stall)) => answered,
                     };
                     if wait.probed(start.elapsed(), answered) {
                         tracing::info!(fileset = self.fileset(), replica = ep.node(), "the replica answers again; trying now");
@@ -441,7 +443,7 @@ impl OriginJob {
             }
             let listing = tokio::select! {
                 _ = shutdown.cancelled() => break false,
-                listing = tokio::time::timeout(PROBE_TIMEOUT, ep.list()) => listing,
+                listing = tokio::time::timeout(probe_timeout(self.stall), ep.list()) => listing,
             };
             let free = match listing {
                 Ok(Ok(listing)) => listing.free,
@@ -563,10 +565,10 @@ impl Hooks for OriginJob {
     }
 }
 
-/// Whether `ep` answers a `list` within [`PROBE_TIMEOUT`] (a refusal is an answer too). A
-/// probe not answered drops the connection, so that the next one dials afresh.
-async fn probe(ep: &dyn ReplicaEndpoint) -> bool {
-    match tokio::time::timeout(PROBE_TIMEOUT, ep.list()).await {
+/// Whether `ep` answers a `list` within `limit` (a refusal is an answer too). A probe not
+/// answered drops the connection, so that the next one dials afresh.
+async fn probe(ep: &dyn ReplicaEndpoint, limit: Duration) -> bool {
+    match tokio::time::timeout(limit, ep.list()).await {
         Ok(Ok(_)) => true,
         Ok(Err(e)) if e.chain().any(|c| c.is::<Refused>() || c.is::<Fenced>() || c.is::<NoRoom>()) => true,
         Ok(Err(_)) | Err(_) => {

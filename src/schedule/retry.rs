@@ -164,4 +164,13 @@ mod tests {
         assert!(!room_enough(9 << 30, 8 << 30, 0, None));
         assert!(room_enough(10 << 30, 0, 8 << 30, None));
     }
+
+    #[test]
+    fn a_replica_claiming_absurd_room_needs_cannot_overflow_the_rule() {
+        // The figures come from the wire: a hostile replica's worst is to make its origin
+        // wait (at most ROOM_WAIT_MAX per attempt), never a panic or a wrap-around.
+        assert!(!room_enough(u64::MAX - 1, u64::MAX, u64::MAX, None));
+        assert!(!room_enough(u64::MAX - 1, 0, 0, Some(u64::MAX)));
+        assert!(room_enough(u64::MAX, 0, 0, Some(u64::MAX)));
+    }
 }
