@@ -3,7 +3,8 @@
 //! docs/benchmarks.md. Needs root (run through scripts/with-scratch.sh, as `make bench` does).
 //!
 //! Phases: full transfer, ~10 % incremental, a 1 MB change end to end, continuous-mode RPO,
-//! peak RSS during a 4 GiB stream, CPU of 200 idle continuous file sets.
+//! peak RSS during a 4 GiB stream, CPU of 200 idle continuous file sets, connection faults
+//! (a replica restarted between syncs, one dead in the commit phase, an outage, UDP drops).
 
 #[path = "../tests/it/common/mod.rs"]
 mod common;
@@ -21,7 +22,7 @@ fn runs() -> usize {
     std::env::var("SNAPSHIP_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
 }
 
-/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,rpo,rss,idle` (default: all).
+/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,rpo,rss,idle,faults` (default: all).
 fn want(phase: &str) -> bool {
     std::env::var("SNAPSHIP_BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p == phase))
 }
@@ -493,6 +494,11 @@ fn main() {
         drop(c);
     }
 
+    // ---- Connection faults ------------------------------------------------------------------
+    if want("faults") {
+        connection_faults(&mut out, &mut verdicts);
+    }
+
     writeln!(out, "\n## Targets\n\n| target | met | measured |\n|---|---|---|").unwrap();
     for (t, ok, v) in &verdicts {
         writeln!(out, "| {t} | {} | {v} |", if *ok { "yes" } else { "**no**" }).unwrap();
@@ -504,6 +510,176 @@ fn main() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(if all { "docs/benchmarks.md" } else { "target/benchmarks-partial.md" });
     std::fs::write(&path, &out).unwrap();
     println!("{out}\nwritten to {}", path.display());
+}
+
+/// UDP datagrams the kernel dropped for want of receive buffer, machine-wide
+/// (`RcvbufErrors` in /proc/net/snmp).
+fn udp_rcvbuf_errors() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next().unwrap(), udp.next().unwrap());
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors").unwrap();
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// The connection faults of issue 17, each timed: a replica restarted (SIGTERM, SIGKILL)
+/// between two syncs, a replica frozen or killed in the commit phase, a 3-minute outage
+/// (how soon after the link is back the replica is current), and the datagrams dropped for
+/// want of socket buffer on a clean loopback transfer.
+fn connection_faults(out: &mut String, verdicts: &mut Vec<(&'static str, bool, String)>) {
+    use common::proxy::{Faults, Proxy};
+    const STALL: u64 = 5;
+    let transfers = format!("transfers:\n  stall_timeout: {STALL}s\n");
+    // beta's own watchdogs wait longer: the origin is the one to notice.
+    let beta_transfers = "transfers:\n  stall_timeout: 10m\n";
+    let mut c = Cluster::with_size("bench_faults", &["alpha", "beta"], 4096);
+    let proxy = Proxy::start(format!("127.0.0.1:{}", c.ports["beta"]).parse().unwrap());
+    c.route("alpha", "beta", proxy.addr());
+    c.node_extra.insert("alpha".into(), transfers.clone());
+    c.node_extra.insert("beta".into(), beta_transfers.into());
+    let src = c.fs["alpha"].subvolume("data");
+    let dst = c.mnt("beta").join("data");
+    let policy = policy("data", "alpha", &src, &[("beta", dst.clone())]) + "transfer:\n  compression: none\n";
+    c.configure("alpha", &[("data", policy.clone())]);
+    c.configure("beta", &[("data", policy)]);
+    c.start("beta");
+    c.start_with_env("alpha", &[("RUST_LOG", "snapship=debug,warn".into())]);
+    std::fs::write(src.join("f"), "0").unwrap();
+    c.sync_ok("alpha", "data");
+    let log = |c: &Cluster, n: &str| c.daemons.get(n).map(|d| d.log_text()).unwrap_or_default();
+
+    // A restart between two syncs: the second sync's time.
+    let restart = |c: &mut Cluster, kill: bool, i: usize| {
+        if kill {
+            c.kill9("beta");
+        } else {
+            c.stop("beta");
+        }
+        c.start("beta");
+        std::thread::sleep(Duration::from_secs(3));
+        std::fs::write(src.join("f"), format!("{kill} {i}")).unwrap();
+        timed(|| {
+            c.sync_ok("alpha", "data");
+        })
+    };
+    let term: Vec<f64> = (0..runs()).map(|i| restart(&mut c, false, i)).collect();
+    let kill: Vec<f64> = (0..runs()).map(|i| restart(&mut c, true, i)).collect();
+
+    // Dead in the commit phase: the receive frozen (the stream goes whole into the spool),
+    // the end sent, then beta frozen or killed.
+    let commit = |c: &mut Cluster, kill_it: bool, i: usize| -> f64 {
+        write_random(&src.join("big.bin"), 64 << 20, 70 + i as u64);
+        let receive = format!("btrfs receive.*{}", dst.display());
+        let sent = "stream sent, waiting for the commit";
+        let (already_sent, already_failed) = (log(c, "alpha").matches(sent).count(), log(c, "alpha").matches("failed in the commit phase").count());
+        let mut sync = snapship()
+            .args(["sync", "--config"])
+            .arg(c.dir("alpha").join("node.yaml"))
+            .arg("data")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pgrep = |pattern: &str| {
+            String::from_utf8_lossy(&Command::new("pgrep").args(["-f", pattern]).output().unwrap().stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while pgrep(&receive).is_empty() {
+            assert!(Instant::now() < deadline, "no receive started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let signal = |sig: &str, pids: &[String]| pids.iter().for_each(|p| drop(Command::new("kill").args([sig, p]).status()));
+        let receives = pgrep(&receive);
+        signal("-STOP", &receives);
+        while log(c, "alpha").matches(sent).count() <= already_sent {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let beta = c.daemons["beta"].child.as_ref().unwrap().id().to_string();
+        if kill_it {
+            c.kill9("beta");
+        } else {
+            signal("-STOP", std::slice::from_ref(&beta));
+        }
+        let dead = Instant::now();
+        while log(c, "alpha").matches("failed in the commit phase").count() <= already_failed {
+            assert!(dead.elapsed() < Duration::from_secs(120), "alpha never noticed:\n{}", log(c, "alpha"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = dead.elapsed().as_secs_f64();
+        let _ = sync.wait();
+        if kill_it {
+            signal("-KILL", &receives);
+            wait_for_no_process(&receive);
+            c.start("beta");
+        } else {
+            signal("-CONT", std::slice::from_ref(&beta));
+            signal("-CONT", &receives);
+        }
+        c.sync_ok("alpha", "data");
+        took
+    };
+    let frozen: Vec<f64> = (0..runs()).map(|i| commit(&mut c, false, i)).collect();
+    let killed: Vec<f64> = (0..runs()).map(|i| commit(&mut c, true, 10 + i)).collect();
+
+    // A 3-minute outage while a change waits: how soon after the link is back beta has it.
+    eprintln!("connection faults: a 3-minute outage");
+    proxy.set(Faults::blackhole());
+    std::fs::write(src.join("f"), "outage").unwrap();
+    let held = snapshots(&dst).len();
+    let mut sync =
+        snapship().args(["sync", "--config"]).arg(c.dir("alpha").join("node.yaml")).arg("data").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(180));
+    proxy.set(Faults::none());
+    let back = Instant::now();
+    while snapshots(&dst).len() <= held {
+        assert!(back.elapsed() < Duration::from_secs(600), "beta never caught up:\n{}", log(&c, "alpha"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let outage = back.elapsed().as_secs_f64();
+    let _ = sync.wait();
+
+    // Datagrams dropped for want of receive buffer on a clean 512 MiB transfer.
+    write_random(&src.join("big.bin"), 512 << 20, 99);
+    let (errors_before, datagrams_before) = (udp_rcvbuf_errors(), proxy.forwarded());
+    c.sync_ok("alpha", "data");
+    let drops = udp_rcvbuf_errors() - errors_before;
+    let wire = proxy.forwarded().0 - datagrams_before.0;
+    c.stop("alpha");
+    c.stop("beta");
+
+    writeln!(out, "\n## Connection faults (alpha's stall_timeout {STALL}s, the QUIC idle timeout the same; medians of {})\n", runs()).unwrap();
+    writeln!(out, "| fault | measured |\n|---|---|").unwrap();
+    writeln!(out, "| replica restarted (SIGTERM) between two syncs | the second sync took {:.2} s, first attempt |", median(term.clone())).unwrap();
+    writeln!(
+        out,
+        "| replica killed (SIGKILL) and restarted between two syncs | the second sync took {:.2} s, first attempt (the restarted replica's stateless reset) |",
+        median(kill.clone())
+    )
+    .unwrap();
+    writeln!(out, "| replica frozen (SIGSTOP) in the commit phase | noticed after {:.2} s, *failed in the commit phase* |", median(frozen.clone())).unwrap();
+    writeln!(out, "| replica killed in the commit phase | noticed after {:.2} s, *failed in the commit phase* |", median(killed.clone())).unwrap();
+    writeln!(
+        out,
+        "| 3-minute outage while a change waits (one run) | replica current {outage:.1} s after the link came back (probes every {}s during the backoff) |",
+        (STALL as f64 / 4.0).clamp(1.0, 5.0)
+    )
+    .unwrap();
+    writeln!(out, "| clean 512 MiB transfer on loopback | {drops} UDP datagrams dropped for want of receive buffer (RcvbufErrors, machine-wide); {:.1} MB through the proxy |", wire as f64 / 1e6).unwrap();
+    let within = |v: &[f64]| median(v.to_vec()) <= STALL as f64 + 1.0;
+    verdicts.push((
+        "Connection faults noticed within stall_timeout + 1 s",
+        within(&term) && within(&kill) && within(&frozen) && within(&killed) && outage <= STALL as f64 + 1.0,
+        format!(
+            "restart {:.2} / {:.2} s, commit phase {:.2} / {:.2} s, after an outage {outage:.1} s",
+            median(term),
+            median(kill),
+            median(frozen),
+            median(killed)
+        ),
+    ));
 }
 
 fn sysinfo_gib() -> u64 {

@@ -103,6 +103,15 @@ pub trait Hooks: Send + Sync {
     /// The replica's backfill queue: `pending` snapshots still to send, `sent` bytes of the
     /// one just backfilled (0 when only the queue was counted).
     fn backfill(&self, _replica: &str, _pending: usize, _sent: u64) {}
+    /// [`follow`]'s wait after a failed attempt, `delay` by the backoff: `true` to try again
+    /// (also sooner, when the caller learns the replica is back), `false` at `shutdown`.
+    /// The origin probes the replica meanwhile, and waits for room after a `NoSpace`.
+    async fn wait_to_retry(&self, _ep: &dyn ReplicaEndpoint, _error: &anyhow::Error, delay: Duration, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
 }
 
 /// Brings `ep` up to `target`: a cut transfer of an older snapshot that the replica holds
@@ -283,11 +292,16 @@ pub async fn follow(
                 Ok(()) => delays = None,
                 Err(e) => {
                     let delay = delays.get_or_insert_with(retry_delays).next().unwrap_or(Duration::from_secs(300));
-                    tracing::warn!(fileset = %policy.fileset, replica = node, "retrying in {:.1}s: {e:#}", delay.as_secs_f64());
+                    tracing::warn!(
+                        fileset = %policy.fileset,
+                        replica = node,
+                        "retrying in {:.1}s (sooner if it was out of reach and answers again): {e:#}",
+                        delay.as_secs_f64()
+                    );
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = drain.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => continue,
+                        retry = hooks.wait_to_retry(ep, &e, delay, shutdown) => if retry { continue } else { return },
                         changed = newest.changed() => if changed.is_err() { return } else { continue },
                     }
                 }

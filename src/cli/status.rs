@@ -101,6 +101,18 @@ fn replica(w: &mut String, r: &ReplicaStatus, rpo: Option<f64>) {
             ),
         );
     }
+    if let Some(room) = &r.waiting_for_room {
+        let needs = room.needed.map_or("more".to_string(), size);
+        line(
+            w,
+            format!(
+                "     WAITING FOR ROOM on {} since {}: {} free, the stream needs {needs}; free space there (the origin checks, and sends again once there is room)",
+                r.node,
+                when(&room.since),
+                size(room.free)
+            ),
+        );
+    }
     line(w, format!("     totals: {} ok, {} failed, {} shipped", r.transfers_ok, r.transfers_failed, size(r.bytes_shipped)));
     feeds(w, &r.downstream, 1);
     if r.backfill_pending > 0 || r.backfill_bytes > 0 {
@@ -171,6 +183,7 @@ mod tests {
             backfill_pending: 0,
             backfill_bytes: 0,
             downstream: vec![],
+            waiting_for_room: None,
         }
     }
 
@@ -238,6 +251,14 @@ mod tests {
         assert!(text.contains("  FAILED at 2026-01-01 00:03:00 UTC: cannot take a snapshot: gone\n"), "{text}");
         assert!(text.contains("lag 5m\n     RPO EXCEEDED: the replica lacks changes from 5m ago, more than the rpo of 2m\n"), "{text}");
         assert!(text.contains("last transfer error at 2026-01-01 00:02:00 UTC: beta cannot be reached"), "{text}");
+    }
+
+    #[test]
+    fn a_replica_without_room_says_so_and_what_to_do() {
+        let mut r = beta();
+        r.waiting_for_room = Some(crate::observe::status::RoomWait { since: at("2026-01-01T00:04:00Z"), free: 1 << 20, needed: Some(3 << 30) });
+        let text = render(&report(r));
+        assert!(text.contains("WAITING FOR ROOM on beta since 2026-01-01 00:04:00 UTC: 1.0 MiB free, the stream needs 3.0 GiB; free space there"), "{text}");
     }
 
     #[test]

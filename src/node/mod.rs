@@ -131,8 +131,10 @@ impl ReplicaRole {
 
     /// Also serves other nodes over QUIC on `addr`, with the TLS of `tls`.
     pub fn listen(&self, config: &LoadedConfig, tls: Option<&LiveTls>, addr: std::net::SocketAddr, shutdown: &CancellationToken) -> Result<()> {
-        let tls = tls.ok_or_else(|| anyhow!("{} has no `tls:` section; a replica needs one", config.node.file.display()))?;
-        let server = quic::bind(tls, addr)?;
+        let (Some(tls), Some(files)) = (tls, config.node.tls.as_ref()) else {
+            bail!("{} has no `tls:` section; a replica needs one", config.node.file.display());
+        };
+        let server = quic::bind(tls, files, addr, config.node.transfers.stall_timeout.0)?;
         tracing::info!(node = %config.node.node, %addr, "listening for origins");
         self.tasks.spawn(quic::serve(server, self.peers.subscribe(), self.service.clone(), shutdown.clone()));
         Ok(())
@@ -406,7 +408,7 @@ impl Runtime {
         let mut connector = self.connector.lock().expect("connector lock");
         if let (None, Some(live), Some(files)) = (connector.as_ref(), &self.tls, &config.node.tls) {
             // Handshakes through the daemon's TLS, which a reload replaces.
-            *connector = Some(Arc::new(Connector::with_tls(&config.node.node.0, files, live.clone())));
+            *connector = Some(Arc::new(Connector::with_tls(&config.node, files, live.clone())));
         }
         endpoints(&config, policy, &mut connector, &self.link, &self.epochs)
     }

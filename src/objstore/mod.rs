@@ -385,7 +385,7 @@ impl ReplicaEndpoint for ObjectReplica {
             Partial { snapshot: p.snapshot, identity: p.identity, base: p.base, compact: p.compact, offset: p.offset, blake3: p.prefix_blake3, token: None }
         });
         // Streams are stored in the classic format, which any btrfs can receive at restore.
-        Ok(Listing { snapshots, accepts_compact: false, resumable, downstream: Vec::new() })
+        Ok(Listing { snapshots, accepts_compact: false, resumable, downstream: Vec::new(), free: None })
     }
 
     async fn receive(&self, incoming: &Incoming, start: StreamStart, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<()> {

@@ -136,6 +136,20 @@ pub struct ReplicaStatus {
     /// A relay's report of the replicas it feeds (cascades), from its last listing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub downstream: Vec<Hop>,
+    /// The replica said it has no room for the stream: the origin waits for room there
+    /// (checking with the replica, not resending) before it tries again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for_room: Option<RoomWait>,
+}
+
+/// A replica without room for a stream, as the origin last heard from it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoomWait {
+    pub since: DateTime<Utc>,
+    /// Bytes free there, at the last check.
+    pub free: u64,
+    /// The stream's length, when the replica had all of it.
+    pub needed: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -213,6 +227,7 @@ struct ReplicaEntry {
     backfill_pending: usize,
     backfill_bytes: u64,
     downstream: Vec<Hop>,
+    waiting_for_room: Option<RoomWait>,
 }
 
 struct Running {
@@ -491,6 +506,15 @@ impl StatusBoard {
         }
     }
 
+    /// The replica has no room (`Some`: how much it has now), or the wait for room is over
+    /// (`None`).
+    pub fn waiting_for_room(&self, fileset: &str, replica: &str, room: Option<(u64, Option<u64>)>) {
+        self.with(|b| {
+            let r = b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default();
+            r.waiting_for_room = room.map(|(free, needed)| RoomWait { since: r.waiting_for_room.as_ref().map_or_else(Utc::now, |w| w.since), free, needed });
+        });
+    }
+
     /// A transfer ended: `Ok(bytes)` or the error.
     pub fn transfer_finished(&self, fileset: &str, replica: &str, snapshot: &SnapshotName, result: Result<u64, String>) {
         let labels = [("fileset", fileset.to_string()), ("replica", replica.to_string())];
@@ -630,6 +654,7 @@ impl StatusBoard {
                                     backfill_pending: r.backfill_pending,
                                     backfill_bytes: r.backfill_bytes,
                                     downstream: r.downstream.clone(),
+                                    waiting_for_room: r.waiting_for_room.clone(),
                                 }
                             })
                             .collect(),

@@ -28,12 +28,20 @@ use crate::observe::status::{ErrorStatus, StatusBoard};
 use crate::replicate::{self, Hooks, Plan, ReplicaReport, Step};
 use crate::schedule::clock::Clock;
 use crate::schedule::retention::Reason;
+use crate::schedule::retry::{self, Next, RetryWait};
 use crate::schedule::triggers::{ChangeWatcher, Woke, next_fire};
 use crate::ship::ReplicaEndpoint;
-use crate::ship::client::Fenced;
+use crate::ship::client::{Fenced, NoRoom, Refused};
 use crate::ship::meter::Tally;
+use crate::ship::protocol::Room;
 use crate::snapshot::{Kind, OriginSide, Snapshot, SnapshotName};
 use crate::store::EpochStore;
+
+/// How long a probe of a replica (a `list`) may take before the replica counts as out of
+/// reach: its period, at least 2 s (a handshake and a listing, a few round trips).
+fn probe_timeout(stall: Duration) -> Duration {
+    retry::probe_period(stall).max(Duration::from_secs(2))
+}
 
 pub struct OriginJob {
     pub policy: Policy,
@@ -359,6 +367,76 @@ impl OriginJob {
         replicate::follow(self.origin.as_ref(), ep.as_ref(), newest, &self.policy, self.stall, self.as_ref(), &shutdown, &self.drain).await;
     }
 
+    /// Waits `delay` before the next try, probing the replica every
+    /// [`retry::probe_period`]: a replica that was out of reach and answers again is tried
+    /// at once. `false`: shut down meanwhile.
+    async fn back_off(&self, ep: &dyn ReplicaEndpoint, delay: Duration, shutdown: &CancellationToken) -> bool {
+        let start = tokio::time::Instant::now();
+        let mut wait = RetryWait::new(Duration::ZERO, delay, retry::probe_period(self.stall));
+        loop {
+            match wait.next(start.elapsed()) {
+                Next::Retry => return true,
+                Next::Sleep(d) => tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    _ = tokio::time::sleep(d) => {}
+                },
+                Next::Probe => {
+                    let answered = tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        answered = probe(ep, probe_timeout(self.stall)) => answered,
+                    };
+                    if wait.probed(start.elapsed(), answered) {
+                        tracing::info!(fileset = self.fileset(), replica = ep.node(), "the replica answers again; trying now");
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After the replica had no room for a stream: checks with it (a `list`, which says
+    /// how much is free) every [`retry::probe_period`] until it has room
+    /// ([`retry::room_enough`]), the status saying so meanwhile; nothing is resent until
+    /// then. `false`: shut down meanwhile.
+    async fn wait_for_room(&self, ep: &dyn ReplicaEndpoint, room: Room, shutdown: &CancellationToken) -> bool {
+        self.status.waiting_for_room(self.fileset(), ep.node(), Some((room.free, room.needed)));
+        let every = retry::probe_period(self.stall);
+        let started = tokio::time::Instant::now();
+        let ready = loop {
+            if started.elapsed() > retry::ROOM_WAIT_MAX {
+                tracing::info!(
+                    fileset = self.fileset(),
+                    replica = ep.node(),
+                    "no room yet after {}s of waiting; trying once more anyway",
+                    retry::ROOM_WAIT_MAX.as_secs()
+                );
+                break true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break false,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let listing = tokio::select! {
+                _ = shutdown.cancelled() => break false,
+                listing = tokio::time::timeout(probe_timeout(self.stall), ep.list()) => listing,
+            };
+            let free = match listing {
+                Ok(Ok(listing)) => listing.free,
+                Ok(Err(_)) | Err(_) => continue, // out of reach for now: keep waiting
+            };
+            let Some(free) = free else {
+                break true; // it no longer says: try again, with backoff if it fails
+            };
+            self.status.waiting_for_room(self.fileset(), ep.node(), Some((free, room.needed)));
+            if retry::room_enough(free, room.free, room.received, room.needed) {
+                tracing::info!(fileset = self.fileset(), replica = ep.node(), free, "the replica has room now; sending again");
+                break true;
+            }
+        };
+        self.status.waiting_for_room(self.fileset(), ep.node(), None);
+        ready
+    }
+
     /// Prunes the origin by its retention, protecting bases and transfers in flight.
     async fn prune(&self) {
         let _exclusive = self.plan_lock.write().await;
@@ -465,6 +543,30 @@ impl Hooks for OriginJob {
             }
         }
         record::outcome(&self.state, self.origin.as_ref(), self.fileset(), replica, snapshot, result).await;
+    }
+
+    async fn wait_to_retry(&self, ep: &dyn ReplicaEndpoint, error: &anyhow::Error, delay: Duration, shutdown: &CancellationToken) -> bool {
+        let no_room = error.chain().find_map(|c| c.downcast_ref::<NoRoom>()).map(|n| n.room);
+        match no_room {
+            Some(room) => {
+                tracing::warn!(fileset = self.fileset(), replica = ep.node(), "waiting for room on the replica before sending again: {error:#}");
+                self.wait_for_room(ep, room, shutdown).await
+            }
+            None => self.back_off(ep, delay, shutdown).await,
+        }
+    }
+}
+
+/// Whether `ep` answers a `list` within `limit` (a refusal is an answer too). A probe not
+/// answered drops the connection, so that the next one dials afresh.
+async fn probe(ep: &dyn ReplicaEndpoint, limit: Duration) -> bool {
+    match tokio::time::timeout(limit, ep.list()).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) if e.chain().any(|c| c.is::<Refused>() || c.is::<Fenced>() || c.is::<NoRoom>()) => true,
+        Ok(Err(_)) | Err(_) => {
+            ep.close().await;
+            false
+        }
     }
 }
 

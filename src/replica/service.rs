@@ -29,7 +29,7 @@ use super::session::{self, Sessions};
 use crate::config::{LoadedConfig, Policy};
 use crate::observe::status::StatusBoard;
 use crate::ship::frame::FrameReader;
-use crate::ship::protocol::{ErrorCode, Message, VERSION, WireSnapshot};
+use crate::ship::protocol::{ErrorCode, Message, Room, VERSION, WireSnapshot};
 use crate::ship::transfer::{IncomingData, read_message, write_message};
 use crate::ship::{Handler, RequestStream};
 use crate::snapshot::tree::{self, Cache, Tree};
@@ -189,7 +189,7 @@ impl ReplicaService {
         let here = self.here();
         let snapshots =
             snapshot::origin_on(policy, here)?.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
-        Ok(Message::Snapshots { snapshots, compact: false, partial: None, epoch: self.epochs.current(policy)?, downstream: Vec::new() })
+        Ok(Message::Snapshots { snapshots, compact: false, partial: None, epoch: self.epochs.current(policy)?, downstream: Vec::new(), free: None })
     }
 
     /// `snapship verify` from `peer`, authorized like `list`: this node's hash tree of the
@@ -435,7 +435,7 @@ impl ReplicaService {
                 let snapshots = side.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
                 let partial = self.sessions.resumable(&fileset, side.as_ref()).await;
                 let downstream = self.status.hops(&fileset);
-                Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial, epoch, downstream })
+                Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial, epoch, downstream, free: side.free_space().await })
             }
             Message::Begin { fileset, snapshot, identity, base, compression, compact, resume, from_token, epoch } => {
                 let policy = match self.authorize(peer, &fileset, &epoch) {
@@ -457,7 +457,19 @@ impl ReplicaService {
                 write_message(send, &Message::Ready).await?;
                 tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving");
                 let data = IncomingData::new(frames, compression, self.sessions.stall_timeout());
-                self.sessions.feed(attached, data, send).await?;
+                let session = attached.session.clone();
+                if let Err(e) = self.sessions.feed(attached, data, send).await {
+                    // No room: say how much there is (after the failed receive cleaned up),
+                    // so that the origin waits for room instead of resending blindly.
+                    let code = session::error_code(&e);
+                    let side = (self.backends)(&policy, self.here())?;
+                    if let (ErrorCode::NoSpace, Some(free)) = (code, side.free_space().await) {
+                        let room = Room { free, received: session.held_bytes(), needed: session.stream_length() };
+                        tracing::warn!(%peer, %fileset, %snapshot, ?room, "no room for the stream: {}", format!("{e:#}").escape_debug());
+                        return Ok(Message::no_space(session::for_peer(code, &e), room));
+                    }
+                    return Err(e);
+                }
                 tracing::info!(%peer, %fileset, %snapshot, "received and committed");
                 self.record_diverged(&policy).await;
                 // Hold the file set's lock before the origin hears `committed`, so that its next

@@ -161,6 +161,17 @@ impl Session {
         self.outcome.borrow().is_none() && matches!(self.state().phase, Phase::Fed { .. } | Phase::Detached { .. })
     }
 
+    /// Stream bytes it holds (took into its spool).
+    pub fn held_bytes(&self) -> u64 {
+        self.state().offset
+    }
+
+    /// The stream's length, once all of it arrived (the receive was finishing).
+    pub fn stream_length(&self) -> Option<u64> {
+        let st = self.state();
+        matches!(st.phase, Phase::Finishing).then_some(st.offset)
+    }
+
     fn finishing(&self) -> bool {
         matches!(self.state().phase, Phase::Finishing)
     }

@@ -14,6 +14,10 @@
 //! punched out of it at once (so the disk level never holds more than its limit, even while
 //! the reader never quite catches up), and it is truncated whenever the reader drains it.
 //!
+//! A disk level whose filesystem is full (ENOSPC) is not an error: the spool keeps what it
+//! holds and takes no more on disk than that until the reader drained it, so the receive
+//! goes on and the writer waits (nothing acknowledged is lost, nothing is resent).
+//!
 //! The memory level of every spool on this node draws from one [`MemoryBudget`]
 //! (`spool_memory`): however many sessions run at once, together they hold no more than that
 //! in RAM; past it, data goes to disk, and past that the writers wait.
@@ -100,6 +104,7 @@ pub fn spool(limits: Limits, dir: PathBuf) -> (SpoolWriter, SpoolReader) {
             disk_start: 0,
             disk_end: 0,
             writing: false,
+            disk_full_at: None,
             end: End::Open,
             reader_gone: false,
             last_pull: Instant::now(),
@@ -128,6 +133,9 @@ struct State {
     disk_end: u64,
     /// The writer is appending at `disk_end` outside the lock: the reader must not reset.
     writing: bool,
+    /// The spool's filesystem was full when the disk level held this much: it holds no more
+    /// until the reader drains it.
+    disk_full_at: Option<u64>,
     end: End,
     reader_gone: bool,
     /// When the reader last asked for data (the receive's sign of life).
@@ -139,6 +147,11 @@ enum End {
     /// Complete; the BLAKE3 (hex) of the whole stream.
     Finished(String),
     Failed(String),
+}
+
+/// Whether `e` says a filesystem is full (or over quota).
+fn is_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(nix::libc::ENOSPC) | Some(nix::libc::EDQUOT))
 }
 
 /// Where the next chunk goes.
@@ -167,9 +180,10 @@ impl State {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the receive stopped reading the spool"));
         }
         let disk_held = self.disk_end - self.disk_start;
+        let disk_limit = self.disk_full_at.map_or(limits.disk, |full| full.min(limits.disk));
         if memory {
             Ok(Some(Level::Memory))
-        } else if disk_held + len as u64 <= limits.disk {
+        } else if disk_held + len as u64 <= disk_limit {
             Ok(Some(Level::Disk))
         } else {
             Ok(None)
@@ -226,51 +240,79 @@ impl SpoolWriter {
         }
         let len = chunk.len();
         let limits = &self.shared.limits;
-        let (file, offset) = loop {
-            {
-                let mut st = self.shared.lock();
-                // Budget taken here is held by the chunk in memory, or given back at once.
-                let memory = st.memory_fits(len, limits) && limits.budget.take(len);
-                let level = st.level_for(len, limits, memory);
-                if memory && !matches!(level, Ok(Some(Level::Memory))) {
-                    limits.budget.give_back(len);
-                }
-                let level = level?;
-                if level.is_some() && st.buffered() == 0 {
-                    // The receive has been idle until now: its wait starts here.
-                    st.last_pull = Instant::now();
-                }
-                match level {
-                    Some(Level::Memory) => {
-                        st.memory_bytes += len;
-                        st.memory.push_back(chunk);
-                        drop(st);
-                        self.shared.to_reader.notify_one();
-                        return Ok(());
+        loop {
+            let (file, offset) = loop {
+                {
+                    let mut st = self.shared.lock();
+                    // Budget taken here is held by the chunk in memory, or given back at once.
+                    let memory = st.memory_fits(len, limits) && limits.budget.take(len);
+                    let level = st.level_for(len, limits, memory);
+                    if memory && !matches!(level, Ok(Some(Level::Memory))) {
+                        limits.budget.give_back(len);
                     }
-                    Some(Level::Disk) => {
-                        let file = match &st.file {
-                            Some(f) => f.clone(),
-                            None => st.file.insert(Arc::new(self.create_file()?)).clone(),
-                        };
-                        st.writing = true;
-                        break (file, st.disk_end);
+                    let level = level?;
+                    if level.is_some() && st.buffered() == 0 {
+                        // The receive has been idle until now: its wait starts here.
+                        st.last_pull = Instant::now();
                     }
-                    None => {}
+                    match level {
+                        Some(Level::Memory) => {
+                            st.memory_bytes += len;
+                            st.memory.push_back(chunk);
+                            drop(st);
+                            self.shared.to_reader.notify_one();
+                            return Ok(());
+                        }
+                        Some(Level::Disk) => {
+                            let file = match &st.file {
+                                Some(f) => Some(f.clone()),
+                                None => match self.create_file() {
+                                    Ok(f) => Some(st.file.insert(Arc::new(f)).clone()),
+                                    Err(e) if is_full(&e) => {
+                                        self.disk_full(&mut st, &e);
+                                        None
+                                    }
+                                    Err(e) => return Err(e),
+                                },
+                            };
+                            if let Some(file) = file {
+                                st.writing = true;
+                                break (file, st.disk_end);
+                            }
+                        }
+                        None => {}
+                    }
                 }
+                self.shared.wait_for_room().await;
+            };
+            let data = chunk.clone();
+            let written = tokio::task::spawn_blocking(move || file.write_all_at(&data, offset)).await.map_err(io::Error::other)?;
+            let mut st = self.shared.lock();
+            st.writing = false;
+            match written {
+                Ok(()) => {
+                    st.disk_end = offset + len as u64;
+                    drop(st);
+                    self.shared.to_reader.notify_one();
+                    return Ok(());
+                }
+                // Whatever part of the chunk went in lies past `disk_end`: it is written over.
+                Err(e) if is_full(&e) => self.disk_full(&mut st, &e),
+                Err(e) => return Err(io::Error::new(e.kind(), format!("cannot write the spool in {}: {e}", self.shared.dir.display()))),
             }
-            self.shared.wait_for_room().await;
-        };
-        let written = tokio::task::spawn_blocking(move || file.write_all_at(&chunk, offset)).await.map_err(io::Error::other)?;
-        let mut st = self.shared.lock();
-        st.writing = false;
-        if let Err(e) = written {
-            return Err(io::Error::new(e.kind(), format!("cannot write the spool in {}: {e}", self.shared.dir.display())));
         }
-        st.disk_end = offset + len as u64;
-        drop(st);
-        self.shared.to_reader.notify_one();
-        Ok(())
+    }
+
+    /// The disk level's filesystem is full: hold no more on disk than now, until drained.
+    fn disk_full(&self, st: &mut State, e: &io::Error) {
+        let held = st.disk_end - st.disk_start;
+        if st.disk_full_at.is_none() {
+            tracing::warn!(
+                "the spool's filesystem ({}) is full: {e}; it keeps the {held} bytes it holds there, and takes more as the receive reads them",
+                self.shared.dir.display()
+            );
+        }
+        st.disk_full_at = Some(held);
     }
 
     fn create_file(&self) -> io::Result<File> {
@@ -389,6 +431,7 @@ impl SpoolReader {
                 // Drained: start the file over, giving its space back.
                 st.disk_start = 0;
                 st.disk_end = 0;
+                st.disk_full_at = None; // its space is back: try the disk again
                 if let Some(f) = &st.file {
                     let _ = f.set_len(0);
                 }

@@ -2,9 +2,12 @@
 //!
 //! - `clock`, `triggers`: when an origin takes a snapshot (cron firings, data changes),
 //!   against an injectable clock.
+//! - `retry`: when a failed transfer is tried again (backoff cut short by probes, the wait
+//!   for room on a full replica).
 //! - `retention`: which snapshots to keep, and why (pure planning; the roles carry plans out
 //!   with their own protections).
 
 pub mod clock;
 pub mod retention;
+pub mod retry;
 pub mod triggers;

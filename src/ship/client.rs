@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
 use super::frame::FrameReader;
-use super::protocol::{ErrorCode, Message, ResumeFrom, VERSION};
+use super::protocol::{ErrorCode, Message, ResumeFrom, Room, VERSION};
 use super::transfer::{self, read_message, write_message};
 use super::{Dialer, Listing, ReplicaEndpoint, Start, StreamStart, TreeSource};
 use crate::config::Transfer;
@@ -24,9 +24,32 @@ use crate::store::Epoch;
 
 /// How long a replica may take to answer a request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-/// After the end of a stream, the replica finishes receiving (it may have much spooled) and
-/// says it is alive at least every half second: it is given this long between two signs.
-const COMMIT_SILENCE: Duration = Duration::from_secs(60);
+
+/// Where a transfer was when it failed, named in its error: what a dead or frozen replica
+/// was caught doing tells the admin (and the fault bench) where to look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Asking the replica to begin (up to `ready`).
+    Begin,
+    /// Sending the stream, with the replica acknowledging what reached its spool.
+    Data,
+    /// After the end of the stream: the replica finishes receiving what it spooled and
+    /// commits, saying it is alive at least every half second.
+    Commit,
+}
+
+impl Phase {
+    /// The context an error of this phase gets.
+    pub fn failed(self, node: &str) -> String {
+        match self {
+            Phase::Begin => format!("the transfer to `{node}` failed in the begin phase (asking it to receive)"),
+            Phase::Data => format!("the transfer to `{node}` failed in the data phase (sending the stream)"),
+            Phase::Commit => {
+                format!("the transfer to `{node}` failed in the commit phase (it held the whole stream and was finishing the receive)")
+            }
+        }
+    }
+}
 
 /// The most entries verify takes from a replica for one directory.
 const MAX_DIR_ENTRIES: usize = 10_000_000;
@@ -51,6 +74,16 @@ pub struct Refused {
 pub struct Fenced {
     pub node: String,
     pub epoch: Epoch,
+    pub message: String,
+}
+
+/// A replica had no room for a stream, and said how much it has: the origin waits for room
+/// (checking with `list`) instead of resending the stream.
+#[derive(Debug, thiserror::Error)]
+#[error("replica `{node}` refused: {} (NoSpace; {} free there{})", without_controls(message), crate::config::units::ByteSize(room.free), room.needed.map(|n| format!(", the stream needs {}", crate::config::units::ByteSize(n))).unwrap_or_default())]
+pub struct NoRoom {
+    pub node: String,
+    pub room: Room,
     pub message: String,
 }
 
@@ -87,9 +120,45 @@ impl PeerReplica {
         Ok((FrameReader::new(stream.recv), send))
     }
 
-    fn refused(&self, code: ErrorCode, message: String, epoch: Option<Epoch>) -> anyhow::Error {
-        match (code, epoch) {
-            (ErrorCode::Fenced, Some(epoch)) => Fenced { node: self.node.clone(), epoch, message }.into(),
+    /// Sends `request` and reads its first answer (within `limit`, if any). When the
+    /// connection turns out gone before any answer came (a replica that restarted resets
+    /// it; one that shut down closed it), the request goes once more on a fresh connection:
+    /// a restart costs a reconnect, not a failed attempt. Only for requests that may be
+    /// asked twice (`list`, `begin`, `verify`).
+    async fn ask(&self, request: &Message, limit: Option<Duration>) -> Result<(Message, Replies, Outgoing)> {
+        let mut retried = false;
+        loop {
+            let attempt = async {
+                let (mut replies, send) = self.request(request).await?;
+                let first = match limit {
+                    Some(limit) => tokio::time::timeout(limit, read_message(&mut replies))
+                        .await
+                        .map_err(|_| anyhow!("replica `{}` did not answer `{}` within {}s", self.node, request.kind(), limit.as_secs()))??,
+                    None => read_message(&mut replies).await?,
+                };
+                Ok::<_, anyhow::Error>((first, replies, send))
+            };
+            match attempt.await {
+                Err(e) if !retried && self.dialer.lost(&e) => {
+                    tracing::info!(replica = %self.node, "the connection to `{}` was gone ({e:#}); asking again on a fresh one", self.node);
+                    self.dialer.reset().await;
+                    retried = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// `e`, met in `phase`, saying so; an answer of the replica ([`Refused`], [`Fenced`])
+    /// says itself what happened and stays as it is.
+    fn in_phase(&self, phase: Phase, e: anyhow::Error) -> anyhow::Error {
+        if e.is::<Refused>() || e.is::<Fenced>() { e } else { e.context(phase.failed(&self.node)) }
+    }
+
+    fn refused(&self, code: ErrorCode, message: String, epoch: Option<Epoch>, room: Option<Room>) -> anyhow::Error {
+        match (code, epoch, room) {
+            (ErrorCode::Fenced, Some(epoch), _) => Fenced { node: self.node.clone(), epoch, message }.into(),
+            (ErrorCode::NoSpace, _, Some(room)) => NoRoom { node: self.node.clone(), room, message }.into(),
             _ => Refused { node: self.node.clone(), code, message }.into(),
         }
     }
@@ -117,7 +186,7 @@ impl ReplicaEndpoint for PeerReplica {
             Err(_) => bail!("replica `{}` did not answer the handover within {}s", self.node, ANSWER_TIMEOUT.as_secs()),
             Ok(reply) => match reply? {
                 Message::TookOver { epoch } => Ok(epoch),
-                Message::Error { code, message, epoch } => Err(self.refused(code, message, epoch)),
+                Message::Error { code, message, epoch, room } => Err(self.refused(code, message, epoch, room)),
                 other => bail!("protocol error: `{}` answered {} to handover", self.node, other.kind()),
             },
         }
@@ -125,12 +194,12 @@ impl ReplicaEndpoint for PeerReplica {
 
     async fn verify(&self, snapshot: &SnapshotName, full: bool) -> Result<Box<dyn TreeSource>> {
         let request = Message::Verify { fileset: self.fileset.clone(), snapshot: snapshot.to_string(), full, epoch: (self.epoch)()? };
-        let (mut replies, send) = self.request(&request).await.map_err(|e| self.dialer.explain(e))?;
         // The replica hashes its whole copy before it answers (rehashing only what changed
         // since its last verify, unless `full`): no time limit but the connection's liveness.
-        match read_message(&mut replies).await.map_err(|e| self.dialer.explain(e))? {
+        let (answer, replies, send) = self.ask(&request, None).await.map_err(|e| self.dialer.explain(e))?;
+        match answer {
             Message::VerifyRoot { root } => Ok(Box::new(RemoteTree { node: self.node.clone(), root, replies, send })),
-            Message::Error { code, message, epoch } => Err(self.refused(code, message, epoch)),
+            Message::Error { code, message, epoch, room } => Err(self.refused(code, message, epoch, room)),
             other => bail!("protocol error: `{}` answered {} to verify", self.node, other.kind()),
         }
     }
@@ -148,9 +217,9 @@ impl ReplicaEndpoint for PeerReplica {
 
 impl PeerReplica {
     async fn list_snapshots(&self) -> Result<Listing> {
-        let (mut replies, _send) = self.request(&Message::List { fileset: self.fileset.clone(), epoch: (self.epoch)()? }).await?;
-        match read_message(&mut replies).await? {
-            Message::Snapshots { snapshots, compact, partial, downstream, .. } => {
+        let (answer, _replies, _send) = self.ask(&Message::List { fileset: self.fileset.clone(), epoch: (self.epoch)()? }, None).await?;
+        match answer {
+            Message::Snapshots { snapshots, compact, partial, free, downstream, .. } => {
                 let snapshots = snapshots
                     .into_iter()
                     .filter_map(|s| {
@@ -158,9 +227,9 @@ impl PeerReplica {
                         Some(Snapshot { name, identity: s.identity, local_id: None, parent_local_id: None })
                     })
                     .collect();
-                Ok(Listing { snapshots, accepts_compact: compact, resumable: partial, downstream })
+                Ok(Listing { snapshots, accepts_compact: compact, resumable: partial, free, downstream })
             }
-            Message::Error { code, message, epoch } => Err(self.refused(code, message, epoch)),
+            Message::Error { code, message, epoch, room } => Err(self.refused(code, message, epoch, room)),
             other => bail!("protocol error: `{}` answered {} to list", self.node, other.kind()),
         }
     }
@@ -183,13 +252,10 @@ impl PeerReplica {
             from_token,
             epoch: (self.epoch)()?,
         };
-        let (mut replies, mut send) = self.request(&begin).await?;
-        let ready = tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut replies))
-            .await
-            .map_err(|_| anyhow!("replica `{}` did not answer `begin` within {}s", self.node, ANSWER_TIMEOUT.as_secs()))??;
+        let (ready, mut replies, mut send) = self.ask(&begin, Some(ANSWER_TIMEOUT)).await.map_err(|e| self.in_phase(Phase::Begin, e))?;
         match ready {
             Message::Ready => {}
-            Message::Error { code, message, epoch } => return Err(self.refused(code, message, epoch)),
+            Message::Error { code, message, epoch, room } => return Err(self.refused(code, message, epoch, room)),
             other => bail!("protocol error: `{}` answered {} to begin", self.node, other.kind()),
         }
         if from > 0 {
@@ -206,46 +272,54 @@ impl PeerReplica {
         let mut acked = from;
         let sent = tokio::select! {
             sent = sending => sent,
-            failed = self.watch_acks(&mut replies, &written, &mut acked) => return Err(failed),
+            failed = self.watch_acks(&mut replies, &written, &mut acked) => return Err(self.in_phase(Phase::Data, failed)),
         };
         let sent = match sent {
             Ok(sent) => sent,
             Err(e) => {
                 // The replica may have given up first and said why (then it stopped reading,
                 // and our write failed on the reset): its reason is the one to report.
-                if let Ok(Some((code, message))) = tokio::time::timeout(Duration::from_secs(2), self.error_reply(&mut replies)).await {
-                    return Err(self.refused(code, message, None));
+                if let Ok(Some(Message::Error { code, message, epoch, room })) =
+                    tokio::time::timeout(Duration::from_secs(2), self.error_reply(&mut replies)).await
+                {
+                    return Err(self.refused(code, message, epoch, room));
                 }
                 // Tell the replica why; it keeps what it has for a resume.
                 let _ = write_message(&mut send, &Message::error(ErrorCode::Aborted, format!("{e:#}"))).await;
                 let _ = send.shutdown().await;
-                return Err(e);
+                return Err(self.in_phase(Phase::Data, e));
             }
         };
-        write_message(&mut send, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await?;
+        write_message(&mut send, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await.map_err(|e| self.in_phase(Phase::Data, e.into()))?;
         send.shutdown().await.ok();
         tracing::debug!(replica = %self.node, bytes = sent.bytes, wire_bytes = sent.wire_bytes, "stream sent, waiting for the commit");
+        // The replica says it is alive every half second while it finishes: silence for the
+        // stall timeout means it died or froze (the QUIC idle timeout, the same length, may
+        // say so first; either way the error names this phase).
         let committed = loop {
-            let silence = COMMIT_SILENCE.max(self.stall);
-            match tokio::time::timeout(silence, read_message(&mut replies)).await {
-                Err(_) => bail!("replica `{}` went silent for {}s while finishing the snapshot", self.node, silence.as_secs()),
+            match tokio::time::timeout(self.stall, read_message(&mut replies)).await {
+                Err(_) => {
+                    let silent = anyhow!("replica `{}` said nothing for {:.1}s (stall timeout)", self.node, self.stall.as_secs_f64());
+                    return Err(self.in_phase(Phase::Commit, silent));
+                }
                 Ok(Ok(Message::Ack { .. })) => continue,
-                Ok(reply) => break reply?,
+                Ok(reply) => break reply.map_err(|e| self.in_phase(Phase::Commit, e))?,
             }
         };
         match committed {
             Message::Committed { .. } => Ok(()),
-            Message::Error { code, message, epoch } => Err(self.refused(code, message, epoch)),
+            Message::Error { code, message, epoch, room } => Err(self.refused(code, message, epoch, room)),
             other => bail!("protocol error: `{}` answered {} to end", self.node, other.kind()),
         }
     }
 
-    /// The error the replica answered with, if its next message (after acknowledgements) is one.
-    async fn error_reply(&self, replies: &mut Replies) -> Option<(ErrorCode, String)> {
+    /// The error the replica answered with (a [`Message::Error`]), if its next message
+    /// (after acknowledgements) is one.
+    async fn error_reply(&self, replies: &mut Replies) -> Option<Message> {
         loop {
             match read_message(replies).await.ok()? {
                 Message::Ack { .. } => continue,
-                Message::Error { code, message, .. } => return Some((code, message)),
+                error @ Message::Error { .. } => return Some(error),
                 _ => return None,
             }
         }
@@ -270,7 +344,7 @@ impl PeerReplica {
                         behind_since = None;
                     }
                 }
-                Ok(Ok(Message::Error { code, message, epoch })) => return self.refused(code, message, epoch),
+                Ok(Ok(Message::Error { code, message, epoch, room })) => return self.refused(code, message, epoch, room),
                 Ok(Ok(other)) => return anyhow!("protocol error: `{}` sent {} during the transfer", self.node, other.kind()),
                 Ok(Err(e)) => return e.context(format!("replica `{}` broke off the transfer", self.node)),
                 Err(_) => {}

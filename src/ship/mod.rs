@@ -36,6 +36,8 @@ pub struct Listing {
     pub resumable: Option<Partial>,
     /// A relay's report of the replicas it feeds (cascades), unchecked: for status only.
     pub downstream: Vec<protocol::Hop>,
+    /// Bytes free where the replica receives the file set, if it says.
+    pub free: Option<u64>,
 }
 
 /// Where a stream starts.
@@ -142,6 +144,11 @@ pub trait Dialer: Send + Sync {
     /// Drops the connection (the peer sees transfers in flight cut at once); the next
     /// [`open`](Self::open) connects again.
     async fn reset(&self) {}
+    /// Whether `e`, met on a stream this dialer opened, says the connection under it is gone
+    /// (so the request is worth one more try on a fresh connection), not an answer.
+    fn lost(&self, _e: &anyhow::Error) -> bool {
+        false
+    }
     /// Adds what to check to an error met on this transport (QUIC: a refused certificate
     /// surfaces at the first read, as `HANDSHAKE_FAILURE`).
     fn explain(&self, e: anyhow::Error) -> anyhow::Error {

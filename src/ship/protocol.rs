@@ -1,4 +1,4 @@
-//! The snapship protocol, version 4: what origin and replica say to each other.
+//! The snapship protocol, version 5: what origin and replica say to each other.
 //!
 //! Every request is one QUIC bidirectional stream, opened by the origin:
 //! ```text
@@ -31,7 +31,9 @@ pub use crate::store::Epoch;
 
 /// 3: the file set's epoch in `list`, `begin`, `snapshots` and fencing errors.
 /// 4: `verify`, `verify_dir` and their answers (`snapship verify`).
-pub const VERSION: u32 = 4;
+/// 5: the room a replica has: `free` in `snapshots`, `room` in a `no_space` error, so that
+/// an origin waits for room, checking with `list`, instead of resending blindly.
+pub const VERSION: u32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -57,6 +59,9 @@ pub enum Message {
         /// On a relay (cascades): the replicas it feeds, and theirs, as it last saw them.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         downstream: Vec<Hop>,
+        /// Bytes free where the replica receives this file set, if it can tell.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        free: Option<u64>,
     },
     Begin {
         fileset: String,
@@ -133,7 +138,24 @@ pub enum Message {
         /// With [`ErrorCode::Fenced`]: the newer epoch the peer knows.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         epoch: Option<Epoch>,
+        /// With [`ErrorCode::NoSpace`]: the room the replica has, and what the stream needed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        room: Option<Room>,
     },
+}
+
+/// How much room a replica has for a file set's streams: bytes free on its filesystem (or
+/// pool) when it answered (the failed receive's partial may still be being freed), the
+/// stream bytes it had taken when the receive failed, and the stream's length when it had
+/// all of it (`None`: it failed before the end, needing more than it took).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Room {
+    pub free: u64,
+    #[serde(default)]
+    pub received: u64,
+    #[serde(default)]
+    pub needed: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,12 +264,17 @@ impl Message {
     }
 
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Message {
-        Message::Error { code, message: message.into(), epoch: None }
+        Message::Error { code, message: message.into(), epoch: None, room: None }
+    }
+
+    /// A `no_space` refusal saying how much room there is.
+    pub fn no_space(message: impl Into<String>, room: Room) -> Message {
+        Message::Error { code: ErrorCode::NoSpace, message: message.into(), epoch: None, room: Some(room) }
     }
 
     /// A refusal of an origin whose epoch is older than `known`.
     pub fn fenced(known: &Epoch, message: impl Into<String>) -> Message {
-        Message::Error { code: ErrorCode::Fenced, message: message.into(), epoch: Some(known.clone()) }
+        Message::Error { code: ErrorCode::Fenced, message: message.into(), epoch: Some(known.clone()), room: None }
     }
 
     /// The message's type as it is on the wire (`begin`, `ack`...): what an error about an
@@ -308,10 +335,13 @@ mod tests {
                 token: Some("1-e604ea4bf-e0-789c63a2".into()),
             }),
             epoch: Epoch { number: 0, origin: "alpha".into() },
+            free: Some(1 << 30),
         };
         assert_eq!(Message::from_json(&listing.to_json()).unwrap(), listing);
         let e = Message::error(ErrorCode::Unauthorized, "no");
         assert_eq!(Message::from_json(&e.to_json()).unwrap(), e);
+        let full = Message::no_space("full", Room { free: 7, received: 8, needed: Some(9) });
+        assert_eq!(Message::from_json(&full.to_json()).unwrap(), full);
     }
 
     #[test]

@@ -38,14 +38,27 @@ use crate::config::{NodeConfig, TlsFiles};
 /// Connection limits shared by both sides. The flow-control windows bound what one
 /// connection can buffer (memory stays flat whatever the stream size) while keeping a
 /// loopback or LAN path full.
-pub fn limits() -> Result<Limits> {
+///
+/// Silence is the node's `stall_timeout`'s to judge, not QUIC's: the idle timeout is
+/// `stall` (so a dead peer is noticed within it, and a live one is never dropped sooner),
+/// and keep-alives go out every quarter of it (at most every 30 s), which also lets a
+/// restarted replica's stateless reset tell the origin at once that its connection is gone.
+pub fn limits(stall: Duration) -> Result<Limits> {
     const WINDOW: u64 = 8 << 20;
+    let stall = stall.max(Duration::from_secs(1));
     Ok(Limits::new()
         .with_max_handshake_duration(Duration::from_secs(5))?
-        .with_max_idle_timeout(Duration::from_secs(30))?
+        .with_max_idle_timeout(stall)?
+        .with_max_keep_alive_period(keep_alive_period(stall))?
         .with_data_window(WINDOW)?
         .with_bidirectional_local_data_window(WINDOW)?
         .with_bidirectional_remote_data_window(WINDOW)?)
+}
+
+/// How often a quiet connection is pinged: four times per idle timeout, at most every 30 s
+/// (what middleboxes tolerate).
+fn keep_alive_period(stall: Duration) -> Duration {
+    (stall / 4).clamp(Duration::from_millis(250), Duration::from_secs(30))
 }
 
 /// Connections one peer may have open to a replica at once. An origin uses one (a restarted
@@ -108,9 +121,92 @@ fn refusal_in(text: &str) -> Option<Refusal> {
 
 /// UDP I/O bound to `addr`, probing path MTUs up to 9000 bytes: QUIC at 1500 is CPU-bound,
 /// and where the path carries jumbo frames (loopback, many LANs) the probe finds them;
-/// elsewhere it settles at what the path allows.
+/// elsewhere it settles at what the path allows. The socket's buffers are sized
+/// ([`udp_socket`]).
 pub fn io(addr: SocketAddr) -> Result<s2n_quic::provider::io::tokio::Provider> {
-    Ok(s2n_quic::provider::io::tokio::Builder::default().with_receive_address(addr)?.with_max_mtu(9000)?.build()?)
+    let socket = udp_socket(addr)?;
+    Ok(s2n_quic::provider::io::tokio::Builder::default().with_rx_socket(socket)?.with_max_mtu(9000)?.build()?)
+}
+
+/// What the kernel is asked to buffer per UDP socket, each way. The default (208 KiB on
+/// Linux) overflows in bursts: about one datagram in ten was dropped on a clean loopback
+/// transfer, each one resent.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+
+/// A UDP socket bound to `addr` with [`SOCKET_BUFFER`] bytes of receive and send buffer:
+/// forced past `net.core.rmem_max`/`wmem_max` where this process may (CAP_NET_ADMIN, as
+/// root), else as much as those allow, with a warning saying how to raise them.
+pub fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket> {
+    use rustix::net::sockopt;
+    let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("cannot bind a UDP socket on {addr}"))?;
+    socket.set_nonblocking(true)?;
+    if sockopt::set_socket_recv_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
+        let _ = sockopt::set_socket_recv_buffer_size(&socket, SOCKET_BUFFER);
+    }
+    if sockopt::set_socket_send_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
+        let _ = sockopt::set_socket_send_buffer_size(&socket, SOCKET_BUFFER);
+    }
+    // Linux reports twice what it grants (the doubling covers its bookkeeping).
+    let granted = |got: rustix::io::Result<usize>| got.map(|b| b / 2).unwrap_or(0);
+    let (recv, send) = (granted(sockopt::socket_recv_buffer_size(&socket)), granted(sockopt::socket_send_buffer_size(&socket)));
+    for (what, got, key) in [("receive", recv, "net.core.rmem_max"), ("send", send, "net.core.wmem_max")] {
+        if got < SOCKET_BUFFER {
+            tracing::warn!(
+                %addr,
+                "the kernel caps the UDP {what} buffer at {} KiB ({key}), below the {} MiB asked: datagrams may be dropped in bursts and resent; raise it with `sysctl -w {key}={SOCKET_BUFFER}` (and in /etc/sysctl.d to keep it), or run snapship as root",
+                got >> 10,
+                SOCKET_BUFFER >> 20
+            );
+        }
+    }
+    Ok(socket)
+}
+
+/// Stateless reset tokens that survive a restart: derived (keyed BLAKE3) from the node's
+/// TLS private key and the connection ID. A replica that restarted answers a packet of a
+/// connection it no longer knows with a reset the origin can check, so the origin drops
+/// that connection at once instead of waiting out the idle timeout. The key never leaves
+/// the node, and connection IDs are random, so nobody else can forge a reset.
+struct ResetTokens {
+    key: [u8; 32],
+}
+
+impl ResetTokens {
+    fn from_key_file(files: &TlsFiles) -> Result<ResetTokens> {
+        let pem = std::fs::read(&files.key).with_context(|| format!("cannot read {}", files.key.display()))?;
+        Ok(ResetTokens { key: blake3::derive_key("snapship 2026 QUIC stateless reset tokens", &pem) })
+    }
+}
+
+impl s2n_quic::provider::stateless_reset_token::Provider for ResetTokens {
+    type Generator = ResetTokens;
+    type Error = std::convert::Infallible;
+
+    fn start(self) -> Result<ResetTokens, Self::Error> {
+        Ok(self)
+    }
+}
+
+impl s2n_quic::provider::stateless_reset_token::Generator for ResetTokens {
+    fn generate(&mut self, local_connection_id: &[u8]) -> s2n_quic_core::stateless_reset::Token {
+        let hash = blake3::keyed_hash(&self.key, local_connection_id);
+        let mut token = [0u8; 16];
+        token.copy_from_slice(&hash.as_bytes()[..16]);
+        token.into()
+    }
+}
+
+/// Whether `e` says the QUIC connection under a request is gone (closed by the peer,
+/// reset by a restarted peer, timed out), as opposed to an answer or a local problem:
+/// then a fresh connection may well work.
+pub fn connection_lost(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let inner = c.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|i| i as &(dyn std::error::Error + 'static));
+        [Some(c), inner].into_iter().flatten().any(|c| {
+            c.downcast_ref::<s2n_quic::connection::Error>().is_some()
+                || c.downcast_ref::<s2n_quic::stream::Error>().is_some_and(|s| matches!(s, s2n_quic::stream::Error::ConnectionError { .. }))
+        })
+    })
 }
 
 /// The origin's QUIC clients: one UDP socket per address family, made on first use.
@@ -121,6 +217,8 @@ pub struct Connector {
     tls: TlsFiles,
     /// The TLS every handshake uses: replaced in place when the daemon reloads.
     live: tls::LiveTls,
+    /// The node's `stall_timeout`: the connections' idle timeout ([`limits`]).
+    stall: Duration,
     v4: std::sync::OnceLock<Client>,
     v6: std::sync::OnceLock<Client>,
 }
@@ -139,13 +237,13 @@ impl Connector {
     pub fn new(node: &NodeConfig) -> Result<Connector> {
         let files = node.tls.as_ref().ok_or_else(|| anyhow!("{} has no `tls:` section; it is needed to reach other nodes", node.file.display()))?;
         // Built now, so that a missing certificate is reported before any transfer.
-        Ok(Self::with_tls(&node.node.0, files, tls::LiveTls::load(files)?))
+        Ok(Self::with_tls(node, files, tls::LiveTls::load(files)?))
     }
 
-    /// A connector for node `me` whose handshakes use `live` (the daemon's, replaced when it
+    /// A connector for `node` whose handshakes use `live` (the daemon's, replaced when it
     /// reloads); `files` are what `live` was made from.
-    pub fn with_tls(me: &str, files: &TlsFiles, live: tls::LiveTls) -> Connector {
-        Connector { me: me.to_string(), tls: files.clone(), live, v4: Default::default(), v6: Default::default() }
+    pub fn with_tls(node: &NodeConfig, files: &TlsFiles, live: tls::LiveTls) -> Connector {
+        Connector { me: node.node.0.clone(), tls: files.clone(), live, stall: node.transfers.stall_timeout.0, v4: Default::default(), v6: Default::default() }
     }
 
     fn client_for(&self, addr: &SocketAddr) -> Result<&Client> {
@@ -155,7 +253,7 @@ impl Connector {
         }
         let client = Client::builder()
             .with_tls(self.live.client())?
-            .with_limits(limits()?)?
+            .with_limits(limits(self.stall)?)?
             .with_io(io(bind.parse().expect("a literal address"))?)?
             .start()
             .map_err(|e| anyhow!("cannot start the QUIC client on {bind}: {e}"))?;
@@ -213,22 +311,37 @@ impl QuicDialer {
 
 #[async_trait]
 impl Dialer for QuicDialer {
+    /// A stream on the connection kept, or on a new one. A kept connection that turns out
+    /// closed (the replica restarted, or shut down and came back) is replaced at once by
+    /// one fresh dial, so a restart costs a reconnect, not a failed attempt.
     async fn open(&self) -> Result<RequestStream> {
         let mut guard = self.connection.lock().await;
-        if guard.is_none() {
+        let mut fresh = guard.is_none();
+        if fresh {
             *guard = Some(self.connector.connect(&self.node, &self.addr).await?);
         }
-        let conn = guard.as_mut().expect("connected above");
-        let stream = match conn.open_bidirectional_stream().await {
-            Ok(s) => s,
-            Err(e) => {
-                *guard = None; // a dead connection: reconnect next time
-                bail!("cannot open a stream to `{}`: {e}", self.node);
+        let stream = loop {
+            let conn = guard.as_mut().expect("connected above");
+            match conn.open_bidirectional_stream().await {
+                Ok(s) => break s,
+                Err(e) if !fresh => {
+                    tracing::info!(replica = %self.node, "the connection kept to `{}` is gone ({e}); connecting again", self.node);
+                    *guard = Some(self.connector.connect(&self.node, &self.addr).await?);
+                    fresh = true;
+                }
+                Err(e) => {
+                    *guard = None; // a dead connection: reconnect next time
+                    bail!("cannot open a stream to `{}`: {e}", self.node);
+                }
             }
         };
         drop(guard);
         let (recv, send) = stream.split();
         Ok(RequestStream { recv: Box::new(recv), send: Box::new(send) })
+    }
+
+    fn lost(&self, e: &anyhow::Error) -> bool {
+        connection_lost(e)
     }
 
     fn explain(&self, e: anyhow::Error) -> anyhow::Error {
@@ -243,10 +356,13 @@ impl Dialer for QuicDialer {
 }
 
 /// Binds the replica's listening socket (so that a port in use is an error at start-up).
-pub fn bind(live: &tls::LiveTls, addr: SocketAddr) -> Result<Server> {
+/// `stall` is the node's `stall_timeout` ([`limits`]); `files` are what `live` was made from
+/// (the stateless reset tokens derive from the key, so they survive a restart).
+pub fn bind(live: &tls::LiveTls, files: &TlsFiles, addr: SocketAddr, stall: Duration) -> Result<Server> {
     Server::builder()
         .with_tls(live.server())?
-        .with_limits(limits()?.with_max_open_remote_bidirectional_streams(MAX_STREAMS_PER_CONNECTION)?)?
+        .with_limits(limits(stall)?.with_max_open_remote_bidirectional_streams(MAX_STREAMS_PER_CONNECTION)?)?
+        .with_stateless_reset_token(ResetTokens::from_key_file(files)?)?
         .with_event(PeerIdentity)?
         .with_io(io(addr)?)?
         .start()
@@ -356,6 +472,9 @@ async fn connection(
         }
     };
     tracing::debug!(%peer, %remote, "peer connected");
+    // Pings keep a quiet connection alive for as long as both sides live, and tell this
+    // side within the idle timeout (`stall_timeout`) when the origin is gone.
+    conn.keep_alive(true).ok();
     let streams = TaskTracker::new();
     let mut saturated = false;
     loop {

@@ -541,6 +541,20 @@ impl ReplicaSide for BtrfsReplica {
         receive_v2_supported().await
     }
 
+    /// What the filesystem holding the replica directory (or its nearest existing parent)
+    /// has available to this node, by `statvfs` (btrfs's estimate: data and metadata
+    /// profiles make it approximate).
+    async fn free_space(&self) -> Option<u64> {
+        let dir = self.dir.clone();
+        blocking(move || {
+            let at = dir.ancestors().find(|p| p.exists()).ok_or_else(|| anyhow::anyhow!("no existing ancestor"))?;
+            let st = rustix::fs::statvfs(at)?;
+            Ok(st.f_bavail.saturating_mul(st.f_frsize))
+        })
+        .await
+        .ok()
+    }
+
     async fn receive(&self, incoming: &Incoming, stream: &mut (dyn AsyncRead + Send + Unpin)) -> Result<Snapshot> {
         let me = BtrfsReplica::new(self.dir.clone());
         let name = incoming.name.clone();

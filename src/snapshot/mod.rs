@@ -227,6 +227,11 @@ pub trait ReplicaSide: Send + Sync {
     async fn resume_token(&self) -> Option<String> {
         None
     }
+    /// Bytes free where this side receives (its filesystem, its pool), if it can tell: what
+    /// a replica without room tells its origin, which waits for room before resending.
+    async fn free_space(&self) -> Option<u64> {
+        None
+    }
     async fn delete(&self, snapshot: &Snapshot) -> Result<()>;
     /// Makes room for `incoming` before its stream flows, outside the receive's stall
     /// watch (it may take long): ZFS sets aside the snapshots after its base as diverged

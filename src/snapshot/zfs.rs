@@ -836,6 +836,17 @@ impl ReplicaSide for ZfsReplica {
         Ok(())
     }
 
+    /// The dataset's `available` (its parent's before the first receive made it).
+    async fn free_space(&self) -> Option<u64> {
+        let mut dataset = self.dataset.as_str();
+        loop {
+            if let Ok(out) = zfs(&["get", "-Hp", "-o", "value", "available", dataset]).await {
+                return out.trim().parse().ok();
+            }
+            dataset = dataset.rsplit_once('/')?.0;
+        }
+    }
+
     async fn resume_token(&self) -> Option<String> {
         if !features().await.resumable {
             return None;

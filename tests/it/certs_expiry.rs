@@ -120,7 +120,7 @@ impl snapship::ship::Handler for EmptyListing {
         use tokio::io::AsyncWriteExt;
         let mut send = stream.send;
         let epoch = snapship::store::Epoch { number: 0, origin: "alpha".into() };
-        let listing = snapship::ship::protocol::Message::Snapshots { snapshots: vec![], compact: false, partial: None, epoch, downstream: vec![] };
+        let listing = snapship::ship::protocol::Message::Snapshots { snapshots: vec![], compact: false, partial: None, epoch, downstream: vec![], free: None };
         let _ = snapship::ship::transfer::write_message(&mut send, &listing).await;
         let _ = send.shutdown().await;
     }
@@ -136,8 +136,9 @@ async fn ask_beta(dir: &Path, alpha_files: TlsFiles, peers: &[&str]) -> (Result<
     let writer = log.clone();
     let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
     let _guard = tracing::subscriber::set_default(subscriber);
-    let tls = snapship::ship::tls::LiveTls::load(&files(dir, "beta")).unwrap();
-    let server = snapship::ship::quic::bind(&tls, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let beta = files(dir, "beta");
+    let tls = snapship::ship::tls::LiveTls::load(&beta).unwrap();
+    let server = snapship::ship::quic::bind(&tls, &beta, "127.0.0.1:0".parse().unwrap(), std::time::Duration::from_secs(120)).unwrap();
     let addr = server.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (_peers, peers) = tokio::sync::watch::channel(peers.iter().map(|p| p.to_string()).collect());

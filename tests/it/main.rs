@@ -10,6 +10,8 @@
 //! - `cascade`: backfill of the history a replica missed, and relays (A → B → C);
 //! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
 //!   fault proxy they go through;
+//! - `heal`: connections that heal (a replica restarted between syncs, one dead in the
+//!   commit phase) and the wait for room on a full replica instead of blind resends;
 //! - `restore`: getting data back (restore at a time, one path, a ZFS clone) and `list`
 //!   on every member;
 //! - `verify`, `verify_zfs`: `snapship verify` of a faithful, a tampered and an unreachable
@@ -36,6 +38,7 @@ mod examples;
 mod failover;
 mod failover_zfs;
 mod faults;
+mod heal;
 mod install;
 mod layers;
 mod monitoring;
