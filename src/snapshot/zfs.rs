@@ -809,6 +809,28 @@ impl ZfsReplica {
         Ok(())
     }
 
+    /// Before a full stream into the dataset while it exists holding no snapshot (checked by
+    /// the caller: every snapshot was destroyed, so nothing is in common with the origin and
+    /// no snapshot keeps anything): destroys the empty file system, so that the stream is
+    /// received as a new one rather than with `receive -F` over it. A full `receive -F` over
+    /// an existing file system is a clone swap in zfs-fuse 0.7 that fails now and then
+    /// with "cannot receive new filesystem stream: I/O error" (one try in three in a loop,
+    /// mounted or not, however long after the last destroy); a receive into a new file
+    /// system does not. `-F` would have replaced its contents all the same. `zfs destroy`
+    /// without `-r` leaves a dataset with children alone (and fails the receive).
+    /// Gone already is fine (modern ZFS: `receive -A` dropped a new file system's partial
+    /// receive).
+    async fn clear_for_full(&self) -> Result<()> {
+        match with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&self.dataset)).await {
+            Err(e) if !e.stderr().contains("does not exist") => Err(anyhow::Error::from(e).context(format!(
+                "{} holds no snapshot and must be replaced by a full receive, but cannot be destroyed; \
+                 destroy it (zfs destroy {}) or give the replica another dataset",
+                self.dataset, self.dataset
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Drops what an interrupted resumable receive kept (modern ZFS); nothing to do on old.
     async fn discard_partial(&self) {
         if features().await.resumable {
@@ -880,6 +902,13 @@ impl ReplicaSide for ZfsReplica {
             // A new stream cannot start while an old partial receive is kept.
             self.discard_partial().await;
         }
+        let exists = if exists && incoming.base.is_none() && !incoming.from_token {
+            // It holds no snapshot (refused above otherwise): received as a new file system.
+            self.clear_for_full().await?;
+            false
+        } else {
+            exists
+        };
         if !exists
             && let Some((parent, _)) = self.dataset.rsplit_once('/')
             && !dataset_exists(parent).await?
