@@ -147,8 +147,9 @@ impl ReplicaRole {
         self.service.replace_config(config);
     }
 
-    /// After `shutdown` was cancelled: ends the sessions and waits for every task.
-    pub async fn stop(self) {
+    /// After `shutdown` was cancelled: ends the sessions and waits for every task. Takes
+    /// `&self`: the daemon's runtime (which the service holds for handovers) shares the role.
+    pub async fn stop(&self) {
         self.service.shutdown().await;
         self.tasks.close();
         self.tasks.wait().await;
@@ -314,10 +315,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // Give the QUIC endpoints a moment to send the connection closes queued above.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     drop(node);
-    match Arc::try_unwrap(replica) {
-        Ok(replica) => replica.stop().await,
-        Err(_) => tracing::warn!("the replica role is still referenced at shutdown; not waiting for its sessions"),
-    }
+    replica.stop().await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -798,9 +796,7 @@ where
     let role = Arc::new(ReplicaRole::start(loaded.clone(), epochs, status, &shutdown));
     let result = work(role.clone()).await;
     shutdown.cancel();
-    if let Ok(role) = Arc::try_unwrap(role) {
-        role.stop().await;
-    }
+    role.stop().await;
     result
 }
 
