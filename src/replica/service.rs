@@ -28,6 +28,7 @@ use super::session::{self, Sessions};
 use crate::config::{LoadedConfig, Policy};
 use crate::observe::status::StatusBoard;
 use crate::ship::frame::FrameReader;
+use crate::ship::lan::LanTickets;
 use crate::ship::protocol::{ErrorCode, Message, VERSION, WireSnapshot};
 use crate::ship::transfer::{IncomingData, read_message, write_message};
 use crate::ship::{Handler, RequestStream};
@@ -80,6 +81,8 @@ pub struct ReplicaService {
     prunes: TaskTracker,
     /// One verify hashes at a time on this node.
     verifies: tokio::sync::Semaphore,
+    /// The LAN path's tickets, where this node serves it.
+    lan: std::sync::OnceLock<Arc<LanTickets>>,
 }
 
 impl ReplicaService {
@@ -94,7 +97,31 @@ impl ReplicaService {
             backends,
             prunes: TaskTracker::new(),
             verifies: tokio::sync::Semaphore::new(1),
+            lan: Default::default(),
         })
+    }
+
+    /// Serves the LAN path's connections through `tickets` (the daemon does this where some
+    /// peer is marked `encryption: off`).
+    pub fn accept_lan(&self, tickets: Arc<LanTickets>) {
+        let _ = self.lan.set(tickets);
+    }
+
+    /// The LAN path's tickets for a `begin` from `peer`, when it `asked` and this node marks
+    /// `peer` `encryption: off` too; otherwise the stream comes over QUIC (the encrypted
+    /// path, which is always allowed), logged where the origin asked.
+    fn lan_path(&self, peer: &str, asked: bool) -> Option<&Arc<LanTickets>> {
+        if !asked {
+            return None;
+        }
+        let marked = self.config.node.lan_peers.iter().any(|p| p.0 == peer);
+        match self.lan.get() {
+            Some(tickets) if marked => Some(tickets),
+            _ => {
+                tracing::warn!(%peer, "node {peer:?} asked for the LAN path, which this node does not allow for it: receiving over QUIC (encrypted); to allow it, write `{peer}: {{ address: HOST:PORT, encryption: off }}` under `peers` here");
+                None
+            }
+        }
     }
 
     /// Lets an origin hand the file set over to this node (the daemon does this).
@@ -322,7 +349,7 @@ impl ReplicaService {
                 let partial = self.sessions.resumable(&fileset, side.as_ref()).await;
                 Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial, epoch })
             }
-            Message::Begin { fileset, snapshot, identity, base, compression, compact, resume, from_token, epoch } => {
+            Message::Begin { fileset, snapshot, identity, base, compression, compact, resume, from_token, epoch, lan } => {
                 let policy = match self.authorize(peer, &fileset, &epoch) {
                     Ok(found) => found,
                     Err(refusal) => return Ok(refusal),
@@ -334,9 +361,26 @@ impl ReplicaService {
                 let from = resume.as_ref().map_or(0, |r| r.offset);
                 let incoming = Incoming { name, identity, base: base.clone(), from_token };
                 let attached = self.sessions.begin(peer, &fileset, incoming, compact, resume, (self.backends)(policy, self.here())?).await?;
-                write_message(send, &Message::Ready).await?;
-                tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving");
-                let data = IncomingData::new(frames, compression, self.sessions.stall_timeout());
+                let data = match self.lan_path(peer, lan) {
+                    Some(tickets) => {
+                        // The stream comes over the LAN path; the acknowledgements and the
+                        // answer still go back on this (QUIC) stream.
+                        let pending = tickets.issue(peer);
+                        let (transfer, key) = pending.ticket().to_wire();
+                        write_message(send, &Message::LanReady { transfer, key }).await?;
+                        let stream = pending
+                            .connected(crate::ship::lan::TICKET_TIMEOUT)
+                            .await
+                            .map_err(|e| session::Failed { code: ErrorCode::Aborted, message: format!("{e:#}") })?;
+                        tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving over the LAN path (TCP, authenticated, not encrypted)");
+                        IncomingData::new(FrameReader::new(stream), compression, self.sessions.stall_timeout())
+                    }
+                    None => {
+                        write_message(send, &Message::Ready).await?;
+                        tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving");
+                        IncomingData::new(frames, compression, self.sessions.stall_timeout())
+                    }
+                };
                 self.sessions.feed(attached, data, send).await?;
                 tracing::info!(%peer, %fileset, %snapshot, "received and committed");
                 // Hold the file set's lock before the origin hears `committed`, so that its next

@@ -182,13 +182,27 @@ impl PeerReplica {
             resume,
             from_token,
             epoch: (self.epoch)()?,
+            lan: self.dialer.lan_address().is_some(),
         };
         let (mut replies, mut send) = self.request(&begin).await?;
         let ready = tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut replies))
             .await
             .map_err(|_| anyhow!("replica `{}` did not answer `begin` within {}s", self.node, ANSWER_TIMEOUT.as_secs()))??;
+        // The LAN path, where the replica offered it: the data frames and `end` go to `out`.
+        let mut lan_out: Option<Outgoing> = None;
         match ready {
-            Message::Ready => {}
+            Message::Ready => {
+                if self.dialer.lan_address().is_some() {
+                    tracing::warn!(replica = %self.node, "the replica does not allow the LAN path for this node: sending over QUIC (encrypted); mark this node `encryption: off` under `peers` on the replica to use it");
+                }
+            }
+            Message::LanReady { transfer, key } => {
+                let (Some(address), Some(ticket)) = (self.dialer.lan_address(), super::lan::Ticket::from_wire(&transfer, &key)) else {
+                    bail!("protocol error: `{}` answered lan_ready, which this node did not ask for or cannot read", self.node);
+                };
+                lan_out = Some(Box::new(super::lan::connect(&self.node, address, &ticket).await?));
+                tracing::info!(replica = %self.node, snapshot = %incoming.name, "sending over the LAN path (TCP, authenticated, not encrypted)");
+            }
             Message::Error { code, message, epoch } => return Err(self.refused(code, message, epoch)),
             other => bail!("protocol error: `{}` answered {} to begin", self.node, other.kind()),
         }
@@ -201,8 +215,12 @@ impl PeerReplica {
         // Cancel safety: when `watch_acks` returns first, the send future is dropped mid-write;
         // nothing more is written to this stream (the caller drops the connection), and the
         // replica keeps what it acknowledged for a resume.
+        let out: &mut Outgoing = match &mut lan_out {
+            Some(lan) => lan,
+            None => &mut send,
+        };
         let written = AtomicU64::new(from);
-        let sending = transfer::write_data(stream, prefix, self.transfer.compression, self.transfer.bandwidth_limit, &written, &mut send);
+        let sending = transfer::write_data(stream, prefix, self.transfer.compression, self.transfer.bandwidth_limit, &written, out);
         let mut acked = from;
         let sent = tokio::select! {
             sent = sending => sent,
@@ -217,13 +235,13 @@ impl PeerReplica {
                     return Err(self.refused(code, message, None));
                 }
                 // Tell the replica why; it keeps what it has for a resume.
-                let _ = write_message(&mut send, &Message::error(ErrorCode::Aborted, format!("{e:#}"))).await;
-                let _ = send.shutdown().await;
+                let _ = write_message(out, &Message::error(ErrorCode::Aborted, format!("{e:#}"))).await;
+                let _ = out.shutdown().await;
                 return Err(e);
             }
         };
-        write_message(&mut send, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await?;
-        send.shutdown().await.ok();
+        write_message(out, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await?;
+        out.shutdown().await.ok();
         tracing::debug!(replica = %self.node, bytes = sent.bytes, wire_bytes = sent.wire_bytes, "stream sent, waiting for the commit");
         let committed = loop {
             let silence = COMMIT_SILENCE.max(self.stall);

@@ -30,6 +30,7 @@ mod examples;
 mod failover;
 mod faults;
 mod install;
+mod lan;
 mod layers;
 mod monitoring;
 mod operate;
