@@ -83,6 +83,8 @@ pub struct ReplicaService {
     verifies: tokio::sync::Semaphore,
     /// The LAN path's tickets, where this node serves it.
     lan: std::sync::OnceLock<Arc<LanTickets>>,
+    /// Peers told (in the log) that this node does not allow them the LAN path: once each.
+    lan_refusals_told: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl ReplicaService {
@@ -98,6 +100,7 @@ impl ReplicaService {
             prunes: TaskTracker::new(),
             verifies: tokio::sync::Semaphore::new(1),
             lan: Default::default(),
+            lan_refusals_told: Default::default(),
         })
     }
 
@@ -109,7 +112,7 @@ impl ReplicaService {
 
     /// The LAN path's tickets for a `begin` from `peer`, when it `asked` and this node marks
     /// `peer` `encryption: off` too; otherwise the stream comes over QUIC (the encrypted
-    /// path, which is always allowed), logged where the origin asked.
+    /// path, which is always allowed), logged (once per peer) where the origin asked.
     fn lan_path(&self, peer: &str, asked: bool) -> Option<&Arc<LanTickets>> {
         if !asked {
             return None;
@@ -118,6 +121,9 @@ impl ReplicaService {
         match self.lan.get() {
             Some(tickets) if marked => Some(tickets),
             _ => {
+                if !self.lan_refusals_told.lock().expect("lan refusals lock").insert(peer.to_string()) {
+                    return None;
+                }
                 tracing::warn!(%peer, "node {peer:?} asked for the LAN path, which this node does not allow for it: receiving over QUIC (encrypted); to allow it, write `{peer}: {{ address: HOST:PORT, encryption: off }}` under `peers` here");
                 None
             }

@@ -71,11 +71,14 @@ pub struct PeerReplica {
     stall: Duration,
     dialer: Arc<dyn Dialer>,
     epoch: EpochSource,
+    /// Whether this endpoint said already that the replica refuses the LAN path (once, not
+    /// at every transfer).
+    lan_refusal_told: std::sync::atomic::AtomicBool,
 }
 
 impl PeerReplica {
     pub fn new(node: String, fileset: String, transfer: Transfer, stall: Duration, dialer: Arc<dyn Dialer>, epoch: EpochSource) -> Self {
-        PeerReplica { node, fileset, transfer, stall, dialer, epoch }
+        PeerReplica { node, fileset, transfer, stall, dialer, epoch, lan_refusal_told: Default::default() }
     }
 
     /// Opens a request stream and sends `hello` and `request`.
@@ -192,7 +195,7 @@ impl PeerReplica {
         let mut lan_out: Option<Outgoing> = None;
         match ready {
             Message::Ready => {
-                if self.dialer.lan_address().is_some() {
+                if self.dialer.lan_address().is_some() && !self.lan_refusal_told.swap(true, Ordering::Relaxed) {
                     tracing::warn!(replica = %self.node, "the replica does not allow the LAN path for this node: sending over QUIC (encrypted); mark this node `encryption: off` under `peers` on the replica to use it");
                 }
             }

@@ -83,9 +83,11 @@ fn a_replica_that_does_not_mark_the_origin_receives_over_quic() {
     assert!(TcpStream::connect(("127.0.0.1", c.ports["beta"])).is_err(), "beta listens on TCP though it marks no peer for the LAN path");
     fill(&src, 12);
     c.sync_ok("alpha", "projects");
+    std::fs::write(src.join("second"), "x").unwrap();
+    c.sync_ok("alpha", "projects");
     assert_same_tree(&src, &dst.join("latest"));
     let log = c.daemons["beta"].log_text();
-    assert!(log.contains("asked for the LAN path, which this node does not allow for it: receiving over QUIC"), "{log}");
+    assert_eq!(log.matches("asked for the LAN path, which this node does not allow for it: receiving over QUIC").count(), 1, "told once per peer:\n{log}");
     assert!(log.contains("encryption: off"), "beta does not say how to allow it:\n{log}");
     assert!(!log.contains("receiving over the LAN path"), "{log}");
     c.stop("beta");
@@ -233,6 +235,39 @@ fn a_cut_tcp_connection_is_resumed() {
     // Bytes sent twice: at most what was in flight at the cut, not the whole stream again.
     let total = cutter.forwarded.load(Ordering::Relaxed);
     assert!(total < (46 << 20) + (16 << 20), "{total} bytes went over TCP for a 46 MiB stream");
+    c.stop("alpha");
+    c.stop("beta");
+}
+
+#[test]
+fn a_replica_killed_during_a_lan_transfer_gets_the_snapshot_after_its_restart() {
+    require_root!();
+    // Slow enough to be killed part way: 46 MiB at 16 MiB/s.
+    let (mut c, src, dst) = pair("lan_kill", (true, true), "  bandwidth_limit: 16MiB/s\n");
+    c.start("alpha");
+    fill(&src, 17);
+    write_random(&src.join("big.bin"), 40 << 20, 17);
+    let mut sync = snapship()
+        .args(["sync", "--config"])
+        .arg(c.dir("alpha").join("node.yaml"))
+        .arg("projects")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(60), "beta receiving over the LAN path", || c.daemons["beta"].log_text().contains("receiving over the LAN path"));
+    std::thread::sleep(Duration::from_millis(800));
+    c.kill9("beta");
+    assert!(snapshots(&dst).is_empty(), "a snapshot appeared from a cut stream");
+    let _ = sync.wait();
+    c.start("beta");
+    // alpha's daemon retries; beta, finding no session after its crash, gets the stream anew.
+    wait_for(Duration::from_secs(120), "beta holding the snapshot", || snapshots(&dst).len() == 1 && dst.join("latest").exists());
+    assert_same_tree(&src, &dst.join("latest"));
+    assert!(c.daemons["beta"].log_text().contains("receiving over the LAN path"));
+    let staging = dst.join(".snapship-staging");
+    let left: Vec<String> = visible(&staging).into_iter().filter(|n| n != ".lock").collect();
+    assert!(left.is_empty(), "staging not cleaned: {left:?}");
     c.stop("alpha");
     c.stop("beta");
 }
