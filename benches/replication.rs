@@ -411,8 +411,36 @@ fn main() {
                 times.push((t, children_cpu() - cpu0 + (cpu_ticks_all(beta_pid) - beta0) as f64 / 100.0));
             }
         }
+        // One core per side (`taskset`): the origin's processes on CPU 1, the replica's on
+        // CPU 0, to show what each side costs per core.
+        sh(&format!("taskset -a -cp 0 {beta_pid} >/dev/null"));
+        let (mut p_local, mut p_quic, mut p_lan) = (vec![], vec![], vec![]);
+        for run_i in 0..runs() {
+            eprintln!("LAN path comparison, one core per side, run {}", run_i + 1);
+            delete_subvolumes_in(&local_dir);
+            p_local.push(timed(|| sh(&format!("taskset -c 1 btrfs send -q {}/s0 | taskset -c 0 btrfs receive -q {}", snaps.display(), local_dir.display()))));
+            for (marked, times) in [(false, &mut p_quic), (true, &mut p_lan)] {
+                delete_subvolumes_in(&ship_dir);
+                c.configure("alpha", &[("data", policy.clone())]);
+                if marked {
+                    mark_lan(&c, "alpha", "beta");
+                }
+                times.push(timed(|| {
+                    let out = Command::new("taskset")
+                        .args(["-c", "1"])
+                        .arg(env!("CARGO_BIN_EXE_snapship"))
+                        .args(["sync", "--config"])
+                        .arg(c.dir("alpha").join("node.yaml"))
+                        .arg("data")
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+                }));
+            }
+        }
+        sh(&format!("taskset -a -cp 0-{} {beta_pid} >/dev/null", std::thread::available_parallelism().unwrap().get() - 1));
         let lan_used = c.daemons["beta"].log_text().matches("receiving over the LAN path").count();
-        assert_eq!(lan_used, runs(), "the LAN runs did not all use the LAN path");
+        assert_eq!(lan_used, 2 * runs(), "the LAN runs did not all use the LAN path");
         let med = |v: &[(f64, f64)]| (median(v.iter().map(|x| x.0).collect()), median(v.iter().map(|x| x.1).collect()));
         let ((l, lc), (q, qc), (n, nc)) = (med(&local), med(&quic), med(&lan));
         let mb = bytes / 1e6;
@@ -425,6 +453,12 @@ fn main() {
             ("snapship over the LAN path (TCP, MAC'd, `encryption: off`)", n, nc),
         ] {
             writeln!(out, "| {name} | {t:.2} s | {:.0} | {:.2} x | {cpu:.2} |", mb / t, l / t).unwrap();
+        }
+        let (pl, pq, pn) = (median(p_local), median(p_quic), median(p_lan));
+        writeln!(out, "\nOne core per side (`taskset`: origin processes on CPU 1, replica processes on CPU 0):\n").unwrap();
+        writeln!(out, "| path | median time | MB/s | vs local pipe |\n|---|---|---|---|").unwrap();
+        for (name, t) in [("local pipe", pl), ("snapship over QUIC", pq), ("snapship over the LAN path", pn)] {
+            writeln!(out, "| {name} | {t:.2} s | {:.0} | {:.2} x |", mb / t, pl / t).unwrap();
         }
         verdicts.push(("LAN path full send >= 0.97 x local pipe", l / n >= 0.97, format!("{:.2} x", l / n)));
         verdicts.push(("QUIC full send (incompressible) >= 0.95 x local pipe", l / q >= 0.95, format!("{:.2} x", l / q)));
