@@ -3,8 +3,9 @@
 //! docs/benchmarks.md. Needs root (run through scripts/with-scratch.sh, as `make bench` does).
 //!
 //! Phases: full transfer, ~10 % incremental, a 1 MB change end to end, continuous-mode RPO,
-//! peak RSS during a 4 GiB stream, CPU of 200 idle continuous file sets, connection faults
-//! (a replica restarted between syncs, one dead in the commit phase, an outage, UDP drops).
+//! the full send of incompressible data over QUIC and over the LAN path, peak RSS during a
+//! 4 GiB stream, CPU of 200 idle continuous file sets, connection faults (a replica
+//! restarted between syncs, one dead in the commit phase, an outage, UDP drops).
 
 #[path = "../tests/it/common/mod.rs"]
 mod common;
@@ -22,7 +23,7 @@ fn runs() -> usize {
     std::env::var("SNAPSHIP_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
 }
 
-/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,rpo,rss,idle,faults` (default: all).
+/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,lan,rpo,rss,idle,faults` (default: all).
 fn want(phase: &str) -> bool {
     std::env::var("SNAPSHIP_BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p == phase))
 }
@@ -373,6 +374,99 @@ fn main() {
         drop(c);
     }
 
+    // ---- The LAN path: full send of incompressible data, local pipe vs QUIC vs LAN -------
+    if want("lan") {
+        let mut c = Cluster::with_size("bench_lan", &["alpha", "beta"], 8 * 1024);
+        let src = c.fs["alpha"].subvolume("data");
+        let snaps = c.mnt("alpha").join("manual");
+        std::fs::create_dir_all(&snaps).unwrap();
+        let (local_dir, ship_dir) = (c.mnt("beta").join("local"), c.mnt("beta").join("snapship"));
+        std::fs::create_dir_all(&local_dir).unwrap();
+        let policy = policy("data", "alpha", &src, &[("beta", ship_dir.clone())]) + "transfer:\n  compression: none\n";
+        c.configure("beta", &[("data", policy.clone())]);
+        mark_lan(&c, "beta", "alpha"); // beta allows it; alpha asks only in the LAN runs
+        c.start("beta");
+        let beta_pid = c.daemons["beta"].child.as_ref().unwrap().id();
+        eprintln!("generating 12 x 64 MiB of incompressible data...");
+        generate_big(&src, 12);
+        let bytes = 12.0 * 64.0 * 1024.0 * 1024.0;
+        sh(&format!("btrfs -q subvolume snapshot -r {} {}/s0", src.display(), snaps.display()));
+        // (time, CPU seconds of every process of the path, children included)
+        let (mut local, mut quic, mut lan) = (vec![], vec![], vec![]);
+        for run_i in 0..runs() {
+            eprintln!("LAN path comparison, run {}", run_i + 1);
+            delete_subvolumes_in(&local_dir);
+            let cpu0 = children_cpu();
+            let t = timed(|| sh(&format!("btrfs send -q {}/s0 | btrfs receive -q {}", snaps.display(), local_dir.display())));
+            local.push((t, children_cpu() - cpu0));
+            for (marked, times) in [(false, &mut quic), (true, &mut lan)] {
+                delete_subvolumes_in(&ship_dir);
+                c.configure("alpha", &[("data", policy.clone())]);
+                if marked {
+                    mark_lan(&c, "alpha", "beta");
+                }
+                let (cpu0, beta0) = (children_cpu(), cpu_ticks_all(beta_pid));
+                let t = timed(|| {
+                    c.sync_ok("alpha", "data");
+                });
+                times.push((t, children_cpu() - cpu0 + (cpu_ticks_all(beta_pid) - beta0) as f64 / 100.0));
+            }
+        }
+        // One core per side (`taskset`): the origin's processes on CPU 1, the replica's on
+        // CPU 0, to show what each side costs per core.
+        sh(&format!("taskset -a -cp 0 {beta_pid} >/dev/null"));
+        let (mut p_local, mut p_quic, mut p_lan) = (vec![], vec![], vec![]);
+        for run_i in 0..runs() {
+            eprintln!("LAN path comparison, one core per side, run {}", run_i + 1);
+            delete_subvolumes_in(&local_dir);
+            p_local.push(timed(|| sh(&format!("taskset -c 1 btrfs send -q {}/s0 | taskset -c 0 btrfs receive -q {}", snaps.display(), local_dir.display()))));
+            for (marked, times) in [(false, &mut p_quic), (true, &mut p_lan)] {
+                delete_subvolumes_in(&ship_dir);
+                c.configure("alpha", &[("data", policy.clone())]);
+                if marked {
+                    mark_lan(&c, "alpha", "beta");
+                }
+                times.push(timed(|| {
+                    let out = Command::new("taskset")
+                        .args(["-c", "1"])
+                        .arg(env!("CARGO_BIN_EXE_snapship"))
+                        .args(["sync", "--config"])
+                        .arg(c.dir("alpha").join("node.yaml"))
+                        .arg("data")
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+                }));
+            }
+        }
+        sh(&format!("taskset -a -cp 0-{} {beta_pid} >/dev/null", std::thread::available_parallelism().unwrap().get() - 1));
+        let lan_used = c.daemons["beta"].log_text().matches("receiving over the LAN path").count();
+        assert_eq!(lan_used, 2 * runs(), "the LAN runs did not all use the LAN path");
+        let med = |v: &[(f64, f64)]| (median(v.iter().map(|x| x.0).collect()), median(v.iter().map(|x| x.1).collect()));
+        let ((l, lc), (q, qc), (n, nc)) = (med(&local), med(&quic), med(&lan));
+        let mb = bytes / 1e6;
+        writeln!(out, "\n## Full send of incompressible data: local pipe, QUIC, LAN path ({:.0} MB, compression none)\n", mb).unwrap();
+        writeln!(out, "12 files of 64 MiB of random data; beta's daemon running, `snapship sync` one-shot on alpha; CPU is user + system of every process of the path (both snapship processes and their `btrfs send`/`receive`).\n").unwrap();
+        writeln!(out, "| path | median time | MB/s | vs local pipe (throughput) | CPU s |\n|---|---|---|---|---|").unwrap();
+        for (name, t, cpu) in [
+            ("btrfs send \\| btrfs receive (local pipe)", l, lc),
+            ("snapship over QUIC (TLS)", q, qc),
+            ("snapship over the LAN path (TCP, MAC'd, `encryption: off`)", n, nc),
+        ] {
+            writeln!(out, "| {name} | {t:.2} s | {:.0} | {:.2} x | {cpu:.2} |", mb / t, l / t).unwrap();
+        }
+        let (pl, pq, pn) = (median(p_local), median(p_quic), median(p_lan));
+        writeln!(out, "\nOne core per side (`taskset`: origin processes on CPU 1, replica processes on CPU 0):\n").unwrap();
+        writeln!(out, "| path | median time | MB/s | vs local pipe |\n|---|---|---|---|").unwrap();
+        for (name, t) in [("local pipe", pl), ("snapship over QUIC", pq), ("snapship over the LAN path", pn)] {
+            writeln!(out, "| {name} | {t:.2} s | {:.0} | {:.2} x |", mb / t, pl / t).unwrap();
+        }
+        verdicts.push(("LAN path full send >= 0.97 x local pipe", l / n >= 0.97, format!("{:.2} x", l / n)));
+        verdicts.push(("QUIC full send (incompressible) >= 0.95 x local pipe", l / q >= 0.95, format!("{:.2} x", l / q)));
+        c.stop("beta");
+        drop(c);
+    }
+
     // ---- Continuous mode RPO -------------------------------------------------------------
     if want("rpo") {
         eprintln!("continuous mode RPO: 60 s of writes at ~10 MB/s");
@@ -680,6 +774,33 @@ fn connection_faults(out: &mut String, verdicts: &mut Vec<(&'static str, bool, S
             median(killed)
         ),
     ));
+}
+
+/// CPU seconds (user + system) of this process's waited-for children so far.
+fn children_cpu() -> f64 {
+    let mut usage: nix::libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct it is given.
+    unsafe { nix::libc::getrusage(nix::libc::RUSAGE_CHILDREN, &mut usage) };
+    let secs = |t: nix::libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// CPU ticks of `pid` and of its children it waited for.
+fn cpu_ticks_all(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11..15].iter().map(|v| v.parse::<u64>().unwrap()).sum()
+}
+
+/// Rewrites `node`'s config so that its `peers:` entry for `peer` allows the LAN path.
+fn mark_lan(c: &Cluster, node: &str, peer: &str) {
+    let path = c.dir(node).join("node.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let prefix = format!("  {peer}: ");
+    let line = text.lines().find(|l| l.starts_with(&prefix)).unwrap().to_string();
+    let marked = text.replace(&format!("{line}\n"), &format!("{prefix}{{ address: {}, encryption: off }}\n", &line[prefix.len()..]));
+    std::fs::write(&path, marked).unwrap();
 }
 
 fn sysinfo_gib() -> u64 {

@@ -9,6 +9,7 @@
 pub mod cron;
 pub mod locate;
 pub mod object_store;
+pub mod peers;
 pub mod units;
 pub mod wording;
 
@@ -41,9 +42,17 @@ pub struct NodeConfig {
     /// mTLS files; needed as soon as any policy involves another node.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
-    /// How to reach the other nodes: name -> host:port.
-    #[serde(default)]
+    /// How to reach the other nodes, as written: name -> host:port, or a mapping that may
+    /// also allow the LAN path (`peers.rs`). Read through `peers` and `lan_peers`.
+    #[serde(default, rename = "peers")]
+    pub peer_entries: BTreeMap<Name, peers::PeerEntry>,
+    /// How to reach the other nodes: name -> host:port (from `peer_entries`).
+    #[serde(skip)]
     pub peers: BTreeMap<Name, String>,
+    /// The peers this node allows the LAN path with (`encryption: off`); it is used only
+    /// where both nodes mark each other so.
+    #[serde(skip)]
+    pub lan_peers: BTreeSet<Name>,
     /// Policy files or globs, relative to this file.
     #[serde(default)]
     pub policies: Vec<String>,
@@ -460,12 +469,15 @@ pub fn parse_node_text(path: &Path, text: &str) -> Result<NodeConfig, ConfigErro
         tls.cert = base.join(&tls.cert);
         tls.key = base.join(&tls.key);
     }
+    node.peers = node.peer_entries.iter().map(|(n, e)| (n.clone(), e.address.clone())).collect();
+    node.lan_peers = node.peer_entries.iter().filter(|(_, e)| e.lan).map(|(n, _)| n.clone()).collect();
     if let Some(peer) = node.peers.keys().find(|p| **p == node.node) {
         return Err(located(path, &index, &format!("peers.{peer}"), format!("`{peer}` is this node itself; list only the other nodes under `peers`")));
     }
     for (peer, addr) in &node.peers {
         if !looks_like_host_port(addr) {
-            return Err(located(path, &index, &format!("peers.{peer}"), format!("address {addr:?} is not HOST:PORT, like 192.0.2.7:7441 or backup.lan:7441")));
+            let key = if node.peer_entries[peer].mapping { format!("peers.{peer}.address") } else { format!("peers.{peer}") };
+            return Err(located(path, &index, &key, format!("address {addr:?} is not HOST:PORT, like 192.0.2.7:7441 or backup.lan:7441")));
         }
     }
     Ok(node)

@@ -415,3 +415,32 @@ fn object_store_mistakes_name_their_key_and_no_secret_is_taken() {
     let s = Setup::new(&[("projects.yaml", &with(&format!("{OFFSITE}    part_size: 1MiB\n")))]);
     expect(&s.only_error(), "projects.yaml", 22, "replicas[1].part_size", "write 5MiB to 5GiB");
 }
+
+#[test]
+fn peers_may_be_mappings_that_allow_the_lan_path() {
+    let text = NODE.replace(
+        "  beta: 127.0.0.1:7442\n",
+        "  beta: { address: backup.lan:7442, encryption: off }\n  gamma: 127.0.0.1:7443\n  delta:\n    address: 127.0.0.1:7444\n    encryption: on\n",
+    );
+    let node = parse_node_text(Path::new("/etc/snapship/node.yaml"), &text).unwrap();
+    assert_eq!(node.peers[&Name("beta".into())], "backup.lan:7442");
+    assert_eq!(node.peers[&Name("gamma".into())], "127.0.0.1:7443");
+    assert_eq!(node.peers[&Name("delta".into())], "127.0.0.1:7444");
+    assert_eq!(node.lan_peers.iter().map(|n| n.0.as_str()).collect::<Vec<_>>(), ["beta"]);
+}
+
+#[test]
+fn bad_peer_mappings_are_located() {
+    let file = Path::new("/etc/snapship/node.yaml");
+    let with = |entry: &str| parse_node_text(file, &NODE.replace("  beta: 127.0.0.1:7442\n", entry)).unwrap_err().to_string();
+    let err = with("  beta: { address: 127.0.0.1:7442, encryption: maybe }\n");
+    expect(&err, "node.yaml", 9, "peers.beta.encryption", "unknown value `maybe`; valid: `on` or `off`");
+    let err = with("  beta:\n    address: nowhere\n    encryption: off\n");
+    expect(&err, "node.yaml", 10, "peers.beta.address", "HOST:PORT");
+    let err = with("  beta:\n    adress: 127.0.0.1:7442\n");
+    expect(&err, "node.yaml", 10, "peers.beta.adress", "unknown key `adress`; valid keys here: `address` or `encryption`");
+    let err = with("  beta:\n    encryption: off\n");
+    expect(&err, "node.yaml", 9, "peers.beta", "missing key `address`");
+    let err = with("  beta: [1, 2]\n");
+    expect(&err, "node.yaml", 9, "peers.beta", "HOST:PORT, or a mapping");
+}

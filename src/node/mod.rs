@@ -90,7 +90,11 @@ pub fn endpoints(
                 Some(c) => c.clone(),
                 None => connector.insert(Arc::new(Connector::new(&config.node)?)).clone(),
             };
-            (Arc::new(QuicDialer::new(node.to_string(), addr.clone(), connector)), policy.transfer.clone())
+            let quic: Arc<dyn Dialer> = Arc::new(QuicDialer::new(node.to_string(), addr.clone(), connector));
+            // `encryption: off` for this peer: transfers ask for the LAN path.
+            let dialer: Arc<dyn Dialer> =
+                if config.node.lan_peers.contains(&name) { Arc::new(crate::ship::lan::LanDialer::new(addr.clone(), quic)) } else { quic };
+            (dialer, policy.transfer.clone())
         };
         out.push(Arc::new(PeerReplica::new(node.to_string(), fileset.clone(), transfer, stall, dialer, epoch.clone())));
     }
@@ -137,6 +141,15 @@ impl ReplicaRole {
         let server = quic::bind(tls, files, addr, config.node.transfers.stall_timeout.0)?;
         tracing::info!(node = %config.node.node, %addr, "listening for origins");
         self.tasks.spawn(quic::serve(server, self.peers.subscribe(), self.service.clone(), shutdown.clone()));
+        if !config.node.lan_peers.is_empty() {
+            // The LAN path's TCP listener, at the same address and port, for the peers marked
+            // `encryption: off`.
+            let listener = crate::ship::lan::bind(addr)?;
+            let tickets = crate::ship::lan::LanTickets::new();
+            self.service.accept_lan(tickets.clone());
+            tracing::info!(node = %config.node.node, %addr, "listening for the LAN path (TCP)");
+            self.tasks.spawn(crate::ship::lan::serve(listener, tickets, shutdown.clone()));
+        }
         Ok(())
     }
 

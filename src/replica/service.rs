@@ -29,6 +29,7 @@ use super::session::{self, Sessions};
 use crate::config::{LoadedConfig, Policy};
 use crate::observe::status::StatusBoard;
 use crate::ship::frame::FrameReader;
+use crate::ship::lan::LanTickets;
 use crate::ship::protocol::{ErrorCode, Message, Room, VERSION, WireSnapshot};
 use crate::ship::transfer::{IncomingData, read_message, write_message};
 use crate::ship::{Handler, RequestStream};
@@ -91,6 +92,10 @@ pub struct ReplicaService {
     relays: Arc<RelayGuard>,
     /// Ticks once a receive is committed and pruned: a relay forwards it.
     received: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The LAN path's tickets, where this node serves it.
+    lan: std::sync::OnceLock<Arc<LanTickets>>,
+    /// Peers told (in the log) that this node does not allow them the LAN path: once each.
+    lan_refusals_told: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// The outcome of a backend's preparation for a stream, once it is known.
@@ -118,6 +123,8 @@ impl ReplicaService {
             preparing: Default::default(),
             relays,
             received: Arc::new(tokio::sync::watch::channel(0).0),
+            lan: Default::default(),
+            lan_refusals_told: Default::default(),
         })
     }
 
@@ -140,6 +147,32 @@ impl ReplicaService {
     /// Ticks after each committed (and pruned) receive, for this node's relays.
     pub fn subscribe_received(&self) -> tokio::sync::watch::Receiver<u64> {
         self.received.subscribe()
+    }
+
+    /// Serves the LAN path's connections through `tickets` (the daemon does this where some
+    /// peer is marked `encryption: off`).
+    pub fn accept_lan(&self, tickets: Arc<LanTickets>) {
+        let _ = self.lan.set(tickets);
+    }
+
+    /// The LAN path's tickets for a `begin` from `peer`, when it `asked` and this node marks
+    /// `peer` `encryption: off` too; otherwise the stream comes over QUIC (the encrypted
+    /// path, which is always allowed), logged (once per peer) where the origin asked.
+    fn lan_path(&self, peer: &str, asked: bool) -> Option<&Arc<LanTickets>> {
+        if !asked {
+            return None;
+        }
+        let marked = self.config().node.lan_peers.iter().any(|p| p.0 == peer);
+        match self.lan.get() {
+            Some(tickets) if marked => Some(tickets),
+            _ => {
+                if !self.lan_refusals_told.lock().expect("lan refusals lock").insert(peer.to_string()) {
+                    return None;
+                }
+                tracing::warn!(%peer, "node {peer:?} asked for the LAN path, which this node does not allow for it: receiving over QUIC (encrypted); to allow it, write `{peer}: {{ address: HOST:PORT, encryption: off }}` under `peers` here");
+                None
+            }
+        }
     }
 
     /// Lets an origin hand the file set over to this node (the daemon does this).
@@ -437,7 +470,7 @@ impl ReplicaService {
                 let downstream = self.status.hops(&fileset);
                 Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial, epoch, downstream, free: side.free_space().await })
             }
-            Message::Begin { fileset, snapshot, identity, base, compression, compact, resume, from_token, epoch } => {
+            Message::Begin { fileset, snapshot, identity, base, compression, compact, resume, from_token, epoch, lan } => {
                 let policy = match self.authorize(peer, &fileset, &epoch) {
                     Ok(found) => found,
                     Err(refusal) => return Ok(refusal),
@@ -454,9 +487,26 @@ impl ReplicaService {
                     return Ok(refusal);
                 }
                 let attached = self.sessions.begin(peer, &fileset, incoming, compact, resume, (self.backends)(&policy, self.here())?).await?;
-                write_message(send, &Message::Ready).await?;
-                tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving");
-                let data = IncomingData::new(frames, compression, self.sessions.stall_timeout());
+                let data = match self.lan_path(peer, lan) {
+                    Some(tickets) => {
+                        // The stream comes over the LAN path; the acknowledgements and the
+                        // answer still go back on this (QUIC) stream.
+                        let pending = tickets.issue(peer);
+                        let (transfer, key) = pending.ticket().to_wire();
+                        write_message(send, &Message::LanReady { transfer, key }).await?;
+                        let stream = pending
+                            .connected(crate::ship::lan::TICKET_TIMEOUT)
+                            .await
+                            .map_err(|e| session::Failed { code: ErrorCode::Aborted, message: format!("{e:#}") })?;
+                        tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving over the LAN path (TCP, authenticated, not encrypted)");
+                        IncomingData::new(FrameReader::new(stream), compression, self.sessions.stall_timeout())
+                    }
+                    None => {
+                        write_message(send, &Message::Ready).await?;
+                        tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving");
+                        IncomingData::new(frames, compression, self.sessions.stall_timeout())
+                    }
+                };
                 let session = attached.session.clone();
                 if let Err(e) = self.sessions.feed(attached, data, send).await {
                     // No room: say how much there is (after the failed receive cleaned up),

@@ -104,11 +104,14 @@ pub struct PeerReplica {
     stall: Duration,
     dialer: Arc<dyn Dialer>,
     epoch: EpochSource,
+    /// Whether this endpoint said already that the replica refuses the LAN path (once, not
+    /// at every transfer).
+    lan_refusal_told: std::sync::atomic::AtomicBool,
 }
 
 impl PeerReplica {
     pub fn new(node: String, fileset: String, transfer: Transfer, stall: Duration, dialer: Arc<dyn Dialer>, epoch: EpochSource) -> Self {
-        PeerReplica { node, fileset, transfer, stall, dialer, epoch }
+        PeerReplica { node, fileset, transfer, stall, dialer, epoch, lan_refusal_told: Default::default() }
     }
 
     /// Opens a request stream and sends `hello` and `request`.
@@ -251,10 +254,24 @@ impl PeerReplica {
             resume,
             from_token,
             epoch: (self.epoch)()?,
+            lan: self.dialer.lan_address().is_some(),
         };
         let (ready, mut replies, mut send) = self.ask(&begin, Some(ANSWER_TIMEOUT)).await.map_err(|e| self.in_phase(Phase::Begin, e))?;
+        // The LAN path, where the replica offered it: the data frames and `end` go to `out`.
+        let mut lan_out: Option<Outgoing> = None;
         match ready {
-            Message::Ready => {}
+            Message::Ready => {
+                if self.dialer.lan_address().is_some() && !self.lan_refusal_told.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(replica = %self.node, "the replica does not allow the LAN path for this node: sending over QUIC (encrypted); mark this node `encryption: off` under `peers` on the replica to use it");
+                }
+            }
+            Message::LanReady { transfer, key } => {
+                let (Some(address), Some(ticket)) = (self.dialer.lan_address(), super::lan::Ticket::from_wire(&transfer, &key)) else {
+                    bail!("protocol error: `{}` answered lan_ready, which this node did not ask for or cannot read", self.node);
+                };
+                lan_out = Some(Box::new(super::lan::connect(&self.node, address, &ticket).await?));
+                tracing::info!(replica = %self.node, snapshot = %incoming.name, "sending over the LAN path (TCP, authenticated, not encrypted)");
+            }
             Message::Error { code, message, epoch, room } => return Err(self.refused(code, message, epoch, room)),
             other => bail!("protocol error: `{}` answered {} to begin", self.node, other.kind()),
         }
@@ -267,8 +284,12 @@ impl PeerReplica {
         // Cancel safety: when `watch_acks` returns first, the send future is dropped mid-write;
         // nothing more is written to this stream (the caller drops the connection), and the
         // replica keeps what it acknowledged for a resume.
+        let out: &mut Outgoing = match &mut lan_out {
+            Some(lan) => lan,
+            None => &mut send,
+        };
         let written = AtomicU64::new(from);
-        let sending = transfer::write_data(stream, prefix, self.transfer.compression, self.transfer.bandwidth_limit, &written, &mut send);
+        let sending = transfer::write_data(stream, prefix, self.transfer.compression, self.transfer.bandwidth_limit, &written, out);
         let mut acked = from;
         let sent = tokio::select! {
             sent = sending => sent,
@@ -285,13 +306,13 @@ impl PeerReplica {
                     return Err(self.refused(code, message, epoch, room));
                 }
                 // Tell the replica why; it keeps what it has for a resume.
-                let _ = write_message(&mut send, &Message::error(ErrorCode::Aborted, format!("{e:#}"))).await;
-                let _ = send.shutdown().await;
+                let _ = write_message(out, &Message::error(ErrorCode::Aborted, format!("{e:#}"))).await;
+                let _ = out.shutdown().await;
                 return Err(self.in_phase(Phase::Data, e));
             }
         };
-        write_message(&mut send, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await.map_err(|e| self.in_phase(Phase::Data, e.into()))?;
-        send.shutdown().await.ok();
+        write_message(out, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await.map_err(|e| self.in_phase(Phase::Data, e.into()))?;
+        out.shutdown().await.ok();
         tracing::debug!(replica = %self.node, bytes = sent.bytes, wire_bytes = sent.wire_bytes, "stream sent, waiting for the commit");
         // The replica says it is alive every half second while it finishes: silence for the
         // stall timeout means it died or froze (the QUIC idle timeout, the same length, may

@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod frame;
+pub mod lan;
 pub mod local;
 pub mod meter;
 pub mod protocol;
@@ -153,6 +154,11 @@ pub trait Dialer: Send + Sync {
     /// surfaces at the first read, as `HANDSHAKE_FAILURE`).
     fn explain(&self, e: anyhow::Error) -> anyhow::Error {
         e
+    }
+    /// Where this node allows the LAN path with the peer (`encryption: off` under `peers`):
+    /// the peer's `HOST:PORT`, whose port its LAN listener has on TCP ([`lan::LanDialer`]).
+    fn lan_address(&self) -> Option<&str> {
+        None
     }
 }
 

@@ -5,8 +5,10 @@
 //! list:     O: hello, list{fileset}           R: snapshots{.., partial} | error
 //!           (also a replica to its origin, for `snapship list`: the origin answers with its
 //!           own snapshots)
-//! transfer: O: hello, begin{fileset, snapshot, identity, base, compression, compact, resume}
-//!                                             R: ready | error
+//! transfer: O: hello, begin{fileset, snapshot, identity, base, compression, compact, resume, lan}
+//!                                             R: ready | lan_ready{transfer, key} | error
+//!           (after lan_ready the data frames and end go over the LAN path's TCP connection,
+//!           `lan.rs`; everything the replica says stays on this stream)
 //!           O: data frames..., end{bytes, blake3}
 //!                                             R: ack{offset}..., committed | error
 //! verify:   O: hello, verify{fileset, snapshot, full}
@@ -33,6 +35,7 @@ pub use crate::store::Epoch;
 /// 4: `verify`, `verify_dir` and their answers (`snapship verify`).
 /// 5: the room a replica has: `free` in `snapshots`, `room` in a `no_space` error, so that
 /// an origin waits for room, checking with `list`, instead of resending blindly.
+/// Also in 5: `lan` in `begin`, answered by `lan_ready` (the LAN path, `lan.rs`).
 pub const VERSION: u32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,8 +84,18 @@ pub enum Message {
         from_token: bool,
         /// The epoch the sending origin acts in.
         epoch: Epoch,
+        /// The origin would send the stream over the LAN path (`ship/lan.rs`), if the replica
+        /// allows it for this origin too.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        lan: bool,
     },
     Ready,
+    /// Instead of `ready`, to a `begin` with `lan`: send the stream over the LAN path, on a
+    /// TCP connection presenting this one-time ticket (hex: a transfer id and a MAC key).
+    LanReady {
+        transfer: String,
+        key: String,
+    },
     /// The replica holds the stream up to `offset`.
     Ack {
         offset: u64,
@@ -286,6 +299,7 @@ impl Message {
             Message::Snapshots { .. } => "snapshots",
             Message::Begin { .. } => "begin",
             Message::Ready => "ready",
+            Message::LanReady { .. } => "lan_ready",
             Message::Ack { .. } => "ack",
             Message::End { .. } => "end",
             Message::Committed { .. } => "committed",
@@ -317,6 +331,7 @@ mod tests {
             resume: Some(ResumeFrom { offset: 7, blake3: "ab".into() }),
             from_token: false,
             epoch: Epoch { number: 2, origin: "beta".into() },
+            lan: true,
         };
         let json = m.to_json();
         assert!(String::from_utf8_lossy(&json).starts_with("{\"type\":\"begin\""));

@@ -151,9 +151,10 @@ pub async fn write_data<W: AsyncWrite + Unpin>(
     Ok(Sent { bytes: tally.bytes(), blake3: tally.digest().expect("hashing tally"), wire_bytes })
 }
 
-/// The flip test hook's offset, for the first transfer of the process only.
+/// The flip test hook's offset, for the first transfer of the process only (taken by the LAN
+/// path's writer where a transfer uses it, so that the byte flips after its MAC).
 #[cfg(feature = "test-hooks")]
-fn flip_hook() -> Option<u64> {
+pub(crate) fn flip_hook() -> Option<u64> {
     static USED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let offset = std::env::var(FLIP_ENV).ok()?.parse().ok()?;
     (!USED.swap(true, std::sync::atomic::Ordering::SeqCst)).then_some(offset)
@@ -161,7 +162,7 @@ fn flip_hook() -> Option<u64> {
 
 /// Without the `test-hooks` feature there is no flip hook: the environment is not read.
 #[cfg(not(feature = "test-hooks"))]
-fn flip_hook() -> Option<u64> {
+pub(crate) fn flip_hook() -> Option<u64> {
     None
 }
 
@@ -178,6 +179,9 @@ pub enum IncomingError {
     Protocol(String),
     #[error("no data from the origin for {}s (stall timeout)", .0.as_secs())]
     Stalled(Duration),
+    /// The LAN path's authentication failed (`lan.rs`): nothing of the record went further.
+    #[error("LAN path: {0}")]
+    Tampered(String),
 }
 
 impl IncomingError {
@@ -192,7 +196,7 @@ impl IncomingError {
                 .or_else(|| cause.downcast_ref::<io::Error>().and_then(|e| e.get_ref()).and_then(|e| e.downcast_ref::<IncomingError>()));
             if let Some(e) = found {
                 return match e {
-                    IncomingError::Checksum { .. } => ErrorCode::Checksum,
+                    IncomingError::Checksum { .. } | IncomingError::Tampered(_) => ErrorCode::Checksum,
                     IncomingError::Aborted(_) | IncomingError::Truncated => ErrorCode::Aborted,
                     IncomingError::Protocol(_) => ErrorCode::BadRequest,
                     IncomingError::Stalled(_) => ErrorCode::Stalled,

@@ -133,6 +133,7 @@ fn begin_of(snapshot: &str, identity: &str) -> snapship::ship::protocol::Message
         resume: None,
         from_token: false,
         epoch: snapship::store::Epoch { number: 0, origin: "alpha".into() },
+        lan: false,
     }
 }
 

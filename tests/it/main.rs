@@ -40,6 +40,7 @@ mod failover_zfs;
 mod faults;
 mod heal;
 mod install;
+mod lan;
 mod layers;
 mod monitoring;
 mod objstore;

@@ -1,0 +1,587 @@
+//! The LAN path: a transfer's stream over a plain TCP connection, authenticated and
+//! integrity-checked but not encrypted, for peers both nodes mark `encryption: off`.
+//!
+//! The control conversation stays on QUIC with mutual TLS. For a `begin` that asks for it
+//! (the origin marks the replica), a replica that marks the origin too answers `lan_ready`
+//! with a one-time ticket instead of `ready`: a random transfer id and a random 32-byte key,
+//! sent over the authenticated, encrypted QUIC stream, so the key is bound to the peer's
+//! certificate. The origin then opens a TCP connection to the replica (the port of its QUIC
+//! `listen:` address) and sends the same frames it would have sent on the QUIC stream, cut
+//! into MAC'd records:
+//!
+//! ```text
+//! hello:  "snapLAN1" | transfer id (16) | MAC(key; seq 0 | transfer id)
+//! record: length u32 big-endian | payload (length bytes) | MAC(key; seq | length | payload)
+//! ```
+//! The MAC is keyed BLAKE3 (32 bytes) over a sequence number counted by both sides (data
+//! records from 1), so a record cannot be forged, changed, replayed, reordered or dropped
+//! without the replica noticing; a cut at a record boundary is caught by the protocol, whose
+//! stream only ends cleanly with its `end` marker. The replica checks each record's MAC
+//! before any byte of it goes further ([`reader`]): nothing unauthenticated reaches the frame
+//! decoder, let alone `btrfs receive`. A failed check ends the connection (logged), and the
+//! transfer is treated as cut: the replica keeps what it held before the bad record.
+//!
+//! Acknowledgements, errors and the commit still come back on the QUIC stream, so resume,
+//! stalls and bandwidth limits work as on QUIC: only the bytes of the stream take another way.
+//!
+//! The replica's listener ([`bind`], [`serve`]) admits at most [`MAX_HANDSHAKES`]
+//! connections still presenting their ticket (each gets [`HELLO_TIMEOUT`]); a connection
+//! beyond that, or with an unknown transfer id or a wrong MAC, is closed and logged. Tickets
+//! exist only while their `begin` waits ([`TICKET_TIMEOUT`]), are used once, and are issued
+//! only to authorized requests, which the QUIC admission already bounds per peer.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll, ready};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::io::StreamReader;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::transfer::IncomingError;
+use super::{Dialer, RequestStream};
+
+/// What a LAN connection starts with.
+const MAGIC: &[u8; 8] = b"snapLAN1";
+const ID_LEN: usize = 16;
+const KEY_LEN: usize = 32;
+const MAC_LEN: usize = 32;
+const HELLO_LEN: usize = MAGIC.len() + ID_LEN + MAC_LEN;
+/// The largest record: longer writes are cut into several. A longer length in a header is
+/// refused before anything is read or allocated for it.
+pub const MAX_RECORD: usize = 1 << 20;
+/// How long the replica's `begin` waits for the origin's TCP connection with its ticket.
+pub const TICKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TCP connection has to present its ticket.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP connections presenting their ticket at once; more are closed at once.
+pub const MAX_HANDSHAKES: usize = 32;
+/// How long the origin tries to open the TCP connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A one-time ticket for one transfer's TCP connection.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub transfer: [u8; ID_LEN],
+    pub key: [u8; KEY_LEN],
+}
+
+impl Ticket {
+    fn random() -> Ticket {
+        let mut t = Ticket { transfer: [0; ID_LEN], key: [0; KEY_LEN] };
+        getrandom::fill(&mut t.transfer).expect("the OS random number generator");
+        getrandom::fill(&mut t.key).expect("the OS random number generator");
+        t
+    }
+
+    /// The ticket as sent in `lan_ready` (hex).
+    pub fn to_wire(&self) -> (String, String) {
+        (hex(&self.transfer), hex(&self.key))
+    }
+
+    /// The ticket from `lan_ready`, if both values are hex of the right length.
+    pub fn from_wire(transfer: &str, key: &str) -> Option<Ticket> {
+        Some(Ticket { transfer: unhex(transfer)?, key: unhex(key)? })
+    }
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ticket({}, key hidden)", hex(&self.transfer))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != 2 * N || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The MAC of record `seq` with `payload` (and of the hello, seq 0, over the transfer id).
+fn mac(key: &[u8; KEY_LEN], seq: u64, payload: &[u8]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(&seq.to_be_bytes());
+    h.update(&(payload.len() as u32).to_be_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+// ---------------------------------------------------------------------------------------
+// The origin's side.
+
+/// A [`Dialer`] for a peer this node marks `encryption: off`: request streams as `inner`
+/// opens them (QUIC), and the LAN path's TCP connections to `address`.
+pub struct LanDialer {
+    address: String,
+    inner: Arc<dyn Dialer>,
+}
+
+impl LanDialer {
+    /// `address`: the peer's `HOST:PORT` from `peers:` (its QUIC address; the LAN path uses
+    /// the same port on TCP).
+    pub fn new(address: String, inner: Arc<dyn Dialer>) -> LanDialer {
+        LanDialer { address, inner }
+    }
+}
+
+#[async_trait]
+impl Dialer for LanDialer {
+    async fn open(&self) -> Result<RequestStream> {
+        self.inner.open().await
+    }
+
+    async fn reset(&self) {
+        self.inner.reset().await
+    }
+
+    fn explain(&self, e: anyhow::Error) -> anyhow::Error {
+        self.inner.explain(e)
+    }
+
+    fn lan_address(&self) -> Option<&str> {
+        Some(&self.address)
+    }
+}
+
+/// Opens the TCP connection of the LAN path to `node` at `address` (HOST:PORT) and presents
+/// `ticket`; the writer for the transfer's frames.
+pub async fn connect(node: &str, address: &str, ticket: &Ticket) -> Result<LanWriter<TcpStream>> {
+    let attempt = async {
+        let mut tcp = TcpStream::connect(address).await?;
+        tcp.set_nodelay(true)?;
+        let mut hello = Vec::with_capacity(HELLO_LEN);
+        hello.extend_from_slice(MAGIC);
+        hello.extend_from_slice(&ticket.transfer);
+        hello.extend_from_slice(mac(&ticket.key, 0, &ticket.transfer).as_bytes());
+        tcp.write_all(&hello).await?;
+        Ok::<_, io::Error>(tcp)
+    };
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+        .await
+        .map_err(|_| anyhow!("no TCP connection within {}s", CONNECT_TIMEOUT.as_secs()))
+        .and_then(|r| r.map_err(anyhow::Error::from))
+        .with_context(|| {
+            format!(
+                "cannot open the LAN path to `{node}` at {address} (TCP): `{node}` listens for it on TCP at the port of its `listen:` address; let TCP through there, or drop `encryption: off` for `{node}` under `peers` to send over QUIC"
+            )
+        })?;
+    Ok(LanWriter::new(tcp, ticket.key))
+}
+
+/// Writes the bytes given to it as MAC'd records to `inner`.
+///
+/// Each write becomes one record (at most [`MAX_RECORD`] of it), written through to `inner`
+/// before the write returns: nothing waits in this writer for a flush, so a stream that
+/// pauses still reaches the replica whole.
+///
+/// # Cancel safety
+/// A write that returned `Pending` has its record under way: as with `write_all`, the caller
+/// must retry with the same bytes (or drop the writer). A write that failed drops the record.
+pub struct LanWriter<W> {
+    inner: W,
+    key: [u8; KEY_LEN],
+    seq: u64,
+    /// The encoded record being written, and how much of it went out.
+    out: Vec<u8>,
+    pos: usize,
+    /// The length of the caller's write that `out` encodes, while it is under way.
+    pending: Option<usize>,
+    /// The flip test hook: the payload byte at this offset is flipped after its MAC.
+    flip: Option<u64>,
+    payload_bytes: u64,
+}
+
+impl<W: AsyncWrite + Unpin> LanWriter<W> {
+    fn new(inner: W, key: [u8; KEY_LEN]) -> Self {
+        // The LAN path takes the flip hook, so that the flip happens on its wire, after the
+        // MAC (the frame's CRC is then intact, and the MAC is what must catch it).
+        let flip = super::transfer::flip_hook();
+        LanWriter { inner, key, seq: 1, out: Vec::new(), pos: 0, pending: None, flip, payload_bytes: 0 }
+    }
+
+    fn encode(&mut self, payload: &[u8]) {
+        self.out.clear();
+        self.out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        self.out.extend_from_slice(payload);
+        self.out.extend_from_slice(mac(&self.key, self.seq, payload).as_bytes());
+        if let Some(offset) = self.flip
+            && offset < self.payload_bytes + payload.len() as u64
+        {
+            self.out[4 + (offset - self.payload_bytes) as usize] ^= 0x01;
+            tracing::warn!(offset, "test hook: flipped one byte on the LAN path");
+            self.flip = None;
+        }
+        self.payload_bytes += payload.len() as u64;
+        self.seq += 1;
+        self.pos = 0;
+    }
+
+    /// Writes the rest of the record under way.
+    fn drain(&mut self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        while self.pos < self.out.len() {
+            match ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.pos..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.pos += n,
+                Err(e) => {
+                    self.out.clear();
+                    self.pos = 0;
+                    self.pending = None;
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for LanWriter<W> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.pending.is_none() {
+            if buf.is_empty() {
+                return Poll::Ready(Ok(0));
+            }
+            let n = buf.len().min(MAX_RECORD);
+            this.encode(&buf[..n]);
+            this.pending = Some(n);
+        }
+        ready!(this.drain(cx))?;
+        Poll::Ready(Ok(this.pending.take().expect("a record under way")))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        ready!(self.drain(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        ready!(self.drain(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The replica's side.
+
+/// The tickets handed out and not used yet, by transfer id.
+#[derive(Default)]
+pub struct LanTickets {
+    waiting: Mutex<HashMap<[u8; ID_LEN], Waiting>>,
+}
+
+struct Waiting {
+    key: [u8; KEY_LEN],
+    connected: oneshot::Sender<TcpStream>,
+}
+
+/// A ticket handed out: waits for its connection; dropping it withdraws the ticket.
+pub struct Pending {
+    ticket: Ticket,
+    peer: String,
+    tickets: Arc<LanTickets>,
+    connected: Option<oneshot::Receiver<TcpStream>>,
+}
+
+impl LanTickets {
+    pub fn new() -> Arc<LanTickets> {
+        Arc::default()
+    }
+
+    /// A fresh ticket for one transfer from `peer`.
+    pub fn issue(self: &Arc<Self>, peer: &str) -> Pending {
+        let ticket = Ticket::random();
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().expect("tickets lock").insert(ticket.transfer, Waiting { key: ticket.key, connected: tx });
+        Pending { ticket, peer: peer.to_string(), tickets: self.clone(), connected: Some(rx) }
+    }
+
+    /// Hands `tcp`, whose hello is `hello`, to the transfer it names, if the ticket is known
+    /// and the MAC right; otherwise why not (the connection is then dropped).
+    fn admit(&self, hello: &[u8; HELLO_LEN], tcp: TcpStream) -> Result<(), &'static str> {
+        if &hello[..MAGIC.len()] != MAGIC {
+            return Err("it does not speak the LAN path's protocol");
+        }
+        let id: [u8; ID_LEN] = hello[MAGIC.len()..MAGIC.len() + ID_LEN].try_into().expect("sized");
+        let sent: [u8; MAC_LEN] = hello[MAGIC.len() + ID_LEN..].try_into().expect("sized");
+        let mut waiting = self.waiting.lock().expect("tickets lock");
+        let Some(w) = waiting.get(&id) else { return Err("it presented an unknown transfer id") };
+        // blake3::Hash compares in constant time.
+        if mac(&w.key, 0, &id) != blake3::Hash::from(sent) {
+            return Err("its ticket's MAC is wrong");
+        }
+        let w = waiting.remove(&id).expect("found above");
+        w.connected.send(tcp).map_err(|_| "its transfer gave up waiting")
+    }
+}
+
+impl Pending {
+    pub fn ticket(&self) -> &Ticket {
+        &self.ticket
+    }
+
+    /// The transfer's stream, once the origin's TCP connection presented the ticket (within
+    /// `within`), as checked records' payloads.
+    pub async fn connected(mut self, within: Duration) -> Result<Box<dyn AsyncRead + Send + Unpin>> {
+        let rx = self.connected.take().expect("waited once");
+        match tokio::time::timeout(within, rx).await {
+            Ok(Ok(tcp)) => Ok(reader(tcp, self.ticket.key, self.peer.clone())),
+            Ok(Err(_)) => bail!("the LAN listener of this node stopped"),
+            Err(_) => bail!(
+                "the origin's TCP connection for the LAN path did not arrive within {}s; is TCP to this node's `listen:` port let through?",
+                within.as_secs()
+            ),
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.tickets.waiting.lock().expect("tickets lock").remove(&self.ticket.transfer);
+    }
+}
+
+/// The payloads of the MAC'd records read from `inner`, each checked before it is yielded;
+/// the stream's clean end is the connection's end at a record boundary.
+pub fn reader<R: AsyncRead + Send + Unpin + 'static>(inner: R, key: [u8; KEY_LEN], peer: String) -> Box<dyn AsyncRead + Send + Unpin> {
+    let records = futures::stream::unfold(Some((inner, 1u64)), move |state| {
+        let peer = peer.clone();
+        async move {
+            let (mut inner, seq) = state?;
+            match read_record(&mut inner, &key, seq).await {
+                Ok(Some(payload)) => Some((Ok(payload), Some((inner, seq + 1)))),
+                Ok(None) => None,
+                Err(e) => {
+                    if e.kind() == io::ErrorKind::InvalidData {
+                        tracing::warn!(peer = %peer, record = seq, "dropping the LAN path's connection: {e}");
+                    }
+                    Some((Err(e), None)) // dropping `inner` closes the connection
+                }
+            }
+        }
+    });
+    Box::new(StreamReader::new(Box::pin(records)))
+}
+
+/// Record `seq`: its checked payload, `None` at a clean end before it.
+async fn read_record<R: AsyncRead + Unpin>(inner: &mut R, key: &[u8; KEY_LEN], seq: u64) -> io::Result<Option<Bytes>> {
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < header.len() {
+        let n = inner.read(&mut header[got..]).await?;
+        if n == 0 {
+            return if got == 0 { Ok(None) } else { Err(tampered(format!("the connection ended inside record {seq}"))) };
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_RECORD {
+        return Err(tampered(format!("record {seq} announces {len} bytes, more than the limit of {MAX_RECORD}")));
+    }
+    let mut body = BytesMut::zeroed(len + MAC_LEN);
+    inner
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| if e.kind() == io::ErrorKind::UnexpectedEof { tampered(format!("the connection ended inside record {seq}")) } else { e })?;
+    let sent: [u8; MAC_LEN] = body[len..].try_into().expect("sized");
+    if mac(key, seq, &body[..len]) != blake3::Hash::from(sent) {
+        return Err(tampered(format!("record {seq} fails its MAC (changed, replayed or out of order in flight)")));
+    }
+    body.truncate(len);
+    Ok(Some(body.freeze()))
+}
+
+fn tampered(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, IncomingError::Tampered(why))
+}
+
+/// Binds the replica's LAN listener (TCP, at the address and port of its QUIC `listen:`), so
+/// that a port in use is an error at start-up.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} (TCP, the LAN path)"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Accepts LAN connections until `shutdown` and hands each, once it presented a valid ticket,
+/// to the transfer waiting for it. Every handshake task is tracked and waited for.
+pub async fn serve(listener: std::net::TcpListener, tickets: Arc<LanTickets>, shutdown: CancellationToken) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot serve the LAN path: {e}");
+            return;
+        }
+    };
+    let tasks = TaskTracker::new();
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        // Cancel safety: `accept` hands a connection over only when it returns it.
+        let (tcp, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("LAN path: cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "LAN path: refusing a connection: {MAX_HANDSHAKES} connections are presenting their tickets already (the limit)");
+            continue;
+        };
+        let (tickets, shutdown) = (tickets.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = handshake(tcp, remote, &tickets) => {}
+            }
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+async fn handshake(mut tcp: TcpStream, remote: SocketAddr, tickets: &LanTickets) {
+    let mut hello = [0u8; HELLO_LEN];
+    match tokio::time::timeout(HELLO_TIMEOUT, tcp.read_exact(&mut hello)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return tracing::warn!(%remote, "LAN path: dropping a connection that sent no complete ticket: {e}"),
+        Err(_) => return tracing::warn!(%remote, "LAN path: dropping a connection that sent no ticket within {}s", HELLO_TIMEOUT.as_secs()),
+    }
+    let _ = tcp.set_nodelay(true);
+    match tickets.admit(&hello, tcp) {
+        Ok(()) => tracing::debug!(%remote, "LAN path: connection admitted"),
+        Err(why) => tracing::warn!(%remote, "LAN path: dropping a connection: {why}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn through(data: &[u8], tamper: impl FnOnce(&mut Vec<u8>)) -> io::Result<Vec<u8>> {
+        let key = [7u8; KEY_LEN];
+        let mut wire = Vec::new();
+        {
+            let mut w = LanWriter { inner: &mut wire, key, seq: 1, out: Vec::new(), pos: 0, pending: None, flip: None, payload_bytes: 0 };
+            for piece in data.chunks(1000) {
+                w.write_all(piece).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        }
+        tamper(&mut wire);
+        let mut out = Vec::new();
+        reader(std::io::Cursor::new(wire), key, "alpha".into()).read_to_end(&mut out).await.map(|_| out)
+    }
+
+    fn code(e: io::Error) -> String {
+        let code = IncomingError::code_of(&anyhow::Error::from(e));
+        format!("{code:?}")
+    }
+
+    #[tokio::test]
+    async fn records_arrive_whole_and_checked() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        assert_eq!(through(&data, |_| {}).await.unwrap(), data);
+        assert_eq!(through(b"", |_| {}).await.unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn a_changed_dropped_replayed_or_swapped_record_is_refused() {
+        let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let record = 4 + 1000 + MAC_LEN;
+        let err = through(&data, |w| w[10] ^= 1).await.unwrap_err();
+        assert!(err.to_string().contains("record 1 fails its MAC"), "{err}");
+        assert_eq!(code(err), "Checksum");
+        // Dropped: record 2 arrives where record 1 was expected.
+        assert!(through(&data, |w| drop(w.drain(..record))).await.is_err());
+        // Replayed: record 1 twice.
+        assert!(through(&data, |w| *w = [&w[..record], &w[..]].concat()).await.is_err());
+        // Swapped.
+        assert!(through(&data, |w| *w = [&w[record..2 * record], &w[..record], &w[2 * record..]].concat()).await.is_err());
+        // Cut inside a record.
+        let err = through(&data, |w| w.truncate(record + 10)).await.unwrap_err();
+        assert!(err.to_string().contains("ended inside record 2"), "{err}");
+        // A huge length is refused from the header.
+        let err = through(&data, |w| w[..4].copy_from_slice(&u32::MAX.to_be_bytes())).await.unwrap_err();
+        assert!(err.to_string().contains("more than the limit"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_record_under_another_key_is_refused() {
+        let mut wire = Vec::new();
+        let mut w = LanWriter { inner: &mut wire, key: [1; KEY_LEN], seq: 1, out: Vec::new(), pos: 0, pending: None, flip: None, payload_bytes: 0 };
+        w.write_all(b"hello").await.unwrap();
+        let err = reader(std::io::Cursor::new(wire), [2; KEY_LEN], "alpha".into()).read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert!(err.to_string().contains("fails its MAC"), "{err}");
+    }
+
+    #[test]
+    fn tickets_go_over_the_wire_as_hex() {
+        let t = Ticket::random();
+        let (id, key) = t.to_wire();
+        assert_eq!(Ticket::from_wire(&id, &key), Some(t.clone()));
+        assert_eq!(Ticket::from_wire(&id[1..], &key), None);
+        assert_eq!(Ticket::from_wire(&id, &key.replace(|c: char| c.is_ascii_digit(), "g")), None);
+        assert!(!format!("{t:?}").contains(&key), "a ticket's key never goes to a log");
+        assert_ne!(Ticket::random(), t);
+    }
+
+    /// A listener with one ticket out; the connections a hostile client makes get nothing.
+    #[tokio::test]
+    async fn the_listener_admits_only_a_known_ticket_with_its_mac() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tickets = LanTickets::new();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, tickets.clone(), shutdown.clone()));
+        let pending = tickets.issue("alpha");
+        let good = pending.ticket().clone();
+
+        // A guessed transfer id, then the right id with a MAC under a guessed key: closed.
+        let guessed = Ticket::random();
+        let wrong_key = Ticket { transfer: good.transfer, key: guessed.key };
+        for t in [&guessed, &wrong_key] {
+            let mut w = connect("beta", &addr.to_string(), t).await.unwrap();
+            w.write_all(b"data").await.ok();
+            let mut tcp = w.inner;
+            let mut buf = [0u8; 1];
+            assert_eq!(tcp.read(&mut buf).await.unwrap_or(0), 0, "the replica closed the connection");
+        }
+        // The ticket is still good for its owner, once.
+        let mut w = connect("beta", &addr.to_string(), &good).await.unwrap();
+        let mut stream = pending.connected(Duration::from_secs(5)).await.unwrap();
+        w.write_all(b"the stream").await.unwrap();
+        w.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"the stream");
+        let mut again = connect("beta", &addr.to_string(), &good).await.unwrap().inner;
+        assert_eq!(again.read(&mut [0u8; 1]).await.unwrap_or(0), 0, "a used ticket is refused");
+        assert!(tickets.waiting.lock().unwrap().is_empty());
+        shutdown.cancel();
+        server.await.unwrap();
+    }
+}
