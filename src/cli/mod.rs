@@ -570,16 +570,15 @@ async fn restore(path: &std::path::Path, fileset: &str, which: &crate::restore::
     let loaded = config::load(path)?;
     let policy = find_policy(&loaded, path, fileset)?;
     let done = crate::restore::restore(&loaded, policy, which, to, subpath).await?;
-    println!(
-        "restored {fileset} as of snapshot {} (taken {}, {}): {} from {}, at {}",
-        done.snapshot,
-        crate::restore::shown_time(&done.snapshot),
-        crate::restore::kind_word(done.snapshot.kind()),
-        done.how,
-        done.from,
-        done.to
-    );
+    print_restored(fileset, &done);
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `restore` made, in one line.
+fn print_restored(fileset: &str, done: &crate::restore::Restored) {
+    let shown = crate::restore::shown_time(&done.snapshot);
+    let kind = crate::restore::kind_word(done.snapshot.kind());
+    println!("restored {fileset} as of snapshot {} (taken {shown}, {kind}): {} from {}, at {}", done.snapshot, done.how, done.from, done.to);
 }
 
 /// `restore --from STORE` where STORE is one of the file set's object-storage replicas;
@@ -600,15 +599,7 @@ async fn restore_from_store(
     }
     let replica = crate::objstore::ObjectReplica::new(policy, spec);
     let done = crate::objstore::restore::restore(&loaded, policy, &replica, which, to).await?;
-    println!(
-        "restored {fileset} as of snapshot {} (taken {}, {}): {} from {}, at {}",
-        done.snapshot,
-        crate::restore::shown_time(&done.snapshot),
-        crate::restore::kind_word(done.snapshot.kind()),
-        done.how,
-        done.from,
-        done.to
-    );
+    print_restored(fileset, &done);
     Ok(Some(ExitCode::SUCCESS))
 }
 

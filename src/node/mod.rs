@@ -385,9 +385,10 @@ pub struct Runtime {
     reloading: tokio::sync::Mutex<()>,
 }
 
-/// How long a switchover waits for its final snapshot to reach the new origin (a failed
-/// transfer is retried meanwhile); after it, the switchover is called off and writes thawed.
-const FINAL_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+/// How long a switchover waits, after the final snapshot's first attempt to reach the new
+/// origin failed, for a retry: not at all. Writes are frozen meanwhile, so a failure calls the
+/// switchover off at once (writes thawed, the error says what failed).
+const FINAL_SYNC_WAIT: std::time::Duration = std::time::Duration::ZERO;
 
 static NEXT_DUTY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
