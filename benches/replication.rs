@@ -430,7 +430,7 @@ fn main() {
                     let out = Command::new("taskset")
                         .args(["-c", "1"])
                         .arg(env!("CARGO_BIN_EXE_snapship"))
-                        .args(["sync", "--config"])
+                        .args(["sync", "--wait", "0s", "--config"])
                         .arg(c.dir("alpha").join("node.yaml"))
                         .arg("data")
                         .output()
@@ -539,8 +539,14 @@ fn main() {
         c.configure("beta", &[("big", p)]);
         c.start("beta");
         let beta_pid = c.daemons["beta"].child.as_ref().unwrap().id();
-        let mut sync =
-            snapship().args(["sync", "--config"]).arg(c.dir("alpha").join("node.yaml")).arg("big").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let mut sync = snapship()
+            .args(["sync", "--wait", "0s", "--config"])
+            .arg(c.dir("alpha").join("node.yaml"))
+            .arg("big")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let mut origin_peak = 0;
         loop {
             origin_peak = origin_peak.max(peak_rss_kib(sync.id()));
@@ -667,7 +673,7 @@ fn connection_faults(out: &mut String, verdicts: &mut Vec<(&'static str, bool, S
         let sent = "stream sent, waiting for the commit";
         let (already_sent, already_failed) = (log(c, "alpha").matches(sent).count(), log(c, "alpha").matches("failed in the commit phase").count());
         let mut sync = snapship()
-            .args(["sync", "--config"])
+            .args(["sync", "--wait", "0s", "--config"])
             .arg(c.dir("alpha").join("node.yaml"))
             .arg("data")
             .stdout(Stdio::null())
@@ -723,8 +729,14 @@ fn connection_faults(out: &mut String, verdicts: &mut Vec<(&'static str, bool, S
     proxy.set(Faults::blackhole());
     std::fs::write(src.join("f"), "outage").unwrap();
     let held = snapshots(&dst).len();
-    let mut sync =
-        snapship().args(["sync", "--config"]).arg(c.dir("alpha").join("node.yaml")).arg("data").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut sync = snapship()
+        .args(["sync", "--wait", "0s", "--config"])
+        .arg(c.dir("alpha").join("node.yaml"))
+        .arg("data")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_secs(180));
     proxy.set(Faults::none());
     let back = Instant::now();

@@ -162,7 +162,7 @@ fn dead_in_commit_phase(test: &str, kill_it: bool) {
     write_random(&p.src.join("big.bin"), 96 << 20, 61);
     let held = snapshots(&p.dst).len();
     let child = snapship()
-        .args(["sync", "--config"])
+        .args(["sync", "--wait", "0s", "--config"])
         .arg(p.c.dir("alpha").join("node.yaml"))
         .arg("projects")
         .stdout(std::process::Stdio::null())

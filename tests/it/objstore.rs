@@ -71,7 +71,7 @@ impl Fixture {
     }
 
     fn sync(&self) -> Output {
-        snapship().args(["sync", "--config"]).arg(&self.config).arg("projects").output().unwrap()
+        snapship().args(["sync", "--wait", "0s", "--config"]).arg(&self.config).arg("projects").output().unwrap()
     }
 
     fn sync_ok(&self) -> String {
@@ -246,7 +246,7 @@ fn zfs_uploads_and_restores_onto_an_empty_pool() {
     );
     let config = single_node_config(&scratch, "alpha", &[("projects", policy)]);
     let sync = || {
-        let out = snapship().args(["sync", "--config"]).arg(&config).arg("projects").output().unwrap();
+        let out = snapship().args(["sync", "--wait", "0s", "--config"]).arg(&config).arg("projects").output().unwrap();
         assert!(out.status.success(), "sync failed:\n{}", text(&out));
         text(&out)
     };
@@ -293,7 +293,7 @@ fn a_garage_node_killed_mid_upload_does_not_stop_it() {
     let config = single_node_config(&scratch, "alpha", &[("projects", policy)]);
     write_random(&source.join("data.bin"), 40 << 20, 21);
     let sync = snapship()
-        .args(["sync", "--config"])
+        .args(["sync", "--wait", "0s", "--config"])
         .arg(&config)
         .arg("projects")
         .stdout(std::process::Stdio::piped())
