@@ -539,14 +539,7 @@ fn main() {
         c.configure("beta", &[("big", p)]);
         c.start("beta");
         let beta_pid = c.daemons["beta"].child.as_ref().unwrap().id();
-        let mut sync = snapship()
-            .args(["sync", "--wait", "0s", "--config"])
-            .arg(c.dir("alpha").join("node.yaml"))
-            .arg("big")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut sync = spawn_sync(&c, "big");
         let mut origin_peak = 0;
         loop {
             origin_peak = origin_peak.max(peak_rss_kib(sync.id()));
@@ -672,14 +665,7 @@ fn connection_faults(out: &mut String, verdicts: &mut Vec<(&'static str, bool, S
         let receive = format!("btrfs receive.*{}", dst.display());
         let sent = "stream sent, waiting for the commit";
         let (already_sent, already_failed) = (log(c, "alpha").matches(sent).count(), log(c, "alpha").matches("failed in the commit phase").count());
-        let mut sync = snapship()
-            .args(["sync", "--wait", "0s", "--config"])
-            .arg(c.dir("alpha").join("node.yaml"))
-            .arg("data")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut sync = spawn_sync(c, "data");
         let pgrep = |pattern: &str| {
             String::from_utf8_lossy(&Command::new("pgrep").args(["-f", pattern]).output().unwrap().stdout)
                 .split_whitespace()
@@ -729,14 +715,7 @@ fn connection_faults(out: &mut String, verdicts: &mut Vec<(&'static str, bool, S
     proxy.set(Faults::blackhole());
     std::fs::write(src.join("f"), "outage").unwrap();
     let held = snapshots(&dst).len();
-    let mut sync = snapship()
-        .args(["sync", "--wait", "0s", "--config"])
-        .arg(c.dir("alpha").join("node.yaml"))
-        .arg("data")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut sync = spawn_sync(&c, "data");
     std::thread::sleep(Duration::from_secs(180));
     proxy.set(Faults::none());
     let back = Instant::now();
@@ -786,6 +765,19 @@ fn connection_faults(out: &mut String, verdicts: &mut Vec<(&'static str, bool, S
             median(killed)
         ),
     ));
+}
+
+/// `snapship sync` of `fileset` on alpha in the background, reporting each replica's first
+/// attempt (`--wait 0s`), its output discarded.
+fn spawn_sync(c: &Cluster, fileset: &str) -> std::process::Child {
+    snapship()
+        .args(["sync", "--wait", "0s", "--config"])
+        .arg(c.dir("alpha").join("node.yaml"))
+        .arg(fileset)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// CPU seconds (user + system) of this process's waited-for children so far.
