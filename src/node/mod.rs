@@ -270,11 +270,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
         connector: Mutex::default(),
         handing_over: Mutex::default(),
         duties: Mutex::default(),
+        relays: Mutex::default(),
         reloading: tokio::sync::Mutex::new(()),
     });
     replica.service.accept_handovers(Arc::new(node.clone()));
     node.start_origins(&origin_of);
-    node.start_relays(&replica);
+    let relayed: Vec<String> = Runtime::relayed(&loaded).into_keys().collect();
+    node.start_relays(&relayed.iter().map(String::as_str).collect::<Vec<_>>());
     {
         let control = Arc::new(control::Control { status: status.clone(), node: node.clone() });
         let (shutdown, dir) = (shutdown.clone(), loaded.node.state_dir.clone());
@@ -381,6 +383,8 @@ pub struct Runtime {
     handing_over: Mutex<std::collections::BTreeSet<String>>,
     /// The origin duty running per file set, to drain when a reload changes it.
     duties: Mutex<BTreeMap<String, Duty>>,
+    /// The relay running per file set (cascades), to restart when a reload changes it.
+    relays: Mutex<BTreeMap<String, Duty>>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
 }
@@ -483,41 +487,82 @@ impl Runtime {
         }
     }
 
-    /// Starts the relay of every file set whose replicas name this node in `from:`
+    /// The file sets whose replicas name this node in `from:` (cascades), and whom it feeds.
+    fn relayed(config: &LoadedConfig) -> BTreeMap<String, Vec<String>> {
+        let here = &config.node.node.0;
+        config
+            .policies
+            .iter()
+            .filter(|p| p.is_member(here))
+            .map(|p| {
+                (p.fileset.0.clone(), p.replicas.iter().filter(|r| r.from.as_ref().is_some_and(|f| f.0 == *here)).map(|r| r.node.0.clone()).collect::<Vec<_>>())
+            })
+            .filter(|(_, feeds)| !feeds.is_empty())
+            .collect()
+    }
+
+    /// Starts the relay of each of `filesets` whose replicas name this node in `from:`
     /// (cascades, `replica::relay`): it feeds them what this node received, whenever the
     /// epoch names another node as origin.
-    fn start_relays(&self, role: &ReplicaRole) {
+    fn start_relays(&self, filesets: &[&str]) {
         let config = self.config();
         let here = &config.node.node.0;
-        for policy in config.policies.iter().filter(|p| p.is_member(here)) {
-            let feeds: Vec<&str> = policy.replicas.iter().filter(|r| r.from.as_ref().is_some_and(|f| f.0 == *here)).map(|r| r.node.0.as_str()).collect();
-            if feeds.is_empty() {
-                continue;
-            }
+        let service = &self.replica.service;
+        for (fileset, feeds) in Self::relayed(&config).into_iter().filter(|(f, _)| filesets.contains(&f.as_str())) {
+            let policy = config.policy(&fileset).expect("a relayed file set has a policy");
             let started = (|| {
                 let side: Arc<dyn snapshot::OriginSide> = snapshot::relay_on(policy, here)?.into();
                 let mut downstreams = self.endpoints(policy)?;
-                downstreams.retain(|d| feeds.contains(&d.node()));
+                downstreams.retain(|d| feeds.iter().any(|f| f == d.node()));
                 Ok::<_, anyhow::Error>(crate::replica::relay::RelayJob::new(
                     policy.clone(),
                     here,
                     side,
                     downstreams,
                     self.epochs.clone(),
-                    role.service.relay_guard().clone(),
+                    service.relay_guard().clone(),
                     self.status.clone(),
-                    role.service.subscribe_received(),
+                    service.subscribe_received(),
                     config.node.transfers.stall_timeout.0,
                 ))
             })();
             match started {
                 Ok(job) => {
                     tracing::info!(fileset = %policy.fileset, downstreams = ?feeds, "relaying");
-                    self.origins.spawn(job.run(self.shutdown.clone()));
+                    let stop = self.shutdown.child_token();
+                    let done = self.origins.spawn(job.run(stop.clone()));
+                    self.relays.lock().expect("relays lock").insert(fileset, Duty { id: 0, drain: stop, done });
                 }
                 Err(e) => tracing::error!(fileset = %policy.fileset, "cannot relay: {e:#}"),
             }
         }
+    }
+
+    /// After a reload: stops the relays whose file set, policy or downstream addresses
+    /// changed (a transfer under way is cut, and resumes when the relay starts again: relays
+    /// send from read-only snapshots, so the stream regenerates the same), and starts the
+    /// relays the new config asks for. Returns (started, restarted, stopped).
+    async fn reload_relays(&self, old: &LoadedConfig, new: &LoadedConfig) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let (was, wanted) = (Self::relayed(old), Self::relayed(new));
+        let running: Vec<String> = self.relays.lock().expect("relays lock").keys().cloned().collect();
+        let stop: Vec<String> = running.iter().filter(|f| wanted.get(*f) != was.get(*f) || changed(old, new, f)).cloned().collect();
+        let mut stopping = Vec::new();
+        for f in &stop {
+            if let Some(relay) = self.relays.lock().expect("relays lock").remove(f) {
+                relay.drain.cancel();
+                stopping.push(relay.done);
+            }
+        }
+        for done in stopping {
+            let _ = done.await;
+        }
+        let start: Vec<String> = wanted.keys().filter(|f| !running.contains(*f) || stop.contains(*f)).cloned().collect();
+        let names: Vec<&str> = start.iter().map(String::as_str).collect();
+        self.start_relays(&names);
+        let restarted: Vec<String> = stop.iter().filter(|f| wanted.contains_key(*f)).cloned().collect();
+        let stopped: Vec<String> = stop.iter().filter(|f| !wanted.contains_key(*f)).cloned().collect();
+        let started: Vec<String> = start.into_iter().filter(|f| !running.contains(f)).collect();
+        (started, restarted, stopped)
     }
 
     /// Runs `job` until shutdown, or until a newer epoch names another origin: then this node
@@ -650,16 +695,23 @@ impl Runtime {
         }
         let names: Vec<&str> = start.iter().map(String::as_str).collect();
         self.start_origins(&names);
+        let (relays_started, relays_restarted, relays_stopped) = self.reload_relays(&old, &new).await;
         let list = |v: &[&String]| if v.is_empty() { "none".to_string() } else { v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ") };
         let restarted: Vec<&String> = restart.iter().filter(|f| wanted.contains(*f)).collect();
         let added: Vec<&String> = start.iter().filter(|f| !running.contains(*f)).collect();
         Ok(format!(
-            "{} policies in use, {} broken; origin jobs started: {}, restarted: {}, stopped: {}",
+            "{} policies in use, {} broken; origin jobs started: {}, restarted: {}, stopped: {}{}",
             new.policies.len(),
             broken.len(),
             list(&added),
             list(&restarted),
-            list(&removed)
+            list(&removed),
+            if relays_started.is_empty() && relays_restarted.is_empty() && relays_stopped.is_empty() {
+                String::new()
+            } else {
+                let list = |v: &Vec<String>| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+                format!("; relays started: {}, restarted: {}, stopped: {}", list(&relays_started), list(&relays_restarted), list(&relays_stopped))
+            }
         ))
     }
 

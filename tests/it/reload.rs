@@ -114,3 +114,79 @@ fn sighup_adds_changes_and_leaves_out_broken_policies() {
     assert!(log.contains("the new config was refused"), "{log}");
     assert_eq!(d.stop().and_then(|s| s.code()), Some(0), "{}", d.log_text());
 }
+
+/// A reload that names beta in gamma's `from:` starts beta's relay (and alpha stops feeding
+/// gamma); one that takes it out again stops the relay, and alpha feeds gamma itself.
+#[test]
+fn sighup_starts_and_stops_a_relay() {
+    require_root!();
+    use crate::common::cluster::*;
+    let nodes = ["alpha", "beta", "gamma"];
+    let mut c = Cluster::with_size("reload_relay", &nodes, 300);
+    let src = c.fs["alpha"].subvolume("projects");
+    let (beta, gamma) = (c.mnt("beta").join("backup/projects"), c.mnt("gamma").join("backup/projects"));
+    let direct = policy("projects", "alpha", &src, &[("beta", beta.clone()), ("gamma", gamma.clone())]);
+    let relayed = direct.replace(&format!("    path: {}\n", gamma.display()), &format!("    path: {}\n    from: beta\n", gamma.display()));
+    assert_ne!(direct, relayed);
+    let configure = |c: &Cluster, text: &str| {
+        for n in nodes {
+            c.configure(n, &[("projects", text.to_string())]);
+        }
+    };
+    configure(&c, &direct);
+    for n in ["beta", "gamma", "alpha"] {
+        c.start(n);
+    }
+    let alpha_dir = c.mnt("alpha").join(".snapship/projects");
+    let newest = |dir: &std::path::Path| snapshots(dir).into_iter().filter(|n| n.starts_with("snapship-")).last();
+    let current = |dir: &std::path::Path| newest(dir).is_some() && newest(dir) == newest(&alpha_dir);
+    let round = |c: &Cluster, i: u64| {
+        write_random(&src.join(format!("round-{i}.bin")), 1 << 20, 300 + i);
+        c.sync_ok("alpha", "projects");
+        for dir in [&beta, &gamma] {
+            wait_for(Duration::from_secs(60), &format!("alpha's newest in {}", dir.display()), || current(dir));
+        }
+        newest(&alpha_dir).unwrap()
+    };
+    let reload_all = |c: &Cluster| -> Vec<String> {
+        nodes
+            .iter()
+            .map(|n| {
+                let s = reload(&c.daemons[*n], &c.dir(n).join("node.yaml"));
+                let outcome = s.config.reload.unwrap();
+                assert!(outcome.ok, "{n}: {outcome:?}");
+                outcome.message
+            })
+            .collect()
+    };
+    let fed_by = |c: &Cluster, snapshot: &str| -> &'static str {
+        let line = format!("snapshot={snapshot}");
+        let to_gamma = |l: &str| l.contains("replica=gamma") || l.contains("replica=\"gamma\"");
+        if c.daemons["beta"].log_text().lines().any(|l| l.contains("relayed") && to_gamma(l) && l.contains(&line)) {
+            "beta"
+        } else if c.daemons["alpha"].log_text().lines().any(|l| l.contains("replica up to date") && to_gamma(l) && l.contains(&line)) {
+            "alpha"
+        } else {
+            "nobody"
+        }
+    };
+    let first = round(&c, 0);
+    wait_until(Duration::from_secs(30), "alpha's log of its transfer to gamma", || (fed_by(&c, &first) == "alpha").then_some(()));
+
+    configure(&c, &relayed);
+    let messages = reload_all(&c);
+    assert!(messages[1].contains("relays started: projects"), "beta's reload: {}", messages[1]);
+    let second = round(&c, 1);
+    wait_until(Duration::from_secs(30), "beta's log of the relayed snapshot", || (fed_by(&c, &second) == "beta").then_some(()));
+    assert_same_tree(&src, &gamma.join("latest"));
+
+    configure(&c, &direct);
+    let messages = reload_all(&c);
+    assert!(messages[1].contains("stopped: projects"), "beta's reload: {}", messages[1]);
+    let third = round(&c, 2);
+    wait_until(Duration::from_secs(30), "alpha's log of its transfer to gamma", || (fed_by(&c, &third) == "alpha").then_some(()));
+    assert_same_tree(&src, &gamma.join("latest"));
+    for n in nodes {
+        c.stop(n);
+    }
+}
