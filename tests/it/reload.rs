@@ -138,7 +138,7 @@ fn sighup_starts_and_stops_a_relay() {
         c.start(n);
     }
     let alpha_dir = c.mnt("alpha").join(".snapship/projects");
-    let newest = |dir: &std::path::Path| snapshots(dir).into_iter().filter(|n| n.starts_with("snapship-")).last();
+    let newest = |dir: &std::path::Path| snapshots(dir).into_iter().rfind(|n| n.starts_with("snapship-"));
     let current = |dir: &std::path::Path| newest(dir).is_some() && newest(dir) == newest(&alpha_dir);
     let round = |c: &Cluster, i: u64| {
         write_random(&src.join(format!("round-{i}.bin")), 1 << 20, 300 + i);
