@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 mod generate;
+mod peers;
 mod prune;
 mod status;
 mod verify;
@@ -51,6 +52,10 @@ enum Command {
         /// for another node, or in CI).
         #[arg(long)]
         config_only: bool,
+        /// Also connect to every peer: the TLS handshake, the protocol version, and that its
+        /// policy for every file set both nodes are members of is the same as this node's.
+        #[arg(long, conflicts_with = "config_only")]
+        peers: bool,
     },
     /// Snapshot a file set now and ship it to every replica; exit 0 when every replica has it.
     Sync {
@@ -265,7 +270,7 @@ pub fn main() -> ExitCode {
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(args) => crate::node::run(&args.config).await.map(|()| ExitCode::SUCCESS),
-        Command::Check { config, config_only } => check(&config.config, config_only).await,
+        Command::Check { config, config_only, peers } => check(&config.config, config_only, peers).await,
         Command::Sync { config, fileset, wait, no_wait } => sync(&config.config, &fileset, (!no_wait).then_some(wait)).await,
         Command::Promote { config, fileset, force } => promote(&config.config, &fileset, force).await,
         Command::Switchover { config, fileset, to } => switchover(&config.config, &fileset, &to).await,
@@ -320,7 +325,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
 
 /// `snapship check`: the config files, then (unless `config_only`) what they point at on this
 /// node (TLS files, the file sets' paths; see `node::preflight`). Warnings alone exit 0.
-async fn check(path: &std::path::Path, config_only: bool) -> Result<ExitCode> {
+async fn check(path: &std::path::Path, config_only: bool, with_peers: bool) -> Result<ExitCode> {
     use crate::node::preflight;
     let loaded = config::load(path)?;
     let mut errors = loaded.errors.clone();
@@ -335,14 +340,18 @@ async fn check(path: &std::path::Path, config_only: bool) -> Result<ExitCode> {
             warnings.append(&mut places.warnings);
         }
     }
+    let peers = if with_peers { peers::check(&loaded).await } else { peers::Findings::default() };
     for w in &warnings {
         eprintln!("warning: {w}");
     }
     for e in &errors {
         eprintln!("error: {e}");
     }
-    if !errors.is_empty() {
-        eprintln!("{} error(s); fix them and run check again", errors.len());
+    for e in &peers.errors {
+        eprintln!("error: {e}");
+    }
+    if !errors.is_empty() || !peers.errors.is_empty() {
+        eprintln!("{} error(s); fix them and run check again", errors.len() + peers.errors.len());
         return Ok(ExitCode::FAILURE);
     }
     println!("{}: node `{}`, {} polic{} valid", path.display(), loaded.node.node, loaded.policies.len(), if loaded.policies.len() == 1 { "y" } else { "ies" });
@@ -355,6 +364,9 @@ async fn check(path: &std::path::Path, config_only: bool) -> Result<ExitCode> {
             "not involved"
         };
         println!("  {} ({}, {}): {role}", p.fileset, p.backend, p.mode);
+    }
+    for line in &peers.fine {
+        println!("  {line}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -134,6 +134,11 @@ pub struct Policy {
     /// The file this was read from.
     #[serde(skip)]
     pub file: PathBuf,
+    /// The policy file's content as canonical YAML (parsed and written again: comments,
+    /// layout and key order do not count), which every member should hold the same of;
+    /// `snapship check --peers` compares it.
+    #[serde(skip)]
+    pub document: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -494,6 +499,7 @@ pub fn load_policy(path: &Path, node: &NodeConfig) -> Result<Policy, Vec<ConfigE
 pub fn parse_policy_text(path: &Path, text: &str, node: &NodeConfig) -> Result<Policy, Vec<ConfigError>> {
     let mut policy: Policy = parse_yaml(path, text).map_err(|e| vec![e])?;
     policy.file = path.to_path_buf();
+    policy.document = canonical(text);
     let stores = object_store::store_entries(path, text).map_err(|e| vec![e])?;
     let mut errors = validate_policy(&policy, node, &KeyIndex::new(text));
     let index = KeyIndex::new(text);
@@ -505,6 +511,27 @@ pub fn parse_policy_text(path: &Path, text: &str, node: &NodeConfig) -> Result<P
     }
     policy.object_stores = stores.into_iter().map(|(_, s)| s).collect();
     if errors.is_empty() { Ok(policy) } else { Err(errors) }
+}
+
+/// `text`, a YAML document that parsed, written again from its value: what two copies of
+/// one policy agree on whatever their comments and layout.
+fn canonical(text: &str) -> String {
+    serde_yaml::from_str::<serde_yaml::Value>(text).ok().and_then(|v| serde_yaml::to_string(&sorted(v)).ok()).unwrap_or_default()
+}
+
+/// `value` with every mapping's keys in order.
+fn sorted(value: serde_yaml::Value) -> serde_yaml::Value {
+    use serde_yaml::Value;
+    match value {
+        Value::Mapping(m) => {
+            let mut entries: Vec<(Value, Value)> = m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+            entries.sort_by_key(|(k, _)| serde_yaml::to_string(k).unwrap_or_default());
+            Value::Mapping(entries.into_iter().collect())
+        }
+        Value::Sequence(s) => Value::Sequence(s.into_iter().map(sorted).collect()),
+        Value::Tagged(t) => Value::Tagged(Box::new(serde_yaml::value::TaggedValue { tag: t.tag, value: sorted(t.value) })),
+        other => other,
+    }
 }
 
 /// The checks that span several keys, or the policy and the node config.

@@ -301,6 +301,25 @@ impl ReplicaService {
         }
     }
 
+    /// `snapship check --peers` on `peer`: this node's name, and its policy for `fileset`
+    /// when `peer` is a member of that file set by this node's own policy (a member holds
+    /// the file set's data anyway; others learn nothing of it).
+    fn describe(&self, peer: &str, fileset: Option<&str>) -> Message {
+        let config = self.config();
+        let here = self.here().to_string();
+        let Some(fileset) = fileset else { return Message::Described { node: here, policy: None } };
+        let Some(policy) = config.policy(fileset) else {
+            return Message::error(
+                ErrorCode::Unauthorized,
+                format!("node `{here}` has no policy for file set {fileset:?} (or it did not load: see `snapship check` there)"),
+            );
+        };
+        if !policy.is_member(peer) {
+            return Message::error(ErrorCode::Unauthorized, format!("node `{peer}` is not a member of `{fileset}` by node `{here}`'s policy"));
+        }
+        Message::Described { node: here, policy: Some(policy.document.clone()) }
+    }
+
     fn here(&self) -> &str {
         &self.here
     }
@@ -545,7 +564,8 @@ impl ReplicaService {
             }
             Message::Handover { fileset, snapshot, epoch } => self.handover(peer, &fileset, &snapshot, &epoch).await,
             Message::Verify { fileset, snapshot, full, epoch } => self.verify(peer, &fileset, &snapshot, full, &epoch, frames, send).await,
-            other => Ok(Message::error(ErrorCode::BadRequest, format!("expected list, begin, handover or verify, got {}", other.kind()))),
+            Message::Describe { fileset } => Ok(self.describe(peer, fileset.as_deref())),
+            other => Ok(Message::error(ErrorCode::BadRequest, format!("expected list, begin, handover, verify or describe, got {}", other.kind()))),
         }
     }
 }
@@ -711,5 +731,18 @@ mod tests {
         // Its origin's `list` is the usual one: what the replica holds.
         assert!(replica.origin_listed_to("alpha", "projects", &e("alpha")).is_none());
         assert!(replica.authorize("alpha", "projects", &e("alpha")).is_ok());
+    }
+
+    #[test]
+    fn a_policy_is_described_only_to_members_of_its_file_set() {
+        let (_d, beta) = service_of("beta");
+        let Message::Described { node, policy } = beta.describe("delta", None) else { panic!("who-are-you refused") };
+        assert_eq!((node.as_str(), policy), ("beta", None), "any admitted peer learns the node's name, nothing more");
+        let Message::Described { policy: Some(text), .. } = beta.describe("gamma", Some("projects")) else { panic!("a member was refused") };
+        assert!(text.contains("fileset: projects") && !text.contains('#'), "{text}");
+        for (peer, fileset) in [("delta", "projects"), ("gamma", "other"), ("gamma", "../../etc/passwd")] {
+            let Message::Error { code, message, .. } = beta.describe(peer, Some(fileset)) else { panic!("{peer} learned the policy of {fileset}") };
+            assert_eq!(code, ErrorCode::Unauthorized, "{message}");
+        }
     }
 }

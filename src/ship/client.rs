@@ -95,6 +95,35 @@ fn without_controls(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
+/// What `describe` learned of a peer (`snapship check --peers`).
+#[derive(Debug)]
+pub struct Described {
+    /// The node its certificate and its own config name (the dialer checked the former).
+    pub node: String,
+    /// Its policy for the file set asked about, as canonical YAML.
+    pub policy: Option<String>,
+}
+
+/// Asks `node`, behind `dialer`, who it is and (with `fileset`) its policy for that file set.
+/// A refusal is a [`Refused`]; a peer of another protocol version refuses with
+/// [`ErrorCode::Version`].
+pub async fn describe(dialer: &dyn Dialer, node: &str, fileset: Option<&str>) -> Result<Described> {
+    let stream = dialer.open().await.map_err(|e| dialer.explain(e))?;
+    let mut send = stream.send;
+    write_message(&mut send, &Message::Hello { version: VERSION }).await?;
+    write_message(&mut send, &Message::Describe { fileset: fileset.map(str::to_string) }).await?;
+    let mut replies = FrameReader::new(stream.recv);
+    let reply = tokio::time::timeout(ANSWER_TIMEOUT, read_message(&mut replies))
+        .await
+        .map_err(|_| anyhow!("`{node}` did not answer within {}s", ANSWER_TIMEOUT.as_secs()))?
+        .map_err(|e| dialer.explain(e))?;
+    match reply {
+        Message::Described { node, policy } => Ok(Described { node, policy }),
+        Message::Error { code, message, .. } => Err(Refused { node: node.to_string(), code, message }.into()),
+        other => bail!("protocol error: `{node}` answered {} to describe", other.kind()),
+    }
+}
+
 /// One replica of one file set, spoken to through `dialer`.
 pub struct PeerReplica {
     node: String,

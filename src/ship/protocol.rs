@@ -16,6 +16,9 @@
 //!           O: verify_dir{path, after}        R: verify_entries{entries, more} | error
 //!           ... (one page per request, only where the origin's tree differs)
 //!           O: verify_done                    R: verify_done
+//! describe: X: hello, describe{fileset?}      Y: described{node, policy?} | error
+//!           (`snapship check --peers`, from any peer: the node it is, and its policy for a
+//!           file set both are members of, as canonical YAML, to compare with the asker's)
 //! ```
 //! The replica acknowledges the stream offsets it holds (in its spool) as they grow. A cut
 //! transfer stays with the replica for a while, and `snapshots` reports it as `partial`: the
@@ -36,7 +39,8 @@ pub use crate::store::Epoch;
 /// 5: the room a replica has: `free` in `snapshots`, `room` in a `no_space` error, so that
 /// an origin waits for room, checking with `list`, instead of resending blindly.
 /// Also in 5: `lan` in `begin`, answered by `lan_ready` (the LAN path, `lan.rs`).
-pub const VERSION: u32 = 5;
+/// 6: `describe` and `described` (`snapship check --peers`).
+pub const VERSION: u32 = 6;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -145,6 +149,19 @@ pub enum Message {
     },
     /// The origin has compared all it needed; the replica answers it in kind and closes.
     VerifyDone,
+    /// `snapship check --peers`: who are you, and (with a file set both nodes are members
+    /// of) what is your policy for it.
+    Describe {
+        #[serde(default)]
+        fileset: Option<String>,
+    },
+    /// The answer to `describe`: the node this is, and its policy for the file set asked
+    /// about, as canonical YAML (comments and key order gone: see `Policy::document`).
+    Described {
+        node: String,
+        #[serde(default)]
+        policy: Option<String>,
+    },
     Error {
         code: ErrorCode,
         message: String,
@@ -310,6 +327,8 @@ impl Message {
             Message::VerifyDir { .. } => "verify_dir",
             Message::VerifyEntries { .. } => "verify_entries",
             Message::VerifyDone => "verify_done",
+            Message::Describe { .. } => "describe",
+            Message::Described { .. } => "described",
             Message::Error { .. } => "error",
         }
     }

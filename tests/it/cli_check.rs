@@ -368,3 +368,30 @@ fn zfs_dataset_and_replica_pool_must_exist() {
         ],
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// --peers: what only the peers can tell
+
+/// `check --peers` reaches beta (handshake, protocol), finds the same policy there; then,
+/// with alpha's copy of the policy changed, names the key that differs and what to do; with
+/// beta down, says it cannot be reached.
+#[test]
+fn check_peers_reaches_each_peer_and_compares_policies() {
+    require_root!();
+    use crate::common::cluster::{Cluster, policy};
+    let (mut c, src, dst) = Cluster::two_nodes("check_peers", 300, |p| p);
+    let cfg = c.dir("alpha").join("node.yaml");
+    let (ok, out, err) = check_with(&cfg, &["--peers"]);
+    assert!(ok, "check --peers failed:\n{out}\n{err}");
+    assert!(out.contains("peer `beta`") && out.contains("reachable, protocol") && out.contains("its policy for `projects` is the same"), "{out}");
+
+    let changed = policy("projects", "alpha", &src, &[("beta", dst.clone())]).replace("mode: snapshot", "mode: hybrid");
+    c.configure("alpha", &[("projects", changed)]);
+    let (ok, out, err) = check_with(&cfg, &["--peers"]);
+    assert!(!ok, "a policy that differs from beta's passed:\n{out}\n{err}");
+    assert!(err.contains("peer `beta`") && err.contains("`mode` here `hybrid`, on beta `snapshot`") && err.contains("systemctl reload"), "{err}");
+
+    c.stop("beta");
+    let (ok, _, err) = check_with(&cfg, &["--peers"]);
+    assert!(!ok && err.contains("peer `beta`") && err.contains("snapship run"), "beta down:\n{err}");
+}
