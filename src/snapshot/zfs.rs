@@ -1096,7 +1096,11 @@ impl ReplicaSide for ZfsReplica {
             .find(|s| s.name == incoming.name)
             .ok_or_else(|| anyhow!("zfs receive succeeded but {}@{} is not there", self.dataset, incoming.name))?;
         if got.identity != incoming.identity {
-            bail!("received {}@{} has guid {}, expected {}", self.dataset, incoming.name, got.identity, incoming.identity);
+            // Not what was announced: it must not stay (nor what came with it).
+            if let Err(ue) = self.undo_receive(&before, incoming).await {
+                tracing::error!("{ue:#}");
+            }
+            bail!("received {}@{} has guid {}, expected {}; the receive was undone", self.dataset, incoming.name, got.identity, incoming.identity);
         }
         undone?;
         // Keep the replica read-only (again: `-o` is not on every ZFS), and reads from
