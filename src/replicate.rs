@@ -15,7 +15,8 @@
 //! (RPO first), the snapshots it missed that its own retention would keep
 //! ([`backfill_queue`], the replica's rules from the same policy file) follow, oldest first,
 //! each incremental from the nearest snapshot both hold ([`backfill_base`]: on btrfs any
-//! held snapshot can be a parent, older or newer). [`follow`] is the loop a worker runs for
+//! held snapshot can be a parent, older or newer; on ZFS the missed snapshots travel in the
+//! `send -I` stream to the newest, see [`backfills`]). [`follow`] is the loop a worker runs for
 //! one replica: ship the newest, backfill one snapshot at a time while nothing newer came,
 //! retry with backoff. The origin's workers and a relay's (cascades) run it alike.
 
@@ -367,8 +368,10 @@ pub async fn backfill_step(
 }
 
 /// Whether `policy`'s replicas get missed snapshots backfilled: snapshot and hybrid mode, on
-/// btrfs (a ZFS replica cannot take a snapshot older than its newest; `send -I` carries the
-/// intermediate ones in the stream to the newest anyway).
+/// btrfs. A ZFS replica cannot receive a snapshot older than its newest, so there the
+/// history comes before the newest instead: the origin's (or relay's) `zfs send -I` from the
+/// common base carries every snapshot in between in the stream to the newest
+/// (`snapshot::zfs`), and the replica's pruning drops what its retention does not keep.
 pub fn backfills(policy: &Policy) -> bool {
     policy.mode != Mode::Continuous && policy.backend == BackendKind::Btrfs
 }

@@ -689,9 +689,6 @@ fn places_on(policy: &Policy, node: &Name) -> Vec<(String, String)> {
 fn cascade_problem(p: &Policy, r: &ReplicaSpec) -> Option<String> {
     let relay = r.from.as_ref()?;
     let replicas: Vec<&str> = p.replicas.iter().map(|r| r.node.0.as_str()).collect();
-    if p.backend == BackendKind::Zfs {
-        return Some("cascades (`from:`) are supported on btrfs only so far; remove `from:` so that the origin feeds this replica".into());
-    }
     if *relay == r.node {
         return Some(format!("`{}` cannot feed itself; name another replica of `{}` ({}), or remove `from:`", relay, p.fileset, replicas.join(", ")));
     }

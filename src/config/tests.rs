@@ -351,6 +351,20 @@ fn from_names_a_relay_and_says_who_feeds_whom() {
 }
 
 #[test]
+fn a_zfs_replica_may_be_fed_by_a_relay() {
+    let text = GOOD
+        .replace("backend: btrfs", "backend: zfs")
+        .replace("path: /srv/projects", "path: tank/projects")
+        .replace("    path: /backup/projects\n", "    path: backup/projects\n  - node: gamma\n    path: backup/projects\n    from: beta\n");
+    let s = Setup::new(&[("projects.yaml", &text)]);
+    fs::write(s.dir.path().join("node.yaml"), NODE.replace("  beta: 127.0.0.1:7442\n", "  beta: 127.0.0.1:7442\n  gamma: 127.0.0.1:7443\n")).unwrap();
+    let loaded = s.load();
+    assert!(loaded.errors.is_empty(), "{:#?}", loaded.errors);
+    assert_eq!(loaded.policies[0].feeder("gamma", "alpha"), Some("beta"));
+    assert_eq!(loaded.policies[0].downstreams("beta", "alpha"), ["gamma"]);
+}
+
+#[test]
 fn a_bad_from_is_located() {
     expect(&cascade(Some("gamma"), None).only_error(), "projects.yaml", 15, "replicas[1].from", "cannot feed itself");
     expect(&cascade(Some("alpha"), None).only_error(), "projects.yaml", 15, "replicas[1].from", "is the origin");

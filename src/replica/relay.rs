@@ -2,7 +2,8 @@
 //! every snapshot it received to them.
 //!
 //! The relay's send side is its own replica directory ([`crate::snapshot::relay_on`]): a
-//! received btrfs snapshot sends with the origin's identity (its `received_uuid`), so the
+//! received btrfs snapshot sends with the origin's identity (its `received_uuid`), a received
+//! ZFS snapshot keeps the origin's guid (sent with `-I` from the replica dataset), so the
 //! downstream's copies carry the origin's identities and every member shares common bases.
 //! Each downstream gets one worker running the replication loop the origin's workers run
 //! ([`replicate::follow`]: newest first, then backfill, resume, stall and bandwidth limits

@@ -331,7 +331,8 @@ pub fn relay_on(policy: &Policy, node: &str) -> Result<Box<dyn OriginSide>> {
     let home = policy.replica_home(node).ok_or_else(|| anyhow::anyhow!("node `{node}` is not a member of file set `{}`", policy.fileset))?;
     match policy.backend {
         BackendKind::Btrfs => Ok(Box::new(btrfs::BtrfsOrigin::new(PathBuf::from(&home), PathBuf::from(&home)))),
-        BackendKind::Zfs => anyhow::bail!("file set `{}` is ZFS: cascades (`from:`) are btrfs-only so far", policy.fileset),
+        // Received ZFS snapshots keep the origin's guids: a relay sends from its replica dataset.
+        BackendKind::Zfs => Ok(Box::new(zfs::ZfsOrigin::new(home))),
     }
 }
 

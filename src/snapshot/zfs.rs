@@ -10,8 +10,9 @@
 //! would send, so it must name the very stream planned ([`check_resume_token`]). An origin's
 //! stream could carry properties (a mountpoint or share outside the replica's policy) or
 //! other file systems: the replica refuses any stream whose first record is a replication
-//! header ([`check_stream_header`]), and receives with the properties that reach outside
-//! forced or kept out where its ZFS can ([`receive_command`]).
+//! header ([`check_stream_header`]), receives with the properties that reach outside
+//! forced or kept out where its ZFS can ([`receive_command`]), and undoes a `-I` package that
+//! brought a snapshot outside what it takes ([`check_received`]).
 //!
 //! One binary serves old and modern ZFS: [`Features`] are read from `zfs`'s own usage text.
 //! zfs-fuse 0.7 (pool version 23, what the tests run on) has holds, but no bookmarks, resume
@@ -138,17 +139,78 @@ pub fn parse_resume_token(text: &str) -> Option<String> {
     (!t.is_empty() && t != "-").then(|| t.to_string())
 }
 
-/// `zfs send` for `snapshot`: incremental with every snapshot in between (`-I`) from `base`,
-/// compressed blocks as on disk where both sides can.
-pub fn send_command(f: &Features, dataset: &str, snapshot: &str, base: Option<&str>, compact: bool) -> Cmd {
+/// `zfs send` for `snapshot`: incremental from `base`, with every snapshot in between (`-I`)
+/// when `intermediates` (else `-i`, the two ends only), compressed blocks as on disk where
+/// both sides can.
+pub fn send_command(f: &Features, dataset: &str, snapshot: &str, base: Option<&str>, intermediates: bool, compact: bool) -> Cmd {
     let mut cmd = Cmd::new("zfs").arg("send");
     if compact && f.compressed_send {
         cmd = cmd.arg("-c");
     }
     if let Some(base) = base {
-        cmd = cmd.arg("-I").arg(format!("{dataset}@{base}"));
+        cmd = cmd.arg(if intermediates { "-I" } else { "-i" }).arg(format!("{dataset}@{base}"));
     }
     cmd.arg(format!("{dataset}@{snapshot}"))
+}
+
+/// The snapshots `zfs send -I base snapshot` would carry besides `snapshot`: those created
+/// after `base` and before `snapshot`, from `all` (`(name, guid)` in creation order). `None`
+/// if either end is not in `all`.
+pub fn between<'a>(all: &'a [(String, String)], base: &str, snapshot: &str) -> Option<&'a [(String, String)]> {
+    let from = all.iter().position(|(n, _)| n == base)?;
+    let to = all.iter().position(|(n, _)| n == snapshot)?;
+    (from < to).then(|| &all[from + 1..to])
+}
+
+/// Whether the origin sends the snapshots between `base` and `snapshot` with it (`-I`): only
+/// when every one of them is a snapship snapshot, which a replica takes ([`check_received`]
+/// refuses any other name). A snapshot of someone else's in between (an admin's `@before-upgrade`)
+/// makes it `-i`: the replica gets the two ends, and misses the scheduled ones in between.
+pub fn sends_intermediates(all: &[(String, String)], base: &str, snapshot: &str) -> bool {
+    between(all, base, snapshot).is_some_and(|b| b.iter().all(|(n, _)| SnapshotName::parse(n).is_some()))
+}
+
+/// Checks what a receive brought into a replica dataset, against what it held `before` and
+/// `after` (`(name, guid)`, creation order): besides the announced snapshot `incoming` (whose
+/// guid the caller checks), only the snapshots of a `zfs send -I` package may come, each a
+/// snapship name strictly between the base and `incoming` (oldest first by name as by
+/// creation). Anything else (another name, a snapshot newer than the one announced or older
+/// than the base, any extra from a stream that is not a package) is refused: the caller
+/// undoes the receive. Returns the names of the intermediate snapshots received. Pure.
+pub fn check_received(before: &[(String, String)], after: &[(String, String)], incoming: &Incoming, header: StreamHeader) -> Result<Vec<String>> {
+    let new: Vec<&(String, String)> = after.iter().filter(|a| !before.contains(a)).collect();
+    let extra: Vec<&str> = new.iter().map(|(n, _)| n.as_str()).filter(|n| *n != incoming.name.as_str()).collect();
+    if extra.is_empty() {
+        return Ok(Vec::new());
+    }
+    let refuse = |why: String| {
+        anyhow!(
+            "refused the stream for {}: it brought {} besides the announced snapshot; {why}. \
+             snapship's origin never sends that, so the sender is not snapship's or not the one this policy trusts; \
+             the receive was undone",
+            incoming.name,
+            extra.join(", ")
+        )
+    };
+    if header != StreamHeader::Package || incoming.from_token {
+        return Err(refuse("only a `zfs send -I` package from a base carries more than one snapshot".into()));
+    }
+    let base = incoming.base.as_deref().and_then(|g| before.iter().find(|(_, guid)| guid == g)).map(|(n, _)| n.as_str());
+    let Some(base) = base.and_then(SnapshotName::parse) else {
+        return Err(refuse("a package must go from a snapship snapshot the replica holds".into()));
+    };
+    let mut last = base.clone();
+    for name in &extra {
+        let Some(parsed) = SnapshotName::parse(name) else { return Err(refuse(format!("`{name}` is not a snapship snapshot name"))) };
+        if parsed <= base || parsed >= incoming.name {
+            return Err(refuse(format!("`{name}` is not between the base {base} and {}", incoming.name)));
+        }
+        if parsed <= last {
+            return Err(refuse(format!("`{name}` came after {last}: names out of creation order")));
+        }
+        last = parsed;
+    }
+    Ok(extra.into_iter().map(String::from).collect())
 }
 
 /// `zfs send -t TOKEN`: resume an interrupted stream (modern ZFS). The token comes from the
@@ -657,9 +719,26 @@ impl OriginSide for ZfsOrigin {
         list_snapshots(&self.dataset).await
     }
 
+    /// Incremental with the snapshots in between (`-I`) where they are all snapship's (see
+    /// [`sends_intermediates`]): a replica that was away gets every snapshot it missed in the
+    /// one stream, oldest first (ZFS receives nothing older than a replica's newest snapshot,
+    /// so there is no backfill afterwards).
     async fn send(&self, snapshot: &Snapshot, base: Option<&Snapshot>, compact: bool) -> Result<SendStream> {
         let f = features().await;
-        let mut process = send_command(f, &self.dataset, snapshot.name.as_str(), base.map(|b| b.name.as_str()), compact).spawn(Pipe::Out)?;
+        let intermediates = match base {
+            Some(b) => {
+                let all = all_snapshots(&self.dataset).await?;
+                let with = sends_intermediates(&all, b.name.as_str(), snapshot.name.as_str());
+                if !with {
+                    tracing::warn!(dataset = %self.dataset, base = %b.name, snapshot = %snapshot.name,
+                        "a snapshot that is not snapship's lies in between: sending with -i, without the snapshots in between");
+                }
+                with
+            }
+            None => false,
+        };
+        let cmd = send_command(f, &self.dataset, snapshot.name.as_str(), base.map(|b| b.name.as_str()), intermediates, compact);
+        let mut process = cmd.spawn(Pipe::Out)?;
         Ok(SendStream::new(Box::new(process.stdout()), process))
     }
 
@@ -831,6 +910,26 @@ impl ZfsReplica {
         }
     }
 
+    /// Undoes a receive that committed but is refused: back to the base (`zfs rollback -r`,
+    /// which destroys every snapshot after it: all the stream brought, as the receive started
+    /// on the newest snapshot), or, without one, every snapshot that was not there `before`
+    /// destroyed, newest first.
+    async fn undo_receive(&self, before: &[(String, String)], incoming: &Incoming) -> Result<()> {
+        let base = incoming.base.as_deref().and_then(|g| before.iter().find(|(_, guid)| guid == g));
+        let cmds = match base {
+            Some((name, _)) if !incoming.from_token => vec![Cmd::new("zfs").arg("rollback").arg("-r").arg(format!("{}@{name}", self.dataset))],
+            _ => {
+                let after = all_snapshots(&self.dataset).await?;
+                let new = after.iter().rev().filter(|a| !before.contains(a));
+                new.map(|(name, _)| Cmd::new("zfs").arg("destroy").arg(format!("{}@{name}", self.dataset))).collect()
+            }
+        };
+        for cmd in cmds {
+            with_busy_retry(&cmd).await.with_context(|| format!("cannot undo the refused receive into {} (`{cmd}`); run it by hand", self.dataset))?;
+        }
+        Ok(())
+    }
+
     /// Drops what an interrupted resumable receive kept (modern ZFS); nothing to do on old.
     async fn discard_partial(&self) {
         if features().await.resumable {
@@ -890,7 +989,16 @@ impl ReplicaSide for ZfsReplica {
             );
         }
         let first = read_first_record(stream).await?;
-        check_stream_header(&first).with_context(|| format!("the stream for {}@{}", self.dataset, incoming.name))?;
+        let header = check_stream_header(&first).with_context(|| format!("the stream for {}@{}", self.dataset, incoming.name))?;
+        if header == StreamHeader::Package && (incoming.base.is_none() || incoming.from_token) {
+            bail!(
+                "refused the stream for {}@{}: a package of several snapshots (zfs send -I) where a {} was announced; \
+                 snapship's origin never sends that",
+                self.dataset,
+                incoming.name,
+                if incoming.from_token { "resumed stream" } else { "full stream" }
+            );
+        }
         if exists
             && !incoming.from_token
             && let Some(base) = &incoming.base
@@ -915,6 +1023,9 @@ impl ReplicaSide for ZfsReplica {
         {
             zfs(&["create", "-p", parent]).await.with_context(|| format!("cannot create the parent dataset {parent}"))?;
         }
+        // What it holds now (after any set-aside): the receive may add only what
+        // `check_received` allows.
+        let before = if exists { all_snapshots(&self.dataset).await? } else { Vec::new() };
         let mut process = receive_command(f, &self.dataset, exists).spawn(Pipe::In)?;
         let mut stdin = process.stdin();
         let mut whole = first.as_slice().chain(stream);
@@ -951,12 +1062,11 @@ impl ReplicaSide for ZfsReplica {
                 Err(re) => e.context(format!("the stream into zfs receive broke ({re})")),
                 Ok(()) => {
                     // zfs committed on the stream's end record before our end check failed:
-                    // the snapshot must not stay.
-                    let snap = format!("{}@{}", self.dataset, incoming.name);
-                    if let Err(de) = with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&snap)).await {
-                        tracing::error!("cannot destroy {snap} after a failed stream check: {de}");
+                    // the snapshot (and any of a package before it) must not stay.
+                    if let Err(de) = self.undo_receive(&before, incoming).await {
+                        tracing::error!("{de:#}");
                     }
-                    e.context("the stream failed its check after zfs receive committed it; the snapshot was destroyed")
+                    e.context("the stream failed its check after zfs receive committed it; what it brought was destroyed")
                 }
             });
         }
@@ -966,6 +1076,19 @@ impl ReplicaSide for ZfsReplica {
             }
             return Err(e.into());
         }
+        let after = all_snapshots(&self.dataset).await?;
+        match check_received(&before, &after, incoming, header) {
+            Ok(intermediates) if !intermediates.is_empty() => {
+                tracing::info!(dataset = %self.dataset, snapshot = %incoming.name, ?intermediates, "received the snapshots in between too (zfs send -I)");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if let Err(ue) = self.undo_receive(&before, incoming).await {
+                    tracing::error!("{ue:#}");
+                }
+                return Err(e.context(format!("receiving {}@{}", self.dataset, incoming.name)));
+            }
+        }
         let got = self
             .list()
             .await?
@@ -973,7 +1096,11 @@ impl ReplicaSide for ZfsReplica {
             .find(|s| s.name == incoming.name)
             .ok_or_else(|| anyhow!("zfs receive succeeded but {}@{} is not there", self.dataset, incoming.name))?;
         if got.identity != incoming.identity {
-            bail!("received {}@{} has guid {}, expected {}", self.dataset, incoming.name, got.identity, incoming.identity);
+            // Not what was announced: it must not stay (nor what came with it).
+            if let Err(ue) = self.undo_receive(&before, incoming).await {
+                tracing::error!("{ue:#}");
+            }
+            bail!("received {}@{} has guid {}, expected {}; the receive was undone", self.dataset, incoming.name, got.identity, incoming.identity);
         }
         undone?;
         // Keep the replica read-only (again: `-o` is not on every ZFS), and reads from
@@ -1145,9 +1272,10 @@ mod tests {
     fn commands_follow_the_features() {
         let (old, modern) = (Features::from_usage(OLD), Features::from_usage(MODERN));
         let args = |c: Cmd| c.args().join(" ");
-        assert_eq!(args(send_command(&old, "tank/p", "s2", Some("s1"), true)), "send -I tank/p@s1 tank/p@s2");
-        assert_eq!(args(send_command(&modern, "tank/p", "s2", Some("s1"), true)), "send -c -I tank/p@s1 tank/p@s2");
-        assert_eq!(args(send_command(&modern, "tank/p", "s2", None, false)), "send tank/p@s2");
+        assert_eq!(args(send_command(&old, "tank/p", "s2", Some("s1"), true, true)), "send -I tank/p@s1 tank/p@s2");
+        assert_eq!(args(send_command(&modern, "tank/p", "s2", Some("s1"), true, true)), "send -c -I tank/p@s1 tank/p@s2");
+        assert_eq!(args(send_command(&modern, "tank/p", "s2", Some("s1"), false, false)), "send -i tank/p@s1 tank/p@s2");
+        assert_eq!(args(send_command(&modern, "tank/p", "s2", None, false, false)), "send tank/p@s2");
         // zfs-fuse takes none of -u, -o, -x (see receive_command for what stands in).
         assert_eq!(args(receive_command(&old, "b/p", true)), "receive -F b/p");
         let guarded = "-u -o readonly=on -x mountpoint -x sharenfs -x sharesmb";
@@ -1328,6 +1456,59 @@ mod tests {
         assert!(check_stream_header(&bad_magic).unwrap_err().to_string().contains("bad magic"));
         assert!(check_stream_header(&begin_record(0, 3, false)).unwrap_err().to_string().contains("header type 3 is unknown"));
         assert!(check_stream_header(&begin_record(0, 1, false)[..100]).unwrap_err().to_string().contains("ended after 100 bytes"));
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(n, g)| (n.to_string(), g.to_string())).collect()
+    }
+
+    const S0: &str = "snapship-20260101T000000.000Z";
+    const S1: &str = "snapship-20260101T010000.000Z";
+    const S2: &str = "snapship-20260101T020000.000Z";
+    const S3: &str = "snapship-20260101T030000.000Z";
+
+    #[test]
+    fn intermediates_are_sent_when_all_are_snapships() {
+        let all = pairs(&[(S0, "10"), (S1, "11"), (S2, "12"), (S3, "13")]);
+        assert_eq!(between(&all, S0, S3).unwrap(), &all[1..3]);
+        assert!(sends_intermediates(&all, S0, S3));
+        assert!(between(&all, S3, S0).is_none() && between(&all, "gone", S3).is_none());
+        // Someone else's snapshot in between: the two ends only.
+        let foreign = pairs(&[(S0, "10"), (S1, "11"), ("before-upgrade", "99"), (S3, "13")]);
+        assert!(!sends_intermediates(&foreign, S0, S3));
+        assert!(sends_intermediates(&foreign, S0, S1), "it is not between these two");
+    }
+
+    fn incoming(name: &str, guid: &str, base: Option<&str>) -> Incoming {
+        Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid.into(), base: base.map(Into::into), from_token: false }
+    }
+
+    #[test]
+    fn a_package_may_bring_only_snapships_between_its_ends() {
+        let before = pairs(&[(S0, "10")]);
+        let to_s3 = incoming(S3, "13", Some("10"));
+        // zfs send -I s0 s3: s1 and s2 come too, in order.
+        let after = pairs(&[(S0, "10"), (S1, "11"), (S2, "12"), (S3, "13")]);
+        assert_eq!(check_received(&before, &after, &to_s3, StreamHeader::Package).unwrap(), [S1, S2]);
+        assert!(check_received(&before, &pairs(&[(S0, "10"), (S3, "13")]), &to_s3, StreamHeader::Single).unwrap().is_empty());
+        let refused = |after: &[(&str, &str)], inc: &Incoming, header: StreamHeader, why: &str| {
+            let e = format!("{:#}", check_received(&before, &pairs(after), inc, header).unwrap_err());
+            assert!(e.contains("refused the stream") && e.contains(why), "{e}");
+        };
+        // A hostile origin's extras: a name that is not snapship's, one newer than announced,
+        // one not after the base, names against creation order, extras outside a package.
+        refused(&[(S0, "10"), ("evil", "66"), (S3, "13")], &to_s3, StreamHeader::Package, "`evil` is not a snapship snapshot name");
+        let later = "snapship-20991231T000000.000Z";
+        refused(&[(S0, "10"), (S3, "13"), (later, "67")], &to_s3, StreamHeader::Package, "is not between the base");
+        refused(&[(S0, "10"), ("snapship-20251231T000000.000Z", "68"), (S3, "13")], &to_s3, StreamHeader::Package, "is not between the base");
+        refused(&[(S0, "10"), (S2, "12"), (S1, "11"), (S3, "13")], &to_s3, StreamHeader::Package, "out of creation order");
+        refused(&[(S0, "10"), (S1, "11"), (S3, "13")], &to_s3, StreamHeader::Single, "only a `zfs send -I` package");
+        // A package from no base, from a base it does not hold, or resumed from a token.
+        refused(&[(S0, "10"), (S1, "11"), (S3, "13")], &incoming(S3, "13", None), StreamHeader::Package, "must go from a snapship snapshot");
+        refused(&[(S0, "10"), (S1, "11"), (S3, "13")], &incoming(S3, "13", Some("77")), StreamHeader::Package, "must go from a snapship snapshot");
+        let mut token = to_s3.clone();
+        token.from_token = true;
+        refused(&[(S0, "10"), (S1, "11"), (S3, "13")], &token, StreamHeader::Package, "only a `zfs send -I` package");
     }
 
     #[test]

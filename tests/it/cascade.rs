@@ -31,12 +31,12 @@ fn names(dir: &Path) -> Vec<String> {
 }
 
 /// `key=value` of a log line (`value` unquoted).
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+pub(crate) fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).map(|v| v.trim_matches('"'))
 }
 
 /// (snapshot, bytes) of each transfer a daemon log shows delivered to `replica`, in order.
-fn delivered(log: &str, replica: &str, what: &str) -> Vec<(String, u64)> {
+pub(crate) fn delivered(log: &str, replica: &str, what: &str) -> Vec<(String, u64)> {
     log.lines()
         .filter(|l| l.contains(what) && field(l, "replica") == Some(replica))
         .filter_map(|l| Some((field(l, "snapshot")?.to_string(), field(l, "bytes")?.parse().ok()?)))

@@ -7,7 +7,8 @@
 //! - `quic`, `scheduler`, `operate`: nodes over QUIC, `snapship run`, status and metrics;
 //! - `failover`, `failover_zfs`: promotion of a replica, fencing, failback without a full
 //!   resend, switchover (loop btrfs; zfs-fuse pools, with verify from the promoted member);
-//! - `cascade`: backfill of the history a replica missed, and relays (A → B → C);
+//! - `cascade`, `cascade_zfs`: backfill of the history a replica missed, and relays
+//!   (A → B → C) (loop btrfs; zfs-fuse pools, with a hostile origin's `send -I` package);
 //! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
 //!   fault proxy they go through;
 //! - `heal`: connections that heal (a replica restarted between syncs, one dead in the
@@ -31,6 +32,7 @@ mod common;
 
 mod btrfs_local;
 mod cascade;
+mod cascade_zfs;
 mod certs_expiry;
 mod cli_certs;
 mod cli_check;
