@@ -152,11 +152,28 @@ async fn path_from_zfs(config: &LoadedConfig, policy: &Policy, from: &ObjectRepl
     }
     .await;
     if copy::zfs_exists(&temp).await.unwrap_or(true) {
-        if let Err(e) = Cmd::new("zfs").arg("destroy").arg("-r").arg(&temp).output().await {
+        if let Err(e) = destroy_temporary(&temp).await {
             tracing::error!("cannot destroy the temporary dataset {temp}: {e:#}; `zfs destroy -r {temp}`");
         }
     }
     result
+}
+
+/// Unmounts and destroys the temporary dataset `temp`, trying again for a few seconds while
+/// ZFS calls it busy (as zfs-fuse does right after the copy read it).
+async fn destroy_temporary(temp: &str) -> Result<()> {
+    let _ = Cmd::new("zfs").arg("umount").arg(temp).output().await;
+    let mut tries = 0;
+    loop {
+        match Cmd::new("zfs").arg("destroy").arg("-r").arg(temp).output().await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.stderr().contains("busy") && tries < 40 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// ZFS: the chain received into the new dataset `to`, then made writable; on failure the

@@ -6,7 +6,9 @@
 //! nothing left behind; an upload cut mid-stream resumed after the parts already stored
 //! (bytes re-sent measured); retention across a new full stream keeping every kept snapshot
 //! restorable; a Garage cluster (replication factor 3) losing a node mid-upload; ZFS on
-//! zfs-fuse.
+//! zfs-fuse (with `--path` through a temporary dataset); `verify` of the store's copy
+//! (faithful, a changed byte, a lost object); `--path` of one file with its metadata; a
+//! relay (`from:`) feeding a store.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -274,6 +276,19 @@ fn zfs_uploads_and_restores_onto_an_empty_pool() {
         let ro = sh(&format!("zfs get -H -o value readonly {to}"));
         assert_eq!(ro.trim(), "off", "the restored dataset is writable");
     }
+    // One file of the older snapshot, through a temporary dataset destroyed afterwards.
+    let to = scratch.dir.join("marker-restored.txt");
+    let out = snapship()
+        .args(["restore", "--config"])
+        .arg(&config)
+        .args(["projects", "--from", "offsite", "--snapshot", &snaps[0], "--path", "marker.txt", "--to"])
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "restore --path failed:\n{}", text(&out));
+    assert_eq!(std::fs::read_to_string(&to).unwrap(), marker.repeat(500));
+    let left = sh(&format!("zfs list -H -o name -r {}", origin.name));
+    assert!(!left.contains("snapship-restore"), "the temporary dataset is left: {left}\n{}", text(&out));
 }
 
 #[test]
