@@ -79,6 +79,7 @@ demo: build
 # Benchmarks (not part of CI): writes docs/benchmarks.md. Takes about ten minutes.
 bench: deps
 	@scripts/install-deps.sh $(BENCH_DEBS)
+	@scripts/fetch-garage.sh
 	$(CARGO) build --release --benches
 	scripts/with-scratch.sh $(CARGO) bench --bench replication
 

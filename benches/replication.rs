@@ -5,10 +5,13 @@
 //! Phases: full transfer, ~10 % incremental, a 1 MB change end to end, continuous-mode RPO,
 //! the full send of incompressible data over QUIC and over the LAN path, peak RSS during a
 //! 4 GiB stream, CPU of 200 idle continuous file sets, connection faults (a replica
-//! restarted between syncs, one dead in the commit phase, an outage, UDP drops).
+//! restarted between syncs, one dead in the commit phase, an outage, UDP drops), upload to
+//! and restore from an object store (Garage) against the local pipe (phases/objstore.rs).
 
 #[path = "../tests/it/common/mod.rs"]
 mod common;
+#[path = "phases/objstore.rs"]
+mod objstore_phase;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,7 +26,7 @@ fn runs() -> usize {
     std::env::var("SNAPSHIP_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
 }
 
-/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,lan,rpo,rss,idle,faults` (default: all).
+/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,lan,rpo,rss,idle,faults,objstore` (default: all).
 fn want(phase: &str) -> bool {
     std::env::var("SNAPSHIP_BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p == phase))
 }
@@ -590,6 +593,11 @@ fn main() {
     // ---- Connection faults ------------------------------------------------------------------
     if want("faults") {
         connection_faults(&mut out, &mut verdicts);
+    }
+
+    // ---- Object-storage replica: upload and restore against Garage -------------------------
+    if want("objstore") {
+        objstore_phase::object_store(&mut out);
     }
 
     writeln!(out, "\n## Targets\n\n| target | met | measured |\n|---|---|---|").unwrap();

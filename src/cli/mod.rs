@@ -159,7 +159,8 @@ enum Command {
         #[arg(long, value_name = "SUBPATH")]
         path: Option<PathBuf>,
         /// Restore from one of the file set's object-storage replicas, by its `name`
-        /// (docs/object-storage.md): its chain of streams is downloaded, checked and received.
+        /// (docs/object-storage.md): its chain of streams is downloaded, checked and received
+        /// (with --path, into a temporary place, removed after the copy).
         /// (Another member node's copy is not supported: restore on a node that holds it.)
         #[arg(long, value_name = "NAME")]
         from: Option<String>,
@@ -172,6 +173,9 @@ enum Command {
     /// Both nodes hash their copy (reusing, unless --full, the content hashes of their last
     /// verify for files whose inode, size, mtime and ctime are unchanged) and compare hash
     /// trees, descending only where they differ. btrfs only, for now.
+    /// An object store (--replica NAME, and after the nodes without --replica) is checked
+    /// against its own manifests, from any node with its key: each stream of the snapshot's
+    /// chain present with its size; with --full every part downloaded, decrypted and hashed.
     /// Exit 0: equal; 1: a replica differs; 2: could not verify (and none differs).
     #[command(verbatim_doc_comment)]
     Verify {
@@ -185,7 +189,8 @@ enum Command {
         /// This snapshot, by name (default: the newest that origin and replica both hold).
         #[arg(long, value_name = "NAME")]
         snapshot: Option<String>,
-        /// Rehash every file on both nodes, ignoring the hashes kept from the last verify.
+        /// Rehash every file on both nodes, ignoring the hashes kept from the last verify (an
+        /// object store: download and check every part).
         #[arg(long)]
         full: bool,
     },
@@ -606,11 +611,8 @@ async fn restore_from_store(
     let loaded = config::load(path)?;
     let policy = find_policy(&loaded, path, fileset)?;
     let Some(spec) = policy.object_stores.iter().find(|s| s.name.0 == store) else { return Ok(None) };
-    if subpath.is_some() {
-        bail!("--path is not supported with an object store: restore the whole file set from `{store}`, then copy what you need from it");
-    }
     let replica = crate::objstore::ObjectReplica::new(policy, spec);
-    let done = crate::objstore::restore::restore(&loaded, policy, &replica, which, to).await?;
+    let done = crate::objstore::restore::restore(&loaded, policy, &replica, which, to, subpath).await?;
     print_restored(fileset, &done);
     Ok(Some(ExitCode::SUCCESS))
 }

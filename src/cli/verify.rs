@@ -27,7 +27,10 @@ pub async fn verify(path: &std::path::Path, fileset: &str, replica: Option<&str>
     for o in &outcomes {
         match &o.result {
             Ok(s) => {
-                let how = format!("{} files hashed, {} reused from the last verify, {:.1}s", s.hashed, s.reused, s.seconds);
+                let how = match &s.how {
+                    Some(how) => how.clone(),
+                    None => format!("{} files hashed, {} reused from the last verify, {:.1}s", s.hashed, s.reused, s.seconds),
+                };
                 if s.differences.is_empty() {
                     println!("{fileset} -> {}: {} equal ({how})", o.replica, s.snapshot);
                 } else {

@@ -305,9 +305,11 @@ impl Policy {
     /// Who feeds `node` the file set while `origin` is its origin: the relay its replica
     /// entry names with `from:`, else the origin; `None` for the origin itself.
     /// A replica on the origin's own node is fed by the origin.
+    /// `node` may also name an object store: its relay, or the origin.
     pub fn feeder<'a>(&'a self, node: &str, origin: &'a str) -> Option<&'a str> {
         let entry = self.replicas.iter().find(|r| r.node.0 == node);
-        match entry.and_then(|r| r.from.as_ref()) {
+        let store_from = || self.object_stores.iter().find(|s| s.name.0 == node).and_then(|s| s.from.as_ref());
+        match entry.and_then(|r| r.from.as_ref()).or_else(store_from) {
             Some(relay) if relay.0 != origin && node != origin => Some(relay.0.as_str()),
             _ if node == origin && entry.is_none() => None,
             _ => Some(origin),
@@ -510,6 +512,11 @@ pub fn parse_policy_text(path: &Path, text: &str, node: &NodeConfig) -> Result<P
         errors.retain(|e| e.key.as_deref() != Some("replicas"));
     }
     policy.object_stores = stores.into_iter().map(|(_, s)| s).collect();
+    for s in &policy.object_stores {
+        if let Some(message) = store_feeder_problem(&policy, s) {
+            errors.push(located(path, &index, &format!("replicas[{}].from", s.index), message));
+        }
+    }
     if errors.is_empty() { Ok(policy) } else { Err(errors) }
 }
 
@@ -711,6 +718,27 @@ fn cascade_problem(p: &Policy, r: &ReplicaSpec) -> Option<String> {
             None => return None,
         }
     }
+}
+
+/// What is wrong with object store `s`'s `from:` in `p`, if anything: it must name a replica
+/// node of the file set (which relays to the store what it received), not the origin.
+fn store_feeder_problem(p: &Policy, s: &object_store::StoreReplica) -> Option<String> {
+    let relay = s.from.as_ref()?;
+    let replicas: Vec<&str> = p.replicas.iter().map(|r| r.node.0.as_str()).collect();
+    if p.backend == BackendKind::Zfs {
+        return Some("cascades (`from:`) are supported on btrfs only so far; remove `from:` so that the origin uploads to this store".into());
+    }
+    if *relay == p.origin.node {
+        return Some(format!("`{relay}` is the origin, which uploads to every object store without `from:`; remove `from: {relay}`"));
+    }
+    if !replicas.contains(&relay.0.as_str()) {
+        return Some(format!(
+            "`{relay}` is not a replica node of `{}`; `from:` names the replica that uploads to this store (one of {})",
+            p.fileset,
+            if replicas.is_empty() { "none: add a node replica first".to_string() } else { replicas.join(", ") }
+        ));
+    }
+    None
 }
 
 /// Whether two places nest (path components for btrfs, dataset names for zfs).

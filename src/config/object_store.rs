@@ -50,6 +50,10 @@ pub struct StoreReplica {
     /// transfer is about twice this.
     #[serde(default = "default_part_size")]
     pub part_size: ByteSize,
+    /// The replica node that feeds this store (a cascade: it uploads what it received);
+    /// without it, the origin does.
+    #[serde(default)]
+    pub from: Option<Name>,
     /// Its index in the policy's `replicas:` (for messages: `replicas[N].…`).
     #[serde(skip)]
     pub index: usize,

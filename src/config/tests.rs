@@ -431,6 +431,22 @@ fn object_store_mistakes_name_their_key_and_no_secret_is_taken() {
 }
 
 #[test]
+fn an_object_store_may_be_fed_by_a_relay_named_in_from() {
+    let with = |from: &str| Setup::new(&[("projects.yaml", &GOOD.replace("retention:", &format!("{OFFSITE}    from: {from}\nretention:")))]);
+    let loaded = with("beta").load();
+    assert!(loaded.errors.is_empty(), "{:#?}", loaded.errors);
+    let p = loaded.policy("projects").unwrap();
+    assert_eq!(p.feeder("offsite", "alpha"), Some("beta"), "beta uploads to it");
+    // beta promoted: the origin uploads to it, as to every store.
+    assert_eq!(p.feeder("offsite", "beta"), Some("beta"));
+    expect(&with("alpha").only_error(), "projects.yaml", 22, "replicas[1].from", "is the origin");
+    expect(&with("gamma").only_error(), "projects.yaml", 22, "replicas[1].from", "`gamma` is not a replica node of `projects`");
+    // Without `from:` the origin feeds it.
+    let loaded = Setup::new(&[("projects.yaml", &GOOD.replace("retention:", &format!("{OFFSITE}retention:")))]).load();
+    assert_eq!(loaded.policy("projects").unwrap().feeder("offsite", "alpha"), Some("alpha"));
+}
+
+#[test]
 fn peers_may_be_mappings_that_allow_the_lan_path() {
     let text = NODE.replace(
         "  beta: 127.0.0.1:7442\n",

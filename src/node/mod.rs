@@ -487,16 +487,15 @@ impl Runtime {
         }
     }
 
-    /// The file sets whose replicas name this node in `from:` (cascades), and whom it feeds.
+    /// The file sets whose replicas (nodes or object stores) name this node in `from:`
+    /// (cascades), and whom it feeds.
     fn relayed(config: &LoadedConfig) -> BTreeMap<String, Vec<String>> {
         let here = &config.node.node.0;
         config
             .policies
             .iter()
             .filter(|p| p.is_member(here))
-            .map(|p| {
-                (p.fileset.0.clone(), p.replicas.iter().filter(|r| r.from.as_ref().is_some_and(|f| f.0 == *here)).map(|r| r.node.0.clone()).collect::<Vec<_>>())
-            })
+            .map(|p| (p.fileset.0.clone(), crate::replica::relay::relayed_to(p, here).into_iter().map(str::to_string).collect::<Vec<_>>()))
             .filter(|(_, feeds)| !feeds.is_empty())
             .collect()
     }
@@ -866,10 +865,12 @@ where
     result
 }
 
-/// `snapship verify` of `policy`'s replicas (or only `only`) from this node, which must be its
-/// origin, reaching them as replication does (`endpoints`): each replica's outcome, one after
-/// the other. The daemon calls it with its own link and epochs, [`verify`] with a replica role
-/// of its own. Each connection is closed afterwards (a replica counts them per peer).
+/// `snapship verify` of `policy`'s replicas (or only `only`) from this node, reaching them as
+/// replication does (`endpoints`): each replica's outcome, one after the other. Node replicas
+/// are compared with this node's copy, which must be the origin's; object stores are checked
+/// against their own manifests (`objstore::verify`), from any node with their key. The daemon
+/// calls it with its own link and epochs, [`verify`] with a replica role of its own. Each
+/// connection is closed afterwards (a replica counts them per peer).
 async fn verify_replicas(
     config: &LoadedConfig,
     policy: &Policy,
@@ -880,38 +881,66 @@ async fn verify_replicas(
     full: bool,
 ) -> Result<Vec<crate::origin::verify::Outcome>> {
     let (here, fileset) = (&config.node.node.0, &policy.fileset.0);
-    let current = epochs.current(policy)?;
-    if current.origin != *here {
-        bail!("run verify on the origin of `{fileset}` (`{}` in {current}): it compares each replica's copy with its own", current.origin);
-    }
-    let mut connector = None;
-    let mut targets = endpoints(config, policy, &mut connector, link, epochs)?;
-    // Object stores hold streams, not trees to compare: every restore checks their parts'
-    // hashes instead (docs/object-storage.md).
-    if let Some(store) = policy.object_stores.iter().find(|s| only == Some(s.name.0.as_str())) {
-        bail!("`{}` is an object store: verify compares trees with node replicas only; a restore from it checks every part against its manifest", store.name);
-    }
-    targets.retain(|e| !policy.object_stores.iter().any(|s| s.name.0 == e.node()));
-    if let Some(only) = only {
-        targets.retain(|e| e.node() == only);
-        if targets.is_empty() {
-            let known: Vec<&str> = policy.replicas.iter().map(|r| r.node.0.as_str()).collect();
-            bail!("`{only}` is not a replica of `{fileset}` (its replicas: {})", known.join(", "));
-        }
-    }
+    let stores: Vec<&crate::config::object_store::StoreReplica> = policy.object_stores.iter().filter(|s| only.is_none_or(|o| o == s.name.0)).collect();
     let mut out = Vec::new();
-    for replica in targets {
-        let result = crate::origin::verify::verify(config, policy, replica.as_ref(), snapshot, full).await;
-        replica.close().await;
-        if let Err(e) = &result {
-            tracing::error!(%fileset, replica = %replica.node(), "could not verify: {e:#}");
+    let mut connector = None;
+    if only.is_none() || stores.is_empty() {
+        let current = epochs.current(policy)?;
+        if current.origin != *here {
+            bail!("run verify on the origin of `{fileset}` (`{}` in {current}): it compares each replica's copy with its own", current.origin);
         }
-        out.push(crate::origin::verify::Outcome { replica: replica.node().to_string(), result: result.map(Into::into).map_err(|e| format!("{e:#}")) });
+        let mut targets = endpoints(config, policy, &mut connector, link, epochs)?;
+        targets.retain(|e| !policy.object_stores.iter().any(|s| s.name.0 == e.node()));
+        if let Some(only) = only {
+            targets.retain(|e| e.node() == only);
+            if targets.is_empty() {
+                let known: Vec<&str> =
+                    policy.replicas.iter().map(|r| r.node.0.as_str()).chain(policy.object_stores.iter().map(|s| s.name.0.as_str())).collect();
+                bail!("`{only}` is not a replica of `{fileset}` (its replicas: {})", known.join(", "));
+            }
+        }
+        for replica in targets {
+            let result = crate::origin::verify::verify(config, policy, replica.as_ref(), snapshot, full).await;
+            replica.close().await;
+            if let Err(e) = &result {
+                tracing::error!(%fileset, replica = %replica.node(), "could not verify: {e:#}");
+            }
+            out.push(crate::origin::verify::Outcome { replica: replica.node().to_string(), result: result.map(Into::into).map_err(|e| format!("{e:#}")) });
+        }
+    }
+    for spec in stores {
+        let store = crate::objstore::ObjectReplica::new(policy, spec);
+        let result = crate::objstore::verify::verify(&store, snapshot, full).await;
+        out.push(crate::origin::verify::Outcome { replica: spec.name.0.clone(), result: store_summary(fileset, &spec.name.0, result) });
     }
     if let Some(connector) = connector {
         connector.wait_closed(std::time::Duration::from_secs(2)).await;
     }
     Ok(out)
+}
+
+/// An object store's verify as `verify` reports it, logged and counted like a node's.
+fn store_summary(fileset: &str, store: &str, result: Result<crate::objstore::verify::StoreVerified>) -> Result<crate::origin::verify::Summary, String> {
+    let v = result.map_err(|e| {
+        tracing::error!(%fileset, replica = %store, "could not verify: {e:#}");
+        format!("{e:#}")
+    })?;
+    let n = v.differences.len();
+    metrics::counter!(crate::observe::metrics::VERIFY_MISMATCHES, "fileset" => fileset.to_string(), "replica" => store.to_string()).increment(n as u64);
+    for d in &v.differences {
+        tracing::error!(%fileset, replica = %store, snapshot = %v.snapshot, "verify: {d}");
+    }
+    if n == 0 {
+        tracing::info!(%fileset, replica = %store, snapshot = %v.snapshot, streams = v.streams, parts = v.parts, full = v.full, "verified the object store's copy: intact");
+    }
+    Ok(crate::origin::verify::Summary {
+        snapshot: v.snapshot.clone(),
+        differences: v.differences.clone(),
+        hashed: v.parts,
+        reused: 0,
+        seconds: v.elapsed.as_secs_f64(),
+        how: Some(v.how()),
+    })
 }
 
 /// `snapship verify` without a daemon (the caller holds the `state_dir` lock).

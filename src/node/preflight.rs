@@ -217,12 +217,12 @@ pub async fn places(policy: &Policy, node: &NodeConfig) -> Findings {
         };
         found.errors.extend(problems.into_iter().map(|(key, m)| at(&key, m)));
     }
-    if policy.origin.node == node.node {
-        // Uploads to an object store would fail without these; the node replicas still run.
-        for store in &policy.object_stores {
-            for (key, m) in crate::objstore::check_files(store) {
-                found.warnings.push(at(&key, format!("object store `{}`: {m}; uploads to it fail until this is fixed", store.name)));
-            }
+    // Uploads to an object store would fail without these (on the origin, or on the relay
+    // its `from:` names); the node replicas still run.
+    let origin_here = policy.origin.node == node.node;
+    for store in policy.object_stores.iter().filter(|s| origin_here || s.from.as_ref() == Some(&node.node)) {
+        for (key, m) in crate::objstore::check_files(store) {
+            found.warnings.push(at(&key, format!("object store `{}`: {m}; uploads to it fail until this is fixed", store.name)));
         }
     }
     for (i, replica) in policy.replicas.iter().enumerate().filter(|(_, r)| r.node == node.node) {

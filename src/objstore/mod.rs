@@ -16,11 +16,13 @@
 //! complete, except when a new full stream is due (`full_every`, `full_ratio`): then it
 //! reports none, and the origin sends a full stream. After each upload, retention
 //! (`retention.replica`) picks the snapshots to keep and deletes only the streams none of
-//! their chains use. [`restore`] gets a snapshot back.
+//! their chains use. [`restore`] gets a snapshot back; [`verify`] checks the store's copy of
+//! one against the manifests.
 
 pub mod chain;
 pub mod restore;
 pub mod seal;
+pub mod verify;
 
 use std::sync::Arc;
 

@@ -48,6 +48,9 @@ pub struct Summary {
     pub hashed: usize,
     pub reused: usize,
     pub seconds: f64,
+    /// How the copy was checked, when not by hashing files (an object store's copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub how: Option<String>,
 }
 
 impl From<Verified> for Summary {
@@ -58,6 +61,7 @@ impl From<Verified> for Summary {
             hashed: v.hashed,
             reused: v.reused,
             seconds: v.elapsed.as_secs_f64(),
+            how: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Relaying (cascades, A → B → C): a replica that other replicas name in `from:` forwards
-//! every snapshot it received to them.
+//! every snapshot it received to them, node replicas and object stores alike (a store is one
+//! more `ReplicaEndpoint`).
 //!
 //! The relay's send side is its own replica directory ([`crate::snapshot::relay_on`]): a
 //! received btrfs snapshot sends with the origin's identity (its `received_uuid`), a received
@@ -107,7 +108,7 @@ impl RelayGuard {
     /// replicas naming `here` in `from:`): identities; or, when a downstream's base is not
     /// known yet, the names of those downstreams (then nothing may be pruned).
     pub fn needs(&self, policy: &Policy, here: &str) -> std::result::Result<Vec<String>, Vec<String>> {
-        let downstreams: Vec<&str> = policy.replicas.iter().filter(|r| r.from.as_ref().is_some_and(|f| f.0 == here)).map(|r| r.node.0.as_str()).collect();
+        let downstreams = relayed_to(policy, here);
         if downstreams.is_empty() {
             return Ok(Vec::new());
         }
@@ -153,6 +154,14 @@ impl RelayGuard {
         })?;
         store::write_atomically(&self.path(fileset), &bytes)
     }
+}
+
+/// The replicas naming `here` in `from:`: nodes, and object stores (which the relay uploads
+/// to as the origin would).
+pub fn relayed_to<'a>(policy: &'a Policy, here: &str) -> Vec<&'a str> {
+    let nodes = policy.replicas.iter().filter(|r| r.from.as_ref().is_some_and(|f| f.0 == here)).map(|r| r.node.0.as_str());
+    let stores = policy.object_stores.iter().filter(|s| s.from.as_ref().is_some_and(|f| f.0 == here)).map(|s| s.name.0.as_str());
+    nodes.chain(stores).collect()
 }
 
 /// The relay of one file set on this node, feeding the replicas that name it in `from:`.

@@ -230,7 +230,7 @@ pub async fn restore(config: &LoadedConfig, policy: &Policy, which: &Which, to: 
 
 /// `rel` within the snapshot at `root`, refusing a path that leads out of it through a
 /// symlink (the last component itself is copied as it is, a symlink as a symlink).
-fn resolve_inside(root: &Path, rel: &Path, name: &SnapshotName) -> Result<PathBuf> {
+pub fn resolve_inside(root: &Path, rel: &Path, name: &SnapshotName) -> Result<PathBuf> {
     let root = std::fs::canonicalize(root).map_err(|e| anyhow!("cannot open snapshot {}: {e}", root.display()))?;
     let wanted = root.join(rel);
     let missing = || anyhow!("{} is not in snapshot {name} (taken {}); `ls {}` shows what is", rel.display(), shown_time(name), root.display());

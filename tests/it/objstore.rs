@@ -6,7 +6,9 @@
 //! nothing left behind; an upload cut mid-stream resumed after the parts already stored
 //! (bytes re-sent measured); retention across a new full stream keeping every kept snapshot
 //! restorable; a Garage cluster (replication factor 3) losing a node mid-upload; ZFS on
-//! zfs-fuse.
+//! zfs-fuse (with `--path` through a temporary dataset); `verify` of the store's copy
+//! (faithful, a changed byte, a lost object); `--path` of one file with its metadata; a
+//! relay (`from:`) feeding a store.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -274,6 +276,19 @@ fn zfs_uploads_and_restores_onto_an_empty_pool() {
         let ro = sh(&format!("zfs get -H -o value readonly {to}"));
         assert_eq!(ro.trim(), "off", "the restored dataset is writable");
     }
+    // One file of the older snapshot, through a temporary dataset destroyed afterwards.
+    let to = scratch.dir.join("marker-restored.txt");
+    let out = snapship()
+        .args(["restore", "--config"])
+        .arg(&config)
+        .args(["projects", "--from", "offsite", "--snapshot", &snaps[0], "--path", "marker.txt", "--to"])
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "restore --path failed:\n{}", text(&out));
+    assert_eq!(std::fs::read_to_string(&to).unwrap(), marker.repeat(500));
+    let left = sh(&format!("zfs list -H -o name -r {}", origin.name));
+    assert!(!left.contains("snapship-restore"), "the temporary dataset is left: {left}\n{}", text(&out));
 }
 
 #[test]
@@ -383,4 +398,191 @@ fn retention_across_a_new_full_keeps_every_kept_snapshot_restorable() {
     let held = stored_streams(&f.garage);
     let expect: Vec<(String, bool)> = vec![(taken[2].clone(), true), (taken[3].clone(), false)];
     assert_eq!(held, expect);
+}
+
+/// `snapship verify` of the store `offsite` (with `extra` arguments): its exit code and text.
+fn verify_store(config: &Path, extra: &[&str]) -> (i32, String) {
+    let out = snapship().args(["verify", "--config"]).arg(config).args(["projects", "--replica", "offsite"]).args(extra).output().unwrap();
+    (out.status.code().unwrap_or(-1), text(&out))
+}
+
+/// A change to an object's bytes.
+type Change<'a> = &'a dyn Fn(&mut Vec<u8>);
+
+/// Rewrites one stored object under `backups/projects/streams` (the first whose key `pick`
+/// takes) with `change` applied to its bytes; `None` deletes it.
+fn change_stream_object(garage: &Garage, pick: impl Fn(&str) -> bool, change: Option<Change>) -> String {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use futures::TryStreamExt;
+        use object_store::{ObjectStore, ObjectStoreExt};
+        let s3 = garage.client();
+        let prefix = object_store::path::Path::from("backups/projects/streams");
+        let objects: Vec<_> = s3.list(Some(&prefix)).try_collect().await.unwrap();
+        let key = objects.iter().map(|o| o.location.clone()).find(|k| pick(k.as_ref())).unwrap_or_else(|| panic!("no such object in {objects:?}"));
+        match change {
+            Some(change) => {
+                let mut bytes = s3.get(&key).await.unwrap().bytes().await.unwrap().to_vec();
+                change(&mut bytes);
+                s3.put(&key, bytes.into()).await.unwrap();
+            }
+            None => s3.delete(&key).await.unwrap(),
+        }
+        key.to_string()
+    })
+}
+
+#[test]
+fn verify_checks_the_stores_copy_against_its_manifests() {
+    require_root!();
+    let Some(f) = Fixture::new("objstore_verify") else { return };
+    write_random(&f.source.join("data.bin"), 7 << 20, 41);
+    f.sync_ok();
+    std::fs::write(f.source.join("later.txt"), "the second snapshot").unwrap();
+    let second = f.sync_ok();
+    assert!(second.contains("incremental from"), "{second}");
+    let newest = names(&f.snapdir).pop().unwrap();
+
+    // A faithful store: equal, cheaply and with every part downloaded.
+    let (code, t) = verify_store(&f.config, &[]);
+    assert_eq!(code, 0, "{t}");
+    assert!(t.contains(&format!("projects -> offsite: {newest} equal")) && t.contains("2 streams"), "{t}");
+    let (code, t) = verify_store(&f.config, &["--full"]);
+    assert_eq!(code, 0, "{t}");
+    assert!(t.contains("parts downloaded, decrypted and hashed"), "{t}");
+    eprintln!("verify --full of a faithful store:\n{t}");
+    // Without --replica the store is verified with the others (here the only replica).
+    let out = snapship().args(["verify", "--config"]).arg(&f.config).arg("projects").output().unwrap();
+    assert!(out.status.success() && text(&out).contains("-> offsite:"), "{}", text(&out));
+
+    // One byte of the full stream's object changed (its size kept): the default check, which
+    // only compares sizes, cannot see it (as documented); --full names the part.
+    let full = change_stream_object(&f.garage, |k| k.ends_with(".full"), Some(&|b: &mut Vec<u8>| b[100] ^= 0x01));
+    let (code, t) = verify_store(&f.config, &[]);
+    assert_eq!(code, 0, "sizes are unchanged: {t}");
+    let (code, t) = verify_store(&f.config, &["--full"]);
+    assert_eq!(code, 1, "{t}");
+    assert!(t.contains("DIFFERS") && t.contains(&format!("{full} part 1 of 2")) && t.contains("authentication failed"), "{t}");
+    eprintln!("verify --full of a tampered store:\n{t}");
+
+    // The incremental's object lost: found without --full, named.
+    let incremental = change_stream_object(&f.garage, |k| k.contains(".from."), None);
+    let (code, t) = verify_store(&f.config, &[]);
+    assert_eq!(code, 1, "{t}");
+    assert!(t.contains(&format!("{incremental}: missing from the store")), "{t}");
+
+    // A snapshot the store does not hold: could not verify.
+    let (code, t) = verify_store(&f.config, &["--snapshot", "snapship-20000101T000000.000Z"]);
+    assert_eq!(code, 2, "{t}");
+    assert!(t.contains("holds no snapshot named"), "{t}");
+}
+
+#[test]
+fn restore_of_one_path_from_the_store_keeps_its_metadata_and_leaves_nothing_else() {
+    require_root!();
+    let Some(f) = Fixture::new("objstore_path") else { return };
+    let file = f.source.join("docs/secret.txt");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, "the original").unwrap();
+    write_random(&f.source.join("big.bin"), 6 << 20, 43);
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(&file, Some(1234), Some(5678)).unwrap();
+    rustix::fs::setxattr(&file, "user.note", b"kept", rustix::fs::XattrFlags::empty()).unwrap();
+    run(std::process::Command::new("touch").arg("-h").arg("-d").arg("2024-02-03 04:05:06.5 UTC").arg(&file));
+    let meta = std::fs::symlink_metadata(&file).unwrap();
+    f.sync_ok();
+    let s1 = names(&f.snapdir).pop().unwrap();
+    // A second snapshot, so that the restore of the first receives a chain it then drops.
+    std::fs::write(&file, "overwritten").unwrap();
+    f.sync_ok();
+
+    let restore = |path: &str, to: &Path| {
+        snapship()
+            .args(["restore", "--config"])
+            .arg(&f.config)
+            .args(["projects", "--from", "offsite", "--snapshot", &s1, "--path", path, "--to"])
+            .arg(to)
+            .output()
+            .unwrap()
+    };
+    let left = || -> Vec<String> {
+        std::fs::read_dir(&f.target.mnt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".snapship-restore"))
+            .collect()
+    };
+    let to = f.target.mnt.join("secret.txt");
+    let out = restore("docs/secret.txt", &to);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("docs/secret.txt in object store `offsite`") && t.contains(&s1), "{t}");
+    let got = std::fs::symlink_metadata(&to).unwrap();
+    assert_eq!(std::fs::read_to_string(&to).unwrap(), "the original");
+    assert_eq!(got.permissions().mode() & 0o7777, 0o640);
+    assert_eq!((std::os::unix::fs::MetadataExt::uid(&got), std::os::unix::fs::MetadataExt::gid(&got)), (1234, 5678));
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((got.mtime(), got.mtime_nsec()), (meta.mtime(), meta.mtime_nsec()));
+    let mut buf = [0u8; 64];
+    let n = rustix::fs::getxattr(&to, "user.note", &mut buf[..]).expect("the xattr on the copy");
+    assert_eq!(&buf[..n], b"kept");
+    // Only the file: the received chain is gone.
+    assert_eq!(left(), Vec::<String>::new());
+    assert_eq!(visible(&f.target.mnt), ["secret.txt"]);
+
+    // A path the snapshot does not have: refused, and the chain received for it removed too.
+    let out = restore("docs/never.txt", &f.target.mnt.join("never"));
+    assert!(!out.status.success() && text(&out).contains("is not in snapshot"), "{}", text(&out));
+    assert_eq!(left(), Vec::<String>::new());
+    assert!(!f.target.mnt.join("never").exists());
+}
+
+#[test]
+fn a_relay_uploads_what_it_received_to_a_store_naming_it_in_from() {
+    require_root!();
+    let mut c = crate::common::cluster::Cluster::with_size("objstore_relay", &["alpha", "beta"], 300);
+    let Some(garage) = Garage::start(&c.scratch, "objstore_relay") else { return };
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst = c.mnt("beta").join("backup/projects");
+    let entry = offsite_entry(&c.scratch, &garage).replacen("replicas:\n", "", 1);
+    let policy = format!(
+        "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {}\nreplicas:\n  - node: beta\n    path: {}\n{entry}    from: beta\n",
+        src.display(),
+        dst.display()
+    );
+    c.configure("alpha", &[("projects", policy.clone())]);
+    let beta = c.configure("beta", &[("projects", policy.clone())]);
+    let out = snapship().args(["check", "--config"]).arg(&beta).output().unwrap();
+    assert!(out.status.success(), "check refuses a store fed by a relay:\n{}", text(&out));
+    c.start("beta");
+    let alpha_dir = c.mnt("alpha").join(".snapship/projects");
+    let stored = |name: &str| stored_streams(&garage).into_iter().find(|(n, _)| n == name);
+
+    write_random(&src.join("data.bin"), 6 << 20, 61);
+    let first = c.sync_ok("alpha", "projects");
+    // alpha feeds beta only; beta uploads to the store.
+    assert!(first.contains("-> beta:") && !first.contains("offsite"), "{first}");
+    let s1 = names(&alpha_dir).pop().unwrap();
+    let (_, full) = wait_until(std::time::Duration::from_secs(90), "beta's upload of the first snapshot", || stored(&s1));
+    assert!(full, "the first upload is a full stream");
+    std::fs::write(src.join("later.txt"), "relayed incrementally").unwrap();
+    c.sync_ok("alpha", "projects");
+    let s2 = names(&alpha_dir).pop().unwrap();
+    let (_, full) = wait_until(std::time::Duration::from_secs(90), "beta's upload of the second snapshot", || stored(&s2));
+    assert!(!full, "the second upload is an incremental on the first");
+    let log = c.daemons["beta"].log_text();
+    assert!(log.lines().any(|l| l.contains("relayed") && l.contains("offsite")), "{log}");
+
+    // The store's copies are alpha's snapshots: restored on alpha, verified there.
+    let alpha = c.dir("alpha").join("node.yaml");
+    for (s, label) in [(&s1, "first"), (&s2, "second")] {
+        let to = c.mnt("alpha").join(format!("restored-{label}"));
+        let out =
+            snapship().args(["restore", "--config"]).arg(&alpha).args(["projects", "--from", "offsite", "--snapshot", s, "--to"]).arg(&to).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert_same_tree(&alpha_dir.join(s), &to);
+    }
+    let (code, t) = verify_store(&alpha, &["--full"]);
+    assert_eq!(code, 0, "{t}");
+    c.stop("beta");
 }
