@@ -406,6 +406,7 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
     files.dedup();
 
     let mut policies: Vec<Policy> = Vec::new();
+    let mut places = Places::default();
     for file in files {
         match load_policy(&file, &node) {
             Err(e) => errors.extend(e),
@@ -418,11 +419,12 @@ pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
                         "fileset",
                         format!("file set `{}` is already defined in {}; each file set needs its own name", policy.fileset, other.file.display()),
                     ));
-                } else if let Some((key, message)) = overlap_with_others(&policy, &policies, &node.node) {
+                } else if let Some((key, message)) = places.overlap(&policy, &policies, &node.node) {
                     errors.push(located(&file, &index(), &key, message));
                 } else if let Some(message) = group_mismatch(&policy, &policies) {
                     errors.push(located(&file, &index(), "group", message));
                 } else {
+                    places.add(&policy, policies.len(), &node.node);
                     policies.push(policy);
                 }
             }
@@ -741,32 +743,60 @@ fn store_feeder_problem(p: &Policy, s: &object_store::StoreReplica) -> Option<St
     None
 }
 
-/// Whether two places nest (path components for btrfs, dataset names for zfs).
-fn nested(a: &str, b: &str) -> bool {
-    let (a, b) = (a.trim_end_matches('/'), b.trim_end_matches('/'));
-    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+/// The places that the file sets accepted so far own on this node ([`places_on`]), indexed
+/// so that checking one more file set costs a few lookups instead of a pass over all of them
+/// (comparing every pair made a node with 2,000 file sets take many seconds to load).
+///
+/// Two file sets on one node must not share or nest their places: their snapshots, `latest`
+/// links, retention and receive locks would mix. Places nest by path components for btrfs,
+/// by dataset names for zfs; only places of the same backend are compared.
+#[derive(Default)]
+struct Places {
+    /// (zfs?, place without trailing '/') -> (its key, index of its policy in `policies`).
+    by_place: BTreeMap<(bool, String), (String, usize)>,
 }
 
-/// Two file sets on one node must not share or nest their places: their snapshots, `latest`
-/// links, retention and receive locks would mix. Returns the offending key and message.
-fn overlap_with_others(policy: &Policy, others: &[Policy], node: &Name) -> Option<(String, String)> {
-    for (key, place) in places_on(policy, node) {
-        for other in others.iter().filter(|o| o.backend == policy.backend) {
-            for (other_key, other_place) in places_on(other, node) {
-                if nested(&place, &other_place) {
-                    return Some((
-                        key,
-                        format!(
-                            "{place} overlaps {other_place}, the `{other_key}` of file set `{}` ({}); give each file set its own place",
-                            other.fileset,
-                            other.file.display()
-                        ),
-                    ));
-                }
-            }
+impl Places {
+    fn add(&mut self, policy: &Policy, index: usize, node: &Name) {
+        let zfs = policy.backend == BackendKind::Zfs;
+        for (key, place) in places_on(policy, node) {
+            self.by_place.entry((zfs, place.trim_end_matches('/').to_string())).or_insert((key, index));
         }
     }
-    None
+
+    /// The first place of `policy` that is, contains or lies under an accepted one: the
+    /// offending key and the message naming the other file set.
+    fn overlap(&self, policy: &Policy, policies: &[Policy], node: &Name) -> Option<(String, String)> {
+        let zfs = policy.backend == BackendKind::Zfs;
+        for (key, place) in places_on(policy, node) {
+            let trimmed = place.trim_end_matches('/');
+            // The place itself and each place it lies under...
+            let mut up = Some(trimmed);
+            let mut hit = None;
+            while let Some(candidate) = up {
+                if let Some(found) = self.by_place.get(&(zfs, candidate.to_string())) {
+                    hit = Some(found);
+                    break;
+                }
+                up = candidate.rfind('/').map(|i| &candidate[..i]);
+            }
+            // ...then any place under it ('0' is the character after '/').
+            let hit = hit.or_else(|| self.by_place.range((zfs, format!("{trimmed}/"))..(zfs, format!("{trimmed}0"))).next().map(|(_, v)| v));
+            if let Some((other_key, index)) = hit {
+                let other = &policies[*index];
+                let other_place = places_on(other, node).into_iter().find(|(k, _)| k == other_key).map(|(_, p)| p).unwrap_or_default();
+                return Some((
+                    key,
+                    format!(
+                        "{place} overlaps {other_place}, the `{other_key}` of file set `{}` ({}); give each file set its own place",
+                        other.fileset,
+                        other.file.display()
+                    ),
+                ));
+            }
+        }
+        None
+    }
 }
 
 /// File sets of one group are snapshotted together, so they must agree on what decides that.

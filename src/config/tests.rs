@@ -216,9 +216,16 @@ fn file_sets_on_one_node_must_not_share_places() {
     let s = Setup::new(&[("a.yaml", GOOD), ("b.yaml", &other)]);
     let err = s.only_error();
     expect(&err, "b.yaml", 12, "replicas[0].path", "the `origin.snapshot_dir` of file set `projects`");
-    // Siblings are fine.
+    // A place that contains another file set's, loaded after it, overlaps as well.
+    let above = GOOD.replace("fileset: projects", "fileset: all").replace("path: /srv/projects", "path: /srv").replace("/backup/projects", "/backup/all");
+    let s = Setup::new(&[("a.yaml", GOOD), ("b.yaml", &above)]);
+    expect(&s.only_error(), "b.yaml", 9, "origin.path", "/srv overlaps /srv/");
+    assert!(s.only_error().to_string().contains("of file set `projects`"), "{}", s.only_error());
+    // Siblings are fine, a name that merely starts like another's too.
     let sibling = GOOD.replace("fileset: projects", "fileset: mail").replace("/projects", "/mail");
     assert!(Setup::new(&[("a.yaml", GOOD), ("b.yaml", &sibling)]).load().errors.is_empty());
+    let prefix = GOOD.replace("fileset: projects", "fileset: projects2").replace("/projects", "/projects2");
+    assert!(Setup::new(&[("a.yaml", GOOD), ("b.yaml", &prefix)]).load().errors.is_empty());
 }
 
 #[test]

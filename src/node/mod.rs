@@ -286,7 +286,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
             }
         });
     }
-    {
+    // The gauges go nowhere without an exporter (`metrics:` unset): then nothing refreshes
+    // them, which on a node with thousands of file sets is most of its idle work.
+    if loaded.node.metrics.is_some() {
         let (node, shutdown) = (node.clone(), shutdown.clone());
         background.spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(15));
@@ -966,13 +968,16 @@ pub async fn sync(loaded: &Arc<LoadedConfig>, policy: &Policy, on_start: crate::
     .await
 }
 
-/// Metrics (when `metrics:` is set) and the lag gauges' refresh.
+/// Metrics (when `metrics:` is set) and the lag gauges' refresh (every second, then).
 fn observe(loaded: &LoadedConfig, status: &Arc<StatusBoard>, background: &TaskTracker, shutdown: &CancellationToken) -> Result<()> {
     if let Some(addr) = loaded.node.metrics {
         metrics_exporter_prometheus::PrometheusBuilder::new().with_http_listener(addr).install().map_err(|e| anyhow!("cannot serve metrics on {addr}: {e}"))?;
         crate::observe::status::describe_metrics();
         export_certificate_expiry(loaded);
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
+    if loaded.node.metrics.is_none() {
+        return Ok(()); // no exporter: nothing would read the lag gauges
     }
     let (status, shutdown) = (status.clone(), shutdown.clone());
     background.spawn(async move {

@@ -1,12 +1,14 @@
 //! What makes an origin take a snapshot: the cron schedule, and changes to the data.
 //!
-//! Changes are noticed two ways: inotify (through the `notify` crate, recursive) wakes the
+//! Changes are noticed two ways: inotify (through the `notify` crate, recursive, one instance
+//! for the whole process) wakes the
 //! scheduler as soon as something is written, and a poll catches what
 //! inotify cannot see (writes through mmap, a watch limit reached) within [`POLL`]. Either way the backend's
 //! `changed_since` decides, so a wake-up without a committed change takes no snapshot.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -43,9 +45,50 @@ pub enum Woke {
 
 /// Wakes its owner when files under a directory change. Notifications coalesce: many writes
 /// make one wake-up, and nothing queues up while the owner is busy.
+///
+/// Every watcher of the process shares one inotify instance (and one thread): the kernel
+/// allows a user 128 instances by default (`fs.inotify.max_user_instances`), so one per file
+/// set would leave most file sets of a large node on the poll alone; watches (one per
+/// directory) are plentiful by comparison.
 pub struct ChangeWatcher {
     wake: Arc<Notify>,
-    _watcher: Option<notify::RecommendedWatcher>,
+    /// The watched path, registered with the shared watcher; `None` if it could not watch.
+    root: Option<PathBuf>,
+}
+
+/// The process's one inotify watcher, and who is woken for which directory tree.
+struct Shared {
+    watcher: notify::RecommendedWatcher,
+    /// Watched root -> the [`ChangeWatcher`]s of it (two file sets may watch one tree).
+    roots: Arc<Mutex<HashMap<PathBuf, Vec<Arc<Notify>>>>>,
+}
+
+fn shared() -> Result<&'static Mutex<Shared>> {
+    static SHARED: OnceLock<std::result::Result<Mutex<Shared>, String>> = OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            let roots: Arc<Mutex<HashMap<PathBuf, Vec<Arc<Notify>>>>> = Arc::default();
+            let r = roots.clone();
+            let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                if matches!(event.kind, EventKind::Access(_)) {
+                    return;
+                }
+                let roots = r.lock().unwrap_or_else(|e| e.into_inner());
+                // Each root the path lies under (a path's ancestors, itself included).
+                for path in &event.paths {
+                    for dir in path.ancestors() {
+                        for wake in roots.get(dir).into_iter().flatten() {
+                            wake.notify_one();
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start inotify: {e}"))?;
+            Ok(Mutex::new(Shared { watcher, roots }))
+        })
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 impl ChangeWatcher {
@@ -53,23 +96,20 @@ impl ChangeWatcher {
     /// watcher only wakes on the poll, and says so in the log.
     pub fn new(path: &Path) -> ChangeWatcher {
         let wake = Arc::new(Notify::new());
-        let watcher = Self::watch(path, wake.clone())
+        let root = Self::watch(path, &wake)
             .inspect_err(|e| tracing::warn!(path = %path.display(), "cannot watch for changes ({e:#}); polling every {}s instead", POLL.as_secs()))
             .ok();
-        ChangeWatcher { wake, _watcher: watcher }
+        ChangeWatcher { wake, root }
     }
 
-    fn watch(path: &Path, wake: Arc<Notify>) -> Result<notify::RecommendedWatcher> {
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(event) = event {
-                if !matches!(event.kind, EventKind::Access(_)) {
-                    wake.notify_one();
-                }
-            }
-        })
-        .context("cannot start inotify")?;
-        watcher.watch(path, RecursiveMode::Recursive).with_context(|| format!("cannot watch {}", path.display()))?;
-        Ok(watcher)
+    fn watch(path: &Path, wake: &Arc<Notify>) -> Result<PathBuf> {
+        let mut shared = shared()?.lock().unwrap_or_else(|e| e.into_inner());
+        let first = !shared.roots.lock().unwrap_or_else(|e| e.into_inner()).contains_key(path);
+        if first {
+            shared.watcher.watch(path, RecursiveMode::Recursive).with_context(|| format!("cannot watch {}", path.display()))?;
+        }
+        shared.roots.lock().unwrap_or_else(|e| e.into_inner()).entry(path.to_path_buf()).or_default().push(wake.clone());
+        Ok(path.to_path_buf())
     }
 
     /// Returns on the next change notification, or after the poll interval; says which.
@@ -77,6 +117,26 @@ impl ChangeWatcher {
         tokio::select! {
             _ = self.wake.notified() => Woke::Change,
             _ = tokio::time::sleep(POLL) => Woke::Poll,
+        }
+    }
+}
+
+impl Drop for ChangeWatcher {
+    fn drop(&mut self) {
+        let (Some(root), Ok(shared)) = (self.root.take(), shared()) else { return };
+        let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+        let last = {
+            let mut roots = shared.roots.lock().unwrap_or_else(|e| e.into_inner());
+            let wakes = roots.entry(root.clone()).or_default();
+            wakes.retain(|w| !Arc::ptr_eq(w, &self.wake));
+            let last = wakes.is_empty();
+            if last {
+                roots.remove(&root);
+            }
+            last
+        };
+        if last {
+            let _ = shared.watcher.unwatch(&root);
         }
     }
 }
@@ -145,5 +205,31 @@ mod tests {
         std::fs::write(dir.path().join("sub/file"), "x").unwrap();
         assert_eq!(w.wait().await, Woke::Change);
         assert!(start.elapsed() < POLL, "woke by the poll, not by the write");
+    }
+
+    #[tokio::test]
+    async fn watchers_share_one_inotify_and_wake_only_their_own() {
+        // More watchers than the kernel's default of 128 inotify instances per user.
+        let dir = tempfile::tempdir().unwrap();
+        let watchers: Vec<(std::path::PathBuf, ChangeWatcher)> = (0..200)
+            .map(|i| {
+                let d = dir.path().join(format!("w{i}"));
+                std::fs::create_dir(&d).unwrap();
+                let w = ChangeWatcher::new(&d);
+                (d, w)
+            })
+            .collect();
+        assert!(watchers.iter().all(|(_, w)| w.root.is_some()), "some watchers fell back to the poll");
+        std::fs::write(watchers[150].0.join("file"), "x").unwrap();
+        assert_eq!(watchers[150].1.wait().await, Woke::Change);
+        // The others were not woken: a wake-up is a stored permit, seen at once if present.
+        let other = tokio::time::timeout(Duration::from_millis(300), watchers[149].1.wait()).await;
+        assert!(other.is_err(), "a write under w150 woke w149");
+        // Dropping one of two watchers of a tree keeps the other's watch.
+        let (d, _) = &watchers[3];
+        let again = ChangeWatcher::new(d);
+        drop(again);
+        std::fs::write(d.join("file"), "y").unwrap();
+        assert_eq!(watchers[3].1.wait().await, Woke::Change);
     }
 }
