@@ -7,7 +7,8 @@
 //! 4 GiB stream, 2,000 idle continuous file sets (CPU, start-up, memory), the WAN (50 and
 //! 200 ms RTT against TCP), catch-up after an outage, connection faults (a replica
 //! restarted between syncs, one dead in the commit phase, an outage, UDP drops), upload to
-//! and restore from an object store (Garage) against the local pipe (phases/objstore.rs).
+//! and restore from an object store (Garage) against the local pipe (phases/objstore.rs),
+//! failover: promotion RTO and failback bytes against the by-hand procedure (phases/failover.rs).
 
 #[path = "../tests/it/common/mod.rs"]
 mod common;
@@ -15,6 +16,8 @@ mod common;
 mod objstore_phase;
 #[path = "support/wan.rs"]
 mod wan;
+#[path = "phases/failover.rs"]
+mod failover_phase;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -29,7 +32,7 @@ fn runs() -> usize {
     std::env::var("SNAPSHIP_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
 }
 
-/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,lan,rpo,rss,idle,wan,catchup,faults,objstore` (default: all).
+/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,lan,rpo,rss,idle,wan,catchup,faults,objstore,failover` (default: all).
 fn want(phase: &str) -> bool {
     std::env::var("SNAPSHIP_BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p == phase))
 }
@@ -583,6 +586,11 @@ fn main() {
     // ---- Connection faults ------------------------------------------------------------------
     if want("faults") {
         connection_faults(&mut out, &mut verdicts);
+    }
+
+    // ---- Failover and failback ----------------------------------------------------------------
+    if want("failover") {
+        failover_phase::run(runs(), &mut out, &mut verdicts);
     }
 
     // ---- Object-storage replica: upload and restore against Garage -------------------------
