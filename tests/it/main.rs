@@ -7,6 +7,8 @@
 //! - `quic`, `scheduler`, `operate`: nodes over QUIC, `snapship run`, status and metrics;
 //! - `failover`, `failover_zfs`: promotion of a replica, fencing, failback without a full
 //!   resend, switchover (loop btrfs; zfs-fuse pools, with verify from the promoted member);
+//! - `fetch`: a member fetching another's snapshot (promote after a missed snapshot,
+//!   `restore --from NODE`);
 //! - `cascade`: backfill of the history a replica missed, and relays (A → B → C);
 //! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
 //!   fault proxy they go through;
@@ -38,6 +40,7 @@ mod examples;
 mod failover;
 mod failover_zfs;
 mod faults;
+mod fetch;
 mod heal;
 mod install;
 mod lan;
