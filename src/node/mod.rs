@@ -747,24 +747,36 @@ impl Runtime {
             }
         }
         let held = snapshot::replica_on(policy, here)?.list().await?;
-        let Some((node, newest)) = fetch::newest_elsewhere(&held, &heard) else { return Ok(None) };
+        let Some((newest, holders)) = fetch::newest_elsewhere(&held, &heard, chrono::Utc::now()) else { return Ok(None) };
         let ours = held.iter().map(|s| s.name.to_string()).max().unwrap_or_else(|| "none".to_string());
+        let named = holders.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
         if policy.backend == config::BackendKind::Zfs {
-            tracing::warn!(%fileset, member = node, snapshot = %newest.name, "a member holds a newer snapshot; fetching between members is btrfs-only so far");
+            tracing::warn!(%fileset, members = %named, snapshot = %newest.name, "a member holds a newer snapshot; fetching between members is btrfs-only so far");
             return Ok(Some(format!(
-                "note: `{node}` holds {}, newer than this node's newest ({ours}); it is not fetched on ZFS yet (it keeps it, as diverged data once it follows): ",
+                "note: {named} holds {}, newer than this node's newest ({ours}); it is not fetched on ZFS yet (it is kept there, as diverged data once it follows): ",
                 newest.name
             )));
         }
-        let ep = members.iter().find(|e| e.node() == node).expect("an asked member");
-        tracing::warn!(%fileset, member = node, snapshot = %newest.name, newest_here = %ours, "a member holds a newer snapshot: fetching it before promoting");
-        let got = fetch::fetch(self.replica.service.grants(), policy, ep.as_ref(), newest).await.with_context(|| {
-            format!(
-                "`{node}` holds {}, newer than this node's newest ({ours}), but fetching it failed; nothing was promoted: retry, or promote `{node}` instead",
-                newest.name
-            )
-        })?;
-        Ok(Some(format!("fetched {} from `{node}` first ({}); ", got.snapshot, shipped(&got))))
+        // From the first holder that ships it; a holder that fails (or is hostile) is passed
+        // over for the next one.
+        let mut failures = Vec::new();
+        for node in &holders {
+            let ep = members.iter().find(|e| e.node() == *node).expect("an asked member");
+            tracing::warn!(%fileset, member = node, snapshot = %newest.name, newest_here = %ours, "a member holds a newer snapshot: fetching it before promoting");
+            match fetch::fetch(self.replica.service.grants(), policy, ep.as_ref(), newest).await {
+                Ok(got) => return Ok(Some(format!("fetched {} from `{node}` first ({}); ", got.snapshot, shipped(&got)))),
+                Err(e) => {
+                    tracing::error!(%fileset, member = node, snapshot = %newest.name, "fetching before promoting failed: {e:#}");
+                    failures.push(format!("from `{node}`: {e:#}"));
+                }
+            }
+        }
+        bail!(
+            "{named} holds {}, newer than this node's newest ({ours}), but fetching it failed ({}); nothing was promoted: retry, or promote `{}` instead",
+            newest.name,
+            failures.join("; "),
+            holders[0]
+        )
     }
 
     /// `restore --from NODE`: fetches `wanted` of `fileset` from `from`, another member,

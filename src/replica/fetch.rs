@@ -166,15 +166,23 @@ pub async fn ask_members(members: &[Arc<dyn ReplicaEndpoint>]) -> Vec<(String, R
 }
 
 /// Of what other members hold (`answers`), the newest snapshot newer than every one this node
-/// `holds`, that this node lacks, with the member to fetch it from (pure). Tampered copies
-/// never count.
-pub fn newest_elsewhere<'a>(holds: &[Snapshot], answers: &'a [(String, Holdings)]) -> Option<(&'a str, &'a Snapshot)> {
+/// `holds`, that this node lacks, with every member that holds it (by identity), to fetch it
+/// from one of them (pure). Tampered copies never count, nor names dated beyond
+/// [`super::service::MAX_FUTURE`] from `now` (this node would refuse them: a hostile member
+/// listing one must not block a promotion).
+pub fn newest_elsewhere<'a>(holds: &[Snapshot], answers: &'a [(String, Holdings)], now: DateTime<Utc>) -> Option<(&'a Snapshot, Vec<&'a str>)> {
     let mine = holds.iter().map(|s| &s.name).max();
-    answers
-        .iter()
-        .flat_map(|(node, h)| h.snapshots.iter().map(move |s| (node.as_str(), s)))
-        .filter(|(_, s)| !snapshot::is_tampered(s) && mine.is_none_or(|m| s.name > *m) && !holds.iter().any(|h| h.identity == s.identity))
-        .max_by(|a, b| a.1.name.cmp(&b.1.name))
+    let latest = now + super::service::MAX_FUTURE;
+    let candidates = || {
+        answers.iter().flat_map(|(node, h)| h.snapshots.iter().map(move |s| (node.as_str(), s))).filter(|(_, s)| {
+            !snapshot::is_tampered(s) && s.name.time() <= latest && mine.is_none_or(|m| s.name > *m) && !holds.iter().any(|h| h.identity == s.identity)
+        })
+    };
+    let newest_name = candidates().map(|(_, s)| &s.name).max()?;
+    // Two copies under that name (one forged?): the one more members hold.
+    let holders = |id: &str| candidates().filter(|(_, s)| &s.name == newest_name && s.identity == id).map(|(n, _)| n).collect::<Vec<_>>();
+    let newest = candidates().filter(|(_, s)| &s.name == newest_name).map(|(_, s)| s).max_by_key(|s| holders(&s.identity).len())?;
+    Some((newest, holders(&newest.identity)))
 }
 
 /// Which snapshot of another member's to fetch for a restore.
@@ -222,19 +230,27 @@ mod tests {
 
     #[test]
     fn the_newest_a_survivor_holds_beyond_ours_is_fetched() {
+        let now = DateTime::parse_from_rfc3339("2026-01-01T12:00:00Z").unwrap().with_timezone(&Utc);
         let mine = [snap(1, "a"), snap(2, "b")];
         let answers = [held("gamma", vec![snap(1, "a"), snap(2, "b"), snap(3, "c")]), held("delta", vec![snap(2, "b")])];
-        let (node, s) = newest_elsewhere(&mine, &answers).unwrap();
-        assert_eq!((node, s.identity.as_str()), ("gamma", "c"));
+        let (s, from) = newest_elsewhere(&mine, &answers, now).unwrap();
+        assert_eq!((s.identity.as_str(), from), ("c", vec!["gamma"]));
         // Nothing newer anywhere: nothing to fetch.
-        assert!(newest_elsewhere(&mine, &answers[1..]).is_none());
+        assert!(newest_elsewhere(&mine, &answers[1..], now).is_none());
         // Older snapshots we lack are no reason to fetch before promoting.
-        assert!(newest_elsewhere(&mine, &[held("gamma", vec![snap(0, "z")])]).is_none());
-        // A tampered copy is never fetched.
+        assert!(newest_elsewhere(&mine, &[held("gamma", vec![snap(0, "z")])], now).is_none());
+        // A tampered copy is never fetched, nor a name dated ahead of this node's clock (a
+        // hostile member's, which this node would refuse to receive).
         let tampered = snap(4, &format!("{}x", snapshot::btrfs::TAMPERED));
-        assert_eq!(newest_elsewhere(&mine, &[held("gamma", vec![snap(3, "c"), tampered])]).unwrap().1.identity, "c");
+        let future = snap(23, "f");
+        assert_eq!(newest_elsewhere(&mine, &[held("gamma", vec![snap(3, "c"), tampered, future])], now).unwrap().0.identity, "c");
+        // Every member holding that very copy is a source; of two copies under one name, the
+        // one more members hold is taken.
+        let both = [held("eps", vec![snap(3, "forged")]), held("gamma", vec![snap(3, "c")]), held("delta", vec![snap(3, "c")])];
+        let (s, from) = newest_elsewhere(&mine, &both, now).unwrap();
+        assert_eq!((s.identity.as_str(), from), ("c", vec!["gamma", "delta"]));
         // Holding nothing, any newest counts.
-        assert_eq!(newest_elsewhere(&[], &answers).unwrap().1.identity, "c");
+        assert_eq!(newest_elsewhere(&[], &answers, now).unwrap().0.identity, "c");
     }
 
     #[test]
