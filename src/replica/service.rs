@@ -240,10 +240,17 @@ impl ReplicaService {
         if !self.pushing.lock().expect("pushing lock").insert(key.clone()) {
             return Ok(Message::error(ErrorCode::Busy, format!("node `{}` is shipping a snapshot of `{fileset}` to `{peer}` already", self.here())));
         }
+        // Taken out again however this request ends (a dropped request included).
+        struct Pushing<'a>(&'a std::sync::Mutex<std::collections::BTreeSet<(String, String)>>, (String, String));
+        impl Drop for Pushing<'_> {
+            fn drop(&mut self) {
+                self.0.lock().expect("pushing lock").remove(&self.1);
+            }
+        }
+        let _pushing = Pushing(&self.pushing, key);
         tracing::info!(%peer, %fileset, snapshot = %name, "fetch: shipping to the member that asked");
         let planning = self.relays.planning(fileset);
         let shipped = fetch::push(pushes.as_ref(), &policy, peer, &found, planning, self.sessions.stall_timeout()).await;
-        self.pushing.lock().expect("pushing lock").remove(&key);
         match shipped {
             Ok(f) => Ok(Message::Fetched { snapshot: f.snapshot, base: f.base, bytes: f.bytes }),
             Err(e) => {
