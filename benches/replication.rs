@@ -12,12 +12,12 @@
 
 #[path = "../tests/it/common/mod.rs"]
 mod common;
+#[path = "phases/failover.rs"]
+mod failover_phase;
 #[path = "phases/objstore.rs"]
 mod objstore_phase;
 #[path = "support/wan.rs"]
 mod wan;
-#[path = "phases/failover.rs"]
-mod failover_phase;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -499,3 +499,126 @@ async fn a_returning_replica_gets_the_newest_first_then_the_history_it_keeps_old
     assert_eq!(order, ["06", "03", "04", "05"]);
     f.stop().await;
 }
+
+/// gamma, another replica of `projects` beside the fixture's beta, whose copies are the fake
+/// origin's snapshots: it serves fetches, shipping to beta's service through the link.
+struct Gamma {
+    service: Arc<ReplicaService>,
+    held: FakeReplica,
+}
+
+/// How gamma ships what a member fetches: from the fixture's fake origin (its "home"), to
+/// beta's service only (the only member the test wires).
+struct TestPushes {
+    origin: Arc<FakeOrigin>,
+    beta: Arc<ReplicaService>,
+    tasks: tokio_util::task::TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl crate::replica::fetch::Pushes for TestPushes {
+    fn sender(&self, _: &crate::config::Policy) -> Result<Arc<dyn OriginSide>> {
+        Ok(self.origin.clone())
+    }
+    fn endpoint(&self, _: &crate::config::Policy, member: &str) -> Result<Arc<dyn ReplicaEndpoint>> {
+        if member != "beta" {
+            bail!("the test reaches beta only, not {member}");
+        }
+        let (link, streams) = LocalLink::pair("gamma");
+        self.tasks.spawn(local::serve(streams, self.beta.clone(), self.shutdown.clone()));
+        let transfer = config::Transfer { compression: config::units::Compression::None, ..Default::default() };
+        let epoch = Epoch { number: 0, origin: "alpha".into() };
+        Ok(Arc::new(PeerReplica::new("beta".into(), "projects".into(), transfer, STALL, Arc::new(link), Arc::new(move || Ok(epoch.clone())))))
+    }
+}
+
+impl Fixture {
+    /// gamma's service, holding what `origin` holds (the same identities), serving fetches.
+    fn gamma(&self, origin: Arc<FakeOrigin>) -> Gamma {
+        let dir = self._dir.path().join("gamma");
+        let node = config::parse_node_text(
+            &dir.join("gamma.yaml"),
+            "node: gamma\nlisten: 127.0.0.1:1\nstate_dir: state\ntls:\n  ca: ca.pem\n  cert: gamma.pem\n  key: gamma.key\npeers:\n  alpha: 127.0.0.1:2\n  beta: 127.0.0.1:3\n  delta: 127.0.0.1:4\npolicies: []\n",
+        )
+        .unwrap();
+        let text = "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/projects\nreplicas:\n  - node: beta\n    path: /backup/projects\n  - node: gamma\n    path: /backup/projects\n";
+        let policy = config::parse_policy_text(&dir.join("projects.yaml"), text, &node).unwrap();
+        let loaded = Arc::new(LoadedConfig { node, policies: vec![policy], errors: vec![] });
+        let held = FakeReplica::default();
+        let backend = held.clone();
+        let backends: crate::replica::service::Backends = Arc::new(move |_, _| Ok(Box::new(backend.clone()) as Box<dyn ReplicaSide>));
+        let service = ReplicaService::new(loaded.clone(), Arc::new(EpochStore::open(&dir.join("state"))), StatusBoard::new("gamma"), backends);
+        service.accept_fetches(Arc::new(TestPushes { origin, beta: self.service.clone(), tasks: self.tasks.clone(), shutdown: self.shutdown.clone() }));
+        Gamma { service, held }
+    }
+
+    /// How `asker` reaches gamma's service (the link names the asker).
+    fn to_gamma(&self, gamma: &Gamma, asker: &str) -> PeerReplica {
+        let (link, streams) = LocalLink::pair(asker);
+        self.tasks.spawn(local::serve(streams, gamma.service.clone(), self.shutdown.clone()));
+        let transfer = config::Transfer { compression: config::units::Compression::None, ..Default::default() };
+        let epoch = Epoch { number: 0, origin: "alpha".into() };
+        PeerReplica::new("gamma".into(), "projects".into(), transfer, STALL, Arc::new(link), Arc::new(move || Ok(epoch.clone())))
+    }
+}
+
+#[tokio::test]
+async fn a_member_fetches_a_newer_snapshot_from_another_incrementally() {
+    let f = Fixture::new("");
+    let alpha = f.endpoint("alpha");
+    let origin = Arc::new(FakeOrigin::new(f._dir.path().join("origin")));
+    let s1 = origin.add(1, &data(1000, 1));
+    replicate::bring_up_to_date(origin.as_ref(), &s1, &alpha, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    let s2 = origin.add(2, &data(2000, 2));
+    let gamma = f.gamma(origin.clone());
+    gamma.held.held.lock().unwrap().extend([(s1.clone(), Vec::new()), (s2.clone(), Vec::new())]);
+    let to_gamma = f.to_gamma(&gamma, "beta");
+    let holds = to_gamma.holds().await.unwrap();
+    assert_eq!(holds.snapshots.iter().map(|s| s.identity.as_str()).collect::<Vec<_>>(), ["id-1", "id-2"]);
+    let got = crate::replica::fetch::fetch(f.service.grants(), &f.policy, &to_gamma, &holds.snapshots[1]).await.unwrap();
+    assert_eq!((got.base.as_deref(), got.bytes), (Some(s1.name.as_str()), 2000), "incremental from the base both hold");
+    assert_eq!(f.held().last().unwrap(), &(s2.name.to_string(), data(2000, 2)));
+    // The grant is used up: gamma cannot ship anything more into beta.
+    assert!(f.service.grants().listing_for("projects", "gamma").is_none());
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn fetches_go_only_to_members_that_asked_and_only_of_what_is_held() {
+    let f = Fixture::new("");
+    let origin = Arc::new(FakeOrigin::new(f._dir.path().join("origin")));
+    let s1 = origin.add(1, &data(1000, 1));
+    let s2 = origin.add(2, &data(1000, 2));
+    let gamma = f.gamma(origin.clone());
+    gamma.held.held.lock().unwrap().push((s1.clone(), Vec::new()));
+    let refused = |e: anyhow::Error| e.chain().find_map(|c| c.downcast_ref::<crate::ship::client::Refused>()).map(|r| (r.code, r.message.clone()));
+    // delta is no member of `projects` on gamma: it learns nothing and gets nothing.
+    let from_delta = f.to_gamma(&gamma, "delta");
+    let (code, _) = refused(from_delta.holds().await.unwrap_err()).expect("a refusal");
+    assert_eq!(code, ErrorCode::Unauthorized);
+    let (code, _) = refused(from_delta.fetch(&s1.name).await.unwrap_err()).expect("a refusal");
+    assert_eq!(code, ErrorCode::Unauthorized);
+    // A snapshot gamma does not hold (the origin has it, gamma does not) is not shipped.
+    let from_beta = f.to_gamma(&gamma, "beta");
+    let _grant = f.service.grants().allow("projects", "gamma", &s2.name, &s2.identity);
+    let (code, message) = refused(crate::replica::fetch::fetch(f.service.grants(), &f.policy, &from_beta, &s2).await.unwrap_err()).expect("a refusal");
+    assert_eq!(code, ErrorCode::BadRequest, "{message}");
+    assert!(message.contains("holds no snapshot"), "{message}");
+    assert!(f.held().is_empty());
+    // A fetch beta did not ask for (no grant): gamma ships, beta refuses the stream.
+    drop(_grant);
+    let err = from_beta.fetch(&s1.name).await.unwrap_err();
+    assert!(format!("{err:#}").contains("Unauthorized"), "{err:#}");
+    assert!(f.held().is_empty(), "a stream beta never asked for was written");
+    // A grant for one snapshot admits no other: gamma's begin of s1 under a grant of s2.
+    let gamma_as_origin = f.endpoint("gamma");
+    let _grant = f.service.grants().allow("projects", "gamma", &s2.name, &s2.identity);
+    let err = replicate::bring_up_to_date(origin.as_ref(), &s1, &gamma_as_origin, STALL, &NoHooks(RwLock::new(()))).await.unwrap_err();
+    assert!(format!("{err:#}").contains("Unauthorized"), "{err:#}");
+    // Nor the granted name with another identity (a forged copy).
+    let forged = Snapshot { identity: "forged".into(), ..s2.clone() };
+    let err = replicate::bring_up_to_date(origin.as_ref(), &forged, &gamma_as_origin, STALL, &NoHooks(RwLock::new(()))).await.unwrap_err();
+    assert!(format!("{err:#}").contains("Unauthorized"), "{err:#}");
+    assert!(f.held().is_empty());
+    f.stop().await;
+}

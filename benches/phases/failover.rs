@@ -90,7 +90,8 @@ fn one(round: usize) -> Run {
     c.start("alpha");
     let alpha_dir = c.mnt("alpha").join(".snapship/projects");
     wait_for(Duration::from_secs(120), "beta's write on alpha", || alpha_dir.join("latest/change-on-beta.bin").exists());
-    let (snapshot, base, failback) = wait_until(Duration::from_secs(30), "beta's log of its stream to alpha", || first_stream(&c.daemons["beta"].log_text(), "alpha"));
+    let (snapshot, base, failback) =
+        wait_until(Duration::from_secs(30), "beta's log of its stream to alpha", || first_stream(&c.daemons["beta"].log_text(), "alpha"));
     let (newest, parent) = (find(&c, &snapshot), find(&c, &base));
     let floor = stream_size(&format!("-p {} {}", parent.display(), newest.display()));
     let full = stream_size(&newest.display().to_string());

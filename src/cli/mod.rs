@@ -158,10 +158,12 @@ enum Command {
         /// /srv/projects/docs/a.txt, is understood too).
         #[arg(long, value_name = "SUBPATH")]
         path: Option<PathBuf>,
-        /// Restore from one of the file set's object-storage replicas, by its `name`
-        /// (docs/object-storage.md): its chain of streams is downloaded, checked and received
-        /// (with --path, into a temporary place, removed after the copy).
-        /// (Another member node's copy is not supported: restore on a node that holds it.)
+        /// Restore from another member node's snapshot, or from one of the file set's
+        /// object-storage replicas, by its `name` (docs/object-storage.md: its chain of streams
+        /// is downloaded, checked and received; with --path, into a temporary place, removed after
+        /// the copy). A member ships the snapshot to this node over
+        /// QUIC first, incrementally from the newest base both hold (this node's daemon must
+        /// run: it receives it); then it is restored as any snapshot held here.
         #[arg(long, value_name = "NAME")]
         from: Option<String>,
     },
@@ -304,19 +306,12 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                     return Ok(code);
                 }
             }
-            if let Some(node) = from {
-                // Not an object store of the file set (those are restored above): a member node.
-                eprintln!(
-                    "error: --from is not yet supported: run restore on `{node}` itself, or on any node that holds the snapshot (`snapship list` shows which)"
-                );
-                return Ok(ExitCode::from(2));
-            }
-            let which = match (at, snapshot) {
-                (_, Some(name)) => crate::restore::Which::Named(name),
-                (Some(at), None) => {
-                    crate::restore::Which::At(crate::restore::when::parse_time(&at, chrono::Utc::now()).map_err(|e| anyhow::anyhow!("--at: {e}"))?)
-                }
-                (None, None) => bail!("say which snapshot: --at TIME or --snapshot NAME"),
+            let Some(which) = which else { bail!("say which snapshot: --at TIME or --snapshot NAME") };
+            // Not an object store of the file set (those are restored above): a member node,
+            // which ships the snapshot here first.
+            let which = match from {
+                Some(node) => fetch_from_member(&config.config, &fileset, &node, &which).await?,
+                None => which,
             };
             restore(&config.config, &fileset, &which, &to, path.as_deref()).await
         }
@@ -589,6 +584,39 @@ async fn restore(path: &std::path::Path, fileset: &str, which: &crate::restore::
     let done = crate::restore::restore(&loaded, policy, which, to, subpath).await?;
     print_restored(fileset, &done);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `restore --from NODE`, NODE another member: this node's daemon has NODE ship the snapshot
+/// here (unless held already); then it is restored as any snapshot held here, by its name.
+async fn fetch_from_member(path: &std::path::Path, fileset: &str, node: &str, which: &crate::restore::Which) -> Result<crate::restore::Which> {
+    let loaded = config::load(path)?;
+    let policy = find_policy(&loaded, path, fileset)?;
+    let here = &loaded.node.node.0;
+    if node == here {
+        return Ok(which.clone());
+    }
+    if !policy.is_member(node) {
+        let stores: Vec<&str> = policy.object_stores.iter().map(|s| s.name.0.as_str()).collect();
+        bail!(
+            "--from {node}: `{node}` is neither a member of `{fileset}` ({}) nor one of its object stores ({})",
+            policy.members().join(", "),
+            if stores.is_empty() { "none".to_string() } else { stores.join(", ") }
+        );
+    }
+    let (name, at) = match which {
+        crate::restore::Which::Named(name) => (Some(name.as_str()), None),
+        crate::restore::Which::At(at) => (None, Some(*at)),
+    };
+    match control::fetch_through_daemon(&loaded.node.state_dir, fileset, node, name, at).await? {
+        Some((name, report)) => {
+            println!("{report}");
+            Ok(crate::restore::Which::Named(name))
+        }
+        None => bail!(
+            "restore --from {node} needs this node's daemon (`snapship run --config {}`): `{node}` ships the snapshot to its replica service over QUIC; start it, or run restore on `{node}` itself",
+            path.display()
+        ),
+    }
 }
 
 /// What `restore` made, in one line.

@@ -1,7 +1,8 @@
 //! The control socket: `state_dir/control.sock`, through which `snapship status` asks the
 //! running daemon what it is doing, and `snapship sync` asks it to snapshot and ship now
 //! (so that a one-shot sync never races the daemon's own transfers and pruning), and
-//! `snapship verify` asks it to verify (counted in its metrics). One JSON request line, one
+//! `snapship verify` asks it to verify (counted in its metrics), and `snapship restore --from
+//! NODE` asks it to fetch a snapshot from another member (its replica service receives it). One JSON request line, one
 //! JSON answer line.
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,14 @@ pub enum Request {
         snapshot: Option<String>,
         full: bool,
     },
+    /// `restore --from NODE`: fetch the snapshot named `snapshot`, or the newest at or before
+    /// `at`, from the member `from`.
+    Fetch {
+        fileset: String,
+        from: String,
+        snapshot: Option<String>,
+        at: Option<chrono::DateTime<chrono::Utc>>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,6 +62,7 @@ pub enum Reply {
     Sync { results: Vec<SyncReply> },
     Promoted { report: String },
     Verified { results: Vec<crate::origin::verify::Outcome> },
+    Fetched { snapshot: String, report: String },
     Error { message: String },
 }
 
@@ -176,6 +186,21 @@ async fn answer(stream: UnixStream, control: &Control) -> Result<()> {
             Ok(results) => Reply::Verified { results },
             Err(e) => Reply::Error { message: format!("{e:#}") },
         },
+        Ok(Request::Fetch { fileset, from, snapshot, at }) => {
+            use crate::replica::fetch::Wanted;
+            let wanted = match (snapshot, at) {
+                (Some(name), _) => Some(Wanted::Named(name)),
+                (None, Some(at)) => Some(Wanted::At(at)),
+                (None, None) => None,
+            };
+            match wanted {
+                None => Reply::Error { message: "say which snapshot to fetch: a name or a time".to_string() },
+                Some(wanted) => match control.node.fetch(&fileset, &from, &wanted).await {
+                    Ok((snapshot, report)) => Reply::Fetched { snapshot, report },
+                    Err(e) => Reply::Error { message: format!("{e:#}") },
+                },
+            }
+        }
         Err(e) => Reply::Error { message: format!("bad request: {e}") },
     };
     let reply = serde_json::to_string(&reply)
@@ -302,6 +327,24 @@ pub async fn verify_through_daemon(
     .await
 }
 
+/// Asks the running daemon to fetch a snapshot of `fileset` from the member `from` (the one
+/// named `snapshot`, else the newest at or before `at`): its name here and what was done;
+/// `None` when no daemon runs.
+pub async fn fetch_through_daemon(
+    state_dir: &Path,
+    fileset: &str,
+    from: &str,
+    snapshot: Option<&str>,
+    at: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<Option<(String, String)>> {
+    let request = Request::Fetch { fileset: fileset.to_string(), from: from.to_string(), snapshot: snapshot.map(str::to_string), at };
+    ask_for(state_dir, &request, "fetch", |r| match r {
+        Reply::Fetched { snapshot, report } => Ok((snapshot, report)),
+        other => Err(other),
+    })
+    .await
+}
+
 /// Asks the daemon of `state_dir` to sync `fileset`: every replica's first attempt, then up
 /// to `wait` for a retry of those that failed (`None`: only the snapshot); `Ok(None)` when no
 /// daemon runs.
@@ -393,6 +436,7 @@ mod tests {
                     replicas: vec![("beta".into(), Ok(report)), ("gamma".into(), Err("down".into()))],
                 }],
             },
+            Reply::Fetched { snapshot: "s".into(), report: "fetched s from `gamma`".into() },
             Reply::Error { message: "no".into() },
         ];
         for r in replies {

@@ -274,6 +274,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         reloading: tokio::sync::Mutex::new(()),
     });
     replica.service.accept_handovers(Arc::new(node.clone()));
+    replica.service.accept_fetches(Arc::new(node.clone()));
     node.start_origins(&origin_of);
     let relayed: Vec<String> = Runtime::relayed(&loaded).into_keys().collect();
     node.start_relays(&relayed.iter().map(String::as_str).collect::<Vec<_>>());
@@ -770,9 +771,94 @@ impl Runtime {
                 }
             }
         }
+        // No write that reached a survivor is lost: the newest snapshot any reachable member
+        // holds beyond this node's comes here first.
+        let fetched = self.fetch_newest(policy, &known).await?;
         let report = crate::origin::failover::promote(policy, here, &self.epochs).await?;
         self.start_origins(&[fileset]);
-        Ok(report)
+        Ok(format!("{}{report}", fetched.unwrap_or_default()))
+    }
+
+    /// Before a promotion: asks every other member what it holds and, when one holds a
+    /// snapshot newer than this node's newest, fetches it (what to say about it). A member
+    /// that knows an epoch newer than `known` stops the promotion; one that does not answer
+    /// is passed over (and named in the log).
+    async fn fetch_newest(&self, policy: &Policy, known: &crate::store::Epoch) -> Result<Option<String>> {
+        use crate::replica::fetch;
+        let config = self.config();
+        let (here, fileset) = (&config.node.node.0, &policy.fileset);
+        let members: Vec<_> = self.endpoints(policy)?.into_iter().filter(|e| policy.is_member(e.node())).collect();
+        let mut heard = Vec::new();
+        for (node, answer) in fetch::ask_members(&members).await {
+            match answer {
+                Ok(h) if h.epoch.number > known.number => bail!(
+                    "`{node}` knows a newer epoch of `{fileset}`, {} (this node knows {known}): another member was promoted already; nothing was promoted here",
+                    h.epoch
+                ),
+                Ok(h) => heard.push((node, h)),
+                Err(e) => tracing::warn!(%fileset, member = %node, "not asked what it holds before promoting: {e:#}"),
+            }
+        }
+        let held = snapshot::replica_on(policy, here)?.list().await?;
+        let Some((newest, holders)) = fetch::newest_elsewhere(&held, &heard, chrono::Utc::now()) else { return Ok(None) };
+        let ours = held.iter().map(|s| s.name.to_string()).max().unwrap_or_else(|| "none".to_string());
+        let named = holders.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        if policy.backend == config::BackendKind::Zfs {
+            tracing::warn!(%fileset, members = %named, snapshot = %newest.name, "a member holds a newer snapshot; fetching between members is btrfs-only so far");
+            return Ok(Some(format!(
+                "note: {named} holds {}, newer than this node's newest ({ours}); it is not fetched on ZFS yet (it is kept there, as diverged data once it follows): ",
+                newest.name
+            )));
+        }
+        // From the first holder that ships it; a holder that fails (or is hostile) is passed
+        // over for the next one.
+        let mut failures = Vec::new();
+        for node in &holders {
+            let ep = members.iter().find(|e| e.node() == *node).expect("an asked member");
+            tracing::warn!(%fileset, member = node, snapshot = %newest.name, newest_here = %ours, "a member holds a newer snapshot: fetching it before promoting");
+            match fetch::fetch(self.replica.service.grants(), policy, ep.as_ref(), newest).await {
+                Ok(got) => return Ok(Some(format!("fetched {} from `{node}` first ({}); ", got.snapshot, shipped(&got)))),
+                Err(e) => {
+                    tracing::error!(%fileset, member = node, snapshot = %newest.name, "fetching before promoting failed: {e:#}");
+                    failures.push(format!("from `{node}`: {e:#}"));
+                }
+            }
+        }
+        bail!(
+            "{named} holds {}, newer than this node's newest ({ours}), but fetching it failed ({}); nothing was promoted: retry, or promote `{}` instead",
+            newest.name,
+            failures.join("; "),
+            holders[0]
+        )
+    }
+
+    /// `restore --from NODE`: fetches `wanted` of `fileset` from `from`, another member,
+    /// unless this node holds it already; the snapshot's name here and what was done.
+    pub async fn fetch(&self, fileset: &str, from: &str, wanted: &crate::replica::fetch::Wanted) -> Result<(String, String)> {
+        use crate::replica::fetch;
+        let config = self.config();
+        let policy = config.policy(fileset).ok_or_else(|| anyhow!("no file set `{fileset}` in this node's policies"))?;
+        let here = &config.node.node.0;
+        if from == here || !policy.is_member(from) || !policy.is_member(here) {
+            bail!("`{from}` is not another member of `{fileset}` with this node (members: {})", policy.members().join(", "));
+        }
+        if policy.backend == config::BackendKind::Zfs {
+            bail!("`{fileset}` is ZFS: restoring from another member is btrfs-only so far; run restore on `{from}`, which holds the snapshot");
+        }
+        let ep = self.endpoints(policy)?.into_iter().find(|e| e.node() == from).ok_or_else(|| anyhow!("`{from}` is not reached from here"))?;
+        let theirs = ep.holds().await.with_context(|| format!("cannot ask `{from}` what it holds of `{fileset}`"))?;
+        let chosen = fetch::pick(from, &theirs.snapshots, wanted)?.clone();
+        let held = snapshot::replica_on(policy, here)?.list().await?;
+        if let Some(h) = held.iter().find(|h| h.identity == chosen.identity) {
+            return Ok((h.name.to_string(), format!("{} is held here already: nothing fetched from `{from}`", h.name)));
+        }
+        if held.iter().any(|h| h.name == chosen.name) {
+            bail!("this node holds another snapshot named {} (not the copy `{from}` holds: changed or diverged); restore on `{from}` instead", chosen.name);
+        }
+        let got = fetch::fetch(self.replica.service.grants(), policy, ep.as_ref(), &chosen)
+            .await
+            .with_context(|| format!("fetching {} of `{fileset}` from `{from}` failed (nothing was changed here)", chosen.name))?;
+        Ok((chosen.name.to_string(), format!("fetched {} from `{from}` ({})", got.snapshot, shipped(&got))))
     }
 
     /// `snapship switchover --to NODE` in the running daemon, the origin: freeze writes, take
@@ -833,6 +919,29 @@ impl Runtime {
             Some(Err(e)) => bail!("the final snapshot {snapshot} did not reach `{to}`: {e}"),
             None => bail!("the final snapshot {snapshot} was not shipped to `{to}`"),
         }
+    }
+}
+
+/// How a fetched snapshot came: its stream's size and base.
+fn shipped(got: &crate::ship::Fetched) -> String {
+    let how = match &got.base {
+        Some(b) => format!("incremental from {b}"),
+        None => "a full stream".to_string(),
+    };
+    format!("{} stream bytes, {how}", got.bytes)
+}
+
+/// This node ships what another member fetches: from its home, to that member as replication
+/// reaches it.
+impl crate::replica::fetch::Pushes for Arc<Runtime> {
+    fn sender(&self, policy: &Policy) -> Result<Arc<dyn snapshot::OriginSide>> {
+        let here = self.config().node.node.0.clone();
+        Ok(snapshot::relay_on(policy, &here)?.into())
+    }
+
+    fn endpoint(&self, policy: &Policy, member: &str) -> Result<Arc<dyn ReplicaEndpoint>> {
+        let found = self.endpoints(policy)?.into_iter().find(|e| e.node() == member && policy.is_member(member));
+        found.ok_or_else(|| anyhow!("member `{member}` of `{}` is not reached from here", policy.fileset))
     }
 }
 

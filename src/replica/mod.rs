@@ -7,7 +7,9 @@
 //! through [`session`]s, each a [`spool`] in front of the backend's receive, kept apart
 //! from the connection so that a cut transfer can be resumed. After each receive it prunes
 //! by the replica's retention ([`prune`]), serialised with the next receive of the file set.
+//! [`fetch`]: a member gets a snapshot another member holds (promote, `restore --from`).
 
+pub mod fetch;
 pub mod prune;
 pub mod relay;
 pub mod service;

@@ -10,6 +10,10 @@
 //! it names, found by name among this node's received snapshots, and answers the origin's
 //! `verify_dir` requests from that tree in memory: no path from the wire reaches a filesystem.
 //!
+//! Between members: `holds` (what this node holds of a file set) is answered to any member,
+//! and `fetch` has this node ship a snapshot it holds to the member asking, which admits
+//! that transfer only while it awaits it (a grant; see `replica::fetch`).
+//!
 //! Receives and pruning of one file set never overlap: the file set's lock (the one `begin`
 //! takes) is taken before the origin hears `committed` and held while the replica prunes, so
 //! the next `begin` waits for the prune, and a prune never races a receive that publishes a
@@ -23,6 +27,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::task::TaskTracker;
 
+use super::fetch::{self, Grants, Pushes};
 use super::prune;
 use super::relay::RelayGuard;
 use super::session::{self, Sessions};
@@ -96,6 +101,12 @@ pub struct ReplicaService {
     lan: std::sync::OnceLock<Arc<LanTickets>>,
     /// Peers told (in the log) that this node does not allow them the LAN path: once each.
     lan_refusals_told: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The fetches this node awaits (who may ship what into its home).
+    grants: Arc<Grants>,
+    /// How this node ships what another member fetches (set by the daemon).
+    pushes: std::sync::OnceLock<Arc<dyn Pushes>>,
+    /// (file set, member) pairs being shipped to for a fetch: one at a time each.
+    pushing: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
 }
 
 /// The outcome of a backend's preparation for a stream, once it is known.
@@ -125,6 +136,9 @@ impl ReplicaService {
             received: Arc::new(tokio::sync::watch::channel(0).0),
             lan: Default::default(),
             lan_refusals_told: Default::default(),
+            grants: Default::default(),
+            pushes: Default::default(),
+            pushing: Default::default(),
         })
     }
 
@@ -171,6 +185,85 @@ impl ReplicaService {
                 }
                 tracing::warn!(%peer, "node {peer:?} asked for the LAN path, which this node does not allow for it: receiving over QUIC (encrypted); to allow it, write `{peer}: {{ address: HOST:PORT, encryption: off }}` under `peers` here");
                 None
+            }
+        }
+    }
+
+    /// The fetches this node awaits: a grant lets one member ship one snapshot here.
+    pub fn grants(&self) -> &Arc<Grants> {
+        &self.grants
+    }
+
+    /// Serves other members' fetches through `pushes` (the daemon does this).
+    pub fn accept_fetches(&self, pushes: Arc<dyn Pushes>) {
+        let _ = self.pushes.set(pushes);
+    }
+
+    /// `holds` from `peer`: what this node holds of `fileset` at its home, when both are
+    /// members (names and identities, which every member is shipped anyway; tampered copies
+    /// left out), with the newest epoch this node knows.
+    async fn holds(&self, peer: &str, fileset: &str) -> Result<Message> {
+        let policy = match authorize(&self.config(), peer, fileset) {
+            Ok(policy) => policy.clone(),
+            Err(refusal) => return Ok(refusal),
+        };
+        let held = (self.backends)(&policy, self.here())?.list().await?;
+        let snapshots =
+            held.into_iter().filter(|s| !snapshot::is_tampered(s)).map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
+        Ok(Message::Snapshots { snapshots, compact: false, partial: None, epoch: self.epochs.current(&policy)?, downstream: Vec::new(), free: None })
+    }
+
+    /// `fetch` from `peer`: ships `snapshot`, which this node holds, to `peer` (and only to
+    /// it), when both are members of `fileset` by this node's policy.
+    async fn fetch(&self, peer: &str, fileset: &str, snapshot: &str) -> Result<Message> {
+        let policy = match authorize(&self.config(), peer, fileset) {
+            Ok(policy) => policy.clone(),
+            Err(refusal) => return Ok(refusal),
+        };
+        if peer == self.here() {
+            return Ok(Message::error(ErrorCode::BadRequest, "a node does not fetch from itself"));
+        }
+        let Some(pushes) = self.pushes.get() else {
+            return Ok(Message::error(
+                ErrorCode::BadRequest,
+                format!("node `{}` runs no daemon that could ship a snapshot; start `snapship run` there", self.here()),
+            ));
+        };
+        let Some(name) = SnapshotName::parse(snapshot) else {
+            return Ok(Message::error(ErrorCode::BadRequest, format!("{snapshot:?} is not a snapship snapshot name")));
+        };
+        let held = (self.backends)(&policy, self.here())?.list().await?;
+        let Some(found) = held.into_iter().find(|s| s.name == name && !snapshot::is_tampered(s)) else {
+            return Ok(Message::error(ErrorCode::BadRequest, format!("node `{}` holds no snapshot {name} of `{fileset}`", self.here())));
+        };
+        let key = (fileset.to_string(), peer.to_string());
+        if !self.pushing.lock().expect("pushing lock").insert(key.clone()) {
+            return Ok(Message::error(ErrorCode::Busy, format!("node `{}` is shipping a snapshot of `{fileset}` to `{peer}` already", self.here())));
+        }
+        // Taken out again however this request ends (a dropped request included).
+        struct Pushing<'a>(&'a std::sync::Mutex<std::collections::BTreeSet<(String, String)>>, (String, String));
+        impl Drop for Pushing<'_> {
+            fn drop(&mut self) {
+                self.0.lock().expect("pushing lock").remove(&self.1);
+            }
+        }
+        let _pushing = Pushing(&self.pushing, key);
+        tracing::info!(%peer, %fileset, snapshot = %name, "fetch: shipping to the member that asked");
+        let planning = self.relays.planning(fileset);
+        let shipped = fetch::push(pushes.as_ref(), &policy, peer, &found, planning, self.sessions.stall_timeout()).await;
+        match shipped {
+            Ok(f) => Ok(Message::Fetched { snapshot: f.snapshot, base: f.base, bytes: f.bytes }),
+            Err(e) => {
+                tracing::warn!(%peer, %fileset, snapshot = %name, "fetch: shipping failed: {}", format!("{e:#}").escape_debug());
+                // The asker's own refusal goes back to it as it was; anything else stays in
+                // this node's log.
+                Ok(match e.chain().find_map(|c| c.downcast_ref::<crate::ship::client::Refused>()) {
+                    Some(r) => Message::error(r.code, format!("`{peer}` refused the stream `{}` shipped: {}", self.here(), r.message)),
+                    None => Message::error(
+                        session::error_code(&e),
+                        format!("shipping {name} from `{}` failed: {}", self.here(), session::for_peer(session::error_code(&e), &e)),
+                    ),
+                })
             }
         }
     }
@@ -476,6 +569,26 @@ impl ReplicaService {
         }
         match request {
             Message::List { fileset, epoch } => {
+                if let Some(identity) = self.grants.listing_for(&fileset, peer) {
+                    // A member shipping what this node fetched: what it holds, and a cut
+                    // transfer only if it is of that very snapshot.
+                    let policy = match authorize(&self.config(), peer, &fileset) {
+                        Ok(policy) => policy.clone(),
+                        Err(refusal) => return Ok(refusal),
+                    };
+                    let side = (self.backends)(&policy, self.here())?;
+                    let snapshots = side.list().await?.into_iter().map(|s| WireSnapshot { name: s.name.to_string(), identity: s.identity }).collect();
+                    let partial = self.sessions.resumable(&fileset, side.as_ref()).await.filter(|p| p.identity == identity);
+                    let epoch = self.epochs.current(&policy)?;
+                    return Ok(Message::Snapshots {
+                        snapshots,
+                        compact: side.accepts_compact().await,
+                        partial,
+                        epoch,
+                        downstream: Vec::new(),
+                        free: side.free_space().await,
+                    });
+                }
                 if let Some(policy) = self.origin_listed_to(peer, &fileset, &epoch) {
                     return self.origin_listing(&policy).await;
                 }
@@ -490,16 +603,23 @@ impl ReplicaService {
                 Ok(Message::Snapshots { snapshots, compact: side.accepts_compact().await, partial, epoch, downstream, free: side.free_space().await })
             }
             Message::Begin { fileset, snapshot, identity, base, compression, compact, resume, from_token, epoch, lan } => {
-                let policy = match self.authorize(peer, &fileset, &epoch) {
-                    Ok(found) => found,
-                    Err(refusal) => return Ok(refusal),
-                };
                 let name = match check_name(&snapshot, chrono::Utc::now()) {
                     Ok(name) => name,
                     Err(refusal) => return Ok(refusal),
                 };
+                // A snapshot this node fetched from `peer` (a grant), or one its origin (or
+                // relay) ships, by policy and epoch.
+                let fetched = self.grants.admits(&fileset, peer, &name, &identity);
+                let policy = match fetched {
+                    true => authorize(&self.config(), peer, &fileset).cloned(),
+                    false => self.authorize(peer, &fileset, &epoch),
+                };
+                let policy = match policy {
+                    Ok(found) => found,
+                    Err(refusal) => return Ok(refusal),
+                };
                 let from = resume.as_ref().map_or(0, |r| r.offset);
-                let incoming = Incoming { name, identity, base: base.clone(), from_token };
+                let incoming = Incoming { name: name.clone(), identity, base: base.clone(), from_token };
                 if resume.is_none()
                     && let Err(refusal) = self.prepare(&policy, &incoming).await
                 {
@@ -539,7 +659,13 @@ impl ReplicaService {
                     }
                     return Err(e);
                 }
-                tracing::info!(%peer, %fileset, %snapshot, "received and committed");
+                tracing::info!(%peer, %fileset, %snapshot, fetched, "received and committed");
+                if fetched {
+                    // Asked for (promote, restore): kept as it is, no pruning now.
+                    self.grants.used(&fileset, peer, &name);
+                    self.received.send_modify(|n| *n += 1);
+                    return Ok(Message::Committed { snapshot });
+                }
                 self.record_diverged(&policy).await;
                 // Hold the file set's lock before the origin hears `committed`, so that its next
                 // `begin` waits for this prune; prune once it has its answer.
@@ -565,7 +691,11 @@ impl ReplicaService {
             Message::Handover { fileset, snapshot, epoch } => self.handover(peer, &fileset, &snapshot, &epoch).await,
             Message::Verify { fileset, snapshot, full, epoch } => self.verify(peer, &fileset, &snapshot, full, &epoch, frames, send).await,
             Message::Describe { fileset } => Ok(self.describe(peer, fileset.as_deref())),
-            other => Ok(Message::error(ErrorCode::BadRequest, format!("expected list, begin, handover, verify or describe, got {}", other.kind()))),
+            Message::Holds { fileset } => self.holds(peer, &fileset).await,
+            Message::Fetch { fileset, snapshot } => self.fetch(peer, &fileset, &snapshot).await,
+            other => {
+                Ok(Message::error(ErrorCode::BadRequest, format!("expected list, begin, handover, verify, holds, fetch or describe, got {}", other.kind())))
+            }
         }
     }
 }

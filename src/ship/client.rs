@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt};
 use super::frame::FrameReader;
 use super::protocol::{ErrorCode, Message, ResumeFrom, Room, VERSION};
 use super::transfer::{self, read_message, write_message};
-use super::{Dialer, Listing, ReplicaEndpoint, Start, StreamStart, TreeSource};
+use super::{Dialer, Fetched, Holdings, Listing, ReplicaEndpoint, Start, StreamStart, TreeSource};
 use crate::config::Transfer;
 use crate::snapshot::tree::Entry;
 use crate::snapshot::{Incoming, Snapshot, SnapshotName};
@@ -90,6 +90,17 @@ pub struct NoRoom {
 /// The epoch the origin acts in, read at each request (a promotion may change it).
 pub type EpochSource = Arc<dyn Fn() -> Result<Epoch> + Send + Sync>;
 
+/// The snapshots of a listing whose names are snapship's (others are left out).
+fn parsed(snapshots: Vec<super::protocol::WireSnapshot>) -> Vec<Snapshot> {
+    snapshots
+        .into_iter()
+        .filter_map(|s| {
+            let name = SnapshotName::parse(&s.name)?;
+            Some(Snapshot { name, identity: s.identity, local_id: None, parent_local_id: None })
+        })
+        .collect()
+}
+
 /// `text` with control characters (newlines, escapes) written as escapes.
 fn without_controls(text: &str) -> String {
     text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
@@ -156,7 +167,8 @@ impl PeerReplica {
     /// connection turns out gone before any answer came (a replica that restarted resets
     /// it; one that shut down closed it), the request goes once more on a fresh connection:
     /// a restart costs a reconnect, not a failed attempt. Only for requests that may be
-    /// asked twice (`list`, `begin`, `verify`).
+    /// asked twice (`list`, `begin`, `verify`, `holds`, `fetch`: a fetch asked again finds
+    /// the snapshot there).
     async fn ask(&self, request: &Message, limit: Option<Duration>) -> Result<(Message, Replies, Outgoing)> {
         let mut retried = false;
         loop {
@@ -224,6 +236,29 @@ impl ReplicaEndpoint for PeerReplica {
         }
     }
 
+    async fn holds(&self) -> Result<Holdings> {
+        let request = Message::Holds { fileset: self.fileset.clone() };
+        let (answer, _replies, _send) = self.ask(&request, Some(ANSWER_TIMEOUT)).await.map_err(|e| self.dialer.explain(e))?;
+        match answer {
+            Message::Snapshots { snapshots, epoch, .. } => Ok(Holdings { snapshots: parsed(snapshots), epoch }),
+            Message::Error { code, message, epoch, room } => Err(self.refused(code, message, epoch, room)),
+            other => bail!("protocol error: `{}` answered {} to holds", self.node, other.kind()),
+        }
+    }
+
+    async fn fetch(&self, snapshot: &SnapshotName) -> Result<Fetched> {
+        let request = Message::Fetch { fileset: self.fileset.clone(), snapshot: snapshot.to_string() };
+        // The member ships the snapshot to this node meanwhile (a transfer of its own, with
+        // its stall watch): no time limit but the connection's liveness.
+        let (answer, _replies, _send) = self.ask(&request, None).await.map_err(|e| self.dialer.explain(e))?;
+        match answer {
+            Message::Fetched { snapshot: got, base, bytes } if got == snapshot.as_str() => Ok(Fetched { snapshot: got, base, bytes }),
+            Message::Fetched { .. } => bail!("protocol error: `{}` answered the fetch of {snapshot} about another snapshot", self.node),
+            Message::Error { code, message, epoch, room } => Err(self.refused(code, message, epoch, room)),
+            other => bail!("protocol error: `{}` answered {} to fetch", self.node, other.kind()),
+        }
+    }
+
     async fn verify(&self, snapshot: &SnapshotName, full: bool) -> Result<Box<dyn TreeSource>> {
         let request = Message::Verify { fileset: self.fileset.clone(), snapshot: snapshot.to_string(), full, epoch: (self.epoch)()? };
         // The replica hashes its whole copy before it answers (rehashing only what changed
@@ -252,13 +287,7 @@ impl PeerReplica {
         let (answer, _replies, _send) = self.ask(&Message::List { fileset: self.fileset.clone(), epoch: (self.epoch)()? }, None).await?;
         match answer {
             Message::Snapshots { snapshots, compact, partial, free, downstream, .. } => {
-                let snapshots = snapshots
-                    .into_iter()
-                    .filter_map(|s| {
-                        let name = SnapshotName::parse(&s.name)?;
-                        Some(Snapshot { name, identity: s.identity, local_id: None, parent_local_id: None })
-                    })
-                    .collect();
+                let snapshots = parsed(snapshots);
                 Ok(Listing { snapshots, accepts_compact: compact, resumable: partial, free, downstream })
             }
             Message::Error { code, message, epoch, room } => Err(self.refused(code, message, epoch, room)),

@@ -41,6 +41,24 @@ pub struct Listing {
     pub free: Option<u64>,
 }
 
+/// What another member holds of a file set (its answer to `holds`), and the newest epoch it
+/// knows.
+#[derive(Debug, Clone)]
+pub struct Holdings {
+    pub snapshots: Vec<Snapshot>,
+    pub epoch: crate::store::Epoch,
+}
+
+/// A snapshot another member shipped to this node at its request (`fetch`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Fetched {
+    pub snapshot: String,
+    /// The base the stream was incremental from; `None` for a full stream.
+    pub base: Option<String>,
+    /// Stream bytes shipped (0: this node held it already).
+    pub bytes: u64,
+}
+
 /// Where a stream starts.
 pub enum Start {
     /// From its first byte.
@@ -92,6 +110,15 @@ pub trait ReplicaEndpoint: Send + Sync {
     /// over as origin; the new epoch once it has.
     async fn hand_over(&self, _snapshot: &crate::snapshot::SnapshotName) -> Result<crate::store::Epoch> {
         anyhow::bail!("replica `{}` cannot take over", self.node())
+    }
+    /// What the member holds of the file set (`holds`, which any member may ask).
+    async fn holds(&self) -> Result<Holdings> {
+        anyhow::bail!("member `{}` cannot be asked what it holds this way", self.node())
+    }
+    /// Asks the member to ship `snapshot`, which it holds, to this node (`fetch`); `Ok` once
+    /// this node received it. This node must be awaiting it (a grant of its replica service).
+    async fn fetch(&self, _snapshot: &crate::snapshot::SnapshotName) -> Result<Fetched> {
+        anyhow::bail!("member `{}` cannot be asked for a snapshot this way", self.node())
     }
     /// The replica's hash tree of `snapshot` (`snapship verify`), to descend into where it
     /// differs from the origin's; `full`: the replica rehashes every file.

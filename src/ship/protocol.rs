@@ -1,4 +1,4 @@
-//! The snapship protocol, version 5: what origin and replica say to each other.
+//! The snapship protocol, version 6: what origin and replica say to each other.
 //!
 //! Every request is one QUIC bidirectional stream, opened by the origin:
 //! ```text
@@ -19,6 +19,12 @@
 //! describe: X: hello, describe{fileset?}      Y: described{node, policy?} | error
 //!           (`snapship check --peers`, from any peer: the node it is, and its policy for a
 //!           file set both are members of, as canonical YAML, to compare with the asker's)
+//! holds:    M: hello, holds{fileset}          N: snapshots{..} | error
+//!           (any member asks any other what it holds: names and identities, read-only)
+//! fetch:    M: hello, fetch{fileset, snapshot}
+//!                                             N: fetched{snapshot, base, bytes} | error
+//!           (N ships the snapshot to M, and only to M, as a transfer of its own: N opens
+//!           list and begin to M, which admits them only while it awaits this fetch)
 //! ```
 //! The replica acknowledges the stream offsets it holds (in its spool) as they grow. A cut
 //! transfer stays with the replica for a while, and `snapshots` reports it as `partial`: the
@@ -39,7 +45,9 @@ pub use crate::store::Epoch;
 /// 5: the room a replica has: `free` in `snapshots`, `room` in a `no_space` error, so that
 /// an origin waits for room, checking with `list`, instead of resending blindly.
 /// Also in 5: `lan` in `begin`, answered by `lan_ready` (the LAN path, `lan.rs`).
-/// 6: `describe` and `described` (`snapship check --peers`).
+/// 6: `holds`, `fetch` and `fetched`: a member gets a snapshot another member holds (promote
+/// fetches the survivors' newest first; `restore --from NODE`); `describe` and `described`
+/// (`snapship check --peers`).
 pub const VERSION: u32 = 6;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +130,26 @@ pub enum Message {
     /// The replica took over: it is the origin in `epoch`.
     TookOver {
         epoch: Epoch,
+    },
+    /// Asks a member what it holds of `fileset` (its home: received copies, or an origin's
+    /// own snapshots), answered by `snapshots`; any member of the file set may ask.
+    Holds {
+        fileset: String,
+    },
+    /// Asks a member to ship `snapshot` (a name it listed in `holds`) of `fileset` to the
+    /// asker, incrementally from the newest base both hold; answered once it was received.
+    /// No field names a target: the snapshot goes to the authenticated asker only.
+    Fetch {
+        fileset: String,
+        snapshot: String,
+    },
+    /// The asker has `snapshot` now, shipped from `base` (`None`: a full stream) in `bytes`
+    /// stream bytes (0: it held it already).
+    Fetched {
+        snapshot: String,
+        #[serde(default)]
+        base: Option<String>,
+        bytes: u64,
     },
     /// Asks for the hash tree of `snapshot` (a name) as the replica holds it, authorized like
     /// `list`; `full`: rehash every file rather than reuse the replica's cached hashes.
@@ -322,6 +350,9 @@ impl Message {
             Message::Committed { .. } => "committed",
             Message::Handover { .. } => "handover",
             Message::TookOver { .. } => "took_over",
+            Message::Holds { .. } => "holds",
+            Message::Fetch { .. } => "fetch",
+            Message::Fetched { .. } => "fetched",
             Message::Verify { .. } => "verify",
             Message::VerifyRoot { .. } => "verify_root",
             Message::VerifyDir { .. } => "verify_dir",
@@ -402,6 +433,20 @@ mod tests {
         }
         let with_path = br#"{"type":"verify","fileset":"x","snapshot":"s","epoch":{"number":0,"origin":"a"},"path":"/etc"}"#;
         assert!(Message::from_json(with_path).unwrap_err().contains("unknown field `path`"));
+    }
+
+    #[test]
+    fn fetch_messages_round_trip_and_carry_no_target() {
+        for m in [
+            Message::Holds { fileset: "projects".into() },
+            Message::Fetch { fileset: "projects".into(), snapshot: "snapship-20260101T000000.000Z".into() },
+            Message::Fetched { snapshot: "snapship-20260101T000000.000Z".into(), base: None, bytes: 7 },
+        ] {
+            assert_eq!(Message::from_json(&m.to_json()).unwrap(), m);
+        }
+        // A fetch names no node to ship to, nor a path: the asker is the target.
+        let to = br#"{"type":"fetch","fileset":"x","snapshot":"s","to":"delta"}"#;
+        assert!(Message::from_json(to).unwrap_err().contains("unknown field `to`"));
     }
 
     #[test]

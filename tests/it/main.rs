@@ -7,6 +7,8 @@
 //! - `quic`, `scheduler`, `operate`: nodes over QUIC, `snapship run`, status and metrics;
 //! - `failover`, `failover_zfs`: promotion of a replica, fencing, failback without a full
 //!   resend, switchover (loop btrfs; zfs-fuse pools, with verify from the promoted member);
+//! - `fetch`: a member fetching another's snapshot (promote after a missed snapshot,
+//!   `restore --from NODE`);
 //! - `cascade`, `cascade_zfs`: backfill of the history a replica missed, and relays
 //!   (A → B → C) (loop btrfs; zfs-fuse pools, with a hostile origin's `send -I` package);
 //! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
@@ -40,6 +42,7 @@ mod examples;
 mod failover;
 mod failover_zfs;
 mod faults;
+mod fetch;
 mod heal;
 mod install;
 mod lan;
