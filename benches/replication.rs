@@ -641,7 +641,7 @@ fn verify_phase(out: &mut String, verdicts: &mut Vec<(&'static str, bool, String
         (t, text.lines().next().unwrap_or("").to_string())
     };
     // Warm the page cache on both trees once, so that every contender reads from memory.
-    sh(&format!("cat $(find {} {} -type f) > /dev/null", ours.display(), theirs.display()));
+    sh(&format!("find {} {} -type f -print0 | xargs -0 cat > /dev/null", ours.display(), theirs.display()));
     let (mut t_full, mut t_rsync, mut t_sha) = (vec![], vec![], vec![]);
     let mut full_line = String::new();
     for run_i in 0..runs() {

@@ -126,12 +126,15 @@ enum Command {
         fileset: String,
     },
     /// Make a snapshot this node holds available as a new, writable copy: the whole file set,
-    /// or one file or directory of it (--path). Never touches the live file set.
+    /// or one file or directory of it (--path). Never touches the live file set, unless
+    /// --in-place.
     ///
     /// btrfs: --to PATH becomes a writable snapshot of the chosen snapshot (instant; PATH must be
     /// on the same btrfs). ZFS: --to names a new dataset, cloned from the snapshot (same pool).
     /// With --path, the file or directory is copied to --to PATH with its mode, owner, times and
     /// xattrs (reflinked where the filesystem can). PATH must not exist.
+    /// --in-place (btrfs, on the origin, `snapship run` stopped): the live file set becomes the
+    /// snapshot's content; what it held is kept read-only beside it, NAME.before-restore-TIME.
     #[command(verbatim_doc_comment)]
     Restore {
         #[command(flatten)]
