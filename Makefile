@@ -9,8 +9,8 @@ CARGO ?= cargo
 # system call filter, rebuilt by tests/data/seccomp_like_unit.py) for the unit's tests.
 DEBS := btrfs-progs libbtrfsutil-dev libclang-dev pkg-config zfs-fuse procps systemd libcap2-bin python3-seccomp
 
-# Only the benchmarks need these: the ssh comparison.
-BENCH_DEBS := openssh-server openssh-client
+# Only the benchmarks need these: the ssh comparison, and rsync for the verify comparison.
+BENCH_DEBS := openssh-server openssh-client rsync
 # Only fuzzing needs this: libfuzzer-sys compiles libFuzzer (C++).
 FUZZ_DEBS := g++
 

@@ -4,7 +4,8 @@
 //!
 //! Phases: full transfer, ~10 % incremental, a 1 MB change end to end, continuous-mode RPO,
 //! the full send of incompressible data over QUIC and over the LAN path, peak RSS during a
-//! 4 GiB stream, 2,000 idle continuous file sets (CPU, start-up, memory), the WAN (50 and
+//! 4 GiB stream, verify against rsync -c and sha256sum (full, and incremental after a 1 MB
+//! change), 2,000 idle continuous file sets (CPU, start-up, memory), the WAN (50 and
 //! 200 ms RTT against TCP), catch-up after an outage, connection faults (a replica
 //! restarted between syncs, one dead in the commit phase, an outage, UDP drops), upload to
 //! and restore from an object store (Garage) against the local pipe (phases/objstore.rs),
@@ -32,7 +33,7 @@ fn runs() -> usize {
     std::env::var("SNAPSHIP_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
 }
 
-/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,lan,rpo,rss,idle,wan,catchup,faults,objstore,failover` (default: all).
+/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,lan,rpo,rss,idle,verify,wan,catchup,faults,objstore,failover` (default: all).
 fn want(phase: &str) -> bool {
     std::env::var("SNAPSHIP_BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p == phase))
 }
@@ -583,6 +584,11 @@ fn main() {
         catch_up(&mut out);
     }
 
+    // ---- Verify --------------------------------------------------------------------------
+    if want("verify") {
+        verify_phase(&mut out, &mut verdicts);
+    }
+
     // ---- Connection faults ------------------------------------------------------------------
     if want("faults") {
         connection_faults(&mut out, &mut verdicts);
@@ -609,6 +615,93 @@ fn main() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(if all { "docs/benchmarks.md" } else { "target/benchmarks-partial.md" });
     std::fs::write(&path, &out).unwrap();
     println!("{out}\nwritten to {}", path.display());
+}
+
+/// `snapship verify` of a replica's copy (issue 15): the benchmark file set's shape (64 MiB
+/// files and 20,000 small ones; 10 big files, so about 0.84 GB) verified in full, side by
+/// side with `rsync -c --dry-run` between the same two trees and `sha256sum` of every file of
+/// both; then the incremental verify of the next snapshot after a 1 MB change. Data in the
+/// page cache for all of them (the machine is shared: no cache dropping).
+fn verify_phase(out: &mut String, verdicts: &mut Vec<(&'static str, bool, String)>) {
+    let mut c = Cluster::with_size("bench_verify", &["alpha", "beta"], 3 * 1024);
+    let src = c.fs["alpha"].subvolume("data");
+    let dst = c.mnt("beta").join("data");
+    let policy = policy("data", "alpha", &src, &[("beta", dst.clone())]) + "transfer:\n  compression: none\n";
+    c.configure("alpha", &[("data", policy.clone())]);
+    c.configure("beta", &[("data", policy)]);
+    c.start("beta");
+    eprintln!("verify: generating the data set...");
+    generate(&src, 10);
+    sh("sync");
+    c.sync_ok("alpha", "data");
+    let bytes: f64 =
+        String::from_utf8_lossy(&Command::new("du").args(["-sb"]).arg(&src).output().unwrap().stdout).split_whitespace().next().unwrap().parse().unwrap();
+    let name = snapshots(&dst).pop().unwrap();
+    let (ours, theirs) = (c.mnt("alpha").join(".snapship/data").join(&name), dst.join(&name));
+    let verify = |args: &[&str]| -> (f64, String) {
+        let started = Instant::now();
+        let o = snapship().args(["verify", "--config"]).arg(c.dir("alpha").join("node.yaml")).arg("data").args(args).output().unwrap();
+        let t = started.elapsed().as_secs_f64();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "verify failed: {text}{}", String::from_utf8_lossy(&o.stderr));
+        (t, text.lines().next().unwrap_or("").to_string())
+    };
+    // Warm the page cache on both trees once, so that every contender reads from memory.
+    sh(&format!("find {} {} -type f -print0 | xargs -0 cat > /dev/null", ours.display(), theirs.display()));
+    let (mut t_full, mut t_rsync, mut t_sha) = (vec![], vec![], vec![]);
+    let mut full_line = String::new();
+    for run_i in 0..runs() {
+        eprintln!("verify: full, run {}", run_i + 1);
+        let (t, line) = verify(&["--full"]);
+        t_full.push(t);
+        full_line = line;
+        t_rsync.push(timed(|| sh(&format!("rsync -a -c -n --delete {}/ {}/ > /dev/null", ours.display(), theirs.display()))));
+        t_sha.push(timed(|| sh(&format!("find {} {} -type f -print0 | xargs -0 sha256sum > /dev/null", ours.display(), theirs.display()))));
+    }
+    let (f, r, h) = (median(t_full), median(t_rsync), median(t_sha));
+    writeln!(
+        out,
+        "\n## Verify ({:.2} GB: 10 files of 64 MiB, 20,000 files of 1-16 KiB; origin and replica on one machine, data in the page cache)\n",
+        bytes / 1e9
+    )
+    .unwrap();
+    writeln!(out, "| comparison of the two trees | median time | GB/s (both trees) | vs snapship verify --full |\n|---|---|---|---|").unwrap();
+    for (what, t) in [
+        ("`snapship verify --full` (BLAKE3 trees on both nodes, over QUIC)", f),
+        ("`rsync -a -c -n --delete` (checksums, dry run)", r),
+        ("`sha256sum` of every file of both trees", h),
+    ] {
+        writeln!(out, "| {what} | {t:.2} s | {:.2} | {:.2} x |", 2.0 * bytes / 1e9 / t, t / f).unwrap();
+    }
+    writeln!(out, "\n`verify --full` reported: `{full_line}`").unwrap();
+    verdicts.push(("Full verify faster than rsync -c --dry-run", f < r, format!("{f:.2} s vs {r:.2} s")));
+    verdicts.push(("Full verify faster than sha256sum of every file", f < h, format!("{f:.2} s vs {h:.2} s")));
+
+    // Incremental: 1 MB rewritten in one big file, a snapshot shipped, verify of it (the kept
+    // hashes of the last verify serve every other file).
+    let mut rng = Rng(0x1e55);
+    let (mut t_inc, mut inc_line) = (vec![], String::new());
+    for run_i in 0..runs() {
+        eprintln!("verify: incremental, run {}", run_i + 1);
+        let path = src.join(format!("big/{:03}.bin", rng.below(10)));
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let mut mb = vec![0u8; 1 << 20];
+        rng.fill(&mut mb);
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(rng.below(63) << 20)).unwrap();
+        std::io::Write::write_all(&mut f, &mb).unwrap();
+        drop(f);
+        c.sync_ok("alpha", "data");
+        let (t, line) = verify(&[]);
+        t_inc.push(t);
+        inc_line = line;
+    }
+    let i = median(t_inc);
+    writeln!(out, "\n| incremental verify after a 1 MB change (next snapshot) | median time |\n|---|---|").unwrap();
+    writeln!(out, "| `snapship verify` (command's wall time: start, listings, QUIC, hashing, comparing) | {i:.2} s |").unwrap();
+    writeln!(out, "\nIt reported: `{inc_line}`").unwrap();
+    verdicts.push(("Incremental verify after a 1 MB change in ~0.8 GB < 1 s", i < 1.0, format!("{i:.2} s")));
+    c.stop("beta");
+    drop(c);
 }
 
 /// UDP datagrams the kernel dropped for want of receive buffer, machine-wide

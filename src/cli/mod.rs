@@ -131,12 +131,15 @@ enum Command {
         fileset: String,
     },
     /// Make a snapshot this node holds available as a new, writable copy: the whole file set,
-    /// or one file or directory of it (--path). Never touches the live file set.
+    /// or one file or directory of it (--path). Never touches the live file set, unless
+    /// --in-place.
     ///
     /// btrfs: --to PATH becomes a writable snapshot of the chosen snapshot (instant; PATH must be
     /// on the same btrfs). ZFS: --to names a new dataset, cloned from the snapshot (same pool).
     /// With --path, the file or directory is copied to --to PATH with its mode, owner, times and
     /// xattrs (reflinked where the filesystem can). PATH must not exist.
+    /// --in-place (btrfs, on the origin, `snapship run` stopped): the live file set becomes the
+    /// snapshot's content; what it held is kept read-only beside it, NAME.before-restore-TIME.
     #[command(verbatim_doc_comment)]
     Restore {
         #[command(flatten)]
@@ -152,8 +155,13 @@ enum Command {
         #[arg(long, value_name = "NAME")]
         snapshot: Option<String>,
         /// Where the copy goes (a new path; with ZFS and no --path, a new dataset name).
-        #[arg(long, value_name = "PATH")]
-        to: String,
+        #[arg(long, value_name = "PATH", required_unless_present = "in_place")]
+        to: Option<String>,
+        /// Restore the live file set itself to the snapshot, on its origin, with no `snapship
+        /// run` using this node's state_dir (stop it first). The live state is kept first,
+        /// read-only, beside it as NAME.before-restore-TIME (never pruned). btrfs only.
+        #[arg(long, conflicts_with_all = ["to", "path", "from"])]
+        in_place: bool,
         /// Only this file or directory, relative to the file set's root (the live path, e.g.
         /// /srv/projects/docs/a.txt, is understood too).
         #[arg(long, value_name = "SUBPATH")]
@@ -293,7 +301,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Status { config, json } => status(&config.config, json).await,
         Command::List { config, fileset } => list(&config.config, &fileset).await,
-        Command::Restore { config, fileset, at, snapshot, to, path, from } => {
+        Command::Restore { config, fileset, at, snapshot, to, path, from, in_place } => {
             let which = match (&at, &snapshot) {
                 (_, Some(name)) => Some(crate::restore::Which::Named(name.clone())),
                 (Some(at), None) => {
@@ -301,6 +309,11 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 }
                 (None, None) => None,
             };
+            if in_place {
+                let which = which.ok_or_else(|| anyhow::anyhow!("say which snapshot: --at TIME or --snapshot NAME"))?;
+                return restore_in_place(&config.config, &fileset, &which).await;
+            }
+            let to = to.unwrap_or_default();
             if let (Some(store), Some(which)) = (from.as_deref(), &which) {
                 if let Some(code) = restore_from_store(&config.config, &fileset, store, which, &to, path.as_deref()).await? {
                     return Ok(code);
@@ -617,6 +630,32 @@ async fn fetch_from_member(path: &std::path::Path, fileset: &str, node: &str, wh
             path.display()
         ),
     }
+}
+
+/// `restore --in-place`: on the current origin, with no daemon using the `state_dir` (its
+/// lock is held meanwhile), the live file set goes back to the snapshot; its state before is
+/// kept (`restore::in_place`).
+async fn restore_in_place(path: &std::path::Path, fileset: &str, which: &crate::restore::Which) -> Result<ExitCode> {
+    let loaded = config::load(path)?;
+    let policy = find_policy(&loaded, path, fileset)?;
+    let _lock = crate::node::lock_state_dir(&loaded.node.state_dir).map_err(|e| {
+        e.context(
+            "restore --in-place replaces the live file set, which `snapship run` snapshots and ships: stop it first (`systemctl stop snapship`), restore, then start it again; nothing changed"
+        )
+    })?;
+    let origin_now = crate::store::EpochStore::open(&loaded.node.state_dir).current(policy)?.origin;
+    let done = crate::restore::in_place::restore_in_place(&loaded, policy, &origin_now, which).await?;
+    let shown = crate::restore::shown_time(&done.snapshot);
+    let kind = crate::restore::kind_word(done.snapshot.kind());
+    println!("restored the live file set {fileset} at {} to snapshot {} (taken {shown}, {kind})", done.live, done.snapshot);
+    println!(
+        "the live state from before is kept read-only at {} (snapship never deletes it: `btrfs subvolume delete {}` once it is no longer needed)",
+        done.kept, done.kept
+    );
+    if let Some(w) = &done.warning {
+        eprintln!("warning: the restore is done, but for the kept state: {w}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// What `restore` made, in one line.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use chrono::{DateTime, Utc};
 
-use crate::observe::status::{ErrorStatus, ReplicaStatus, StatusReport};
+use crate::observe::status::{ErrorStatus, ReplicaStatus, StatusReport, VerifyStatus};
 
 /// The report as `snapship status` prints it.
 pub fn render(report: &StatusReport) -> String {
@@ -23,6 +23,9 @@ pub fn render(report: &StatusReport) -> String {
         }
         if let Some(e) = &o.last_prune_error {
             line(w, format!("  FAILED {}", error(e)));
+        }
+        if let Some(next) = &o.next_verify {
+            line(w, format!("  next scheduled verify at {}", when(next)));
         }
         for r in &o.replicas {
             replica(w, r, o.rpo_seconds);
@@ -121,6 +124,37 @@ fn replica(w: &mut String, r: &ReplicaStatus, rpo: Option<f64>) {
     if let Some(e) = &r.last_error {
         line(w, format!("     last transfer error {}", error(e)));
     }
+    if let Some(v) = &r.verify {
+        verified(w, &r.node, v);
+    }
+}
+
+/// What the daemon's last verifies of a replica found.
+fn verified(w: &mut String, node: &str, v: &VerifyStatus) {
+    match &v.last {
+        Some(run) if run.mismatches == 0 => line(w, format!("     verified {} at {}: equal", run.snapshot, when(&run.at))),
+        Some(run) => {
+            line(
+                w,
+                format!(
+                    "     VERIFY MISMATCH: {node}'s copy of {} differs from the origin's in {} place(s) (verified at {}); do not promote it; `snapship verify --replica {node}` names each",
+                    run.snapshot,
+                    run.mismatches,
+                    when(&run.at)
+                ),
+            );
+            for d in &run.differences {
+                line(w, format!("       {d}"));
+            }
+            if run.mismatches > run.differences.len() {
+                line(w, format!("       ... and {} more (the daemon's log has them all)", run.mismatches - run.differences.len()));
+            }
+        }
+        None => {}
+    }
+    if let Some(e) = &v.last_error {
+        line(w, format!("     could not verify {}", error(e)));
+    }
 }
 
 /// The replicas a relay feeds (cascades), as it reported them, indented by depth.
@@ -184,6 +218,7 @@ mod tests {
             backfill_bytes: 0,
             downstream: vec![],
             waiting_for_room: None,
+            verify: None,
         }
     }
 
@@ -200,6 +235,7 @@ mod tests {
                 last_prune_error: None,
                 replicas: vec![replica],
                 fed_by: None,
+                next_verify: None,
             }],
             replica_of: vec![],
             relay_of: vec![],
@@ -259,6 +295,33 @@ mod tests {
         r.waiting_for_room = Some(crate::observe::status::RoomWait { since: at("2026-01-01T00:04:00Z"), free: 1 << 20, needed: Some(3 << 30) });
         let text = render(&report(r));
         assert!(text.contains("WAITING FOR ROOM on beta since 2026-01-01 00:04:00 UTC: 1.0 MiB free, the stream needs 3.0 GiB; free space there"), "{text}");
+    }
+
+    #[test]
+    fn a_verify_mismatch_stands_out_with_its_differences() {
+        use crate::observe::status::VerifyRun;
+        let mut r = beta();
+        let run = |mismatches, differences: Vec<String>| VerifyRun {
+            snapshot: "snapship-20260101T000000.000Z".into(),
+            at: at("2026-01-01T00:05:00Z"),
+            mismatches,
+            differences,
+        };
+        r.verify = Some(VerifyStatus { last: Some(run(0, vec![])), last_success: Some(at("2026-01-01T00:05:00Z")), last_error: None });
+        let mut shown = report(r.clone());
+        shown.origin_of[0].next_verify = Some(at("2026-01-01T01:00:00Z"));
+        let text = render(&shown);
+        assert!(text.contains("  next scheduled verify at 2026-01-01 01:00:00 UTC\n"), "{text}");
+        assert!(text.contains("     verified snapship-20260101T000000.000Z at 2026-01-01 00:05:00 UTC: equal\n"), "{text}");
+        r.verify = Some(VerifyStatus {
+            last: Some(run(3, vec!["M sub/f.txt: content".into()])),
+            last_success: None,
+            last_error: Some(ErrorStatus { at: at("2026-01-01T00:06:00Z"), message: "beta cannot be reached".into() }),
+        });
+        let text = render(&report(r));
+        assert!(text.contains("VERIFY MISMATCH: beta's copy of snapship-20260101T000000.000Z differs from the origin's in 3 place(s)"), "{text}");
+        assert!(text.contains("       M sub/f.txt: content\n       ... and 2 more"), "{text}");
+        assert!(text.contains("could not verify at 2026-01-01 00:06:00 UTC: beta cannot be reached"), "{text}");
     }
 
     #[test]

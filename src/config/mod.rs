@@ -131,6 +131,10 @@ pub struct Policy {
     /// lacks) exceeds this is flagged in `status` and the metrics.
     #[serde(default)]
     pub rpo: Option<HumanDuration>,
+    /// Scheduled verification (docs/restore.md): the origin's daemon verifies every node
+    /// replica's copy of the newest snapshot both hold, on this schedule.
+    #[serde(default)]
+    pub verify: Option<VerifySchedule>,
     /// The file this was read from.
     #[serde(skip)]
     pub file: PathBuf,
@@ -139,6 +143,19 @@ pub struct Policy {
     /// `snapship check --peers` compares it.
     #[serde(skip)]
     pub document: String,
+}
+
+/// `verify: { schedule: CRON, full: BOOL }`: when the origin's daemon runs `snapship verify`
+/// of each replica by itself, and whether it rehashes everything each time.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySchedule {
+    /// Cron, as `schedule:` (UTC).
+    pub schedule: CronSchedule,
+    /// Rehash every file on both nodes each time, ignoring the hashes kept from the last
+    /// verify (default: incremental).
+    #[serde(default)]
+    pub full: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -321,6 +321,23 @@ fn rpo_is_a_duration_above_zero() {
     expect(&s.only_error(), "projects.yaml", 19, "rpo", "like 500ms, 1s, 15m");
 }
 
+#[test]
+fn verify_takes_a_cron_schedule_and_is_incremental_by_default() {
+    let s = Setup::new(&[("projects.yaml", &format!("{GOOD}verify: {{ schedule: \"0 3 * * SUN\" }}\n"))]);
+    let l = s.load();
+    assert!(l.errors.is_empty(), "{:?}", l.errors);
+    let v = l.policy("projects").unwrap().verify.clone().unwrap();
+    assert_eq!((v.schedule.as_str(), v.full), ("0 3 * * SUN", false));
+    let s = Setup::new(&[("projects.yaml", &format!("{GOOD}verify:\n  schedule: \"@weekly\"\n  full: true\n"))]);
+    assert!(s.load().policy("projects").unwrap().verify.as_ref().unwrap().full);
+    let s = Setup::new(&[("projects.yaml", GOOD)]);
+    assert!(s.load().policy("projects").unwrap().verify.is_none());
+    let s = Setup::new(&[("projects.yaml", &format!("{GOOD}verify: {{ schedule: \"every sunday\" }}\n"))]);
+    expect(&s.only_error(), "projects.yaml", 19, "verify.schedule", "5 fields");
+    let s = Setup::new(&[("projects.yaml", &format!("{GOOD}verify: {{ every: 1w }}\n"))]);
+    expect(&s.only_error(), "projects.yaml", 19, "verify.every", "valid keys here: `schedule` or `full`");
+}
+
 /// GOOD with a third node, gamma, as a replica whose entry ends with `from` (if any).
 fn cascade(gamma_from: Option<&str>, beta_from: Option<&str>) -> Setup {
     let mut text = GOOD.replace("    path: /backup/projects\n", "    path: /backup/projects\n  - node: gamma\n    path: /backup/projects\n");

@@ -11,6 +11,7 @@
 
 pub mod control;
 pub mod preflight;
+mod scheduled_verify;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -272,6 +273,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         duties: Mutex::default(),
         relays: Mutex::default(),
         reloading: tokio::sync::Mutex::new(()),
+        verifying: tokio::sync::Mutex::new(()),
     });
     replica.service.accept_handovers(Arc::new(node.clone()));
     replica.service.accept_fetches(Arc::new(node.clone()));
@@ -390,6 +392,9 @@ pub struct Runtime {
     relays: Mutex<BTreeMap<String, Duty>>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
+    /// One verify at a time (scheduled or asked for): they share the kept hashes, and the
+    /// disks.
+    verifying: tokio::sync::Mutex<()>,
 }
 
 /// How long a switchover waits, after the final snapshot's first attempt to reach the new
@@ -413,11 +418,21 @@ impl Runtime {
     pub fn config(&self) -> Arc<LoadedConfig> {
         self.config.read().expect("config lock").clone()
     }
-    /// `snapship verify` through the control socket: counted in this daemon's metrics and log.
+    /// `snapship verify` through the control socket, and the `verify:` schedule: counted in
+    /// this daemon's metrics and log, each replica's outcome on the status board.
     pub async fn verify(&self, fileset: &str, only: Option<&str>, snapshot: Option<&str>, full: bool) -> Result<Vec<crate::origin::verify::Outcome>> {
         let config = self.config();
         let policy = config.policy(fileset).ok_or_else(|| anyhow!("the running daemon has no file set `{fileset}`"))?;
-        verify_replicas(&config, policy, &self.link, &self.epochs, only, snapshot, full).await
+        let _one = self.verifying.lock().await;
+        let outcomes = verify_replicas(&config, policy, &self.link, &self.epochs, only, snapshot, full).await?;
+        for o in &outcomes {
+            let result = match &o.result {
+                Ok(s) => Ok((s.snapshot.as_str(), s.differences.as_slice())),
+                Err(e) => Err(e.as_str()),
+            };
+            self.status.verified(fileset, &o.replica, result);
+        }
+        Ok(outcomes)
     }
 
     /// How this node, the origin of `policy` now, reaches the other members (one QUIC client
@@ -585,6 +600,9 @@ impl Runtime {
             }
             std::future::pending().await
         };
+        // The `verify:` schedule runs beside the job, and ends with it.
+        let verify_stop = stop.child_token();
+        let scheduled = self.origins.spawn(self.clone().verify_on_schedule(policy.clone(), verify_stop.clone()));
         let duty = job.run(stop.clone());
         tokio::pin!(duty);
         tokio::select! {
@@ -594,6 +612,8 @@ impl Runtime {
                 duty.await;
             }
         }
+        verify_stop.cancel();
+        let _ = scheduled.await;
         let drained = {
             let mut duties = self.duties.lock().expect("duties lock");
             match duties.get(&policy.fileset.0) {

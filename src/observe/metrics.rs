@@ -31,6 +31,12 @@ pub const CERTIFICATE_EXPIRY: &str = "snapship_certificate_expiry_timestamp_seco
 /// Counter: differences `snapship verify` found between the origin's copy of a snapshot and
 /// a replica's, labelled by `fileset` and `replica`.
 pub const VERIFY_MISMATCHES: &str = "snapship_verify_mismatches_total";
+/// Gauge: when a verify run by the origin's daemon (scheduled by `verify:`, or asked for)
+/// last found a replica's copy equal to the origin's (Unix time).
+pub const VERIFY_LAST_SUCCESS: &str = "snapship_verify_last_success_timestamp_seconds";
+/// Gauge: differences the last completed verify of a replica found (0: equal); stays up
+/// until a verify finds the copies equal again.
+pub const VERIFY_LAST_MISMATCHES: &str = "snapship_verify_last_mismatches";
 /// Gauge: policy files the daemon left out because they are broken (status names each).
 pub const BROKEN_POLICIES: &str = "snapship_broken_policies";
 /// Counter: config reloads (SIGHUP), labelled by `result` (ok, refused).

@@ -99,6 +99,9 @@ pub struct OriginStatus {
     /// On a relay: the node that feeds it (the origin, or the relay up the chain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fed_by: Option<String>,
+    /// When the policy's `verify:` schedule fires next (the daemon verifies every replica).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_verify: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -140,7 +143,37 @@ pub struct ReplicaStatus {
     /// (checking with the replica, not resending) before it tries again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for_room: Option<RoomWait>,
+    /// What the daemon's verifies of this replica found (scheduled by `verify:` or asked
+    /// for by `snapship verify`); absent until one ran since the daemon started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyStatus>,
 }
+
+/// The verifies of one replica's copy, as the origin's daemon ran them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct VerifyStatus {
+    /// The last verify that compared the copies (equal or not).
+    pub last: Option<VerifyRun>,
+    /// When a verify last found the replica's copy equal to the origin's.
+    pub last_success: Option<DateTime<Utc>>,
+    /// The last verify that could not compare (replica down, no common snapshot), until one
+    /// compares again.
+    pub last_error: Option<ErrorStatus>,
+}
+
+/// One verify that compared a replica's copy of a snapshot with the origin's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VerifyRun {
+    pub snapshot: String,
+    pub at: DateTime<Utc>,
+    /// How many paths differ (0: equal).
+    pub mismatches: usize,
+    /// The first differences in words (at most [`SHOWN_DIFFERENCES`]; the log has them all).
+    pub differences: Vec<String>,
+}
+
+/// How many differences `status` keeps per replica.
+pub const SHOWN_DIFFERENCES: usize = 20;
 
 /// A replica without room for a stream, as the origin last heard from it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -211,6 +244,7 @@ struct OriginEntry {
     replicas: BTreeMap<String, ReplicaEntry>,
     /// This node relays the file set, fed by this node; `None` on the origin.
     fed_by: Option<String>,
+    next_verify: Option<DateTime<Utc>>,
 }
 
 #[derive(Default)]
@@ -228,6 +262,7 @@ struct ReplicaEntry {
     backfill_bytes: u64,
     downstream: Vec<Hop>,
     waiting_for_room: Option<RoomWait>,
+    verify: Option<VerifyStatus>,
 }
 
 struct Running {
@@ -506,6 +541,44 @@ impl StatusBoard {
         }
     }
 
+    /// When the file set's `verify:` schedule fires next.
+    pub fn next_verify(&self, fileset: &str, at: Option<DateTime<Utc>>) {
+        self.with(|b| b.origin.entry(fileset.to_string()).or_default().next_verify = at);
+    }
+
+    /// How a verify of `replica`'s copy ended: the snapshot compared and its differences in
+    /// words, or why it could not compare. Sets the verify gauges (the differences are
+    /// counted and logged by `origin::verify`).
+    pub fn verified(&self, fileset: &str, replica: &str, result: Result<(&str, &[String]), &str>) {
+        let now = Utc::now();
+        let labels = [("fileset", fileset.to_string()), ("replica", replica.to_string())];
+        self.with(|b| {
+            let r = b.origin.entry(fileset.to_string()).or_default().replicas.entry(replica.to_string()).or_default();
+            let v = r.verify.get_or_insert_with(VerifyStatus::default);
+            match result {
+                Ok((snapshot, differences)) => {
+                    v.last = Some(VerifyRun {
+                        snapshot: snapshot.to_string(),
+                        at: now,
+                        mismatches: differences.len(),
+                        differences: differences.iter().take(SHOWN_DIFFERENCES).cloned().collect(),
+                    });
+                    if differences.is_empty() {
+                        v.last_success = Some(now);
+                    }
+                    v.last_error = None;
+                }
+                Err(message) => v.last_error = Some(ErrorStatus { at: now, message: message.to_string() }),
+            }
+        });
+        if let Ok((_, differences)) = result {
+            gauge!(names::VERIFY_LAST_MISMATCHES, &labels).set(differences.len() as f64);
+            if differences.is_empty() {
+                gauge!(names::VERIFY_LAST_SUCCESS, &labels).set(now.timestamp() as f64);
+            }
+        }
+    }
+
     /// The replica has no room (`Some`: how much it has now), or the wait for room is over
     /// (`None`).
     pub fn waiting_for_room(&self, fileset: &str, replica: &str, room: Option<(u64, Option<u64>)>) {
@@ -655,10 +728,12 @@ impl StatusBoard {
                                     backfill_bytes: r.backfill_bytes,
                                     downstream: r.downstream.clone(),
                                     waiting_for_room: r.waiting_for_room.clone(),
+                                    verify: r.verify.clone(),
                                 }
                             })
                             .collect(),
                         fed_by: e.fed_by.clone(),
+                        next_verify: e.next_verify,
                     })
                     .collect()
             };
@@ -759,6 +834,9 @@ pub fn describe_metrics() {
     describe_gauge!(names::BROKEN_POLICIES, "Policy files left out of the config in use (status lists each with its error)");
     describe_counter!(names::RELOADS, "Config reloads (SIGHUP), by result (ok, refused: the old config stays)");
     describe_gauge!(names::LAST_SUCCESS, Unit::Seconds, "When a transfer to a replica last succeeded (Unix time)");
+    describe_counter!(names::VERIFY_MISMATCHES, "Differences verify found between the origin's copy of a snapshot and a replica's");
+    describe_gauge!(names::VERIFY_LAST_SUCCESS, Unit::Seconds, "When a verify last found a replica's copy equal to the origin's (Unix time)");
+    describe_gauge!(names::VERIFY_LAST_MISMATCHES, "Differences the last completed verify of a replica found (0: equal)");
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Getting data back: `snapship restore` picks a snapshot this node holds (the newest at or
 //! before a time, or one by name) and makes it available at a new place, never touching
-//! the live file set, the snapshots, or the replica directory.
+//! the live file set, the snapshots, or the replica directory; only `--in-place`
+//! ([`in_place`]) replaces the live file set, keeping what it held.
 //!
 //! Read top-down: [`held`] is what this node holds (origin snapshots, received copies);
 //! [`pick`] chooses one (pure); [`restore`] checks the target and makes the copy through the
@@ -8,6 +9,7 @@
 //! writable snapshot; ZFS: a clone, `--to` naming the new dataset), or one file or directory
 //! (`--path`) copied with its metadata. [`when`] reads the `--at` forms.
 
+pub mod in_place;
 pub mod when;
 
 use std::path::{Component, Path, PathBuf};

@@ -58,9 +58,13 @@ fn alert_rules_name_only_exported_metrics() {
     for name in &used {
         assert!(known.contains(name), "alerts.yml uses {name}, which src/observe/metrics.rs does not define");
     }
-    for needed in
-        ["snapship_replica_lag_seconds", "snapship_transfers_total", "snapship_verify_mismatches_total", "snapship_certificate_expiry_timestamp_seconds"]
-    {
+    for needed in [
+        "snapship_replica_lag_seconds",
+        "snapship_transfers_total",
+        "snapship_verify_mismatches_total",
+        "snapship_verify_last_mismatches",
+        "snapship_certificate_expiry_timestamp_seconds",
+    ] {
         assert!(used.contains(needed), "alerts.yml has no rule on {needed}");
     }
 }

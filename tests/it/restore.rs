@@ -310,3 +310,58 @@ fn zfs_restore_clones_the_snapshot_at_a_time() {
     let row = t.lines().find(|r| r.starts_with(&first.snapshot)).unwrap_or_else(|| panic!("{t}"));
     assert!(row.contains("iB/") || row.contains(" B/"), "a used/referenced size: {row}");
 }
+
+/// `restore --in-place` on the origin: the live subvolume holds the chosen snapshot's content
+/// (still a writable subvolume at the path the policy names), the state before is kept
+/// read-only beside it (writes no snapshot held included), outside retention and `list`, and
+/// the next sync ships from the kept bases. Refused, changing nothing, while another snapship
+/// process holds the state_dir (a running daemon).
+#[test]
+fn restore_in_place_replaces_the_live_file_set_and_keeps_what_it_held() {
+    require_root!();
+    let f = Fixture::new("restore_in_place");
+    std::fs::write(f.source.join("a.txt"), "first").unwrap();
+    let s1 = f.sync();
+    std::fs::write(f.source.join("a.txt"), "second").unwrap();
+    std::fs::write(f.source.join("new.txt"), "after s1").unwrap();
+    f.sync();
+    std::fs::write(f.source.join("live-only.txt"), "in no snapshot").unwrap();
+
+    // A daemon (here: its lock) using the state_dir: refused, nothing changed.
+    let lock = std::fs::File::create(f.config.parent().unwrap().join("state/daemon.lock")).unwrap();
+    lock.lock().unwrap();
+    let out = f.restore(&["--snapshot", &s1, "--in-place"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("stop it first") && text(&out).contains("nothing changed"), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(f.source.join("live-only.txt")).unwrap(), "in no snapshot");
+    drop(lock);
+
+    let parent = f.source.parent().unwrap().to_path_buf();
+    let before: Vec<String> = visible(&parent);
+    let shown = ok(f.restore(&["--snapshot", &s1, "--in-place"]));
+    assert!(shown.contains(&format!("to snapshot {s1}")), "{shown}");
+    assert_eq!(std::fs::read_to_string(f.source.join("a.txt")).unwrap(), "first");
+    assert!(!f.source.join("new.txt").exists() && !f.source.join("live-only.txt").exists());
+    let live = subvol(&f.source);
+    assert!(!live.read_only, "the live file set stays writable");
+    std::fs::write(f.source.join("writable.txt"), "yes").unwrap();
+
+    let kept: Vec<String> = visible(&parent).into_iter().filter(|n| !before.contains(n)).collect();
+    assert_eq!(kept.len(), 1, "one kept state beside the live file set: {kept:?}");
+    assert!(kept[0].starts_with("projects.before-restore-"), "{kept:?}");
+    let kept = parent.join(&kept[0]);
+    assert!(shown.contains(&kept.display().to_string()), "the output says where the old state is:\n{shown}");
+    assert!(subvol(&kept).read_only, "kept read-only");
+    assert_eq!(std::fs::read_to_string(kept.join("live-only.txt")).unwrap(), "in no snapshot", "nothing the live file set held is lost");
+    assert_eq!(std::fs::read_to_string(kept.join("a.txt")).unwrap(), "second");
+    assert!(!std::fs::read_dir(&parent).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains("snapship-restoring")), "no leftovers");
+
+    // Replication goes on from the restored state; the kept state is no snapshot of snapship's.
+    let s3 = f.sync();
+    let replica = f.fs.mnt.join("backup/projects").join(&s3);
+    assert_eq!(std::fs::read_to_string(replica.join("a.txt")).unwrap(), "first");
+    assert_eq!(std::fs::read_to_string(replica.join("writable.txt")).unwrap(), "yes");
+    let out = snapship().args(["list", "--config"]).arg(&f.config).arg("projects").output().unwrap();
+    assert!(!text(&out).contains("before-restore"), "{}", text(&out));
+    assert!(kept.exists());
+}

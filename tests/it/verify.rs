@@ -230,3 +230,64 @@ fn verify_of_a_replica_on_the_origins_own_node() {
     let state = config.parent().unwrap().join("state/verify/projects");
     assert!(state.join("origin").is_dir() && state.join("replica").is_dir(), "{}", state.display());
 }
+
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut scraped = String::new();
+    std::io::Read::read_to_string(&mut s, &mut scraped).unwrap();
+    scraped
+}
+
+/// The value of the first sample of `metric` for fileset `projects` and replica `beta`.
+fn sample(scraped: &str, metric: &str) -> Option<f64> {
+    let line = scraped.lines().find(|l| l.starts_with(&format!("{metric}{{")) && l.contains("fileset=\"projects\"") && l.contains("replica=\"beta\""))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+/// The policy's `verify:` schedule: the origin's daemon verifies beta by itself (every 2 s
+/// here); `status` shows the success, then, once a received snapshot was tampered with, the
+/// mismatch with the path, and so do the gauges and the log.
+#[test]
+fn scheduled_verify_reports_success_then_a_mismatch_in_status_and_metrics() {
+    require_root!();
+    let (mut c, _src, dst) = two_nodes("verify_scheduled");
+    let metrics_port = free_port();
+    c.node_extra.insert("alpha".into(), format!("metrics: 127.0.0.1:{metrics_port}\n"));
+    let p = std::fs::read_to_string(c.dir("alpha").join("policies/projects.yaml")).unwrap() + "verify: { schedule: \"*/2 * * * * *\" }\n";
+    c.configure("alpha", &[("projects", p)]);
+    c.start("alpha");
+    c.sync_ok("alpha", "projects");
+    let newest = snapshots(&dst).pop().unwrap();
+    let verify_of_beta = |c: &Cluster| c.status_json("alpha")["origin_of"][0]["replicas"][0]["verify"].clone();
+    let equal = wait_until(std::time::Duration::from_secs(60), "a scheduled verify finding beta equal", || {
+        let v = verify_of_beta(&c);
+        (v["last"]["snapshot"] == newest.as_str() && v["last"]["mismatches"] == 0).then_some(v)
+    });
+    assert!(equal["last_success"].is_string(), "{equal}");
+    assert!(c.status_json("alpha")["origin_of"][0]["next_verify"].is_string());
+    let scraped = scrape(metrics_port);
+    assert_eq!(sample(&scraped, "snapship_verify_last_mismatches"), Some(0.0), "{scraped}");
+    assert!(sample(&scraped, "snapship_verify_last_success_timestamp_seconds").is_some_and(|t| t > 1e9), "{scraped}");
+
+    let copy = dst.join(&newest);
+    set_ro(&copy, false);
+    std::fs::write(copy.join("sub/f9.txt"), "not what the origin has").unwrap();
+    set_ro(&copy, true);
+    let differs = wait_until(std::time::Duration::from_secs(60), "a scheduled verify finding the mismatch", || {
+        let v = verify_of_beta(&c);
+        (v["last"]["mismatches"].as_u64().is_some_and(|n| n >= 1)).then_some(v)
+    });
+    let found: Vec<String> = serde_json::from_value(differs["last"]["differences"].clone()).unwrap();
+    assert!(found.iter().any(|d| d.starts_with("M sub/f9.txt: content")), "{differs}");
+    let scraped = scrape(metrics_port);
+    assert!(sample(&scraped, "snapship_verify_last_mismatches").is_some_and(|n| n >= 1.0), "{scraped}");
+    assert!(sample(&scraped, "snapship_verify_mismatches_total").is_some_and(|n| n >= 1.0), "{scraped}");
+    let out = snapship().args(["status", "--config"]).arg(c.dir("alpha").join("node.yaml")).output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("VERIFY MISMATCH: beta's copy of") && shown.contains("M sub/f9.txt: content"), "{shown}");
+    let log = c.daemons["alpha"].log_text();
+    assert!(log.contains("scheduled verify") && log.contains("verify: M sub/f9.txt: content"), "the log has the mismatch:\n{log}");
+    c.stop("alpha");
+    c.stop("beta");
+}
