@@ -8,7 +8,16 @@
 //! the stream says the same: its first command makes a new subvolume (a full stream, no base)
 //! or a snapshot of exactly that base, and every clone command names the base or the
 //! snapshot being received. A command that must be checked is held back whole until it is;
-//! everything else flows through unchanged.
+//! everything else flows through unchanged, but for one addition:
+//!
+//! **The root directory's times.** `btrfs send` (seen with kernel 6.18) sends the times of
+//! the subvolume's root directory once, when it has processed the root, but goes on creating
+//! new inodes under temporary names in the root and renaming them into place afterwards; each
+//! of those bumps the root's mtime on the receiving side, and no later `utimes` puts it back.
+//! A full stream of a tree with many directories then arrives with the root's mtime at the
+//! receive time (`btrfs send | btrfs receive` alike; `snapship verify` found it). So the last
+//! `utimes` of the root is sent again right before the stream's `end`: the copy gets the
+//! origin's times, whatever the order of the commands before.
 //!
 //! Format (btrfs-progs `send.h`, versions 1 to 3): a 17-byte header (`btrfs-stream\0`, a
 //! little-endian u32 version), then commands: a u32 length, a u16 command, a u32 crc, and
@@ -23,6 +32,10 @@ const COMMAND_HEADER: usize = 10;
 const C_SUBVOL: u16 = 1;
 const C_SNAPSHOT: u16 = 2;
 const C_CLONE: u16 = 16;
+/// The root directory's times are repeated before the end (see the module comment).
+const C_UTIMES: u16 = 20;
+const C_END: u16 = 21;
+const A_PATH: u16 = 15;
 /// Their attributes that matter here.
 const A_UUID: u16 = 1;
 const A_CLONE_UUID: u16 = 20;
@@ -51,11 +64,13 @@ pub struct StreamCheck {
     held: Vec<u8>,
     /// Subvolume-making commands seen (a stream must make exactly one).
     made: usize,
+    /// The last `utimes` of the root directory (path ""), whole, to repeat before `end`.
+    root_times: Option<Vec<u8>>,
 }
 
 impl StreamCheck {
     pub fn new(identity: &str, base: Option<&str>) -> StreamCheck {
-        StreamCheck { identity: identity.to_lowercase(), base: base.map(str::to_lowercase), state: State::Header, held: Vec::new(), made: 0 }
+        StreamCheck { identity: identity.to_lowercase(), base: base.map(str::to_lowercase), state: State::Header, held: Vec::new(), made: 0, root_times: None }
     }
 
     /// Takes the next bytes of the stream; appends to `out` what may be forwarded now. An
@@ -112,7 +127,7 @@ impl StreamCheck {
             State::Command => {
                 let len = u32::from_le_bytes(self.held[0..4].try_into().expect("4 bytes")) as usize;
                 let cmd = u16::from_le_bytes(self.held[4..6].try_into().expect("2 bytes"));
-                if matches!(cmd, C_SUBVOL | C_SNAPSHOT | C_CLONE) {
+                if matches!(cmd, C_SUBVOL | C_SNAPSHOT | C_CLONE | C_UTIMES | C_END) {
                     if len > MAX_CHECKED {
                         bail!("a send stream command of {len} bytes where a few hundred are expected");
                     }
@@ -125,7 +140,20 @@ impl StreamCheck {
                 }
             }
             State::Holding(_) => {
-                self.check_command()?;
+                let cmd = u16::from_le_bytes(self.held[4..6].try_into().expect("2 bytes"));
+                match cmd {
+                    C_UTIMES => {
+                        if attribute(&self.held[COMMAND_HEADER..], A_PATH).is_some_and(<[u8]>::is_empty) {
+                            self.root_times = Some(self.held.clone());
+                        }
+                    }
+                    C_END => {
+                        if let Some(times) = self.root_times.take() {
+                            out.extend_from_slice(&times);
+                        }
+                    }
+                    _ => self.check_command()?,
+                }
                 self.release(out, State::Command);
             }
             State::Passing(_) => unreachable!("nothing is held while passing"),
@@ -250,6 +278,23 @@ mod tests {
         let full =
             stream(&[command(C_SUBVOL, &[tlv(15, b"snap"), tlv(A_UUID, &ME)]), write(10), command(C_CLONE, &[tlv(A_CLONE_UUID, &ME)]), command(21, &[])]);
         assert_eq!(run(&full, None, 7).unwrap(), full);
+    }
+
+    #[test]
+    fn the_roots_last_times_are_repeated_before_the_end() {
+        let root_times = |t: u8| command(C_UTIMES, &[tlv(A_PATH, b""), tlv(10, &[t; 12])]);
+        let other_times = command(C_UTIMES, &[tlv(A_PATH, b"big"), tlv(10, &[9; 12])]);
+        let mkfile = command(3, &[tlv(A_PATH, b"o261-7-0")]);
+        let head =
+            [command(C_SUBVOL, &[tlv(A_PATH, b"snap"), tlv(A_UUID, &ME)]), root_times(1), mkfile.clone(), root_times(2), mkfile.clone(), other_times.clone()];
+        let sent = stream(&[&head[..], &[command(C_END, &[])]].concat());
+        let wanted = stream(&[&head[..], &[root_times(2), command(C_END, &[])]].concat());
+        for step in [1, 5, 64, 1 << 20] {
+            assert_eq!(run(&sent, None, step).unwrap(), wanted, "pieces of {step}");
+        }
+        // Without a root `utimes` nothing is added.
+        let plain = stream(&[command(C_SUBVOL, &[tlv(A_UUID, &ME)]), other_times, command(C_END, &[])]);
+        assert_eq!(run(&plain, None, 3).unwrap(), plain);
     }
 
     #[test]
