@@ -84,6 +84,23 @@ pub struct Step {
     pub backfill: bool,
 }
 
+/// Hooks that do nothing around a step: a transfer that protects, registers and records
+/// nothing of its own (a fetch between members; the role tests).
+#[derive(Default)]
+pub struct NoHooks(RwLock<()>);
+
+#[async_trait]
+impl Hooks for NoHooks {
+    fn planning(&self) -> &RwLock<()> {
+        &self.0
+    }
+    async fn planned(&self, _: &str, _: &Step) -> Result<()> {
+        Ok(())
+    }
+    fn started(&self, _: &str, _: &Step, _: Arc<Tally>, _: u64) {}
+    async fn finished(&self, _: &str, _: &SnapshotName, _: &Result<ReplicaReport>) {}
+}
+
 /// What the caller of [`bring_up_to_date`] does around each step.
 #[async_trait]
 pub trait Hooks: Send + Sync {

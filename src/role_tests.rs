@@ -10,16 +10,14 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, LoadedConfig};
 use crate::observe::status::StatusBoard;
 use crate::replica::ReplicaService;
-use crate::replicate::{self, Hooks, ReplicaReport, Step};
+use crate::replicate;
 use crate::ship::client::PeerReplica;
 use crate::ship::local::{self, LocalLink};
-use crate::ship::meter::Tally;
 use crate::ship::protocol::ErrorCode;
 use crate::ship::{ReplicaEndpoint, Resumed, Start, StreamStart};
 use crate::snapshot::runner::{Cmd, Pipe};
@@ -114,21 +112,6 @@ impl ReplicaSide for FakeReplica {
     }
 }
 
-/// Hooks that record nothing: the replication logic alone.
-struct NoHooks(RwLock<()>);
-
-#[async_trait]
-impl Hooks for NoHooks {
-    fn planning(&self) -> &RwLock<()> {
-        &self.0
-    }
-    async fn planned(&self, _: &str, _: &Step) -> Result<()> {
-        Ok(())
-    }
-    fn started(&self, _: &str, _: &Step, _: Arc<Tally>, _: u64) {}
-    async fn finished(&self, _: &str, _: &SnapshotName, _: &Result<ReplicaReport>) {}
-}
-
 /// beta holds a replica of `projects`, whose origin is alpha; the replica service runs on
 /// the in-process link, and `origin` is how alpha (or whoever `peer` is) reaches it.
 struct Fixture {
@@ -210,12 +193,12 @@ async fn a_snapshot_goes_through_the_service_and_is_listed() {
     let f = Fixture::new("");
     let ep = f.endpoint("alpha");
     let s1 = f.origin.add(1, &data(3 << 20, 1));
-    let report = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    let report = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &replicate::NoHooks::default()).await.unwrap();
     assert_eq!((report.base, report.bytes), (None, 3 << 20));
     assert_eq!(f.held(), vec![(s1.name.to_string(), data(3 << 20, 1))]);
     // The next one goes incrementally from the first.
     let s2 = f.origin.add(2, &data(1000, 2));
-    let report = replicate::bring_up_to_date(&f.origin, &s2, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    let report = replicate::bring_up_to_date(&f.origin, &s2, &ep, STALL, &replicate::NoHooks::default()).await.unwrap();
     assert_eq!(report.base.as_deref(), Some(s1.name.as_str()));
     let listing = ep.list().await.unwrap();
     assert_eq!(listing.snapshots.iter().map(|s| s.identity.as_str()).collect::<Vec<_>>(), ["id-1", "id-2"]);
@@ -231,7 +214,7 @@ async fn a_long_preparation_is_busy_then_done_without_the_request() {
     let ep = f.endpoint("alpha");
     *f.replica.prepare_delay.lock().unwrap() = Duration::from_secs(3);
     let s1 = f.origin.add(1, &data(1000, 3));
-    let err = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap_err();
+    let err = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &replicate::NoHooks::default()).await.unwrap_err();
     assert!(format!("{err:#}").contains("Busy") && format!("{err:#}").contains("retry in a moment"), "{err:#}");
     assert!(f.held().is_empty());
     // The request went away; the preparation was not cut.
@@ -243,7 +226,7 @@ async fn a_long_preparation_is_busy_then_done_without_the_request() {
     .await
     .expect("the preparation ended");
     *f.replica.prepare_delay.lock().unwrap() = Duration::ZERO;
-    replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &replicate::NoHooks::default()).await.unwrap();
     assert_eq!(f.held(), vec![(s1.name.to_string(), data(1000, 3))]);
     f.stop().await;
 }
@@ -257,7 +240,7 @@ async fn a_peer_that_is_not_the_origin_gets_nothing() {
     assert_eq!(refused.code, ErrorCode::Unauthorized);
     assert!(refused.message.contains("not the origin"), "{}", refused.message);
     let s1 = f.origin.add(1, b"hostile");
-    let err = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap_err();
+    let err = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &replicate::NoHooks::default()).await.unwrap_err();
     assert!(format!("{err:#}").contains("Unauthorized"), "{err:#}");
     assert!(f.held().is_empty(), "a non-origin peer wrote to the replica");
     f.stop().await;
@@ -271,7 +254,7 @@ async fn a_future_dated_snapshot_is_refused() {
     std::fs::write(f.origin.dir.join(future.as_str()), b"x").unwrap();
     let s = Snapshot { name: future, identity: "id-future".into(), local_id: None, parent_local_id: None };
     f.origin.snapshots.lock().unwrap().push(s.clone());
-    let err = replicate::bring_up_to_date(&f.origin, &s, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap_err();
+    let err = replicate::bring_up_to_date(&f.origin, &s, &ep, STALL, &replicate::NoHooks::default()).await.unwrap_err();
     assert!(format!("{err:#}").contains("ahead of this replica's clock"), "{err:#}");
     assert!(f.held().is_empty());
     f.stop().await;
@@ -335,7 +318,7 @@ async fn a_cut_transfer_is_listed_as_partial_and_resumes_where_it_stopped() {
     let start = StreamStart { compact: false, start: Start::Resume(Resumed { offset: offset as u64, hasher: wrong }) };
     let err = ep.receive(&incoming, start, &mut &bytes[offset..]).await.unwrap_err();
     assert!(format!("{err:#}").contains("CannotResume"), "{err:#}");
-    let report = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    let report = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &replicate::NoHooks::default()).await.unwrap();
     // After the refused resume the session may be gone; either way the snapshot is whole.
     assert!(report.resumed_from == 0 || report.resumed_from == offset as u64, "{report:?}");
     assert_eq!(f.held(), vec![(s1.name.to_string(), bytes)]);
@@ -358,7 +341,7 @@ async fn a_resume_with_the_right_prefix_sends_only_the_rest() {
     })
     .await
     .expect("partial listed");
-    let report = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    let report = replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &replicate::NoHooks::default()).await.unwrap();
     assert!(report.resumed_from > 0, "not resumed: {report:?}");
     assert_eq!(report.bytes, bytes.len() as u64, "the report counts the whole stream");
     assert_eq!(f.held(), vec![(s1.name.to_string(), bytes)]);
@@ -371,7 +354,7 @@ async fn the_replica_prunes_after_a_receive_and_keeps_the_newest() {
     let ep = f.endpoint("alpha");
     for hour in 1..=3 {
         let s = f.origin.add(hour, &data(1000, hour as u8));
-        replicate::bring_up_to_date(&f.origin, &s, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+        replicate::bring_up_to_date(&f.origin, &s, &ep, STALL, &replicate::NoHooks::default()).await.unwrap();
     }
     // The prune after the last receive holds the file set's lock: once it is free again the
     // prune is done.
@@ -386,7 +369,7 @@ async fn a_stale_origin_is_fenced_off_and_a_promoted_one_is_followed() {
     let f = Fixture::new("");
     let alpha = f.endpoint("alpha");
     let s1 = f.origin.add(1, &data(1000, 1));
-    replicate::bring_up_to_date(&f.origin, &s1, &alpha, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    replicate::bring_up_to_date(&f.origin, &s1, &alpha, STALL, &replicate::NoHooks::default()).await.unwrap();
     // gamma, a member, promoted in epoch 1: beta follows it.
     let (link, streams) = LocalLink::pair("gamma");
     f.tasks.spawn(local::serve(streams, f.service.clone(), f.shutdown.clone()));
@@ -394,11 +377,11 @@ async fn a_stale_origin_is_fenced_off_and_a_promoted_one_is_followed() {
     let e1 = Epoch { number: 1, origin: "gamma".into() };
     let gamma = PeerReplica::new("beta".into(), "projects".into(), transfer, STALL, Arc::new(link), Arc::new(move || Ok(e1.clone())));
     let s2 = f.origin.add(2, &data(1000, 2));
-    let report = replicate::bring_up_to_date(&f.origin, &s2, &gamma, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    let report = replicate::bring_up_to_date(&f.origin, &s2, &gamma, STALL, &replicate::NoHooks::default()).await.unwrap();
     assert_eq!(report.base.as_deref(), Some(s1.name.as_str()), "the new origin goes on from the common base");
     // alpha, still in epoch 0, is fenced off and writes nothing.
     let s3 = f.origin.add(3, &data(1000, 3));
-    let err = replicate::bring_up_to_date(&f.origin, &s3, &alpha, STALL, &NoHooks(RwLock::new(()))).await.unwrap_err();
+    let err = replicate::bring_up_to_date(&f.origin, &s3, &alpha, STALL, &replicate::NoHooks::default()).await.unwrap_err();
     let fenced = err.chain().find_map(|c| c.downcast_ref::<crate::ship::client::Fenced>()).expect("fenced");
     assert_eq!(fenced.epoch, Epoch { number: 1, origin: "gamma".into() });
     assert_eq!(f.held().len(), 2, "the stale origin wrote");
@@ -476,12 +459,12 @@ async fn a_returning_replica_gets_the_newest_first_then_the_history_it_keeps_old
     let f = Fixture::new("retention:\n  replica: { last: 4 }\n");
     let ep = f.endpoint("alpha");
     let s1 = f.origin.add(1, &data(1000, 1));
-    replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    replicate::bring_up_to_date(&f.origin, &s1, &ep, STALL, &replicate::NoHooks::default()).await.unwrap();
     // Away while the origin took 2 to 6; `last: 4` keeps 3, 4, 5 (and 6), not 2.
     let newest = (2..=6).map(|h| f.origin.add(h, &data(1000, h as u8))).last().unwrap();
     let (_tx, rx) = tokio::sync::watch::channel(Some(newest));
     let stop = CancellationToken::new();
-    let hooks = NoHooks(RwLock::new(()));
+    let hooks = replicate::NoHooks::default();
     let never = CancellationToken::new();
     let follow = replicate::follow(&f.origin, &ep, rx, &f.policy, STALL, &hooks, &stop, &never);
     let done = async {
@@ -568,7 +551,7 @@ async fn a_member_fetches_a_newer_snapshot_from_another_incrementally() {
     let alpha = f.endpoint("alpha");
     let origin = Arc::new(FakeOrigin::new(f._dir.path().join("origin")));
     let s1 = origin.add(1, &data(1000, 1));
-    replicate::bring_up_to_date(origin.as_ref(), &s1, &alpha, STALL, &NoHooks(RwLock::new(()))).await.unwrap();
+    replicate::bring_up_to_date(origin.as_ref(), &s1, &alpha, STALL, &replicate::NoHooks::default()).await.unwrap();
     let s2 = origin.add(2, &data(2000, 2));
     let gamma = f.gamma(origin.clone());
     gamma.held.held.lock().unwrap().extend([(s1.clone(), Vec::new()), (s2.clone(), Vec::new())]);
@@ -613,11 +596,11 @@ async fn fetches_go_only_to_members_that_asked_and_only_of_what_is_held() {
     // A grant for one snapshot admits no other: gamma's begin of s1 under a grant of s2.
     let gamma_as_origin = f.endpoint("gamma");
     let _grant = f.service.grants().allow("projects", "gamma", &s2.name, &s2.identity);
-    let err = replicate::bring_up_to_date(origin.as_ref(), &s1, &gamma_as_origin, STALL, &NoHooks(RwLock::new(()))).await.unwrap_err();
+    let err = replicate::bring_up_to_date(origin.as_ref(), &s1, &gamma_as_origin, STALL, &replicate::NoHooks::default()).await.unwrap_err();
     assert!(format!("{err:#}").contains("Unauthorized"), "{err:#}");
     // Nor the granted name with another identity (a forged copy).
     let forged = Snapshot { identity: "forged".into(), ..s2.clone() };
-    let err = replicate::bring_up_to_date(origin.as_ref(), &forged, &gamma_as_origin, STALL, &NoHooks(RwLock::new(()))).await.unwrap_err();
+    let err = replicate::bring_up_to_date(origin.as_ref(), &forged, &gamma_as_origin, STALL, &replicate::NoHooks::default()).await.unwrap_err();
     assert!(format!("{err:#}").contains("Unauthorized"), "{err:#}");
     assert!(f.held().is_empty());
     f.stop().await;

@@ -98,7 +98,7 @@ fn one(round: usize) -> Run {
 
     // The by-hand steps' machine time: a writable snapshot of the newest received one, and a
     // daemon restart (stop, start until running) as each survivor needs with an edited policy.
-    let by_hand = c.mnt("beta").join("by-hand");
+    let by_hand = c.mnt("gamma").join("by-hand");
     let snap = timed_secs(|| {
         let out = std::process::Command::new("btrfs").args(["subvolume", "snapshot"]).arg(gamma_dst.join("latest")).arg(&by_hand).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

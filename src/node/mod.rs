@@ -780,6 +780,9 @@ impl Runtime {
         let policy = config.policy(fileset).ok_or_else(|| anyhow!("no file set `{fileset}` in this node's policies"))?;
         let here = &config.node.node.0;
         let known = crate::origin::failover::other_origin(policy, here, &self.epochs)?;
+        // The old origin, once it did not answer: not asked again what it holds (that would
+        // cost the promotion another answer timeout).
+        let mut silent = None;
         if !force {
             if let Some(ep) = self.endpoints(policy)?.iter().find(|e| e.node() == known.origin) {
                 if crate::origin::failover::answers(ep.as_ref()).await {
@@ -789,11 +792,12 @@ impl Runtime {
                         known.origin
                     );
                 }
+                silent = Some(known.origin.clone());
             }
         }
         // No write that reached a survivor is lost: the newest snapshot any reachable member
         // holds beyond this node's comes here first.
-        let fetched = self.fetch_newest(policy, &known).await?;
+        let fetched = self.fetch_newest(policy, &known, silent.as_deref()).await?;
         let report = crate::origin::failover::promote(policy, here, &self.epochs).await?;
         self.start_origins(&[fileset]);
         Ok(format!("{}{report}", fetched.unwrap_or_default()))
@@ -802,12 +806,13 @@ impl Runtime {
     /// Before a promotion: asks every other member what it holds and, when one holds a
     /// snapshot newer than this node's newest, fetches it (what to say about it). A member
     /// that knows an epoch newer than `known` stops the promotion; one that does not answer
-    /// is passed over (and named in the log).
-    async fn fetch_newest(&self, policy: &Policy, known: &crate::store::Epoch) -> Result<Option<String>> {
+    /// is passed over (and named in the log), and `silent` (the old origin, which did not
+    /// answer just now) is not asked.
+    async fn fetch_newest(&self, policy: &Policy, known: &crate::store::Epoch, silent: Option<&str>) -> Result<Option<String>> {
         use crate::replica::fetch;
         let config = self.config();
         let (here, fileset) = (&config.node.node.0, &policy.fileset);
-        let members: Vec<_> = self.endpoints(policy)?.into_iter().filter(|e| policy.is_member(e.node())).collect();
+        let members: Vec<_> = self.endpoints(policy)?.into_iter().filter(|e| policy.is_member(e.node()) && Some(e.node()) != silent).collect();
         let mut heard = Vec::new();
         for (node, answer) in fetch::ask_members(&members).await {
             match answer {

@@ -22,13 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio::sync::RwLock;
 
 use crate::config::Policy;
-use crate::replicate::{self, Hooks, ReplicaReport, Step};
-use crate::ship::meter::Tally;
+use crate::replicate;
 use crate::ship::{Fetched, Holdings, ReplicaEndpoint};
 use crate::snapshot::{self, OriginSide, Snapshot, SnapshotName};
 
@@ -122,24 +120,10 @@ pub async fn push(pushes: &dyn Pushes, policy: &Policy, to: &str, snapshot: &Sna
     let ep = pushes.endpoint(policy, to)?;
     let _kept = planning.read_owned().await;
     // The hooks' own planning lock: the real one is held above for the whole transfer.
-    let hooks = PushHooks(RwLock::new(()));
+    let hooks = replicate::NoHooks::default();
     let report = replicate::bring_up_to_date(side.as_ref(), &sent, ep.as_ref(), stall, &hooks).await?;
     tracing::info!(fileset = %policy.fileset, to, snapshot = %report.snapshot, base = report.base.as_deref().unwrap_or("none (full)"), bytes = report.bytes, "fetched from here: shipped");
     Ok(Fetched { snapshot: report.snapshot, base: report.base, bytes: report.bytes })
-}
-
-struct PushHooks(RwLock<()>);
-
-#[async_trait]
-impl Hooks for PushHooks {
-    fn planning(&self) -> &RwLock<()> {
-        &self.0
-    }
-    async fn planned(&self, _: &str, _: &Step) -> Result<()> {
-        Ok(())
-    }
-    fn started(&self, _: &str, _: &Step, _: Arc<Tally>, _: u64) {}
-    async fn finished(&self, _: &str, _: &SnapshotName, _: &Result<ReplicaReport>) {}
 }
 
 /// Asks `from` to ship `snapshot` (as it listed it) to this node, under a grant of `grants`;
