@@ -254,7 +254,14 @@ fn a_full_replica_is_waited_for_not_resent_blindly() {
     assert!(shown.contains("WAITING FOR ROOM on beta"), "{shown}");
     // Across the wait: no resend, only the checks.
     let proxy = p.proxy.as_ref().unwrap();
-    let before = proxy.forwarded().0;
+    // The refused attempt's data still in flight (QUIC windows of up to 16 MiB) drains first:
+    // count from when the link has gone quiet (the checks are a few hundred bytes).
+    let mut last = proxy.forwarded().0;
+    let before = wait_until(Duration::from_secs(30), "the refused attempt's data in flight to drain", || {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = proxy.forwarded().0;
+        (std::mem::replace(&mut last, now) + 64 * 1024 > now).then_some(now)
+    });
     std::thread::sleep(Duration::from_secs(15));
     let during = proxy.forwarded().0 - before;
     eprintln!("bytes towards beta during 15 s of waiting for room: {during}");
