@@ -41,6 +41,23 @@ pub struct Part {
     pub blake3: String,
 }
 
+impl Manifest {
+    /// Each part with its index and its byte range in the data object (parts follow each
+    /// other there, sealed).
+    pub fn sealed_ranges(&self) -> Vec<(usize, std::ops::Range<u64>, Part)> {
+        let mut at = 0u64;
+        self.parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let r = at..at + p.sealed;
+                at += p.sealed;
+                (i, r, p.clone())
+            })
+            .collect()
+    }
+}
+
 /// The key a stream's objects share: `NAME.IDENTITY.full` or `NAME.IDENTITY.from.BASE`.
 pub fn stream_key(snapshot: &str, identity: &str, base: Option<&str>) -> String {
     match base {

@@ -156,17 +156,7 @@ impl ObjectReplica {
     pub async fn download(&self, m: &Manifest) -> Result<impl AsyncRead + Send + Unpin + use<>> {
         let o = self.opened().await?;
         let (s3, key, object) = (o.s3.clone(), o.key.clone(), format!("{}{}", o.root, m.object));
-        let mut at = 0u64;
-        let ranges: Vec<(usize, std::ops::Range<u64>, Part)> = m
-            .parts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let r = at..at + p.sealed;
-                at += p.sealed;
-                (i, r, p.clone())
-            })
-            .collect();
+        let ranges = m.sealed_ranges();
         let parts = futures::stream::iter(ranges)
             .map(move |(i, range, part)| {
                 let (s3, key, object) = (s3.clone(), key.clone(), object.clone());

@@ -139,17 +139,7 @@ async fn check_stream(store: &ObjectReplica, m: &Manifest, full: bool) -> Result
         return Ok(out);
     }
     // Each part in its place, two at a time, checked on a blocking thread.
-    let mut at = 0u64;
-    let ranges: Vec<_> = m
-        .parts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let r = at..at + p.sealed;
-            at += p.sealed;
-            (i, r, p.clone())
-        })
-        .collect();
+    let ranges = m.sealed_ranges();
     let n = m.parts.len();
     let mut checked = futures::stream::iter(ranges)
         .map(|(i, range, part)| {
