@@ -110,7 +110,7 @@ pub async fn verify(config: &LoadedConfig, policy: &Policy, replica: &dyn Replic
         let dir = tree::cache_dir(&state_dir, &fs, "origin");
         let cache = if full { Cache::default() } else { tree::load_cache(&dir) };
         let tree = Tree::compute(&root, &cache, tree::hash_workers()).with_context(|| format!("cannot hash this origin's snapshot {snap}"))?;
-        if let Err(e) = tree::save_cache(&dir, &tree::cache_of(&tree, &root, &snap)) {
+        if let Err(e) = tree::save_cache(&dir, &tree::cache_of(&tree, &snap)) {
             tracing::warn!(fileset = %fs, "cannot keep the verify cache: {e:#}");
         }
         Ok(tree)

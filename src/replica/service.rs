@@ -362,7 +362,7 @@ impl ReplicaService {
             let dir = tree::cache_dir(&state_dir, &fs, "replica");
             let cache = if full { Cache::default() } else { tree::load_cache(&dir) };
             let tree = Tree::compute(&root, &cache, tree::hash_workers())?;
-            if let Err(e) = tree::save_cache(&dir, &tree::cache_of(&tree, &root, &snap)) {
+            if let Err(e) = tree::save_cache(&dir, &tree::cache_of(&tree, &snap)) {
                 tracing::warn!(fileset = %fs, "cannot keep the verify cache: {e:#}");
             }
             Ok(tree)

@@ -25,8 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -99,6 +98,9 @@ pub struct Entry {
 pub struct Tree {
     pub root: Entry,
     pub dirs: HashMap<String, Vec<Entry>>,
+    /// Each file's identity (inode, size, mtime, ctime) as the walk found it, by path: what
+    /// [`cache_of`] keeps with its hash.
+    ids: HashMap<String, (u64, u64, i64, i64, i64, i64)>,
     /// How many files were hashed, and how many content hashes came from the cache.
     pub hashed: usize,
     pub reused: usize,
@@ -241,70 +243,142 @@ struct Pending {
     path: PathBuf,
 }
 
+/// One piece of a [`Tree::compute`]: list a directory, or hash a file.
+enum Job {
+    List { at: String, path: PathBuf },
+    Hash(Pending),
+}
+
+/// What the workers of a [`Tree::compute`] share: the jobs to do and how many are under way
+/// (the walk is over when both are none), and what they found.
+#[derive(Default)]
+struct Walk {
+    jobs: Vec<Job>,
+    busy: usize,
+    failed: Option<anyhow::Error>,
+    dirs: HashMap<String, Vec<Entry>>,
+    /// Each file's identity, by tree path, for the cache of the next verify.
+    ids: HashMap<String, (u64, u64, i64, i64, i64, i64)>,
+    hashes: Vec<(String, usize, String)>,
+    hashed: usize,
+    reused: usize,
+}
+
+/// What listing one directory found: its entries (files to hash with an empty hash), the
+/// jobs it makes (subdirectories, files to hash), the files' identities, and how many
+/// content hashes the cache gave.
+struct Listed {
+    entries: Vec<Entry>,
+    jobs: Vec<Job>,
+    ids: Vec<(String, (u64, u64, i64, i64, i64, i64))>,
+    reused: usize,
+}
+
+/// Lists the directory at `path` (tree path `at`): each entry's metadata, read relative to
+/// the open directory (`fstatat`, never following a symlink).
+fn list_dir(at: &str, path: &Path, cache: &Cache) -> Result<Listed> {
+    let mut out = Listed { entries: Vec::new(), jobs: Vec::new(), ids: Vec::new(), reused: 0 };
+    for item in std::fs::read_dir(path).with_context(|| format!("cannot list {}", path.display()))? {
+        let item = item.with_context(|| format!("cannot list {}", path.display()))?;
+        let name = wire_name(item.file_name().as_bytes());
+        let child_path = item.path();
+        let md = item.metadata().with_context(|| format!("cannot read {}", child_path.display()))?;
+        let meta = meta_of(&child_path, &md)?;
+        let child = join(at, &name);
+        let hash = match meta.kind {
+            FileType::Symlink => blake3::hash(meta.target.as_deref().unwrap_or("").as_bytes()).to_hex().to_string(),
+            FileType::File => {
+                let id = file_id(&md);
+                let cached = cache.files.get(&child).filter(|c| c.id == id).map(|c| c.hash.clone());
+                out.ids.push((child, id));
+                match cached {
+                    Some(hash) => {
+                        out.reused += 1;
+                        hash
+                    }
+                    None => {
+                        out.jobs.push(Job::Hash(Pending { dir: at.to_string(), index: out.entries.len(), path: child_path }));
+                        String::new()
+                    }
+                }
+            }
+            FileType::Dir => {
+                out.jobs.push(Job::List { at: child, path: child_path });
+                String::new() // filled in bottom-up
+            }
+            FileType::Special => String::new(),
+        };
+        out.entries.push(Entry { name, meta, hash });
+    }
+    Ok(out)
+}
+
+/// One worker of a [`Tree::compute`]: takes the next job until none is left and none is
+/// under way (another's listing may still make more), or one failed.
+fn work(walk: &Mutex<Walk>, changed: &Condvar, cache: &Cache) {
+    let mut shared = walk.lock().expect("walk lock");
+    loop {
+        if shared.failed.is_some() {
+            break;
+        }
+        let Some(job) = shared.jobs.pop() else {
+            if shared.busy == 0 {
+                break;
+            }
+            shared = changed.wait(shared).expect("walk lock");
+            continue;
+        };
+        shared.busy += 1;
+        drop(shared);
+        let done = match job {
+            Job::List { at, path } => list_dir(&at, &path, cache).map(|listed| (Some((at, listed)), None)),
+            Job::Hash(p) => hash_file(&p.path).map(|hash| (None, Some((p.dir, p.index, hash)))),
+        };
+        shared = walk.lock().expect("walk lock");
+        shared.busy -= 1;
+        match done {
+            Ok((Some((at, listed)), _)) => {
+                shared.jobs.extend(listed.jobs);
+                shared.ids.extend(listed.ids);
+                shared.reused += listed.reused;
+                shared.dirs.insert(at, listed.entries);
+            }
+            Ok((None, Some(hashed))) => {
+                shared.hashed += 1;
+                shared.hashes.push(hashed);
+            }
+            Ok((None, None)) => {}
+            Err(e) => shared.failed = Some(e),
+        }
+        changed.notify_all();
+    }
+    changed.notify_all();
+}
+
 impl Tree {
     /// The hash tree of the snapshot at `root`, reusing content hashes from `cache` where a
-    /// file's identity is unchanged (pass an empty cache for a full rehash), with
-    /// `workers` threads hashing contents. Blocking: run it off the async runtime.
+    /// file's identity is unchanged (pass an empty cache for a full rehash), with `workers`
+    /// threads listing directories and hashing files as they are found (metadata and
+    /// contents both in parallel). Blocking: run it off the async runtime.
     pub fn compute(root: &Path, cache: &Cache, workers: usize) -> Result<Tree> {
         let root_md = std::fs::symlink_metadata(root).with_context(|| format!("cannot read {}", root.display()))?;
         if !root_md.is_dir() {
             bail!("{} is not a directory", root.display());
         }
-        // Walk: every directory's entries, metadata only; files to hash are collected.
-        let mut dirs: HashMap<String, Vec<Entry>> = HashMap::new();
-        let mut pending: Vec<Pending> = Vec::new();
-        let mut reused = 0;
-        let mut todo: Vec<(String, PathBuf)> = vec![(String::new(), root.to_path_buf())];
-        while let Some((at, dir)) = todo.pop() {
-            let mut entries = Vec::new();
-            for item in std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
-                let item = item.with_context(|| format!("cannot list {}", dir.display()))?;
-                let name = wire_name(item.file_name().as_bytes());
-                let path = item.path();
-                let md = std::fs::symlink_metadata(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                let meta = meta_of(&path, &md)?;
-                let child = join(&at, &name);
-                let hash = match meta.kind {
-                    FileType::Symlink => blake3::hash(meta.target.as_deref().unwrap_or("").as_bytes()).to_hex().to_string(),
-                    FileType::File => match cache.files.get(&child) {
-                        Some(c) if c.id == file_id(&md) => {
-                            reused += 1;
-                            c.hash.clone()
-                        }
-                        _ => {
-                            pending.push(Pending { dir: at.clone(), index: entries.len(), path: path.clone() });
-                            String::new()
-                        }
-                    },
-                    FileType::Dir => {
-                        todo.push((child, path));
-                        String::new() // filled in bottom-up below
-                    }
-                    FileType::Special => String::new(),
-                };
-                entries.push(Entry { name, meta, hash });
-            }
-            dirs.insert(at, entries);
-        }
-        // Hash the contents on `workers` threads, each taking the next file.
-        let next = AtomicUsize::new(0);
-        let results: Mutex<Vec<(usize, Result<String>)>> = Mutex::new(Vec::with_capacity(pending.len()));
+        let walk = Mutex::new(Walk { jobs: vec![Job::List { at: String::new(), path: root.to_path_buf() }], ..Walk::default() });
+        let changed = Condvar::new();
         std::thread::scope(|s| {
-            for _ in 0..workers.max(1).min(pending.len().max(1)) {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(p) = pending.get(i) else { break };
-                        let hash = hash_file(&p.path);
-                        results.lock().expect("results lock").push((i, hash));
-                    }
-                });
+            for _ in 0..workers.max(1) {
+                s.spawn(|| work(&walk, &changed, cache));
             }
         });
-        let hashed = pending.len();
-        for (i, hash) in results.into_inner().expect("results lock") {
-            let p = &pending[i];
-            dirs.get_mut(&p.dir).expect("walked")[p.index].hash = hash?;
+        let walk = walk.into_inner().expect("walk lock");
+        if let Some(e) = walk.failed {
+            return Err(e);
+        }
+        let mut dirs = walk.dirs;
+        for (dir, index, hash) in walk.hashes {
+            dirs.get_mut(&dir).expect("listed")[index].hash = hash;
         }
         // Directories bottom-up: sort each, hash it, and put the hash into its parent.
         let mut order: Vec<String> = dirs.keys().cloned().collect();
@@ -319,7 +393,7 @@ impl Tree {
             hashes.insert(at, dir_hash(entries));
         }
         let root = Entry { name: String::new(), meta: meta_of(root, &root_md)?, hash: hashes.remove("").expect("the root") };
-        Ok(Tree { root, dirs, hashed, reused })
+        Ok(Tree { root, dirs, ids: walk.ids, hashed: walk.hashed, reused: walk.reused })
     }
 
     /// The entries of the directory at `path`, if it is one.
@@ -349,43 +423,19 @@ impl Tree {
     }
 }
 
-/// The cache of content hashes of `tree` computed from the snapshot at `root`: the file
-/// identities are read again (cheap: metadata only).
-pub fn cache_of(tree: &Tree, root: &Path, snapshot: &str) -> Cache {
+/// The cache of content hashes of `tree`, taken of `snapshot`, for the next verify: each
+/// file's hash with its identity as the walk found it.
+pub fn cache_of(tree: &Tree, snapshot: &str) -> Cache {
     let mut files = HashMap::new();
     for (at, entries) in &tree.dirs {
         for e in entries.iter().filter(|e| e.meta.kind == FileType::File) {
             let path = join(at, &e.name);
-            let on_disk = root.join(unescape(&path));
-            if let Ok(md) = std::fs::symlink_metadata(&on_disk) {
-                files.insert(path, CachedFile { id: file_id(&md), hash: e.hash.clone() });
+            if let Some(id) = tree.ids.get(&path) {
+                files.insert(path, CachedFile { id: *id, hash: e.hash.clone() });
             }
         }
     }
     Cache { snapshot: snapshot.to_string(), files }
-}
-
-/// A tree path back to a relative filesystem path (for paths this node computed itself).
-fn unescape(path: &str) -> PathBuf {
-    if !path.contains('%') {
-        return PathBuf::from(path);
-    }
-    let bytes = path.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
 }
 
 /// Where the cache of a file set's trees lives on one side (`origin`, `replica`: a node may
@@ -671,7 +721,7 @@ mod tests {
     fn the_cache_rehashes_only_changed_files() {
         let (t, a, _b) = pair();
         let full = Tree::compute(&a, &Cache::default(), 2).unwrap();
-        let cache = cache_of(&full, &a, "s1");
+        let cache = cache_of(&full, "s1");
         let dir = cache_dir(t.path(), "projects", "origin");
         save_cache(&dir, &cache).unwrap();
         let loaded = load_cache(&dir);
@@ -684,12 +734,32 @@ mod tests {
     }
 
     #[test]
+    fn any_number_of_workers_builds_the_same_tree() {
+        let t = tempfile::tempdir().unwrap();
+        for d in 0..20 {
+            let dir = t.path().join(format!("d{d}/sub{}", d % 3));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in 0..15 {
+                std::fs::write(dir.join(format!("f{f}")), format!("{d} {f}")).unwrap();
+            }
+        }
+        let one = Tree::compute(t.path(), &Cache::default(), 1).unwrap();
+        assert_eq!((one.hashed, one.reused, one.dirs.len()), (300, 0, 1 + 20 + 20));
+        for workers in [2, 4] {
+            let many = Tree::compute(t.path(), &Cache::default(), workers).unwrap();
+            assert_eq!((many.root, many.hashed), (one.root.clone(), 300));
+        }
+        let cache = cache_of(&one, "s1");
+        assert_eq!(cache.files.len(), 300);
+        let again = Tree::compute(t.path(), &cache, 2).unwrap();
+        assert_eq!((again.root, again.hashed, again.reused), (one.root, 0, 300));
+    }
+
+    #[test]
     fn names_and_paths_from_peers() {
         assert_eq!(wire_name(b"plain.txt"), "plain.txt");
         assert_eq!(wire_name(b"50%"), "50%25");
         assert_eq!(wire_name(b"a\xffb"), "a%FFb");
-        assert_eq!(unescape("a%FFb").as_os_str().as_bytes(), b"a\xffb");
-        assert_eq!(unescape("50%25").as_os_str().as_bytes(), b"50%");
         assert_eq!(check_path(&["docs".into(), "deep".into()]).unwrap(), "docs/deep");
         assert_eq!(check_path(&[]).unwrap(), "");
         for bad in ["..", ".", "", "a/b", "/etc"] {
