@@ -348,6 +348,104 @@ async fn a_resume_with_the_right_prefix_sends_only_the_rest() {
     f.stop().await;
 }
 
+/// An origin that died mid-transfer, seen from the replica: its connection is still up and
+/// still feeds the session after the restarted origin listed it (a chunk waiting for more
+/// data is pushed when the stream pauses; what the transport took is drained). Returns the
+/// listing the restarted origin got, at `listed` bytes, taken before the old connection
+/// brought the session to `held` bytes; the old sender's task (taken over later); and the
+/// pipe that still "feeds" it (the dead origin's connection, not closed).
+async fn overtaken_listing(
+    f: &Fixture,
+    bytes: &[u8],
+    incoming: &Incoming,
+    listed: usize,
+    held: usize,
+) -> (crate::ship::protocol::Partial, tokio::task::JoinHandle<Result<()>>, tokio::io::DuplexStream) {
+    use tokio::io::AsyncWriteExt;
+    let old = f.endpoint("alpha");
+    let (mut feeding, mut pipe) = tokio::io::duplex(64 << 10);
+    let incoming = incoming.clone();
+    let sender = tokio::spawn(async move { old.receive(&incoming, StreamStart { compact: false, start: Start::Fresh }, &mut pipe).await });
+    let listing = f.endpoint("alpha");
+    let wait_for = |offset: usize| {
+        let listing = &listing;
+        async move {
+            let wait = async {
+                loop {
+                    if let Some(p) = listing.list().await.unwrap().resumable.filter(|p| p.offset == offset as u64) {
+                        return p;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(20), wait).await.expect("the session got to the offset")
+        }
+    };
+    feeding.write_all(&bytes[..listed]).await.unwrap();
+    let partial = wait_for(listed).await;
+    feeding.write_all(&bytes[listed..held]).await.unwrap();
+    wait_for(held).await;
+    (partial, sender, feeding)
+}
+
+/// The restarted origin resumes from the offset its listing reported, which the dead
+/// origin's connection overtook meanwhile: the replica takes the resume (it was refused,
+/// `CannotResume`, a failed attempt and a second resume), checks the bytes it already held
+/// instead of spooling them twice, and the snapshot is whole.
+#[tokio::test]
+async fn a_resume_from_a_listing_the_dead_origins_connection_overtook_is_taken() {
+    let f = Fixture::new("");
+    let bytes = data(12 << 20, 13);
+    let s1 = f.origin.add(1, &bytes);
+    let incoming = Incoming { name: s1.name.clone(), identity: s1.identity.clone(), base: None, from_token: false };
+    let (partial, old, _dead) = overtaken_listing(&f, &bytes, &incoming, 8 << 20, 9 << 20).await;
+    assert_eq!(partial.blake3, blake3::hash(&bytes[..8 << 20]).to_hex().as_str());
+    // What the restarted origin does with that listing (replicate::transfer): the prefix
+    // checked, the rest of the stream sent from the listed offset.
+    let restarted = f.endpoint("alpha");
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&bytes[..8 << 20]);
+    let start = StreamStart { compact: false, start: Start::Resume(Resumed { offset: 8 << 20, hasher }) };
+    restarted.receive(&incoming, start, &mut &bytes[8 << 20..]).await.expect("the resume from the listed offset is taken");
+    assert_eq!(f.held(), vec![(s1.name.to_string(), bytes)]);
+    let err = old.await.unwrap().expect_err("the dead origin's connection was taken over");
+    assert!(format!("{err:#}").contains("took the transfer over"), "{err:#}");
+    f.stop().await;
+}
+
+/// A resume from a listed offset whose next bytes are not those the session already holds
+/// (a peer regenerating another stream, or lying) leaves nothing: the session is dropped
+/// (its receive already read the other bytes), and the next transfer starts over. A resume
+/// from an offset no listing reported is refused, as before.
+#[tokio::test]
+async fn a_resume_that_does_not_match_what_the_replica_already_holds_is_dropped() {
+    let f = Fixture::new("");
+    let bytes = data(12 << 20, 14);
+    let s1 = f.origin.add(1, &bytes);
+    let incoming = Incoming { name: s1.name.clone(), identity: s1.identity.clone(), base: None, from_token: false };
+    let (_partial, _old, _dead) = overtaken_listing(&f, &bytes, &incoming, 8 << 20, 9 << 20).await;
+    let peer = f.endpoint("alpha");
+    let resume_at = |offset: usize| {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&bytes[..offset]);
+        StreamStart { compact: false, start: Start::Resume(Resumed { offset: offset as u64, hasher }) }
+    };
+    // The right prefix, at an offset never listed.
+    let err = peer.receive(&incoming, resume_at(4 << 20), &mut &bytes[4 << 20..]).await.unwrap_err();
+    assert!(format!("{err:#}").contains("CannotResume"), "{err:#}");
+    // The listed offset, then bytes other than those held.
+    let mut other = bytes.clone();
+    other[(8 << 20) + 1000] ^= 1;
+    let err = peer.receive(&incoming, resume_at(8 << 20), &mut &other[8 << 20..]).await.unwrap_err();
+    assert!(format!("{err:#}").contains("differs from the 9437184 bytes this replica holds"), "{err:#}");
+    assert!(f.held().is_empty(), "a partial snapshot became visible");
+    assert!(peer.list().await.unwrap().resumable.is_none(), "the session was kept");
+    let report = replicate::bring_up_to_date(&f.origin, &s1, &peer, STALL, &replicate::NoHooks::default()).await.unwrap();
+    assert_eq!(report.resumed_from, 0);
+    assert_eq!(f.held(), vec![(s1.name.to_string(), bytes)]);
+    f.stop().await;
+}
+
 #[tokio::test]
 async fn the_replica_prunes_after_a_receive_and_keeps_the_newest() {
     let f = Fixture::new("retention:\n  replica: { last: 1 }\n");

@@ -8,6 +8,12 @@
 //! resumes within `resume_window` is dropped. Dropping a session fails its spool, so the
 //! backend's receive fails and removes its partial snapshot, which was never visible.
 //!
+//! What a listing reports can be behind by the time the origin resumes: the connection of
+//! an origin that died may still feed the session for a moment (a chunk waiting for more
+//! data is pushed when the stream pauses; data the transport already took is drained). So a
+//! resume may start at an offset a listing reported, short of what the session holds then:
+//! the bytes in between are checked against what it holds and not spooled twice.
+//!
 //! A watchdog kills a receive that stops reading its spool for the stall timeout (a stuck
 //! `btrfs receive` or `zfs receive`). Nothing of a session outlives this process: after a
 //! crash the backend clears its staging area on the next receive and the origin, finding no
@@ -38,6 +44,9 @@ const PUSH: usize = 256 * 1024;
 /// receive finishes after the end of the stream.
 const ACK_BYTES: u64 = 4 << 20;
 const ACK_INTERVAL: Duration = Duration::from_millis(500);
+/// Offsets (with their hashes) that listings reported, kept per session so that a resume
+/// from one of them is recognised after the session moved on: the last few only.
+const LISTED: usize = 4;
 /// How long replacing a session waits for its receive to fail and clean up before killing
 /// it, and how long a takeover waits for the previous connection to let go: both well
 /// inside the origin's patience for an answer to `begin`.
@@ -131,6 +140,8 @@ struct State {
     phase: Phase,
     offset: u64,
     hasher: blake3::Hasher,
+    /// What the last [`LISTED`] listings reported (offset, hasher there), oldest first.
+    listed: std::collections::VecDeque<(u64, blake3::Hasher)>,
 }
 
 pub struct Session {
@@ -203,9 +214,21 @@ impl Session {
         st.phase = Phase::Dropped { code, why: why.to_string() };
     }
 
-    fn partial(&self) -> Partial {
+    /// What a listing reports; remembered, so that a resume from it is recognised even if
+    /// the session holds more by then (see [`Session::resume_from`]).
+    fn listed(&self) -> Partial {
         debug_assert!(!self.finishing());
-        let (offset, blake3) = self.held();
+        let (offset, blake3) = {
+            let mut st = self.state();
+            let (offset, hasher) = (st.offset, st.hasher.clone());
+            if st.listed.back().is_none_or(|(o, _)| *o != offset) {
+                if st.listed.len() == LISTED {
+                    st.listed.pop_front();
+                }
+                st.listed.push_back((offset, hasher.clone()));
+            }
+            (offset, hasher.finalize().to_hex().to_string())
+        };
         Partial {
             snapshot: self.key.snapshot.clone(),
             identity: self.key.identity.clone(),
@@ -215,6 +238,21 @@ impl Session {
             blake3,
             token: None,
         }
+    }
+
+    /// Where a resume from `resume` (offset and hash, as the origin has them from a listing)
+    /// picks up, with no feeder attached (the offset stands still): at what the session
+    /// holds, or short of it at an offset a listing reported with that very hash. Then the
+    /// next bytes up to what it holds are checked, not spooled again ([`Overlap`]). `None`:
+    /// not a prefix this session can vouch for.
+    fn resume_from(&self, resume: &ResumeFrom) -> Option<Option<Overlap>> {
+        let st = self.state();
+        let hex = |h: &blake3::Hasher| h.finalize().to_hex().to_string();
+        if resume.offset == st.offset {
+            return (hex(&st.hasher) == resume.blake3).then_some(None);
+        }
+        let (offset, hasher) = st.listed.iter().find(|(o, h)| *o == resume.offset && *o < st.offset && hex(h) == resume.blake3)?;
+        Some(Some(Overlap { left: st.offset - offset, hasher: hasher.clone() }))
     }
 
     /// Waits for the receive to end; a receive that was killed counts as failed.
@@ -233,6 +271,17 @@ pub struct Attached {
     pub session: Arc<Session>,
     _feeding: OwnedMutexGuard<()>,
     token: CancellationToken,
+    /// A resume that starts short of what the session holds: the bytes it has already.
+    overlap: Option<Overlap>,
+}
+
+/// The first bytes of a resumed stream that the session already holds (an earlier
+/// connection fed them after the listing the origin resumed from): hashed on from the
+/// listed offset and compared, once all of them came, with what the session holds; never
+/// spooled again.
+struct Overlap {
+    left: u64,
+    hasher: blake3::Hasher,
 }
 
 impl Drop for Attached {
@@ -337,7 +386,7 @@ impl Sessions {
     /// The resumable transfer into `fileset`, if there is one.
     pub fn partial(&self, fileset: &str) -> Option<Partial> {
         let session = self.map.lock().expect("sessions lock").get(fileset).cloned()?;
-        session.resumable().then(|| session.partial())
+        session.resumable().then(|| session.listed())
     }
 
     /// Starts a transfer (or resumes the partial one) and attaches the caller to it.
@@ -360,15 +409,21 @@ impl Sessions {
             let Some(session) = existing.filter(|s| s.key == key && s.peer == peer) else {
                 return Err(failed(ErrorCode::CannotResume, format!("no partial transfer of {} to resume here (it may have expired)", key.snapshot)));
             };
-            let attached = self.attach(&session).await?;
-            let held = session.partial();
-            if held.offset != resume.offset || held.blake3 != resume.blake3 {
+            let mut attached = self.attach(&session).await?;
+            let Some(overlap) = session.resume_from(&resume) else {
                 return Err(failed(
                     ErrorCode::CannotResume,
-                    format!("this replica holds {} bytes of the stream, not {} as the origin thought; list again", held.offset, resume.offset),
+                    format!("this replica holds {} bytes of the stream, not {} as the origin thought; list again", session.held_bytes(), resume.offset),
                 ));
-            }
+            };
             tracing::info!(%peer, fileset, snapshot = %key.snapshot, offset = resume.offset, "resuming a cut transfer");
+            if let Some(o) = &overlap {
+                tracing::info!(
+                    %peer, fileset, already_held = o.left,
+                    "the cut connection fed more after the listing the origin resumed from: those bytes are checked against what this replica holds, not spooled again"
+                );
+            }
+            attached.overlap = overlap;
             return Ok(attached);
         }
         if let Some(old) = existing {
@@ -402,7 +457,7 @@ impl Sessions {
             peer: peer.to_string(),
             key,
             writer,
-            state: Mutex::new(State { phase: Phase::Detached { since: Instant::now() }, offset: 0, hasher: blake3::Hasher::new() }),
+            state: Mutex::new(State { phase: Phase::Detached { since: Instant::now() }, offset: 0, hasher: blake3::Hasher::new(), listed: Default::default() }),
             feeding: Arc::default(),
             outcome: rx,
             receive: Mutex::new(Some(receive)),
@@ -428,7 +483,7 @@ impl Sessions {
                 Phase::Fed { .. } | Phase::Detached { .. } => st.phase = Phase::Fed { feeder: token.clone() },
             }
         }
-        Ok(Attached { session: session.clone(), _feeding: guard, token })
+        Ok(Attached { session: session.clone(), _feeding: guard, token, overlap: None })
     }
 
     /// Drops `session` for `why`: its receive fails (and cleans up), or is killed if it is
@@ -468,9 +523,10 @@ impl Sessions {
     /// Feeds `data` into the attached session until the stream ends and the snapshot is
     /// committed (`Ok`), or something fails. A cut leaves the session waiting to be resumed;
     /// a failed receive or a stream that fails its final check drops it.
-    pub async fn feed<W: AsyncWrite + Unpin>(&self, attached: Attached, mut data: IncomingData, acks: &mut W) -> Result<()> {
+    pub async fn feed<W: AsyncWrite + Unpin>(&self, mut attached: Attached, mut data: IncomingData, acks: &mut W) -> Result<()> {
         let session = attached.session.clone();
-        let result = feed_spool(&attached, &mut data, acks).await;
+        let overlap = attached.overlap.take();
+        let result = feed_spool(&attached, overlap, &mut data, acks).await;
         let e = match result {
             Ok(digest) => {
                 // The stream is complete and checked: let the receive finish.
@@ -498,6 +554,12 @@ impl Sessions {
         if let Some(IncomingError::Checksum { .. }) = e.downcast_ref::<IncomingError>() {
             // The whole stream does not hash as the origin's: what we hold is worthless.
             self.discard(&session, ErrorCode::Checksum, "the stream failed its final checksum", false).await;
+            return Err(e);
+        }
+        if let Some(Failed { code: ErrorCode::Checksum, message }) = e.downcast_ref::<Failed>() {
+            // The resumed stream is not the one held: the receive already read the other.
+            let why = message.clone();
+            self.discard(&session, ErrorCode::Checksum, &why, false).await;
             return Err(e);
         }
         let offset = session.state().offset;
@@ -569,13 +631,21 @@ impl Sessions {
 }
 
 /// Moves the stream into the spool, acknowledging as it goes; at a clean, checked end, the
-/// whole stream's BLAKE3 (hex).
-async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut IncomingData, acks: &mut W) -> Result<String> {
+/// whole stream's BLAKE3 (hex). A resume short of what the session holds (`overlap`) checks
+/// its first bytes against what is held instead of spooling them.
+async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, mut overlap: Option<Overlap>, data: &mut IncomingData, acks: &mut W) -> Result<String> {
     let session = &attached.session;
     let token = &attached.token;
-    let taken_over = || anyhow!("another connection took the transfer over");
+    // Said to a feeder that is cut off for another connection (an origin that died and came
+    // back resumed on a new one): an answer of this node, not a failed receive.
+    let taken_over = || failed(ErrorCode::Aborted, "another connection took the transfer over");
     let mut buf = BytesMut::with_capacity(2 * PUSH);
     let mut last_ack = (session.state().offset, Instant::now());
+    if overlap.is_some() {
+        // What the session holds is acknowledged at once: the origin must not see a stall
+        // while it sends bytes the replica only checks.
+        write_message(acks, &Message::Ack { offset: last_ack.0 }).await.map_err(|e| anyhow!("cannot acknowledge: {e}"))?;
+    }
     loop {
         if buf.capacity() - buf.len() < PUSH {
             buf.reserve(PUSH);
@@ -591,7 +661,24 @@ async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut Incom
         if read.is_some() && !end && buf.len() < PUSH {
             continue;
         }
-        if !buf.is_empty() {
+        if let Some(o) = overlap.as_mut().filter(|_| !buf.is_empty()) {
+            let n = buf.len().min(usize::try_from(o.left).unwrap_or(usize::MAX));
+            o.hasher.update(&buf.split_to(n));
+            o.left -= n as u64;
+            if o.left == 0 {
+                let (offset, held) = session.held();
+                if o.hasher.finalize().to_hex().as_str() != held {
+                    return Err(failed(
+                        ErrorCode::Checksum,
+                        format!(
+                            "the resumed stream differs from the {offset} bytes this replica holds (a different stream was regenerated); send it again from the start"
+                        ),
+                    ));
+                }
+                overlap = None;
+            }
+        }
+        if overlap.is_none() && !buf.is_empty() {
             let chunk = buf.split().freeze();
             // Only the wait for room may be given up: once the chunk goes in, it is counted.
             tokio::select! {

@@ -288,10 +288,11 @@ fn origin_killed_mid_transfer_resumes_after_restart() {
     s.assert_replica_complete();
     let r = s.replica_status();
     eprintln!("after the restart: stream {} bytes, sent {}", r["bytes_shipped"], r["bytes_sent"]);
-    // Resumed, at least once: in about one full run in three, under load, the first resumed
-    // attempt is cut too (a failed transfer in status) and the next resumes again; the
-    // bytes below are what shows that no attempt started over from zero.
-    assert!(r["resumes"].as_u64().is_some_and(|n| n >= 1), "the restarted origin should have resumed: {r}");
+    // Resumed once, at the first attempt: the listing it resumed from may be behind what the
+    // killed origin's connection still fed the replica afterwards (it took that resume too,
+    // `role_tests::a_resume_from_a_listing_the_dead_origins_connection_overtook_is_taken`).
+    assert_eq!(r["resumes"].as_u64(), Some(1), "the restarted origin should have resumed once: {r}");
+    assert_eq!(r["transfers_failed"].as_u64(), Some(0), "the resumed transfer failed first: {r}");
     // Sent since the restart: what the replica did not hold yet.
     let sent = r["bytes_sent"].as_u64().unwrap();
     assert!(sent < SIZE * 6 / 10, "the restarted origin sent {sent} bytes of a {SIZE} byte stream");
