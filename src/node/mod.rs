@@ -283,11 +283,17 @@ pub async fn run(config_path: &Path) -> Result<()> {
     {
         let control = Arc::new(control::Control { status: status.clone(), node: node.clone() });
         let (shutdown, dir) = (shutdown.clone(), loaded.node.state_dir.clone());
-        background.spawn(async move {
-            if let Err(e) = control::serve(&dir, control, shutdown).await {
-                tracing::error!("control socket: {e:#}");
+        // Bound here, before "running" is logged: a `sync` run right after start finds it.
+        match control::listen(&dir) {
+            Ok(listener) => {
+                background.spawn(async move {
+                    if let Err(e) = control::serve(&dir, listener, control, shutdown).await {
+                        tracing::error!("control socket: {e:#}");
+                    }
+                });
             }
-        });
+            Err(e) => tracing::error!("control socket: {e:#}"),
+        }
     }
     // The gauges go nowhere without an exporter (`metrics:` unset): then nothing refreshes
     // them, which on a node with thousands of file sets is most of its idle work.
