@@ -171,7 +171,9 @@ enum Command {
         /// is downloaded, checked and received; with --path, into a temporary place, removed after
         /// the copy). A member ships the snapshot to this node over
         /// QUIC first, incrementally from the newest base both hold (this node's daemon must
-        /// run: it receives it); then it is restored as any snapshot held here.
+        /// run: it receives it); then it is restored as any snapshot held here. btrfs and ZFS
+        /// (on ZFS nothing older than this node's newest snapshot, and never by rolling
+        /// anything back: docs/restore.md).
         #[arg(long, value_name = "NAME")]
         from: Option<String>,
     },
@@ -182,7 +184,7 @@ enum Command {
     ///   D PATH: only on the origin      A PATH: only on the replica
     /// Both nodes hash their copy (reusing, unless --full, the content hashes of their last
     /// verify for files whose inode, size, mtime and ctime are unchanged) and compare hash
-    /// trees, descending only where they differ. btrfs only, for now.
+    /// trees, descending only where they differ. btrfs and ZFS (through temporary clones).
     /// An object store (--replica NAME, and after the nodes without --replica) is checked
     /// against its own manifests, from any node with its key: each stream of the snapshot's
     /// chain present with its size; with --full every part downloaded, decrypted and hashed.

@@ -213,6 +213,41 @@ pub fn check_received(before: &[(String, String)], after: &[(String, String)], i
     Ok(extra.into_iter().map(String::from).collect())
 }
 
+/// Whether a stream this node fetched from another member ([`Incoming::fetched`]) fits
+/// `dataset` as it is, `held` its snapshots (name, guid) in creation order, `None` when the
+/// dataset does not exist. A fetch never makes room: a ZFS dataset receives an incremental
+/// only on its newest snapshot (else `receive -F` would destroy the newer ones, and this
+/// node's replication would set them aside and roll back), and a full stream only into a new
+/// dataset (over an existing one it would replace it). The member that ships is hostile as
+/// any peer: whatever base it names, nothing here is changed before this passes. Pure.
+pub fn check_fetch_fits(dataset: &str, held: Option<&[(String, String)]>, incoming: &Incoming) -> Result<()> {
+    let name = &incoming.name;
+    match (held, incoming.base.as_deref()) {
+        (None, None) => Ok(()),
+        (None, Some(base)) => bail!("refused the fetched stream of {name}: it is incremental from guid {base}, but {dataset} does not exist"),
+        (Some(_), None) => bail!(
+            "refused the fetched stream of {name}: it is a full stream and {dataset} exists (a full receive would replace it). \
+             Move it away (zfs rename {dataset} {dataset}-old) and fetch again, or restore on the member that holds {name}"
+        ),
+        (Some(all), Some(base)) => {
+            let Some(at) = all.iter().position(|(_, guid)| guid == base) else {
+                bail!("refused the fetched stream of {name}: {dataset} holds no snapshot with guid {base}, the stream's base");
+            };
+            let newer: Vec<&str> = all[at + 1..].iter().map(|(n, _)| n.as_str()).collect();
+            if !newer.is_empty() {
+                bail!(
+                    "refused the fetched stream of {name}: {dataset} holds {} after the stream's base {}, and a ZFS dataset receives \
+                     nothing older than its newest snapshot (this node never rolls back to make room). Restore {name} on the member \
+                     that holds it, or restore one of the snapshots this node holds",
+                    newer.join(", "),
+                    all[at].0
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 /// `zfs send -t TOKEN`: resume an interrupted stream (modern ZFS). The token comes from the
 /// replica: pass it through [`check_token_text`] and [`check_resume_token`] first.
 pub fn resume_send_command(f: &Features, token: &str) -> Option<Cmd> {
@@ -949,7 +984,7 @@ impl ReplicaSide for ZfsReplica {
     }
 
     async fn prepare(&self, incoming: &Incoming) -> Result<()> {
-        if let Some(base) = incoming.base.as_deref().filter(|_| !incoming.from_token) {
+        if let Some(base) = incoming.base.as_deref().filter(|_| !incoming.from_token && !incoming.fetched) {
             if dataset_exists(&self.dataset).await? {
                 self.set_aside_after(base).await?;
             }
@@ -988,6 +1023,10 @@ impl ReplicaSide for ZfsReplica {
                 self.dataset
             );
         }
+        if incoming.fetched && !incoming.from_token {
+            let held = if exists { Some(all_snapshots(&self.dataset).await?) } else { None };
+            check_fetch_fits(&self.dataset, held.as_deref(), incoming)?;
+        }
         let first = read_first_record(stream).await?;
         let header = check_stream_header(&first).with_context(|| format!("the stream for {}@{}", self.dataset, incoming.name))?;
         if header == StreamHeader::Package && (incoming.base.is_none() || incoming.from_token) {
@@ -1001,6 +1040,7 @@ impl ReplicaSide for ZfsReplica {
         }
         if exists
             && !incoming.from_token
+            && !incoming.fetched
             && let Some(base) = &incoming.base
         {
             // Done by `prepare` already, outside the stall watch; this finds nothing then.
@@ -1026,7 +1066,9 @@ impl ReplicaSide for ZfsReplica {
         // What it holds now (after any set-aside): the receive may add only what
         // `check_received` allows.
         let before = if exists { all_snapshots(&self.dataset).await? } else { Vec::new() };
-        let mut process = receive_command(f, &self.dataset, exists).spawn(Pipe::In)?;
+        // A fetched stream is received without `-F`: were the dataset changed since its newest
+        // snapshot, `-F` would roll that back; zfs refuses instead.
+        let mut process = receive_command(f, &self.dataset, exists && !incoming.fetched).spawn(Pipe::In)?;
         let mut stdin = process.stdin();
         let mut whole = first.as_slice().chain(stream);
         let copied =
@@ -1073,6 +1115,14 @@ impl ReplicaSide for ZfsReplica {
         if let Err(e) = received {
             if !incoming.from_token {
                 self.discard_partial().await;
+            }
+            if incoming.fetched && e.stderr().contains("modified") {
+                let what = format!(
+                    "{} changed since its newest snapshot, and receiving the fetched {} on it would roll that back (zfs receive -F), \
+                     which a fetch never does: take a snapshot of it first, or restore on the member that holds {}",
+                    self.dataset, incoming.name, incoming.name
+                );
+                return Err(anyhow::Error::from(e).context(what));
             }
             return Err(e.into());
         }
@@ -1480,7 +1530,27 @@ mod tests {
     }
 
     fn incoming(name: &str, guid: &str, base: Option<&str>) -> Incoming {
-        Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid.into(), base: base.map(Into::into), from_token: false }
+        Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid.into(), base: base.map(Into::into), from_token: false, fetched: false }
+    }
+
+    #[test]
+    fn a_fetched_stream_is_received_only_where_it_fits() {
+        let fetched = |name: &str, guid: &str, base: Option<&str>| Incoming { fetched: true, ..incoming(name, guid, base) };
+        let held = pairs(&[(S0, "10"), (S1, "11")]);
+        // On the newest snapshot, or a full stream where the dataset is gone: received.
+        check_fetch_fits("p/r", Some(&held), &fetched(S3, "13", Some("11"))).unwrap();
+        check_fetch_fits("p/r", None, &fetched(S3, "13", None)).unwrap();
+        // A hostile member's base older than the newest: refused, naming what is in the way.
+        let e = check_fetch_fits("p/r", Some(&held), &fetched(S3, "13", Some("10"))).unwrap_err().to_string();
+        assert!(e.contains(S1) && e.contains("nothing older than its newest") && e.contains("never rolls back"), "{e}");
+        // A full stream over an existing dataset (which it would replace), even an empty one.
+        for held in [&held[..], &[]] {
+            let e = check_fetch_fits("p/r", Some(held), &fetched(S3, "13", None)).unwrap_err().to_string();
+            assert!(e.contains("full stream") && e.contains("zfs rename p/r"), "{e}");
+        }
+        // A base this node does not hold, or no dataset to be incremental on.
+        assert!(check_fetch_fits("p/r", Some(&held), &fetched(S3, "13", Some("99"))).unwrap_err().to_string().contains("guid 99"));
+        assert!(check_fetch_fits("p/r", None, &fetched(S3, "13", Some("11"))).unwrap_err().to_string().contains("does not exist"));
     }
 
     #[test]
