@@ -159,7 +159,8 @@ enum Command {
         to: Option<String>,
         /// Restore the live file set itself to the snapshot, on its origin, with no `snapship
         /// run` using this node's state_dir (stop it first). The live state is kept first,
-        /// read-only, beside it as NAME.before-restore-TIME (never pruned). btrfs only.
+        /// read-only, beside it as NAME.before-restore-TIME (never pruned; on ZFS a dataset
+        /// with the later snapshots and the live state as @before-restore-TIME).
         #[arg(long, conflicts_with_all = ["to", "path", "from"])]
         in_place: bool,
         /// Only this file or directory, relative to the file set's root (the live path, e.g.
@@ -650,10 +651,7 @@ async fn restore_in_place(path: &std::path::Path, fileset: &str, which: &crate::
     let shown = crate::restore::shown_time(&done.snapshot);
     let kind = crate::restore::kind_word(done.snapshot.kind());
     println!("restored the live file set {fileset} at {} to snapshot {} (taken {shown}, {kind})", done.live, done.snapshot);
-    println!(
-        "the live state from before is kept read-only at {} (snapship never deletes it: `btrfs subvolume delete {}` once it is no longer needed)",
-        done.kept, done.kept
-    );
+    println!("the live state from before is kept read-only at {} (snapship never deletes it: {} once it is no longer needed)", done.kept, done.forget);
     if let Some(w) = &done.warning {
         eprintln!("warning: the restore is done, but for the kept state: {w}");
     }

@@ -1190,6 +1190,119 @@ impl ReplicaSide for ZfsReplica {
     }
 }
 
+/// What [`swap_in_place`] did: the dataset kept with the live state from before, and what
+/// went wrong after the swap (which lost nothing).
+#[derive(Debug)]
+pub struct SwappedIn {
+    pub kept: String,
+    pub warning: Option<String>,
+}
+
+/// `restore --in-place` on ZFS: `dataset` (the live file set, no daemon using it) takes the
+/// content and history of its snapshot `snapshot`, and everything it held is kept in the
+/// dataset `DATASET.before-restore-TIME`, read-only. Nothing is destroyed or rolled back:
+/// 1. the live state is snapshotted as `@before-restore-TIME`;
+/// 2. a clone of `snapshot` is made beside it and promoted (`zfs promote` moves the
+///    snapshots up to `snapshot` into the clone, guids and all; the later ones and the
+///    live-state snapshot stay with the old dataset, a clone of it now);
+/// 3. both are unmounted (zfs-fuse renames a file system only unmounted), the old dataset is
+///    renamed to the kept name and the clone to the live name, and both are mounted again.
+///
+/// A failure before the second rename undoes what was done (the promote reversed, the clone
+/// and the snapshot it came with destroyed: both were made here and hold nothing else) and
+/// says "nothing changed"; after it the restore is done.
+pub async fn swap_in_place(dataset: &str, snapshot: &SnapshotName) -> Result<SwappedIn> {
+    let unchanged = |what: String| anyhow!("{what}; nothing changed: {dataset} is as it was");
+    let source = zfs(&["get", "-H", "-o", "source", "mountpoint", dataset]).await.map_err(|e| unchanged(format!("cannot read {dataset}: {e}")))?;
+    if source.trim() == "local" {
+        bail!(unchanged(format!(
+            "{dataset} has a mountpoint of its own, which the restored dataset would not get; restore a clone beside (--to) and switch by hand (docs/restore.md)"
+        )));
+    }
+    let stamp = Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
+    let (live_state, restoring, kept) =
+        (format!("{dataset}@before-restore-{stamp}"), format!("{dataset}.snapship-restoring-{stamp}"), format!("{dataset}.before-restore-{stamp}"));
+    for taken in [&restoring, &kept] {
+        if dataset_exists(taken).await? {
+            bail!(unchanged(format!("{taken} exists already")));
+        }
+    }
+    zfs(&["snapshot", &live_state]).await.map_err(|e| unchanged(format!("cannot snapshot the live state as {live_state}: {e}")))?;
+    // Undoes steps 1 and 2 (as far as they went): the promote reversed, then the clone and the
+    // live-state snapshot destroyed, which were made here and hold nothing else.
+    let undo = |promoted: bool| {
+        let (live_state, restoring) = (live_state.clone(), restoring.clone());
+        async move {
+            let mut left = Vec::new();
+            if promoted && let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("promote").arg(dataset)).await {
+                left.push(format!("`zfs promote {dataset}` ({e})"));
+            }
+            if left.is_empty() && dataset_exists(&restoring).await.unwrap_or(true) {
+                if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&restoring)).await {
+                    left.push(format!("`zfs destroy {restoring}` ({e})"));
+                }
+            }
+            if left.is_empty()
+                && let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&live_state)).await
+            {
+                left.push(format!("`zfs destroy {live_state}` ({e})"));
+            }
+            if left.is_empty() { String::new() } else { format!(" (to tidy up by hand: {})", left.join(", ")) }
+        }
+    };
+    let source = format!("{dataset}@{snapshot}");
+    if let Err(e) = zfs(&["clone", &source, &restoring]).await {
+        let left = undo(false).await;
+        bail!(unchanged(format!("cannot clone {source} as {restoring}: {e}{left}")));
+    }
+    if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("promote").arg(&restoring)).await {
+        let left = undo(false).await;
+        bail!(unchanged(format!("cannot promote {restoring}: {e}{left}")));
+    }
+    let remount = |name: String| async move {
+        let _ = zfs(&["mount", &name]).await;
+    };
+    for (name, what) in [(&restoring, "the restored clone"), (&dataset.to_string(), "the live dataset")] {
+        if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("umount").arg(name)).await {
+            remount(restoring.clone()).await;
+            remount(dataset.to_string()).await;
+            let left = undo(true).await;
+            bail!(unchanged(format!("cannot unmount {what} {name} (a process using it? stop it first): {e}{left}")));
+        }
+    }
+    if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("rename").arg(dataset).arg(&kept)).await {
+        remount(dataset.to_string()).await;
+        let left = undo(true).await;
+        bail!(unchanged(format!("cannot rename {dataset} to {kept}: {e}{left}")));
+    }
+    if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("rename").arg(&restoring).arg(dataset)).await {
+        // Put the live dataset back under its name, then undo.
+        return match with_busy_retry(&Cmd::new("zfs").arg("rename").arg(&kept).arg(dataset)).await {
+            Ok(_) => {
+                remount(dataset.to_string()).await;
+                let left = undo(true).await;
+                Err(unchanged(format!("cannot rename {restoring} to {dataset}: {e}{left}")))
+            }
+            Err(back) => Err(anyhow!(
+                "cannot rename {restoring} to {dataset} ({e}), nor {kept} back ({back}): {dataset} is missing. Nothing is lost: \
+                 the live state is {kept} (with every snapshot after {snapshot}), the restored one {restoring}; \
+                 `zfs rename {restoring} {dataset}` finishes the restore, `zfs rename {kept} {dataset}` and `zfs promote {dataset}` undo it"
+            )),
+        };
+    }
+    let mut warnings = Vec::new();
+    if let Err(e) = zfs(&["mount", dataset]).await {
+        warnings.push(format!("{dataset} could not be mounted ({e}): `zfs mount {dataset}`"));
+    }
+    if let Err(e) = set_read_only(&kept, true).await {
+        warnings.push(format!("{e:#}; it is kept writable"));
+    }
+    if let Err(e) = zfs(&["mount", &kept]).await {
+        warnings.push(format!("{kept} could not be mounted ({e}): `zfs mount {kept}`"));
+    }
+    Ok(SwappedIn { kept, warning: (!warnings.is_empty()).then(|| warnings.join("; ")) })
+}
+
 /// A temporary read-only clone of a snapshot, mounted in a directory of its own, for reading
 /// the snapshot's files (zfs-fuse shows no `.zfs/snapshot`). [`TempClone::remove`] destroys
 /// it; dropped without that (a failure, a panic), it is destroyed all the same.
