@@ -450,8 +450,13 @@ pub async fn transfer(origin: &dyn OriginSide, step: &Step, ep: &dyn ReplicaEndp
         elapsed: started_at.elapsed(),
     };
     let Plan::Send { base, resume } = &step.plan else { return Ok(report(None, 0, 0)) };
-    let mut incoming =
-        Incoming { name: snapshot.name.clone(), identity: snapshot.identity.clone(), base: base.as_ref().map(|b| b.identity.clone()), from_token: false };
+    let mut incoming = Incoming {
+        name: snapshot.name.clone(),
+        identity: snapshot.identity.clone(),
+        base: base.as_ref().map(|b| b.identity.clone()),
+        from_token: false,
+        fetched: false,
+    };
     let open = |compact| async move { Ok::<_, anyhow::Error>(Metered::new(origin.send(snapshot, base.as_ref(), compact).await?.with_stall_timeout(stall))) };
     // Dropping a stream (on error) kills its sending process.
     let mut started = None;

@@ -78,6 +78,8 @@ struct FakeReplica {
     /// How long its preparation for a stream takes, and how many preparations ended.
     prepare_delay: Arc<Mutex<Duration>>,
     prepared: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether each stream received was one this node fetched (`Incoming::fetched`).
+    fetched: Arc<Mutex<Vec<bool>>>,
 }
 
 #[async_trait]
@@ -102,6 +104,7 @@ impl ReplicaSide for FakeReplica {
         }
         let mut bytes = Vec::new();
         stream.read_to_end(&mut bytes).await?;
+        self.fetched.lock().unwrap().push(incoming.fetched);
         let s = Snapshot { name: incoming.name.clone(), identity: incoming.identity.clone(), local_id: None, parent_local_id: None };
         self.held.lock().unwrap().push((s.clone(), bytes));
         Ok(s)
@@ -292,7 +295,7 @@ async fn a_cut_transfer_is_listed_as_partial_and_resumes_where_it_stopped() {
     let ep = f.endpoint("alpha");
     let bytes = data(12 << 20, 7);
     let s1 = f.origin.add(1, &bytes);
-    let incoming = Incoming { name: s1.name.clone(), identity: s1.identity.clone(), base: None, from_token: false };
+    let incoming = Incoming { name: s1.name.clone(), identity: s1.identity.clone(), base: None, from_token: false, fetched: false };
     let mut cut = CutAfter { inner: &bytes[..], left: 9 << 20 };
     let err = ep.receive(&incoming, StreamStart { compact: false, start: Start::Fresh }, &mut cut).await.unwrap_err();
     assert!(format!("{err:#}").contains("cut on purpose"), "{err:#}");
@@ -331,7 +334,7 @@ async fn a_resume_with_the_right_prefix_sends_only_the_rest() {
     let ep = f.endpoint("alpha");
     let bytes = data(12 << 20, 9);
     let s1 = f.origin.add(1, &bytes);
-    let incoming = Incoming { name: s1.name.clone(), identity: s1.identity.clone(), base: None, from_token: false };
+    let incoming = Incoming { name: s1.name.clone(), identity: s1.identity.clone(), base: None, from_token: false, fetched: false };
     let mut cut = CutAfter { inner: &bytes[..], left: 9 << 20 };
     ep.receive(&incoming, StreamStart { compact: false, start: Start::Fresh }, &mut cut).await.unwrap_err();
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -659,6 +662,11 @@ async fn a_member_fetches_a_newer_snapshot_from_another_incrementally() {
     let got = crate::replica::fetch::fetch(f.service.grants(), &f.policy, &to_gamma, &holds.snapshots[1]).await.unwrap();
     assert_eq!((got.base.as_deref(), got.bytes), (Some(s1.name.as_str()), 2000), "incremental from the base both hold");
     assert_eq!(f.held().last().unwrap(), &(s2.name.to_string(), data(2000, 2)));
+    // The backend is told which stream beta fetched, and nothing was prepared for it: a
+    // fetch is received where it fits or refused (ZFS: whatever base the member names,
+    // nothing is set aside or rolled back), while the origin's stream was prepared as ever.
+    assert_eq!(*f.replica.fetched.lock().unwrap(), [false, true]);
+    assert_eq!(f.replica.prepared.load(std::sync::atomic::Ordering::SeqCst), 1);
     // The grant is used up: gamma cannot ship anything more into beta.
     assert!(f.service.grants().listing_for("projects", "gamma").is_none());
     f.stop().await;

@@ -159,7 +159,8 @@ enum Command {
         to: Option<String>,
         /// Restore the live file set itself to the snapshot, on its origin, with no `snapship
         /// run` using this node's state_dir (stop it first). The live state is kept first,
-        /// read-only, beside it as NAME.before-restore-TIME (never pruned). btrfs only.
+        /// read-only, beside it as NAME.before-restore-TIME (never pruned; on ZFS a dataset
+        /// with the later snapshots and the live state as @before-restore-TIME).
         #[arg(long, conflicts_with_all = ["to", "path", "from"])]
         in_place: bool,
         /// Only this file or directory, relative to the file set's root (the live path, e.g.
@@ -171,7 +172,9 @@ enum Command {
         /// is downloaded, checked and received; with --path, into a temporary place, removed after
         /// the copy). A member ships the snapshot to this node over
         /// QUIC first, incrementally from the newest base both hold (this node's daemon must
-        /// run: it receives it); then it is restored as any snapshot held here.
+        /// run: it receives it); then it is restored as any snapshot held here. btrfs and ZFS
+        /// (on ZFS nothing older than this node's newest snapshot, and never by rolling
+        /// anything back: docs/restore.md).
         #[arg(long, value_name = "NAME")]
         from: Option<String>,
     },
@@ -182,7 +185,7 @@ enum Command {
     ///   D PATH: only on the origin      A PATH: only on the replica
     /// Both nodes hash their copy (reusing, unless --full, the content hashes of their last
     /// verify for files whose inode, size, mtime and ctime are unchanged) and compare hash
-    /// trees, descending only where they differ. btrfs only, for now.
+    /// trees, descending only where they differ. btrfs and ZFS (through temporary clones).
     /// An object store (--replica NAME, and after the nodes without --replica) is checked
     /// against its own manifests, from any node with its key: each stream of the snapshot's
     /// chain present with its size; with --full every part downloaded, decrypted and hashed.
@@ -648,10 +651,7 @@ async fn restore_in_place(path: &std::path::Path, fileset: &str, which: &crate::
     let shown = crate::restore::shown_time(&done.snapshot);
     let kind = crate::restore::kind_word(done.snapshot.kind());
     println!("restored the live file set {fileset} at {} to snapshot {} (taken {shown}, {kind})", done.live, done.snapshot);
-    println!(
-        "the live state from before is kept read-only at {} (snapship never deletes it: `btrfs subvolume delete {}` once it is no longer needed)",
-        done.kept, done.kept
-    );
+    println!("the live state from before is kept read-only at {} (snapship never deletes it: {} once it is no longer needed)", done.kept, done.forget);
     if let Some(w) = &done.warning {
         eprintln!("warning: the restore is done, but for the kept state: {w}");
     }

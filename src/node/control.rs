@@ -117,12 +117,17 @@ pub fn check_state_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Serves status requests until `shutdown`. The daemon holds the state-dir lock, so a socket
-/// file left by a killed daemon can be replaced.
-pub async fn serve(state_dir: &Path, control: Arc<Control>, shutdown: CancellationToken) -> Result<()> {
+/// The control socket of `state_dir`, bound (before the daemon says it runs, so that a
+/// command run right after finds it). The daemon holds the state-dir lock, so a socket file
+/// left by a killed daemon can be replaced.
+pub fn listen(state_dir: &Path) -> Result<UnixListener> {
     check_state_dir(state_dir)?;
+    bind_private(&socket_path(state_dir))
+}
+
+/// Serves requests on `listener` (from [`listen`]) until `shutdown`, then removes the socket.
+pub async fn serve(state_dir: &Path, listener: UnixListener, control: Arc<Control>, shutdown: CancellationToken) -> Result<()> {
     let path = socket_path(state_dir);
-    let listener = bind_private(&path)?;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -283,11 +283,17 @@ pub async fn run(config_path: &Path) -> Result<()> {
     {
         let control = Arc::new(control::Control { status: status.clone(), node: node.clone() });
         let (shutdown, dir) = (shutdown.clone(), loaded.node.state_dir.clone());
-        background.spawn(async move {
-            if let Err(e) = control::serve(&dir, control, shutdown).await {
-                tracing::error!("control socket: {e:#}");
+        // Bound here, before "running" is logged: a `sync` run right after start finds it.
+        match control::listen(&dir) {
+            Ok(listener) => {
+                background.spawn(async move {
+                    if let Err(e) = control::serve(&dir, listener, control, shutdown).await {
+                        tracing::error!("control socket: {e:#}");
+                    }
+                });
             }
-        });
+            Err(e) => tracing::error!("control socket: {e:#}"),
+        }
     }
     // The gauges go nowhere without an exporter (`metrics:` unset): then nothing refreshes
     // them, which on a node with thousands of file sets is most of its idle work.
@@ -828,13 +834,6 @@ impl Runtime {
         let Some((newest, holders)) = fetch::newest_elsewhere(&held, &heard, chrono::Utc::now()) else { return Ok(None) };
         let ours = held.iter().map(|s| s.name.to_string()).max().unwrap_or_else(|| "none".to_string());
         let named = holders.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
-        if policy.backend == config::BackendKind::Zfs {
-            tracing::warn!(%fileset, members = %named, snapshot = %newest.name, "a member holds a newer snapshot; fetching between members is btrfs-only so far");
-            return Ok(Some(format!(
-                "note: {named} holds {}, newer than this node's newest ({ours}); it is not fetched on ZFS yet (it is kept there, as diverged data once it follows): ",
-                newest.name
-            )));
-        }
         // From the first holder that ships it; a holder that fails (or is hostile) is passed
         // over for the next one.
         let mut failures = Vec::new();
@@ -867,9 +866,6 @@ impl Runtime {
         if from == here || !policy.is_member(from) || !policy.is_member(here) {
             bail!("`{from}` is not another member of `{fileset}` with this node (members: {})", policy.members().join(", "));
         }
-        if policy.backend == config::BackendKind::Zfs {
-            bail!("`{fileset}` is ZFS: restoring from another member is btrfs-only so far; run restore on `{from}`, which holds the snapshot");
-        }
         let ep = self.endpoints(policy)?.into_iter().find(|e| e.node() == from).ok_or_else(|| anyhow!("`{from}` is not reached from here"))?;
         let theirs = ep.holds().await.with_context(|| format!("cannot ask `{from}` what it holds of `{fileset}`"))?;
         let chosen = fetch::pick(from, &theirs.snapshots, wanted)?.clone();
@@ -879,6 +875,9 @@ impl Runtime {
         }
         if held.iter().any(|h| h.name == chosen.name) {
             bail!("this node holds another snapshot named {} (not the copy `{from}` holds: changed or diverged); restore on `{from}` instead", chosen.name);
+        }
+        if policy.backend == config::BackendKind::Zfs {
+            zfs_fetch_fits(policy, here, &self.epochs.current(policy)?, &held, &chosen, from)?;
         }
         let got = fetch::fetch(self.replica.service.grants(), policy, ep.as_ref(), &chosen)
             .await
@@ -945,6 +944,38 @@ impl Runtime {
             None => bail!("the final snapshot {snapshot} was not shipped to `{to}`"),
         }
     }
+}
+
+/// Whether `chosen` (of `from`) can be fetched onto this node, `here`, holding `held` of
+/// `policy`'s ZFS file set, without making room: a ZFS dataset receives nothing older than
+/// its newest snapshot, and the origin's snapshots are in its live dataset, which takes an
+/// incremental only by rolling back what was written since (the receive checks both again,
+/// as it does against a hostile sender; this says it before anything is shipped).
+fn zfs_fetch_fits(
+    policy: &Policy,
+    here: &str,
+    epoch: &crate::store::Epoch,
+    held: &[snapshot::Snapshot],
+    chosen: &snapshot::Snapshot,
+    from: &str,
+) -> Result<()> {
+    let fileset = &policy.fileset;
+    let home = policy.replica_home(here).unwrap_or_default();
+    if let Some(newest) = held.iter().map(|s| &s.name).max().filter(|n| **n > chosen.name) {
+        bail!(
+            "`{fileset}` is ZFS, whose datasets receive nothing older than their newest snapshot: {home} holds {newest}, newer than {}; \
+             restore it on `{from}` (snapship restore there), or restore a snapshot this node holds (snapship list)",
+            chosen.name
+        );
+    }
+    if epoch.origin == here && !held.is_empty() && policy.live_on(here).as_deref() == Some(home.as_str()) {
+        bail!(
+            "this node is the origin of `{fileset}` and on ZFS its snapshots are in its live dataset {home}, which would receive {} only by \
+             rolling back what was written since its newest snapshot; restore it on `{from}` (snapship restore there) and copy what you need",
+            chosen.name
+        );
+    }
+    Ok(())
 }
 
 /// How a fetched snapshot came: its stream's size and base.

@@ -61,7 +61,7 @@ async fn receive_chain(from: &ObjectReplica, steps: &[&Manifest], side: &dyn Rep
     let mut last = None;
     for m in steps {
         let name = SnapshotName::parse(&m.snapshot).ok_or_else(|| anyhow!("{} is not a snapshot name", m.snapshot))?;
-        let incoming = Incoming { name, identity: m.identity.clone(), base: m.base.clone(), from_token: false };
+        let incoming = Incoming { name, identity: m.identity.clone(), base: m.base.clone(), from_token: false, fetched: false };
         let mut stream = from.download(m).await?;
         tracing::info!(snapshot = m.snapshot, bytes = m.size, "receiving a stream from the object store");
         last = Some(side.receive(&incoming, &mut stream).await.with_context(|| format!("receiving {} from object store `{}`", m.snapshot, from.name))?);

@@ -619,8 +619,11 @@ impl ReplicaService {
                     Err(refusal) => return Ok(refusal),
                 };
                 let from = resume.as_ref().map_or(0, |r| r.offset);
-                let incoming = Incoming { name: name.clone(), identity, base: base.clone(), from_token };
+                let incoming = Incoming { name: name.clone(), identity, base: base.clone(), from_token, fetched };
+                // A fetched stream is received where it fits or not at all: nothing is set
+                // aside for it (the backend refuses it instead).
                 if resume.is_none()
+                    && !fetched
                     && let Err(refusal) = self.prepare(&policy, &incoming).await
                 {
                     return Ok(refusal);

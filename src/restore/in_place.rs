@@ -14,8 +14,13 @@
 //!    it; only the admin deletes it.
 //!
 //! A failure before step 2 leaves the live file set as it was (the new copy is removed);
-//! after it, the error says where the kept state is. ZFS is refused with what to do instead:
-//! a rollback destroys the snapshots after the chosen one, the kept live state among them.
+//! after it, the error says where the kept state is.
+//!
+//! ZFS (`snapshot::zfs::swap_in_place`): no rollback (it would destroy every later snapshot):
+//! the live state is snapshotted, a clone of the chosen snapshot is promoted (the history up
+//! to it moves into the clone) and takes the live name; the old dataset, with the later
+//! snapshots and the live state, is kept read-only as `DATASET.before-restore-TIME`. Not
+//! atomic as the btrfs swap is: two renames (see docs/restore.md).
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +41,8 @@ pub struct InPlace {
     pub kept: String,
     /// Something that went wrong after the swap, which lost nothing.
     pub warning: Option<String>,
+    /// How to delete the kept state once it is no longer needed (the command, in backticks).
+    pub forget: String,
 }
 
 /// Restores `policy`'s live file set on this node to `which` snapshot; `origin_now` is the
@@ -55,11 +62,15 @@ pub async fn restore_in_place(config: &LoadedConfig, policy: &Policy, origin_now
     let chosen = pick(&held, which)?.clone();
     match (&chosen.place, policy.backend) {
         (Place::Btrfs(source), BackendKind::Btrfs) => btrfs(source, Path::new(&live), chosen.name).await,
-        _ => bail!(
-            "restore --in-place is not supported on ZFS: `zfs rollback` to {} would destroy every later snapshot, and the live state kept first would be one of them. \
-             Restore a clone beside instead (`--to {}-restored`), check it, and switch to it by hand (`zfs promote`, `zfs rename`; docs/restore.md)",
-            chosen.name,
-            live
+        (Place::Zfs { dataset }, BackendKind::Zfs) if *dataset == live => {
+            let swapped = crate::snapshot::zfs::swap_in_place(dataset, &chosen.name).await?;
+            // The origin's holds for its replicas moved with the later snapshots.
+            let forget = format!("`zfs destroy -r {}` (after `zfs release snapship:MEMBER` of any hold on its snapshots)", swapped.kept);
+            Ok(InPlace { snapshot: chosen.name, live, kept: swapped.kept, warning: swapped.warning, forget })
+        }
+        (place, _) => bail!(
+            "{} is not in the live file set {live} (a promoted replica's dataset moved by `promote_path:`?): restore a copy beside with --to, and switch by hand",
+            place.shown(&chosen.name)
         ),
     }
 }
@@ -103,11 +114,12 @@ fn swap(live: &Path, restoring: &Path, kept: &Path, snapshot: SnapshotName) -> R
         bail!("cannot swap {} with the restored copy: {e}; nothing changed: {} is as it was{cleanup}", live.display(), live.display());
     }
     // From here on the live path is the restored copy; the old live state is at `restoring`.
-    let mut done = InPlace { snapshot, live: live.display().to_string(), kept: kept.display().to_string(), warning: None };
+    let mut done = InPlace { snapshot, live: live.display().to_string(), kept: kept.display().to_string(), warning: None, forget: String::new() };
     if let Err(e) = renameat_with(CWD, restoring, CWD, kept, RenameFlags::NOREPLACE) {
         done.kept = restoring.display().to_string();
         done.warning = Some(format!("could not rename it to {} ({e}); it is kept under the hidden name", kept.display()));
     }
+    done.forget = format!("`btrfs subvolume delete {}`", done.kept);
     let at = PathBuf::from(&done.kept);
     if let Err(e) = libbtrfsutil::set_subvolume_read_only(&at, true) {
         let w = format!("could not make it read-only ({e}); it is kept writable");

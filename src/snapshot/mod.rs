@@ -157,6 +157,11 @@ pub struct Incoming {
     pub base: Option<String>,
     /// The stream continues a partial receive the filesystem kept (ZFS resume token).
     pub from_token: bool,
+    /// This node asked for the stream (a fetch from another member: `restore --from`,
+    /// `promote`): it is received only where it fits the copy as it is. Nothing is set aside,
+    /// rolled back or replaced to make room for it (ZFS: no `receive -F`, no rollback to the
+    /// base, no full stream over an existing dataset); the receive is refused instead.
+    pub fetched: bool,
 }
 
 /// The origin's side of a file set.

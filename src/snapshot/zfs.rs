@@ -213,6 +213,41 @@ pub fn check_received(before: &[(String, String)], after: &[(String, String)], i
     Ok(extra.into_iter().map(String::from).collect())
 }
 
+/// Whether a stream this node fetched from another member ([`Incoming::fetched`]) fits
+/// `dataset` as it is, `held` its snapshots (name, guid) in creation order, `None` when the
+/// dataset does not exist. A fetch never makes room: a ZFS dataset receives an incremental
+/// only on its newest snapshot (else `receive -F` would destroy the newer ones, and this
+/// node's replication would set them aside and roll back), and a full stream only into a new
+/// dataset (over an existing one it would replace it). The member that ships is hostile as
+/// any peer: whatever base it names, nothing here is changed before this passes. Pure.
+pub fn check_fetch_fits(dataset: &str, held: Option<&[(String, String)]>, incoming: &Incoming) -> Result<()> {
+    let name = &incoming.name;
+    match (held, incoming.base.as_deref()) {
+        (None, None) => Ok(()),
+        (None, Some(base)) => bail!("refused the fetched stream of {name}: it is incremental from guid {base}, but {dataset} does not exist"),
+        (Some(_), None) => bail!(
+            "refused the fetched stream of {name}: it is a full stream and {dataset} exists (a full receive would replace it). \
+             Move it away (zfs rename {dataset} {dataset}-old) and fetch again, or restore on the member that holds {name}"
+        ),
+        (Some(all), Some(base)) => {
+            let Some(at) = all.iter().position(|(_, guid)| guid == base) else {
+                bail!("refused the fetched stream of {name}: {dataset} holds no snapshot with guid {base}, the stream's base");
+            };
+            let newer: Vec<&str> = all[at + 1..].iter().map(|(n, _)| n.as_str()).collect();
+            if !newer.is_empty() {
+                bail!(
+                    "refused the fetched stream of {name}: {dataset} holds {} after the stream's base {}, and a ZFS dataset receives \
+                     nothing older than its newest snapshot (this node never rolls back to make room). Restore {name} on the member \
+                     that holds it, or restore one of the snapshots this node holds",
+                    newer.join(", "),
+                    all[at].0
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 /// `zfs send -t TOKEN`: resume an interrupted stream (modern ZFS). The token comes from the
 /// replica: pass it through [`check_token_text`] and [`check_resume_token`] first.
 pub fn resume_send_command(f: &Features, token: &str) -> Option<Cmd> {
@@ -949,7 +984,7 @@ impl ReplicaSide for ZfsReplica {
     }
 
     async fn prepare(&self, incoming: &Incoming) -> Result<()> {
-        if let Some(base) = incoming.base.as_deref().filter(|_| !incoming.from_token) {
+        if let Some(base) = incoming.base.as_deref().filter(|_| !incoming.from_token && !incoming.fetched) {
             if dataset_exists(&self.dataset).await? {
                 self.set_aside_after(base).await?;
             }
@@ -988,6 +1023,10 @@ impl ReplicaSide for ZfsReplica {
                 self.dataset
             );
         }
+        if incoming.fetched && !incoming.from_token {
+            let held = if exists { Some(all_snapshots(&self.dataset).await?) } else { None };
+            check_fetch_fits(&self.dataset, held.as_deref(), incoming)?;
+        }
         let first = read_first_record(stream).await?;
         let header = check_stream_header(&first).with_context(|| format!("the stream for {}@{}", self.dataset, incoming.name))?;
         if header == StreamHeader::Package && (incoming.base.is_none() || incoming.from_token) {
@@ -1001,6 +1040,7 @@ impl ReplicaSide for ZfsReplica {
         }
         if exists
             && !incoming.from_token
+            && !incoming.fetched
             && let Some(base) = &incoming.base
         {
             // Done by `prepare` already, outside the stall watch; this finds nothing then.
@@ -1026,7 +1066,9 @@ impl ReplicaSide for ZfsReplica {
         // What it holds now (after any set-aside): the receive may add only what
         // `check_received` allows.
         let before = if exists { all_snapshots(&self.dataset).await? } else { Vec::new() };
-        let mut process = receive_command(f, &self.dataset, exists).spawn(Pipe::In)?;
+        // A fetched stream is received without `-F`: were the dataset changed since its newest
+        // snapshot, `-F` would roll that back; zfs refuses instead.
+        let mut process = receive_command(f, &self.dataset, exists && !incoming.fetched).spawn(Pipe::In)?;
         let mut stdin = process.stdin();
         let mut whole = first.as_slice().chain(stream);
         let copied =
@@ -1073,6 +1115,14 @@ impl ReplicaSide for ZfsReplica {
         if let Err(e) = received {
             if !incoming.from_token {
                 self.discard_partial().await;
+            }
+            if incoming.fetched && e.stderr().contains("modified") {
+                let what = format!(
+                    "{} changed since its newest snapshot, and receiving the fetched {} on it would roll that back (zfs receive -F), \
+                     which a fetch never does: take a snapshot of it first, or restore on the member that holds {}",
+                    self.dataset, incoming.name, incoming.name
+                );
+                return Err(anyhow::Error::from(e).context(what));
             }
             return Err(e.into());
         }
@@ -1138,6 +1188,119 @@ impl ReplicaSide for ZfsReplica {
         out.sort();
         Ok(out)
     }
+}
+
+/// What [`swap_in_place`] did: the dataset kept with the live state from before, and what
+/// went wrong after the swap (which lost nothing).
+#[derive(Debug)]
+pub struct SwappedIn {
+    pub kept: String,
+    pub warning: Option<String>,
+}
+
+/// `restore --in-place` on ZFS: `dataset` (the live file set, no daemon using it) takes the
+/// content and history of its snapshot `snapshot`, and everything it held is kept in the
+/// dataset `DATASET.before-restore-TIME`, read-only. Nothing is destroyed or rolled back:
+/// 1. the live state is snapshotted as `@before-restore-TIME`;
+/// 2. a clone of `snapshot` is made beside it and promoted (`zfs promote` moves the
+///    snapshots up to `snapshot` into the clone, guids and all; the later ones and the
+///    live-state snapshot stay with the old dataset, a clone of it now);
+/// 3. both are unmounted (zfs-fuse renames a file system only unmounted), the old dataset is
+///    renamed to the kept name and the clone to the live name, and both are mounted again.
+///
+/// A failure before the second rename undoes what was done (the promote reversed, the clone
+/// and the snapshot it came with destroyed: both were made here and hold nothing else) and
+/// says "nothing changed"; after it the restore is done.
+pub async fn swap_in_place(dataset: &str, snapshot: &SnapshotName) -> Result<SwappedIn> {
+    let unchanged = |what: String| anyhow!("{what}; nothing changed: {dataset} is as it was");
+    let source = zfs(&["get", "-H", "-o", "source", "mountpoint", dataset]).await.map_err(|e| unchanged(format!("cannot read {dataset}: {e}")))?;
+    if source.trim() == "local" {
+        bail!(unchanged(format!(
+            "{dataset} has a mountpoint of its own, which the restored dataset would not get; restore a clone beside (--to) and switch by hand (docs/restore.md)"
+        )));
+    }
+    let stamp = Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
+    let (live_state, restoring, kept) =
+        (format!("{dataset}@before-restore-{stamp}"), format!("{dataset}.snapship-restoring-{stamp}"), format!("{dataset}.before-restore-{stamp}"));
+    for taken in [&restoring, &kept] {
+        if dataset_exists(taken).await? {
+            bail!(unchanged(format!("{taken} exists already")));
+        }
+    }
+    zfs(&["snapshot", &live_state]).await.map_err(|e| unchanged(format!("cannot snapshot the live state as {live_state}: {e}")))?;
+    // Undoes steps 1 and 2 (as far as they went): the promote reversed, then the clone and the
+    // live-state snapshot destroyed, which were made here and hold nothing else.
+    let undo = |promoted: bool| {
+        let (live_state, restoring) = (live_state.clone(), restoring.clone());
+        async move {
+            let mut left = Vec::new();
+            if promoted && let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("promote").arg(dataset)).await {
+                left.push(format!("`zfs promote {dataset}` ({e})"));
+            }
+            if left.is_empty() && dataset_exists(&restoring).await.unwrap_or(true) {
+                if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&restoring)).await {
+                    left.push(format!("`zfs destroy {restoring}` ({e})"));
+                }
+            }
+            if left.is_empty()
+                && let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&live_state)).await
+            {
+                left.push(format!("`zfs destroy {live_state}` ({e})"));
+            }
+            if left.is_empty() { String::new() } else { format!(" (to tidy up by hand: {})", left.join(", ")) }
+        }
+    };
+    let source = format!("{dataset}@{snapshot}");
+    if let Err(e) = zfs(&["clone", &source, &restoring]).await {
+        let left = undo(false).await;
+        bail!(unchanged(format!("cannot clone {source} as {restoring}: {e}{left}")));
+    }
+    if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("promote").arg(&restoring)).await {
+        let left = undo(false).await;
+        bail!(unchanged(format!("cannot promote {restoring}: {e}{left}")));
+    }
+    let remount = |name: String| async move {
+        let _ = zfs(&["mount", &name]).await;
+    };
+    for (name, what) in [(&restoring, "the restored clone"), (&dataset.to_string(), "the live dataset")] {
+        if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("umount").arg(name)).await {
+            remount(restoring.clone()).await;
+            remount(dataset.to_string()).await;
+            let left = undo(true).await;
+            bail!(unchanged(format!("cannot unmount {what} {name} (a process using it? stop it first): {e}{left}")));
+        }
+    }
+    if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("rename").arg(dataset).arg(&kept)).await {
+        remount(dataset.to_string()).await;
+        let left = undo(true).await;
+        bail!(unchanged(format!("cannot rename {dataset} to {kept}: {e}{left}")));
+    }
+    if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("rename").arg(&restoring).arg(dataset)).await {
+        // Put the live dataset back under its name, then undo.
+        return match with_busy_retry(&Cmd::new("zfs").arg("rename").arg(&kept).arg(dataset)).await {
+            Ok(_) => {
+                remount(dataset.to_string()).await;
+                let left = undo(true).await;
+                Err(unchanged(format!("cannot rename {restoring} to {dataset}: {e}{left}")))
+            }
+            Err(back) => Err(anyhow!(
+                "cannot rename {restoring} to {dataset} ({e}), nor {kept} back ({back}): {dataset} is missing. Nothing is lost: \
+                 the live state is {kept} (with every snapshot after {snapshot}), the restored one {restoring}; \
+                 `zfs rename {restoring} {dataset}` finishes the restore, `zfs rename {kept} {dataset}` and `zfs promote {dataset}` undo it"
+            )),
+        };
+    }
+    let mut warnings = Vec::new();
+    if let Err(e) = zfs(&["mount", dataset]).await {
+        warnings.push(format!("{dataset} could not be mounted ({e}): `zfs mount {dataset}`"));
+    }
+    if let Err(e) = set_read_only(&kept, true).await {
+        warnings.push(format!("{e:#}; it is kept writable"));
+    }
+    if let Err(e) = zfs(&["mount", &kept]).await {
+        warnings.push(format!("{kept} could not be mounted ({e}): `zfs mount {kept}`"));
+    }
+    Ok(SwappedIn { kept, warning: (!warnings.is_empty()).then(|| warnings.join("; ")) })
 }
 
 /// A temporary read-only clone of a snapshot, mounted in a directory of its own, for reading
@@ -1480,7 +1643,27 @@ mod tests {
     }
 
     fn incoming(name: &str, guid: &str, base: Option<&str>) -> Incoming {
-        Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid.into(), base: base.map(Into::into), from_token: false }
+        Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid.into(), base: base.map(Into::into), from_token: false, fetched: false }
+    }
+
+    #[test]
+    fn a_fetched_stream_is_received_only_where_it_fits() {
+        let fetched = |name: &str, guid: &str, base: Option<&str>| Incoming { fetched: true, ..incoming(name, guid, base) };
+        let held = pairs(&[(S0, "10"), (S1, "11")]);
+        // On the newest snapshot, or a full stream where the dataset is gone: received.
+        check_fetch_fits("p/r", Some(&held), &fetched(S3, "13", Some("11"))).unwrap();
+        check_fetch_fits("p/r", None, &fetched(S3, "13", None)).unwrap();
+        // A hostile member's base older than the newest: refused, naming what is in the way.
+        let e = check_fetch_fits("p/r", Some(&held), &fetched(S3, "13", Some("10"))).unwrap_err().to_string();
+        assert!(e.contains(S1) && e.contains("nothing older than its newest") && e.contains("never rolls back"), "{e}");
+        // A full stream over an existing dataset (which it would replace), even an empty one.
+        for held in [&held[..], &[]] {
+            let e = check_fetch_fits("p/r", Some(held), &fetched(S3, "13", None)).unwrap_err().to_string();
+            assert!(e.contains("full stream") && e.contains("zfs rename p/r"), "{e}");
+        }
+        // A base this node does not hold, or no dataset to be incremental on.
+        assert!(check_fetch_fits("p/r", Some(&held), &fetched(S3, "13", Some("99"))).unwrap_err().to_string().contains("guid 99"));
+        assert!(check_fetch_fits("p/r", None, &fetched(S3, "13", Some("11"))).unwrap_err().to_string().contains("does not exist"));
     }
 
     #[test]

@@ -276,7 +276,8 @@ impl Hostile {
     /// The same, announced as incremental from `base` (an identity).
     fn receive_on(&self, name: &str, identity: &str, base: Option<&str>, stream: &[u8]) -> anyhow::Result<Snapshot> {
         let replica = BtrfsReplica::new(self.replica.clone());
-        let incoming = Incoming { name: SnapshotName::parse(name).unwrap(), identity: identity.into(), base: base.map(Into::into), from_token: false };
+        let incoming =
+            Incoming { name: SnapshotName::parse(name).unwrap(), identity: identity.into(), base: base.map(Into::into), from_token: false, fetched: false };
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let mut stream = stream;

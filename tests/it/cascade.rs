@@ -289,6 +289,7 @@ fn only_the_configured_relay_can_feed_a_cascaded_replica() {
             identity: "00000000-0000-0000-0000-000000000001".into(),
             base: None,
             from_token: false,
+            fetched: false,
         };
         let start = StreamStart { compact: false, start: Start::Fresh };
         let err = hostile.receive(&incoming, start, &mut &b"not a send stream"[..]).await.expect_err("delta fed gamma");

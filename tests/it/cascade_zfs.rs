@@ -314,7 +314,7 @@ fn zfs_package_with_foreign_snapshots_is_undone() {
             cmd.arg("-I").arg(format!("{src}@{b}"));
         }
         let stream = run(cmd.arg(format!("{src}@{name}"))).stdout;
-        let incoming = Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid(name), base: base.map(guid), from_token: false };
+        let incoming = Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid(name), base: base.map(guid), from_token: false, fetched: false };
         rt.block_on(side.receive(&incoming, &mut &stream[..]))
     };
     let held = || replica.snapshot_props(&dst, "guid").into_iter().map(|(n, _)| n).collect::<Vec<_>>();

@@ -212,7 +212,7 @@ fn zfs_replica_keeps_snapshots_after_the_base_as_diverged() {
             cmd.arg("-i").arg(format!("{src}@{b}"));
         }
         let stream = run(cmd.arg(format!("{src}@{name}"))).stdout;
-        let incoming = Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid(name), base: base.map(guid), from_token: false };
+        let incoming = Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid(name), base: base.map(guid), from_token: false, fetched: false };
         rt.block_on(side.receive(&incoming, &mut &stream[..]))
     };
     fill_small(&origin.mountpoint("projects"), 21);

@@ -7,8 +7,9 @@
 //! - `quic`, `scheduler`, `operate`: nodes over QUIC, `snapship run`, status and metrics;
 //! - `failover`, `failover_zfs`: promotion of a replica, fencing, failback without a full
 //!   resend, switchover (loop btrfs; zfs-fuse pools, with verify from the promoted member);
-//! - `fetch`: a member fetching another's snapshot (promote after a missed snapshot,
-//!   `restore --from NODE`);
+//! - `fetch`, `fetch_zfs`: a member fetching another's snapshot (promote after a missed
+//!   snapshot, `restore --from NODE`) (loop btrfs; zfs-fuse pools, with a hostile member's
+//!   stream that does not fit);
 //! - `cascade`, `cascade_zfs`: backfill of the history a replica missed, and relays
 //!   (A → B → C) (loop btrfs; zfs-fuse pools, with a hostile origin's `send -I` package);
 //! - `faults`, `proxy`: cuts, kills, full disks, lossy links, hostile peers, and the UDP
@@ -43,6 +44,7 @@ mod failover;
 mod failover_zfs;
 mod faults;
 mod fetch;
+mod fetch_zfs;
 mod heal;
 mod install;
 mod lan;

@@ -311,6 +311,81 @@ fn zfs_restore_clones_the_snapshot_at_a_time() {
     assert!(row.contains("iB/") || row.contains(" B/"), "a used/referenced size: {row}");
 }
 
+/// `restore --in-place` on ZFS: the live dataset holds the chosen snapshot's content and
+/// history (a promoted clone under the live name, writable); everything it held (the later
+/// snapshots, the live state as `@before-restore-TIME`) is kept in the read-only dataset
+/// `DATASET.before-restore-TIME`; nothing is destroyed. The next sync ships incrementally
+/// from the chosen snapshot, and the replica keeps the later one as diverged data. A restore
+/// that cannot unmount the live dataset (a process works in it) changes nothing.
+#[test]
+fn zfs_restore_in_place_swaps_in_a_promoted_clone_and_keeps_everything() {
+    if !have_zfs("zfs_restore_in_place_swaps_in_a_promoted_clone_and_keeps_everything") {
+        return;
+    }
+    let _serial = crate::zfs::one_at_a_time();
+    let l = crate::zfs::Local::new("zfs_in_place");
+    crate::zfs::fill_small(&l.src(), 2);
+    let first = l.sync().unwrap();
+    let then = tree(&l.src());
+    std::fs::write(l.src().join("sub/f3.txt"), "changed").unwrap();
+    std::fs::write(l.src().join("new.txt"), "after the first").unwrap();
+    let second = l.sync().unwrap();
+    std::fs::write(l.src().join("live-only.txt"), "in no snapshot").unwrap();
+    let zfs = |args: &[&str]| String::from_utf8_lossy(&run(std::process::Command::new("zfs").args(args)).stdout).trim().to_string();
+    let names = |ds: &str| l.origin.snapshot_props(ds, "createtxg").into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+
+    let in_place =
+        || snapship().args(["restore", "--config"]).arg(&l.config_path).args(["projects", "--snapshot", &first.snapshot, "--in-place"]).output().unwrap();
+    let datasets = || zfs(&["list", "-H", "-o", "name", "-r", &l.origin.name]);
+    let before = datasets();
+
+    // A process working in the live dataset: it cannot be unmounted, and the restore undoes
+    // what it did (the promote reversed, its clone and snapshot destroyed): nothing changed.
+    let mut busy = std::process::Command::new("sleep").arg("120").current_dir(l.src()).spawn().unwrap();
+    let out = in_place();
+    busy.kill().unwrap();
+    busy.wait().unwrap();
+    assert!(!out.status.success() && text(&out).contains("nothing changed") && text(&out).contains("cannot unmount"), "{}", text(&out));
+    assert_eq!(names(&l.src_ds), [first.snapshot.as_str(), second.snapshot.as_str()]);
+    assert_eq!(datasets(), before);
+    assert_eq!(std::fs::read_to_string(l.src().join("live-only.txt")).unwrap(), "in no snapshot");
+
+    let out = in_place();
+    assert!(out.status.success(), "{}", text(&out));
+    eprintln!("{}", text(&out));
+    let kept = text(&out).split("kept read-only at ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("{}", text(&out))).to_string();
+    assert!(kept.starts_with(&format!("{}.before-restore-", l.src_ds)), "{kept}");
+    assert!(text(&out).contains(&format!("zfs destroy -r {kept}")), "{}", text(&out));
+    // The live dataset: the first snapshot's tree and history, writable.
+    assert_eq!(tree(&l.src()), then);
+    assert_eq!(names(&l.src_ds), [first.snapshot.as_str()]);
+    std::fs::write(l.src().join("sub/f1.txt"), "written after the restore").expect("the restored dataset is writable");
+    write_random(&l.src().join("after-restore.bin"), 64 << 10, 3);
+    // Everything it held is kept, read-only: the second snapshot and the live state.
+    let kept_names = names(&kept);
+    assert_eq!(kept_names[0], second.snapshot, "{kept_names:?}");
+    assert!(kept_names.len() == 2 && kept_names[1].starts_with("before-restore-"), "{kept_names:?}");
+    let kept_mnt = std::path::PathBuf::from(zfs(&["get", "-H", "-o", "value", "mountpoint", &kept]));
+    assert_eq!(std::fs::read_to_string(kept_mnt.join("live-only.txt")).unwrap(), "in no snapshot");
+    assert_eq!(std::fs::read_to_string(kept_mnt.join("new.txt")).unwrap(), "after the first");
+    assert!(std::fs::write(kept_mnt.join("probe"), "x").is_err(), "the kept state is writable");
+
+    // The next sync goes from the first snapshot; the replica keeps the second as diverged.
+    // (The replica's recorded base is the second, so the sync snapshots only once zfs-fuse
+    // shows the writes in `referenced`, which lags them by a transaction group.)
+    let referenced = |ds: &str| zfs(&["get", "-H", "-p", "-o", "value", "referenced", ds]);
+    let at_first = format!("{}@{}", l.src_ds, first.snapshot);
+    wait_for(std::time::Duration::from_secs(60), "the writes in `referenced`", || referenced(&l.src_ds) != referenced(&at_first));
+    let third = l.sync().unwrap();
+    assert_eq!(third.base.as_deref(), Some(first.snapshot.as_str()), "{third:?}");
+    let held: Vec<String> = l.replica.snapshot_props(&l.dst_ds, "createtxg").into_iter().map(|(n, _)| n).collect();
+    assert_eq!(held, [first.snapshot.as_str(), third.snapshot.as_str()]);
+    let datasets = zfs(&["list", "-H", "-o", "name", "-r", &l.replica.name]);
+    let aside = datasets.lines().find(|d| d.starts_with(&format!("{}-diverged-", l.dst_ds))).unwrap_or_else(|| panic!("nothing set aside: {datasets}"));
+    assert_eq!(l.replica.snapshot_props(aside, "createtxg").into_iter().map(|(n, _)| n).collect::<Vec<_>>(), [second.snapshot.as_str()]);
+    assert_same_tree(&l.src(), &l.replica.mountpoint("backup/projects"));
+}
+
 /// `restore --in-place` on the origin: the live subvolume holds the chosen snapshot's content
 /// (still a writable subvolume at the path the policy names), the state before is kept
 /// read-only beside it (writes no snapshot held included), outside retention and `list`, and

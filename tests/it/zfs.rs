@@ -205,7 +205,7 @@ fn zfs_replica_refuses_a_stream_carrying_properties() {
     zfs(&["inherit", "mountpoint", &src]);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let incoming = Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid.clone(), base: None, from_token: false };
+    let incoming = Incoming { name: SnapshotName::parse(name).unwrap(), identity: guid.clone(), base: None, from_token: false, fetched: false };
     let dst = format!("{}/backup/projects", replica.name);
     let side = ZfsReplica::new(dst.clone());
     let mountpoint_of = |ds: &str| String::from_utf8_lossy(&zfs(&["get", "-H", "-o", "value,source", "mountpoint", ds])).trim().to_string();
