@@ -400,7 +400,7 @@ async fn a_resume_from_a_listing_the_dead_origins_connection_overtook_is_taken()
     let f = Fixture::new("");
     let bytes = data(12 << 20, 13);
     let s1 = f.origin.add(1, &bytes);
-    let incoming = Incoming { name: s1.name.clone(), identity: s1.identity.clone(), base: None, from_token: false };
+    let incoming = Incoming { name: s1.name.clone(), identity: s1.identity.clone(), base: None, from_token: false, fetched: false };
     let (partial, old, _dead) = overtaken_listing(&f, &bytes, &incoming, 8 << 20, 9 << 20).await;
     assert_eq!(partial.blake3, blake3::hash(&bytes[..8 << 20]).to_hex().as_str());
     // What the restarted origin does with that listing (replicate::transfer): the prefix
@@ -425,7 +425,7 @@ async fn a_resume_that_does_not_match_what_the_replica_already_holds_is_dropped(
     let f = Fixture::new("");
     let bytes = data(12 << 20, 14);
     let s1 = f.origin.add(1, &bytes);
-    let incoming = Incoming { name: s1.name.clone(), identity: s1.identity.clone(), base: None, from_token: false };
+    let incoming = Incoming { name: s1.name.clone(), identity: s1.identity.clone(), base: None, from_token: false, fetched: false };
     let (_partial, _old, _dead) = overtaken_listing(&f, &bytes, &incoming, 8 << 20, 9 << 20).await;
     let peer = f.endpoint("alpha");
     let resume_at = |offset: usize| {
