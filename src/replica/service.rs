@@ -628,10 +628,15 @@ impl ReplicaService {
                 };
                 // A slot before any work: many origins (or thousands of file sets starting at
                 // once) queue here instead of running thousands of receives together.
-                let Some(_receiving) = self.receives.admit_within(RECEIVE_WAIT).await else {
+                let Some(_receiving) = self.receives.admit_within(peer, RECEIVE_WAIT).await else {
                     return Ok(Message::error(
                         ErrorCode::Busy,
-                        format!("node `{}` runs {} receives at once already; retry in a moment", self.here(), self.receives.limit()),
+                        format!(
+                            "node `{}` runs as many receives as it takes at once ({} in all, {} from one peer); retry in a moment",
+                            self.here(),
+                            self.receives.limit(),
+                            crate::schedule::admission::PER_PEER
+                        ),
                     ));
                 };
                 let from = resume.as_ref().map_or(0, |r| r.offset);

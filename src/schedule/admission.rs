@@ -8,8 +8,10 @@
 //!   the replica and plans, so the plan is fresh when the stream starts. Waiters are served
 //!   in the order they came (tokio's semaphore is fair).
 //! - The replica side ([`Receives`]): at most [`RECEIVES`] receives at a time, whatever their
-//!   origins; a `begin` beyond that waits for a slot, up to a bound below the origin's wait
-//!   for an answer, and is then answered `Busy` (the origin tries again).
+//!   origins, and at most [`PER_PEER`] of them from one peer (so that one origin, hostile or
+//!   just busy, cannot hold every slot); a `begin` beyond that waits for a slot, up to a
+//!   bound below the origin's wait for an answer, and is then answered `Busy` (the origin
+//!   tries again). Slots are taken only once the peer is authorized for the file set.
 //!
 //! A slot is a [`Permit`]: held for the transfer, given back when dropped (also when the
 //! transfer fails or is cancelled).
@@ -30,7 +32,7 @@ pub const RECEIVES: usize = 16;
 
 /// A slot of an [`Admission`] or of [`Receives`]: the transfer may run while it is held.
 #[derive(Debug)]
-pub struct Permit(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct Permit(#[allow(dead_code)] Vec<OwnedSemaphorePermit>);
 
 /// The origin side: slots per peer, shared by every worker of the node.
 #[derive(Debug)]
@@ -62,7 +64,7 @@ impl Admission {
     /// # Cancel safety
     /// Cancel safe: dropped while waiting, it takes no slot and loses its place in the queue.
     pub async fn admit(&self, peer: &str) -> Permit {
-        Permit(self.slots(peer).acquire_owned().await.expect("the semaphore is never closed"))
+        Permit(vec![self.slots(peer).acquire_owned().await.expect("the semaphore is never closed")])
     }
 
     /// Transfers to `peer` running now.
@@ -71,32 +73,41 @@ impl Admission {
     }
 }
 
-/// The replica side: slots for receives, node-wide.
+/// The replica side: slots for receives, node-wide and per peer.
 #[derive(Debug)]
 pub struct Receives {
     slots: Arc<Semaphore>,
     limit: usize,
+    per_peer: Admission,
 }
 
 impl Default for Receives {
     fn default() -> Self {
-        Receives::new(RECEIVES)
+        Receives::new(RECEIVES, PER_PEER)
     }
 }
 
 impl Receives {
-    /// At most `limit` receives at a time (at least one).
-    pub fn new(limit: usize) -> Receives {
+    /// At most `limit` receives at a time, and `per_peer` from one peer (each at least one).
+    pub fn new(limit: usize, per_peer: usize) -> Receives {
         let limit = limit.max(1);
-        Receives { slots: Arc::new(Semaphore::new(limit)), limit }
+        Receives { slots: Arc::new(Semaphore::new(limit)), limit, per_peer: Admission::new(per_peer) }
     }
 
-    /// A slot for one receive, waiting up to `patience` for one; `None` if none came free.
+    /// A slot for one receive from `peer` (authorized already), waiting up to `patience` for
+    /// one; `None` if none came free.
     ///
     /// # Cancel safety
-    /// Cancel safe, as [`Admission::admit`].
-    pub async fn admit_within(&self, patience: Duration) -> Option<Permit> {
-        tokio::time::timeout(patience, self.slots.clone().acquire_owned()).await.ok().map(|p| Permit(p.expect("the semaphore is never closed")))
+    /// Cancel safe, as [`Admission::admit`]: a slot of the peer's taken while the node-wide
+    /// one is awaited is given back with the dropped future.
+    pub async fn admit_within(&self, peer: &str, patience: Duration) -> Option<Permit> {
+        tokio::time::timeout(patience, async {
+            let Permit(mut slots) = self.per_peer.admit(peer).await;
+            slots.push(self.slots.clone().acquire_owned().await.expect("the semaphore is never closed"));
+            Permit(slots)
+        })
+        .await
+        .ok()
     }
 
     /// Receives running now.
@@ -160,22 +171,36 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn receives_beyond_the_limit_wait_then_get_none() {
-        let receives = Arc::new(Receives::new(2));
-        let first = receives.admit_within(Duration::from_secs(30)).await.expect("a free slot");
-        let _second = receives.admit_within(Duration::from_secs(30)).await.expect("a free slot");
+        let receives = Arc::new(Receives::new(2, 2));
+        let first = receives.admit_within("alpha", Duration::from_secs(30)).await.expect("a free slot");
+        let _second = receives.admit_within("gamma", Duration::from_secs(30)).await.expect("a free slot");
         assert_eq!(receives.running(), 2);
         // A third waits, and gets the slot the first gives back within its patience.
         let third = {
             let receives = receives.clone();
-            tokio::spawn(async move { receives.admit_within(Duration::from_secs(30)).await })
+            tokio::spawn(async move { receives.admit_within("alpha", Duration::from_secs(30)).await })
         };
         tokio::time::sleep(Duration::from_secs(10)).await;
         drop(first);
         let third = third.await.unwrap();
         assert!(third.is_some(), "waited and was admitted");
         // A fourth finds none free within its patience.
-        assert!(receives.admit_within(Duration::from_secs(30)).await.is_none());
+        assert!(receives.admit_within("alpha", Duration::from_secs(30)).await.is_none());
         assert_eq!(receives.running(), 2, "the one that gave up took no slot");
-        assert_eq!(Receives::new(0).limit(), 1);
+        assert_eq!(Receives::new(0, 0).limit(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_peer_cannot_hold_every_receive_slot() {
+        // A peer (hostile, or only busy) that opens begins and never finishes them gets its
+        // share, not the node's: another origin is still received.
+        let receives = Receives::new(4, 2);
+        let held: Vec<Permit> =
+            futures::future::join_all((0..2).map(|_| receives.admit_within("mallory", Duration::from_secs(1)))).await.into_iter().flatten().collect();
+        assert_eq!(held.len(), 2);
+        assert!(receives.admit_within("mallory", Duration::from_secs(25)).await.is_none(), "beyond its share");
+        assert_eq!(receives.running(), 2, "the refused one holds nothing");
+        let other = receives.admit_within("alpha", Duration::from_secs(1)).await;
+        assert!(other.is_some(), "another origin waited behind one peer's stalled receives");
     }
 }
