@@ -968,8 +968,16 @@ fn idle_scale(out: &mut String, verdicts: &mut Vec<(&'static str, bool, String)>
     let first = Instant::now();
     start_slowly(&mut c, "alpha");
     let first_running = first.elapsed().as_secs_f64();
-    wait_for(Duration::from_secs(3600), "every file set's first snapshot on its replica", || replicas.iter().all(|d| d.join("latest").exists()));
+    // `SNAPSHIP_BENCH_IDLE_WAIT` (seconds, default 3600) bounds the wait: then the table says
+    // how many were current by then, and the restart goes on with the rest still catching up.
+    let limit = std::env::var("SNAPSHIP_BENCH_IDLE_WAIT").ok().and_then(|v| v.parse().ok()).unwrap_or(3600);
+    let current = || replicas.iter().filter(|d| d.join("latest").exists()).count();
+    while current() < n && first.elapsed() < Duration::from_secs(limit) {
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let first_current = first.elapsed().as_secs_f64();
+    let current_first = current();
+    let first_cpu = cpu_ticks_all(c.daemons["alpha"].child.as_ref().unwrap().id()) as f64 / 100.0;
     c.stop("alpha");
 
     eprintln!("{n} idle continuous file sets: restart, then 60 s idle");
@@ -994,9 +1002,11 @@ fn idle_scale(out: &mut String, verdicts: &mut Vec<(&'static str, bool, String)>
     writeln!(out, "| measured | value |\n|---|---|").unwrap();
     writeln!(
         out,
-        "| first start: `snapship run` running | {first_running:.2} s |\n| first start: every file set's first snapshot on its replica | {first_current:.1} s |"
+        "| first start: `snapship run` running | {first_running:.2} s |\n| first start: every file set's first snapshot on its replica | {} |",
+        if current_first == n { format!("{first_current:.1} s") } else { format!("not within {first_current:.0} s: {current_first} of {n}") }
     )
     .unwrap();
+    writeln!(out, "| first start: CPU until then (the daemon and its `btrfs` children) | {first_cpu:.1} s |").unwrap();
     writeln!(out, "| restart (every file set current): running | {running:.2} s |").unwrap();
     writeln!(out, "| CPU over 60 s idle, from 20 s after the restart | {used:.2} s: **{pct:.2} % of one core** |").unwrap();
     writeln!(out, "| memory (RSS) idle | {rss:.1} MiB, {threads:.0} threads |").unwrap();

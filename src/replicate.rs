@@ -32,6 +32,7 @@ use tokio::sync::{RwLock, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendKind, Mode, Policy};
+use crate::schedule::admission::Permit;
 use crate::schedule::retention::{self, Reason};
 
 use crate::ship::meter::{Metered, Tally};
@@ -121,6 +122,12 @@ pub trait Hooks: Send + Sync {
     /// The replica's backfill queue: `pending` snapshots still to send, `sent` bytes of the
     /// one just backfilled (0 when only the queue was counted).
     fn backfill(&self, _replica: &str, _pending: usize, _sent: u64) {}
+    /// Waits for a slot for one transfer to `replica` ([`follow`] asks before each attempt
+    /// and each backfilled snapshot, and holds it for the transfer): the origin limits
+    /// transfers per peer node-wide (`schedule::admission`). `None`: no limit.
+    async fn admit(&self, _replica: &str) -> Option<Permit> {
+        None
+    }
     /// [`follow`]'s wait after a failed attempt, `delay` by the backoff: `true` to try again
     /// (also sooner, when the caller learns the replica is back), `false` at `shutdown`.
     /// The origin probes the replica meanwhile, and waits for room after a `NoSpace`.
@@ -293,11 +300,21 @@ pub async fn follow(
             let attempt = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = async {
-                    let report = bring_up_to(origin, &snapshot, Some(&newest), ep, stall, hooks).await?;
+                    let report = {
+                        // A slot first (other file sets may be sending to this replica); the
+                        // target moves to the newest snapshot once the replica has answered,
+                        // so one that came while this waited goes too.
+                        let _admitted = tokio::select! {
+                            admitted = hooks.admit(node) => admitted,
+                            _ = drain.cancelled() => return Ok(()),
+                        };
+                        bring_up_to(origin, &snapshot, Some(&newest), ep, stall, hooks).await?
+                    };
                     hooks.caught_up(node).await;
                     let snapshot = origin.list().await?.into_iter().find(|s| s.name.as_str() == report.snapshot).unwrap_or(snapshot);
                     // Backfill while nothing newer is waiting.
                     while !newest.has_changed().unwrap_or(true) && !drain.is_cancelled() {
+                        let _admitted = hooks.admit(node).await;
                         match backfill_step(origin, &snapshot, ep, policy, stall, hooks, Utc::now()).await? {
                             Backfilled::Sent => hooks.caught_up(node).await,
                             Backfilled::Nothing => break,

@@ -29,6 +29,7 @@ use crate::observe::status::StatusBoard;
 use crate::origin::job::{GroupHub, GroupMember, OriginJob, SyncHandle};
 use crate::origin::state::StateStore;
 use crate::replica::ReplicaService;
+use crate::schedule::admission::Admission;
 use crate::schedule::clock::Clock;
 use crate::ship::client::{EpochSource, PeerReplica};
 use crate::ship::local::LocalLink;
@@ -272,6 +273,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         handing_over: Mutex::default(),
         duties: Mutex::default(),
         relays: Mutex::default(),
+        admission: Arc::default(),
         reloading: tokio::sync::Mutex::new(()),
         verifying: tokio::sync::Mutex::new(()),
     });
@@ -396,6 +398,8 @@ pub struct Runtime {
     duties: Mutex<BTreeMap<String, Duty>>,
     /// The relay running per file set (cascades), to restart when a reload changes it.
     relays: Mutex<BTreeMap<String, Duty>>,
+    /// Slots for the origin jobs' transfers, per replica node (`schedule::admission`).
+    admission: Arc<Admission>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
     /// One verify at a time (scheduled or asked for): they share the kept hashes, and the
@@ -461,7 +465,7 @@ impl Runtime {
         let replicas = fed_from(policy, here, self.endpoints(policy)?);
         let state = StateStore::open(&config.node.state_dir, &policy.fileset.0)?.into();
         let (job, handle) = OriginJob::new(policy.clone(), origin, replicas, state, Clock::System, self.status.clone());
-        Ok((job.with_stall_timeout(config.node.transfers.stall_timeout.0).with_epochs(self.epochs.clone()), handle))
+        Ok((job.with_stall_timeout(config.node.transfers.stall_timeout.0).with_epochs(self.epochs.clone()).with_admission(self.admission.clone()), handle))
     }
 
     /// Starts the origin jobs of `filesets` (consistency groups sharing a hub).

@@ -26,6 +26,7 @@ use super::{prune, record};
 use crate::config::{BackendKind, Mode, Policy};
 use crate::observe::status::{ErrorStatus, StatusBoard};
 use crate::replicate::{self, Hooks, Plan, ReplicaReport, Step};
+use crate::schedule::admission::{Admission, Permit};
 use crate::schedule::clock::Clock;
 use crate::schedule::retention::Reason;
 use crate::schedule::retry::{self, Next, RetryWait};
@@ -67,6 +68,9 @@ pub struct OriginJob {
     /// Replicas listed since this job started: their common base is known live (it is
     /// registered when a transfer is planned), whatever the state file says.
     listed: Mutex<std::collections::BTreeSet<String>>,
+    /// Slots for transfers, per replica node, shared by every job of the node (so that a
+    /// node with thousands of file sets starts a few transfers at a time); `None`: no limit.
+    admission: Option<Arc<Admission>>,
     /// Cancelled to end the job gently (a reload changed its policy): no new snapshot or
     /// transfer starts, the transfers under way finish, then `run` returns.
     drain: CancellationToken,
@@ -182,6 +186,7 @@ impl OriginJob {
             stall: crate::config::Transfers::default().stall_timeout.0,
             epochs: None,
             listed: Mutex::default(),
+            admission: None,
             drain: CancellationToken::new(),
         };
         (job, sync_tx)
@@ -202,6 +207,12 @@ impl OriginJob {
     /// Ends [`Self::run`] gently when `drain` is cancelled: transfers under way finish first.
     pub fn with_drain(mut self, drain: CancellationToken) -> Self {
         self.drain = drain;
+        self
+    }
+
+    /// Transfers wait for a slot of `admission` (the node's, shared by its jobs).
+    pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
+        self.admission = Some(admission);
         self
     }
 
@@ -261,7 +272,8 @@ impl OriginJob {
 
     async fn snapshot_loop(&self, newest: &watch::Sender<Option<Snapshot>>, shutdown: &CancellationToken) {
         let p = &self.policy;
-        let watcher = matches!(p.mode, Mode::Continuous | Mode::Hybrid).then(|| ChangeWatcher::new(std::path::Path::new(&p.origin.path)));
+        let watcher =
+            matches!(p.mode, Mode::Continuous | Mode::Hybrid).then(|| ChangeWatcher::new(std::path::Path::new(&p.origin.path), self.origin.change_counter()));
         let mut sync_requests = self.sync_requests.lock().expect("sync_requests lock").take().expect("one snapshot loop per job");
         let mut pending_sync = None;
         // In a group, only the leader keeps the schedule: one group snapshot per firing.
@@ -507,6 +519,10 @@ impl Hooks for OriginJob {
             record::in_flight(&self.state, replica, &step.snapshot.name, base.as_ref()).await?;
         }
         Ok(())
+    }
+
+    async fn admit(&self, replica: &str) -> Option<Permit> {
+        Some(self.admission.as_ref()?.admit(replica).await)
     }
 
     fn listed(&self, replica: &str, listing: &crate::ship::Listing) {

@@ -33,6 +33,7 @@ use super::relay::RelayGuard;
 use super::session::{self, Sessions};
 use crate::config::{LoadedConfig, Policy};
 use crate::observe::status::StatusBoard;
+use crate::schedule::admission::Receives;
 use crate::ship::frame::FrameReader;
 use crate::ship::lan::LanTickets;
 use crate::ship::protocol::{ErrorCode, Message, Room, VERSION, WireSnapshot};
@@ -91,6 +92,8 @@ pub struct ReplicaService {
     prunes: TaskTracker,
     /// One verify hashes at a time on this node.
     verifies: tokio::sync::Semaphore,
+    /// Slots for receives, from all origins together: a `begin` beyond them waits its turn.
+    receives: Receives,
     /// The backend's preparation for a stream, per file set, while it runs (see `prepare`).
     preparing: std::sync::Mutex<std::collections::HashMap<String, Prepared>>,
     /// What the replicas this node relays to need kept (cascades: `replica::relay`).
@@ -116,6 +119,10 @@ type Prepared = tokio::sync::watch::Receiver<Option<Result<(), String>>>;
 /// origin waits a minute for an answer, and retries after `Busy`); a second in unit tests.
 const PREPARE_WAIT: Duration = if cfg!(test) { Duration::from_secs(1) } else { Duration::from_secs(30) };
 
+/// How long a `begin` waits for a receive slot (`schedule::admission::Receives`) before it
+/// is answered `Busy`: with [`PREPARE_WAIT`], within the minute the origin waits for an answer.
+const RECEIVE_WAIT: Duration = if cfg!(test) { Duration::from_secs(1) } else { Duration::from_secs(25) };
+
 impl ReplicaService {
     pub fn new(config: Arc<LoadedConfig>, epochs: Arc<EpochStore>, status: Arc<StatusBoard>, backends: Backends) -> Arc<ReplicaService> {
         let sessions = Sessions::new(&config.node.transfers, &config.node.state_dir);
@@ -131,6 +138,7 @@ impl ReplicaService {
             backends,
             prunes: TaskTracker::new(),
             verifies: tokio::sync::Semaphore::new(1),
+            receives: Receives::default(),
             preparing: Default::default(),
             relays,
             received: Arc::new(tokio::sync::watch::channel(0).0),
@@ -617,6 +625,19 @@ impl ReplicaService {
                 let policy = match policy {
                     Ok(found) => found,
                     Err(refusal) => return Ok(refusal),
+                };
+                // A slot before any work: many origins (or thousands of file sets starting at
+                // once) queue here instead of running thousands of receives together.
+                let Some(_receiving) = self.receives.admit_within(peer, RECEIVE_WAIT).await else {
+                    return Ok(Message::error(
+                        ErrorCode::Busy,
+                        format!(
+                            "node `{}` runs as many receives as it takes at once ({} in all, {} from one peer); retry in a moment",
+                            self.here(),
+                            self.receives.limit(),
+                            crate::schedule::admission::PER_PEER
+                        ),
+                    ));
                 };
                 let from = resume.as_ref().map_or(0, |r| r.offset);
                 let incoming = Incoming { name: name.clone(), identity, base: base.clone(), from_token, fetched };

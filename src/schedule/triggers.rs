@@ -1,15 +1,24 @@
 //! What makes an origin take a snapshot: the cron schedule, and changes to the data.
 //!
 //! Changes are noticed two ways: inotify (through the `notify` crate, recursive, one instance
-//! for the whole process) wakes the
-//! scheduler as soon as something is written, and a poll catches what
-//! inotify cannot see (writes through mmap, a watch limit reached) within [`POLL`]. Either way the backend's
-//! `changed_since` decides, so a wake-up without a committed change takes no snapshot.
+//! for the whole process) wakes the scheduler as soon as something is written, and a poll
+//! catches what inotify cannot see (writes through mmap, a watch limit reached) within
+//! [`POLL`]. Either way the backend's `changed_since` decides, so a wake-up without a
+//! committed change takes no snapshot.
+//!
+//! **The poll is one loop for the whole process** (a thread, like inotify's), not a timer per
+//! file set: every [`POLL`] it reads each watcher's change counter, when its backend has a
+//! cheap one ([`ChangeCounter`], btrfs: the subvolume's generation, one ioctl), and wakes only
+//! the watchers whose counter moved since its last reading. So an idle node costs one ioctl
+//! per file set per poll, in one thread, and wakes no task; a watcher without a counter
+//! (ZFS) is woken on every poll, as before. Each watcher's first reading, one poll after it
+//! started, wakes it whatever the value: a change made while the daemon was down counts.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
@@ -18,6 +27,7 @@ use tokio::sync::Notify;
 
 use super::clock::Clock;
 use crate::config::cron::CronSchedule;
+use crate::snapshot::ChangeCounter;
 
 /// The safety-net poll of continuous mode (inotify is the prompt path; this catches what it
 /// cannot see, like writes through mmap).
@@ -49,11 +59,13 @@ pub enum Woke {
 /// Every watcher of the process shares one inotify instance (and one thread): the kernel
 /// allows a user 128 instances by default (`fs.inotify.max_user_instances`), so one per file
 /// set would leave most file sets of a large node on the poll alone; watches (one per
-/// directory) are plentiful by comparison.
+/// directory) are plentiful by comparison. They share one poll loop too ([`Poller`]).
 pub struct ChangeWatcher {
     wake: Arc<Notify>,
     /// The watched path, registered with the shared watcher; `None` if it could not watch.
     root: Option<PathBuf>,
+    /// This watcher's place in the poll loop.
+    polled: Arc<Polled>,
 }
 
 /// The process's one inotify watcher, and who is woken for which directory tree.
@@ -92,14 +104,17 @@ fn shared() -> Result<&'static Mutex<Shared>> {
 }
 
 impl ChangeWatcher {
-    /// Watches `path` recursively. If inotify cannot (watch limit, unsupported fs), the
-    /// watcher only wakes on the poll, and says so in the log.
-    pub fn new(path: &Path) -> ChangeWatcher {
+    /// Watches `path` recursively; `counter` (if the backend has one) lets the poll skip
+    /// this watcher while it stays. If inotify cannot watch (watch limit, unsupported fs),
+    /// the watcher only wakes on the poll, and says so in the log.
+    pub fn new(path: &Path, counter: Option<ChangeCounter>) -> ChangeWatcher {
         let wake = Arc::new(Notify::new());
         let root = Self::watch(path, &wake)
             .inspect_err(|e| tracing::warn!(path = %path.display(), "cannot watch for changes ({e:#}); polling every {}s instead", POLL.as_secs()))
             .ok();
-        ChangeWatcher { wake, root }
+        let polled = Arc::new(Polled::new(counter));
+        Poller::global().add(&polled);
+        ChangeWatcher { wake, root, polled }
     }
 
     fn watch(path: &Path, wake: &Arc<Notify>) -> Result<PathBuf> {
@@ -112,17 +127,23 @@ impl ChangeWatcher {
         Ok(path.to_path_buf())
     }
 
-    /// Returns on the next change notification, or after the poll interval; says which.
+    /// Returns on the next change notification, or when the poll finds the counter moved
+    /// (or has none to read); says which.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a wake-up that arrives meanwhile is kept for the next call.
     pub async fn wait(&self) -> Woke {
         tokio::select! {
+            biased;
             _ = self.wake.notified() => Woke::Change,
-            _ = tokio::time::sleep(POLL) => Woke::Poll,
+            _ = self.polled.wake.notified() => Woke::Poll,
         }
     }
 }
 
 impl Drop for ChangeWatcher {
     fn drop(&mut self) {
+        Poller::global().remove(&self.polled);
         let (Some(root), Ok(shared)) = (self.root.take(), shared()) else { return };
         let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
         let last = {
@@ -137,6 +158,95 @@ impl Drop for ChangeWatcher {
         };
         if last {
             let _ = shared.watcher.unwatch(&root);
+        }
+    }
+}
+
+/// One watcher as the poll loop sees it.
+struct Polled {
+    /// Woken when the poll finds a change (or cannot tell).
+    wake: Notify,
+    counter: Option<ChangeCounter>,
+    /// The counter's last reading; `None` before the first.
+    last: Mutex<Option<u64>>,
+    /// Read no sooner than half a [`POLL`] after this (the first reading wakes the watcher
+    /// whatever it reads; until then, a watcher just made has inotify alone).
+    since: Instant,
+    id: u64,
+}
+
+impl Polled {
+    fn new(counter: Option<ChangeCounter>) -> Polled {
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        Polled { wake: Notify::new(), counter, last: Mutex::new(None), since: Instant::now(), id: IDS.fetch_add(1, Ordering::Relaxed) }
+    }
+
+    /// One poll of this watcher at `now`: reads the counter and wakes the watcher if it
+    /// moved, if it cannot be read (the check that follows says why), if there is none, or
+    /// on the first reading.
+    fn poll(&self, now: Instant) {
+        if now.saturating_duration_since(self.since) < POLL / 2 {
+            return;
+        }
+        let reading = match &self.counter {
+            Some(counter) => counter().ok(),
+            None => None,
+        };
+        let moved = {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            let moved = match (reading, *last) {
+                (Some(now), Some(then)) => now != then,
+                _ => true,
+            };
+            // No reading (none, or it failed): the next poll wakes the watcher again.
+            *last = reading;
+            moved
+        };
+        if moved {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// The one poll loop of the process: a thread that polls every registered watcher every
+/// [`POLL`] ([`Polled::poll`]). A thread rather than a task: its readings block (ioctls),
+/// and it lives as long as the process, as inotify's does.
+struct Poller {
+    watchers: Mutex<HashMap<u64, Arc<Polled>>>,
+}
+
+impl Poller {
+    fn global() -> &'static Poller {
+        static POLLER: OnceLock<&'static Poller> = OnceLock::new();
+        POLLER.get_or_init(|| {
+            let poller: &'static Poller = Box::leak(Box::new(Poller { watchers: Mutex::default() }));
+            let spawned = std::thread::Builder::new().name("snapship-poll".to_string()).spawn(move || {
+                loop {
+                    std::thread::sleep(POLL);
+                    poller.poll_all(Instant::now());
+                }
+            });
+            if let Err(e) = spawned {
+                // Without it, inotify alone notices changes.
+                tracing::error!("cannot start the poll of continuous file sets: {e}");
+            }
+            poller
+        })
+    }
+
+    fn add(&self, polled: &Arc<Polled>) {
+        self.watchers.lock().unwrap_or_else(|e| e.into_inner()).insert(polled.id, polled.clone());
+    }
+
+    fn remove(&self, polled: &Polled) {
+        self.watchers.lock().unwrap_or_else(|e| e.into_inner()).remove(&polled.id);
+    }
+
+    /// Polls every watcher once, outside the registry's lock.
+    fn poll_all(&self, now: Instant) {
+        let watchers: Vec<Arc<Polled>> = self.watchers.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for polled in watchers {
+            polled.poll(now);
         }
     }
 }
@@ -200,7 +310,7 @@ mod tests {
     async fn watcher_wakes_on_a_write() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        let w = ChangeWatcher::new(dir.path());
+        let w = ChangeWatcher::new(dir.path(), None);
         let start = std::time::Instant::now();
         std::fs::write(dir.path().join("sub/file"), "x").unwrap();
         assert_eq!(w.wait().await, Woke::Change);
@@ -215,7 +325,7 @@ mod tests {
             .map(|i| {
                 let d = dir.path().join(format!("w{i}"));
                 std::fs::create_dir(&d).unwrap();
-                let w = ChangeWatcher::new(&d);
+                let w = ChangeWatcher::new(&d, None);
                 (d, w)
             })
             .collect();
@@ -227,9 +337,63 @@ mod tests {
         assert!(other.is_err(), "a write under w150 woke w149");
         // Dropping one of two watchers of a tree keeps the other's watch.
         let (d, _) = &watchers[3];
-        let again = ChangeWatcher::new(d);
+        let again = ChangeWatcher::new(d, None);
         drop(again);
         std::fs::write(d.join("file"), "y").unwrap();
         assert_eq!(watchers[3].1.wait().await, Woke::Change);
+    }
+
+    #[test]
+    fn the_poll_wakes_a_watcher_only_when_its_counter_moved() {
+        let counter = Arc::new(AtomicU64::new(7));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let polled = {
+            let (counter, failing) = (counter.clone(), failing.clone());
+            Polled::new(Some(Arc::new(move || {
+                anyhow::ensure!(!failing.load(Ordering::SeqCst), "cannot read the generation");
+                Ok(counter.load(Ordering::SeqCst))
+            })))
+        };
+        // A permit stored by notify_one is what `wait` would see at once.
+        let woken = |p: &Polled| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async { tokio::time::timeout(Duration::from_millis(10), p.wake.notified()).await.is_ok() })
+        };
+        let start = polled.since;
+        // Too soon after it started: not read, not woken (inotify covers the first moments).
+        polled.poll(start + POLL / 4);
+        assert!(!woken(&polled));
+        // The first reading wakes it, whatever the value (a change while the daemon was down).
+        polled.poll(start + POLL);
+        assert!(woken(&polled), "the first reading did not wake the watcher");
+        // Idle: the counter stays, nothing is woken, poll after poll.
+        for i in 2..5 {
+            polled.poll(start + POLL * i);
+            assert!(!woken(&polled), "woken though nothing changed");
+        }
+        // The data changed (btrfs: a commit moved the generation): woken once.
+        counter.store(8, Ordering::SeqCst);
+        polled.poll(start + POLL * 5);
+        assert!(woken(&polled), "a change was not noticed");
+        polled.poll(start + POLL * 6);
+        assert!(!woken(&polled));
+        // A counter that cannot be read wakes it (the check says why), and again next time.
+        failing.store(true, Ordering::SeqCst);
+        polled.poll(start + POLL * 7);
+        assert!(woken(&polled));
+        polled.poll(start + POLL * 8);
+        assert!(woken(&polled));
+        // Readable again, even unchanged: woken once more (nothing to compare with), then idle.
+        failing.store(false, Ordering::SeqCst);
+        polled.poll(start + POLL * 9);
+        assert!(woken(&polled));
+        polled.poll(start + POLL * 10);
+        assert!(!woken(&polled));
+        // Without a counter (ZFS), every poll wakes, as a timer per file set did.
+        let plain = Polled::new(None);
+        plain.poll(plain.since + POLL);
+        assert!(woken(&plain));
+        plain.poll(plain.since + POLL * 2);
+        assert!(woken(&plain));
     }
 }

@@ -67,8 +67,21 @@ const SEALS: &str = ".snapship-seals";
 pub const TAMPERED: &str = "tampered:";
 const TAMPERED_ASIDE: &str = "tampered-";
 
-/// Runs a blocking libbtrfsutil call off the async workers.
+/// How many blocking btrfs calls run at a time, node-wide. Thousands of file sets starting
+/// together (each listing its snapshots, then its first check or snapshot) would otherwise
+/// take tokio's blocking pool to its 512 threads, each in the kernel on the same filesystem:
+/// the calls queue here instead, as tasks, and the pool stays small.
+const BLOCKING_AT_ONCE: usize = 16;
+
+/// Runs a blocking libbtrfsutil call off the async workers, at most [`BLOCKING_AT_ONCE`]
+/// at a time.
+///
+/// # Cancel safety
+/// Dropped while waiting for a slot, nothing ran. Dropped once the call started, the call
+/// runs to its end on its thread (outside the bound: its slot is given back at once).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BLOCKING_AT_ONCE);
+    let _slot = SLOTS.acquire().await.context("the btrfs call slots are closed")?;
     tokio::task::spawn_blocking(f).await.context("blocking btrfs task panicked")?
 }
 
@@ -267,6 +280,14 @@ impl OriginSide for BtrfsOrigin {
         cache.insert(snapshot.name.to_string(), then);
         // Taking the snapshot left both at the same generation.
         Ok(now > then)
+    }
+
+    fn change_counter(&self) -> Option<super::ChangeCounter> {
+        let src = self.subvolume.clone();
+        // The generation moves at every transaction commit that changed the subvolume.
+        Some(std::sync::Arc::new(move || {
+            Ok(libbtrfsutil::subvolume_info(&src).map_err(|e| util_error(format!("cannot read subvolume {}", src.display()), e))?.generation())
+        }))
     }
 
     async fn list(&self) -> Result<Vec<Snapshot>> {

@@ -164,6 +164,11 @@ pub struct Incoming {
     pub fetched: bool,
 }
 
+/// A cheap reading that moves whenever the file set's committed data may have changed
+/// (btrfs: the subvolume's generation). It blocks (an ioctl): the poll of continuous mode
+/// calls it from its own thread (`schedule::triggers`).
+pub type ChangeCounter = std::sync::Arc<dyn Fn() -> Result<u64> + Send + Sync>;
+
 /// The origin's side of a file set.
 #[async_trait]
 pub trait OriginSide: Send + Sync {
@@ -174,6 +179,11 @@ pub trait OriginSide: Send + Sync {
     /// change made a moment ago counts (continuous mode, woken by a write); without it the
     /// check is cheaper and sees what the filesystem committed by itself (the safety poll).
     async fn changed_since(&self, snapshot: &Snapshot, flush: bool) -> Result<bool>;
+    /// A [`ChangeCounter`] of the live file set, where the backend has a cheap one: the poll
+    /// then wakes the snapshot loop only when it moved. `None`: every poll wakes it.
+    fn change_counter(&self) -> Option<ChangeCounter> {
+        None
+    }
     /// Every snapshot snapship made of this file set, oldest first.
     async fn list(&self) -> Result<Vec<Snapshot>>;
     /// Opens a stream of `snapshot`, incremental from `base` when given. `compact`: the

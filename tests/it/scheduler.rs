@@ -72,6 +72,30 @@ fn continuous_ships_a_write_within_seconds_and_idles_quietly() {
     c.stop("beta");
 }
 
+/// A write inotify never reports (through mmap: no write syscall; the open and the close are
+/// events the watcher ignores) is noticed by the safety poll, once btrfs commits it (its
+/// commit interval is 30 s): the poll reads the subvolume's generation and wakes the file
+/// set's loop when it moved.
+#[test]
+fn a_write_through_mmap_is_noticed_by_the_poll() {
+    require_root!();
+    let (mut c, src, dst) = two_nodes("sched_mmap", |p| with_mode(p, "continuous", "continuous:\n  min_interval: 1s\n"));
+    std::fs::write(src.join("mapped.bin"), vec![b'.'; 8192]).unwrap();
+    wait_for(Duration::from_secs(20), "the initial data on the replica", || dst.join("latest/mapped.bin").exists());
+    let before = snapshots(&dst);
+    let script =
+        "import mmap, sys\nwith open(sys.argv[1], 'r+b') as f:\n    m = mmap.mmap(f.fileno(), 0)\n    m[0:6] = b'MAPPED'\n    m.flush()\n    m.close()\n";
+    let out = std::process::Command::new("python3").arg("-c").arg(script).arg(src.join("mapped.bin")).output().unwrap();
+    assert!(out.status.success(), "python3 mmap write failed: {}", String::from_utf8_lossy(&out.stderr));
+    let took = wait_for(Duration::from_secs(120), "the mmap write on the replica", || {
+        std::fs::read(dst.join("latest/mapped.bin")).is_ok_and(|d| d.starts_with(b"MAPPED"))
+    });
+    eprintln!("the mmap write reached the replica in {:.1}s", took.as_secs_f64());
+    assert!(snapshots(&dst).len() > before.len(), "no new snapshot for the mmap write");
+    c.stop("alpha");
+    c.stop("beta");
+}
+
 #[test]
 fn hybrid_does_both() {
     require_root!();
