@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::io::AsyncWrite;
 use tokio::sync::{OwnedMutexGuard, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::spool::{self, SpoolWriter};
 use crate::config::Transfers;
 use crate::ship::protocol::{ErrorCode, Message, Partial, ResumeFrom};
-use crate::ship::transfer::{IncomingData, IncomingError, write_message};
+use crate::ship::transfer::{IncomingData, IncomingError, OWN_ALLOCATION, write_message};
 use crate::snapshot::{Incoming, ReplicaSide};
 
 /// Stream bytes pushed into the spool at a time (less when the stream pauses).
@@ -472,10 +472,10 @@ impl Sessions {
         let session = attached.session.clone();
         let result = feed_spool(&attached, &mut data, acks).await;
         let e = match result {
-            Ok(digest) => {
+            Ok(()) => {
                 // The stream is complete and checked: let the receive finish.
                 session.state().phase = Phase::Finishing;
-                session.writer.finish(digest);
+                session.writer.finish();
                 let outcome = self.finish(&session, acks).await;
                 self.forget(&session);
                 return outcome.map_err(|(code, message)| failed(code, message));
@@ -568,31 +568,37 @@ impl Sessions {
     }
 }
 
-/// Moves the stream into the spool, acknowledging as it goes; at a clean, checked end, the
-/// whole stream's BLAKE3 (hex).
-async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut IncomingData, acks: &mut W) -> Result<String> {
+/// Moves the stream into the spool, acknowledging as it goes, to its clean end, where the
+/// whole stream's length and BLAKE3 are checked.
+async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut IncomingData, acks: &mut W) -> Result<()> {
     let session = &attached.session;
     let token = &attached.token;
     let taken_over = || anyhow!("another connection took the transfer over");
-    let mut buf = BytesMut::with_capacity(2 * PUSH);
+    // Small pieces are gathered here into chunks of about PUSH; a large one that holds its own
+    // allocation goes into the spool as it came (no copy).
+    let mut buf = BytesMut::new();
     let mut last_ack = (session.state().offset, Instant::now());
     loop {
-        if buf.capacity() - buf.len() < PUSH {
-            buf.reserve(PUSH);
-        }
         // Read; but push what there is when the stream pauses, so that acknowledgements
         // keep up with a slow origin.
         let read = tokio::select! {
             _ = token.cancelled() => return Err(taken_over()),
-            n = data.reader.read_buf(&mut buf) => Some(n?),
+            next = data.next_chunk() => Some(next?),
             _ = tokio::time::sleep(ACK_INTERVAL), if !buf.is_empty() => None,
         };
-        let end = read == Some(0);
-        if read.is_some() && !end && buf.len() < PUSH {
-            continue;
-        }
-        if !buf.is_empty() {
-            let chunk = buf.split().freeze();
+        let end = matches!(read, Some(None));
+        let chunk = match read {
+            Some(Some(piece)) if buf.is_empty() && piece.len() > OWN_ALLOCATION && data.own_allocations() => piece,
+            Some(Some(piece)) => {
+                buf.extend_from_slice(&piece);
+                if buf.len() < PUSH {
+                    continue;
+                }
+                buf.split().freeze()
+            }
+            Some(None) | None => buf.split().freeze(),
+        };
+        if !chunk.is_empty() {
             // Only the wait for room may be given up: once the chunk goes in, it is counted.
             tokio::select! {
                 _ = token.cancelled() => return Err(taken_over()),
@@ -616,5 +622,5 @@ async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, data: &mut Incom
     }
     let (offset, digest) = session.held();
     data.check_end(offset, &digest)?;
-    Ok(digest)
+    Ok(())
 }

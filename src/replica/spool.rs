@@ -23,9 +23,13 @@
 //! in RAM; past it, data goes to disk, and past that the writers wait.
 //!
 //! The reader reports the end of the stream only after [`SpoolWriter::finish`], which the
-//! session calls once the origin's end marker and hash checked out, and only if what the
-//! reader handed out hashes the same (a spool file damaged on disk is caught too). A failed
-//! or abandoned spool is a read error, never a clean short stream.
+//! session calls once the origin's end marker and hash checked out. What comes back from the
+//! disk level is checked first: the writer keeps a CRC32C of each record it wrote there (runs
+//! of chunks up to [`DISK_READ`]), and a record that reads back otherwise fails the spool (a
+//! spool file damaged on disk never reaches the receive). The memory level needs no check,
+//! so no byte is hashed twice on its way through the replica: the session's BLAKE3 of the
+//! stream is the one hash (it was once hashed again here, a third of the replica's CPU). A
+//! failed or abandoned spool is a read error, never a clean short stream.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -40,7 +44,8 @@ use tokio::io::AsyncRead;
 use tokio::sync::Notify;
 use tokio_util::io::StreamReader;
 
-/// Largest read from the disk level.
+/// Largest read from the disk level, and the largest record whose CRC32C the writer keeps:
+/// chunks written one after the other go into one record up to this size.
 const DISK_READ: u64 = 1 << 20;
 
 /// How long a writer waiting for room sleeps at most before it looks again: room freed in
@@ -103,6 +108,7 @@ pub fn spool(limits: Limits, dir: PathBuf) -> (SpoolWriter, SpoolReader) {
             file: None,
             disk_start: 0,
             disk_end: 0,
+            records: VecDeque::new(),
             writing: false,
             disk_full_at: None,
             end: End::Open,
@@ -112,7 +118,7 @@ pub fn spool(limits: Limits, dir: PathBuf) -> (SpoolWriter, SpoolReader) {
         to_reader: Notify::new(),
         to_writer: Notify::new(),
     });
-    (SpoolWriter { shared: shared.clone() }, SpoolReader { shared, hasher: blake3::Hasher::new() })
+    (SpoolWriter { shared: shared.clone() }, SpoolReader { shared })
 }
 
 struct Shared {
@@ -131,6 +137,10 @@ struct State {
     /// The disk level holds file bytes `disk_start..disk_end`.
     disk_start: u64,
     disk_end: u64,
+    /// Those bytes as the records written, in order, each with its CRC32C. Bounded: two
+    /// records in a row hold more than [`DISK_READ`] (or the later one is the last), so
+    /// there are at most `2 * spool_disk / DISK_READ + 1`.
+    records: VecDeque<Record>,
     /// The writer is appending at `disk_end` outside the lock: the reader must not reset.
     writing: bool,
     /// The spool's filesystem was full when the disk level held this much: it holds no more
@@ -142,10 +152,17 @@ struct State {
     last_pull: Instant,
 }
 
+/// Bytes of the disk level written one after the other, and their CRC32C.
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    len: u64,
+    crc: u32,
+}
+
 enum End {
     Open,
-    /// Complete; the BLAKE3 (hex) of the whole stream.
-    Finished(String),
+    /// Complete (the session checked the whole stream's hash).
+    Finished,
     Failed(String),
 }
 
@@ -286,12 +303,20 @@ impl SpoolWriter {
                 self.shared.wait_for_room().await;
             };
             let data = chunk.clone();
-            let written = tokio::task::spawn_blocking(move || file.write_all_at(&data, offset)).await.map_err(io::Error::other)?;
+            let written =
+                tokio::task::spawn_blocking(move || file.write_all_at(&data, offset).map(|()| crc32c::crc32c(&data))).await.map_err(io::Error::other)?;
             let mut st = self.shared.lock();
             st.writing = false;
             match written {
-                Ok(()) => {
+                Ok(crc) => {
                     st.disk_end = offset + len as u64;
+                    match st.records.back_mut() {
+                        Some(last) if last.len + len as u64 <= DISK_READ => {
+                            last.crc = crc32c::crc32c_combine(last.crc, crc, len);
+                            last.len += len as u64;
+                        }
+                        _ => st.records.push_back(Record { len: len as u64, crc }),
+                    }
                     drop(st);
                     self.shared.to_reader.notify_one();
                     return Ok(());
@@ -332,12 +357,11 @@ impl SpoolWriter {
         Ok(file)
     }
 
-    /// The stream is complete and checked, and hashes to `blake3`: the reader may report its
-    /// end once drained, if what it read hashes the same.
-    pub fn finish(&self, blake3: String) {
+    /// The stream is complete and checked: the reader may report its end once drained.
+    pub fn finish(&self) {
         let mut st = self.shared.lock();
         if matches!(st.end, End::Open) {
-            st.end = End::Finished(blake3);
+            st.end = End::Finished;
         }
         drop(st);
         self.shared.to_reader.notify_one();
@@ -374,8 +398,6 @@ impl Drop for SpoolWriter {
 
 pub struct SpoolReader {
     shared: Arc<Shared>,
-    /// What this reader handed out, checked against the stream's hash at the end.
-    hasher: blake3::Hasher,
 }
 
 impl SpoolReader {
@@ -393,39 +415,46 @@ impl SpoolReader {
                     self.shared.limits.budget.give_back(chunk.len());
                     drop(st);
                     self.shared.to_writer.notify_one();
-                    self.hasher.update(&chunk);
                     return Ok(Some(chunk));
                 }
-                if st.disk_start < st.disk_end {
-                    let n = (st.disk_end - st.disk_start).min(DISK_READ);
-                    Some((st.file.clone().expect("a disk level has a file"), st.disk_start, n))
-                } else if let End::Finished(expected) = &st.end {
-                    let got = self.hasher.finalize().to_hex();
-                    if got.as_str() != expected {
-                        let why = format!("the spool handed out bytes hashing to {got}, not {expected} (damaged on disk?)");
-                        st.end = End::Failed(why.clone());
-                        return Err(io::Error::other(why));
-                    }
+                if let Some(record) = st.records.pop_front() {
+                    // Taken out now: the writer starts a new record after it.
+                    Some((st.file.clone().expect("a disk level has a file"), st.disk_start, record))
+                } else if let End::Finished = &st.end {
                     return Ok(None);
                 } else {
                     None
                 }
             };
-            let Some((file, offset, n)) = disk else {
+            let Some((file, offset, record)) = disk else {
                 self.shared.to_reader.notified().await;
                 continue;
             };
-            let chunk = tokio::task::spawn_blocking(move || {
+            let n = record.len;
+            let read = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; n as usize];
                 file.read_exact_at(&mut buf, offset)?;
+                if crc32c::crc32c(&buf) != record.crc {
+                    return Err(io::Error::other(format!(
+                        "the spool file's bytes {offset}..{} read back otherwise than written (damaged on disk?)",
+                        offset + n
+                    )));
+                }
                 // Give the consumed range's blocks back now (best effort; the range is never read again).
                 let punch = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
                 let _ = nix::fcntl::fallocate(&*file, punch, offset as i64, n as i64);
                 Ok::<_, io::Error>(buf)
             })
             .await
-            .map_err(io::Error::other)??;
+            .map_err(io::Error::other)?;
             let mut st = self.shared.lock();
+            let chunk = match read {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    st.end = End::Failed(e.to_string());
+                    return Err(e);
+                }
+            };
             st.disk_start += n;
             if st.disk_start == st.disk_end && !st.writing {
                 // Drained: start the file over, giving its space back.
@@ -438,7 +467,6 @@ impl SpoolReader {
             }
             drop(st);
             self.shared.to_writer.notify_one();
-            self.hasher.update(&chunk);
             return Ok(Some(Bytes::from(chunk)));
         }
     }
@@ -476,10 +504,6 @@ mod tests {
         (0..n).map(|i| Bytes::from(vec![(i % 251) as u8; size])).collect()
     }
 
-    fn digest(chunks: &[Bytes]) -> String {
-        blake3::hash(&chunks.concat()).to_hex().to_string()
-    }
-
     #[tokio::test]
     async fn a_spool_file_damaged_on_disk_is_no_clean_end() {
         let dir = tempfile::tempdir().unwrap();
@@ -490,9 +514,23 @@ mod tests {
         }
         let file = w.shared.lock().file.clone().expect("most of it went to disk");
         file.write_all_at(b"X", 500).unwrap();
-        w.finish(digest(&data));
+        w.finish();
         let err = r.into_async_read().read_to_end(&mut Vec::new()).await.unwrap_err();
         assert!(err.to_string().contains("damaged on disk"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn many_small_chunks_on_disk_make_few_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, r) = spool(limits(10, 1 << 30), dir.path().to_path_buf());
+        for i in 0..3000u32 {
+            w.push(Bytes::from(vec![i as u8; 1000])).await.unwrap();
+        }
+        assert_eq!(w.shared.lock().records.len(), 3, "3 MB of 1 KB chunks in records of up to 1 MiB");
+        w.finish();
+        let mut out = Vec::new();
+        r.into_async_read().read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, (0..3000u32).flat_map(|i| vec![i as u8; 1000]).collect::<Vec<_>>());
     }
 
     #[tokio::test]
@@ -506,7 +544,7 @@ mod tests {
         }
         assert_eq!(w.buffered(), 60_000);
         assert!(w.shared.lock().memory_bytes <= 1000);
-        w.finish(digest(&data));
+        w.finish();
         let mut out = Vec::new();
         r.into_async_read().read_to_end(&mut out).await.unwrap();
         assert_eq!(out, data.concat());
@@ -519,7 +557,6 @@ mod tests {
         let (w, mut r) = spool(limits(700, 5000), dir.path().to_path_buf());
         let data = chunks(500, 100);
         let expected = data.concat();
-        let hash = digest(&data);
         let writer = tokio::spawn(async move {
             for (i, c) in data.into_iter().enumerate() {
                 w.push(c).await.unwrap();
@@ -527,7 +564,7 @@ mod tests {
                     tokio::task::yield_now().await;
                 }
             }
-            w.finish(hash);
+            w.finish();
             w
         });
         let mut out = Vec::new();
@@ -585,7 +622,7 @@ mod tests {
             for c in chunks(400, 16 << 10) {
                 w.push(c).await.unwrap();
             }
-            w.finish(digest(&chunks(400, 16 << 10)));
+            w.finish();
             w
         });
         let mut got = 0;
