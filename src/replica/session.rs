@@ -375,7 +375,12 @@ impl Sessions {
             self.discard(&old, ErrorCode::Aborted, "replaced by a new transfer from the origin", false).await;
         }
         self.remember(fileset, &key);
-        let limits = spool::Limits { memory: self.settings.spool_memory.0 as usize, disk: self.settings.spool_disk.0, budget: self.spool_budget.clone() };
+        let limits = spool::Limits {
+            memory: self.settings.spool_memory.0 as usize,
+            disk: self.settings.spool_disk.0,
+            budget: self.spool_budget.clone(),
+            spill_after: spool::SPILL_AFTER,
+        };
         let (writer, reader) = spool::spool(limits, self.spool_dir.clone());
         let (tx, rx) = watch::channel(None);
         let name = fileset.to_string();
