@@ -657,12 +657,12 @@ impl ReplicaService {
                         let pending = tickets.issue(peer);
                         let (transfer, key) = pending.ticket().to_wire();
                         write_message(send, &Message::LanReady { transfer, key }).await?;
-                        let stream = pending
+                        let lan_frames = pending
                             .connected(crate::ship::lan::TICKET_TIMEOUT)
                             .await
                             .map_err(|e| session::Failed { code: ErrorCode::Aborted, message: format!("{e:#}") })?;
                         tracing::info!(%peer, %fileset, %snapshot, base = ?base.as_deref().unwrap_or("none (full)"), from, "receiving over the LAN path (TCP, authenticated, not encrypted)");
-                        IncomingData::new(FrameReader::new(stream), compression, self.sessions.stall_timeout())
+                        IncomingData::new(lan_frames, compression, self.sessions.stall_timeout())
                     }
                     None => {
                         write_message(send, &Message::Ready).await?;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::io::AsyncWrite;
 use tokio::sync::{OwnedMutexGuard, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use super::spool::{self, SpoolWriter};
 use crate::config::Transfers;
 use crate::ship::protocol::{ErrorCode, Message, Partial, ResumeFrom};
-use crate::ship::transfer::{IncomingData, IncomingError, write_message};
+use crate::ship::transfer::{IncomingData, IncomingError, OWN_ALLOCATION, write_message};
 use crate::snapshot::{Incoming, ReplicaSide};
 
 /// Stream bytes pushed into the spool at a time (less when the stream pauses).
@@ -430,7 +430,12 @@ impl Sessions {
             self.discard(&old, ErrorCode::Aborted, "replaced by a new transfer from the origin", false).await;
         }
         self.remember(fileset, &key);
-        let limits = spool::Limits { memory: self.settings.spool_memory.0 as usize, disk: self.settings.spool_disk.0, budget: self.spool_budget.clone() };
+        let limits = spool::Limits {
+            memory: self.settings.spool_memory.0 as usize,
+            disk: self.settings.spool_disk.0,
+            budget: self.spool_budget.clone(),
+            spill_after: spool::SPILL_AFTER,
+        };
         let (writer, reader) = spool::spool(limits, self.spool_dir.clone());
         let (tx, rx) = watch::channel(None);
         let name = fileset.to_string();
@@ -528,10 +533,10 @@ impl Sessions {
         let overlap = attached.overlap.take();
         let result = feed_spool(&attached, overlap, &mut data, acks).await;
         let e = match result {
-            Ok(digest) => {
+            Ok(()) => {
                 // The stream is complete and checked: let the receive finish.
                 session.state().phase = Phase::Finishing;
-                session.writer.finish(digest);
+                session.writer.finish();
                 let outcome = self.finish(&session, acks).await;
                 self.forget(&session);
                 return outcome.map_err(|(code, message)| failed(code, message));
@@ -630,16 +635,18 @@ impl Sessions {
     }
 }
 
-/// Moves the stream into the spool, acknowledging as it goes; at a clean, checked end, the
-/// whole stream's BLAKE3 (hex). A resume short of what the session holds (`overlap`) checks
-/// its first bytes against what is held instead of spooling them.
-async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, mut overlap: Option<Overlap>, data: &mut IncomingData, acks: &mut W) -> Result<String> {
+/// Moves the stream into the spool, acknowledging as it goes, to its clean end, where the
+/// whole stream's length and BLAKE3 are checked. A resume short of what the session holds
+/// (`overlap`) checks its first bytes against what is held instead of spooling them.
+async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, mut overlap: Option<Overlap>, data: &mut IncomingData, acks: &mut W) -> Result<()> {
     let session = &attached.session;
     let token = &attached.token;
     // Said to a feeder that is cut off for another connection (an origin that died and came
     // back resumed on a new one): an answer of this node, not a failed receive.
     let taken_over = || failed(ErrorCode::Aborted, "another connection took the transfer over");
-    let mut buf = BytesMut::with_capacity(2 * PUSH);
+    // Small pieces are gathered here into chunks of about PUSH; a large one that holds its own
+    // allocation goes into the spool as it came (no copy).
+    let mut buf = BytesMut::new();
     let mut last_ack = (session.state().offset, Instant::now());
     if overlap.is_some() {
         // What the session holds is acknowledged at once: the origin must not see a stall
@@ -647,23 +654,29 @@ async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, mut overlap: Opt
         write_message(acks, &Message::Ack { offset: last_ack.0 }).await.map_err(|e| anyhow!("cannot acknowledge: {e}"))?;
     }
     loop {
-        if buf.capacity() - buf.len() < PUSH {
-            buf.reserve(PUSH);
-        }
         // Read; but push what there is when the stream pauses, so that acknowledgements
         // keep up with a slow origin.
         let read = tokio::select! {
             _ = token.cancelled() => return Err(taken_over()),
-            n = data.reader.read_buf(&mut buf) => Some(n?),
+            next = data.next_chunk() => Some(next?),
             _ = tokio::time::sleep(ACK_INTERVAL), if !buf.is_empty() => None,
         };
-        let end = read == Some(0);
-        if read.is_some() && !end && buf.len() < PUSH {
-            continue;
-        }
-        if let Some(o) = overlap.as_mut().filter(|_| !buf.is_empty()) {
-            let n = buf.len().min(usize::try_from(o.left).unwrap_or(usize::MAX));
-            o.hasher.update(&buf.split_to(n));
+        let end = matches!(read, Some(None));
+        let chunk = match read {
+            Some(Some(piece)) if buf.is_empty() && piece.len() > OWN_ALLOCATION && data.own_allocations() => piece,
+            Some(Some(piece)) => {
+                buf.extend_from_slice(&piece);
+                if buf.len() < PUSH {
+                    continue;
+                }
+                buf.split().freeze()
+            }
+            Some(None) | None => buf.split().freeze(),
+        };
+        let mut chunk = chunk;
+        if let Some(o) = overlap.as_mut().filter(|_| !chunk.is_empty()) {
+            let n = chunk.len().min(usize::try_from(o.left).unwrap_or(usize::MAX));
+            o.hasher.update(&chunk.split_to(n));
             o.left -= n as u64;
             if o.left == 0 {
                 let (offset, held) = session.held();
@@ -678,8 +691,7 @@ async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, mut overlap: Opt
                 overlap = None;
             }
         }
-        if overlap.is_none() && !buf.is_empty() {
-            let chunk = buf.split().freeze();
+        if !chunk.is_empty() {
             // Only the wait for room may be given up: once the chunk goes in, it is counted.
             tokio::select! {
                 _ = token.cancelled() => return Err(taken_over()),
@@ -703,5 +715,5 @@ async fn feed_spool<W: AsyncWrite + Unpin>(attached: &Attached, mut overlap: Opt
     }
     let (offset, digest) = session.held();
     data.check_end(offset, &digest)?;
-    Ok(digest)
+    Ok(())
 }

@@ -22,6 +22,8 @@ pub const MAX_PAYLOAD: usize = 4 << 20;
 /// of the control path. 64 KiB holds a listing of some 600 snapshots.
 pub const MAX_MESSAGE: usize = 64 << 10;
 const HEADER: usize = 5;
+/// A data frame's header with its checksum: what goes before the chunk.
+pub const DATA_HEADER: usize = HEADER + 4;
 const KIND_MESSAGE: u8 = 1;
 const KIND_DATA: u8 = 2;
 
@@ -58,8 +60,8 @@ impl Frame {
     }
 
     /// Encodes the header of a data frame for `chunk` (checksum included); the chunk follows.
-    pub fn data_header(chunk: &[u8]) -> [u8; HEADER + 4] {
-        let mut out = [0u8; HEADER + 4];
+    pub fn data_header(chunk: &[u8]) -> [u8; DATA_HEADER] {
+        let mut out = [0u8; DATA_HEADER];
         out[0] = KIND_DATA;
         out[1..5].copy_from_slice(&((chunk.len() + 4) as u32).to_be_bytes());
         out[5..9].copy_from_slice(&crc32c::crc32c(chunk).to_be_bytes());
@@ -101,22 +103,72 @@ impl Frame {
     }
 }
 
+/// Data frames larger than this are handed on in an allocation of their own size (by every
+/// [`FrameSource`]), so that the replica may keep them as they are without pinning more.
+pub const OWN_ALLOCATION: usize = 64 << 10;
+
+/// Where an incoming stream's frames come from: a [`FrameReader`] over a byte stream (QUIC),
+/// or the LAN path's checked records (`lan::LanFrames`). Either hands on a data frame larger
+/// than [`OWN_ALLOCATION`] in an allocation of its own.
+pub trait FrameSource: Send {
+    /// The next frame; `Ok(None)` when the stream ended cleanly between frames.
+    fn next(&mut self) -> impl std::future::Future<Output = std::io::Result<Option<Frame>>> + Send;
+}
+
+impl<R: AsyncRead + Unpin + Send> FrameSource for FrameReader<R> {
+    fn next(&mut self) -> impl std::future::Future<Output = std::io::Result<Option<Frame>>> + Send {
+        FrameReader::next(self)
+    }
+}
+
 /// Reads frames from an async byte stream.
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
+    /// A large frame being read into a buffer of its own, and its length on the wire.
+    large: Option<(BytesMut, usize)>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, buf: BytesMut::with_capacity(64 * 1024) }
+        FrameReader { inner, buf: BytesMut::with_capacity(64 * 1024), large: None }
     }
 
     /// The next frame; `Ok(None)` when the stream ended cleanly between frames.
+    ///
+    /// A large frame is read into a buffer of its own once its header is in (its header was
+    /// checked by then): its bytes are copied only from the stream, not once more out of a
+    /// shared buffer.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: what was read stays in the reader for the next call.
     pub async fn next(&mut self) -> std::io::Result<Option<Frame>> {
         loop {
             if let Some(frame) = Frame::decode(&mut self.buf).map_err(invalid)? {
-                return Ok(Some(frame));
+                return Ok(Some(match frame {
+                    Frame::Data(chunk) if chunk.len() > OWN_ALLOCATION => Frame::Data(Bytes::copy_from_slice(&chunk)),
+                    other => other,
+                }));
+            }
+            if self.buf.len() >= HEADER {
+                // `decode` checked the header: the frame's kind is known, its length within limits.
+                let total = HEADER + u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                if total - HEADER > OWN_ALLOCATION {
+                    let mut frame = BytesMut::with_capacity(total);
+                    frame.extend_from_slice(&self.buf);
+                    self.buf.clear();
+                    self.large = Some((frame, total));
+                }
+            }
+            if let Some((frame, total)) = &mut self.large {
+                while frame.len() < *total {
+                    let want = (*total - frame.len()) as u64;
+                    if (&mut self.inner).take(want).read_buf(frame).await? == 0 {
+                        return Err(invalid(FrameError::Truncated(frame.len())));
+                    }
+                }
+                let (mut frame, _) = self.large.take().expect("a large frame under way");
+                return Frame::decode(&mut frame).map_err(invalid);
             }
             if self.inner.read_buf(&mut self.buf).await? == 0 {
                 return if self.buf.is_empty() { Ok(None) } else { Err(invalid(FrameError::Truncated(self.buf.len()))) };
@@ -125,7 +177,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-fn invalid(e: FrameError) -> std::io::Error {
+pub(crate) fn invalid(e: FrameError) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e)
 }
 
@@ -194,6 +246,29 @@ mod tests {
         // Data frames keep their own, larger limit.
         let data = [&[2u8][..], &(MAX_PAYLOAD as u32).to_be_bytes()].concat();
         assert_eq!(Frame::decode(&mut BytesMut::from(&data[..])), Ok(None));
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_arrives_whole_through_its_own_buffer() {
+        let chunk: Vec<u8> = (0..3 * OWN_ALLOCATION).map(|i| i as u8).collect();
+        let mut wire = Frame::message(b"{}").to_vec();
+        wire.extend(data_frame(&chunk));
+        wire.extend(data_frame(b"small"));
+        // Through a pipe that carries a few KiB at a time.
+        let (mut tx, rx) = tokio::io::duplex(4096);
+        let sent = wire.clone();
+        let writer = tokio::spawn(async move { tokio::io::AsyncWriteExt::write_all(&mut tx, &sent).await.unwrap() });
+        let mut r = FrameReader::new(rx);
+        assert_eq!(r.next().await.unwrap(), Some(Frame::Message(Bytes::from_static(b"{}"))));
+        assert_eq!(r.next().await.unwrap(), Some(Frame::Data(Bytes::from(chunk))));
+        assert_eq!(r.next().await.unwrap(), Some(Frame::Data(Bytes::from_static(b"small"))));
+        writer.await.unwrap();
+        assert_eq!(r.next().await.unwrap(), None);
+        // Cut inside the large frame.
+        let mut r = FrameReader::new(&wire[..7 + 1000]);
+        r.next().await.unwrap();
+        let err = r.next().await.unwrap_err();
+        assert!(err.to_string().contains("ended inside a frame"), "{err}");
     }
 
     #[tokio::test]

@@ -6,8 +6,9 @@
 //! with a one-time ticket instead of `ready`: a random transfer id and a random 32-byte key,
 //! sent over the authenticated, encrypted QUIC stream, so the key is bound to the peer's
 //! certificate. The origin then opens a TCP connection to the replica (the port of its QUIC
-//! `listen:` address) and sends the same frames it would have sent on the QUIC stream, cut
-//! into MAC'd records:
+//! `listen:` address) and sends the same frames it would have sent on the QUIC stream, one
+//! frame per MAC'd record (the replica hands a frame that is its record on without copying
+//! it, [`LanFrames`]):
 //!
 //! ```text
 //! hello:  "snapLAN1" | transfer id (16) | MAC(key; seq 0 | transfer id)
@@ -17,7 +18,7 @@
 //! records from 1), so a record cannot be forged, changed, replayed, reordered or dropped
 //! without the replica noticing; a cut at a record boundary is caught by the protocol, whose
 //! stream only ends cleanly with its `end` marker. The replica checks each record's MAC
-//! before any byte of it goes further ([`reader`]): nothing unauthenticated reaches the frame
+//! before any byte of it goes further ([`LanFrames`]): nothing unauthenticated reaches the frame
 //! decoder, let alone `btrfs receive`. A failed check ends the connection (logged), and the
 //! transfer is treated as cut: the replica keeps what it held before the bad record.
 //!
@@ -44,10 +45,10 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, oneshot};
-use tokio_util::io::StreamReader;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::frame::{Frame, FrameSource};
 use super::transfer::IncomingError;
 use super::{Dialer, RequestStream};
 
@@ -191,22 +192,27 @@ pub async fn connect(node: &str, address: &str, ticket: &Ticket) -> Result<LanWr
 ///
 /// Each write becomes one record (at most [`MAX_RECORD`] of it), written through to `inner`
 /// before the write returns: nothing waits in this writer for a flush, so a stream that
-/// pauses still reaches the replica whole.
+/// pauses still reaches the replica whole. The record goes out in vectored writes of its
+/// length, the caller's bytes themselves and its MAC: the payload is not copied here.
 ///
 /// # Cancel safety
 /// A write that returned `Pending` has its record under way: as with `write_all`, the caller
-/// must retry with the same bytes (or drop the writer). A write that failed drops the record.
+/// must retry with the same bytes (or drop the writer); a flush or shutdown meanwhile is an
+/// error. A write that failed drops the record.
 pub struct LanWriter<W> {
     inner: W,
     key: [u8; KEY_LEN],
     seq: u64,
-    /// The encoded record being written, and how much of it went out.
-    out: Vec<u8>,
-    pos: usize,
-    /// The length of the caller's write that `out` encodes, while it is under way.
+    /// The record under way: its length and MAC, the length of the caller's write it holds,
+    /// and how much of the record (length, payload, MAC) went out.
+    head: [u8; 4],
+    tag: [u8; MAC_LEN],
     pending: Option<usize>,
-    /// The flip test hook: the payload byte at this offset is flipped after its MAC.
+    pos: usize,
+    /// The flip test hook: the payload byte at this offset is flipped after its MAC; the
+    /// record that holds it goes out from `flipped`, a copy.
     flip: Option<u64>,
+    flipped: Option<Vec<u8>>,
     payload_bytes: u64,
 }
 
@@ -215,41 +221,74 @@ impl<W: AsyncWrite + Unpin> LanWriter<W> {
         // The LAN path takes the flip hook, so that the flip happens on its wire, after the
         // MAC (the frame's CRC is then intact, and the MAC is what must catch it).
         let flip = super::transfer::flip_hook();
-        LanWriter { inner, key, seq: 1, out: Vec::new(), pos: 0, pending: None, flip, payload_bytes: 0 }
+        Self::with_flip(inner, key, flip)
     }
 
+    fn with_flip(inner: W, key: [u8; KEY_LEN], flip: Option<u64>) -> Self {
+        LanWriter { inner, key, seq: 1, head: [0; 4], tag: [0; MAC_LEN], pending: None, pos: 0, flip, flipped: None, payload_bytes: 0 }
+    }
+
+    /// Starts the record of `payload`.
     fn encode(&mut self, payload: &[u8]) {
-        self.out.clear();
-        self.out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        self.out.extend_from_slice(payload);
-        self.out.extend_from_slice(mac(&self.key, self.seq, payload).as_bytes());
+        self.head = (payload.len() as u32).to_be_bytes();
+        self.tag = *mac(&self.key, self.seq, payload).as_bytes();
         if let Some(offset) = self.flip
             && offset < self.payload_bytes + payload.len() as u64
         {
-            self.out[4 + (offset - self.payload_bytes) as usize] ^= 0x01;
+            let mut copy = payload.to_vec();
+            copy[(offset - self.payload_bytes) as usize] ^= 0x01;
             tracing::warn!(offset, "test hook: flipped one byte on the LAN path");
+            self.flipped = Some(copy);
             self.flip = None;
         }
         self.payload_bytes += payload.len() as u64;
         self.seq += 1;
         self.pos = 0;
+        self.pending = Some(payload.len());
     }
 
-    /// Writes the rest of the record under way.
-    fn drain(&mut self, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        while self.pos < self.out.len() {
-            match ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.pos..])) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => self.pos += n,
-                Err(e) => {
-                    self.out.clear();
-                    self.pos = 0;
-                    self.pending = None;
-                    return Poll::Ready(Err(e));
-                }
+    fn abandon(&mut self) {
+        self.pending = None;
+        self.flipped = None;
+        self.pos = 0;
+    }
+
+    /// Writes the rest of the record under way, whose payload is `payload`.
+    fn drain(&mut self, cx: &mut TaskContext<'_>, payload: &[u8]) -> Poll<io::Result<()>> {
+        let Some(len) = self.pending else { return Poll::Ready(Ok(())) };
+        let flipped = self.flipped.take();
+        let payload = flipped.as_deref().unwrap_or(&payload[..len]);
+        let total = 4 + len + MAC_LEN;
+        let result = loop {
+            if self.pos == total {
+                break Ok(());
             }
+            let pos = self.pos;
+            let parts = [&self.head[pos.min(4)..], &payload[pos.saturating_sub(4).min(len)..], &self.tag[pos.saturating_sub(4 + len)..]];
+            let slices = parts.map(io::IoSlice::new);
+            match Pin::new(&mut self.inner).poll_write_vectored(cx, &slices) {
+                Poll::Pending => {
+                    self.flipped = flipped.clone();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(0)) => break Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => self.pos += n,
+                Poll::Ready(Err(e)) => break Err(e),
+            }
+        };
+        match result {
+            Ok(()) => self.pending = None,
+            Err(_) => self.abandon(),
         }
-        Poll::Ready(Ok(()))
+        Poll::Ready(result)
+    }
+
+    /// A flush or shutdown: only between records (the bytes of one under way are the caller's).
+    fn between_records(&self) -> io::Result<()> {
+        match self.pending {
+            None => Ok(()),
+            Some(_) => Err(io::Error::other("the LAN path's writer was flushed in the middle of a record")),
+        }
     }
 }
 
@@ -260,21 +299,24 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for LanWriter<W> {
             if buf.is_empty() {
                 return Poll::Ready(Ok(0));
             }
-            let n = buf.len().min(MAX_RECORD);
-            this.encode(&buf[..n]);
-            this.pending = Some(n);
+            this.encode(&buf[..buf.len().min(MAX_RECORD)]);
         }
-        ready!(this.drain(cx))?;
-        Poll::Ready(Ok(this.pending.take().expect("a record under way")))
+        let len = this.pending.expect("a record under way");
+        if buf.len() < len {
+            this.abandon();
+            return Poll::Ready(Err(io::Error::other("the LAN path's writer was given other bytes to retry a write with")));
+        }
+        ready!(this.drain(cx, buf))?;
+        Poll::Ready(Ok(len))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        ready!(self.drain(cx))?;
+        self.between_records()?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        ready!(self.drain(cx))?;
+        self.between_records()?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -338,12 +380,12 @@ impl Pending {
         &self.ticket
     }
 
-    /// The transfer's stream, once the origin's TCP connection presented the ticket (within
-    /// `within`), as checked records' payloads.
-    pub async fn connected(mut self, within: Duration) -> Result<Box<dyn AsyncRead + Send + Unpin>> {
+    /// The transfer's frames, once the origin's TCP connection presented the ticket (within
+    /// `within`), out of checked records.
+    pub async fn connected(mut self, within: Duration) -> Result<LanFrames<TcpStream>> {
         let rx = self.connected.take().expect("waited once");
         match tokio::time::timeout(within, rx).await {
-            Ok(Ok(tcp)) => Ok(reader(tcp, self.ticket.key, self.peer.clone())),
+            Ok(Ok(tcp)) => Ok(LanFrames::new(tcp, self.ticket.key, self.peer.clone())),
             Ok(Err(_)) => bail!("the LAN listener of this node stopped"),
             Err(_) => bail!(
                 "the origin's TCP connection for the LAN path did not arrive within {}s; is TCP to this node's `listen:` port let through?",
@@ -359,30 +401,79 @@ impl Drop for Pending {
     }
 }
 
-/// The payloads of the MAC'd records read from `inner`, each checked before it is yielded;
-/// the stream's clean end is the connection's end at a record boundary.
-pub fn reader<R: AsyncRead + Send + Unpin + 'static>(inner: R, key: [u8; KEY_LEN], peer: String) -> Box<dyn AsyncRead + Send + Unpin> {
-    let records = futures::stream::unfold(Some((inner, 1u64)), move |state| {
-        let peer = peer.clone();
-        async move {
-            let (mut inner, seq) = state?;
-            match read_record(&mut inner, &key, seq).await {
-                Ok(Some(payload)) => Some((Ok(payload), Some((inner, seq + 1)))),
-                Ok(None) => None,
+/// The frames inside the MAC'd records read from `inner`, each record checked before any of
+/// it is looked at; the stream's clean end is the connection's end at a record and frame
+/// boundary.
+///
+/// The origin writes each frame as one record, so a frame usually is its record's payload,
+/// handed on as it was read (no copy). A frame that shares its record with others, or spans
+/// records, is copied out, so that every frame handed on holds an allocation of its own size
+/// (see [`FrameSource`]): a hostile origin cannot make a spooled frame pin a larger one.
+pub struct LanFrames<R> {
+    inner: Option<R>,
+    key: [u8; KEY_LEN],
+    peer: String,
+    /// The next record's sequence number.
+    seq: u64,
+    /// Checked bytes not yet decoded into frames, and whether they are exactly one record.
+    buf: BytesMut,
+    whole_record: bool,
+}
+
+impl<R: AsyncRead + Send + Unpin> LanFrames<R> {
+    pub fn new(inner: R, key: [u8; KEY_LEN], peer: String) -> Self {
+        LanFrames { inner: Some(inner), key, peer, seq: 1, buf: BytesMut::new(), whole_record: false }
+    }
+
+    /// # Cancel safety
+    /// Not cancel-safe: a call given up may lose part of a record, and the stream is over
+    /// (the replica's frame task gives up only to end the stream).
+    async fn next_frame(&mut self) -> io::Result<Option<Frame>> {
+        loop {
+            if let Some(frame) = Frame::decode(&mut self.buf).map_err(super::frame::invalid)? {
+                // The frame was its record, all of it: it holds that record's allocation alone.
+                let compact = self.whole_record && self.buf.is_empty();
+                self.whole_record = false;
+                return Ok(Some(match frame {
+                    Frame::Data(chunk) if !compact => Frame::Data(Bytes::copy_from_slice(&chunk)),
+                    other => other,
+                }));
+            }
+            let Some(inner) = self.inner.as_mut() else { return Err(io::Error::other("the LAN path's connection was dropped after an error")) };
+            let seq = self.seq;
+            match read_record(inner, &self.key, seq).await {
+                Ok(Some(record)) => {
+                    self.seq += 1;
+                    if self.buf.is_empty() {
+                        self.buf = record;
+                        self.whole_record = true;
+                    } else {
+                        self.buf.extend_from_slice(&record);
+                        self.whole_record = false;
+                    }
+                }
+                Ok(None) if self.buf.is_empty() => return Ok(None),
+                Ok(None) => return Err(super::frame::invalid(super::frame::FrameError::Truncated(self.buf.len()))),
                 Err(e) => {
                     if e.kind() == io::ErrorKind::InvalidData {
-                        tracing::warn!(peer = %peer, record = seq, "dropping the LAN path's connection: {e}");
+                        tracing::warn!(peer = %self.peer, record = seq, "dropping the LAN path's connection: {e}");
                     }
-                    Some((Err(e), None)) // dropping `inner` closes the connection
+                    self.inner = None; // closes the connection
+                    return Err(e);
                 }
             }
         }
-    });
-    Box::new(StreamReader::new(Box::pin(records)))
+    }
+}
+
+impl<R: AsyncRead + Send + Unpin> FrameSource for LanFrames<R> {
+    fn next(&mut self) -> impl std::future::Future<Output = io::Result<Option<Frame>>> + Send {
+        self.next_frame()
+    }
 }
 
 /// Record `seq`: its checked payload, `None` at a clean end before it.
-async fn read_record<R: AsyncRead + Unpin>(inner: &mut R, key: &[u8; KEY_LEN], seq: u64) -> io::Result<Option<Bytes>> {
+async fn read_record<R: AsyncRead + Unpin>(inner: &mut R, key: &[u8; KEY_LEN], seq: u64) -> io::Result<Option<BytesMut>> {
     let mut header = [0u8; 4];
     let mut got = 0;
     while got < header.len() {
@@ -396,17 +487,20 @@ async fn read_record<R: AsyncRead + Unpin>(inner: &mut R, key: &[u8; KEY_LEN], s
     if len > MAX_RECORD {
         return Err(tampered(format!("record {seq} announces {len} bytes, more than the limit of {MAX_RECORD}")));
     }
-    let mut body = BytesMut::zeroed(len + MAC_LEN);
-    inner
-        .read_exact(&mut body)
-        .await
-        .map_err(|e| if e.kind() == io::ErrorKind::UnexpectedEof { tampered(format!("the connection ended inside record {seq}")) } else { e })?;
+    // Read straight into the record's own buffer (not zeroed first: `read_buf` fills it).
+    let mut body = BytesMut::with_capacity(len + MAC_LEN);
+    while body.len() < len + MAC_LEN {
+        let want = len + MAC_LEN - body.len();
+        if (&mut *inner).take(want as u64).read_buf(&mut body).await? == 0 {
+            return Err(tampered(format!("the connection ended inside record {seq}")));
+        }
+    }
     let sent: [u8; MAC_LEN] = body[len..].try_into().expect("sized");
     if mac(key, seq, &body[..len]) != blake3::Hash::from(sent) {
         return Err(tampered(format!("record {seq} fails its MAC (changed, replayed or out of order in flight)")));
     }
     body.truncate(len);
-    Ok(Some(body.freeze()))
+    Ok(Some(body))
 }
 
 fn tampered(why: String) -> io::Error {
@@ -481,19 +575,38 @@ async fn handshake(mut tcp: TcpStream, remote: SocketAddr, tickets: &LanTickets)
 mod tests {
     use super::*;
 
+    /// A data frame of `chunk`, as the origin writes it (one write).
+    fn data_frame(chunk: &[u8]) -> Vec<u8> {
+        [&Frame::data_header(chunk)[..], chunk].concat()
+    }
+
+    /// The data frames read from `wire` until its end, and whether each was handed on
+    /// without a copy (it was its record).
+    async fn frames_of(wire: Vec<u8>, key: [u8; KEY_LEN]) -> io::Result<Vec<Bytes>> {
+        let mut frames = LanFrames::new(std::io::Cursor::new(wire), key, "alpha".into());
+        let mut out = Vec::new();
+        while let Some(frame) = frames.next_frame().await? {
+            match frame {
+                Frame::Data(chunk) => out.push(chunk),
+                Frame::Message(_) => panic!("no messages here"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// `data` in data frames of 1000 bytes, one record each, through the LAN path.
     async fn through(data: &[u8], tamper: impl FnOnce(&mut Vec<u8>)) -> io::Result<Vec<u8>> {
         let key = [7u8; KEY_LEN];
         let mut wire = Vec::new();
         {
-            let mut w = LanWriter { inner: &mut wire, key, seq: 1, out: Vec::new(), pos: 0, pending: None, flip: None, payload_bytes: 0 };
+            let mut w = LanWriter::with_flip(&mut wire, key, None);
             for piece in data.chunks(1000) {
-                w.write_all(piece).await.unwrap();
+                w.write_all(&data_frame(piece)).await.unwrap();
             }
             w.shutdown().await.unwrap();
         }
         tamper(&mut wire);
-        let mut out = Vec::new();
-        reader(std::io::Cursor::new(wire), key, "alpha".into()).read_to_end(&mut out).await.map(|_| out)
+        Ok(frames_of(wire, key).await?.concat())
     }
 
     fn code(e: io::Error) -> String {
@@ -511,7 +624,7 @@ mod tests {
     #[tokio::test]
     async fn a_changed_dropped_replayed_or_swapped_record_is_refused() {
         let data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
-        let record = 4 + 1000 + MAC_LEN;
+        let record = 4 + super::super::frame::DATA_HEADER + 1000 + MAC_LEN;
         let err = through(&data, |w| w[10] ^= 1).await.unwrap_err();
         assert!(err.to_string().contains("record 1 fails its MAC"), "{err}");
         assert_eq!(code(err), "Checksum");
@@ -532,10 +645,45 @@ mod tests {
     #[tokio::test]
     async fn a_record_under_another_key_is_refused() {
         let mut wire = Vec::new();
-        let mut w = LanWriter { inner: &mut wire, key: [1; KEY_LEN], seq: 1, out: Vec::new(), pos: 0, pending: None, flip: None, payload_bytes: 0 };
-        w.write_all(b"hello").await.unwrap();
-        let err = reader(std::io::Cursor::new(wire), [2; KEY_LEN], "alpha".into()).read_to_end(&mut Vec::new()).await.unwrap_err();
+        let mut w = LanWriter::with_flip(&mut wire, [1; KEY_LEN], None);
+        w.write_all(&data_frame(b"hello")).await.unwrap();
+        let err = frames_of(wire, [2; KEY_LEN]).await.unwrap_err();
         assert!(err.to_string().contains("fails its MAC"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_frame_alone_in_its_record_is_handed_on_as_read_others_are_copied_out() {
+        let key = [3u8; KEY_LEN];
+        let mut wire = Vec::new();
+        let mut w = LanWriter::with_flip(&mut wire, key, None);
+        w.write_all(&data_frame(&[1; 5000])).await.unwrap();
+        // Two frames in one record, then one frame cut across two records.
+        w.write_all(&[data_frame(&[2; 100]), data_frame(&[3; 200])].concat()).await.unwrap();
+        let split = data_frame(&[4; 300]);
+        w.write_all(&split[..50]).await.unwrap();
+        w.write_all(&split[50..]).await.unwrap();
+        let mut frames = LanFrames::new(std::io::Cursor::new(wire), key, "alpha".into());
+        let mut got = Vec::new();
+        while let Some(Frame::Data(chunk)) = frames.next_frame().await.unwrap() {
+            got.push(chunk);
+        }
+        assert_eq!(got.iter().map(|c| (c[0], c.len())).collect::<Vec<_>>(), [(1, 5000), (2, 100), (3, 200), (4, 300)]);
+    }
+
+    #[tokio::test]
+    async fn the_flip_hook_changes_the_wire_after_the_mac() {
+        let key = [5u8; KEY_LEN];
+        let mut wire = Vec::new();
+        let mut w = LanWriter::with_flip(&mut wire, key, Some(1500));
+        let frame = data_frame(&[0u8; 1000]);
+        w.write_all(&frame).await.unwrap();
+        w.write_all(&frame).await.unwrap();
+        let second = &wire[4 + frame.len() + MAC_LEN + 4..][..frame.len()];
+        assert_eq!(second[1500 - frame.len()], frame[1500 - frame.len()] ^ 1, "the byte at payload offset 1500 went out flipped");
+        let mut frames = LanFrames::new(std::io::Cursor::new(wire), key, "alpha".into());
+        assert!(matches!(frames.next_frame().await.unwrap(), Some(Frame::Data(_))));
+        let err = frames.next_frame().await.unwrap_err();
+        assert!(err.to_string().contains("record 2 fails its MAC"), "{err}");
     }
 
     #[test]
@@ -572,12 +720,11 @@ mod tests {
         }
         // The ticket is still good for its owner, once.
         let mut w = connect("beta", &addr.to_string(), &good).await.unwrap();
-        let mut stream = pending.connected(Duration::from_secs(5)).await.unwrap();
-        w.write_all(b"the stream").await.unwrap();
+        let mut frames = pending.connected(Duration::from_secs(5)).await.unwrap();
+        w.write_all(&data_frame(b"the stream")).await.unwrap();
         w.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        stream.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"the stream");
+        assert_eq!(frames.next_frame().await.unwrap(), Some(Frame::Data(Bytes::from_static(b"the stream"))));
+        assert_eq!(frames.next_frame().await.unwrap(), None);
         let mut again = connect("beta", &addr.to_string(), &good).await.unwrap().inner;
         assert_eq!(again.read(&mut [0u8; 1]).await.unwrap_or(0), 0, "a used ticket is refused");
         assert!(tickets.waiting.lock().unwrap().is_empty());

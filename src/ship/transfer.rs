@@ -20,7 +20,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::StreamReader;
 
-use super::frame::{Frame, FrameReader};
+pub use super::frame::OWN_ALLOCATION;
+use super::frame::{DATA_HEADER, Frame, FrameReader, FrameSource};
 use super::meter::{Metered, Tally};
 use super::protocol::{ErrorCode, Message, WireCompression};
 use crate::config::units::{ByteRate, Compression};
@@ -109,13 +110,16 @@ pub async fn write_data<W: AsyncWrite + Unpin>(
     let mut pacer = Pacer::new(limit);
     let mut flip = flip_hook();
     let mut wire_bytes = 0u64;
-    let mut buf = BytesMut::with_capacity(CHUNK);
+    // A frame is built in one buffer, its header in front of its chunk, and goes out in one
+    // write (on the LAN path: one record).
+    let mut buf = BytesMut::with_capacity(DATA_HEADER + CHUNK);
     loop {
         buf.clear();
+        buf.resize(DATA_HEADER, 0);
         // Fill a chunk (fewer, larger frames), but send what there is at the end, or when
         // the stream pauses (a slow send must not look like a stalled replica).
-        while buf.len() < CHUNK / 2 {
-            let empty = buf.is_empty();
+        while buf.len() < DATA_HEADER + CHUNK / 2 {
+            let empty = buf.len() == DATA_HEADER;
             let read = source.read_buf(&mut buf);
             let n = if empty {
                 read.await
@@ -129,22 +133,23 @@ pub async fn write_data<W: AsyncWrite + Unpin>(
                 break;
             }
         }
-        if buf.is_empty() {
+        let chunk_len = buf.len() - DATA_HEADER;
+        if chunk_len == 0 {
             break;
         }
-        let header = Frame::data_header(&buf);
+        let header = Frame::data_header(&buf[DATA_HEADER..]);
+        buf[..DATA_HEADER].copy_from_slice(&header);
         if let Some(offset) = flip
-            && offset < wire_bytes + buf.len() as u64
+            && offset < wire_bytes + chunk_len as u64
         {
-            let i = (offset - wire_bytes) as usize;
+            let i = DATA_HEADER + (offset - wire_bytes) as usize;
             buf[i] ^= 0x01;
             tracing::warn!(offset, "test hook: flipped one byte in flight");
             flip = None;
         }
-        pacer.wait(header.len() + buf.len()).await;
-        out.write_all(&header).await.context("sending to the replica")?;
+        pacer.wait(buf.len()).await;
         out.write_all(&buf).await.context("sending to the replica")?;
-        wire_bytes += buf.len() as u64;
+        wire_bytes += chunk_len as u64;
         written.store(tally.bytes(), std::sync::atomic::Ordering::Relaxed);
     }
     drop(source);
@@ -215,20 +220,25 @@ impl IncomingError {
 }
 
 /// The replica's view of an incoming stream: frames are read by a task into a bounded
-/// channel, and [`IncomingData::reader`] yields the decompressed stream. Its clean end means
-/// the origin's end marker arrived; whether length and hash match is for the caller to check
-/// with [`IncomingData::check_end`] (a resumed stream's hash covers bytes from an earlier
-/// connection). Any failure is a read error, never a clean short stream.
+/// channel, and [`IncomingData::next_chunk`] yields the decompressed stream. Its clean end
+/// means the origin's end marker arrived; whether length and hash match is for the caller to
+/// check with [`IncomingData::check_end`] (a resumed stream's hash covers bytes from an
+/// earlier connection). Any failure is a read error, never a clean short stream.
 pub struct IncomingData {
-    pub reader: Box<dyn AsyncRead + Send + Unpin>,
+    chunks: Chunks,
     trailer: Arc<Mutex<Option<(u64, String)>>>,
 }
 
+enum Chunks {
+    /// The frames' chunks as they came (a large one in an allocation of its own, see
+    /// [`FrameSource`]).
+    Plain(mpsc::Receiver<io::Result<Bytes>>),
+    /// Decompressed, read into `buf`.
+    Zstd { reader: Box<dyn AsyncRead + Send + Unpin>, buf: BytesMut },
+}
+
 impl IncomingData {
-    pub fn new<R>(mut frames: FrameReader<R>, compression: WireCompression, stall: Duration) -> IncomingData
-    where
-        R: AsyncRead + Send + Unpin + 'static,
-    {
+    pub fn new<F: FrameSource + 'static>(mut frames: F, compression: WireCompression, stall: Duration) -> IncomingData {
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(CHANNEL_FRAMES);
         let trailer: Arc<Mutex<Option<(u64, String)>>> = Arc::default();
         let trailer_in = trailer.clone();
@@ -259,18 +269,48 @@ impl IncomingData {
             };
             let _ = tx.send(Err(io::Error::other(failure))).await;
         });
-        let reader = StreamReader::new(ReceiverStream::new(rx));
-        let reader: Box<dyn AsyncRead + Send + Unpin> = match compression {
-            WireCompression::None => Box::new(reader),
+        let chunks = match compression {
+            WireCompression::None => Chunks::Plain(rx),
             WireCompression::Zstd => {
                 // Read on past the end of the zstd frame, to the end of the stream: only then has
                 // the end marker (with the hash to check) arrived, and trailing junk is an error.
-                let mut decoder = ZstdDecoder::new(reader);
+                let mut decoder = ZstdDecoder::new(StreamReader::new(ReceiverStream::new(rx)));
                 decoder.multiple_members(true);
-                Box::new(decoder)
+                Chunks::Zstd { reader: Box::new(decoder), buf: BytesMut::new() }
             }
         };
-        IncomingData { reader, trailer }
+        IncomingData { chunks, trailer }
+    }
+
+    /// The next piece of the (decompressed) stream; `None` at its clean end.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a piece is taken out only when it is returned.
+    pub async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        match &mut self.chunks {
+            Chunks::Plain(frames) => loop {
+                match frames.recv().await {
+                    Some(Ok(chunk)) if chunk.is_empty() => continue,
+                    Some(chunk) => return chunk.map(Some),
+                    None => return Ok(None),
+                }
+            },
+            Chunks::Zstd { reader, buf } => {
+                buf.reserve(CHUNK);
+                match reader.read_buf(buf).await? {
+                    0 => Ok(None),
+                    _ => Ok(Some(buf.split().freeze())),
+                }
+            }
+        }
+    }
+
+    /// Whether a piece [`next_chunk`](Self::next_chunk) returns that is larger than
+    /// [`OWN_ALLOCATION`] may be kept as it is: it holds an allocation of its own size (the
+    /// frames' chunks). Otherwise (decompressed pieces) it may share a larger buffer, which
+    /// keeping it would pin: copy it.
+    pub fn own_allocations(&self) -> bool {
+        matches!(self.chunks, Chunks::Plain(_))
     }
 
     /// After the reader's clean end: whether the whole stream, `bytes` long and hashing to
@@ -290,10 +330,17 @@ mod tests {
 
     const STALL: Duration = Duration::from_secs(30);
 
+    async fn read_all(incoming: &mut IncomingData) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(chunk) = incoming.next_chunk().await? {
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
     /// Reads an incoming stream to its end and checks it, as the replica's session does.
     async fn read_checked(mut incoming: IncomingData) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        incoming.reader.read_to_end(&mut out).await?;
+        let out = read_all(&mut incoming).await?;
         incoming.check_end(out.len() as u64, blake3::hash(&out).to_hex().as_str())?;
         Ok(out)
     }
@@ -334,8 +381,7 @@ mod tests {
             write_message(&mut w, &Message::End { bytes: sent.bytes, blake3: sent.blake3 }).await.unwrap();
         });
         let mut incoming = IncomingData::new(FrameReader::new(server), WireCompression::Zstd, STALL);
-        let mut got = Vec::new();
-        incoming.reader.read_to_end(&mut got).await.unwrap();
+        let got = read_all(&mut incoming).await.unwrap();
         assert_eq!(got, data[1000..]);
         incoming.check_end(data.len() as u64, blake3::hash(&data).to_hex().as_str()).unwrap();
     }
@@ -344,7 +390,7 @@ mod tests {
     async fn a_silent_origin_is_a_stall() {
         let (client, server) = tokio::io::duplex(1024);
         let mut incoming = IncomingData::new(FrameReader::new(server), WireCompression::None, Duration::from_secs(5));
-        let err = incoming.reader.read_to_end(&mut Vec::new()).await.unwrap_err();
+        let err = read_all(&mut incoming).await.unwrap_err();
         assert!(err.to_string().contains("stall timeout"), "{err}");
         assert_eq!(IncomingError::code_of(&anyhow::Error::from(err)), ErrorCode::Stalled);
         drop(client);

@@ -629,16 +629,26 @@ async fn receive_into(dir: &Path, stream: &mut (dyn AsyncRead + Send + Unpin), m
     let mut process = Cmd::new("btrfs").arg("receive").arg("-q").arg("-e").arg("--chroot").arg(dir).spawn(Pipe::In)?;
     let mut stdin = process.stdin();
     let copied = async {
-        let (mut buf, mut out) = (vec![0u8; super::PIPE_BUFFER], Vec::with_capacity(super::PIPE_BUFFER));
+        // What the check lets through goes to the pipe as ranges of `buf` (one vectored
+        // write), not copied once more.
+        let (mut buf, mut pieces) = (vec![0u8; super::PIPE_BUFFER], Vec::new());
         loop {
             let n = tokio::io::AsyncReadExt::read(stream, &mut buf).await?;
             if n == 0 {
                 check.finish()?;
                 return Ok::<_, anyhow::Error>(());
             }
-            check.push(&buf[..n], &mut out)?;
-            stdin.write_all(&out).await?;
-            out.clear();
+            pieces.clear();
+            check.push(&buf[..n], &mut pieces)?;
+            let mut slices: Vec<std::io::IoSlice<'_>> = pieces.iter().map(|p| std::io::IoSlice::new(p.bytes(&buf[..n]))).collect();
+            let mut slices = &mut slices[..];
+            while !slices.is_empty() {
+                let written = stdin.write_vectored(slices).await?;
+                if written == 0 {
+                    return Err(std::io::Error::from(ErrorKind::WriteZero).into());
+                }
+                std::io::IoSlice::advance_slices(&mut slices, written);
+            }
         }
     }
     .await;

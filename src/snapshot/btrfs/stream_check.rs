@@ -23,6 +23,8 @@
 //! little-endian u32 version), then commands: a u32 length, a u16 command, a u32 crc, and
 //! `length` bytes of attributes (u16 type, u16 length, data).
 
+use std::ops::Range;
+
 use anyhow::{Result, bail};
 
 const MAGIC: &[u8; 13] = b"btrfs-stream\0";
@@ -54,6 +56,25 @@ enum State {
     Holding(usize),
 }
 
+/// What to forward, in order, after a [`StreamCheck::push`]: most of the stream is ranges of
+/// the bytes just pushed (forwarded as they are, not copied), the rest bytes the check held
+/// across pushes or adds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece {
+    Pushed(Range<usize>),
+    Held(Vec<u8>),
+}
+
+impl Piece {
+    /// The bytes of this piece, `data` being what was pushed.
+    pub fn bytes<'a>(&'a self, data: &'a [u8]) -> &'a [u8] {
+        match self {
+            Piece::Pushed(range) => &data[range.clone()],
+            Piece::Held(bytes) => bytes,
+        }
+    }
+}
+
 /// A push parser: feed it the stream as it comes, forward what it returns.
 pub struct StreamCheck {
     /// The identity (uuid) of the snapshot being received, and of its base.
@@ -62,6 +83,9 @@ pub struct StreamCheck {
     state: State,
     /// Bytes of a header or held command not yet complete.
     held: Vec<u8>,
+    /// Where in the bytes being pushed `held` starts, when all of it came in this push (then
+    /// it is forwarded as a range of them).
+    held_from: Option<usize>,
     /// Subvolume-making commands seen (a stream must make exactly one).
     made: usize,
     /// The last `utimes` of the root directory (path ""), whole, to repeat before `end`.
@@ -70,18 +94,30 @@ pub struct StreamCheck {
 
 impl StreamCheck {
     pub fn new(identity: &str, base: Option<&str>) -> StreamCheck {
-        StreamCheck { identity: identity.to_lowercase(), base: base.map(str::to_lowercase), state: State::Header, held: Vec::new(), made: 0, root_times: None }
+        StreamCheck {
+            identity: identity.to_lowercase(),
+            base: base.map(str::to_lowercase),
+            state: State::Header,
+            held: Vec::new(),
+            held_from: None,
+            made: 0,
+            root_times: None,
+        }
     }
 
-    /// Takes the next bytes of the stream; appends to `out` what may be forwarded now. An
-    /// error: the stream does something the replica did not agree to (forward nothing more).
-    pub fn push(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        while !data.is_empty() {
+    /// Takes the next bytes of the stream, `data`; appends to `out` what may be forwarded
+    /// now (ranges of `data` and held bytes, in order). An error: the stream does something
+    /// the replica did not agree to (forward nothing more).
+    pub fn push(&mut self, data: &[u8], out: &mut Vec<Piece>) -> Result<()> {
+        // What is held from an earlier push is not in `data`.
+        self.held_from = None;
+        let mut pos = 0;
+        while pos < data.len() {
             match self.state {
                 State::Passing(left) => {
-                    let n = left.min(data.len());
-                    out.extend_from_slice(&data[..n]);
-                    data = &data[n..];
+                    let n = left.min(data.len() - pos);
+                    forward(out, pos..pos + n);
+                    pos += n;
                     self.state = if n == left { State::Command } else { State::Passing(left - n) };
                 }
                 State::Header | State::Command | State::Holding(_) => {
@@ -91,11 +127,14 @@ impl StreamCheck {
                         State::Holding(total) => total,
                         State::Passing(_) => unreachable!("handled above"),
                     };
-                    let n = (want - self.held.len()).min(data.len());
-                    self.held.extend_from_slice(&data[..n]);
-                    data = &data[n..];
+                    if self.held.is_empty() {
+                        self.held_from = Some(pos);
+                    }
+                    let n = (want - self.held.len()).min(data.len() - pos);
+                    self.held.extend_from_slice(&data[pos..pos + n]);
+                    pos += n;
                     if self.held.len() == want {
-                        self.complete(out)?;
+                        self.complete(out, pos)?;
                     }
                 }
             }
@@ -115,14 +154,15 @@ impl StreamCheck {
         Ok(())
     }
 
-    /// `held` holds a whole header or command: check it, release it, move on.
-    fn complete(&mut self, out: &mut Vec<u8>) -> Result<()> {
+    /// `held` holds a whole header or command, which ends at `pos` in the bytes being pushed:
+    /// check it, release it, move on.
+    fn complete(&mut self, out: &mut Vec<Piece>, pos: usize) -> Result<()> {
         match self.state {
             State::Header => {
                 if &self.held[..13] != MAGIC {
                     bail!("not a btrfs send stream (no btrfs-stream header)");
                 }
-                self.release(out, State::Command);
+                self.release(out, pos, State::Command);
             }
             State::Command => {
                 let len = u32::from_le_bytes(self.held[0..4].try_into().expect("4 bytes")) as usize;
@@ -133,10 +173,10 @@ impl StreamCheck {
                     }
                     self.state = State::Holding(COMMAND_HEADER + len);
                     if len == 0 {
-                        return self.complete(out);
+                        return self.complete(out, pos);
                     }
                 } else {
-                    self.release(out, if len == 0 { State::Command } else { State::Passing(len) });
+                    self.release(out, pos, if len == 0 { State::Command } else { State::Passing(len) });
                 }
             }
             State::Holding(_) => {
@@ -149,20 +189,27 @@ impl StreamCheck {
                     }
                     C_END => {
                         if let Some(times) = self.root_times.take() {
-                            out.extend_from_slice(&times);
+                            out.push(Piece::Held(times));
                         }
                     }
                     _ => self.check_command()?,
                 }
-                self.release(out, State::Command);
+                self.release(out, pos, State::Command);
             }
             State::Passing(_) => unreachable!("nothing is held while passing"),
         }
         Ok(())
     }
 
-    fn release(&mut self, out: &mut Vec<u8>, next: State) {
-        out.append(&mut self.held);
+    /// Forwards what is held (which ends at `pos` in the bytes being pushed).
+    fn release(&mut self, out: &mut Vec<Piece>, pos: usize, next: State) {
+        match self.held_from.take() {
+            Some(from) => {
+                forward(out, from..pos);
+                self.held.clear();
+            }
+            None => out.push(Piece::Held(std::mem::take(&mut self.held))),
+        }
         self.state = next;
     }
 
@@ -198,6 +245,17 @@ impl StreamCheck {
         }
         Ok(())
     }
+}
+
+/// Appends `range` of the pushed bytes to `out`, as part of the previous piece if it ends there.
+fn forward(out: &mut Vec<Piece>, range: Range<usize>) {
+    if let Some(Piece::Pushed(last)) = out.last_mut()
+        && last.end == range.start
+    {
+        last.end = range.end;
+        return;
+    }
+    out.push(Piece::Pushed(range));
 }
 
 /// The data of the first attribute of `wanted` type among `attrs`.
@@ -254,7 +312,11 @@ mod tests {
         let mut check = StreamCheck::new(&uuid_text(&ME), base.map(|b| uuid_text(b)).as_deref());
         let mut out = Vec::new();
         for piece in bytes.chunks(step) {
-            check.push(piece, &mut out)?;
+            let mut pieces = Vec::new();
+            check.push(piece, &mut pieces)?;
+            for p in &pieces {
+                out.extend_from_slice(p.bytes(piece));
+            }
         }
         check.finish()?;
         Ok(out)
@@ -315,7 +377,16 @@ mod tests {
         let mut check = StreamCheck::new(&uuid_text(&ME), Some(&uuid_text(&BASE)));
         let mut out = Vec::new();
         assert!(check.push(&on(&OTHER), &mut out).is_err());
-        assert_eq!(out.len(), HEADER, "only the stream header went through");
+        assert_eq!(out, [Piece::Pushed(0..HEADER)], "only the stream header went through");
+    }
+
+    #[test]
+    fn a_stream_pushed_in_large_pieces_is_forwarded_as_ranges_of_them() {
+        let full = stream(&[command(C_SUBVOL, &[tlv(15, b"snap"), tlv(A_UUID, &ME)]), write(5000), write(70_000), command(21, &[])]);
+        let mut check = StreamCheck::new(&uuid_text(&ME), None);
+        let mut out = Vec::new();
+        check.push(&full, &mut out).unwrap();
+        assert_eq!(out, [Piece::Pushed(0..full.len())], "one range, no copy");
     }
 
     #[test]
