@@ -100,7 +100,7 @@ pub struct Tree {
     pub dirs: HashMap<String, Vec<Entry>>,
     /// Each file's identity (inode, size, mtime, ctime) as the walk found it, by path: what
     /// [`cache_of`] keeps with its hash.
-    ids: HashMap<String, (u64, u64, i64, i64, i64, i64)>,
+    ids: HashMap<String, FileId>,
     /// How many files were hashed, and how many content hashes came from the cache.
     pub hashed: usize,
     pub reused: usize,
@@ -115,10 +115,13 @@ pub struct Cache {
     pub files: HashMap<String, CachedFile>,
 }
 
+/// What makes a cached content hash reusable: (inode, size, mtime s, mtime ns, ctime s,
+/// ctime ns).
+pub type FileId = (u64, u64, i64, i64, i64, i64);
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedFile {
-    /// (inode, size, mtime s, mtime ns, ctime s, ctime ns)
-    pub id: (u64, u64, i64, i64, i64, i64),
+    pub id: FileId,
     pub hash: String,
 }
 
@@ -164,7 +167,7 @@ pub fn check_path(parts: &[String]) -> Result<String> {
 }
 
 /// The identity that makes a cached content hash reusable.
-fn file_id(md: &std::fs::Metadata) -> (u64, u64, i64, i64, i64, i64) {
+fn file_id(md: &std::fs::Metadata) -> FileId {
     (md.ino(), md.size(), md.mtime(), md.mtime_nsec(), md.ctime(), md.ctime_nsec())
 }
 
@@ -276,7 +279,7 @@ struct Walk {
     failed: Option<anyhow::Error>,
     dirs: HashMap<String, Vec<Entry>>,
     /// Each file's identity, by tree path, for the cache of the next verify.
-    ids: HashMap<String, (u64, u64, i64, i64, i64, i64)>,
+    ids: HashMap<String, FileId>,
     hashes: Vec<(String, usize, String)>,
     hashed: usize,
     reused: usize,
@@ -288,7 +291,7 @@ struct Walk {
 struct Listed {
     entries: Vec<Entry>,
     jobs: Vec<Job>,
-    ids: Vec<(String, (u64, u64, i64, i64, i64, i64))>,
+    ids: Vec<(String, FileId)>,
     reused: usize,
 }
 
