@@ -285,20 +285,21 @@ struct Walk {
     reused: usize,
 }
 
-/// What listing one directory found: its entries (files to hash with an empty hash), the
-/// jobs it makes (subdirectories, files to hash), the files' identities, and how many
-/// content hashes the cache gave.
+/// What listing one directory found: its entries (large files to hash with an empty hash),
+/// the jobs it makes (subdirectories, large files to hash), the files' identities, and how
+/// many small files it hashed itself and how many content hashes the cache gave.
 struct Listed {
     entries: Vec<Entry>,
     jobs: Vec<Job>,
     ids: Vec<(String, FileId)>,
+    hashed: usize,
     reused: usize,
 }
 
 /// Lists the directory at `path` (tree path `at`): each entry's metadata, read relative to
 /// the open directory (`fstatat`, never following a symlink).
-fn list_dir(at: &str, path: &Path, cache: &Cache) -> Result<Listed> {
-    let mut out = Listed { entries: Vec::new(), jobs: Vec::new(), ids: Vec::new(), reused: 0 };
+fn list_dir(at: &str, path: &Path, cache: &Cache, buf: &mut Vec<u8>) -> Result<Listed> {
+    let mut out = Listed { entries: Vec::new(), jobs: Vec::new(), ids: Vec::new(), hashed: 0, reused: 0 };
     for item in std::fs::read_dir(path).with_context(|| format!("cannot list {}", path.display()))? {
         let item = item.with_context(|| format!("cannot list {}", path.display()))?;
         let name = wire_name(item.file_name().as_bytes());
@@ -316,6 +317,12 @@ fn list_dir(at: &str, path: &Path, cache: &Cache) -> Result<Listed> {
                     Some(hash) => {
                         out.reused += 1;
                         hash
+                    }
+                    // A small file is hashed here and now: a job of its own would cost more in
+                    // handing it over than in hashing it.
+                    None if md.len() < MAP_FROM => {
+                        out.hashed += 1;
+                        hash_file(&child_path, buf)?
                     }
                     None => {
                         out.jobs.push(Job::Hash(Pending { dir: at.to_string(), index: out.entries.len(), path: child_path }));
@@ -352,16 +359,19 @@ fn work(walk: &Mutex<Walk>, changed: &Condvar, cache: &Cache) {
         };
         shared.busy += 1;
         drop(shared);
+        let mut more = false;
         let done = match job {
-            Job::List { at, path } => list_dir(&at, &path, cache).map(|listed| (Some((at, listed)), None)),
+            Job::List { at, path } => list_dir(&at, &path, cache, &mut buf).map(|listed| (Some((at, listed)), None)),
             Job::Hash(p) => hash_file(&p.path, &mut buf).map(|hash| (None, Some((p.dir, p.index, hash)))),
         };
         shared = walk.lock().expect("walk lock");
         shared.busy -= 1;
         match done {
             Ok((Some((at, listed)), _)) => {
+                more = !listed.jobs.is_empty();
                 shared.jobs.extend(listed.jobs);
                 shared.ids.extend(listed.ids);
+                shared.hashed += listed.hashed;
                 shared.reused += listed.reused;
                 shared.dirs.insert(at, listed.entries);
             }
@@ -372,7 +382,10 @@ fn work(walk: &Mutex<Walk>, changed: &Condvar, cache: &Cache) {
             Ok((None, None)) => {}
             Err(e) => shared.failed = Some(e),
         }
-        changed.notify_all();
+        // Waiting workers wake for new jobs, or to end (the walk is over, or failed).
+        if more || shared.busy == 0 || shared.failed.is_some() {
+            changed.notify_all();
+        }
     }
     changed.notify_all();
 }
