@@ -226,16 +226,15 @@ fn xattrs_of(path: &Path) -> Result<Vec<(String, String)>> {
 /// much CPU as the hashing); smaller ones are read.
 const MAP_FROM: u64 = 256 * 1024;
 
-/// BLAKE3 of one file's content, opened without following a symlink. A small file is read
-/// whole into `buf` (a worker's own, reused: `update_reader` would zero a 64 KiB buffer for
-/// each file).
-fn hash_file(path: &Path, buf: &mut Vec<u8>) -> Result<String> {
+/// BLAKE3 of one file's content, opened without following a symlink; `size` is its size as
+/// the walk read it, which picks the way it is read. A small file is read whole into `buf`
+/// (a worker's own, reused: `update_reader` would zero a 64 KiB buffer for each file).
+fn hash_file(path: &Path, size: u64, buf: &mut Vec<u8>) -> Result<String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
         .with_context(|| format!("cannot open {} to hash it", path.display()))?;
-    let size = file.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
     let mut hasher = blake3::Hasher::new();
     if size >= MAP_FROM {
         // SAFETY: the map is read while this function holds it and the file is a snapshot's,
@@ -262,12 +261,20 @@ struct Pending {
     dir: String,
     index: usize,
     path: PathBuf,
+    size: u64,
 }
 
 /// One piece of a [`Tree::compute`]: list a directory, or hash a file.
 enum Job {
     List { at: String, path: PathBuf },
     Hash(Pending),
+}
+
+/// What one job found: a directory's listing (at its tree path), or a file's hash (where its
+/// entry is: directory and index).
+enum Done {
+    Listed(String, Listed),
+    Hashed(String, usize, String),
 }
 
 /// What the workers of a [`Tree::compute`] share: the jobs to do and how many are under way
@@ -322,10 +329,10 @@ fn list_dir(at: &str, path: &Path, cache: &Cache, buf: &mut Vec<u8>) -> Result<L
                     // handing it over than in hashing it.
                     None if md.len() < MAP_FROM => {
                         out.hashed += 1;
-                        hash_file(&child_path, buf)?
+                        hash_file(&child_path, md.len(), buf)?
                     }
                     None => {
-                        out.jobs.push(Job::Hash(Pending { dir: at.to_string(), index: out.entries.len(), path: child_path }));
+                        out.jobs.push(Job::Hash(Pending { dir: at.to_string(), index: out.entries.len(), path: child_path, size: md.len() }));
                         String::new()
                     }
                 }
@@ -359,15 +366,15 @@ fn work(walk: &Mutex<Walk>, changed: &Condvar, cache: &Cache) {
         };
         shared.busy += 1;
         drop(shared);
-        let mut more = false;
         let done = match job {
-            Job::List { at, path } => list_dir(&at, &path, cache, &mut buf).map(|listed| (Some((at, listed)), None)),
-            Job::Hash(p) => hash_file(&p.path, &mut buf).map(|hash| (None, Some((p.dir, p.index, hash)))),
+            Job::List { at, path } => list_dir(&at, &path, cache, &mut buf).map(|listed| Done::Listed(at, listed)),
+            Job::Hash(p) => hash_file(&p.path, p.size, &mut buf).map(|hash| Done::Hashed(p.dir, p.index, hash)),
         };
+        let mut more = false;
         shared = walk.lock().expect("walk lock");
         shared.busy -= 1;
         match done {
-            Ok((Some((at, listed)), _)) => {
+            Ok(Done::Listed(at, listed)) => {
                 more = !listed.jobs.is_empty();
                 shared.jobs.extend(listed.jobs);
                 shared.ids.extend(listed.ids);
@@ -375,11 +382,10 @@ fn work(walk: &Mutex<Walk>, changed: &Condvar, cache: &Cache) {
                 shared.reused += listed.reused;
                 shared.dirs.insert(at, listed.entries);
             }
-            Ok((None, Some(hashed))) => {
+            Ok(Done::Hashed(dir, index, hash)) => {
                 shared.hashed += 1;
-                shared.hashes.push(hashed);
+                shared.hashes.push((dir, index, hash));
             }
-            Ok((None, None)) => {}
             Err(e) => shared.failed = Some(e),
         }
         // Waiting workers wake for new jobs, or to end (the walk is over, or failed).
@@ -797,10 +803,10 @@ mod tests {
             let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
             let path = t.path().join(format!("f{size}"));
             std::fs::write(&path, &data).unwrap();
-            assert_eq!(hash_file(&path, &mut Vec::new()).unwrap(), blake3::hash(&data).to_hex().to_string(), "{size} bytes");
+            assert_eq!(hash_file(&path, size as u64, &mut Vec::new()).unwrap(), blake3::hash(&data).to_hex().to_string(), "{size} bytes");
         }
         std::os::unix::fs::symlink("f1", t.path().join("link")).unwrap();
-        assert!(hash_file(&t.path().join("link"), &mut Vec::new()).is_err(), "a symlink is never followed");
+        assert!(hash_file(&t.path().join("link"), 2, &mut Vec::new()).is_err(), "a symlink is never followed");
     }
 
     #[test]
