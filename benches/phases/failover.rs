@@ -51,19 +51,7 @@ struct Run {
 
 fn one(round: usize) -> Run {
     let mut c = Cluster::with_size(&format!("bench_failover{round}"), &["alpha", "beta", "gamma"], 1024);
-    let src = c.fs["alpha"].subvolume("projects");
-    let (beta_dst, gamma_dst) = (c.mnt("beta").join("backup/projects"), c.mnt("gamma").join("backup/projects"));
-    let beta_live = c.mnt("beta").join("projects");
-    let policy = format!(
-        "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {}\nreplicas:\n  - node: beta\n    path: {}\n    promote_path: {}\n  - node: gamma\n    path: {}\n",
-        src.display(),
-        beta_dst.display(),
-        beta_live.display(),
-        gamma_dst.display()
-    );
-    for n in ["alpha", "beta", "gamma"] {
-        c.configure(n, &[("projects", policy.clone())]);
-    }
+    let Failover { src, gamma_dst, beta_live, .. } = three_node_failover(&c, "mode: snapshot\nschedule: \"@hourly\"\n");
     for i in 0..30 {
         write_random(&src.join(format!("data-{i:02}.bin")), 4 << 20, 7000 + i);
     }

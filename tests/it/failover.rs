@@ -4,7 +4,7 @@
 //! restarted with its unchanged config, is fenced off, steps down (keeping what it held as
 //! diverged data) and receives from beta incrementally, its own snapshots serving as bases.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::common::cluster::*;
@@ -27,19 +27,7 @@ fn read(path: &Path) -> Option<String> {
 fn promote_a_replica_then_fail_back_without_a_full_resend() {
     require_root!();
     let mut c = Cluster::new("failover", &["alpha", "beta", "gamma"]);
-    let src = c.fs["alpha"].subvolume("projects");
-    let (beta_dst, gamma_dst) = (c.mnt("beta").join("backup/projects"), c.mnt("gamma").join("backup/projects"));
-    let beta_live: PathBuf = c.mnt("beta").join("projects");
-    let policy = format!(
-        "fileset: projects\nbackend: btrfs\nmode: continuous\ncontinuous:\n  min_interval: 1s\norigin:\n  node: alpha\n  path: {}\nreplicas:\n  - node: beta\n    path: {}\n    promote_path: {}\n  - node: gamma\n    path: {}\n",
-        src.display(),
-        beta_dst.display(),
-        beta_live.display(),
-        gamma_dst.display()
-    );
-    for n in ["alpha", "beta", "gamma"] {
-        c.configure(n, &[("projects", policy.clone())]);
-    }
+    let Failover { src, beta_dst, gamma_dst, beta_live } = three_node_failover(&c, "mode: continuous\ncontinuous:\n  min_interval: 1s\n");
     fill(&src, 21);
     c.start("beta");
     c.start("gamma");

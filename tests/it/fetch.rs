@@ -3,7 +3,7 @@
 //! write that reached a survivor is lost), and `restore --from NODE` restores a snapshot this
 //! node lost from another member's copy, shipped incrementally from the base both hold.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use crate::common::cluster::*;
@@ -23,19 +23,7 @@ fn stream_bytes(text: &str) -> Option<u64> {
 fn promote_first_fetches_the_newer_snapshot_a_survivor_holds() {
     require_root!();
     let mut c = Cluster::new("fetch-promote", &["alpha", "beta", "gamma"]);
-    let src = c.fs["alpha"].subvolume("projects");
-    let (beta_dst, gamma_dst) = (c.mnt("beta").join("backup/projects"), c.mnt("gamma").join("backup/projects"));
-    let beta_live: PathBuf = c.mnt("beta").join("projects");
-    let policy = format!(
-        "fileset: projects\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {}\nreplicas:\n  - node: beta\n    path: {}\n    promote_path: {}\n  - node: gamma\n    path: {}\n",
-        src.display(),
-        beta_dst.display(),
-        beta_live.display(),
-        gamma_dst.display()
-    );
-    for n in ["alpha", "beta", "gamma"] {
-        c.configure(n, &[("projects", policy.clone())]);
-    }
+    let Failover { src, beta_dst, gamma_dst, beta_live } = three_node_failover(&c, "mode: snapshot\nschedule: \"@hourly\"\n");
     fill(&src, 31);
     c.start("beta");
     c.start("gamma");

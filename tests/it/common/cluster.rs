@@ -153,6 +153,36 @@ impl Drop for Cluster {
     }
 }
 
+/// The places of a three-node failover setup ([`three_node_failover`]).
+pub struct Failover {
+    /// alpha's live subvolume, the origin.
+    pub src: PathBuf,
+    pub beta_dst: PathBuf,
+    pub gamma_dst: PathBuf,
+    /// Where beta serves the file set once promoted (`promote_path`).
+    pub beta_live: PathBuf,
+}
+
+/// `projects` on the nodes alpha, beta and gamma of `c`: alpha the origin, beta a replica
+/// that can be promoted (to `beta_live`) and gamma a replica; `mode` the policy's mode lines
+/// (e.g. `mode: snapshot\nschedule: "@hourly"\n`). Configured on all three, none started.
+pub fn three_node_failover(c: &Cluster, mode: &str) -> Failover {
+    let src = c.fs["alpha"].subvolume("projects");
+    let (beta_dst, gamma_dst) = (c.mnt("beta").join("backup/projects"), c.mnt("gamma").join("backup/projects"));
+    let beta_live = c.mnt("beta").join("projects");
+    let policy = format!(
+        "fileset: projects\nbackend: btrfs\n{mode}origin:\n  node: alpha\n  path: {}\nreplicas:\n  - node: beta\n    path: {}\n    promote_path: {}\n  - node: gamma\n    path: {}\n",
+        src.display(),
+        beta_dst.display(),
+        beta_live.display(),
+        gamma_dst.display()
+    );
+    for n in ["alpha", "beta", "gamma"] {
+        c.configure(n, &[("projects", policy.clone())]);
+    }
+    Failover { src, beta_dst, gamma_dst, beta_live }
+}
+
 pub fn policy(fileset: &str, origin: &str, origin_path: &Path, replicas: &[(&str, PathBuf)]) -> String {
     let mut text = format!(
         "fileset: {fileset}\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: {origin}\n  path: {}\nreplicas:\n",
