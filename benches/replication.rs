@@ -622,13 +622,21 @@ fn main() {
 /// side with `rsync -c --dry-run` between the same two trees and `sha256sum` of every file of
 /// both; then the incremental verify of the next snapshot after a 1 MB change. Data in the
 /// page cache for all of them (the machine is shared: no cache dropping).
-fn verify_phase(out: &mut String, verdicts: &mut Vec<(&'static str, bool, String)>) {
-    let mut c = Cluster::with_size("bench_verify", &["alpha", "beta"], 3 * 1024);
+/// alpha's subvolume `data` replicated to beta's `data` (compression none), the policy
+/// configured on both (routes and node extras set before this call are in the configs).
+/// Returns the origin subvolume and beta's replica directory.
+fn data_to_beta(c: &Cluster) -> (PathBuf, PathBuf) {
     let src = c.fs["alpha"].subvolume("data");
     let dst = c.mnt("beta").join("data");
     let policy = policy("data", "alpha", &src, &[("beta", dst.clone())]) + "transfer:\n  compression: none\n";
     c.configure("alpha", &[("data", policy.clone())]);
     c.configure("beta", &[("data", policy)]);
+    (src, dst)
+}
+
+fn verify_phase(out: &mut String, verdicts: &mut Vec<(&'static str, bool, String)>) {
+    let mut c = Cluster::with_size("bench_verify", &["alpha", "beta"], 3 * 1024);
+    let (src, dst) = data_to_beta(&c);
     c.start("beta");
     eprintln!("verify: generating the data set...");
     generate(&src, 10);
@@ -729,11 +737,7 @@ fn connection_faults(out: &mut String, verdicts: &mut Vec<(&'static str, bool, S
     c.route("alpha", "beta", proxy.addr());
     c.node_extra.insert("alpha".into(), transfers.clone());
     c.node_extra.insert("beta".into(), beta_transfers.into());
-    let src = c.fs["alpha"].subvolume("data");
-    let dst = c.mnt("beta").join("data");
-    let policy = policy("data", "alpha", &src, &[("beta", dst.clone())]) + "transfer:\n  compression: none\n";
-    c.configure("alpha", &[("data", policy.clone())]);
-    c.configure("beta", &[("data", policy)]);
+    let (src, dst) = data_to_beta(&c);
     c.start("beta");
     c.start_with_env("alpha", &[("RUST_LOG", "snapship=debug,warn".into())]);
     std::fs::write(src.join("f"), "0").unwrap();
