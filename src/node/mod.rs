@@ -1036,11 +1036,10 @@ where
     result
 }
 
-/// How long a one-shot command waits for its connections' close before it exits. The
-/// CONNECTION_CLOSE goes out at once; what follows is QUIC's closing period (three probe
-/// timeouts, about 0.26 s on loopback, in which the endpoint would only answer late packets
-/// again), which a process about to exit has no use for: waiting it out was a quarter of a
-/// `verify --full` of 0.84 GB.
+/// How long a one-shot command waits at most for its connections' close to go out
+/// ([`Connector::wait_closed`](crate::ship::quic::Connector::wait_closed)): on loopback it
+/// is out within a millisecond or two; a peer never told keeps the connection until its
+/// idle timeout, which is harmless but holds one of that peer's connection slots.
 const CLOSE_SENT: std::time::Duration = std::time::Duration::from_millis(150);
 
 /// `snapship verify` of `policy`'s replicas (or only `only`) from this node, reaching them as
@@ -1139,7 +1138,12 @@ pub async fn sync(loaded: &Arc<LoadedConfig>, policy: &Policy, on_start: crate::
         let connector = std::sync::Mutex::new(None);
         let here = &loaded.node.node.0;
         let endpoints = |p: &Policy| Ok(fed_from(p, here, endpoints(loaded, p, &mut connector.lock().expect("connector lock"), &role.link, &role.epochs)?));
-        crate::origin::sync::sync(loaded, policy, &endpoints, on_start).await
+        let result = crate::origin::sync::sync(loaded, policy, &endpoints, on_start).await;
+        let connector = connector.lock().expect("connector lock").take();
+        if let Some(connector) = connector {
+            connector.wait_closed(CLOSE_SENT).await;
+        }
+        result
     })
     .await
 }

@@ -72,6 +72,10 @@ pub async fn sync(config: &LoadedConfig, policy: &Policy, endpoints: Endpoints<'
         let replicas = futures::future::join_all(jobs).await;
         reports.push(SyncReport { fileset: member.fileset.0.clone(), snapshot: snap, replicas });
     }
+    // Each replica is told the connection is over, rather than left to its idle timeout.
+    for ep in endpoints.iter().flatten() {
+        ep.close().await;
+    }
     Ok(reports)
 }
 

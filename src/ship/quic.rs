@@ -249,17 +249,26 @@ pub struct Connector {
     stall: Duration,
     v4: std::sync::OnceLock<Client>,
     v6: std::sync::OnceLock<Client>,
+    /// How many of the clients' connections have not yet told their peer they are closed.
+    unclosed: tokio::sync::watch::Sender<usize>,
 }
 
 impl Connector {
-    /// Waits (up to `limit`) until every connection made through this connector has closed,
-    /// so that a one-shot command's close reaches the peer before the process exits: a peer
-    /// counts open connections, and one never told would hold a slot until its idle timeout.
+    /// Waits (up to `limit`) until every connection made through this connector has sent
+    /// its close to the peer (or ended otherwise), so that a one-shot command's close
+    /// reaches the peer before the process exits: a peer counts open connections, and one
+    /// never told would hold a slot until its idle timeout. It does not wait out QUIC's
+    /// closing period (three probe timeouts, about 0.26 s on loopback, in which the endpoint
+    /// would only repeat its close to late packets): a process about to exit has no use
+    /// for it.
     pub async fn wait_closed(&self, limit: std::time::Duration) {
-        for client in [self.v4.get(), self.v6.get()].into_iter().flatten() {
-            let mut client = client.clone();
-            let _ = tokio::time::timeout(limit, client.wait_idle()).await;
-        }
+        let mut unclosed = self.unclosed.subscribe();
+        let _ = tokio::time::timeout(limit, async {
+            let _ = unclosed.wait_for(|n| *n == 0).await;
+            // The close is in the socket task's queue: give it a moment to leave.
+            tokio::time::sleep(CLOSE_FLUSH).await;
+        })
+        .await;
     }
 
     pub fn new(node: &NodeConfig) -> Result<Connector> {
@@ -271,7 +280,15 @@ impl Connector {
     /// A connector for `node` whose handshakes use `live` (the daemon's, replaced when it
     /// reloads); `files` are what `live` was made from.
     pub fn with_tls(node: &NodeConfig, files: &TlsFiles, live: tls::LiveTls) -> Connector {
-        Connector { me: node.node.0.clone(), tls: files.clone(), live, stall: node.transfers.stall_timeout.0, v4: Default::default(), v6: Default::default() }
+        Connector {
+            me: node.node.0.clone(),
+            tls: files.clone(),
+            live,
+            stall: node.transfers.stall_timeout.0,
+            v4: Default::default(),
+            v6: Default::default(),
+            unclosed: tokio::sync::watch::Sender::new(0),
+        }
     }
 
     fn client_for(&self, addr: &SocketAddr) -> Result<&Client> {
@@ -283,6 +300,7 @@ impl Connector {
             .with_tls(self.live.client())?
             .with_limits(limits(self.stall)?)?
             .with_congestion_controller(congestion_controller())?
+            .with_event(CloseWatch(self.unclosed.clone()))?
             .with_io(io(bind.parse().expect("a literal address"))?)?
             .start()
             .map_err(|e| anyhow!("cannot start the QUIC client on {bind}: {e}"))?;
@@ -380,6 +398,67 @@ impl Dialer for QuicDialer {
     async fn reset(&self) {
         if let Some(conn) = self.connection.lock().await.take() {
             conn.close(0u32.into());
+        }
+    }
+}
+
+/// How long [`Connector::wait_closed`] gives a close, once written, to leave the socket.
+const CLOSE_FLUSH: Duration = Duration::from_millis(10);
+
+/// s2n-quic event subscriber of a [`Connector`]'s clients: counts their connections in
+/// `unclosed` until each has sent its CONNECTION_CLOSE (s2n-quic publishes the close, then
+/// the datagram that carries it), or ended in a way that sends none (the peer closed it, the
+/// idle timer, a stateless reset), or is gone.
+struct CloseWatch(tokio::sync::watch::Sender<usize>);
+
+/// One connection's part of [`CloseWatch`]: counted until [`Unclosed::done`] (or its drop,
+/// when s2n-quic forgets the connection).
+struct Unclosed {
+    count: Option<tokio::sync::watch::Sender<usize>>,
+    /// The connection closed from this side: its close goes out with the next datagram.
+    closing: bool,
+}
+
+impl Unclosed {
+    fn done(&mut self) {
+        if let Some(count) = self.count.take() {
+            count.send_modify(|n| *n = n.saturating_sub(1));
+        }
+    }
+}
+
+impl Drop for Unclosed {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+impl s2n_quic::provider::event::Subscriber for CloseWatch {
+    type ConnectionContext = Unclosed;
+
+    fn create_connection_context(&mut self, _: &s2n_quic::provider::event::ConnectionMeta, _: &s2n_quic::provider::event::ConnectionInfo) -> Unclosed {
+        self.0.send_modify(|n| *n += 1);
+        Unclosed { count: Some(self.0.clone()), closing: false }
+    }
+
+    fn on_connection_closed(
+        &mut self,
+        context: &mut Unclosed,
+        _: &s2n_quic::provider::event::ConnectionMeta,
+        event: &s2n_quic::provider::event::events::ConnectionClosed,
+    ) {
+        use s2n_quic::connection::Error;
+        match event.error {
+            Error::Closed { initiator, .. } | Error::Transport { initiator, .. } | Error::Application { initiator, .. } if initiator.is_local() => {
+                context.closing = true
+            }
+            _ => context.done(),
+        }
+    }
+
+    fn on_datagram_sent(&mut self, context: &mut Unclosed, _: &s2n_quic::provider::event::ConnectionMeta, _: &s2n_quic::provider::event::events::DatagramSent) {
+        if context.closing {
+            context.done();
         }
     }
 }
