@@ -22,12 +22,14 @@
 //! used as a filesystem path.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
 use anyhow::{Context, Result, bail};
+use rustix::fs::{AtFlags, Mode, OFlags, Stat};
 use serde::{Deserialize, Serialize};
 
 /// What kind of file an entry is.
@@ -166,51 +168,93 @@ pub fn check_path(parts: &[String]) -> Result<String> {
     Ok(parts.join("/"))
 }
 
-/// The identity that makes a cached content hash reusable.
-fn file_id(md: &std::fs::Metadata) -> FileId {
-    (md.ino(), md.size(), md.mtime(), md.mtime_nsec(), md.ctime(), md.ctime_nsec())
+/// The identity that makes a cached content hash reusable. (`Stat`'s field types differ
+/// between architectures: the casts are no-ops only on some.)
+#[allow(clippy::unnecessary_cast)]
+fn file_id(st: &Stat) -> FileId {
+    (st.st_ino as u64, st.st_size as u64, st.st_mtime as i64, st.st_mtime_nsec as i64, st.st_ctime as i64, st.st_ctime_nsec as i64)
 }
 
-fn meta_of(path: &Path, md: &std::fs::Metadata) -> Result<Meta> {
-    let ft = md.file_type();
-    let kind = if ft.is_symlink() {
-        FileType::Symlink
-    } else if ft.is_dir() {
-        FileType::Dir
-    } else if ft.is_file() {
-        FileType::File
-    } else {
-        FileType::Special
-    };
+fn kind_of(st: &Stat) -> FileType {
+    match rustix::fs::FileType::from_raw_mode(st.st_mode as _) {
+        rustix::fs::FileType::Symlink => FileType::Symlink,
+        rustix::fs::FileType::Directory => FileType::Dir,
+        rustix::fs::FileType::RegularFile => FileType::File,
+        _ => FileType::Special,
+    }
+}
+
+/// The metadata of a stat'ed entry, with its xattrs and (a symlink's) target.
+#[allow(clippy::unnecessary_cast)]
+fn meta_of(st: &Stat, xattrs: Vec<(String, String)>, target: Option<String>) -> Meta {
+    let kind = kind_of(st);
     let size = match kind {
-        FileType::File | FileType::Symlink => md.size(),
+        FileType::File | FileType::Symlink => st.st_size as u64,
         FileType::Dir => 0,
-        FileType::Special => md.rdev(),
+        FileType::Special => st.st_rdev as u64,
     };
-    let target = match kind {
-        FileType::Symlink => Some(wire_name(std::fs::read_link(path)?.as_os_str().as_bytes())),
-        _ => None,
-    };
-    Ok(Meta { kind, mode: md.mode() & 0o7777, uid: md.uid(), gid: md.gid(), size, mtime: (md.mtime(), md.mtime_nsec()), xattrs: xattrs_of(path)?, target })
+    Meta {
+        kind,
+        mode: st.st_mode as u32 & 0o7777,
+        uid: st.st_uid as u32,
+        gid: st.st_gid as u32,
+        size,
+        mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
+        xattrs,
+        target,
+    }
 }
 
-/// The extended attributes of `path` itself (never a symlink's target), sorted by name,
-/// each with the BLAKE3 of its value.
-fn xattrs_of(path: &Path) -> Result<Vec<(String, String)>> {
+/// Where the extended attributes of an entry are read: through a descriptor the walk holds
+/// open anyway (a regular file's: no path lookup), or by path, never following a symlink.
+#[derive(Clone, Copy)]
+enum XattrsOf<'a> {
+    Fd(BorrowedFd<'a>),
+    Path(&'a Path),
+}
+
+impl XattrsOf<'_> {
+    fn list(self, buf: &mut [u8]) -> rustix::io::Result<usize> {
+        match self {
+            XattrsOf::Fd(fd) => rustix::fs::flistxattr(fd, buf),
+            XattrsOf::Path(p) => rustix::fs::llistxattr(p, buf),
+        }
+    }
+
+    fn get(self, name: &std::ffi::OsStr, buf: &mut [u8]) -> rustix::io::Result<usize> {
+        match self {
+            XattrsOf::Fd(fd) => rustix::fs::fgetxattr(fd, name, buf),
+            XattrsOf::Path(p) => rustix::fs::lgetxattr(p, name, buf),
+        }
+    }
+}
+
+/// Fills `buf` with what `read` gives, growing it while the kernel says it is too small
+/// (`ERANGE`), and returns how much it gave.
+fn read_growing(buf: &mut Vec<u8>, read: impl Fn(&mut [u8]) -> rustix::io::Result<usize>) -> rustix::io::Result<usize> {
+    loop {
+        match read(&mut buf[..]) {
+            Err(rustix::io::Errno::RANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            other => return other,
+        }
+    }
+}
+
+/// The extended attributes of an entry (`path` names it in errors), sorted by name, each
+/// with the BLAKE3 of its value. Most files have none: that costs one call.
+fn xattrs_of(of: XattrsOf<'_>, path: &Path) -> Result<Vec<(String, String)>> {
     let unsupported = |e: &rustix::io::Errno| *e == rustix::io::Errno::NOTSUP || *e == rustix::io::Errno::NODATA;
-    let size = match rustix::fs::llistxattr_query(path) {
-        Ok(size) => size,
+    let mut list = vec![0u8; 256];
+    let n = match read_growing(&mut list, |b| of.list(b)) {
+        Ok(n) => n,
         Err(e) if unsupported(&e) => return Ok(Vec::new()),
         Err(e) => return Err(std::io::Error::from(e)).with_context(|| format!("cannot list the xattrs of {}", path.display())),
     };
-    let mut list = vec![0u8; size];
-    let n = rustix::fs::llistxattr(path, &mut list[..]).with_context(|| format!("cannot list the xattrs of {}", path.display()))?;
     let mut out = Vec::new();
+    let mut value = vec![0u8; 256];
     for name in list[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let name_os = std::ffi::OsStr::from_bytes(name);
-        let len = rustix::fs::lgetxattr_query(path, name_os).unwrap_or(0);
-        let mut value = vec![0u8; len];
-        let got = match rustix::fs::lgetxattr(path, name_os, &mut value[..]) {
+        let got = match read_growing(&mut value, |b| of.get(name_os, b)) {
             Ok(got) => got,
             Err(e) if unsupported(&e) => continue, // removed meanwhile
             Err(e) => return Err(std::io::Error::from(e)).with_context(|| format!("cannot read xattr {} of {}", wire_name(name), path.display())),
@@ -226,29 +270,37 @@ fn xattrs_of(path: &Path) -> Result<Vec<(String, String)>> {
 /// much CPU as the hashing); smaller ones are read.
 const MAP_FROM: u64 = 256 * 1024;
 
-/// BLAKE3 of one file's content, opened without following a symlink; `size` is its size as
-/// the walk read it, which picks the way it is read. A small file is read whole into `buf`
-/// (a worker's own, reused: `update_reader` would zero a 64 KiB buffer for each file).
-fn hash_file(path: &Path, size: u64, buf: &mut Vec<u8>) -> Result<String> {
+/// BLAKE3 of a large file's content (one of [`MAP_FROM`] bytes or more), opened without
+/// following a symlink, through a memory map.
+fn hash_mapped(path: &Path) -> Result<String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
         .with_context(|| format!("cannot open {} to hash it", path.display()))?;
-    let mut hasher = blake3::Hasher::new();
-    if size >= MAP_FROM {
-        // SAFETY: the map is read while this function holds it and the file is a snapshot's,
-        // read-only: nothing truncates it under the map. (Only an admin making the snapshot
-        // writable and truncating the file during a verify could, and a SIGBUS would end this
-        // process: nothing is written, so nothing is left half done.)
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.with_context(|| format!("cannot map {} to hash it", path.display()))?;
-        hasher.update(&map);
-    } else {
-        buf.clear();
-        std::io::Read::read_to_end(&mut &file, buf).with_context(|| format!("cannot read {}", path.display()))?;
-        hasher.update(buf);
+    // SAFETY: the map is read while this function holds it and the file is a snapshot's,
+    // read-only: nothing truncates it under the map. (Only an admin making the snapshot
+    // writable and truncating the file during a verify could, and a SIGBUS would end this
+    // process: nothing is written, so nothing is left half done.)
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.with_context(|| format!("cannot map {} to hash it", path.display()))?;
+    Ok(blake3::hash(&map).to_hex().to_string())
+}
+
+/// BLAKE3 of the first `size` bytes of the open file `fd` (`path` names it in errors): all of
+/// it, `size` being what its `fstat` said a moment ago and the snapshot read-only. Read
+/// into `buf` (a worker's own, reused) with as few reads as the kernel allows, usually one.
+fn hash_read(fd: BorrowedFd<'_>, size: u64, path: &Path, buf: &mut Vec<u8>) -> Result<String> {
+    buf.resize(size as usize, 0);
+    let mut got = 0;
+    while got < buf.len() {
+        match rustix::io::read(fd, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(std::io::Error::from(e)).with_context(|| format!("cannot read {}", path.display())),
+        }
     }
-    Ok(hasher.finalize().to_hex().to_string())
+    Ok(blake3::hash(&buf[..got]).to_hex().to_string())
 }
 
 /// The hash of a directory: over its sorted entries (names, metadata, hashes).
@@ -261,7 +313,6 @@ struct Pending {
     dir: String,
     index: usize,
     path: PathBuf,
-    size: u64,
 }
 
 /// One piece of a [`Tree::compute`]: list a directory, or hash a file.
@@ -304,48 +355,125 @@ struct Listed {
 }
 
 /// Lists the directory at `path` (tree path `at`): each entry's metadata, read relative to
-/// the open directory (`fstatat`, never following a symlink).
+/// the open directory and never following a symlink. A regular file is opened (`openat`,
+/// `O_NOFOLLOW`) and its metadata and xattrs read through that descriptor; a small one
+/// is hashed here and now, a large one becomes a job of its own.
 fn list_dir(at: &str, path: &Path, cache: &Cache, buf: &mut Vec<u8>) -> Result<Listed> {
     let mut out = Listed { entries: Vec::new(), jobs: Vec::new(), ids: Vec::new(), hashed: 0, reused: 0 };
-    for item in std::fs::read_dir(path).with_context(|| format!("cannot list {}", path.display()))? {
-        let item = item.with_context(|| format!("cannot list {}", path.display()))?;
-        let name = wire_name(item.file_name().as_bytes());
-        let child_path = item.path();
-        let md = item.metadata().with_context(|| format!("cannot read {}", child_path.display()))?;
-        let meta = meta_of(&child_path, &md)?;
-        let child = join(at, &name);
-        let hash = match meta.kind {
-            FileType::Symlink => blake3::hash(meta.target.as_deref().unwrap_or("").as_bytes()).to_hex().to_string(),
-            FileType::File => {
-                let id = file_id(&md);
-                let cached = cache.files.get(&child).filter(|c| c.id == id).map(|c| c.hash.clone());
-                out.ids.push((child, id));
-                match cached {
-                    Some(hash) => {
-                        out.reused += 1;
-                        hash
-                    }
-                    // A small file is hashed here and now: a job of its own would cost more in
-                    // handing it over than in hashing it.
-                    None if md.len() < MAP_FROM => {
-                        out.hashed += 1;
-                        hash_file(&child_path, md.len(), buf)?
-                    }
-                    None => {
-                        out.jobs.push(Job::Hash(Pending { dir: at.to_string(), index: out.entries.len(), path: child_path, size: md.len() }));
-                        String::new()
-                    }
-                }
-            }
-            FileType::Dir => {
-                out.jobs.push(Job::List { at: child, path: child_path });
-                String::new() // filled in bottom-up
-            }
-            FileType::Special => String::new(),
+    let cannot_list = |e: rustix::io::Errno| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot list {}", path.display()));
+    let dir_fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).map_err(cannot_list)?;
+    let items = rustix::fs::Dir::read_from(&dir_fd).map_err(cannot_list)?;
+    for item in items {
+        let item = item.map_err(cannot_list)?;
+        let raw = item.file_name();
+        if matches!(raw.to_bytes(), b"." | b"..") {
+            continue;
+        }
+        let name = wire_name(raw.to_bytes());
+        let child_path = path.join(std::ffi::OsStr::from_bytes(raw.to_bytes()));
+        let opened = match item.file_type() {
+            rustix::fs::FileType::RegularFile => Some(open_file(dir_fd.as_fd(), raw, &child_path)?),
+            _ => None,
         };
-        out.entries.push(Entry { name, meta, hash });
+        let (entry, job) = match opened {
+            Some((fd, st)) if kind_of(&st) == FileType::File => file_entry(fd.as_fd(), &st, name, at, child_path, cache, buf, &mut out)?,
+            // Not a regular file after all (the listing's type was stale), or not one at all.
+            _ => {
+                let st = rustix::fs::statat(dir_fd.as_fd(), raw, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot read {}", child_path.display())))?;
+                other_entry(dir_fd.as_fd(), raw, &st, name, at, child_path, cache, buf, &mut out)?
+            }
+        };
+        out.jobs.extend(job);
+        out.entries.push(entry);
     }
     Ok(out)
+}
+
+/// Opens the regular file `name` of the directory `dir` for hashing, never following a
+/// symlink (nor blocking on a fifo put there meanwhile), and stats it through the descriptor.
+fn open_file(dir: BorrowedFd<'_>, name: &std::ffi::CStr, path: &Path) -> Result<(OwnedFd, Stat)> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, name, flags, Mode::empty())
+        .map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot open {} to hash it", path.display())))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot read {}", path.display())))?;
+    Ok((fd, st))
+}
+
+/// The entry of the regular file open at `fd` (`st` its stat): its content hash from the
+/// cache when its identity is unchanged, else hashed here and now (small) or by a job of its
+/// own (large).
+#[allow(clippy::too_many_arguments)]
+fn file_entry(
+    fd: BorrowedFd<'_>,
+    st: &Stat,
+    name: String,
+    at: &str,
+    child_path: PathBuf,
+    cache: &Cache,
+    buf: &mut Vec<u8>,
+    out: &mut Listed,
+) -> Result<(Entry, Option<Job>)> {
+    let meta = meta_of(st, xattrs_of(XattrsOf::Fd(fd), &child_path)?, None);
+    let (child, id) = (join(at, &name), file_id(st));
+    let cached = cache.files.get(&child).filter(|c| c.id == id).map(|c| c.hash.clone());
+    out.ids.push((child, id));
+    Ok(match cached {
+        Some(hash) => {
+            out.reused += 1;
+            (Entry { name, meta, hash }, None)
+        }
+        // A small file is hashed here and now: a job of its own would cost more in handing
+        // it over than in hashing it.
+        None if meta.size < MAP_FROM => {
+            out.hashed += 1;
+            let hash = hash_read(fd, meta.size, &child_path, buf)?;
+            (Entry { name, meta, hash }, None)
+        }
+        None => {
+            let job = Job::Hash(Pending { dir: at.to_string(), index: out.entries.len(), path: child_path });
+            (Entry { name, meta, hash: String::new() }, Some(job))
+        }
+    })
+}
+
+/// The entry of what is not a regular file (a directory: a job to list it; a symlink: the
+/// hash of its target; a device, fifo or socket: its metadata), or of a regular file the
+/// listing had no type for, as `st` says.
+#[allow(clippy::too_many_arguments)]
+fn other_entry(
+    dir: BorrowedFd<'_>,
+    raw: &std::ffi::CStr,
+    st: &Stat,
+    name: String,
+    at: &str,
+    child_path: PathBuf,
+    cache: &Cache,
+    buf: &mut Vec<u8>,
+    out: &mut Listed,
+) -> Result<(Entry, Option<Job>)> {
+    if kind_of(st) == FileType::File {
+        // A filesystem that leaves `d_type` unknown: open it as a regular file after all.
+        let (fd, st) = open_file(dir, raw, &child_path)?;
+        if kind_of(&st) == FileType::File {
+            return file_entry(fd.as_fd(), &st, name, at, child_path, cache, buf, out);
+        }
+    }
+    let xattrs = xattrs_of(XattrsOf::Path(&child_path), &child_path)?;
+    Ok(match kind_of(st) {
+        FileType::Symlink => {
+            let target = rustix::fs::readlinkat(dir, raw, Vec::new())
+                .map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot read the symlink {}", child_path.display())))?;
+            let target = wire_name(target.as_bytes());
+            let hash = blake3::hash(target.as_bytes()).to_hex().to_string();
+            (Entry { name, meta: meta_of(st, xattrs, Some(target)), hash }, None)
+        }
+        FileType::Dir => {
+            let job = Job::List { at: join(at, &name), path: child_path };
+            (Entry { name, meta: meta_of(st, xattrs, None), hash: String::new() }, Some(job)) // filled in bottom-up
+        }
+        _ => (Entry { name, meta: meta_of(st, xattrs, None), hash: String::new() }, None),
+    })
 }
 
 /// One worker of a [`Tree::compute`]: takes the next job until none is left and none is
@@ -368,7 +496,7 @@ fn work(walk: &Mutex<Walk>, changed: &Condvar, cache: &Cache) {
         drop(shared);
         let done = match job {
             Job::List { at, path } => list_dir(&at, &path, cache, &mut buf).map(|listed| Done::Listed(at, listed)),
-            Job::Hash(p) => hash_file(&p.path, p.size, &mut buf).map(|hash| Done::Hashed(p.dir, p.index, hash)),
+            Job::Hash(p) => hash_mapped(&p.path).map(|hash| Done::Hashed(p.dir, p.index, hash)),
         };
         let mut more = false;
         shared = walk.lock().expect("walk lock");
@@ -402,8 +530,8 @@ impl Tree {
     /// threads listing directories and hashing files as they are found (metadata and
     /// contents both in parallel). Blocking: run it off the async runtime.
     pub fn compute(root: &Path, cache: &Cache, workers: usize) -> Result<Tree> {
-        let root_md = std::fs::symlink_metadata(root).with_context(|| format!("cannot read {}", root.display()))?;
-        if !root_md.is_dir() {
+        let root_st = rustix::fs::lstat(root).map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot read {}", root.display())))?;
+        if kind_of(&root_st) != FileType::Dir {
             bail!("{} is not a directory", root.display());
         }
         let walk = Mutex::new(Walk { jobs: vec![Job::List { at: String::new(), path: root.to_path_buf() }], ..Walk::default() });
@@ -433,7 +561,8 @@ impl Tree {
             entries.sort_by(|a, b| a.name.cmp(&b.name));
             hashes.insert(at, dir_hash(entries));
         }
-        let root = Entry { name: String::new(), meta: meta_of(root, &root_md)?, hash: hashes.remove("").expect("the root") };
+        let root =
+            Entry { name: String::new(), meta: meta_of(&root_st, xattrs_of(XattrsOf::Path(root), root)?, None), hash: hashes.remove("").expect("the root") };
         Ok(Tree { root, dirs, ids: walk.ids, hashed: walk.hashed, reused: walk.reused })
     }
 
@@ -624,7 +753,7 @@ pub fn compare_entries(path: &str, origin: &[Entry], replica: &[Entry]) -> (Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn sample(dir: &Path) {
         std::fs::create_dir_all(dir.join("docs/deep")).unwrap();
@@ -799,14 +928,25 @@ mod tests {
     #[test]
     fn mapped_and_read_files_hash_as_their_content() {
         let t = tempfile::tempdir().unwrap();
-        for size in [0, 1, MAP_FROM as usize - 1, MAP_FROM as usize, 3 * MAP_FROM as usize + 7] {
+        let sizes = [0, 1, MAP_FROM as usize - 1, MAP_FROM as usize, 3 * MAP_FROM as usize + 7];
+        for size in sizes {
             let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-            let path = t.path().join(format!("f{size}"));
-            std::fs::write(&path, &data).unwrap();
-            assert_eq!(hash_file(&path, size as u64, &mut Vec::new()).unwrap(), blake3::hash(&data).to_hex().to_string(), "{size} bytes");
+            std::fs::write(t.path().join(format!("f{size}")), &data).unwrap();
         }
         std::os::unix::fs::symlink("f1", t.path().join("link")).unwrap();
-        assert!(hash_file(&t.path().join("link"), 2, &mut Vec::new()).is_err(), "a symlink is never followed");
+        nix::unistd::mkfifo(&t.path().join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let tree = Tree::compute(t.path(), &Cache::default(), 2).unwrap();
+        let root = tree.dir("").unwrap();
+        let entry = |name: &str| root.iter().find(|e| e.name == name).unwrap();
+        for size in sizes {
+            let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            let e = entry(&format!("f{size}"));
+            assert_eq!((e.meta.kind, e.meta.size, &e.hash), (FileType::File, size as u64, &blake3::hash(&data).to_hex().to_string()), "{size} bytes");
+        }
+        let link = entry("link");
+        assert_eq!((link.meta.kind, link.meta.target.as_deref()), (FileType::Symlink, Some("f1")), "a symlink is never followed");
+        assert_eq!(entry("fifo").meta.kind, FileType::Special, "a fifo is listed, not opened");
+        assert!(hash_mapped(&t.path().join("link")).is_err(), "a symlink is never followed");
     }
 
     #[test]
