@@ -261,6 +261,12 @@ impl FullSends<'_> {
                 self.c.sync_ok("alpha", "data");
             }
         });
+        if let Via::Ssh = via {
+            // The session's CPU reaches sshd's count once sshd has reaped it, which may be
+            // just after the client is done.
+            let children = format!("/proc/{0}/task/{0}/children", self.sshd.child.id());
+            wait_for(Duration::from_secs(10), "sshd to reap its session", || std::fs::read_to_string(&children).is_ok_and(|c| c.trim().is_empty()));
+        }
         (t, children_cpu() - cpu0 + (ticks() - ticks0) as f64 / 100.0)
     }
 
