@@ -359,7 +359,8 @@ struct Listed {
 /// `O_NOFOLLOW`) and its metadata and xattrs read through that descriptor; a small one
 /// is hashed here and now, a large one becomes a job of its own.
 fn list_dir(at: &str, path: &Path, cache: &Cache, buf: &mut Vec<u8>) -> Result<Listed> {
-    let mut out = Listed { entries: Vec::new(), jobs: Vec::new(), ids: Vec::new(), hashed: 0, reused: 0 };
+    let out = Listed { entries: Vec::new(), jobs: Vec::new(), ids: Vec::new(), hashed: 0, reused: 0 };
+    let mut here = Lister { at, cache, buf, out };
     let cannot_list = |e: rustix::io::Errno| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot list {}", path.display()));
     let dir_fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).map_err(cannot_list)?;
     let items = rustix::fs::Dir::read_from(&dir_fd).map_err(cannot_list)?;
@@ -376,18 +377,18 @@ fn list_dir(at: &str, path: &Path, cache: &Cache, buf: &mut Vec<u8>) -> Result<L
             _ => None,
         };
         let (entry, job) = match opened {
-            Some((fd, st)) if kind_of(&st) == FileType::File => file_entry(fd.as_fd(), &st, name, at, child_path, cache, buf, &mut out)?,
+            Some((fd, st)) if kind_of(&st) == FileType::File => here.file_entry(fd.as_fd(), &st, name, child_path)?,
             // Not a regular file after all (the listing's type was stale), or not one at all.
             _ => {
                 let st = rustix::fs::statat(dir_fd.as_fd(), raw, AtFlags::SYMLINK_NOFOLLOW)
                     .map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot read {}", child_path.display())))?;
-                other_entry(dir_fd.as_fd(), raw, &st, name, at, child_path, cache, buf, &mut out)?
+                here.other_entry(dir_fd.as_fd(), raw, &st, name, child_path)?
             }
         };
-        out.jobs.extend(job);
-        out.entries.push(entry);
+        here.out.jobs.extend(job);
+        here.out.entries.push(entry);
     }
-    Ok(out)
+    Ok(here.out)
 }
 
 /// Opens the regular file `name` of the directory `dir` for hashing, never following a
@@ -400,80 +401,70 @@ fn open_file(dir: BorrowedFd<'_>, name: &std::ffi::CStr, path: &Path) -> Result<
     Ok((fd, st))
 }
 
-/// The entry of the regular file open at `fd` (`st` its stat): its content hash from the
-/// cache when its identity is unchanged, else hashed here and now (small) or by a job of its
-/// own (large).
-#[allow(clippy::too_many_arguments)]
-fn file_entry(
-    fd: BorrowedFd<'_>,
-    st: &Stat,
-    name: String,
-    at: &str,
-    child_path: PathBuf,
-    cache: &Cache,
-    buf: &mut Vec<u8>,
-    out: &mut Listed,
-) -> Result<(Entry, Option<Job>)> {
-    let meta = meta_of(st, xattrs_of(XattrsOf::Fd(fd), &child_path)?, None);
-    let (child, id) = (join(at, &name), file_id(st));
-    let cached = cache.files.get(&child).filter(|c| c.id == id).map(|c| c.hash.clone());
-    out.ids.push((child, id));
-    Ok(match cached {
-        Some(hash) => {
-            out.reused += 1;
-            (Entry { name, meta, hash }, None)
-        }
-        // A small file is hashed here and now: a job of its own would cost more in handing
-        // it over than in hashing it.
-        None if meta.size < MAP_FROM => {
-            out.hashed += 1;
-            let hash = hash_read(fd, meta.size, &child_path, buf)?;
-            (Entry { name, meta, hash }, None)
-        }
-        None => {
-            let job = Job::Hash(Pending { dir: at.to_string(), index: out.entries.len(), path: child_path });
-            (Entry { name, meta, hash: String::new() }, Some(job))
-        }
-    })
+/// One directory's listing under way: its tree path, the cache of content hashes, the
+/// worker's read buffer, and what it found so far.
+struct Lister<'a> {
+    at: &'a str,
+    cache: &'a Cache,
+    buf: &'a mut Vec<u8>,
+    out: Listed,
 }
 
-/// The entry of what is not a regular file (a directory: a job to list it; a symlink: the
-/// hash of its target; a device, fifo or socket: its metadata), or of a regular file the
-/// listing had no type for, as `st` says.
-#[allow(clippy::too_many_arguments)]
-fn other_entry(
-    dir: BorrowedFd<'_>,
-    raw: &std::ffi::CStr,
-    st: &Stat,
-    name: String,
-    at: &str,
-    child_path: PathBuf,
-    cache: &Cache,
-    buf: &mut Vec<u8>,
-    out: &mut Listed,
-) -> Result<(Entry, Option<Job>)> {
-    if kind_of(st) == FileType::File {
-        // A filesystem that leaves `d_type` unknown: open it as a regular file after all.
-        let (fd, st) = open_file(dir, raw, &child_path)?;
-        if kind_of(&st) == FileType::File {
-            return file_entry(fd.as_fd(), &st, name, at, child_path, cache, buf, out);
-        }
+impl Lister<'_> {
+    /// The entry of the regular file open at `fd` (`st` its stat): its content hash from the
+    /// cache when its identity is unchanged, else hashed here and now (small) or by a job of
+    /// its own (large).
+    fn file_entry(&mut self, fd: BorrowedFd<'_>, st: &Stat, name: String, child_path: PathBuf) -> Result<(Entry, Option<Job>)> {
+        let meta = meta_of(st, xattrs_of(XattrsOf::Fd(fd), &child_path)?, None);
+        let (child, id) = (join(self.at, &name), file_id(st));
+        let cached = self.cache.files.get(&child).filter(|c| c.id == id).map(|c| c.hash.clone());
+        self.out.ids.push((child, id));
+        Ok(match cached {
+            Some(hash) => {
+                self.out.reused += 1;
+                (Entry { name, meta, hash }, None)
+            }
+            // A small file is hashed here and now: a job of its own would cost more in handing
+            // it over than in hashing it.
+            None if meta.size < MAP_FROM => {
+                self.out.hashed += 1;
+                let hash = hash_read(fd, meta.size, &child_path, self.buf)?;
+                (Entry { name, meta, hash }, None)
+            }
+            None => {
+                let job = Job::Hash(Pending { dir: self.at.to_string(), index: self.out.entries.len(), path: child_path });
+                (Entry { name, meta, hash: String::new() }, Some(job))
+            }
+        })
     }
-    let xattrs = xattrs_of(XattrsOf::Path(&child_path), &child_path)?;
-    Ok(match kind_of(st) {
-        FileType::Symlink => {
-            let target = rustix::fs::readlinkat(dir, raw, Vec::new())
-                .map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot read the symlink {}", child_path.display())))?;
-            let target = wire_name(target.as_bytes());
-            let hash = blake3::hash(target.as_bytes()).to_hex().to_string();
-            (Entry { name, meta: meta_of(st, xattrs, Some(target)), hash }, None)
+
+    /// The entry of what is not a regular file (a directory: a job to list it; a symlink:
+    /// the hash of its target; a device, fifo or socket: its metadata), or of a regular file
+    /// the listing had no type for, as `st` (its `statat` in `dir`) says.
+    fn other_entry(&mut self, dir: BorrowedFd<'_>, raw: &std::ffi::CStr, st: &Stat, name: String, child_path: PathBuf) -> Result<(Entry, Option<Job>)> {
+        if kind_of(st) == FileType::File {
+            // A filesystem that leaves `d_type` unknown: open it as a regular file after all.
+            let (fd, st) = open_file(dir, raw, &child_path)?;
+            if kind_of(&st) == FileType::File {
+                return self.file_entry(fd.as_fd(), &st, name, child_path);
+            }
         }
-        FileType::Dir => {
-            let job = Job::List { at: join(at, &name), path: child_path };
-            (Entry { name, meta: meta_of(st, xattrs, None), hash: String::new() }, Some(job)) // filled in bottom-up
-        }
-        _ => (Entry { name, meta: meta_of(st, xattrs, None), hash: String::new() }, None),
-    })
+        let xattrs = xattrs_of(XattrsOf::Path(&child_path), &child_path)?;
+        Ok(match kind_of(st) {
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(dir, raw, Vec::new())
+                    .map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot read the symlink {}", child_path.display())))?;
+                let target = wire_name(target.as_bytes());
+                let hash = blake3::hash(target.as_bytes()).to_hex().to_string();
+                (Entry { name, meta: meta_of(st, xattrs, Some(target)), hash }, None)
+            }
+            FileType::Dir => {
+                let job = Job::List { at: join(self.at, &name), path: child_path };
+                (Entry { name, meta: meta_of(st, xattrs, None), hash: String::new() }, Some(job)) // filled in bottom-up
+            }
+            _ => (Entry { name, meta: meta_of(st, xattrs, None), hash: String::new() }, None),
+        })
+    }
 }
 
 /// One worker of a [`Tree::compute`]: takes the next job until none is left and none is
