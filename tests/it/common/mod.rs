@@ -348,6 +348,16 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
+        // A failing test shows what its daemons said (the harness prints a failed test's
+        // output): the last lines, so that a rare failure can be read from the CI log.
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("---- the log of {} (last {} lines) ----", self.log.display(), lines.len().min(60));
+            for line in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
