@@ -361,11 +361,13 @@ struct Listed {
 fn list_dir(at: &str, path: &Path, cache: &Cache, buf: &mut Vec<u8>) -> Result<Listed> {
     let out = Listed { entries: Vec::new(), jobs: Vec::new(), ids: Vec::new(), hashed: 0, reused: 0 };
     let mut here = Lister { at, cache, buf, out };
-    let cannot_list = |e: rustix::io::Errno| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot list {}", path.display()));
-    let dir_fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).map_err(cannot_list)?;
-    let items = rustix::fs::Dir::read_from(&dir_fd).map_err(cannot_list)?;
+    let cannot_list = || format!("cannot list {}", path.display());
+    let dir_fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+        .map_err(std::io::Error::from)
+        .with_context(cannot_list)?;
+    let items = rustix::fs::Dir::read_from(&dir_fd).map_err(std::io::Error::from).with_context(cannot_list)?;
     for item in items {
-        let item = item.map_err(cannot_list)?;
+        let item = item.map_err(std::io::Error::from).with_context(cannot_list)?;
         let raw = item.file_name();
         if matches!(raw.to_bytes(), b"." | b"..") {
             continue;
@@ -381,7 +383,8 @@ fn list_dir(at: &str, path: &Path, cache: &Cache, buf: &mut Vec<u8>) -> Result<L
             // Not a regular file after all (the listing's type was stale), or not one at all.
             _ => {
                 let st = rustix::fs::statat(dir_fd.as_fd(), raw, AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot read {}", child_path.display())))?;
+                    .map_err(std::io::Error::from)
+                    .with_context(|| format!("cannot read {}", child_path.display()))?;
                 here.other_entry(dir_fd.as_fd(), raw, &st, name, child_path)?
             }
         };
@@ -396,8 +399,9 @@ fn list_dir(at: &str, path: &Path, cache: &Cache, buf: &mut Vec<u8>) -> Result<L
 fn open_file(dir: BorrowedFd<'_>, name: &std::ffi::CStr, path: &Path) -> Result<(OwnedFd, Stat)> {
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
     let fd = rustix::fs::openat(dir, name, flags, Mode::empty())
-        .map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot open {} to hash it", path.display())))?;
-    let st = rustix::fs::fstat(&fd).map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot read {}", path.display())))?;
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("cannot open {} to hash it", path.display()))?;
+    let st = rustix::fs::fstat(&fd).map_err(std::io::Error::from).with_context(|| format!("cannot read {}", path.display()))?;
     Ok((fd, st))
 }
 
@@ -453,7 +457,8 @@ impl Lister<'_> {
         Ok(match kind_of(st) {
             FileType::Symlink => {
                 let target = rustix::fs::readlinkat(dir, raw, Vec::new())
-                    .map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot read the symlink {}", child_path.display())))?;
+                    .map_err(std::io::Error::from)
+                    .with_context(|| format!("cannot read the symlink {}", child_path.display()))?;
                 let target = wire_name(target.as_bytes());
                 let hash = blake3::hash(target.as_bytes()).to_hex().to_string();
                 (Entry { name, meta: meta_of(st, xattrs, Some(target)), hash }, None)
@@ -521,7 +526,7 @@ impl Tree {
     /// threads listing directories and hashing files as they are found (metadata and
     /// contents both in parallel). Blocking: run it off the async runtime.
     pub fn compute(root: &Path, cache: &Cache, workers: usize) -> Result<Tree> {
-        let root_st = rustix::fs::lstat(root).map_err(|e| anyhow::Error::from(std::io::Error::from(e)).context(format!("cannot read {}", root.display())))?;
+        let root_st = rustix::fs::lstat(root).map_err(std::io::Error::from).with_context(|| format!("cannot read {}", root.display()))?;
         if kind_of(&root_st) != FileType::Dir {
             bail!("{} is not a directory", root.display());
         }
@@ -920,9 +925,9 @@ mod tests {
     fn mapped_and_read_files_hash_as_their_content() {
         let t = tempfile::tempdir().unwrap();
         let sizes = [0, 1, MAP_FROM as usize - 1, MAP_FROM as usize, 3 * MAP_FROM as usize + 7];
+        let content = |size: usize| -> Vec<u8> { (0..size).map(|i| (i * 7 % 251) as u8).collect() };
         for size in sizes {
-            let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-            std::fs::write(t.path().join(format!("f{size}")), &data).unwrap();
+            std::fs::write(t.path().join(format!("f{size}")), content(size)).unwrap();
         }
         std::os::unix::fs::symlink("f1", t.path().join("link")).unwrap();
         nix::unistd::mkfifo(&t.path().join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
@@ -930,9 +935,8 @@ mod tests {
         let root = tree.dir("").unwrap();
         let entry = |name: &str| root.iter().find(|e| e.name == name).unwrap();
         for size in sizes {
-            let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
             let e = entry(&format!("f{size}"));
-            assert_eq!((e.meta.kind, e.meta.size, &e.hash), (FileType::File, size as u64, &blake3::hash(&data).to_hex().to_string()), "{size} bytes");
+            assert_eq!((e.meta.kind, e.meta.size, &e.hash), (FileType::File, size as u64, &blake3::hash(&content(size)).to_hex().to_string()), "{size} bytes");
         }
         let link = entry("link");
         assert_eq!((link.meta.kind, link.meta.target.as_deref()), (FileType::Symlink, Some("f1")), "a symlink is never followed");
