@@ -498,11 +498,16 @@ pub fn group_snapshot_commands(f: &Features, datasets: &[&str], name: &str) -> O
 }
 
 async fn zfs(args: &[&str]) -> Result<String, CommandError> {
-    let mut cmd = Cmd::new("zfs");
-    for a in args {
-        cmd = cmd.arg(a);
-    }
-    cmd.output().await
+    zfs_command(args).output().await
+}
+
+fn zfs_command(args: &[&str]) -> Cmd {
+    args.iter().fold(Cmd::new("zfs"), |cmd, a| cmd.arg(a))
+}
+
+/// `zfs ARGS` by [`with_busy_retry`].
+async fn zfs_retrying(args: &[&str]) -> Result<String, CommandError> {
+    with_busy_retry(&zfs_command(args)).await
 }
 
 /// Runs `cmd`, retrying a moment when ZFS says "dataset is busy" (seen right after a receive).
@@ -620,7 +625,7 @@ async fn set_read_only(dataset: &str, on: bool) -> Result<()> {
 /// Moves `from` to `to` (`zfs rename`), with what to do when this ZFS cannot (zfs-fuse
 /// cannot rename a file system at all).
 async fn rename_dataset(from: &str, to: &str) -> Result<()> {
-    with_busy_retry(&Cmd::new("zfs").arg("rename").arg(from).arg(to)).await.with_context(|| {
+    zfs_retrying(&["rename", from, to]).await.with_context(|| {
         format!("cannot move {from} to {to}; where this ZFS cannot rename a file system (zfs-fuse), leave `promote_path:` unset: the replica dataset is then made writable in place")
     })?;
     Ok(())
@@ -663,7 +668,7 @@ async fn discard_other_children(members: &[&str], name: &str) -> Result<()> {
     for dataset in listed.lines() {
         if !members.contains(&dataset) {
             let snap = format!("{dataset}@{name}");
-            if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&snap)).await {
+            if let Err(e) = zfs_retrying(&["destroy", &snap]).await {
                 if !e.stderr().contains("could not find") && !e.stderr().contains("does not exist") {
                     return Err(e.into());
                 }
@@ -716,11 +721,11 @@ impl OriginSide for ZfsOrigin {
         let (snap, aside) = (format!("{dataset}@{name}"), diverged_dataset(dataset, name));
         let mut found = false;
         if dataset_exists(&aside).await? {
-            with_busy_retry(&Cmd::new("zfs").arg("destroy").arg("-r").arg(&aside)).await?;
+            zfs_retrying(&["destroy", "-r", &aside]).await?;
             found = true;
         }
         if dataset_exists(&snap).await? {
-            with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&snap)).await?;
+            zfs_retrying(&["destroy", &snap]).await?;
             found = true;
         }
         if !found {
@@ -778,7 +783,7 @@ impl OriginSide for ZfsOrigin {
     }
 
     async fn delete(&self, snapshot: &Snapshot) -> Result<()> {
-        with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(format!("{}@{}", self.dataset, snapshot.name))).await?;
+        zfs_retrying(&["destroy", &format!("{}@{}", self.dataset, snapshot.name)]).await?;
         Ok(())
     }
 
@@ -902,7 +907,7 @@ impl ZfsReplica {
             }
         }
         let (base_name, _) = &all[at];
-        with_busy_retry(&Cmd::new("zfs").arg("rollback").arg("-r").arg(format!("{}@{base_name}", self.dataset)))
+        zfs_retrying(&["rollback", "-r", &format!("{}@{base_name}", self.dataset)])
             .await
             .with_context(|| format!("cannot roll {} back to the common base {base_name} (the diverged data is kept in {aside}); a hold of another tool may keep a snapshot after it", self.dataset))?;
         Ok(Some(label))
@@ -935,7 +940,7 @@ impl ZfsReplica {
     /// Gone already is fine (modern ZFS: `receive -A` dropped a new file system's partial
     /// receive).
     async fn clear_for_full(&self) -> Result<()> {
-        match with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&self.dataset)).await {
+        match zfs_retrying(&["destroy", &self.dataset]).await {
             Err(e) if !e.stderr().contains("does not exist") => Err(anyhow::Error::from(e).context(format!(
                 "{} holds no snapshot and must be replaced by a full receive, but cannot be destroyed; \
                  destroy it (zfs destroy {}) or give the replica another dataset",
@@ -1162,7 +1167,7 @@ impl ReplicaSide for ZfsReplica {
     }
 
     async fn delete(&self, snapshot: &Snapshot) -> Result<()> {
-        with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(format!("{}@{}", self.dataset, snapshot.name))).await?;
+        zfs_retrying(&["destroy", &format!("{}@{}", self.dataset, snapshot.name)]).await?;
         Ok(())
     }
 
@@ -1234,16 +1239,16 @@ pub async fn swap_in_place(dataset: &str, snapshot: &SnapshotName) -> Result<Swa
         let (live_state, restoring) = (live_state.clone(), restoring.clone());
         async move {
             let mut left = Vec::new();
-            if promoted && let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("promote").arg(dataset)).await {
+            if promoted && let Err(e) = zfs_retrying(&["promote", dataset]).await {
                 left.push(format!("`zfs promote {dataset}` ({e})"));
             }
             if left.is_empty() && dataset_exists(&restoring).await.unwrap_or(true) {
-                if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&restoring)).await {
+                if let Err(e) = zfs_retrying(&["destroy", &restoring]).await {
                     left.push(format!("`zfs destroy {restoring}` ({e})"));
                 }
             }
             if left.is_empty()
-                && let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&live_state)).await
+                && let Err(e) = zfs_retrying(&["destroy", &live_state]).await
             {
                 left.push(format!("`zfs destroy {live_state}` ({e})"));
             }
@@ -1255,7 +1260,7 @@ pub async fn swap_in_place(dataset: &str, snapshot: &SnapshotName) -> Result<Swa
         let left = undo(false).await;
         bail!(unchanged(format!("cannot clone {source} as {restoring}: {e}{left}")));
     }
-    if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("promote").arg(&restoring)).await {
+    if let Err(e) = zfs_retrying(&["promote", &restoring]).await {
         let left = undo(false).await;
         bail!(unchanged(format!("cannot promote {restoring}: {e}{left}")));
     }
@@ -1263,21 +1268,21 @@ pub async fn swap_in_place(dataset: &str, snapshot: &SnapshotName) -> Result<Swa
         let _ = zfs(&["mount", &name]).await;
     };
     for (name, what) in [(&restoring, "the restored clone"), (&dataset.to_string(), "the live dataset")] {
-        if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("umount").arg(name)).await {
+        if let Err(e) = zfs_retrying(&["umount", name]).await {
             remount(restoring.clone()).await;
             remount(dataset.to_string()).await;
             let left = undo(true).await;
             bail!(unchanged(format!("cannot unmount {what} {name} (a process using it? stop it first): {e}{left}")));
         }
     }
-    if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("rename").arg(dataset).arg(&kept)).await {
+    if let Err(e) = zfs_retrying(&["rename", dataset, &kept]).await {
         remount(dataset.to_string()).await;
         let left = undo(true).await;
         bail!(unchanged(format!("cannot rename {dataset} to {kept}: {e}{left}")));
     }
-    if let Err(e) = with_busy_retry(&Cmd::new("zfs").arg("rename").arg(&restoring).arg(dataset)).await {
+    if let Err(e) = zfs_retrying(&["rename", &restoring, dataset]).await {
         // Put the live dataset back under its name, then undo.
-        return match with_busy_retry(&Cmd::new("zfs").arg("rename").arg(&kept).arg(dataset)).await {
+        return match zfs_retrying(&["rename", &kept, dataset]).await {
             Ok(_) => {
                 remount(dataset.to_string()).await;
                 let left = undo(true).await;
@@ -1346,7 +1351,7 @@ impl TempClone {
     pub async fn remove(mut self) -> Result<()> {
         if let Some(clone) = self.clone.take() {
             if dataset_exists(&clone).await? {
-                with_busy_retry(&Cmd::new("zfs").arg("destroy").arg(&clone)).await.with_context(|| format!("cannot destroy the temporary clone {clone}"))?;
+                zfs_retrying(&["destroy", &clone]).await.with_context(|| format!("cannot destroy the temporary clone {clone}"))?;
             }
         }
         let _ = std::fs::remove_dir(&self.dir);
