@@ -153,8 +153,11 @@ impl Setup {
                 let mut handle = conn.handle();
                 let (recv, mut send) = handle.open_bidirectional_stream().await.unwrap().split();
                 use tokio::io::AsyncWriteExt;
-                send.write_all(&bytes).await.unwrap();
-                send.close().await.unwrap();
+                // The replica may refuse before it has read everything and reset the stream:
+                // then the write or the close fails here, and its answer is still to be read.
+                if send.write_all(&bytes).await.is_ok() {
+                    let _ = send.close().await;
+                }
                 let mut frames = snapship::ship::frame::FrameReader::new(recv);
                 let answer = async {
                     loop {
