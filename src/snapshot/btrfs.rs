@@ -124,6 +124,23 @@ fn describe(path: &Path, shown: &Path, name: SnapshotName) -> Result<Option<Snap
     Ok(Some(Snapshot { name, identity, local_id: Some(info.uuid().to_string()), parent_local_id: info.parent_uuid().map(|u| u.to_string()) }))
 }
 
+/// Snapshot `name` as the root directory `sub` of its subvolume shows it, with its
+/// `ctransid` (for the seal); `None` unless read-only. One ioctl on the open directory
+/// ([`SafeDir::subvolume_info`]).
+fn describe_dir(sub: &SafeDir, name: SnapshotName) -> Result<Option<(Snapshot, u64)>> {
+    let info = sub.subvolume_info()?;
+    if !info.read_only {
+        return Ok(None);
+    }
+    let snapshot = Snapshot {
+        name,
+        identity: info.received_uuid.unwrap_or(info.uuid).to_string(),
+        local_id: Some(info.uuid.to_string()),
+        parent_local_id: info.parent_uuid.map(|u| u.to_string()),
+    };
+    Ok(Some((snapshot, info.ctransid)))
+}
+
 fn delete_subvolume(path: &Path) -> Result<()> {
     DeleteSubvolumeOptions::new().delete(path).map_err(|e| util_error(format!("cannot delete subvolume {}", path.display()), e))
 }
@@ -411,8 +428,18 @@ fn stale_latest_tmp(name: &str) -> bool {
 /// a fresh symlink under a temporary name, renamed over `latest` (a rename replaces a symlink
 /// there, never follows it).
 fn update_latest(replica: &SafeDir) -> Result<()> {
+    update_latest_to(replica, None)
+}
+
+/// [`update_latest`], told that snapshot `published` was just published complete: if no
+/// entry has a newer snapshot name, it is the newest, found without describing the others.
+fn update_latest_to(replica: &SafeDir, published: Option<&SnapshotName>) -> Result<()> {
     let latest = OsStr::new(LATEST);
-    let Some(newest) = complete_in(replica)?.pop() else {
+    let newest = match published {
+        Some(name) if snapshot_names(replica.entries()?).last() == Some(name) => Some(name.clone()),
+        _ => complete_in(replica)?.pop().map(|s| s.name),
+    };
+    let Some(newest) = newest else {
         return match replica.stat_of(latest)? {
             None => Ok(()),
             Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => replica.unlink(latest),
@@ -423,7 +450,7 @@ fn update_latest(replica: &SafeDir) -> Result<()> {
     for _ in 0..10_000 {
         let tmp = OsString::from(format!("{LATEST_TMP}{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
         // A name that is taken (a leftover, or planted) is neither reused nor touched here.
-        if replica.symlink(OsStr::new(newest.name.as_str()), &tmp)? {
+        if replica.symlink(OsStr::new(newest.as_str()), &tmp)? {
             return replica.rename_over(&tmp, latest).inspect_err(|_| {
                 let _ = replica.unlink(&tmp);
             });
@@ -436,19 +463,19 @@ fn update_latest(replica: &SafeDir) -> Result<()> {
 /// read-only received subvolumes (a symlink, a plain directory) are skipped with a warning.
 fn complete_in(replica: &SafeDir) -> Result<Vec<Snapshot>> {
     let mut out = Vec::new();
+    let seals = replica.open_dir(OsStr::new(SEALS))?;
     for name in snapshot_names(replica.entries()?) {
         let shown = replica.shown(name.as_str());
         let found = replica.open_dir(OsStr::new(name.as_str())).and_then(|sub| match sub {
-            Some(sub) if sub.is_subvolume_root()? => {
-                let found = describe(&sub.proc_path(), &shown, name.clone())?;
-                match found {
-                    Some(mut s) if !sealed_intact(replica, &name, &sub, &shown)? => {
+            Some(sub) if sub.is_subvolume_root()? => match describe_dir(&sub, name.clone())? {
+                Some((mut s, ctransid)) => {
+                    if !sealed_intact(replica, seals.as_ref(), &name, ctransid, &shown)? {
                         s.identity = format!("{TAMPERED}{}", s.identity);
-                        Ok(Some(s))
                     }
-                    other => Ok(other),
+                    Ok(Some(s))
                 }
-            }
+                None => Ok(None),
+            },
             Some(_) => bail!("a plain directory, not a subvolume"),
             None => Ok(None),
         });
@@ -461,19 +488,14 @@ fn complete_in(replica: &SafeDir) -> Result<Vec<Snapshot>> {
     Ok(out)
 }
 
-/// The `ctransid` of subvolume `sub`: the transaction that last changed its content (a
-/// flip of its read-only flag or a balance leaves it alone).
-fn ctransid_of(sub: &SafeDir, shown: &Path) -> Result<u64> {
-    Ok(libbtrfsutil::subvolume_info(sub.proc_path()).map_err(|e| util_error(format!("cannot read subvolume {}", shown.display()), e))?.ctransid())
-}
-
-/// Records `sub`'s `ctransid` as the seal of snapshot `name` (a fresh file renamed into
-/// place). The root item holds the `ctransid` of the last commit, so the publisher seals
-/// after its commit and replaces any seal; a listing that seals on first sight only adds a
-/// missing one (it may have read the value before that commit).
-fn seal(replica: &SafeDir, name: &SnapshotName, sub: &SafeDir, shown: &Path, replace: bool) -> Result<()> {
+/// Records `ctransid` as the seal of snapshot `name` (a fresh file renamed into place). The
+/// `ctransid` is the transaction that last changed the snapshot's content (a flip of its
+/// read-only flag or a balance leaves it alone), as [`describe_dir`] reads it. Until the
+/// data a receive wrote is written back (by the publisher's commit), that write back still
+/// moves it; so the publisher seals after its commit and replaces any seal, and a listing
+/// that seals on first sight only adds a missing one (it may have read it before).
+fn seal(replica: &SafeDir, name: &SnapshotName, ctransid: u64, replace: bool) -> Result<()> {
     use std::io::Write;
-    let ctransid = ctransid_of(sub, shown)?;
     replica.mkdir(OsStr::new(SEALS), 0o700)?;
     let seals = replica.open_dir(OsStr::new(SEALS))?.ok_or_else(|| anyhow!("{} vanished", replica.shown(SEALS).display()))?;
     seals.check(Role::Own)?;
@@ -483,31 +505,31 @@ fn seal(replica: &SafeDir, name: &SnapshotName, sub: &SafeDir, shown: &Path, rep
     file.set_len(0)?;
     file.write_all(ctransid.to_string().as_bytes())?;
     if replace {
-        return seals.rename_over(&tmp, OsStr::new(name.as_str()));
+        return seals.rename_over(&tmp, OsStr::new(name.as_str())).inspect_err(|_| {
+            let _ = seals.unlink(&tmp);
+        });
     }
-    let added = seals.rename_new(&tmp, &seals, OsStr::new(name.as_str()));
-    if added.is_err() {
+    if seals.rename_new(&tmp, &seals, OsStr::new(name.as_str())).is_err() {
         let _ = seals.unlink(&tmp); // sealed meanwhile
     }
     Ok(())
 }
 
-/// Whether snapshot `name` (subvolume `sub`) is as it was published: its seal matches its
-/// `ctransid`. A snapshot without a seal (received before seals existed) is sealed now.
-/// A broken seal is logged as an error each time it is seen.
-fn sealed_intact(replica: &SafeDir, name: &SnapshotName, sub: &SafeDir, shown: &Path) -> Result<bool> {
-    let recorded = replica
-        .open_dir(OsStr::new(SEALS))?
-        .and_then(|seals| seals.stat_of(OsStr::new(name.as_str())).ok().flatten().map(|_| seals))
-        .and_then(|seals| std::fs::read_to_string(seals.proc_path().join(name.as_str())).ok())
-        .and_then(|text| text.trim().parse::<u64>().ok());
+/// Whether snapshot `name` (whose `ctransid` is `now`) is as it was published: its seal
+/// matches. A snapshot without a readable seal (received before seals existed, or a crash
+/// between its publish and the commit of the seal) is sealed now. A broken seal is logged
+/// as an error each time it is seen.
+fn sealed_intact(replica: &SafeDir, seals: Option<&SafeDir>, name: &SnapshotName, now: u64, shown: &Path) -> Result<bool> {
+    let recorded = match seals {
+        Some(seals) => seals.read_small(OsStr::new(name.as_str())).ok().flatten().and_then(|text| text.trim().parse::<u64>().ok()),
+        None => None,
+    };
     let Some(recorded) = recorded else {
-        if let Err(e) = seal(replica, name, sub, shown, false) {
+        if let Err(e) = seal(replica, name, now, false) {
             tracing::warn!(path = %shown.display(), "cannot seal the received snapshot: {e:#}");
         }
         return Ok(true);
     };
-    let now = ctransid_of(sub, shown)?;
     if now == recorded {
         return Ok(true);
     }
@@ -710,7 +732,7 @@ impl Transfer {
         if staged.has_nested_subvolumes()? {
             bail!("refusing the received stream: {} holds other subvolumes", shown.display());
         }
-        let got = describe(&staged.proc_path(), &shown, name.clone())?
+        let (got, _) = describe_dir(&staged, name.clone())?
             .ok_or_else(|| anyhow!("received {} is incomplete: not read-only or without received_uuid", shown.display()))?;
         if got.identity != identity {
             bail!("received {} has identity {}, expected {identity}", shown.display(), got.identity);
@@ -728,8 +750,8 @@ impl Transfer {
         set_read_only(&staged.proc_path(), &shown, false)?;
         self.dir.rename_new(expected, &self.replica, &hidden)?;
         let placed = set_read_only(&staged.proc_path(), &hidden_shown, true).and_then(|()| {
-            describe(&staged.proc_path(), &hidden_shown, name.clone())?
-                .filter(|s| s.identity == identity)
+            describe_dir(&staged, name.clone())?
+                .filter(|(s, _)| s.identity == identity)
                 .ok_or_else(|| anyhow!("{} lost its received identity while being moved into place", hidden_shown.display()))?;
             self.replica.rename_new(&hidden, &self.replica, expected)
         });
@@ -741,11 +763,14 @@ impl Transfer {
         }
         // One commit makes the received data and the rename durable together: btrfs
         // transactions are atomic and ordered, so the rename can never be on disk without
-        // the data received before it. Then the seal (of the committed `ctransid`), and
-        // `latest`, made durable by a second commit.
+        // the data received before it. Then the seal, and `latest`, made durable by a second
+        // commit. The seal must wait for the first: the data `btrfs receive` wrote is still
+        // being written back, and each write back moves the snapshot's `ctransid` (read
+        // before the commit, it is not yet the snapshot's final one).
         sync_fs(&self.replica.proc_path(), self.replica.path())?;
-        seal(&self.replica, &name, &staged, &target, true)?;
-        update_latest(&self.replica)?;
+        let (_, ctransid) = describe_dir(&staged, name.clone())?.ok_or_else(|| anyhow!("{} is no longer read-only", target.display()))?;
+        seal(&self.replica, &name, ctransid, true)?;
+        update_latest_to(&self.replica, Some(&name))?;
         sync_fs(&self.replica.proc_path(), self.replica.path())?;
         Ok(Snapshot { name, ..got })
     }

@@ -255,6 +255,22 @@ impl SafeDir {
         Ok(File::from(fd))
     }
 
+    /// The first bytes (at most 64) of regular file `name`, as text; `None` when it does not
+    /// exist, is not a regular file (a symlink is not followed) or is not text.
+    pub fn read_small(&self, name: &OsStr) -> Result<Option<String>> {
+        let fd = match rustix::fs::openat(&self.fd, single_name(name)?, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT | Errno::LOOP) => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", self.shown(name).display())),
+        };
+        if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
+            return Ok(None);
+        }
+        let mut buf = [0u8; 64];
+        let n = rustix::io::read(&fd, &mut buf).with_context(|| format!("cannot read {}", self.shown(name).display()))?;
+        Ok(std::str::from_utf8(&buf[..n]).ok().map(str::to_string))
+    }
+
     /// The names in this directory (without `.` and `..`), in directory order.
     pub fn entries(&self) -> Result<Vec<OsString>> {
         let what = || format!("cannot list {}", self.path.display());
@@ -318,6 +334,27 @@ impl SafeDir {
             Err(Errno::OVERFLOW) => Ok(true),
             Err(e) => Err(e).with_context(|| format!("cannot list the subvolumes inside {}", self.path.display())),
         }
+    }
+
+    /// What the kernel holds for the subvolume whose root this directory is: one
+    /// `BTRFS_IOC_GET_SUBVOL_INFO` on the fd (needs no privilege). It reads the subvolume's
+    /// root item in memory, so `ctransid` is already the value the next commit writes (a
+    /// tree search, libbtrfsutil's way as root, sees it only after that commit).
+    pub fn subvolume_info(&self) -> Result<SubvolumeInfo> {
+        // SAFETY: the opcode is the kernel's _IOR(0x94, 60, struct btrfs_ioctl_get_subvol_info_args)
+        // and `SubvolInfoArgs` has that struct's layout (checked in size below).
+        let args = unsafe { rustix::ioctl::ioctl(&self.fd, rustix::ioctl::Getter::<GET_SUBVOL_INFO, SubvolInfoArgs>::new()) }.map_err(|e| {
+            let hint = if e == Errno::NOTTY { " (it needs Linux 4.18 or later)" } else { "" };
+            anyhow!("cannot read subvolume {}: {e}{hint}", self.path.display())
+        })?;
+        let uuid = |bytes: [u8; 16]| Some(uuid::Uuid::from_bytes(bytes)).filter(|u| !u.is_nil());
+        Ok(SubvolumeInfo {
+            uuid: uuid::Uuid::from_bytes(args.uuid),
+            parent_uuid: uuid(args.parent_uuid),
+            received_uuid: uuid(args.received_uuid),
+            ctransid: args.ctransid,
+            read_only: args.flags & ROOT_SUBVOL_RDONLY != 0,
+        })
     }
 
     /// Removes `name` and everything below it without following any symlink: files and
@@ -452,6 +489,49 @@ struct RootrefArgs {
 const _: () = assert!(std::mem::size_of::<RootrefArgs>() == 4096);
 const GET_SUBVOL_ROOTREF: rustix::ioctl::Opcode = rustix::ioctl::opcode::read_write::<RootrefArgs>(0x94, 61);
 
+/// A subvolume as [`SafeDir::subvolume_info`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SubvolumeInfo {
+    pub uuid: uuid::Uuid,
+    pub parent_uuid: Option<uuid::Uuid>,
+    /// The origin snapshot's uuid, for a received one (`None` when nil).
+    pub received_uuid: Option<uuid::Uuid>,
+    /// The transaction that last changed the subvolume's content.
+    pub ctransid: u64,
+    pub read_only: bool,
+}
+
+/// `struct btrfs_ioctl_timespec` of linux/btrfs.h.
+#[repr(C)]
+struct IoctlTimespec {
+    sec: u64,
+    nsec: u32,
+}
+
+/// `struct btrfs_ioctl_get_subvol_info_args` of linux/btrfs.h.
+#[repr(C)]
+struct SubvolInfoArgs {
+    treeid: u64,
+    name: [u8; 256],
+    parent_id: u64,
+    dirid: u64,
+    generation: u64,
+    flags: u64,
+    uuid: [u8; 16],
+    parent_uuid: [u8; 16],
+    received_uuid: [u8; 16],
+    ctransid: u64,
+    otransid: u64,
+    stransid: u64,
+    rtransid: u64,
+    times: [IoctlTimespec; 4],
+    reserved: [u64; 8],
+}
+const _: () = assert!(std::mem::size_of::<SubvolInfoArgs>() == 504);
+const GET_SUBVOL_INFO: rustix::ioctl::Opcode = rustix::ioctl::opcode::read::<SubvolInfoArgs>(0x94, 60);
+/// `BTRFS_ROOT_SUBVOL_RDONLY`, in a root item's flags.
+const ROOT_SUBVOL_RDONLY: u64 = 1;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,6 +615,21 @@ mod tests {
         let err = open_trusted(&path, false).unwrap_err().to_string();
         assert!(err.contains(&format!("refusing {} (on the replica path)", path.display())), "{err}");
         assert!(err.contains("chmod go-w"), "{err}");
+    }
+
+    #[test]
+    fn read_small_reads_only_a_regular_file_and_never_follows_a_symlink() {
+        let (tmp, dir) = scratch("safe-dir-read");
+        std::fs::write(tmp.path().join("seal"), "1234\n").unwrap();
+        std::fs::write(tmp.path().join("outside"), "999").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("outside"), tmp.path().join("link")).unwrap();
+        std::fs::create_dir(tmp.path().join("dir")).unwrap();
+        nix::unistd::mkfifo(&tmp.path().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(dir.read_small(OsStr::new("seal")).unwrap().as_deref(), Some("1234\n"));
+        for name in ["link", "dir", "fifo", "missing"] {
+            assert_eq!(dir.read_small(OsStr::new(name)).unwrap(), None, "{name}");
+        }
+        assert!(dir.read_small(OsStr::new("../seal")).is_err(), "a path is not a name");
     }
 
     #[test]
