@@ -910,8 +910,18 @@ impl Runtime {
         origin.freeze(true).await?;
         let attempt = async {
             let snapshot = self.final_sync(fileset, to).await?;
-            let epoch = target.hand_over(&snapshot).await.with_context(|| format!("`{to}` did not take over"))?;
-            Ok::<_, anyhow::Error>((snapshot, epoch))
+            // Before `to` takes over (and ships here at once): the live file set goes where
+            // this node receives as a replica.
+            origin.place_as_replica(true).await?;
+            match target.hand_over(&snapshot).await {
+                Ok(epoch) => Ok::<_, anyhow::Error>((snapshot, epoch)),
+                Err(e) => {
+                    if let Err(back) = origin.place_as_replica(false).await {
+                        tracing::error!(%fileset, "cannot put the live file set back in place: {back:#}");
+                    }
+                    Err(e.context(format!("`{to}` did not take over")))
+                }
+            }
         };
         match attempt.await {
             Ok((snapshot, epoch)) => {

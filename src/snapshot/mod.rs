@@ -224,6 +224,15 @@ pub trait OriginSide: Send + Sync {
     async fn freeze(&self, _frozen: bool) -> Result<()> {
         anyhow::bail!("this backend cannot freeze its live file set yet")
     }
+    /// A planned switchover, once the final snapshot reached the member taking over: `true`
+    /// puts the frozen live file set where this node receives the file set as a replica, so
+    /// that the new origin's first stream is an incremental onto it (ZFS with `promote_path:`:
+    /// the dataset renamed back to the replica's); `false` undoes that (the other member did
+    /// not take over). Nothing to do where the live file set and the received snapshots are
+    /// apart anyway (btrfs).
+    async fn place_as_replica(&self, _as_replica: bool) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A replica's side of a file set.

@@ -622,12 +622,26 @@ async fn set_read_only(dataset: &str, on: bool) -> Result<()> {
     Ok(())
 }
 
-/// Moves `from` to `to` (`zfs rename`), with what to do when this ZFS cannot (zfs-fuse
-/// cannot rename a file system at all).
+/// Moves file system `from` to `to` (`zfs rename`, same pool), unmounted for the move:
+/// zfs-fuse renames only an unmounted file system (a mounted one is busy), and OpenZFS
+/// remounts it at the new place all the same. A failure leaves `from` where it was, mounted
+/// again.
 async fn rename_dataset(from: &str, to: &str) -> Result<()> {
-    zfs_retrying(&["rename", from, to]).await.with_context(|| {
-        format!("cannot move {from} to {to}; where this ZFS cannot rename a file system (zfs-fuse), leave `promote_path:` unset: the replica dataset is then made writable in place")
-    })?;
+    let mounted = zfs(&["get", "-H", "-o", "value", "mounted", from]).await.with_context(|| format!("cannot read {from}"))?.trim() == "yes";
+    if mounted {
+        zfs_retrying(&["umount", from])
+            .await
+            .with_context(|| format!("cannot move {from} to {to}: it cannot be unmounted (a process using it? stop it first)"))?;
+    }
+    if let Err(e) = zfs_retrying(&["rename", from, to]).await {
+        if mounted && let Err(again) = zfs(&["mount", from]).await {
+            tracing::warn!("cannot mount {from} again: {again:#}");
+        }
+        return Err(anyhow::Error::from(e).context(format!("cannot move {from} to {to}; it is where it was")));
+    }
+    if mounted {
+        zfs(&["mount", to]).await.with_context(|| format!("moved {from} to {to}, but cannot mount it there: `zfs mount {to}`"))?;
+    }
     Ok(())
 }
 
@@ -736,6 +750,14 @@ impl OriginSide for ZfsOrigin {
 
     async fn freeze(&self, frozen: bool) -> Result<()> {
         set_read_only(&self.dataset, frozen).await
+    }
+
+    async fn place_as_replica(&self, as_replica: bool) -> Result<()> {
+        match (&self.home, as_replica) {
+            (Some(home), true) => rename_dataset(&self.dataset, home).await,
+            (Some(home), false) => rename_dataset(home, &self.dataset).await,
+            (None, _) => Ok(()),
+        }
     }
 
     async fn take_snapshot(&self, kind: Kind) -> Result<Snapshot> {

@@ -244,3 +244,56 @@ fn zfs_replica_keeps_snapshots_after_the_base_as_diverged() {
     receive(names[3], Some(names[2])).unwrap();
     assert_eq!(rt.block_on(side.diverged()).unwrap(), kept);
 }
+
+/// `promote_path:` naming another dataset: promote moves the replica dataset there
+/// (unmounted for the move, which zfs-fuse needs) and makes it writable; a switchover away
+/// moves it back to the replica path, read-only, where the next stream lands incrementally.
+#[test]
+fn zfs_promote_path_moves_the_replica_dataset_there_and_back() {
+    if !have_zfs("zfs_promote_path_moves_the_replica_dataset_there_and_back") {
+        return;
+    }
+    let _serial = one_at_a_time();
+    let mut c = Cluster::with_size("zfs_promote_path", &["alpha", "beta"], 160);
+    let (pa, pb) = (ZfsPool::new(&c.scratch, "pa", 256), ZfsPool::new(&c.scratch, "pb", 256));
+    let src_ds = pa.dataset("projects");
+    pb.dataset("live");
+    let (replica_ds, live_ds) = (format!("{}/backup/projects", pb.name), format!("{}/live/projects", pb.name));
+    let (src, replica_mnt, live_mnt) = (pa.mountpoint("projects"), pb.mountpoint("backup/projects"), pb.mountpoint("live/projects"));
+    let policy = format!(
+        "fileset: projects\nbackend: zfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: {src_ds}\nreplicas:\n  - node: beta\n    path: {replica_ds}\n    promote_path: {live_ds}\n"
+    );
+    for n in ["alpha", "beta"] {
+        c.configure(n, &[("projects", policy.clone())]);
+    }
+    fill_small(&src, 12);
+    c.start("beta");
+    c.start("alpha");
+    c.sync_ok("alpha", "projects");
+    let exists = |ds: &str| std::process::Command::new("zfs").args(["list", "-H", ds]).output().unwrap().status.success();
+
+    c.kill9("alpha");
+    let out = snapship_on(&c, "beta", &["promote", "projects"]);
+    assert!(out.status.success(), "promote failed:\n{}", text(&out));
+    assert!(exists(&live_ds) && !exists(&replica_ds), "the replica dataset was not moved to {live_ds}");
+    assert_same_tree(&src, &live_mnt);
+    assert!(writable(&live_mnt), "{live_ds} is not writable after the promotion");
+    std::fs::write(live_mnt.join("after.txt"), "written on beta").unwrap();
+
+    // alpha comes back, steps down and gets beta's writes; then the file set goes back to it.
+    c.start("alpha");
+    wait_for(Duration::from_secs(60), "alpha stepping down", || c.daemons["alpha"].log_text().contains("stepped down"));
+    c.sync_ok("beta", "projects");
+    let out = snapship_on(&c, "beta", &["switchover", "projects", "--to", "alpha"]);
+    assert!(out.status.success(), "switchover failed:\n{}", text(&out));
+    assert_eq!(read(&src.join("after.txt")).as_deref(), Some("written on beta"));
+    assert!(exists(&replica_ds) && !exists(&live_ds), "stepping down did not move the dataset back to {replica_ds}");
+    assert!(!writable(&replica_mnt), "beta's replica dataset is writable after it stepped down");
+
+    std::fs::write(src.join("back.txt"), "alpha again").unwrap();
+    let out = c.sync_ok("alpha", "projects");
+    assert!(shipped(&out, "beta").is_some_and(|(incremental, _)| incremental), "{out}");
+    assert_eq!(read(&replica_mnt.join("back.txt")).as_deref(), Some("alpha again"));
+    c.stop("alpha");
+    c.stop("beta");
+}
