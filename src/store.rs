@@ -111,8 +111,8 @@ impl EpochStore {
         if seen.number <= self.current(policy)?.number {
             return Ok(false);
         }
-        if !policy.is_member(&seen.origin) {
-            bail!("{seen} names a node that is not a member of `{}`", policy.fileset);
+        if let Some(why) = policy.origin_refusal(&seen.origin) {
+            bail!("refusing {seen}: {why}");
         }
         self.update(policy, |r| {
             r.epoch = seen.clone();
@@ -125,6 +125,9 @@ impl EpochStore {
     /// Makes `node` the origin in a new epoch (one past the newest known), promoted from
     /// `from` (a snapshot name).
     pub fn promote(&self, policy: &Policy, node: &str, from: &str) -> Result<Epoch> {
+        if let Some(why) = policy.origin_refusal(node) {
+            bail!("{why} (this node's policy)");
+        }
         let record = self.update(policy, |r| {
             r.epoch = Epoch { number: r.epoch.number + 1, origin: node.to_string() };
             r.promoted_at = Some(Utc::now());
@@ -203,5 +206,26 @@ mod tests {
         let again = EpochStore::open(dir.path());
         let r = again.record(&p).unwrap();
         assert_eq!((r.epoch.number, r.promoted_from.as_deref()), (1, Some("snapship-20260101T000000.000Z")));
+    }
+
+    #[test]
+    fn a_member_marked_not_promotable_is_never_origin_here() {
+        let dir = std::path::Path::new("/tmp");
+        let node = crate::config::parse_node_text(
+            &dir.join("n.yaml"),
+            "node: alpha\nstate_dir: s\npolicies: []\npeers:\n  beta: b:7441\n  gamma: g:7441\ntls:\n  ca: /c.pem\n  cert: /a.pem\n  key: /a.key\n",
+        )
+        .unwrap();
+        let text = "fileset: p\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/p\nreplicas:\n  \
+                    - node: beta\n    path: /b/p\n  - node: gamma\n    path: /b/p\n    promotable: false\n";
+        let p = crate::config::parse_policy_text(&dir.join("p.yaml"), text, &node).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let store = EpochStore::open(state.path());
+        let err = store.learn(&p, &Epoch { number: 1, origin: "gamma".into() }).unwrap_err().to_string();
+        assert!(err.contains("`gamma` may not be the origin of `p`: its replica entry says `promotable: false`"), "{err}");
+        assert!(store.promote(&p, "gamma", "snapship-20260101T000000.000Z").is_err());
+        assert_eq!(store.current(&p).unwrap(), Epoch { number: 0, origin: "alpha".into() }, "nothing was recorded");
+        assert!(store.learn(&p, &Epoch { number: 1, origin: "beta".into() }).unwrap(), "a promotable member is followed");
+        assert!(store.learn(&p, &Epoch { number: 2, origin: "alpha".into() }).unwrap(), "the policy's origin always may be");
     }
 }

@@ -231,6 +231,15 @@ pub struct ReplicaSpec {
     /// that forwards what it received) instead of by the origin.
     #[serde(default)]
     pub from: Option<Name>,
+    /// Whether this member may ever become the file set's origin (`promote`, `switchover
+    /// --to`). `false`: it never does, and every node whose policy says so refuses an epoch
+    /// that names it, so a member that promotes itself anyway is not followed.
+    #[serde(default = "promotable_by_default")]
+    pub promotable: bool,
+}
+
+fn promotable_by_default() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -291,6 +300,19 @@ impl Policy {
 
     pub fn is_member(&self, node: &str) -> bool {
         self.members().contains(&node)
+    }
+
+    /// Why `node` may not be the file set's origin by this policy, if it may not: not a
+    /// member, or a replica marked `promotable: false`. The policy's own origin always may.
+    pub fn origin_refusal(&self, node: &str) -> Option<String> {
+        if self.origin.node.0 == node {
+            return None;
+        }
+        match self.replicas.iter().find(|r| r.node.0 == node) {
+            Some(r) if r.promotable => None,
+            Some(_) => Some(format!("`{node}` may not be the origin of `{}`: its replica entry says `promotable: false`", self.fileset)),
+            None => Some(format!("`{node}` is not a member of `{}`", self.fileset)),
+        }
     }
 
     /// Where `node` receives the file set as a replica: its replica entry's path; for the

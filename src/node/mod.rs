@@ -789,6 +789,9 @@ impl Runtime {
         let config = self.config();
         let policy = config.policy(fileset).ok_or_else(|| anyhow!("no file set `{fileset}` in this node's policies"))?;
         let here = &config.node.node.0;
+        if let Some(why) = policy.origin_refusal(here) {
+            bail!("{why} (in this node's policy); promote another member");
+        }
         let known = crate::origin::failover::other_origin(policy, here, &self.epochs)?;
         // The old origin, once it did not answer: not asked again what it holds (that would
         // cost the promotion another answer timeout).
@@ -903,6 +906,9 @@ impl Runtime {
         }
         if to == here || !policy.is_member(to) {
             bail!("`{to}` is not another member of `{fileset}` (members: {})", policy.members().join(", "));
+        }
+        if let Some(why) = policy.origin_refusal(to) {
+            bail!("{why}; switch over to another member");
         }
         let origin = snapshot::origin_on(policy, here)?;
         let target = self.endpoints(policy)?.into_iter().find(|e| e.node() == to).ok_or_else(|| anyhow!("`{to}` is not reached from here"))?;

@@ -553,8 +553,10 @@ impl Hooks for OriginJob {
         if let (Err(e), Some(epochs)) = (result, &self.epochs) {
             if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
                 tracing::warn!(fileset = self.fileset(), replica, "fenced off: {} is the origin in {}", fenced.epoch.origin, fenced.epoch);
+                // `learn` refuses an epoch this node's policy does not allow (the replica may
+                // follow a member that promoted itself against it): this node stays origin.
                 if let Err(e) = epochs.learn(&self.policy, &fenced.epoch) {
-                    tracing::error!(fileset = self.fileset(), "cannot record the newer epoch: {e:#}");
+                    tracing::error!(fileset = self.fileset(), replica, "not stepping down: {e:#}");
                 }
             }
         }

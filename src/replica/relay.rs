@@ -339,7 +339,7 @@ impl Hooks for RelayHooks {
                 if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
                     tracing::warn!(fileset, replica, "the downstream knows a newer epoch: {}", fenced.epoch);
                     if let Err(e) = self.job.epochs.learn(&self.job.policy, &fenced.epoch) {
-                        tracing::error!(fileset, "cannot record the newer epoch: {e:#}");
+                        tracing::error!(fileset, replica, "not following it: {e:#}");
                     }
                 }
             }

@@ -541,6 +541,12 @@ impl ReplicaService {
             return Err(Message::error(ErrorCode::Unauthorized, format!("node `{peer}` claims {claimed}, which names another node as origin{fed_by}")));
         }
         if claimed.number > known.number {
+            // SECURITY: any member can claim a newer epoch naming itself; only one this node's
+            // own policy lets be origin is followed.
+            if let Some(why) = policy.origin_refusal(&claimed.origin) {
+                tracing::warn!(peer = ?peer, %fileset, "refusing {claimed}: {why}");
+                return Err(Message::error(ErrorCode::Unauthorized, format!("`{here}` does not follow {claimed}: {why} in the policy on `{here}`")));
+            }
             self.epochs.learn(policy, claimed).map_err(internal)?;
         }
         Ok(owned)

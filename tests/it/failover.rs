@@ -120,3 +120,68 @@ fn promote_a_replica_then_fail_back_without_a_full_resend() {
     c.stop("gamma");
     c.stop("beta");
 }
+
+/// A member the policy marks `promotable: false` never becomes the origin: `promote` and
+/// `switchover --to` refuse it, and when it promotes itself anyway (its own copy of the
+/// policy says nothing: hostile, or just stale), the members whose policy marks it refuse its
+/// epoch, and the origin keeps its role and its writes.
+#[test]
+fn a_member_not_promotable_that_promotes_itself_anyway_is_not_followed() {
+    require_root!();
+    let mut c = Cluster::new("not_promotable", &["alpha", "beta", "gamma"]);
+    let Failover { src, beta_dst, .. } = three_node_failover(&c, "mode: snapshot\nschedule: \"@hourly\"\n");
+    // gamma's entry is the last of the policy: the key goes to it.
+    let marked = std::fs::read_to_string(c.dir("alpha").join("policies/projects.yaml")).unwrap() + "    promotable: false\n";
+    let unmarked = std::fs::read_to_string(c.dir("gamma").join("policies/projects.yaml")).unwrap()
+        + &format!("    promote_path: {}\n", c.mnt("gamma").join("projects").display());
+    for n in ["alpha", "beta", "gamma"] {
+        c.configure(n, &[("projects", marked.clone())]);
+    }
+    fill(&src, 31);
+    c.start("beta");
+    c.start("gamma");
+    c.start("alpha");
+    c.sync_ok("alpha", "projects");
+    let promote_gamma = |c: &Cluster, force: bool| {
+        let mut cmd = snapship();
+        cmd.args(["promote", "--config"]).arg(c.dir("gamma").join("node.yaml")).arg("projects");
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().unwrap()
+    };
+    let out = promote_gamma(&c, true);
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && said.contains("`gamma` may not be the origin of `projects`: its replica entry says `promotable: false`"), "{said}");
+    let out = snapship().args(["switchover", "--config"]).arg(c.dir("alpha").join("node.yaml")).args(["projects", "--to", "gamma"]).output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && said.contains("may not be the origin"), "{said}");
+
+    // gamma's own copy drops the key: it promotes itself while alpha runs.
+    c.stop("gamma");
+    c.configure("gamma", &[("projects", unmarked)]);
+    c.start("gamma");
+    let out = promote_gamma(&c, true);
+    assert!(out.status.success(), "gamma's promotion (by its own policy) failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = c.sync("gamma", "projects");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "gamma shipped as origin:\n{said}");
+    assert!(said.contains("does not follow epoch 1 (origin `gamma`)"), "{said}");
+
+    // alpha is still the origin: beta takes its next snapshot, alpha's writes stay writable.
+    std::fs::write(src.join("still-alpha.txt"), "alpha keeps the role").unwrap();
+    let out = c.sync("alpha", "projects");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.lines().any(|l| l.contains(" -> beta: incremental from")), "{said}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(beta_dst.join("latest/still-alpha.txt")).ok().as_deref(), Some("alpha keeps the role"));
+    for n in ["alpha", "beta"] {
+        let status = c.status_json(n);
+        assert_eq!(status["epochs"][0]["origin"].as_str(), Some("alpha"), "{n}: {status}");
+    }
+    std::fs::write(src.join("writable.txt"), "yes").unwrap();
+    let log = c.daemons["alpha"].log_text();
+    assert!(!log.contains("stepped down") && log.contains("not stepping down: refusing epoch 1 (origin `gamma`)"), "alpha stepped down:\n{log}");
+    c.stop("alpha");
+    c.stop("beta");
+    c.stop("gamma");
+}
