@@ -112,14 +112,21 @@ impl EpochStore {
             return Ok(false);
         }
         if let Some(why) = policy.origin_refusal(&seen.origin) {
-            bail!("refusing {seen}: {why}");
+            bail!("refusing epoch {}: {why}", seen.number);
         }
+        let mut newer = false;
+        // Compared again under the write lock: two learns at once never move it back.
         self.update(policy, |r| {
-            r.epoch = seen.clone();
+            newer = seen.number > r.epoch.number;
+            if newer {
+                r.epoch = seen.clone();
+            }
             Ok(())
         })?;
-        tracing::warn!(fileset = %policy.fileset, "learned a newer {seen}");
-        Ok(true)
+        if newer {
+            tracing::warn!(fileset = %policy.fileset, "learned a newer {seen}");
+        }
+        Ok(newer)
     }
 
     /// Makes `node` the origin in a new epoch (one past the newest known), promoted from
@@ -129,7 +136,8 @@ impl EpochStore {
             bail!("{why} (this node's policy)");
         }
         let record = self.update(policy, |r| {
-            r.epoch = Epoch { number: r.epoch.number + 1, origin: node.to_string() };
+            let number = r.epoch.number.checked_add(1).ok_or_else(|| anyhow::anyhow!("the epoch number {} cannot grow", r.epoch.number))?;
+            r.epoch = Epoch { number, origin: node.to_string() };
             r.promoted_at = Some(Utc::now());
             r.promoted_from = Some(from.to_string());
             Ok(())

@@ -311,7 +311,7 @@ impl Policy {
         match self.replicas.iter().find(|r| r.node.0 == node) {
             Some(r) if r.promotable => None,
             Some(_) => Some(format!("`{node}` may not be the origin of `{}`: its replica entry says `promotable: false`", self.fileset)),
-            None => Some(format!("`{node}` is not a member of `{}`", self.fileset)),
+            None => Some(format!("`{}` is not a member of `{}`", node.escape_debug(), self.fileset)),
         }
     }
 

@@ -829,6 +829,11 @@ impl Runtime {
         let mut heard = Vec::new();
         for (node, answer) in fetch::ask_members(&members).await {
             match answer {
+                Ok(h) if h.epoch.number > known.number && policy.origin_refusal(&h.epoch.origin).is_some() => {
+                    let why = policy.origin_refusal(&h.epoch.origin).unwrap_or_default();
+                    tracing::warn!(%fileset, member = %node, epoch = h.epoch.number, "ignoring the newer epoch a member claims: {}", why.escape_debug());
+                    heard.push((node, h));
+                }
                 Ok(h) if h.epoch.number > known.number => bail!(
                     "`{node}` knows a newer epoch of `{fileset}`, {} (this node knows {known}): another member was promoted already; nothing was promoted here",
                     h.epoch
@@ -914,18 +919,33 @@ impl Runtime {
         let target = self.endpoints(policy)?.into_iter().find(|e| e.node() == to).ok_or_else(|| anyhow!("`{to}` is not reached from here"))?;
         self.handing_over.lock().expect("handover lock").insert(fileset.to_string());
         origin.freeze(true).await?;
+        // Whether the live file set was moved to where this node receives as a replica, and
+        // could not be moved back: then it is not thawed.
+        let mut stuck = None;
         let attempt = async {
             let snapshot = self.final_sync(fileset, to).await?;
             // Before `to` takes over (and ships here at once): the live file set goes where
             // this node receives as a replica.
-            origin.place_as_replica(true).await?;
-            match target.hand_over(&snapshot).await {
+            let placed = origin.place_as_replica(true).await;
+            let took = match &placed {
+                Ok(()) => target.hand_over(&snapshot).await.with_context(|| format!("`{to}` did not take over")),
+                Err(e) => Err(anyhow!("{e:#}")),
+            };
+            // The answer must name `to` in an epoch newer than this node's.
+            let took = took.and_then(|epoch| match epoch.origin == to && epoch.number > known.number {
+                true => Ok(epoch),
+                false => Err(anyhow!("`{to}` answered epoch {} naming `{}`, not a newer one naming itself", epoch.number, epoch.origin.escape_debug())),
+            });
+            match took {
                 Ok(epoch) => Ok::<_, anyhow::Error>((snapshot, epoch)),
                 Err(e) => {
-                    if let Err(back) = origin.place_as_replica(false).await {
-                        tracing::error!(%fileset, "cannot put the live file set back in place: {back:#}");
+                    // Moved (wholly or in part: the rename, then a mount that failed): back.
+                    if placed.is_ok()
+                        && let Err(back) = origin.place_as_replica(false).await
+                    {
+                        stuck = Some(format!("{back:#}"));
                     }
-                    Err(e.context(format!("`{to}` did not take over")))
+                    Err(e)
                 }
             }
         };
@@ -939,9 +959,21 @@ impl Runtime {
             }
             Err(e) => {
                 self.handing_over.lock().expect("handover lock").remove(fileset);
-                let thawed = match origin.freeze(false).await {
-                    Ok(()) => "writes are thawed and this node is still the origin".to_string(),
-                    Err(t) => format!("and thawing failed too ({t:#}): make the live file set writable by hand"),
+                // Another member is origin by now (its answer was lost, or an epoch came in
+                // meanwhile): nothing is undone; this node stays frozen, a replica.
+                let now = self.epochs.current(policy)?;
+                if now.origin != *here {
+                    return Err(e.context(format!(
+                        "switchover of `{fileset}` to `{to}`: `{}` is the origin in epoch {} by now; this node stays frozen, a replica",
+                        now.origin, now.number
+                    )));
+                }
+                let thawed = match (&stuck, origin.freeze(false).await) {
+                    (Some(back), _) => {
+                        format!("the live file set could not be moved back ({back}), so it stays frozen: move it back and make it writable by hand")
+                    }
+                    (None, Ok(())) => "writes are thawed and this node is still the origin".to_string(),
+                    (None, Err(t)) => format!("and thawing failed too ({t:#}): make the live file set writable by hand"),
                 };
                 Err(e.context(format!("switchover of `{fileset}` to `{to}` failed; {thawed}")))
             }

@@ -43,6 +43,11 @@ pub fn other_origin(policy: &Policy, here: &str, epochs: &EpochStore) -> Result<
 /// snapshot it holds, then a new epoch. Returns what to tell the admin (promoted from which
 /// snapshot, taken when: the failover's recovery point).
 pub async fn promote(policy: &Policy, here: &str, epochs: &EpochStore) -> Result<String> {
+    // Before the live file set is made writable: a node its own policy does not let be
+    // origin never gets a writable copy (`promote --force`, a `handover` request).
+    if let Some(why) = policy.origin_refusal(here) {
+        bail!("{why} (in this node's policy); promote another member");
+    }
     other_origin(policy, here, epochs)?;
     let held = snapshot::replica_on(policy, here)?.list().await?;
     let Some(newest) = held.last() else {

@@ -552,7 +552,13 @@ impl Hooks for OriginJob {
         }
         if let (Err(e), Some(epochs)) = (result, &self.epochs) {
             if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
-                tracing::warn!(fileset = self.fileset(), replica, "fenced off: {} is the origin in {}", fenced.epoch.origin, fenced.epoch);
+                tracing::warn!(
+                    fileset = self.fileset(),
+                    replica,
+                    "fenced off: `{}` is the origin in epoch {}",
+                    fenced.epoch.origin.escape_debug(),
+                    fenced.epoch.number
+                );
                 // `learn` refuses an epoch this node's policy does not allow (the replica may
                 // follow a member that promoted itself against it): this node stays origin.
                 if let Err(e) = epochs.learn(&self.policy, &fenced.epoch) {

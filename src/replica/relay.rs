@@ -337,7 +337,13 @@ impl Hooks for RelayHooks {
             Err(e) => {
                 tracing::error!(fileset, replica, "relaying failed: {e:#}");
                 if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
-                    tracing::warn!(fileset, replica, "the downstream knows a newer epoch: {}", fenced.epoch);
+                    tracing::warn!(
+                        fileset,
+                        replica,
+                        "the downstream knows a newer epoch: {} (origin `{}`)",
+                        fenced.epoch.number,
+                        fenced.epoch.origin.escape_debug()
+                    );
                     if let Err(e) = self.job.epochs.learn(&self.job.policy, &fenced.epoch) {
                         tracing::error!(fileset, replica, "not following it: {e:#}");
                     }

@@ -288,6 +288,9 @@ impl ReplicaService {
             Ok(found) => found,
             Err(refusal) => return Ok(refusal),
         };
+        if let Some(why) = policy.origin_refusal(self.here()) {
+            return Ok(Message::error(ErrorCode::Unauthorized, format!("{why} in the policy on `{}`: it does not take over", self.here())));
+        }
         let Some(take_over) = self.take_over.get() else {
             return Ok(Message::error(
                 ErrorCode::BadRequest,
@@ -544,8 +547,11 @@ impl ReplicaService {
             // SECURITY: any member can claim a newer epoch naming itself; only one this node's
             // own policy lets be origin is followed.
             if let Some(why) = policy.origin_refusal(&claimed.origin) {
-                tracing::warn!(peer = ?peer, %fileset, "refusing {claimed}: {why}");
-                return Err(Message::error(ErrorCode::Unauthorized, format!("`{here}` does not follow {claimed}: {why} in the policy on `{here}`")));
+                tracing::warn!(peer = ?peer, %fileset, epoch = claimed.number, "refusing a newer epoch: {}", why.escape_debug());
+                return Err(Message::error(
+                    ErrorCode::Unauthorized,
+                    format!("`{here}` does not follow epoch {} (origin `{}`): {why} in the policy on `{here}`", claimed.number, claimed.origin.escape_debug()),
+                ));
             }
             self.epochs.learn(policy, claimed).map_err(internal)?;
         }

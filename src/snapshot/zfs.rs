@@ -624,9 +624,10 @@ async fn set_read_only(dataset: &str, on: bool) -> Result<()> {
 
 /// Moves file system `from` to `to` (`zfs rename`, same pool), unmounted for the move:
 /// zfs-fuse renames only an unmounted file system (a mounted one is busy), and OpenZFS
-/// remounts it at the new place all the same. A failure leaves `from` where it was, mounted
-/// again.
-async fn rename_dataset(from: &str, to: &str) -> Result<()> {
+/// remounts it at the new place all the same. An error: not moved, `from` where it was
+/// (mounted again, or the error says it is not). `Some(why)`: moved, but not mounted at the
+/// new place.
+async fn rename_dataset(from: &str, to: &str) -> Result<Option<String>> {
     let mounted = zfs(&["get", "-H", "-o", "value", "mounted", from]).await.with_context(|| format!("cannot read {from}"))?.trim() == "yes";
     if mounted {
         zfs_retrying(&["umount", from])
@@ -634,15 +635,19 @@ async fn rename_dataset(from: &str, to: &str) -> Result<()> {
             .with_context(|| format!("cannot move {from} to {to}: it cannot be unmounted (a process using it? stop it first)"))?;
     }
     if let Err(e) = zfs_retrying(&["rename", from, to]).await {
-        if mounted && let Err(again) = zfs(&["mount", from]).await {
-            tracing::warn!("cannot mount {from} again: {again:#}");
-        }
-        return Err(anyhow::Error::from(e).context(format!("cannot move {from} to {to}; it is where it was")));
+        let state = match mounted {
+            true => match zfs(&["mount", from]).await {
+                Ok(_) => "it is where it was".to_string(),
+                Err(again) => format!("it is where it was, but unmounted ({again}): `zfs mount {from}`"),
+            },
+            false => "it is where it was".to_string(),
+        };
+        return Err(anyhow::Error::from(e).context(format!("cannot move {from} to {to}; {state}")));
     }
-    if mounted {
-        zfs(&["mount", to]).await.with_context(|| format!("moved {from} to {to}, but cannot mount it there: `zfs mount {to}`"))?;
+    if mounted && let Err(e) = zfs(&["mount", to]).await {
+        return Ok(Some(format!("moved {from} to {to}, but cannot mount it there ({e}): `zfs mount {to}`")));
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Takes a snapshot named after now (and after the newest existing one) of every dataset, at
@@ -702,7 +707,9 @@ impl OriginSide for ZfsOrigin {
             if dataset_exists(&self.dataset).await? {
                 bail!("{} already exists; move it away (or set `promote_path:` on this replica to another dataset) and promote again", self.dataset);
             }
-            rename_dataset(home, &self.dataset).await?;
+            if let Some(unmounted) = rename_dataset(home, &self.dataset).await? {
+                bail!("{unmounted}; then `zfs set readonly=off {}` makes it the live file set", self.dataset);
+            }
         }
         if !self.list().await?.iter().any(|s| s.identity == snapshot.identity) {
             bail!("{}@{} is not there to promote from", self.dataset, snapshot.name);
@@ -724,7 +731,9 @@ impl OriginSide for ZfsOrigin {
         set_read_only(&self.dataset, true).await?;
         if let Some(home) = &self.home {
             // Its snapshots go back where this node receives them as a replica.
-            rename_dataset(&self.dataset, home).await?;
+            if let Some(unmounted) = rename_dataset(&self.dataset, home).await? {
+                tracing::warn!("{unmounted}");
+            }
         }
         Ok(name)
     }
@@ -752,10 +761,20 @@ impl OriginSide for ZfsOrigin {
         set_read_only(&self.dataset, frozen).await
     }
 
+    /// Back in place (`false`), the live dataset must be mounted to be thawed: not mounted
+    /// is an error. A replica needs no mount to receive: as one, it is a warning.
     async fn place_as_replica(&self, as_replica: bool) -> Result<()> {
         match (&self.home, as_replica) {
-            (Some(home), true) => rename_dataset(&self.dataset, home).await,
-            (Some(home), false) => rename_dataset(home, &self.dataset).await,
+            (Some(home), true) => {
+                if let Some(unmounted) = rename_dataset(&self.dataset, home).await? {
+                    tracing::warn!("{unmounted}");
+                }
+                Ok(())
+            }
+            (Some(home), false) => match rename_dataset(home, &self.dataset).await? {
+                Some(unmounted) => bail!("{unmounted}"),
+                None => Ok(()),
+            },
             (None, _) => Ok(()),
         }
     }

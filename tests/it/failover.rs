@@ -157,6 +157,19 @@ fn a_member_not_promotable_that_promotes_itself_anyway_is_not_followed() {
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success() && said.contains("may not be the origin"), "{said}");
 
+    // An origin whose copy lacks the key asks gamma to take over: gamma itself refuses, and
+    // alpha thaws and stays the origin.
+    c.stop("alpha");
+    c.configure("alpha", &[("projects", unmarked.clone())]);
+    c.start("alpha");
+    let out = snapship().args(["switchover", "--config"]).arg(c.dir("alpha").join("node.yaml")).args(["projects", "--to", "gamma"]).output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && said.contains("in the policy on `gamma`: it does not take over") && said.contains("writes are thawed"), "{said}");
+    std::fs::write(src.join("thawed.txt"), "alpha writes again").unwrap();
+    c.stop("alpha");
+    c.configure("alpha", &[("projects", marked.clone())]);
+    c.start("alpha");
+
     // gamma's own copy drops the key: it promotes itself while alpha runs.
     c.stop("gamma");
     c.configure("gamma", &[("projects", unmarked)]);
@@ -180,7 +193,7 @@ fn a_member_not_promotable_that_promotes_itself_anyway_is_not_followed() {
     }
     std::fs::write(src.join("writable.txt"), "yes").unwrap();
     let log = c.daemons["alpha"].log_text();
-    assert!(!log.contains("stepped down") && log.contains("not stepping down: refusing epoch 1 (origin `gamma`)"), "alpha stepped down:\n{log}");
+    assert!(!log.contains("stepped down") && log.contains("not stepping down: refusing epoch 1: `gamma` may not be the origin"), "alpha stepped down:\n{log}");
     c.stop("alpha");
     c.stop("beta");
     c.stop("gamma");
