@@ -551,17 +551,17 @@ impl Hooks for OriginJob {
             self.in_flight.lock().expect("in_flight lock").remove(replica);
         }
         if let (Err(e), Some(epochs)) = (result, &self.epochs) {
-            if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
-                tracing::warn!(
-                    fileset = self.fileset(),
-                    replica,
-                    "fenced off: `{}` is the origin in epoch {}",
-                    fenced.epoch.origin.escape_debug(),
-                    fenced.epoch.number
-                );
+            // Cloned out of the error: the error is not held across the confirmation.
+            let fenced = e.chain().find_map(|c| c.downcast_ref::<Fenced>()).map(|f| f.epoch.clone());
+            if let Some(fenced) = fenced {
+                tracing::warn!(fileset = self.fileset(), replica, "fenced off: `{}` is the origin in epoch {}", fenced.origin.escape_debug(), fenced.number);
+                let confirmed = match self.confirmed(replica, &fenced).await {
+                    Ok(epoch) => epochs.learn(&self.policy, &epoch).map(|_| ()),
+                    Err(why) => Err(why),
+                };
                 // `learn` refuses an epoch this node's policy does not allow (the replica may
                 // follow a member that promoted itself against it): this node stays origin.
-                if let Err(e) = epochs.learn(&self.policy, &fenced.epoch) {
+                if let Err(e) = confirmed {
                     tracing::error!(fileset = self.fileset(), replica, "not stepping down: {e:#}");
                 }
             }
@@ -577,6 +577,33 @@ impl Hooks for OriginJob {
                 self.wait_for_room(ep, room, shutdown).await
             }
             None => self.back_off(ep, delay, shutdown).await,
+        }
+    }
+}
+
+impl OriginJob {
+    /// The epoch `replica` fenced this node off with, if its origin says so too: a member's
+    /// word about an epoch naming another member is not enough to stop being origin (epochs
+    /// are not signed; a hostile member could name one that never promoted). Asked with a
+    /// `list`, which the named origin answers by fencing this node off itself. Not reached
+    /// (or not one of this node's replicas): not confirmed; the new origin, when there is one,
+    /// reaches this node itself soon (it ships to it), and this node learns the epoch then.
+    async fn confirmed(&self, replica: &str, epoch: &crate::store::Epoch) -> Result<crate::store::Epoch> {
+        if epoch.origin == replica {
+            return Ok(epoch.clone());
+        }
+        let named = epoch.origin.escape_debug().to_string();
+        let unconfirmed = |how: String| anyhow::anyhow!("`{replica}` says `{named}` is the origin in epoch {}, {how}", epoch.number);
+        let Some(ep) = self.replicas.iter().find(|r| r.node() == epoch.origin) else {
+            return Err(unconfirmed(format!("and `{named}` is not a member this node reaches to confirm it")));
+        };
+        match tokio::time::timeout(probe_timeout(self.stall), ep.list()).await {
+            Ok(Err(e)) => match e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
+                Some(own) if own.epoch.origin == epoch.origin && own.epoch.number >= epoch.number => Ok(own.epoch.clone()),
+                _ => Err(unconfirmed(format!("which `{named}` does not confirm ({e:#})"))),
+            },
+            Ok(Ok(_)) => Err(unconfirmed(format!("but `{named}` still follows this node"))),
+            Err(_) => Err(unconfirmed(format!("and `{named}` did not answer to confirm it"))),
         }
     }
 }

@@ -198,3 +198,37 @@ fn a_member_not_promotable_that_promotes_itself_anyway_is_not_followed() {
     c.stop("beta");
     c.stop("gamma");
 }
+
+/// Epochs are not signed, so a member's fenced answer naming another member is confirmed with
+/// that member before the origin steps down: gamma (hostile, or with a corrupted state)
+/// claims that beta was promoted; beta, asked, still follows alpha, so alpha stays the
+/// origin and beta keeps receiving.
+#[test]
+fn an_epoch_a_member_claims_for_another_is_confirmed_before_stepping_down() {
+    require_root!();
+    let mut c = Cluster::new("unconfirmed_epoch", &["alpha", "beta", "gamma"]);
+    let Failover { src, beta_dst, .. } = three_node_failover(&c, "mode: snapshot\nschedule: \"@hourly\"\n");
+    let epochs = c.dir("gamma").join("state/epochs");
+    std::fs::create_dir_all(&epochs).unwrap();
+    std::fs::write(epochs.join("projects.json"), r#"{"epoch":{"number":1,"origin":"beta"}}"#).unwrap();
+    fill(&src, 41);
+    c.start("beta");
+    c.start("gamma");
+    c.start("alpha");
+    let out = c.sync("alpha", "projects");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(said.lines().any(|l| l.contains(" -> beta: full")), "{said}");
+    wait_for(Duration::from_secs(30), "alpha asking beta", || c.daemons["alpha"].log_text().contains("not stepping down"));
+    let log = c.daemons["alpha"].log_text();
+    assert!(log.contains("not stepping down: `gamma` says `beta` is the origin in epoch 1, but `beta` still follows this node"), "{log}");
+    assert!(!log.contains("stepped down"), "{log}");
+    std::fs::write(src.join("still-alpha.txt"), "alpha keeps the role").unwrap();
+    let out = c.sync("alpha", "projects");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.lines().any(|l| l.contains(" -> beta: incremental from")), "{said}");
+    assert_eq!(std::fs::read_to_string(beta_dst.join("latest/still-alpha.txt")).ok().as_deref(), Some("alpha keeps the role"));
+    assert_eq!(c.status_json("alpha")["epochs"][0]["origin"].as_str(), Some("alpha"));
+    c.stop("alpha");
+    c.stop("beta");
+    c.stop("gamma");
+}
