@@ -789,9 +789,8 @@ impl Runtime {
         let config = self.config();
         let policy = config.policy(fileset).ok_or_else(|| anyhow!("no file set `{fileset}` in this node's policies"))?;
         let here = &config.node.node.0;
-        if let Some(why) = policy.origin_refusal(here) {
-            bail!("{why} (in this node's policy); promote another member");
-        }
+        // Before anything is asked or fetched (`failover::promote` checks it again).
+        crate::origin::failover::may_be_origin(policy, here)?;
         let known = crate::origin::failover::other_origin(policy, here, &self.epochs)?;
         // The old origin, once it did not answer: not asked again what it holds (that would
         // cost the promotion another answer timeout).
@@ -829,15 +828,16 @@ impl Runtime {
         let mut heard = Vec::new();
         for (node, answer) in fetch::ask_members(&members).await {
             match answer {
-                Ok(h) if h.epoch.number > known.number && policy.origin_refusal(&h.epoch.origin).is_some() => {
-                    let why = policy.origin_refusal(&h.epoch.origin).unwrap_or_default();
-                    tracing::warn!(%fileset, member = %node, epoch = h.epoch.number, "ignoring the newer epoch a member claims: {}", why.escape_debug());
-                    heard.push((node, h));
-                }
-                Ok(h) if h.epoch.number > known.number => bail!(
-                    "`{node}` knows a newer epoch of `{fileset}`, {} (this node knows {known}): another member was promoted already; nothing was promoted here",
-                    h.epoch
-                ),
+                Ok(h) if h.epoch.number > known.number => match policy.origin_refusal(&h.epoch.origin) {
+                    Some(why) => {
+                        tracing::warn!(%fileset, member = %node, epoch = h.epoch.number, "ignoring the newer epoch a member claims: {}", why.escape_debug());
+                        heard.push((node, h));
+                    }
+                    None => bail!(
+                        "`{node}` knows a newer epoch of `{fileset}`, {} (this node knows {known}): another member was promoted already; nothing was promoted here",
+                        h.epoch
+                    ),
+                },
                 Ok(h) => heard.push((node, h)),
                 Err(e) => tracing::warn!(%fileset, member = %node, "not asked what it holds before promoting: {e:#}"),
             }
@@ -925,24 +925,19 @@ impl Runtime {
         let attempt = async {
             let snapshot = self.final_sync(fileset, to).await?;
             // Before `to` takes over (and ships here at once): the live file set goes where
-            // this node receives as a replica.
-            let placed = origin.place_as_replica(true).await;
-            let took = match &placed {
-                Ok(()) => target.hand_over(&snapshot).await.with_context(|| format!("`{to}` did not take over")),
-                Err(e) => Err(anyhow!("{e:#}")),
-            };
+            // this node receives as a replica (a failure leaves it where it was).
+            origin.place_as_replica(true).await?;
             // The answer must name `to` in an epoch newer than this node's.
-            let took = took.and_then(|epoch| match epoch.origin == to && epoch.number > known.number {
-                true => Ok(epoch),
-                false => Err(anyhow!("`{to}` answered epoch {} naming `{}`, not a newer one naming itself", epoch.number, epoch.origin.escape_debug())),
+            let took = target.hand_over(&snapshot).await.with_context(|| format!("`{to}` did not take over")).and_then(|epoch| {
+                match epoch.origin == to && epoch.number > known.number {
+                    true => Ok(epoch),
+                    false => Err(anyhow!("`{to}` answered epoch {} naming `{}`, not a newer one naming itself", epoch.number, epoch.origin.escape_debug())),
+                }
             });
             match took {
                 Ok(epoch) => Ok::<_, anyhow::Error>((snapshot, epoch)),
                 Err(e) => {
-                    // Moved (wholly or in part: the rename, then a mount that failed): back.
-                    if placed.is_ok()
-                        && let Err(back) = origin.place_as_replica(false).await
-                    {
+                    if let Err(back) = origin.place_as_replica(false).await {
                         stuck = Some(format!("{back:#}"));
                     }
                     Err(e)

@@ -39,15 +39,21 @@ pub fn other_origin(policy: &Policy, here: &str, epochs: &EpochStore) -> Result<
     Ok(known)
 }
 
+/// Whether `here` may be promoted by its own policy (not a replica marked `promotable: false`).
+pub fn may_be_origin(policy: &Policy, here: &str) -> Result<()> {
+    match policy.origin_refusal(here) {
+        Some(why) => bail!("{why} (in this node's policy); promote another member"),
+        None => Ok(()),
+    }
+}
+
 /// Makes `here` the origin of `policy`'s file set: its live file set from the newest
 /// snapshot it holds, then a new epoch. Returns what to tell the admin (promoted from which
 /// snapshot, taken when: the failover's recovery point).
 pub async fn promote(policy: &Policy, here: &str, epochs: &EpochStore) -> Result<String> {
     // Before the live file set is made writable: a node its own policy does not let be
     // origin never gets a writable copy (`promote --force`, a `handover` request).
-    if let Some(why) = policy.origin_refusal(here) {
-        bail!("{why} (in this node's policy); promote another member");
-    }
+    may_be_origin(policy, here)?;
     other_origin(policy, here, epochs)?;
     let held = snapshot::replica_on(policy, here)?.list().await?;
     let Some(newest) = held.last() else {

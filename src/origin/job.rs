@@ -555,10 +555,7 @@ impl Hooks for OriginJob {
             let fenced = e.chain().find_map(|c| c.downcast_ref::<Fenced>()).map(|f| f.epoch.clone());
             if let Some(fenced) = fenced {
                 tracing::warn!(fileset = self.fileset(), replica, "fenced off: `{}` is the origin in epoch {}", fenced.origin.escape_debug(), fenced.number);
-                let confirmed = match self.confirmed(replica, &fenced).await {
-                    Ok(epoch) => epochs.learn(&self.policy, &epoch).map(|_| ()),
-                    Err(why) => Err(why),
-                };
+                let confirmed = self.confirmed(replica, &fenced).await.and_then(|epoch| epochs.learn(&self.policy, &epoch));
                 // `learn` refuses an epoch this node's policy does not allow (the replica may
                 // follow a member that promoted itself against it): this node stays origin.
                 if let Err(e) = confirmed {

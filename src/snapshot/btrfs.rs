@@ -120,25 +120,24 @@ fn describe(path: &Path, shown: &Path, name: SnapshotName) -> Result<Option<Snap
     if !read_only {
         return Ok(None);
     }
-    let identity = info.received_uuid().map_or_else(|| info.uuid().to_string(), |u| u.to_string());
-    Ok(Some(Snapshot { name, identity, local_id: Some(info.uuid().to_string()), parent_local_id: info.parent_uuid().map(|u| u.to_string()) }))
+    Ok(Some(snapshot_of(name, info.uuid(), info.parent_uuid(), info.received_uuid())))
 }
 
-/// Snapshot `name` as the root directory `sub` of its subvolume shows it, with its
-/// `ctransid` (for the seal); `None` unless read-only. One ioctl on the open directory
-/// ([`SafeDir::subvolume_info`]).
+/// Snapshot `name` of the subvolume with these uuids, its identity as [`describe`] says.
+fn snapshot_of(name: SnapshotName, uuid: uuid::Uuid, parent_uuid: Option<uuid::Uuid>, received_uuid: Option<uuid::Uuid>) -> Snapshot {
+    Snapshot {
+        name,
+        identity: received_uuid.unwrap_or(uuid).to_string(),
+        local_id: Some(uuid.to_string()),
+        parent_local_id: parent_uuid.map(|u| u.to_string()),
+    }
+}
+
+/// [`describe`] of the root directory `sub` of a subvolume, with its `ctransid` (for the
+/// seal): one ioctl on the open directory ([`SafeDir::subvolume_info`]).
 fn describe_dir(sub: &SafeDir, name: SnapshotName) -> Result<Option<(Snapshot, u64)>> {
     let info = sub.subvolume_info()?;
-    if !info.read_only {
-        return Ok(None);
-    }
-    let snapshot = Snapshot {
-        name,
-        identity: info.received_uuid.unwrap_or(info.uuid).to_string(),
-        local_id: Some(info.uuid.to_string()),
-        parent_local_id: info.parent_uuid.map(|u| u.to_string()),
-    };
-    Ok(Some((snapshot, info.ctransid)))
+    Ok(info.read_only.then(|| (snapshot_of(name, info.uuid, info.parent_uuid, info.received_uuid), info.ctransid)))
 }
 
 fn delete_subvolume(path: &Path) -> Result<()> {

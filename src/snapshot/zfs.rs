@@ -635,12 +635,10 @@ async fn rename_dataset(from: &str, to: &str) -> Result<Option<String>> {
             .with_context(|| format!("cannot move {from} to {to}: it cannot be unmounted (a process using it? stop it first)"))?;
     }
     if let Err(e) = zfs_retrying(&["rename", from, to]).await {
-        let state = match mounted {
-            true => match zfs(&["mount", from]).await {
-                Ok(_) => "it is where it was".to_string(),
-                Err(again) => format!("it is where it was, but unmounted ({again}): `zfs mount {from}`"),
-            },
-            false => "it is where it was".to_string(),
+        let not_remounted = if mounted { zfs(&["mount", from]).await.err() } else { None };
+        let state = match not_remounted {
+            None => "it is where it was".to_string(),
+            Some(again) => format!("it is where it was, but unmounted ({again}): `zfs mount {from}`"),
         };
         return Err(anyhow::Error::from(e).context(format!("cannot move {from} to {to}; {state}")));
     }
