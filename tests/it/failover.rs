@@ -151,10 +151,10 @@ fn a_member_not_promotable_that_promotes_itself_anyway_is_not_followed() {
         cmd.output().unwrap()
     };
     let out = promote_gamma(&c, true);
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let said = text(&out);
     assert!(!out.status.success() && said.contains("`gamma` may not be the origin of `projects`: its replica entry says `promotable: false`"), "{said}");
     let out = snapship().args(["switchover", "--config"]).arg(c.dir("alpha").join("node.yaml")).args(["projects", "--to", "gamma"]).output().unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let said = text(&out);
     assert!(!out.status.success() && said.contains("may not be the origin"), "{said}");
 
     // An origin whose copy lacks the key asks gamma to take over: gamma itself refuses, and
@@ -163,7 +163,7 @@ fn a_member_not_promotable_that_promotes_itself_anyway_is_not_followed() {
     c.configure("alpha", &[("projects", unmarked.clone())]);
     c.start("alpha");
     let out = snapship().args(["switchover", "--config"]).arg(c.dir("alpha").join("node.yaml")).args(["projects", "--to", "gamma"]).output().unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let said = text(&out);
     assert!(!out.status.success() && said.contains("in the policy on `gamma`: it does not take over") && said.contains("writes are thawed"), "{said}");
     std::fs::write(src.join("thawed.txt"), "alpha writes again").unwrap();
     c.stop("alpha");
@@ -177,7 +177,7 @@ fn a_member_not_promotable_that_promotes_itself_anyway_is_not_followed() {
     let out = promote_gamma(&c, true);
     assert!(out.status.success(), "gamma's promotion (by its own policy) failed:\n{}", String::from_utf8_lossy(&out.stderr));
     let out = c.sync("gamma", "projects");
-    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let said = text(&out);
     assert!(!out.status.success(), "gamma shipped as origin:\n{said}");
     assert!(said.contains("does not follow epoch 1 (origin `gamma`)"), "{said}");
 
@@ -216,7 +216,7 @@ fn an_epoch_a_member_claims_for_another_is_confirmed_before_stepping_down() {
     c.start("gamma");
     c.start("alpha");
     let out = c.sync("alpha", "projects");
-    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let said = text(&out);
     assert!(said.lines().any(|l| l.contains(" -> beta: full")), "{said}");
     wait_for(Duration::from_secs(30), "alpha asking beta", || c.daemons["alpha"].log_text().contains("not stepping down"));
     let log = c.daemons["alpha"].log_text();

@@ -40,10 +40,6 @@ fn snapship_on(c: &Cluster, node: &str, args: &[&str]) -> std::process::Output {
     cmd.output().unwrap()
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
 fn writable(dir: &Path) -> bool {
     let probe = dir.join(".write-probe");
     let ok = std::fs::write(&probe, "x").is_ok();

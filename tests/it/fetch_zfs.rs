@@ -18,10 +18,6 @@ fn read(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
 fn zfs(args: &[&str]) -> String {
     String::from_utf8_lossy(&run(std::process::Command::new("zfs").args(args)).stdout).into_owned()
 }

@@ -107,10 +107,6 @@ impl Fixture {
     }
 }
 
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
 /// Snapshot names in the origin's directory, oldest first.
 fn names(dir: &Path) -> Vec<String> {
     let mut v = visible(dir);

@@ -53,10 +53,6 @@ impl Fixture {
     }
 }
 
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
 fn ok(out: Output) -> String {
     let t = text(&out);
     assert!(out.status.success(), "restore failed:\n{t}");

@@ -20,10 +20,6 @@ fn verify(c: &Cluster, args: &[&str]) -> (Output, f64) {
     (out, started.elapsed().as_secs_f64())
 }
 
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
 fn two_nodes(test: &str) -> (Cluster, std::path::PathBuf, std::path::PathBuf) {
     let (c, src, dst) = Cluster::two_nodes(test, 400, |p| p);
     fill(&src, 1);

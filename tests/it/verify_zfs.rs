@@ -17,10 +17,6 @@ fn verify(c: &Cluster, args: &[&str]) -> Output {
     snapship().args(["verify", "--config"]).arg(c.dir("alpha").join("node.yaml")).arg("projects").args(args).output().unwrap()
 }
 
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
 fn zfs(args: &[&str]) -> Vec<u8> {
     run(Command::new("zfs").args(args)).stdout
 }
