@@ -38,12 +38,6 @@ use crate::ship::protocol::Room;
 use crate::snapshot::{Kind, OriginSide, Snapshot, SnapshotName};
 use crate::store::EpochStore;
 
-/// How long a probe of a replica (a `list`) may take before the replica counts as out of
-/// reach: its period, at least 2 s (a handshake and a listing, a few round trips).
-fn probe_timeout(stall: Duration) -> Duration {
-    retry::probe_period(stall).max(Duration::from_secs(2))
-}
-
 pub struct OriginJob {
     pub policy: Policy,
     pub origin: Arc<dyn OriginSide>,
@@ -395,7 +389,7 @@ impl OriginJob {
                 Next::Probe => {
                     let answered = tokio::select! {
                         _ = shutdown.cancelled() => return false,
-                        answered = probe(ep, probe_timeout(self.stall)) => answered,
+                        answered = probe(ep, retry::probe_timeout(self.stall)) => answered,
                     };
                     if wait.probed(start.elapsed(), answered) {
                         tracing::info!(fileset = self.fileset(), replica = ep.node(), "the replica answers again; trying now");
@@ -430,7 +424,7 @@ impl OriginJob {
             }
             let listing = tokio::select! {
                 _ = shutdown.cancelled() => break false,
-                listing = tokio::time::timeout(probe_timeout(self.stall), ep.list()) => listing,
+                listing = tokio::time::timeout(retry::probe_timeout(self.stall), ep.list()) => listing,
             };
             let free = match listing {
                 Ok(Ok(listing)) => listing.free,
@@ -552,10 +546,16 @@ impl Hooks for OriginJob {
         }
         if let (Err(e), Some(epochs)) = (result, &self.epochs) {
             // Cloned out of the error: the error is not held across the confirmation.
-            let fenced = e.chain().find_map(|c| c.downcast_ref::<Fenced>()).map(|f| f.epoch.clone());
+            let fenced = e.chain().find_map(|c| c.downcast_ref::<Fenced>()).cloned();
             if let Some(fenced) = fenced {
-                tracing::warn!(fileset = self.fileset(), replica, "fenced off: `{}` is the origin in epoch {}", fenced.origin.escape_debug(), fenced.number);
-                let confirmed = self.confirmed(replica, &fenced).await.and_then(|epoch| epochs.learn(&self.policy, &epoch));
+                tracing::warn!(
+                    fileset = self.fileset(),
+                    replica,
+                    "fenced off: `{}` is the origin in epoch {}",
+                    fenced.epoch.origin.escape_debug(),
+                    fenced.epoch.number
+                );
+                let confirmed = fenced.confirmed(&self.replicas, retry::probe_timeout(self.stall)).await.and_then(|epoch| epochs.learn(&self.policy, &epoch));
                 // `learn` refuses an epoch this node's policy does not allow (the replica may
                 // follow a member that promoted itself against it): this node stays origin.
                 if let Err(e) = confirmed {
@@ -574,33 +574,6 @@ impl Hooks for OriginJob {
                 self.wait_for_room(ep, room, shutdown).await
             }
             None => self.back_off(ep, delay, shutdown).await,
-        }
-    }
-}
-
-impl OriginJob {
-    /// The epoch `replica` fenced this node off with, if its origin says so too: a member's
-    /// word about an epoch naming another member is not enough to stop being origin (epochs
-    /// are not signed; a hostile member could name one that never promoted). Asked with a
-    /// `list`, which the named origin answers by fencing this node off itself. Not reached
-    /// (or not one of this node's replicas): not confirmed; the new origin, when there is one,
-    /// reaches this node itself soon (it ships to it), and this node learns the epoch then.
-    async fn confirmed(&self, replica: &str, epoch: &crate::store::Epoch) -> Result<crate::store::Epoch> {
-        if epoch.origin == replica {
-            return Ok(epoch.clone());
-        }
-        let named = epoch.origin.escape_debug().to_string();
-        let unconfirmed = |how: String| anyhow::anyhow!("`{replica}` says `{named}` is the origin in epoch {}, {how}", epoch.number);
-        let Some(ep) = self.replicas.iter().find(|r| r.node() == epoch.origin) else {
-            return Err(unconfirmed(format!("and `{named}` is not a member this node reaches to confirm it")));
-        };
-        match tokio::time::timeout(probe_timeout(self.stall), ep.list()).await {
-            Ok(Err(e)) => match e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
-                Some(own) if own.epoch.origin == epoch.origin && own.epoch.number >= epoch.number => Ok(own.epoch.clone()),
-                _ => Err(unconfirmed(format!("which `{named}` does not confirm ({e:#})"))),
-            },
-            Ok(Ok(_)) => Err(unconfirmed(format!("but `{named}` still follows this node"))),
-            Err(_) => Err(unconfirmed(format!("and `{named}` did not answer to confirm it"))),
         }
     }
 }

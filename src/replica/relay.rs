@@ -336,7 +336,9 @@ impl Hooks for RelayHooks {
             }
             Err(e) => {
                 tracing::error!(fileset, replica, "relaying failed: {e:#}");
-                if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
+                // Cloned out of the error: the error is not held across the confirmation.
+                let fenced = e.chain().find_map(|c| c.downcast_ref::<Fenced>()).cloned();
+                if let Some(fenced) = fenced {
                     tracing::warn!(
                         fileset,
                         replica,
@@ -344,7 +346,12 @@ impl Hooks for RelayHooks {
                         fenced.epoch.number,
                         fenced.epoch.origin.escape_debug()
                     );
-                    if let Err(e) = self.job.epochs.learn(&self.job.policy, &fenced.epoch) {
+                    // Learned, this epoch fences the relay's own origin off: only on the word
+                    // of the origin it names (see `Fenced::confirmed`), so that a hostile
+                    // downstream cannot stop replication to this node.
+                    let limit = crate::schedule::retry::probe_timeout(self.job.stall);
+                    let learned = fenced.confirmed(&self.job.downstreams, limit).await.and_then(|epoch| self.job.epochs.learn(&self.job.policy, &epoch));
+                    if let Err(e) = learned {
                         tracing::error!(fileset, replica, "not following it: {e:#}");
                     }
                 }

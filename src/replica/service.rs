@@ -543,16 +543,26 @@ impl ReplicaService {
             };
             return Err(Message::error(ErrorCode::Unauthorized, format!("node `{peer}` claims {claimed}, which names another node as origin{fed_by}")));
         }
+        // SECURITY: any member can claim a newer epoch naming itself; only one this node's own
+        // policy lets be origin is followed. The epoch this node already knows is checked too:
+        // one recorded before its origin was marked `promotable: false` is not followed either
+        // (until a promotion of an allowed member replaces it).
+        if let Some(why) = policy.origin_refusal(&claimed.origin) {
+            tracing::warn!(peer = ?peer, %fileset, epoch = claimed.number, "refusing epoch {claimed}: {}", why.escape_debug());
+            let next = match claimed.number == known.number {
+                true => format!(": `snapship promote {fileset}` on a member allowed to be origin moves the file set on"),
+                false => String::new(),
+            };
+            return Err(Message::error(
+                ErrorCode::Unauthorized,
+                format!(
+                    "`{here}` does not follow epoch {} (origin `{}`): {why} in the policy on `{here}`{next}",
+                    claimed.number,
+                    claimed.origin.escape_debug()
+                ),
+            ));
+        }
         if claimed.number > known.number {
-            // SECURITY: any member can claim a newer epoch naming itself; only one this node's
-            // own policy lets be origin is followed.
-            if let Some(why) = policy.origin_refusal(&claimed.origin) {
-                tracing::warn!(peer = ?peer, %fileset, epoch = claimed.number, "refusing a newer epoch: {}", why.escape_debug());
-                return Err(Message::error(
-                    ErrorCode::Unauthorized,
-                    format!("`{here}` does not follow epoch {} (origin `{}`): {why} in the policy on `{here}`", claimed.number, claimed.origin.escape_debug()),
-                ));
-            }
             self.epochs.learn(policy, claimed).map_err(internal)?;
         }
         Ok(owned)
@@ -880,6 +890,23 @@ mod tests {
         // Without `from:`, a replica takes no other replica.
         let (_d, plain) = service_with(config_with("gamma", "  - node: delta\n    path: /backup/projects\n"));
         assert!(plain.authorize("beta", "projects", &e(0, "alpha")).is_err());
+    }
+
+    /// gamma promoted itself (its own copy of the policy allowed it) and beta recorded its
+    /// epoch; then beta's policy marks gamma `promotable: false`: gamma is refused from then
+    /// on, in the epoch beta already knows, and a promotion of beta's choice is followed.
+    #[test]
+    fn an_origin_marked_not_promotable_after_its_promotion_is_no_longer_followed() {
+        let e = |number: u64, origin: &str| Epoch { number, origin: origin.into() };
+        let (dir, beta) = service_of("beta");
+        assert!(beta.authorize("gamma", "projects", &e(1, "gamma")).is_ok(), "gamma may be origin before the change");
+        let marked = config_with("beta", "    promotable: false\n");
+        let beta = ReplicaService::new(Arc::new(marked), Arc::new(EpochStore::open(dir.path())), StatusBoard::new("beta"), real_backends());
+        assert_eq!(beta.epochs.current(beta.config().policy("projects").unwrap()).unwrap(), e(1, "gamma"), "the epoch recorded before");
+        let Err(Message::Error { code, message, .. }) = beta.authorize("gamma", "projects", &e(1, "gamma")) else { panic!("gamma was still followed") };
+        assert_eq!(code, ErrorCode::Unauthorized);
+        assert!(message.contains("does not follow epoch 1 (origin `gamma`)") && message.contains("snapship promote projects"), "{message}");
+        assert!(beta.authorize("alpha", "projects", &e(2, "alpha")).is_ok(), "a promotion of an allowed member moves on");
     }
 
     #[test]

@@ -19,6 +19,12 @@ pub fn probe_period(stall: Duration) -> Duration {
     (stall / 4).clamp(Duration::from_secs(1), Duration::from_secs(5))
 }
 
+/// How long a probe of a replica (a `list`) may take before the replica counts as out of
+/// reach: its period, at least 2 s (a handshake and a listing, a few round trips).
+pub fn probe_timeout(stall: Duration) -> Duration {
+    probe_period(stall).max(Duration::from_secs(2))
+}
+
 /// The wait before trying a failed transfer again, with probes on the way. Times are
 /// offsets on the caller's monotonic clock.
 #[derive(Debug, Clone)]

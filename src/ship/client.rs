@@ -69,12 +69,42 @@ pub struct Refused {
 
 /// A replica refused this origin: it knows a newer epoch, whose origin is another node.
 /// The origin must stop acting as origin of the file set.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("replica `{node}` fenced this origin off: {message} (it knows {epoch})")]
 pub struct Fenced {
     pub node: String,
     pub epoch: Epoch,
     pub message: String,
+}
+
+impl Fenced {
+    /// This fencing's epoch, if its origin says so too. Epochs are not signed, so a member's
+    /// word about an epoch naming another member is not enough to stop acting on the file set
+    /// (a hostile member could name a promotion that never happened): the member it names is
+    /// asked with a `list`, which a real new origin answers by fencing this node off itself.
+    /// `members` are the endpoints this node reaches (an origin's replicas, a relay's
+    /// downstreams); a named member not among them, or not answering within `limit`, does not
+    /// confirm. The new origin, when there is one, reaches this node itself (it ships to it or
+    /// to its feeder) and its epoch arrives with its own request.
+    pub async fn confirmed(&self, members: &[Arc<dyn ReplicaEndpoint>], limit: Duration) -> Result<Epoch> {
+        let (epoch, said_by) = (&self.epoch, &self.node);
+        if epoch.origin == self.node {
+            return Ok(epoch.clone());
+        }
+        let named = epoch.origin.escape_debug().to_string();
+        let unconfirmed = |how: String| anyhow!("`{said_by}` says `{named}` is the origin in epoch {}, {how}", epoch.number);
+        let Some(ep) = members.iter().find(|m| m.node() == epoch.origin) else {
+            return Err(unconfirmed(format!("and `{named}` is not a member this node reaches to confirm it")));
+        };
+        match tokio::time::timeout(limit, ep.list()).await {
+            Ok(Err(e)) => match e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
+                Some(own) if own.epoch.origin == epoch.origin && own.epoch.number >= epoch.number => Ok(own.epoch.clone()),
+                _ => Err(unconfirmed(format!("which `{named}` does not confirm ({e:#})"))),
+            },
+            Ok(Ok(_)) => Err(unconfirmed(format!("but `{named}` still answers this node as a replica"))),
+            Err(_) => Err(unconfirmed(format!("and `{named}` did not answer to confirm it"))),
+        }
+    }
 }
 
 /// A replica had no room for a stream, and said how much it has: the origin waits for room

@@ -306,6 +306,44 @@ fn only_the_configured_relay_can_feed_a_cascaded_replica() {
     c.stop("gamma");
 }
 
+/// A hostile downstream (or one with a corrupted state) fences its relay off with an epoch
+/// naming another member: the relay asks that member before it follows the epoch (which
+/// would fence its own origin off and stop replication to it). delta, asked, still takes
+/// beta's streams, so beta keeps following alpha and keeps receiving and relaying.
+#[test]
+fn a_downstreams_claim_of_another_origin_is_confirmed_before_the_relay_follows_it() {
+    require_root!();
+    let nodes = ["alpha", "beta", "gamma", "delta"];
+    let mut c = Cluster::with_size("cascade_unconfirmed", &nodes, 200);
+    let src = c.fs["alpha"].subvolume("projects");
+    let dst: BTreeMapPaths = nodes[1..].iter().map(|n| (*n, c.mnt(n).join("backup/projects"))).collect();
+    let policy = cascade_policy(&src, &dst);
+    for n in nodes {
+        c.configure(n, &[("projects", policy.clone())]);
+    }
+    let epochs = c.dir("gamma").join("state/epochs");
+    std::fs::create_dir_all(&epochs).unwrap();
+    std::fs::write(epochs.join("projects.json"), r#"{"epoch":{"number":1,"origin":"delta"}}"#).unwrap();
+    fill(&src, 71);
+    for n in ["beta", "gamma", "delta", "alpha"] {
+        c.start(n);
+    }
+    c.sync_ok("alpha", "projects");
+    let claim = "not following it: `gamma` says `delta` is the origin in epoch 1, but `delta` still answers this node as a replica";
+    wait_for(Duration::from_secs(60), "beta asking delta", || c.daemons["beta"].log_text().contains(claim));
+    std::fs::write(src.join("still-alpha.txt"), "alpha keeps the role").unwrap();
+    let out = c.sync("alpha", "projects");
+    let said = text(&out);
+    assert!(said.lines().any(|l| l.contains(" -> beta: incremental from")), "{said}");
+    wait_for(Duration::from_secs(60), "alpha's new file on delta, through beta", || dst["delta"].join("latest/still-alpha.txt").exists());
+    let status = c.status_json("beta");
+    assert_eq!(status["epochs"][0]["origin"].as_str(), Some("alpha"), "{status}");
+    assert!(names(&dst["gamma"]).is_empty(), "gamma, claiming another origin, took beta's stream");
+    for n in ["alpha", "beta", "gamma", "delta"] {
+        c.stop(n);
+    }
+}
+
 #[test]
 fn a_promoted_relay_feeds_its_downstream_as_origin() {
     require_root!();

@@ -220,7 +220,7 @@ fn an_epoch_a_member_claims_for_another_is_confirmed_before_stepping_down() {
     assert!(said.lines().any(|l| l.contains(" -> beta: full")), "{said}");
     wait_for(Duration::from_secs(30), "alpha asking beta", || c.daemons["alpha"].log_text().contains("not stepping down"));
     let log = c.daemons["alpha"].log_text();
-    assert!(log.contains("not stepping down: `gamma` says `beta` is the origin in epoch 1, but `beta` still follows this node"), "{log}");
+    assert!(log.contains("not stepping down: `gamma` says `beta` is the origin in epoch 1, but `beta` still answers this node as a replica"), "{log}");
     assert!(!log.contains("stepped down"), "{log}");
     std::fs::write(src.join("still-alpha.txt"), "alpha keeps the role").unwrap();
     let out = c.sync("alpha", "projects");
