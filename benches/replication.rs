@@ -61,7 +61,7 @@ fn assert_lan_runs(c: &Cluster, expected: usize) {
     assert_eq!(used, expected, "the LAN runs did not all use the LAN path (or other runs did too)");
 }
 
-/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,lan,rpo,rss,idle,verify,wan,catchup,faults,objstore,failover` (default: all).
+/// Phases to run: `SNAPSHIP_BENCH_ONLY=transfer,lan,rpo,rss,idle,verify,wan,catchup,faults,cycle,objstore,failover` (default: all).
 fn want(phase: &str) -> bool {
     std::env::var("SNAPSHIP_BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p == phase))
 }
@@ -757,6 +757,11 @@ fn main() {
         connection_faults(&mut out, &mut verdicts);
     }
 
+    // ---- The small-change cycle alone, many times, on a small file system ---------------
+    if want("cycle") {
+        small_change_cycle(&mut out);
+    }
+
     // ---- Failover and failback ----------------------------------------------------------------
     if want("failover") {
         failover_phase::run(runs(), &mut out, &mut verdicts);
@@ -778,6 +783,82 @@ fn main() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(if all { "docs/benchmarks.md" } else { "target/benchmarks-partial.md" });
     std::fs::write(&path, &out).unwrap();
     println!("{out}\nwritten to {}", path.display());
+}
+
+/// The 1 MB change of the transfer phase alone (`SNAPSHIP_BENCH_ONLY=cycle`;
+/// `SNAPSHIP_BENCH_CYCLES` cycles, default 15), on a small file system (200 files of 64 KiB):
+/// the local pipe, the pipe followed by a sync of the receiving filesystem, and `snapship
+/// sync` through alpha's running daemon, the order of pipe and daemon alternating from cycle
+/// to cycle, each starting with both file systems synced. A quick, many-sample look at the
+/// cycle (a minute or two); the transfer phase has the figure of record, on its large data set.
+fn small_change_cycle(out: &mut String) {
+    let cycles: usize = std::env::var("SNAPSHIP_BENCH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(15).max(1);
+    let mut c = Cluster::with_size("bench_cycle", &["alpha", "beta"], 3 * 1024);
+    let src = c.fs["alpha"].subvolume("data");
+    let snaps = c.mnt("alpha").join("manual");
+    let rep = c.mnt("beta").to_path_buf();
+    let (local_dir, ship_dir) = (rep.join("local"), rep.join("snapship"));
+    std::fs::create_dir_all(&snaps).unwrap();
+    std::fs::create_dir_all(&local_dir).unwrap();
+    let policy = policy("data", "alpha", &src, &[("beta", ship_dir.clone())]).replace("schedule: \"@hourly\"", &quiet_schedule());
+    set_compression(&c, "none", &policy);
+    c.configure("beta", &[("data", policy.clone())]);
+    c.start("beta");
+    let mut rng = Rng(0xc1c1e);
+    for i in 0..200 {
+        write_file(&src.join(format!("file-{i}.bin")), 64 << 10, &mut rng);
+    }
+    sh(&format!(
+        "btrfs -q subvolume snapshot -r {} {}/c0 && btrfs send -q {}/c0 | btrfs receive -q {}",
+        src.display(),
+        snaps.display(),
+        snaps.display(),
+        local_dir.display()
+    ));
+    c.start("alpha");
+    c.sync_ok("alpha", "data");
+    let mut prev = "c0".to_string();
+    let (mut pipe, mut synced, mut daemon) = (vec![], vec![], vec![]);
+    for i in 0..cycles {
+        let order: [bool; 2] = if i % 2 == 0 { [true, false] } else { [false, true] };
+        for is_pipe in order {
+            write_file(&src.join(format!("change-{i}-{is_pipe}.bin")), 1 << 20, &mut rng);
+            sh(&format!("sync -f {} {}", src.display(), rep.display()));
+            if is_pipe {
+                let next = format!("c{}", i + 1);
+                let t = timed(|| {
+                    sh(&format!(
+                        "btrfs -q subvolume snapshot -r {} {s}/{next} && btrfs send -q -p {s}/{prev} {s}/{next} | btrfs receive -q {}",
+                        src.display(),
+                        local_dir.display(),
+                        s = snaps.display()
+                    ));
+                });
+                pipe.push(t);
+                synced.push(t + timed(|| sh(&format!("btrfs filesystem sync {}", local_dir.display()))));
+                prev = next;
+            } else {
+                let started = Instant::now();
+                let done = c.sync("alpha", "data");
+                daemon.push(started.elapsed().as_secs_f64());
+                let stderr = String::from_utf8_lossy(&done.stderr);
+                assert!(
+                    done.status.success() && stderr.contains("synced by the running snapship run"),
+                    "the sync did not go through alpha's daemon:\n{stderr}"
+                );
+            }
+        }
+    }
+    c.stop("alpha");
+    c.stop("beta");
+    let (p, ps, d) = (median(pipe), median(synced), median(daemon));
+    writeln!(out, "\n## The small-change cycle alone ({cycles} cycles on a small file system, medians; `SNAPSHIP_BENCH_ONLY=cycle`)\n").unwrap();
+    writeln!(out, "| path | median time | vs local pipe | vs local pipe + sync |\n|---|---|---|---|").unwrap();
+    for (name, t) in
+        [("local pipe", p), ("local pipe + `btrfs filesystem sync` of the receiving filesystem", ps), ("snapship sync through alpha's running daemon", d)]
+    {
+        writeln!(out, "| {name} | {:.1} ms | {:.2} x | {:.2} x |", t * 1e3, t / p, t / ps).unwrap();
+    }
 }
 
 /// `snapship verify` of a replica's copy (issue 15): the benchmark file set's shape (64 MiB
