@@ -57,6 +57,19 @@ pub struct EpochRecord {
     pub diverged: Vec<String>,
 }
 
+/// The most promotions an epoch learned from a peer may be ahead of the one this node knows.
+/// Each promotion or switchover adds one; a member away through more than this many is not
+/// plausible, while an epoch far ahead (up to `u64::MAX`, past which nobody could ever be
+/// promoted) would fence every later origin off for good.
+pub const MAX_EPOCH_STEP: u64 = 1000;
+
+/// Why `seen` is not believable next to `known`, if it is not.
+pub fn implausible(known: &Epoch, seen: &Epoch) -> Option<String> {
+    let ahead = seen.number.saturating_sub(known.number);
+    (ahead > MAX_EPOCH_STEP)
+        .then(|| format!("it is {ahead} promotions past epoch {} that this node knows, more than the {MAX_EPOCH_STEP} any real history has", known.number))
+}
+
 /// The epochs of every file set on this node; watchers hear of each change. Records are
 /// read from their files each time (they are small): the daemon and a one-shot command
 /// (`snapship diverged --remove`, `promote` without a daemon) then agree. Writes are
@@ -108,10 +121,14 @@ impl EpochStore {
 
     /// Adopts `seen` when it is newer than what this node knows; whether it was.
     pub fn learn(&self, policy: &Policy, seen: &Epoch) -> Result<bool> {
-        if seen.number <= self.current(policy)?.number {
+        let known = self.current(policy)?;
+        if seen.number <= known.number {
             return Ok(false);
         }
         if let Some(why) = policy.origin_refusal(&seen.origin) {
+            bail!("refusing epoch {}: {why}", seen.number);
+        }
+        if let Some(why) = implausible(&known, seen) {
             bail!("refusing epoch {}: {why}", seen.number);
         }
         let mut newer = false;
@@ -211,9 +228,12 @@ mod tests {
         assert!(!store.learn(&p, &Epoch { number: 1, origin: "beta".into() }).unwrap(), "not newer");
         assert!(store.learn(&p, &Epoch { number: 0, origin: "beta".into() }).is_ok_and(|b| !b), "older is ignored");
         assert!(store.learn(&p, &Epoch { number: 5, origin: "mallory".into() }).is_err(), "a non-member cannot be origin");
+        let err = store.learn(&p, &Epoch { number: u64::MAX, origin: "beta".into() }).unwrap_err().to_string();
+        assert!(err.contains("promotions past epoch 1"), "an epoch far ahead was learned: {err}");
         let again = EpochStore::open(dir.path());
         let r = again.record(&p).unwrap();
         assert_eq!((r.epoch.number, r.promoted_from.as_deref()), (1, Some("snapship-20260101T000000.000Z")));
+        assert!(store.learn(&p, &Epoch { number: 1 + MAX_EPOCH_STEP, origin: "beta".into() }).unwrap(), "as far ahead as allowed");
     }
 
     #[test]

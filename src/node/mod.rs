@@ -828,19 +828,18 @@ impl Runtime {
         let mut heard = Vec::new();
         for (node, answer) in fetch::ask_members(&members).await {
             match answer {
-                Ok(h) if h.epoch.number > known.number => match policy.origin_refusal(&h.epoch.origin) {
-                    Some(why) => {
-                        tracing::warn!(%fileset, member = %node, epoch = h.epoch.number, "ignoring the newer epoch a member claims: {}", why.escape_debug());
-                        heard.push((node, h));
-                    }
-                    None => bail!(
-                        "`{node}` knows a newer epoch of `{fileset}`, {} (this node knows {known}): another member was promoted already; nothing was promoted here",
-                        h.epoch
-                    ),
-                },
                 Ok(h) => heard.push((node, h)),
                 Err(e) => tracing::warn!(%fileset, member = %node, "not asked what it holds before promoting: {e:#}"),
             }
+        }
+        let (promoted, doubted) = fetch::promoted_elsewhere(policy, known, &heard);
+        if let Some((node, epoch)) = promoted {
+            bail!(
+                "`{node}` knows a newer epoch of `{fileset}`, {epoch} (this node knows {known}): another member was promoted already; nothing was promoted here"
+            );
+        }
+        for why in doubted {
+            tracing::warn!(%fileset, "ignoring a newer epoch a member claims: {why}");
         }
         let held = snapshot::replica_on(policy, here)?.list().await?;
         let Some((newest, holders)) = fetch::newest_elsewhere(&held, &heard, chrono::Utc::now()) else { return Ok(None) };

@@ -26,9 +26,11 @@ use chrono::{DateTime, Utc};
 use tokio::sync::RwLock;
 
 use crate::config::Policy;
+use crate::replica::relay::{Kept, RelayGuard};
 use crate::replicate;
 use crate::ship::{Fetched, Holdings, ReplicaEndpoint};
 use crate::snapshot::{self, OriginSide, Snapshot, SnapshotName};
+use crate::store::Epoch;
 
 /// How long the member asked has to start shipping (its `list` and `begin`), from the grant.
 pub const GRANT_START: Duration = Duration::from_secs(120);
@@ -51,6 +53,8 @@ struct Granted {
     name: SnapshotName,
     identity: String,
     until: Instant,
+    /// Its `begin` came: the stream started.
+    begun: bool,
 }
 
 /// An awaited fetch; dropping it withdraws the grant.
@@ -70,8 +74,15 @@ impl Grants {
     /// as long as the returned grant lives (and it starts within [`GRANT_START`]).
     pub fn allow(self: &Arc<Self>, fileset: &str, peer: &str, name: &SnapshotName, identity: &str) -> Grant {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let granted =
-            Granted { id, fileset: fileset.into(), peer: peer.into(), name: name.clone(), identity: identity.into(), until: Instant::now() + GRANT_START };
+        let granted = Granted {
+            id,
+            fileset: fileset.into(),
+            peer: peer.into(),
+            name: name.clone(),
+            identity: identity.into(),
+            until: Instant::now() + GRANT_START,
+            begun: false,
+        };
         self.open.lock().expect("grants lock").push(granted);
         Grant { grants: self.clone(), id }
     }
@@ -91,7 +102,21 @@ impl Grants {
     /// Whether a `begin` of `name` with `identity` from `peer` into `fileset` is one this node
     /// asked for.
     pub fn admits(&self, fileset: &str, peer: &str, name: &SnapshotName, identity: &str) -> bool {
-        self.find(fileset, peer).is_some_and(|g| &g.name == name && g.identity == identity)
+        let now = Instant::now();
+        let mut open = self.open.lock().expect("grants lock");
+        let found = open.iter_mut().find(|g| g.fileset == fileset && g.peer == peer && g.until > now);
+        match found {
+            Some(g) if &g.name == name && g.identity == identity => {
+                g.begun = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the stream of `grant` started (or was received already).
+    fn begun(&self, grant: &Grant) -> bool {
+        self.open.lock().expect("grants lock").iter().find(|g| g.id == grant.id).is_none_or(|g| g.begun)
     }
 
     /// The snapshot was received: the grant is used up.
@@ -111,19 +136,44 @@ pub trait Pushes: Send + Sync {
 }
 
 /// Ships `snapshot` (in this node's home, checked by the caller) of `policy`'s file set to
-/// `to`, the member that asked. `planning`: read while it ships, so this node's replica
-/// pruning (which writes it) keeps the snapshot and its base meanwhile.
-pub async fn push(pushes: &dyn Pushes, policy: &Policy, to: &str, snapshot: &Snapshot, planning: Arc<RwLock<()>>, stall: Duration) -> Result<Fetched> {
+/// `to`, the member that asked. Pruning on this node keeps the step's snapshot and base while
+/// it ships (registered with `guard` under a read of its planning lock, as a relay's step is):
+/// the lock itself is not held across the transfer, so a slow or stalling asker never holds
+/// up this node's pruning, and through it its receives from the origin.
+pub async fn push(pushes: &dyn Pushes, policy: &Policy, to: &str, snapshot: &Snapshot, guard: &Arc<RelayGuard>, stall: Duration) -> Result<Fetched> {
     let side = pushes.sender(policy)?;
     let sent = side.list().await?.into_iter().find(|s| s.name == snapshot.name && s.identity == snapshot.identity);
     let sent = sent.ok_or_else(|| anyhow!("snapshot {} is not among this node's snapshots to send", snapshot.name))?;
     let ep = pushes.endpoint(policy, to)?;
-    let _kept = planning.read_owned().await;
-    // The hooks' own planning lock: the real one is held above for the whole transfer.
-    let hooks = replicate::NoHooks::default();
+    let hooks = PushHooks { planning: guard.planning(&policy.fileset.0), guard: guard.clone(), fileset: policy.fileset.0.clone(), kept: Mutex::new(None) };
     let report = replicate::bring_up_to_date(side.as_ref(), &sent, ep.as_ref(), stall, &hooks).await?;
     tracing::info!(fileset = %policy.fileset, to, snapshot = %report.snapshot, base = report.base.as_deref().unwrap_or("none (full)"), bytes = report.bytes, "fetched from here: shipped");
     Ok(Fetched { snapshot: report.snapshot, base: report.base, bytes: report.bytes })
+}
+
+/// What a push does around its steps: keep each step's snapshot and base from pruning.
+struct PushHooks {
+    planning: Arc<RwLock<()>>,
+    guard: Arc<RelayGuard>,
+    fileset: String,
+    kept: Mutex<Option<Kept>>,
+}
+
+#[async_trait::async_trait]
+impl replicate::Hooks for PushHooks {
+    fn planning(&self) -> &RwLock<()> {
+        &self.planning
+    }
+
+    async fn planned(&self, _: &str, step: &replicate::Step) -> Result<()> {
+        let identities = std::iter::once(&step.snapshot).chain(step.plan.base()).map(|s| s.identity.clone()).collect();
+        *self.kept.lock().expect("kept lock") = Some(self.guard.keep(&self.fileset, identities));
+        Ok(())
+    }
+
+    fn started(&self, _: &str, _: &replicate::Step, _: Arc<crate::ship::meter::Tally>, _: u64) {}
+
+    async fn finished(&self, _: &str, _: &SnapshotName, _: &Result<replicate::ReplicaReport>) {}
 }
 
 /// Asks `from` to ship `snapshot` (as it listed it) to this node, under a grant of `grants`;
@@ -132,8 +182,19 @@ pub async fn fetch(grants: &Arc<Grants>, policy: &Policy, from: &dyn ReplicaEndp
     if snapshot::is_tampered(snapshot) {
         bail!("`{}` lists {} as tampered: it is no copy to fetch", from.node(), snapshot.name);
     }
-    let _grant = grants.allow(&policy.fileset.0, from.node(), &snapshot.name, &snapshot.identity);
-    from.fetch(&snapshot.name).await
+    let grant = grants.allow(&policy.fileset.0, from.node(), &snapshot.name, &snapshot.identity);
+    // A member that never starts shipping is passed over (before a promotion, the next
+    // holder is tried); once the stream started, the receive's own watchdogs govern it.
+    let answer = from.fetch(&snapshot.name);
+    tokio::pin!(answer);
+    tokio::select! {
+        got = &mut answer => return got,
+        () = tokio::time::sleep(GRANT_START) => {}
+    }
+    if !grants.begun(&grant) {
+        bail!("`{}` did not start shipping {} within {} s", from.node(), snapshot.name, GRANT_START.as_secs());
+    }
+    answer.await
 }
 
 /// What each member answered `holds` (or why it did not), asked all at once, each for at
@@ -147,6 +208,38 @@ pub async fn ask_members(members: &[Arc<dyn ReplicaEndpoint>]) -> Vec<(String, R
         (ep.node().to_string(), answer)
     });
     futures::future::join_all(asks).await
+}
+
+/// Of the epochs newer than `known` that members claim in their `holds` answers, one the
+/// member it names confirms (a promotion happened elsewhere: this node must not promote
+/// too), and the claims not believed, with why (pure). Epochs are not signed: a member's word
+/// that *another* member was promoted counts only when that member's own answer says so, so
+/// a hostile member cannot block every promotion by naming the silent old origin in a newer
+/// epoch. A member naming itself is believed when this node's policy lets it be origin (it
+/// could have promoted itself); an epoch this node's policy refuses, or implausibly far
+/// ahead, never is.
+pub fn promoted_elsewhere<'a>(policy: &Policy, known: &Epoch, answers: &'a [(String, Holdings)]) -> (Option<(&'a str, &'a Epoch)>, Vec<String>) {
+    let mut doubted = Vec::new();
+    for (node, h) in answers.iter().filter(|(_, h)| h.epoch.number > known.number) {
+        let claimed = &h.epoch;
+        let named = claimed.origin.escape_debug();
+        let why = if let Some(why) = policy.origin_refusal(&claimed.origin) {
+            why
+        } else if let Some(why) = crate::store::implausible(known, claimed) {
+            why
+        } else if claimed.origin == *node {
+            return (Some((node, claimed)), doubted);
+        } else {
+            let own = answers.iter().find(|(n, _)| *n == claimed.origin).map(|(_, h)| &h.epoch);
+            match own {
+                Some(own) if own.origin == claimed.origin && own.number >= claimed.number => return (Some((node, claimed)), doubted),
+                Some(own) => format!("`{named}` itself answers in {own}"),
+                None => format!("`{named}` did not answer to confirm it"),
+            }
+        };
+        doubted.push(format!("`{node}` says `{named}` is the origin in epoch {}, not believed: {}", claimed.number, why.escape_debug()));
+    }
+    (None, doubted)
 }
 
 /// Of what other members hold (`answers`), the newest snapshot newer than every one this node
@@ -201,7 +294,6 @@ pub fn pick<'a>(node: &str, held: &'a [Snapshot], wanted: &Wanted) -> Result<&'a
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Epoch;
 
     fn snap(hour: u32, identity: &str) -> Snapshot {
         let name = SnapshotName::parse(&format!("snapship-20260101T{hour:02}0000.000Z")).unwrap();
@@ -210,6 +302,51 @@ mod tests {
 
     fn held(node: &str, snapshots: Vec<Snapshot>) -> (String, Holdings) {
         (node.to_string(), Holdings { snapshots, epoch: Epoch { number: 0, origin: "alpha".into() } })
+    }
+
+    #[test]
+    fn a_grant_is_begun_by_the_begin_it_admits_and_by_nothing_else() {
+        let grants = Arc::new(Grants::default());
+        let s = snap(3, "c");
+        let grant = grants.allow("p", "gamma", &s.name, "c");
+        assert!(!grants.begun(&grant));
+        assert!(!grants.admits("p", "delta", &s.name, "c"), "another member");
+        assert!(!grants.admits("p", "gamma", &s.name, "forged"), "another identity");
+        assert!(!grants.begun(&grant));
+        assert!(grants.admits("p", "gamma", &s.name, "c"));
+        assert!(grants.begun(&grant));
+        grants.used("p", "gamma", &s.name);
+        assert!(grants.begun(&grant), "received already");
+    }
+
+    #[test]
+    fn a_promotion_elsewhere_counts_only_on_the_word_of_the_member_promoted() {
+        let dir = std::path::Path::new("/nonexistent");
+        let node = crate::config::parse_node_text(
+            &dir.join("n.yaml"),
+            "node: beta\nstate_dir: s\ntls:\n  ca: ca.pem\n  cert: c.pem\n  key: c.key\npeers:\n  alpha: 127.0.0.1:1\n  gamma: 127.0.0.1:2\n  delta: 127.0.0.1:3\npolicies: []\n",
+        )
+        .unwrap();
+        let text = "fileset: p\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: alpha\n  path: /srv/p\nreplicas:\n  - node: beta\n    path: /b/p\n  - node: gamma\n    path: /b/p\n    promotable: false\n  - node: delta\n    path: /b/p\n";
+        let policy = crate::config::parse_policy_text(&dir.join("p.yaml"), text, &node).unwrap();
+        let e = |number: u64, origin: &str| Epoch { number, origin: origin.into() };
+        let at = |node: &str, epoch: Epoch| (node.to_string(), Holdings { snapshots: vec![], epoch });
+        let known = e(0, "alpha");
+        // gamma names the silent old origin in a newer epoch: not believed, the promotion goes on.
+        let answers = [at("gamma", e(1, "alpha")), at("delta", e(0, "alpha"))];
+        let (found, doubted) = promoted_elsewhere(&policy, &known, &answers);
+        assert!(found.is_none());
+        assert_eq!(doubted, ["`gamma` says `alpha` is the origin in epoch 1, not believed: `alpha` did not answer to confirm it"]);
+        // ... nor naming delta, which answers in epoch 0; nor itself (not promotable); nor far ahead.
+        let answers = [at("gamma", e(1, "delta")), at("delta", e(0, "alpha"))];
+        let (found, doubted) = promoted_elsewhere(&policy, &known, &answers);
+        assert!(found.is_none() && doubted[0].contains("`delta` itself answers in"), "{doubted:?}");
+        assert!(promoted_elsewhere(&policy, &known, &[at("gamma", e(1, "gamma"))]).0.is_none());
+        assert!(promoted_elsewhere(&policy, &known, &[at("delta", e(u64::MAX, "delta"))]).0.is_none());
+        // delta promoted itself, or gamma reports it and delta confirms: this node must not promote.
+        assert_eq!(promoted_elsewhere(&policy, &known, &[at("delta", e(1, "delta"))]).0, Some(("delta", &e(1, "delta"))));
+        let both = [at("gamma", e(1, "delta")), at("delta", e(1, "delta"))];
+        assert_eq!(promoted_elsewhere(&policy, &known, &both).0.map(|(_, e)| e.clone()), Some(e(1, "delta")));
     }
 
     #[test]

@@ -55,7 +55,24 @@ struct Fileset {
     /// Planning a transfer (read) and pruning (write) exclude each other.
     planning: Arc<RwLock<()>>,
     downstreams: BTreeMap<String, Downstream>,
+    /// What other transfers from this node need kept while they run (a snapshot shipped to a
+    /// member that fetched it, and its base), by [`Kept`] handle; not kept on disk.
+    kept: BTreeMap<u64, Vec<String>>,
+    next_kept: u64,
     loaded: bool,
+}
+
+/// Identities pruning keeps while this lives ([`RelayGuard::keep`]).
+pub struct Kept {
+    guard: Arc<RelayGuard>,
+    fileset: String,
+    id: u64,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.guard.with(&self.fileset, |f| f.kept.remove(&self.id));
+    }
 }
 
 /// One downstream's newest common base (kept on disk) and its transfer in flight.
@@ -109,17 +126,27 @@ impl RelayGuard {
     /// known yet, the names of those downstreams (then nothing may be pruned).
     pub fn needs(&self, policy: &Policy, here: &str) -> std::result::Result<Vec<String>, Vec<String>> {
         let downstreams = relayed_to(policy, here);
-        if downstreams.is_empty() {
-            return Ok(Vec::new());
-        }
         self.with(&policy.fileset.0, |f| {
             let unknown: Vec<String> = downstreams.iter().filter(|d| f.downstreams.get(**d).is_none_or(|d| d.base.is_none())).map(|d| d.to_string()).collect();
             if !unknown.is_empty() {
                 return Err(unknown);
             }
             let current = f.downstreams.iter().filter(|(name, _)| downstreams.contains(&name.as_str())).map(|(_, d)| d);
-            Ok(current.flat_map(|d| d.base.iter().map(|b| b.identity.clone()).chain(d.in_flight.iter().cloned())).collect())
+            let kept = f.kept.values().flatten().cloned();
+            Ok(current.flat_map(|d| d.base.iter().map(|b| b.identity.clone()).chain(d.in_flight.iter().cloned())).chain(kept).collect())
         })
+    }
+
+    /// Keeps `identities` of `fileset` from pruning until the handle is dropped (a transfer
+    /// that is not a downstream's: a snapshot shipped to the member that fetched it).
+    /// Register it under a read of [`planning`](Self::planning), as a planned step does.
+    pub fn keep(self: &Arc<Self>, fileset: &str, identities: Vec<String>) -> Kept {
+        let id = self.with(fileset, |f| {
+            f.next_kept += 1;
+            f.kept.insert(f.next_kept, identities);
+            f.next_kept
+        });
+        Kept { guard: self.clone(), fileset: fileset.to_string(), id }
     }
 
     /// A transfer to `downstream` is planned: what it holds in common with us is now known,
@@ -336,24 +363,19 @@ impl Hooks for RelayHooks {
             }
             Err(e) => {
                 tracing::error!(fileset, replica, "relaying failed: {e:#}");
-                // Cloned out of the error: the error is not held across the confirmation.
-                let fenced = e.chain().find_map(|c| c.downcast_ref::<Fenced>()).cloned();
-                if let Some(fenced) = fenced {
+                // SECURITY: never learned from a downstream. Learned, the epoch would fence the
+                // relay's own origin off, and epochs are not signed: a hostile downstream could
+                // stop replication to this node (even naming itself, a promotable member). A
+                // real new origin reaches this node itself, as its origin or through its
+                // feeder, and its epoch comes with that request.
+                if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
                     tracing::warn!(
                         fileset,
                         replica,
-                        "the downstream knows a newer epoch: {} (origin `{}`)",
+                        "the downstream knows a newer epoch, {} (origin `{}`): not followed on a downstream's word (the new origin's own request, or its feeder's, brings it here)",
                         fenced.epoch.number,
                         fenced.epoch.origin.escape_debug()
                     );
-                    // Learned, this epoch fences the relay's own origin off: only on the word
-                    // of the origin it names (see `Fenced::confirmed`), so that a hostile
-                    // downstream cannot stop replication to this node.
-                    let limit = crate::schedule::retry::probe_timeout(self.job.stall);
-                    let learned = fenced.confirmed(&self.job.downstreams, limit).await.and_then(|epoch| self.job.epochs.learn(&self.job.policy, &epoch));
-                    if let Err(e) = learned {
-                        tracing::error!(fileset, replica, "not following it: {e:#}");
-                    }
                 }
             }
         }
@@ -413,5 +435,25 @@ mod tests {
         // After a restart the base is still known.
         let again = RelayGuard::new(dir.path());
         assert_eq!(again.needs(&p, "beta").unwrap(), ["id3"]);
+    }
+
+    #[test]
+    fn what_a_fetch_ships_is_kept_while_it_ships_and_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = policy();
+        let guard = RelayGuard::new(dir.path());
+        // delta relays nothing: only the push counts, on any node.
+        let kept = guard.keep("p", vec!["id5".into(), "id4".into()]);
+        let other = guard.keep("p", vec!["id7".into()]);
+        let mut needs = guard.needs(&p, "delta").unwrap();
+        needs.sort();
+        assert_eq!(needs, ["id4", "id5", "id7"]);
+        drop(kept);
+        assert_eq!(guard.needs(&p, "delta").unwrap(), ["id7"]);
+        drop(other);
+        assert_eq!(guard.needs(&p, "delta").unwrap(), Vec::<String>::new());
+        // Nothing of it is written down: a restart keeps nothing for a push that died with it.
+        let _k = guard.keep("p", vec!["id9".into()]);
+        assert_eq!(RelayGuard::new(dir.path()).needs(&p, "delta").unwrap(), Vec::<String>::new());
     }
 }

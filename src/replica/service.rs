@@ -257,8 +257,7 @@ impl ReplicaService {
         }
         let _pushing = Pushing(&self.pushing, key);
         tracing::info!(%peer, %fileset, snapshot = %name, "fetch: shipping to the member that asked");
-        let planning = self.relays.planning(fileset);
-        let shipped = fetch::push(pushes.as_ref(), &policy, peer, &found, planning, self.sessions.stall_timeout()).await;
+        let shipped = fetch::push(pushes.as_ref(), &policy, peer, &found, &self.relays, self.sessions.stall_timeout()).await;
         match shipped {
             Ok(f) => Ok(Message::Fetched { snapshot: f.snapshot, base: f.base, bytes: f.bytes }),
             Err(e) => {
@@ -284,6 +283,25 @@ impl ReplicaService {
     /// A planned switchover from `peer`: take over from `snapshot` if it is the newest this
     /// node holds.
     async fn handover(&self, peer: &str, fileset: &str, snapshot: &str, epoch: &Epoch) -> Result<Message> {
+        // SECURITY: only the origin of the epoch this node knows hands the file set over, and
+        // in that epoch: not a relay acting in its origin's epoch, nor a member claiming a
+        // newer one (which `authorize` would learn). Otherwise any member could make this node
+        // origin on its word, and the real origin step down once this node ships to it.
+        let policy = match authorize(&self.config(), peer, fileset) {
+            Ok(found) => found.clone(),
+            Err(refusal) => return Ok(refusal),
+        };
+        let known = self.epochs.current(&policy)?;
+        if known.origin != peer || *epoch != known {
+            tracing::warn!(peer = ?peer, %fileset, "refusing a handover: it claims {epoch}, this node knows {known}");
+            return Ok(Message::error(
+                ErrorCode::Unauthorized,
+                format!(
+                    "node `{peer}` is not the origin of `{fileset}` in {known}, the newest epoch `{}` knows: only that origin hands the file set over",
+                    self.here()
+                ),
+            ));
+        }
         let policy = match self.authorize(peer, fileset, epoch) {
             Ok(found) => found,
             Err(refusal) => return Ok(refusal),
@@ -563,6 +581,10 @@ impl ReplicaService {
             ));
         }
         if claimed.number > known.number {
+            if let Some(why) = crate::store::implausible(&known, claimed) {
+                tracing::warn!(peer = ?peer, %fileset, "refusing epoch {claimed}: {why}");
+                return Err(Message::error(ErrorCode::Unauthorized, format!("`{here}` does not follow epoch {}: {why}", claimed.number)));
+            }
             self.epochs.learn(policy, claimed).map_err(internal)?;
         }
         Ok(owned)
@@ -907,6 +929,34 @@ mod tests {
         assert_eq!(code, ErrorCode::Unauthorized);
         assert!(message.contains("does not follow epoch 1 (origin `gamma`)") && message.contains("snapship promote projects"), "{message}");
         assert!(beta.authorize("alpha", "projects", &e(2, "alpha")).is_ok(), "a promotion of an allowed member moves on");
+        let Err(Message::Error { code, message, .. }) = beta.authorize("alpha", "projects", &e(u64::MAX, "alpha")) else {
+            panic!("an epoch far ahead was followed")
+        };
+        assert_eq!(code, ErrorCode::Unauthorized);
+        assert!(message.contains("promotions past epoch 2"), "{message}");
+    }
+
+    /// A handover comes from the origin of the epoch this node knows, in that epoch; a relay
+    /// acting in its origin's epoch, or a member claiming a newer one, is refused and teaches
+    /// this node no epoch.
+    #[tokio::test]
+    async fn only_the_current_origin_hands_a_file_set_over() {
+        let e = |number: u64, origin: &str| Epoch { number, origin: origin.into() };
+        let cascade = "    from: beta\n  - node: delta\n    path: /backup/projects\n";
+        let (_d, gamma) = service_with(config_with("gamma", cascade));
+        let name = "snapship-20260101T000000.000Z";
+        for (peer, claimed) in [("beta", e(0, "alpha")), ("beta", e(1, "beta")), ("delta", e(1, "delta")), ("alpha", e(1, "alpha"))] {
+            let Message::Error { code, message, .. } = gamma.handover(peer, "projects", name, &claimed).await.unwrap() else {
+                panic!("{peer} handed the file set over in {claimed}")
+            };
+            assert_eq!(code, ErrorCode::Unauthorized, "{peer}: {message}");
+            assert!(message.contains("only that origin hands the file set over"), "{message}");
+        }
+        assert_eq!(gamma.epochs.current(gamma.config().policy("projects").unwrap()).unwrap(), e(0, "alpha"), "an epoch was learned from a handover");
+        // The origin, in its epoch, gets past the check (to the next: no daemon here).
+        let Message::Error { code, message, .. } = gamma.handover("alpha", "projects", name, &e(0, "alpha")).await.unwrap() else { panic!("no refusal") };
+        assert_eq!(code, ErrorCode::BadRequest, "{message}");
+        assert!(message.contains("runs no daemon"), "{message}");
     }
 
     #[test]

@@ -26,14 +26,16 @@
 //! stalls and bandwidth limits work as on QUIC: only the bytes of the stream take another way.
 //!
 //! The replica's listener ([`bind`], [`serve`]) admits at most [`MAX_HANDSHAKES`]
-//! connections still presenting their ticket (each gets [`HELLO_TIMEOUT`]); a connection
-//! beyond that, or with an unknown transfer id or a wrong MAC, is closed and logged. Tickets
+//! connections still presenting their ticket, [`MAX_HANDSHAKES_PER_SOURCE`] of them from one
+//! address (each gets [`HELLO_TIMEOUT`]); a connection beyond that, or with an unknown
+//! transfer id or a wrong MAC, is closed and logged (refusals for want of slots at most every
+//! [`REFUSALS_LOGGED_EVERY`], with their count). Tickets
 //! exist only while their `begin` waits ([`TICKET_TIMEOUT`]), are used once, and are issued
 //! only to authorized requests, which the QUIC admission already bounds per peer.
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, ready};
@@ -66,7 +68,13 @@ pub const TICKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a TCP connection has to present its ticket.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// TCP connections presenting their ticket at once; more are closed at once.
-pub const MAX_HANDSHAKES: usize = 32;
+pub const MAX_HANDSHAKES: usize = 64;
+/// Of those, from one source address: anyone who reaches the port (no certificate needed)
+/// could otherwise hold every slot with silent connections and keep the origin's out. An
+/// origin opens one per transfer, and runs at most 8 transfers to one peer at once.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
+/// How often a refusal for want of slots is logged at most (with the count since).
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
 /// How long the origin tries to open the TCP connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -527,6 +535,8 @@ pub async fn serve(listener: std::net::TcpListener, tickets: Arc<LanTickets>, sh
     };
     let tasks = TaskTracker::new();
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let sources = Arc::new(Mutex::new(HashMap::<IpAddr, usize>::new()));
+    let mut refusals = Refusals::default();
     loop {
         // Cancel safety: `accept` hands a connection over only when it returns it.
         let (tcp, remote) = tokio::select! {
@@ -540,13 +550,20 @@ pub async fn serve(listener: std::net::TcpListener, tickets: Arc<LanTickets>, sh
                 }
             },
         };
+        let Some(source) = Source::take(&sources, remote.ip()) else {
+            refusals.refused(
+                remote,
+                &format!("{MAX_HANDSHAKES_PER_SOURCE} connections from that address are presenting their tickets already (the limit per address)"),
+            );
+            continue;
+        };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "LAN path: refusing a connection: {MAX_HANDSHAKES} connections are presenting their tickets already (the limit)");
+            refusals.refused(remote, &format!("{MAX_HANDSHAKES} connections are presenting their tickets already (the limit)"));
             continue;
         };
         let (tickets, shutdown) = (tickets.clone(), shutdown.clone());
         tasks.spawn(async move {
-            let _permit = permit;
+            let _held = (permit, source);
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = handshake(tcp, remote, &tickets) => {}
@@ -555,6 +572,55 @@ pub async fn serve(listener: std::net::TcpListener, tickets: Arc<LanTickets>, sh
     }
     tasks.close();
     tasks.wait().await;
+}
+
+/// One handshake slot of a source address, given back on drop.
+struct Source {
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Source {
+    fn take(sources: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Source> {
+        let mut held = sources.lock().expect("sources lock");
+        let n = held.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Source { sources: sources.clone(), ip })
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        let mut held = self.sources.lock().expect("sources lock");
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Connections refused for want of slots, logged at most every [`REFUSALS_LOGGED_EVERY`]:
+/// a flood of them must not flood the log.
+#[derive(Default)]
+struct Refusals {
+    logged: Option<std::time::Instant>,
+    since: u64,
+}
+
+impl Refusals {
+    fn refused(&mut self, remote: SocketAddr, why: &str) {
+        self.since += 1;
+        if self.logged.is_none_or(|t| t.elapsed() >= REFUSALS_LOGGED_EVERY) {
+            tracing::warn!(%remote, refused = self.since, "LAN path: refusing a connection: {why} (connections refused since the last such line: {})", self.since);
+            self.logged = Some(std::time::Instant::now());
+            self.since = 0;
+        }
+    }
 }
 
 async fn handshake(mut tcp: TcpStream, remote: SocketAddr, tickets: &LanTickets) {

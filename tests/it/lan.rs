@@ -2,7 +2,8 @@
 //! real QUIC, the stream over real TCP. It delivers identical trees and is really used (the
 //! replica logs it); a replica that does not mark the origin receives over QUIC instead; a
 //! byte changed on the TCP connection fails its MAC and nothing reaches the replica's file
-//! set; a cut TCP connection is resumed; a TCP client with a guessed ticket gets nothing.
+//! set; a cut TCP connection is resumed; a TCP client with a guessed ticket gets nothing, and
+//! a flood of silent connections from one address does not keep the origin out.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -157,6 +158,54 @@ fn a_tcp_client_with_a_guessed_ticket_gets_nothing() {
     fill(&src, 15);
     c.sync_ok("alpha", "projects");
     assert_same_tree(&src, &dst.join("latest"));
+    c.stop("beta");
+}
+
+/// Anyone who reaches the LAN port (no certificate needed) keeps opening silent connections
+/// from one address (127.0.0.2): they take at most their address's share of the handshake
+/// slots, and the origin's connection (from 127.0.0.1) still gets in.
+#[test]
+fn silent_connections_from_one_address_do_not_keep_the_origin_out() {
+    require_root!();
+    let (mut c, src, dst) = pair("lan_flood", (true, true), "");
+    let port = c.ports["beta"];
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let mut held = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    // 80 at a time, more than every slot, each silent until beta drops it.
+                    for _ in 0..80 {
+                        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+                        if let Ok(tcp) = socket.connect(format!("127.0.0.1:{port}").parse().unwrap()).await {
+                            held.push(tcp);
+                        }
+                    }
+                    held.drain(..held.len().saturating_sub(80));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                held.len()
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    fill(&src, 17);
+    let out = c.sync_ok("alpha", "projects");
+    stop.store(true, Ordering::Relaxed);
+    let held = flood.join().unwrap();
+    assert!(held > 0, "the flood opened no connection");
+    assert!(out.contains("-> beta: full"), "{out}");
+    assert_same_tree(&src, &dst.join("latest"));
+    let log = c.daemons["beta"].log_text();
+    assert!(log.contains("receiving over the LAN path"), "the sync did not use the LAN path:\n{log}");
+    assert!(log.contains("connections from that address are presenting their tickets already (the limit per address)"), "{log}");
+    // The refusals are summed up, not logged one by one.
+    let lines = log.lines().filter(|l| l.contains("LAN path: refusing a connection")).count();
+    assert!(lines < 10, "{lines} lines for the refused connections");
     c.stop("beta");
 }
 
