@@ -47,13 +47,6 @@ fn big_files() -> usize {
     std::env::var("SNAPSHIP_BENCH_BIG_FILES").ok().and_then(|v| v.parse().ok()).unwrap_or(24).max(1)
 }
 
-/// A daily schedule 12 hours from now (UTC), in place of the policies' `@hourly`, for a phase
-/// that runs alpha's daemon and takes every snapshot itself: it cannot fire during the run.
-fn quiet_schedule() -> String {
-    use chrono::Timelike;
-    format!("schedule: \"0 {} * * *\"", (chrono::Utc::now().hour() + 12) % 24)
-}
-
 /// Asserts from beta's log that exactly `expected` receives used the LAN path (the runs
 /// marked [`Via::Lan`], and the phase's other LAN runs).
 fn assert_lan_runs(c: &Cluster, expected: usize) {
@@ -353,7 +346,7 @@ fn main() {
             std::fs::create_dir_all(d).unwrap();
         }
         // Alpha's daemon runs in the 1 MB change part: its schedule must not fire meanwhile.
-        let policy = policy("data", "alpha", &src, &[("beta", ship_dir.clone())]).replace("schedule: \"@hourly\"", &quiet_schedule());
+        let policy = quiet_policy("data", "alpha", &src, &[("beta", ship_dir.clone())]);
         set_compression(&c, "none", &policy);
         c.configure("beta", &[("data", policy.clone())]);
         mark_lan(&c, "beta", "alpha"); // beta allows it; alpha asks only in the LAN runs
@@ -484,6 +477,9 @@ fn main() {
         // The local pipe again with the durability snapship's replica has before it answers
         // (its commits): the pipe's time plus a `btrfs filesystem sync` of beta right after.
         let mut s_local_synced = vec![];
+        // Every path ships exactly its own 1 MB: after each timed path, the other chains catch
+        // up (untimed) with everything written so far. (The local pipe and ssh chains take the
+        // same snapshots; the daemon and the one-shot sync share alpha's.)
         for i in 0..5 {
             for (k, times) in [(0, &mut s_local), (1, &mut s_ssh), (2, &mut s_daemon), (3, &mut s_oneshot)] {
                 let mut rng = Rng(77 + i * 4 + k);
@@ -493,11 +489,12 @@ fn main() {
                 // otherwise be flushed by the next path's commit, and timed as its own.
                 sh(&format!("sync -f {} {}", src.display(), rep.display()));
                 let next = format!("m{i}{k}");
+                let send_to = |target: &str| sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {target}", s = snaps.display()));
+                let (local, ssh) = (format!("btrfs receive -q {}", local_dir.display()), sshd.receive_cmd(&ssh_dir));
                 let t = match k {
                     0 | 1 => timed(|| {
                         sh(&format!("btrfs -q subvolume snapshot -r {} {}/{next}", src.display(), snaps.display()));
-                        let target = if k == 0 { format!("btrfs receive -q {}", local_dir.display()) } else { sshd.receive_cmd(&ssh_dir) };
-                        sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {target}", s = snaps.display()));
+                        send_to(if k == 0 { &local } else { &ssh });
                     }),
                     2 => sync_through_daemon(&c),
                     _ => {
@@ -508,30 +505,33 @@ fn main() {
                             assert!(!String::from_utf8_lossy(&out.stderr).contains("synced by the running"), "a daemon answered the one-shot sync");
                         });
                         c.start("alpha");
-                        sync_through_daemon(&c);
                         t
                     }
                 };
                 if k == 0 {
                     s_local_synced.push(t + timed(|| sh(&format!("btrfs filesystem sync {}", local_dir.display()))));
                 }
-                // Keep the other chain whole (untimed): each needs every snapshot.
-                if k == 0 {
-                    sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | {}", sshd.receive_cmd(&ssh_dir), s = snaps.display()));
+                // The catch-up, untimed.
+                if k >= 2 {
+                    sh(&format!("btrfs -q subvolume snapshot -r {} {}/{next}", src.display(), snaps.display()));
                 }
-                if k == 1 {
-                    sh(&format!("btrfs send -q -p {s}/{prev} {s}/{next} | btrfs receive -q {}", local_dir.display(), s = snaps.display()));
+                if k != 0 {
+                    send_to(&local);
                 }
-                if k < 2 {
-                    prev = next;
+                if k != 1 {
+                    send_to(&ssh);
                 }
+                if k != 2 {
+                    sync_through_daemon(&c);
+                }
+                prev = next;
                 times.push(t);
             }
         }
         c.stop("alpha");
         let (l, s, d, o) = (median(s_local), median(s_ssh), median(s_daemon), median(s_oneshot));
         writeln!(out, "\n## A 1 MB change end to end (snapshot, send, ship, receive; median of 5)\n").unwrap();
-        writeln!(out, "The same 1 MB change for each path, in turn in each run, each path starting with both file systems synced (untimed). Through the daemon: `snapship sync` asks alpha's running `snapship run` over its control socket, which keeps its QUIC connection to beta. One-shot: `snapship sync` with no daemon on alpha (a new process: config, TLS, a QUIC handshake, then the sync).\n").unwrap();
+        writeln!(out, "Each path in turn ships a 1 MB change of its own, and only it (the other paths' copies catch up untimed after each), each path starting with both file systems synced (untimed). Through the daemon: `snapship sync` asks alpha's running `snapship run` over its control socket, which keeps its QUIC connection to beta. One-shot: `snapship sync` with no daemon on alpha (a new process: config, TLS, a QUIC handshake, then the sync).\n").unwrap();
         let ls = median(s_local_synced);
         writeln!(out, "| path | median time | vs local pipe | vs local pipe + sync |\n|---|---|---|---|").unwrap();
         for (name, t) in [
@@ -800,7 +800,7 @@ fn small_change_cycle(out: &mut String) {
     let (local_dir, ship_dir) = (rep.join("local"), rep.join("snapship"));
     std::fs::create_dir_all(&snaps).unwrap();
     std::fs::create_dir_all(&local_dir).unwrap();
-    let policy = policy("data", "alpha", &src, &[("beta", ship_dir.clone())]).replace("schedule: \"@hourly\"", &quiet_schedule());
+    let policy = quiet_policy("data", "alpha", &src, &[("beta", ship_dir.clone())]);
     set_compression(&c, "none", &policy);
     c.configure("beta", &[("data", policy.clone())]);
     c.start("beta");
@@ -820,9 +820,10 @@ fn small_change_cycle(out: &mut String) {
     let mut prev = "c0".to_string();
     let (mut pipe, mut synced, mut daemon) = (vec![], vec![], vec![]);
     for i in 0..cycles {
+        // One change per cycle, which each path ships (each from its own previous snapshot).
+        write_file(&src.join(format!("change-{i}.bin")), 1 << 20, &mut rng);
         let order: [bool; 2] = if i % 2 == 0 { [true, false] } else { [false, true] };
         for is_pipe in order {
-            write_file(&src.join(format!("change-{i}-{is_pipe}.bin")), 1 << 20, &mut rng);
             sh(&format!("sync -f {} {}", src.display(), rep.display()));
             if is_pipe {
                 let next = format!("c{}", i + 1);

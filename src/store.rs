@@ -146,14 +146,17 @@ impl EpochStore {
         Ok(newer)
     }
 
-    /// Makes `node` the origin in a new epoch (one past the newest known), promoted from
-    /// `from` (a snapshot name).
-    pub fn promote(&self, policy: &Policy, node: &str, from: &str) -> Result<Epoch> {
+    /// Makes `node` the origin in a new epoch (one past the newest known, and past `past`:
+    /// the number of an epoch a member claimed that was not believed, so that the new one is
+    /// not refused as stale where that claim was recorded), promoted from `from` (a snapshot
+    /// name).
+    pub fn promote(&self, policy: &Policy, node: &str, from: &str, past: u64) -> Result<Epoch> {
         if let Some(why) = policy.origin_refusal(node) {
             bail!("{why} (this node's policy)");
         }
         let record = self.update(policy, |r| {
-            let number = r.epoch.number.checked_add(1).ok_or_else(|| anyhow::anyhow!("the epoch number {} cannot grow", r.epoch.number))?;
+            let newest = r.epoch.number.max(past);
+            let number = newest.checked_add(1).ok_or_else(|| anyhow::anyhow!("the epoch number {newest} cannot grow"))?;
             r.epoch = Epoch { number, origin: node.to_string() };
             r.promoted_at = Some(Utc::now());
             r.promoted_from = Some(from.to_string());
@@ -222,7 +225,7 @@ mod tests {
         let store = EpochStore::open(dir.path());
         assert_eq!(store.current(&p).unwrap(), Epoch { number: 0, origin: "beta".into() });
         let ticks = store.subscribe();
-        let e1 = store.promote(&p, "beta", "snapship-20260101T000000.000Z").unwrap();
+        let e1 = store.promote(&p, "beta", "snapship-20260101T000000.000Z", 0).unwrap();
         assert_eq!(e1.number, 1);
         assert!(ticks.has_changed().unwrap());
         assert!(!store.learn(&p, &Epoch { number: 1, origin: "beta".into() }).unwrap(), "not newer");
@@ -234,6 +237,10 @@ mod tests {
         let r = again.record(&p).unwrap();
         assert_eq!((r.epoch.number, r.promoted_from.as_deref()), (1, Some("snapship-20260101T000000.000Z")));
         assert!(store.learn(&p, &Epoch { number: 1 + MAX_EPOCH_STEP, origin: "beta".into() }).unwrap(), "as far ahead as allowed");
+        // A promotion past a claim it did not believe is numbered past that claim.
+        let next = store.promote(&p, "beta", "snapship-20260101T000000.000Z", 5000).unwrap();
+        assert_eq!(next.number, 5001);
+        assert_eq!(store.promote(&p, "beta", "snapship-20260101T000000.000Z", 7).unwrap().number, 5002, "never below the known epoch");
     }
 
     #[test]
@@ -251,7 +258,7 @@ mod tests {
         let store = EpochStore::open(state.path());
         let err = store.learn(&p, &Epoch { number: 1, origin: "gamma".into() }).unwrap_err().to_string();
         assert!(err.contains("`gamma` may not be the origin of `p`: its replica entry says `promotable: false`"), "{err}");
-        assert!(store.promote(&p, "gamma", "snapship-20260101T000000.000Z").is_err());
+        assert!(store.promote(&p, "gamma", "snapship-20260101T000000.000Z", 0).is_err());
         assert_eq!(store.current(&p).unwrap(), Epoch { number: 0, origin: "alpha".into() }, "nothing was recorded");
         assert!(store.learn(&p, &Epoch { number: 1, origin: "beta".into() }).unwrap(), "a promotable member is followed");
         assert!(store.learn(&p, &Epoch { number: 2, origin: "alpha".into() }).unwrap(), "the policy's origin always may be");

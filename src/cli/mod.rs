@@ -517,7 +517,7 @@ async fn promote(path: &std::path::Path, fileset: &str, force: bool) -> Result<E
                     known.origin
                 );
             }
-            let report = crate::origin::failover::promote(policy, &loaded.node.node.0, &epochs).await?;
+            let report = crate::origin::failover::promote(policy, &loaded.node.node.0, &epochs, 0).await?;
             format!("{report}\nstart `snapship run --config {}` to take up origin duty", path.display())
         }
     };

@@ -809,10 +809,11 @@ impl Runtime {
         }
         // No write that reached a survivor is lost: the newest snapshot any reachable member
         // holds beyond this node's comes here first.
-        let fetched = self.fetch_newest(policy, &known, silent.as_deref()).await?;
-        let report = crate::origin::failover::promote(policy, here, &self.epochs).await?;
+        let before = self.fetch_newest(policy, &known, silent.as_deref()).await?;
+        let report = crate::origin::failover::promote(policy, here, &self.epochs, before.past).await?;
         self.start_origins(&[fileset]);
-        Ok(format!("{}{report}", fetched.unwrap_or_default()))
+        let doubted: String = before.doubted.iter().map(|d| format!("{d}; ")).collect();
+        Ok(format!("{doubted}{}{report}", before.fetched.unwrap_or_default()))
     }
 
     /// Before a promotion: asks every other member what it holds and, when one holds a
@@ -820,7 +821,7 @@ impl Runtime {
     /// that knows an epoch newer than `known` stops the promotion; one that does not answer
     /// is passed over (and named in the log), and `silent` (the old origin, which did not
     /// answer just now) is not asked.
-    async fn fetch_newest(&self, policy: &Policy, known: &crate::store::Epoch, silent: Option<&str>) -> Result<Option<String>> {
+    async fn fetch_newest(&self, policy: &Policy, known: &crate::store::Epoch, silent: Option<&str>) -> Result<BeforePromoting> {
         use crate::replica::fetch;
         let config = self.config();
         let (here, fileset) = (&config.node.node.0, &policy.fileset);
@@ -838,11 +839,22 @@ impl Runtime {
                 "`{node}` knows a newer epoch of `{fileset}`, {epoch} (this node knows {known}): another member was promoted already; nothing was promoted here"
             );
         }
-        for why in doubted {
+        for why in &doubted {
             tracing::warn!(%fileset, "ignoring a newer epoch a member claims: {why}");
         }
+        // Numbered past every claim not believed that this node could still follow (those it
+        // would refuse anyway are not counted), so that no member refuses the new epoch as
+        // stale, or as another origin's, where such a claim was recorded.
+        let past = heard
+            .iter()
+            .map(|(_, h)| &h.epoch)
+            .filter(|e| policy.origin_refusal(&e.origin).is_none() && crate::store::implausible(known, e).is_none())
+            .map(|e| e.number)
+            .max()
+            .unwrap_or(0);
+        let mut before = BeforePromoting { fetched: None, past, doubted };
         let held = snapshot::replica_on(policy, here)?.list().await?;
-        let Some((newest, holders)) = fetch::newest_elsewhere(&held, &heard, chrono::Utc::now()) else { return Ok(None) };
+        let Some((newest, holders)) = fetch::newest_elsewhere(&held, &heard, chrono::Utc::now()) else { return Ok(before) };
         let ours = held.iter().map(|s| s.name.to_string()).max().unwrap_or_else(|| "none".to_string());
         let named = holders.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
         // From the first holder that ships it; a holder that fails (or is hostile) is passed
@@ -852,7 +864,10 @@ impl Runtime {
             let ep = members.iter().find(|e| e.node() == *node).expect("an asked member");
             tracing::warn!(%fileset, member = node, snapshot = %newest.name, newest_here = %ours, "a member holds a newer snapshot: fetching it before promoting");
             match fetch::fetch(self.replica.service.grants(), policy, ep.as_ref(), newest).await {
-                Ok(got) => return Ok(Some(format!("fetched {} from `{node}` first ({}); ", got.snapshot, shipped(&got)))),
+                Ok(got) => {
+                    before.fetched = Some(format!("fetched {} from `{node}` first ({}); ", got.snapshot, shipped(&got)));
+                    return Ok(before);
+                }
                 Err(e) => {
                     tracing::error!(%fileset, member = node, snapshot = %newest.name, "fetching before promoting failed: {e:#}");
                     failures.push(format!("from `{node}`: {e:#}"));
@@ -1024,6 +1039,17 @@ fn zfs_fetch_fits(
     Ok(())
 }
 
+/// What `promote` learned from the other members before it promoted.
+struct BeforePromoting {
+    /// What was fetched first, if anything (said before the promotion's report).
+    fetched: Option<String>,
+    /// The highest epoch number a member claimed that this node could follow: the new epoch
+    /// is numbered past it.
+    past: u64,
+    /// Claims of a promotion elsewhere that were not believed, with why.
+    doubted: Vec<String>,
+}
+
 /// How a fetched snapshot came: its stream's size and base.
 fn shipped(got: &crate::ship::Fetched) -> String {
     let how = match &got.base {
@@ -1054,7 +1080,7 @@ impl crate::replica::service::TakeOver for Arc<Runtime> {
         // The service checked that the snapshot is the newest this node holds, which is what
         // promotion starts from.
         let here = config.node.node.0.clone();
-        crate::origin::failover::promote(policy, &here, &self.epochs).await?;
+        crate::origin::failover::promote(policy, &here, &self.epochs, 0).await?;
         self.start_origins(&[policy.fileset.0.as_str()]);
         self.epochs.current(policy)
     }

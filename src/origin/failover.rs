@@ -50,7 +50,7 @@ pub fn may_be_origin(policy: &Policy, here: &str) -> Result<()> {
 /// Makes `here` the origin of `policy`'s file set: its live file set from the newest
 /// snapshot it holds, then a new epoch. Returns what to tell the admin (promoted from which
 /// snapshot, taken when: the failover's recovery point).
-pub async fn promote(policy: &Policy, here: &str, epochs: &EpochStore) -> Result<String> {
+pub async fn promote(policy: &Policy, here: &str, epochs: &EpochStore, past: u64) -> Result<String> {
     // Before the live file set is made writable: a node its own policy does not let be
     // origin never gets a writable copy (`promote --force`, a `handover` request).
     may_be_origin(policy, here)?;
@@ -61,7 +61,7 @@ pub async fn promote(policy: &Policy, here: &str, epochs: &EpochStore) -> Result
     };
     let origin = snapshot::origin_on(policy, here)?;
     origin.make_live_from(newest).await?;
-    let epoch = epochs.promote(policy, here, newest.name.as_str())?;
+    let epoch = epochs.promote(policy, here, newest.name.as_str(), past)?;
     let age = chrono::Utc::now() - newest.name.time();
     let live = policy.live_on(here).unwrap_or_default();
     let report = format!(

@@ -102,21 +102,24 @@ impl Grants {
     /// Whether a `begin` of `name` with `identity` from `peer` into `fileset` is one this node
     /// asked for.
     pub fn admits(&self, fileset: &str, peer: &str, name: &SnapshotName, identity: &str) -> bool {
-        let now = Instant::now();
+        self.find(fileset, peer).is_some_and(|g| &g.name == name && g.identity == identity)
+    }
+
+    /// The stream of the snapshot `name` from `peer` into `fileset` started: its receive
+    /// session is attached.
+    pub fn began(&self, fileset: &str, peer: &str, name: &SnapshotName) {
         let mut open = self.open.lock().expect("grants lock");
-        let found = open.iter_mut().find(|g| g.fileset == fileset && g.peer == peer && g.until > now);
-        match found {
-            Some(g) if &g.name == name && g.identity == identity => {
-                g.begun = true;
-                true
-            }
-            _ => false,
+        for g in open.iter_mut().filter(|g| g.fileset == fileset && g.peer == peer && &g.name == name) {
+            g.begun = true;
         }
     }
 
-    /// Whether the stream of `grant` started (or was received already).
-    fn begun(&self, grant: &Grant) -> bool {
-        self.open.lock().expect("grants lock").iter().find(|g| g.id == grant.id).is_none_or(|g| g.begun)
+    /// Whether the stream of `grant` started, and whether it was received already.
+    fn state(&self, grant: &Grant) -> (bool, bool) {
+        match self.open.lock().expect("grants lock").iter().find(|g| g.id == grant.id) {
+            Some(g) => (g.begun, false),
+            None => (true, true),
+        }
     }
 
     /// The snapshot was received: the grant is used up.
@@ -184,18 +187,37 @@ pub async fn fetch(grants: &Arc<Grants>, policy: &Policy, from: &dyn ReplicaEndp
     }
     let grant = grants.allow(&policy.fileset.0, from.node(), &snapshot.name, &snapshot.identity);
     // A member that never starts shipping is passed over (before a promotion, the next
-    // holder is tried); once the stream started, the receive's own watchdogs govern it.
+    // holder is tried); once the stream started, the receive's own watchdogs govern it, and
+    // once it is received here, the member's answer is awaited only a little longer.
     let answer = from.fetch(&snapshot.name);
     tokio::pin!(answer);
-    tokio::select! {
-        got = &mut answer => return got,
-        () = tokio::time::sleep(GRANT_START) => {}
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            got = &mut answer => return got,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        match grants.state(&grant) {
+            (false, _) if started.elapsed() >= GRANT_START => {
+                bail!("`{}` did not start shipping {} within {} s", from.node(), snapshot.name, GRANT_START.as_secs())
+            }
+            (_, true) => break,
+            _ => {}
+        }
     }
-    if !grants.begun(&grant) {
-        bail!("`{}` did not start shipping {} within {} s", from.node(), snapshot.name, GRANT_START.as_secs());
+    match tokio::time::timeout(ANSWER_AFTER_RECEIVED, answer).await {
+        Ok(got) => got,
+        Err(_) => bail!(
+            "`{}` shipped {} (this node holds it now) but did not answer the fetch within {} s after",
+            from.node(),
+            snapshot.name,
+            ANSWER_AFTER_RECEIVED.as_secs()
+        ),
     }
-    answer.await
 }
+
+/// How long the member asked has to answer the fetch once this node received the snapshot.
+const ANSWER_AFTER_RECEIVED: Duration = Duration::from_secs(30);
 
 /// What each member answered `holds` (or why it did not), asked all at once, each for at
 /// most [`ASK`].
@@ -305,18 +327,20 @@ mod tests {
     }
 
     #[test]
-    fn a_grant_is_begun_by_the_begin_it_admits_and_by_nothing_else() {
+    fn a_grant_has_begun_once_its_session_is_attached_and_is_received_once_used() {
         let grants = Arc::new(Grants::default());
         let s = snap(3, "c");
         let grant = grants.allow("p", "gamma", &s.name, "c");
-        assert!(!grants.begun(&grant));
         assert!(!grants.admits("p", "delta", &s.name, "c"), "another member");
         assert!(!grants.admits("p", "gamma", &s.name, "forged"), "another identity");
-        assert!(!grants.begun(&grant));
         assert!(grants.admits("p", "gamma", &s.name, "c"));
-        assert!(grants.begun(&grant));
+        assert_eq!(grants.state(&grant), (false, false), "admitted is not begun: the receive may still refuse it");
+        grants.began("p", "delta", &s.name);
+        assert_eq!(grants.state(&grant), (false, false));
+        grants.began("p", "gamma", &s.name);
+        assert_eq!(grants.state(&grant), (true, false));
         grants.used("p", "gamma", &s.name);
-        assert!(grants.begun(&grant), "received already");
+        assert_eq!(grants.state(&grant), (true, true), "received");
     }
 
     #[test]

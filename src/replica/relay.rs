@@ -363,11 +363,13 @@ impl Hooks for RelayHooks {
             }
             Err(e) => {
                 tracing::error!(fileset, replica, "relaying failed: {e:#}");
-                // SECURITY: never learned from a downstream. Learned, the epoch would fence the
-                // relay's own origin off, and epochs are not signed: a hostile downstream could
-                // stop replication to this node (even naming itself, a promotable member). A
+                // SECURITY: never learned from a downstream's answer. Learned, the epoch would
+                // fence the relay's own origin off, and epochs are not signed: a hostile
+                // downstream could stop replication to this node with a claim about anyone. A
                 // real new origin reaches this node itself, as its origin or through its
-                // feeder, and its epoch comes with that request.
+                // feeder, and its epoch comes with that request. (A promotable downstream can
+                // still claim to be origin in a request of its own, which `authorize` follows:
+                // docs/failover.md, "Not there yet".)
                 if let Some(fenced) = e.chain().find_map(|c| c.downcast_ref::<Fenced>()) {
                     tracing::warn!(
                         fileset,

@@ -292,7 +292,8 @@ impl ReplicaService {
             Err(refusal) => return Ok(refusal),
         };
         let known = self.epochs.current(&policy)?;
-        if known.origin != peer || *epoch != known {
+        // (A stale origin gets `authorize`'s fencing answer below, which tells it why.)
+        if epoch.number >= known.number && (known.origin != peer || *epoch != known) {
             tracing::warn!(peer = ?peer, %fileset, "refusing a handover: it claims {epoch}, this node knows {known}");
             return Ok(Message::error(
                 ErrorCode::Unauthorized,
@@ -694,6 +695,9 @@ impl ReplicaService {
                     return Ok(refusal);
                 }
                 let attached = self.sessions.begin(peer, &fileset, incoming, compact, resume, (self.backends)(&policy, self.here())?).await?;
+                if fetched {
+                    self.grants.began(&fileset, peer, &name);
+                }
                 let data = match self.lan_path(peer, lan) {
                     Some(tickets) => {
                         // The stream comes over the LAN path; the acknowledgements and the
@@ -953,6 +957,11 @@ mod tests {
             assert!(message.contains("only that origin hands the file set over"), "{message}");
         }
         assert_eq!(gamma.epochs.current(gamma.config().policy("projects").unwrap()).unwrap(), e(0, "alpha"), "an epoch was learned from a handover");
+        // An origin acting in an older epoch than this node knows is fenced off, as everywhere.
+        let (_d, beta) = service_of("beta");
+        assert!(beta.authorize("gamma", "projects", &e(1, "gamma")).is_ok());
+        let Message::Error { code, .. } = beta.handover("alpha", "projects", name, &e(0, "alpha")).await.unwrap() else { panic!("no refusal") };
+        assert_eq!(code, ErrorCode::Fenced);
         // The origin, in its epoch, gets past the check (to the next: no daemon here).
         let Message::Error { code, message, .. } = gamma.handover("alpha", "projects", name, &e(0, "alpha")).await.unwrap() else { panic!("no refusal") };
         assert_eq!(code, ErrorCode::BadRequest, "{message}");

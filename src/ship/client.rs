@@ -82,9 +82,8 @@ impl Fenced {
     /// word about an epoch naming another member is not enough to stop acting on the file set
     /// (a hostile member could name a promotion that never happened): the member it names is
     /// asked with a `list`, which a real new origin answers by fencing this node off itself.
-    /// `members` are the endpoints this node reaches (an origin's replicas, a relay's
-    /// downstreams); a named member not among them, or not answering within `limit`, does not
-    /// confirm. The new origin, when there is one, reaches this node itself (it ships to it or
+    /// `members` are the endpoints this node reaches (an origin's replicas); a named member
+    /// not among them, or not answering within `limit`, does not confirm. The new origin, when there is one, reaches this node itself (it ships to it or
     /// to its feeder) and its epoch arrives with its own request.
     pub async fn confirmed(&self, members: &[Arc<dyn ReplicaEndpoint>], limit: Duration) -> Result<Epoch> {
         let (epoch, said_by) = (&self.epoch, &self.node);
@@ -177,11 +176,30 @@ pub struct PeerReplica {
     /// Whether this endpoint said already that the replica refuses the LAN path (once, not
     /// at every transfer).
     lan_refusal_told: std::sync::atomic::AtomicBool,
+    /// Until when transfers go over QUIC although both nodes allow the LAN path: its TCP
+    /// connection could not be opened (a firewall, the port taken), and replication goes on
+    /// encrypted rather than not at all.
+    lan_down_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long transfers go over QUIC after the LAN path's TCP connection could not be opened,
+/// before the LAN path is tried again.
+pub const LAN_FALLBACK: Duration = Duration::from_secs(300);
 
 impl PeerReplica {
     pub fn new(node: String, fileset: String, transfer: Transfer, stall: Duration, dialer: Arc<dyn Dialer>, epoch: EpochSource) -> Self {
-        PeerReplica { node, fileset, transfer, stall, dialer, epoch, lan_refusal_told: Default::default() }
+        PeerReplica { node, fileset, transfer, stall, dialer, epoch, lan_refusal_told: Default::default(), lan_down_until: Default::default() }
+    }
+
+    /// Whether to ask for the LAN path in the next `begin`: both nodes allow it, and its TCP
+    /// connection did not fail within [`LAN_FALLBACK`].
+    fn asks_lan(&self) -> bool {
+        let mut down = self.lan_down_until.lock().expect("lan fallback lock");
+        if down.is_some_and(|until| std::time::Instant::now() >= until) {
+            *down = None;
+            tracing::info!(replica = %self.node, "trying the LAN path again");
+        }
+        self.dialer.lan_address().is_some() && down.is_none()
     }
 
     /// Opens a request stream and sends `hello` and `request`.
@@ -332,6 +350,7 @@ impl PeerReplica {
             Start::FromToken => (None, None, true),
             Start::Resume(r) => (Some(ResumeFrom { offset: r.offset, blake3: r.hasher.finalize().to_hex().to_string() }), Some((r.offset, r.hasher)), false),
         };
+        let asked_lan = self.asks_lan();
         let begin = Message::Begin {
             fileset: self.fileset.clone(),
             snapshot: incoming.name.to_string(),
@@ -342,22 +361,27 @@ impl PeerReplica {
             resume,
             from_token,
             epoch: (self.epoch)()?,
-            lan: self.dialer.lan_address().is_some(),
+            lan: asked_lan,
         };
         let (ready, mut replies, mut send) = self.ask(&begin, Some(ANSWER_TIMEOUT)).await.map_err(|e| self.in_phase(Phase::Begin, e))?;
         // The LAN path, where the replica offered it: the data frames and `end` go to `out`.
         let mut lan_out: Option<Outgoing> = None;
         match ready {
             Message::Ready => {
-                if self.dialer.lan_address().is_some() && !self.lan_refusal_told.swap(true, Ordering::Relaxed) {
+                if asked_lan && !self.lan_refusal_told.swap(true, Ordering::Relaxed) {
                     tracing::warn!(replica = %self.node, "the replica does not allow the LAN path for this node: sending over QUIC (encrypted); mark this node `encryption: off` under `peers` on the replica to use it");
                 }
             }
             Message::LanReady { transfer, key } => {
-                let (Some(address), Some(ticket)) = (self.dialer.lan_address(), super::lan::Ticket::from_wire(&transfer, &key)) else {
+                let (true, Some(address), Some(ticket)) = (asked_lan, self.dialer.lan_address(), super::lan::Ticket::from_wire(&transfer, &key)) else {
                     bail!("protocol error: `{}` answered lan_ready, which this node did not ask for or cannot read", self.node);
                 };
-                lan_out = Some(Box::new(super::lan::connect(&self.node, address, &ticket).await?));
+                let connected = super::lan::connect(&self.node, address, &ticket).await;
+                let connected = connected.inspect_err(|e| {
+                    *self.lan_down_until.lock().expect("lan fallback lock") = Some(std::time::Instant::now() + LAN_FALLBACK);
+                    tracing::warn!(replica = %self.node, "{e:#}; the next transfers go over QUIC (encrypted) for {} minutes", LAN_FALLBACK.as_secs() / 60);
+                })?;
+                lan_out = Some(Box::new(connected));
                 tracing::info!(replica = %self.node, snapshot = %incoming.name, "sending over the LAN path (TCP, authenticated, not encrypted)");
             }
             Message::Error { code, message, epoch, room } => return Err(self.refused(code, message, epoch, room)),

@@ -27,7 +27,7 @@
 //!
 //! The replica's listener ([`bind`], [`serve`]) admits at most [`MAX_HANDSHAKES`]
 //! connections still presenting their ticket, [`MAX_HANDSHAKES_PER_SOURCE`] of them from one
-//! address (each gets [`HELLO_TIMEOUT`]); a connection beyond that, or with an unknown
+//! source address (each gets [`HELLO_TIMEOUT`]); a connection beyond that, or with an unknown
 //! transfer id or a wrong MAC, is closed and logged (refusals for want of slots at most every
 //! [`REFUSALS_LOGGED_EVERY`], with their count). Tickets
 //! exist only while their `begin` waits ([`TICKET_TIMEOUT`]), are used once, and are issued
@@ -69,10 +69,11 @@ pub const TICKET_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// TCP connections presenting their ticket at once; more are closed at once.
 pub const MAX_HANDSHAKES: usize = 64;
-/// Of those, from one source address: anyone who reaches the port (no certificate needed)
-/// could otherwise hold every slot with silent connections and keep the origin's out. An
-/// origin opens one per transfer, and runs at most 8 transfers to one peer at once.
-pub const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
+/// Of those, from one source (an IPv4 address, an IPv6 /64): anyone who reaches the port (no
+/// certificate needed) could otherwise hold every slot with silent connections and keep the
+/// origin's out. An origin opens one per transfer: at most 8 from its origin duty to one
+/// peer at once, plus what it relays and ships to fetching members.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 /// How often a refusal for want of slots is logged at most (with the count since).
 const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
 /// How long the origin tries to open the TCP connection.
@@ -582,6 +583,12 @@ struct Source {
 
 impl Source {
     fn take(sources: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Source> {
+        // One host on IPv6 commonly has a whole /64 to pick addresses from.
+        let ip = match ip {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            IpAddr::V6(v6) => IpAddr::V4(v6.to_ipv4_mapped().expect("checked")),
+            v4 => v4,
+        };
         let mut held = sources.lock().expect("sources lock");
         let n = held.entry(ip).or_default();
         if *n >= MAX_HANDSHAKES_PER_SOURCE {

@@ -3,7 +3,8 @@
 //! replica logs it); a replica that does not mark the origin receives over QUIC instead; a
 //! byte changed on the TCP connection fails its MAC and nothing reaches the replica's file
 //! set; a cut TCP connection is resumed; a TCP client with a guessed ticket gets nothing, and
-//! a flood of silent connections from one address does not keep the origin out.
+//! a flood of silent connections from one address does not keep the origin out; a LAN path
+//! whose TCP connection cannot be opened falls back to QUIC.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -34,7 +35,7 @@ fn pair(test: &str, lan: (bool, bool), extra: &str) -> (Cluster, std::path::Path
     let mut c = Cluster::with_size(test, &["alpha", "beta"], 400);
     let src = c.fs["alpha"].subvolume("projects");
     let dst = c.mnt("beta").join("backup/projects");
-    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]) + "transfer:\n  compression: none\n" + extra;
+    let p = quiet_policy("projects", "alpha", &src, &[("beta", dst.clone())]) + "transfer:\n  compression: none\n" + extra;
     c.node_extra.insert("alpha".into(), TRANSFERS.into());
     c.node_extra.insert("beta".into(), TRANSFERS.into());
     c.configure("alpha", &[("projects", p.clone())]);
@@ -251,23 +252,23 @@ impl TcpCutter {
     }
 }
 
-#[test]
-fn a_cut_tcp_connection_is_resumed() {
-    require_root!();
-    // alpha reaches beta through a UDP proxy (QUIC) and, on the same port, a TCP forwarder
-    // that cuts the first LAN connection part way.
-    let mut c = Cluster::with_size("lan_cut", &["alpha", "beta"], 400);
+/// The LAN pair with alpha reaching beta through a UDP proxy (QUIC); with `tcp`, also a TCP
+/// listener on the proxy's port (for the test to forward the LAN path through), else nothing
+/// listens on TCP there. Both daemons run.
+fn proxied_pair(test: &str, tcp: bool) -> (Cluster, Proxy, Option<TcpListener>, std::path::PathBuf, std::path::PathBuf) {
+    let mut c = Cluster::with_size(test, &["alpha", "beta"], 400);
     let (proxy, listener) = loop {
         let proxy = Proxy::start(format!("127.0.0.1:{}", c.ports["beta"]).parse().unwrap());
-        if let Ok(l) = TcpListener::bind(proxy.addr()) {
-            break (proxy, l);
+        match (tcp, TcpListener::bind(proxy.addr())) {
+            (true, Ok(l)) => break (proxy, Some(l)),
+            (false, Ok(_)) => break (proxy, None),
+            (_, Err(_)) => {}
         }
     };
     c.route("alpha", "beta", proxy.addr());
-    let cutter = TcpCutter::start(listener, c.ports["beta"], 8 << 20);
     let src = c.fs["alpha"].subvolume("projects");
     let dst = c.mnt("beta").join("backup/projects");
-    let p = policy("projects", "alpha", &src, &[("beta", dst.clone())]) + "transfer:\n  compression: none\n";
+    let p = quiet_policy("projects", "alpha", &src, &[("beta", dst.clone())]) + "transfer:\n  compression: none\n";
     c.node_extra.insert("alpha".into(), TRANSFERS.into());
     c.node_extra.insert("beta".into(), TRANSFERS.into());
     c.configure("alpha", &[("projects", p.clone())]);
@@ -276,6 +277,16 @@ fn a_cut_tcp_connection_is_resumed() {
     mark_lan(&c, "beta", "alpha");
     c.start("beta");
     c.start("alpha");
+    (c, proxy, listener, src, dst)
+}
+
+#[test]
+fn a_cut_tcp_connection_is_resumed() {
+    require_root!();
+    // alpha reaches beta through a UDP proxy (QUIC) and, on the same port, a TCP forwarder
+    // that cuts the first LAN connection part way.
+    let (mut c, _proxy, listener, src, dst) = proxied_pair("lan_cut", true);
+    let cutter = TcpCutter::start(listener.unwrap(), c.ports["beta"], 8 << 20);
     fill(&src, 16);
     write_random(&src.join("big.bin"), 40 << 20, 16);
 
@@ -290,6 +301,26 @@ fn a_cut_tcp_connection_is_resumed() {
     // Bytes sent twice: at most what was in flight at the cut, not the whole stream again.
     let total = cutter.forwarded.load(Ordering::Relaxed);
     assert!(total < (46 << 20) + (16 << 20), "{total} bytes went over TCP for a 46 MiB stream");
+    c.stop("alpha");
+    c.stop("beta");
+}
+
+/// Both nodes allow the LAN path, but its TCP connection cannot be opened (nothing listens on
+/// TCP at the port alpha reaches beta's QUIC through): the attempt fails with what to do, and
+/// alpha's daemon sends the retry over QUIC instead of failing again.
+#[test]
+fn a_lan_path_that_cannot_connect_falls_back_to_quic() {
+    require_root!();
+    let (mut c, _proxy, _, src, dst) = proxied_pair("lan_fallback", false);
+    fill(&src, 18);
+    let _ = c.sync("alpha", "projects");
+    wait_for(Duration::from_secs(120), "beta holding the snapshot", || snapshots(&dst).len() == 1 && dst.join("latest").exists());
+    assert_same_tree(&src, &dst.join("latest"));
+    let log = c.daemons["alpha"].log_text();
+    assert!(log.contains("cannot open the LAN path to `beta`"), "{log}");
+    assert!(log.contains("the next transfers go over QUIC (encrypted) for 5 minutes"), "{log}");
+    assert!(!log.contains("the replica does not allow the LAN path"), "{log}");
+    assert!(!c.daemons["beta"].log_text().contains("receiving over the LAN path"));
     c.stop("alpha");
     c.stop("beta");
 }

@@ -183,6 +183,19 @@ pub fn three_node_failover(c: &Cluster, mode: &str) -> Failover {
     Failover { src, beta_dst, gamma_dst, beta_live }
 }
 
+/// A daily schedule 12 hours from now (UTC), in place of [`policy`]'s `@hourly`, for a test
+/// that counts the snapshots its running daemons take: `@hourly` fires when a test runs across
+/// the hour.
+pub fn quiet_schedule() -> String {
+    use chrono::Timelike;
+    format!("schedule: \"0 {} * * *\"", (chrono::Utc::now().hour() + 12) % 24)
+}
+
+/// [`policy`] with the [`quiet_schedule`].
+pub fn quiet_policy(fileset: &str, origin: &str, origin_path: &Path, replicas: &[(&str, PathBuf)]) -> String {
+    policy(fileset, origin, origin_path, replicas).replace("schedule: \"@hourly\"", &quiet_schedule())
+}
+
 pub fn policy(fileset: &str, origin: &str, origin_path: &Path, replicas: &[(&str, PathBuf)]) -> String {
     let mut text = format!(
         "fileset: {fileset}\nbackend: btrfs\nmode: snapshot\nschedule: \"@hourly\"\norigin:\n  node: {origin}\n  path: {}\nreplicas:\n",
