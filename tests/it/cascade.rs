@@ -152,17 +152,24 @@ fn cascade_policy(src: &Path, dst: &BTreeMapPaths) -> String {
 
 type BTreeMapPaths = std::collections::BTreeMap<&'static str, PathBuf>;
 
-#[test]
-fn a_relay_forwards_alphas_snapshots_to_two_downstreams() {
-    require_root!();
+/// Four nodes on loop btrfs of `size` MiB with [`cascade_policy`] configured on each (no
+/// daemon started): the cluster, alpha's live subvolume, each replica's directory.
+fn four_node_cascade(test: &str, size: u64) -> (Cluster, PathBuf, BTreeMapPaths) {
     let nodes = ["alpha", "beta", "gamma", "delta"];
-    let mut c = Cluster::with_size("cascade", &nodes, 300);
+    let c = Cluster::with_size(test, &nodes, size);
     let src = c.fs["alpha"].subvolume("projects");
     let dst: BTreeMapPaths = nodes[1..].iter().map(|n| (*n, c.mnt(n).join("backup/projects"))).collect();
     let policy = cascade_policy(&src, &dst);
     for n in nodes {
         c.configure(n, &[("projects", policy.clone())]);
     }
+    (c, src, dst)
+}
+
+#[test]
+fn a_relay_forwards_alphas_snapshots_to_two_downstreams() {
+    require_root!();
+    let (mut c, src, dst) = four_node_cascade("cascade", 300);
     let alpha_dir = c.mnt("alpha").join(".snapship/projects");
     fill(&src, 51);
     for n in ["beta", "gamma", "delta", "alpha"] {
@@ -313,14 +320,7 @@ fn only_the_configured_relay_can_feed_a_cascaded_replica() {
 #[test]
 fn a_downstreams_newer_epoch_is_not_followed_by_its_relay() {
     require_root!();
-    let nodes = ["alpha", "beta", "gamma", "delta"];
-    let mut c = Cluster::with_size("cascade_downstream_epoch", &nodes, 200);
-    let src = c.fs["alpha"].subvolume("projects");
-    let dst: BTreeMapPaths = nodes[1..].iter().map(|n| (*n, c.mnt(n).join("backup/projects"))).collect();
-    let policy = cascade_policy(&src, &dst);
-    for n in nodes {
-        c.configure(n, &[("projects", policy.clone())]);
-    }
+    let (mut c, src, dst) = four_node_cascade("cascade_downstream_epoch", 200);
     // gamma claims delta was promoted. (Not gamma naming itself: its own daemon would then act
     // as origin and ship, and a promotable member's own request is followed; docs/failover.md,
     // "Not there yet".)
