@@ -842,16 +842,7 @@ impl Runtime {
         for why in &doubted {
             tracing::warn!(%fileset, "ignoring a newer epoch a member claims: {why}");
         }
-        // Numbered past every claim not believed that this node could still follow (those it
-        // would refuse anyway are not counted), so that no member refuses the new epoch as
-        // stale, or as another origin's, where such a claim was recorded.
-        let past = heard
-            .iter()
-            .map(|(_, h)| &h.epoch)
-            .filter(|e| policy.origin_refusal(&e.origin).is_none() && crate::store::implausible(known, e).is_none())
-            .map(|e| e.number)
-            .max()
-            .unwrap_or(0);
+        let past = fetch::promote_past(policy, known, &heard);
         let mut before = BeforePromoting { fetched: None, past, doubted };
         let held = snapshot::replica_on(policy, here)?.list().await?;
         let Some((newest, holders)) = fetch::newest_elsewhere(&held, &heard, chrono::Utc::now()) else { return Ok(before) };

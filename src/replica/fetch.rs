@@ -30,7 +30,7 @@ use crate::replica::relay::{Kept, RelayGuard};
 use crate::replicate;
 use crate::ship::{Fetched, Holdings, ReplicaEndpoint};
 use crate::snapshot::{self, OriginSide, Snapshot, SnapshotName};
-use crate::store::Epoch;
+use crate::store::{Epoch, MAX_EPOCH_STEP, implausible};
 
 /// How long the member asked has to start shipping (its `list` and `begin`), from the grant.
 pub const GRANT_START: Duration = Duration::from_secs(120);
@@ -53,8 +53,36 @@ struct Granted {
     name: SnapshotName,
     identity: String,
     until: Instant,
-    /// Its `begin` came: the stream started.
-    begun: bool,
+    /// How far its stream got.
+    progress: Progress,
+}
+
+/// How far the stream of a grant got, as the fetching side sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Progress {
+    /// No receive session yet.
+    Waiting,
+    /// A receive session is attached.
+    Begun,
+    /// The receive session ended without the snapshot (the member may begin again).
+    Failed,
+    /// Received and committed here.
+    Received,
+}
+
+/// Marks the grant's stream failed when dropped before [`Grants::used`]: every way out of a
+/// fetched receive but its commit.
+pub struct Receiving {
+    grants: Arc<Grants>,
+    fileset: String,
+    peer: String,
+    name: SnapshotName,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.grants.set(&self.fileset, &self.peer, &self.name, Progress::Failed);
+    }
 }
 
 /// An awaited fetch; dropping it withdraws the grant.
@@ -81,7 +109,7 @@ impl Grants {
             name: name.clone(),
             identity: identity.into(),
             until: Instant::now() + GRANT_START,
-            begun: false,
+            progress: Progress::Waiting,
         };
         self.open.lock().expect("grants lock").push(granted);
         Grant { grants: self.clone(), id }
@@ -106,20 +134,23 @@ impl Grants {
     }
 
     /// The stream of the snapshot `name` from `peer` into `fileset` started: its receive
-    /// session is attached.
-    pub fn began(&self, fileset: &str, peer: &str, name: &SnapshotName) {
+    /// session is attached. Hold the returned guard for the receive: dropped before
+    /// [`used`](Self::used), it marks the stream failed.
+    pub fn began(self: &Arc<Self>, fileset: &str, peer: &str, name: &SnapshotName) -> Receiving {
+        self.set(fileset, peer, name, Progress::Begun);
+        Receiving { grants: self.clone(), fileset: fileset.into(), peer: peer.into(), name: name.clone() }
+    }
+
+    fn set(&self, fileset: &str, peer: &str, name: &SnapshotName, progress: Progress) {
         let mut open = self.open.lock().expect("grants lock");
         for g in open.iter_mut().filter(|g| g.fileset == fileset && g.peer == peer && &g.name == name) {
-            g.begun = true;
+            g.progress = progress;
         }
     }
 
-    /// Whether the stream of `grant` started, and whether it was received already.
-    fn state(&self, grant: &Grant) -> (bool, bool) {
-        match self.open.lock().expect("grants lock").iter().find(|g| g.id == grant.id) {
-            Some(g) => (g.begun, false),
-            None => (true, true),
-        }
+    /// How far the stream of `grant` got (a grant used up was received).
+    fn progress(&self, grant: &Grant) -> Progress {
+        self.open.lock().expect("grants lock").iter().find(|g| g.id == grant.id).map_or(Progress::Received, |g| g.progress)
     }
 
     /// The snapshot was received: the grant is used up.
@@ -187,37 +218,39 @@ pub async fn fetch(grants: &Arc<Grants>, policy: &Policy, from: &dyn ReplicaEndp
     }
     let grant = grants.allow(&policy.fileset.0, from.node(), &snapshot.name, &snapshot.identity);
     // A member that never starts shipping is passed over (before a promotion, the next
-    // holder is tried); once the stream started, the receive's own watchdogs govern it, and
-    // once it is received here, the member's answer is awaited only a little longer.
+    // holder is tried); while its stream runs, the receive's own watchdogs govern it; once
+    // it was received here, or its receive failed, the member's answer is awaited a little
+    // longer only. (A `begin` admitted just before the start deadline may wait for a receive
+    // slot: the deadline allows for it.)
     let answer = from.fetch(&snapshot.name);
     tokio::pin!(answer);
     let started = Instant::now();
-    loop {
+    let ended = loop {
         tokio::select! {
             got = &mut answer => return got,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        match grants.state(&grant) {
-            (false, _) if started.elapsed() >= GRANT_START => {
+        match grants.progress(&grant) {
+            Progress::Waiting if started.elapsed() >= GRANT_START + super::service::RECEIVE_WAIT => {
                 bail!("`{}` did not start shipping {} within {} s", from.node(), snapshot.name, GRANT_START.as_secs())
             }
-            (_, true) => break,
-            _ => {}
+            Progress::Waiting | Progress::Begun => {}
+            ended => break ended,
         }
-    }
-    match tokio::time::timeout(ANSWER_AFTER_RECEIVED, answer).await {
-        Ok(got) => got,
-        Err(_) => bail!(
-            "`{}` shipped {} (this node holds it now) but did not answer the fetch within {} s after",
-            from.node(),
-            snapshot.name,
-            ANSWER_AFTER_RECEIVED.as_secs()
-        ),
-    }
+    };
+    let Ok(got) = tokio::time::timeout(ANSWER_AFTER, answer).await else {
+        let what = match ended {
+            Progress::Received => "shipped it (this node holds it now)",
+            _ => "broke its stream off",
+        };
+        bail!("`{}` {what} but did not answer the fetch of {} within {} s of that", from.node(), snapshot.name, ANSWER_AFTER.as_secs());
+    };
+    got
 }
 
-/// How long the member asked has to answer the fetch once this node received the snapshot.
-const ANSWER_AFTER_RECEIVED: Duration = Duration::from_secs(30);
+/// How long the member asked has to answer the fetch once this node received the snapshot,
+/// or its receive failed.
+const ANSWER_AFTER: Duration = Duration::from_secs(30);
 
 /// What each member answered `holds` (or why it did not), asked all at once, each for at
 /// most [`ASK`].
@@ -247,7 +280,7 @@ pub fn promoted_elsewhere<'a>(policy: &Policy, known: &Epoch, answers: &'a [(Str
         let named = claimed.origin.escape_debug();
         let why = if let Some(why) = policy.origin_refusal(&claimed.origin) {
             why
-        } else if let Some(why) = crate::store::implausible(known, claimed) {
+        } else if let Some(why) = implausible(known, claimed) {
             why
         } else if claimed.origin == *node {
             return (Some((node, claimed)), doubted);
@@ -262,6 +295,17 @@ pub fn promoted_elsewhere<'a>(policy: &Policy, known: &Epoch, answers: &'a [(Str
         doubted.push(format!("`{node}` says `{named}` is the origin in epoch {}, not believed: {}", claimed.number, why.escape_debug()));
     }
     (None, doubted)
+}
+
+/// The epoch number a promotion here must go past (pure): the highest a member claimed that
+/// this node's policy could follow, so that no member refuses the new epoch as stale, or as
+/// another origin's, where such a claim was recorded. Never so far that a member knowing only
+/// `known` would refuse the new epoch as implausible: a hostile member's claim of
+/// `known` + [`MAX_EPOCH_STEP`] must not make the promoted node one nobody follows.
+pub fn promote_past(policy: &Policy, known: &Epoch, answers: &[(String, Holdings)]) -> u64 {
+    let claimed = answers.iter().map(|(_, h)| &h.epoch).filter(|e| policy.origin_refusal(&e.origin).is_none() && implausible(known, e).is_none());
+    let highest = claimed.map(|e| e.number).max().unwrap_or(0);
+    highest.min(known.number.saturating_add(MAX_EPOCH_STEP - 1))
 }
 
 /// Of what other members hold (`answers`), the newest snapshot newer than every one this node
@@ -327,20 +371,25 @@ mod tests {
     }
 
     #[test]
-    fn a_grant_has_begun_once_its_session_is_attached_and_is_received_once_used() {
+    fn a_grants_progress_follows_its_receive_session() {
         let grants = Arc::new(Grants::default());
         let s = snap(3, "c");
         let grant = grants.allow("p", "gamma", &s.name, "c");
         assert!(!grants.admits("p", "delta", &s.name, "c"), "another member");
         assert!(!grants.admits("p", "gamma", &s.name, "forged"), "another identity");
         assert!(grants.admits("p", "gamma", &s.name, "c"));
-        assert_eq!(grants.state(&grant), (false, false), "admitted is not begun: the receive may still refuse it");
-        grants.began("p", "delta", &s.name);
-        assert_eq!(grants.state(&grant), (false, false));
-        grants.began("p", "gamma", &s.name);
-        assert_eq!(grants.state(&grant), (true, false));
+        assert_eq!(grants.progress(&grant), Progress::Waiting, "admitted is not begun: the receive may still refuse it");
+        drop(grants.began("p", "delta", &s.name));
+        assert_eq!(grants.progress(&grant), Progress::Waiting, "another member's");
+        let receiving = grants.began("p", "gamma", &s.name);
+        assert_eq!(grants.progress(&grant), Progress::Begun);
+        drop(receiving);
+        assert_eq!(grants.progress(&grant), Progress::Failed, "a receive that ended without the snapshot");
+        let receiving = grants.began("p", "gamma", &s.name);
+        assert_eq!(grants.progress(&grant), Progress::Begun, "begun again");
         grants.used("p", "gamma", &s.name);
-        assert_eq!(grants.state(&grant), (true, true), "received");
+        drop(receiving);
+        assert_eq!(grants.progress(&grant), Progress::Received);
     }
 
     #[test]
@@ -371,6 +420,14 @@ mod tests {
         assert_eq!(promoted_elsewhere(&policy, &known, &[at("delta", e(1, "delta"))]).0, Some(("delta", &e(1, "delta"))));
         let both = [at("gamma", e(1, "delta")), at("delta", e(1, "delta"))];
         assert_eq!(promoted_elsewhere(&policy, &known, &both).0.map(|(_, e)| e.clone()), Some(e(1, "delta")));
+        // Promoting past the claims not believed: past the highest one this node could follow,
+        // never so far that a member knowing only `known` would refuse the new epoch.
+        let claims = [at("gamma", e(3, "alpha")), at("delta", e(7, "gamma")), at("eps", e(u64::MAX, "alpha"))];
+        assert_eq!(promote_past(&policy, &known, &claims), 3, "gamma may not be origin; u64::MAX is implausible");
+        let far = [at("gamma", e(MAX_EPOCH_STEP, "alpha"))];
+        let past = promote_past(&policy, &known, &far);
+        assert!(implausible(&known, &e(past + 1, "beta")).is_none(), "the promoted epoch {} would be refused", past + 1);
+        assert_eq!(past + 1, MAX_EPOCH_STEP);
     }
 
     #[test]

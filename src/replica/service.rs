@@ -121,7 +121,7 @@ const PREPARE_WAIT: Duration = if cfg!(test) { Duration::from_secs(1) } else { D
 
 /// How long a `begin` waits for a receive slot (`schedule::admission::Receives`) before it
 /// is answered `Busy`: with [`PREPARE_WAIT`], within the minute the origin waits for an answer.
-const RECEIVE_WAIT: Duration = if cfg!(test) { Duration::from_secs(1) } else { Duration::from_secs(25) };
+pub(crate) const RECEIVE_WAIT: Duration = if cfg!(test) { Duration::from_secs(1) } else { Duration::from_secs(25) };
 
 impl ReplicaService {
     pub fn new(config: Arc<LoadedConfig>, epochs: Arc<EpochStore>, status: Arc<StatusBoard>, backends: Backends) -> Arc<ReplicaService> {
@@ -695,9 +695,8 @@ impl ReplicaService {
                     return Ok(refusal);
                 }
                 let attached = self.sessions.begin(peer, &fileset, incoming, compact, resume, (self.backends)(&policy, self.here())?).await?;
-                if fetched {
-                    self.grants.began(&fileset, peer, &name);
-                }
+                // Marks the grant failed however this receive ends but by its commit.
+                let _fetch_receiving = fetched.then(|| self.grants.began(&fileset, peer, &name));
                 let data = match self.lan_path(peer, lan) {
                     Some(tickets) => {
                         // The stream comes over the LAN path; the acknowledgements and the

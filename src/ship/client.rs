@@ -176,30 +176,17 @@ pub struct PeerReplica {
     /// Whether this endpoint said already that the replica refuses the LAN path (once, not
     /// at every transfer).
     lan_refusal_told: std::sync::atomic::AtomicBool,
-    /// Until when transfers go over QUIC although both nodes allow the LAN path: its TCP
-    /// connection could not be opened (a firewall, the port taken), and replication goes on
-    /// encrypted rather than not at all.
-    lan_down_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
-
-/// How long transfers go over QUIC after the LAN path's TCP connection could not be opened,
-/// before the LAN path is tried again.
-pub const LAN_FALLBACK: Duration = Duration::from_secs(300);
 
 impl PeerReplica {
     pub fn new(node: String, fileset: String, transfer: Transfer, stall: Duration, dialer: Arc<dyn Dialer>, epoch: EpochSource) -> Self {
-        PeerReplica { node, fileset, transfer, stall, dialer, epoch, lan_refusal_told: Default::default(), lan_down_until: Default::default() }
+        PeerReplica { node, fileset, transfer, stall, dialer, epoch, lan_refusal_told: Default::default() }
     }
 
     /// Whether to ask for the LAN path in the next `begin`: both nodes allow it, and its TCP
-    /// connection did not fail within [`LAN_FALLBACK`].
+    /// connection to that address did not fail lately in this process ([`super::lan::usable`]).
     fn asks_lan(&self) -> bool {
-        let mut down = self.lan_down_until.lock().expect("lan fallback lock");
-        if down.is_some_and(|until| std::time::Instant::now() >= until) {
-            *down = None;
-            tracing::info!(replica = %self.node, "trying the LAN path again");
-        }
-        self.dialer.lan_address().is_some() && down.is_none()
+        self.dialer.lan_address().is_some_and(super::lan::usable)
     }
 
     /// Opens a request stream and sends `hello` and `request`.
@@ -376,12 +363,7 @@ impl PeerReplica {
                 let (true, Some(address), Some(ticket)) = (asked_lan, self.dialer.lan_address(), super::lan::Ticket::from_wire(&transfer, &key)) else {
                     bail!("protocol error: `{}` answered lan_ready, which this node did not ask for or cannot read", self.node);
                 };
-                let connected = super::lan::connect(&self.node, address, &ticket).await;
-                let connected = connected.inspect_err(|e| {
-                    *self.lan_down_until.lock().expect("lan fallback lock") = Some(std::time::Instant::now() + LAN_FALLBACK);
-                    tracing::warn!(replica = %self.node, "{e:#}; the next transfers go over QUIC (encrypted) for {} minutes", LAN_FALLBACK.as_secs() / 60);
-                })?;
-                lan_out = Some(Box::new(connected));
+                lan_out = Some(Box::new(super::lan::connect(&self.node, address, &ticket).await?));
                 tracing::info!(replica = %self.node, snapshot = %incoming.name, "sending over the LAN path (TCP, authenticated, not encrypted)");
             }
             Message::Error { code, message, epoch, room } => return Err(self.refused(code, message, epoch, room)),

@@ -172,8 +172,37 @@ impl Dialer for LanDialer {
     }
 }
 
+/// How long transfers to an address go over QUIC after the LAN path's TCP connection to it
+/// could not be opened, before the LAN path is tried again.
+pub const LAN_FALLBACK: Duration = Duration::from_secs(300);
+
+/// The LAN addresses whose TCP connection could not be opened lately, and until when they are
+/// passed over: one memory for the process (every file set and endpoint to that replica), so
+/// that replication goes on over QUIC, encrypted, rather than fail at each transfer.
+static DOWN: Mutex<Option<HashMap<String, std::time::Instant>>> = Mutex::new(None);
+
+/// Whether transfers should ask for the LAN path to `address` now (see [`LAN_FALLBACK`]).
+pub fn usable(address: &str) -> bool {
+    let mut down = DOWN.lock().expect("lan fallback lock");
+    let map = down.get_or_insert_with(HashMap::new);
+    match map.get(address) {
+        Some(until) if std::time::Instant::now() < *until => false,
+        Some(_) => {
+            map.remove(address);
+            tracing::info!(address, "trying the LAN path again");
+            true
+        }
+        None => true,
+    }
+}
+
+fn mark_down(address: &str) {
+    DOWN.lock().expect("lan fallback lock").get_or_insert_with(HashMap::new).insert(address.to_string(), std::time::Instant::now() + LAN_FALLBACK);
+}
+
 /// Opens the TCP connection of the LAN path to `node` at `address` (HOST:PORT) and presents
-/// `ticket`; the writer for the transfer's frames.
+/// `ticket`; the writer for the transfer's frames. A connection that cannot be opened fails
+/// this transfer, and transfers to `address` go over QUIC for [`LAN_FALLBACK`].
 pub async fn connect(node: &str, address: &str, ticket: &Ticket) -> Result<LanWriter<TcpStream>> {
     let attempt = async {
         let mut tcp = TcpStream::connect(address).await?;
@@ -193,7 +222,11 @@ pub async fn connect(node: &str, address: &str, ticket: &Ticket) -> Result<LanWr
             format!(
                 "cannot open the LAN path to `{node}` at {address} (TCP): `{node}` listens for it on TCP at the port of its `listen:` address; let TCP through there, or drop `encryption: off` for `{node}` under `peers` to send over QUIC"
             )
-        })?;
+        });
+    let tcp = tcp.inspect_err(|e| {
+        mark_down(address);
+        tracing::warn!(replica = node, "{e:#}: transfers to `{node}` go over QUIC (encrypted) for the next {} minutes", LAN_FALLBACK.as_secs() / 60);
+    })?;
     Ok(LanWriter::new(tcp, ticket.key))
 }
 

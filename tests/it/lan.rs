@@ -252,17 +252,26 @@ impl TcpCutter {
     }
 }
 
-/// The LAN pair with alpha reaching beta through a UDP proxy (QUIC); with `tcp`, also a TCP
-/// listener on the proxy's port (for the test to forward the LAN path through), else nothing
-/// listens on TCP there. Both daemons run.
-fn proxied_pair(test: &str, tcp: bool) -> (Cluster, Proxy, Option<TcpListener>, std::path::PathBuf, std::path::PathBuf) {
+/// The TCP side of the port alpha reaches beta's QUIC through.
+enum TcpPort {
+    /// A listener, for the test to forward the LAN path through.
+    Listening(TcpListener),
+    /// Bound and not listening: a connection is refused, and nobody else can take the port.
+    Refusing(#[allow(dead_code)] tokio::net::TcpSocket),
+}
+
+/// The LAN pair with alpha reaching beta through a UDP proxy (QUIC), and on the same port
+/// over TCP a listener (`listening`) or nothing that accepts. Both daemons run.
+fn proxied_pair(test: &str, listening: bool) -> (Cluster, Proxy, TcpPort, std::path::PathBuf, std::path::PathBuf) {
     let mut c = Cluster::with_size(test, &["alpha", "beta"], 400);
-    let (proxy, listener) = loop {
+    let (proxy, port) = loop {
         let proxy = Proxy::start(format!("127.0.0.1:{}", c.ports["beta"]).parse().unwrap());
-        match (tcp, TcpListener::bind(proxy.addr())) {
-            (true, Ok(l)) => break (proxy, Some(l)),
-            (false, Ok(_)) => break (proxy, None),
-            (_, Err(_)) => {}
+        let port = match listening {
+            true => TcpListener::bind(proxy.addr()).ok().map(TcpPort::Listening),
+            false => tokio::net::TcpSocket::new_v4().ok().filter(|s| s.bind(proxy.addr()).is_ok()).map(TcpPort::Refusing),
+        };
+        if let Some(port) = port {
+            break (proxy, port);
         }
     };
     c.route("alpha", "beta", proxy.addr());
@@ -277,7 +286,7 @@ fn proxied_pair(test: &str, tcp: bool) -> (Cluster, Proxy, Option<TcpListener>, 
     mark_lan(&c, "beta", "alpha");
     c.start("beta");
     c.start("alpha");
-    (c, proxy, listener, src, dst)
+    (c, proxy, port, src, dst)
 }
 
 #[test]
@@ -285,8 +294,8 @@ fn a_cut_tcp_connection_is_resumed() {
     require_root!();
     // alpha reaches beta through a UDP proxy (QUIC) and, on the same port, a TCP forwarder
     // that cuts the first LAN connection part way.
-    let (mut c, _proxy, listener, src, dst) = proxied_pair("lan_cut", true);
-    let cutter = TcpCutter::start(listener.unwrap(), c.ports["beta"], 8 << 20);
+    let (mut c, _proxy, TcpPort::Listening(listener), src, dst) = proxied_pair("lan_cut", true) else { unreachable!() };
+    let cutter = TcpCutter::start(listener, c.ports["beta"], 8 << 20);
     fill(&src, 16);
     write_random(&src.join("big.bin"), 40 << 20, 16);
 
@@ -311,14 +320,14 @@ fn a_cut_tcp_connection_is_resumed() {
 #[test]
 fn a_lan_path_that_cannot_connect_falls_back_to_quic() {
     require_root!();
-    let (mut c, _proxy, _, src, dst) = proxied_pair("lan_fallback", false);
+    let (mut c, _proxy, _refusing, src, dst) = proxied_pair("lan_fallback", false);
     fill(&src, 18);
     let _ = c.sync("alpha", "projects");
     wait_for(Duration::from_secs(120), "beta holding the snapshot", || snapshots(&dst).len() == 1 && dst.join("latest").exists());
     assert_same_tree(&src, &dst.join("latest"));
     let log = c.daemons["alpha"].log_text();
     assert!(log.contains("cannot open the LAN path to `beta`"), "{log}");
-    assert!(log.contains("the next transfers go over QUIC (encrypted) for 5 minutes"), "{log}");
+    assert!(log.contains("transfers to `beta` go over QUIC (encrypted) for the next 5 minutes"), "{log}");
     assert!(!log.contains("the replica does not allow the LAN path"), "{log}");
     assert!(!c.daemons["beta"].log_text().contains("receiving over the LAN path"));
     c.stop("alpha");
