@@ -460,19 +460,8 @@ fn main() {
         // snapshot of `data` is one this loop asked for, which `sync_through_daemon` checks.
         set_compression(&c, "none", &policy);
         let origin_snaps = c.mnt("alpha").join(".snapship/data");
-        let sync_through_daemon = |c: &Cluster| -> f64 {
-            let before = snapshots(&origin_snaps).len();
-            let started = Instant::now();
-            let out = c.sync("alpha", "data");
-            let t = started.elapsed().as_secs_f64();
-            let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-            assert!(out.status.success(), "sync through alpha's daemon failed:\n{stdout}\n{stderr}");
-            assert!(stderr.contains("synced by the running snapship run"), "the sync did not go through alpha's daemon:\n{stderr}");
-            assert_eq!(snapshots(&origin_snaps).len(), before + 1, "alpha's daemon took a snapshot of its own during the measurement");
-            t
-        };
         c.start("alpha");
-        sync_through_daemon(&c);
+        sync_through_daemon(&c, &origin_snaps);
         let (mut s_local, mut s_ssh, mut s_daemon, mut s_oneshot) = (vec![], vec![], vec![], vec![]);
         // The local pipe again with the durability snapship's replica has before it answers
         // (its commits): the pipe's time plus a `btrfs filesystem sync` of beta right after.
@@ -496,7 +485,7 @@ fn main() {
                         sh(&format!("btrfs -q subvolume snapshot -r {} {}/{next}", src.display(), snaps.display()));
                         send_to(if k == 0 { &local } else { &ssh });
                     }),
-                    2 => sync_through_daemon(&c),
+                    2 => sync_through_daemon(&c, &origin_snaps),
                     _ => {
                         c.stop("alpha");
                         let t = timed(|| {
@@ -522,7 +511,7 @@ fn main() {
                     send_to(&ssh);
                 }
                 if k != 2 {
-                    sync_through_daemon(&c);
+                    sync_through_daemon(&c, &origin_snaps);
                 }
                 prev = next;
                 times.push(t);
@@ -785,6 +774,21 @@ fn main() {
     println!("{out}\nwritten to {}", path.display());
 }
 
+/// `snapship sync` of `data` on alpha, through alpha's running daemon; its time. Checks that
+/// the daemon did it, and that it took exactly that one snapshot into `origin_snaps` (its own
+/// schedule stays quiet during a measurement).
+fn sync_through_daemon(c: &Cluster, origin_snaps: &Path) -> f64 {
+    let before = snapshots(origin_snaps).len();
+    let started = Instant::now();
+    let out = c.sync("alpha", "data");
+    let t = started.elapsed().as_secs_f64();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "sync through alpha's daemon failed:\n{stdout}\n{stderr}");
+    assert!(stderr.contains("synced by the running snapship run"), "the sync did not go through alpha's daemon:\n{stderr}");
+    assert_eq!(snapshots(origin_snaps).len(), before + 1, "alpha's daemon took a snapshot of its own during the measurement");
+    t
+}
+
 /// The 1 MB change of the transfer phase alone (`SNAPSHIP_BENCH_ONLY=cycle`;
 /// `SNAPSHIP_BENCH_CYCLES` cycles, default 15), on a small file system (200 files of 64 KiB):
 /// the local pipe, the pipe followed by a sync of the receiving filesystem, and `snapship
@@ -817,6 +821,7 @@ fn small_change_cycle(out: &mut String) {
     ));
     c.start("alpha");
     c.sync_ok("alpha", "data");
+    let origin_snaps = c.mnt("alpha").join(".snapship/data");
     let mut prev = "c0".to_string();
     let (mut pipe, mut synced, mut daemon) = (vec![], vec![], vec![]);
     for i in 0..cycles {
@@ -839,14 +844,7 @@ fn small_change_cycle(out: &mut String) {
                 synced.push(t + timed(|| sh(&format!("btrfs filesystem sync {}", local_dir.display()))));
                 prev = next;
             } else {
-                let started = Instant::now();
-                let done = c.sync("alpha", "data");
-                daemon.push(started.elapsed().as_secs_f64());
-                let stderr = String::from_utf8_lossy(&done.stderr);
-                assert!(
-                    done.status.success() && stderr.contains("synced by the running snapship run"),
-                    "the sync did not go through alpha's daemon:\n{stderr}"
-                );
+                daemon.push(sync_through_daemon(&c, &origin_snaps));
             }
         }
     }

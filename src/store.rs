@@ -63,6 +63,12 @@ pub struct EpochRecord {
 /// promoted) would fence every later origin off for good.
 pub const MAX_EPOCH_STEP: u64 = 1000;
 
+/// Why this node does not follow `seen`, an epoch newer than `known`, if it does not: its
+/// policy does not let `seen`'s origin be origin, or `seen` is [`implausible`].
+pub fn unfollowed(policy: &Policy, known: &Epoch, seen: &Epoch) -> Option<String> {
+    policy.origin_refusal(&seen.origin).or_else(|| implausible(known, seen))
+}
+
 /// Why `seen` is not believable next to `known`, if it is not.
 pub fn implausible(known: &Epoch, seen: &Epoch) -> Option<String> {
     let ahead = seen.number.saturating_sub(known.number);
@@ -125,10 +131,7 @@ impl EpochStore {
         if seen.number <= known.number {
             return Ok(false);
         }
-        if let Some(why) = policy.origin_refusal(&seen.origin) {
-            bail!("refusing epoch {}: {why}", seen.number);
-        }
-        if let Some(why) = implausible(&known, seen) {
+        if let Some(why) = unfollowed(policy, &known, seen) {
             bail!("refusing epoch {}: {why}", seen.number);
         }
         let mut newer = false;

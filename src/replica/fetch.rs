@@ -30,7 +30,7 @@ use crate::replica::relay::{Kept, RelayGuard};
 use crate::replicate;
 use crate::ship::{Fetched, Holdings, ReplicaEndpoint};
 use crate::snapshot::{self, OriginSide, Snapshot, SnapshotName};
-use crate::store::{Epoch, MAX_EPOCH_STEP, implausible};
+use crate::store::{Epoch, MAX_EPOCH_STEP, unfollowed};
 
 /// How long the member asked has to start shipping (its `list` and `begin`), from the grant.
 pub const GRANT_START: Duration = Duration::from_secs(120);
@@ -278,9 +278,7 @@ pub fn promoted_elsewhere<'a>(policy: &Policy, known: &Epoch, answers: &'a [(Str
     for (node, h) in answers.iter().filter(|(_, h)| h.epoch.number > known.number) {
         let claimed = &h.epoch;
         let named = claimed.origin.escape_debug();
-        let why = if let Some(why) = policy.origin_refusal(&claimed.origin) {
-            why
-        } else if let Some(why) = implausible(known, claimed) {
+        let why = if let Some(why) = unfollowed(policy, known, claimed) {
             why
         } else if claimed.origin == *node {
             return (Some((node, claimed)), doubted);
@@ -303,7 +301,7 @@ pub fn promoted_elsewhere<'a>(policy: &Policy, known: &Epoch, answers: &'a [(Str
 /// `known` would refuse the new epoch as implausible: a hostile member's claim of
 /// `known` + [`MAX_EPOCH_STEP`] must not make the promoted node one nobody follows.
 pub fn promote_past(policy: &Policy, known: &Epoch, answers: &[(String, Holdings)]) -> u64 {
-    let claimed = answers.iter().map(|(_, h)| &h.epoch).filter(|e| policy.origin_refusal(&e.origin).is_none() && implausible(known, e).is_none());
+    let claimed = answers.iter().map(|(_, h)| &h.epoch).filter(|e| unfollowed(policy, known, e).is_none());
     let highest = claimed.map(|e| e.number).max().unwrap_or(0);
     highest.min(known.number.saturating_add(MAX_EPOCH_STEP - 1))
 }
@@ -426,7 +424,7 @@ mod tests {
         assert_eq!(promote_past(&policy, &known, &claims), 3, "gamma may not be origin; u64::MAX is implausible");
         let far = [at("gamma", e(MAX_EPOCH_STEP, "alpha"))];
         let past = promote_past(&policy, &known, &far);
-        assert!(implausible(&known, &e(past + 1, "beta")).is_none(), "the promoted epoch {} would be refused", past + 1);
+        assert!(crate::store::implausible(&known, &e(past + 1, "beta")).is_none(), "the promoted epoch {} would be refused", past + 1);
         assert_eq!(past + 1, MAX_EPOCH_STEP);
     }
 

@@ -83,8 +83,9 @@ impl Fenced {
     /// (a hostile member could name a promotion that never happened): the member it names is
     /// asked with a `list`, which a real new origin answers by fencing this node off itself.
     /// `members` are the endpoints this node reaches (an origin's replicas); a named member
-    /// not among them, or not answering within `limit`, does not confirm. The new origin, when there is one, reaches this node itself (it ships to it or
-    /// to its feeder) and its epoch arrives with its own request.
+    /// not among them, or not answering within `limit`, does not confirm. The new origin,
+    /// when there is one, reaches this node itself (it ships to it or to its feeder) and its
+    /// epoch arrives with its own request.
     pub async fn confirmed(&self, members: &[Arc<dyn ReplicaEndpoint>], limit: Duration) -> Result<Epoch> {
         let (epoch, said_by) = (&self.epoch, &self.node);
         if epoch.origin == self.node {

@@ -727,12 +727,8 @@ impl OriginSide for ZfsOrigin {
         let name = diverged_name();
         zfs(&["snapshot", &format!("{}@{name}", self.dataset)]).await.with_context(|| format!("cannot keep {} as {name}", self.dataset))?;
         set_read_only(&self.dataset, true).await?;
-        if let Some(home) = &self.home {
-            // Its snapshots go back where this node receives them as a replica.
-            if let Some(unmounted) = rename_dataset(&self.dataset, home).await? {
-                tracing::warn!("{unmounted}");
-            }
-        }
+        // Its snapshots go back where this node receives them as a replica.
+        self.place_as_replica(true).await?;
         Ok(name)
     }
 
